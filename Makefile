@@ -1,0 +1,31 @@
+# evomerge developer commands. `make demo` runs the main job, `make test` the test suite;
+# both create the virtual environment on first use (local torch 2.13.0 CPU build, pinned set).
+VENV ?= .venv
+PYTHON ?= python3
+STAMP := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch==2.13.0 -c constraints.txt
+	$(VENV)/bin/pip install -q -e '.[test]' -c constraints.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/evomerge demo run
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/python benchmarks/merge_speed.py
+
+clean:
+	rm -rf $(VENV) demo_models runs .pytest_cache

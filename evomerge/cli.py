@@ -1,0 +1,204 @@
+"""The `evomerge` command: a thin typer layer over the library.
+
+Every user mistake surfaces as one line (`error: file: field: what was expected`) and exit
+status 2; tracebacks are for bugs (or `--debug`).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from evomerge.errors import EvomergeError
+
+app = typer.Typer(
+    name="evomerge",
+    help="Evolutionary search over model-merge recipes (mergekit-compatible merges, optuna search, lm-eval scoring).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+demo_app = typer.Typer(help="The built-in offline demo: a tiny model family with distinct skills.", no_args_is_help=True)
+app.add_typer(demo_app, name="demo")
+
+_DEBUG = False
+
+
+def _stderr(message: str) -> None:
+    typer.secho(message, err=True, fg=typer.colors.RED if message.startswith("error") else None)
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+) -> None:
+    global _DEBUG
+    _DEBUG = debug
+
+
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="A mergekit-style merge YAML (models: or slices:).")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the merged Hugging Face checkpoint.")],
+    device: Annotated[str, typer.Option(help="Where the merge math runs: cpu, cuda, cuda:1 ...")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Seed for DARE/DELLA masks (a pure function of seed and tensor name).")] = 0,
+    out_shard_size: Annotated[
+        str, typer.Option("--out-shard-size", help="Maximum bytes per safetensors shard (K/M/B suffixes, decimal).")
+    ] = "5B",
+    workers: Annotated[
+        Optional[int], typer.Option(help="Tensors merged in parallel (default: min(4, CPU cores)).")
+    ] = None,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Also read pytorch_model*.bin (loaded with weights_only=True).")
+    ] = False,
+    allow_crimes: Annotated[
+        bool, typer.Option("--allow-crimes", help="Allow merging models of different architectures.")
+    ] = False,
+    copy_tokenizer: Annotated[
+        bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer", help="Copy tokenizer and generation config.")
+    ] = True,
+    model_card: Annotated[bool, typer.Option("--model-card/--no-model-card", help="Write a README.md model card.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into OUT_DIR even if it holds a checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+) -> None:
+    """Merge models once, from a mergekit YAML: same format, same math as `mergekit-yaml`."""
+    from evomerge.config.mergekit_yaml import load_merge_config
+    from evomerge.io.safetensors_io import parse_size
+    from evomerge.merge.engine import run_merge
+    from evomerge.merge.planner import plan_merge
+
+    shard_bytes = parse_size(out_shard_size)
+    _check_out_dir(out_dir, overwrite)
+    _check_device(device)
+    merge_config = load_merge_config(config)
+    plan = plan_merge(merge_config, config_path=config, seed=seed, allow_pickle=allow_pickle, allow_crimes=allow_crimes)
+    report = run_merge(
+        plan,
+        out_dir,
+        device=device,
+        max_shard_bytes=shard_bytes,
+        workers=workers,
+        progress=not quiet,
+        allow_pickle=allow_pickle,
+        copy_tokenizer_files=copy_tokenizer,
+        write_card=model_card,
+    )
+    if not quiet:
+        typer.echo(
+            f"merged {report.num_tensors} tensors ({report.output_bytes / 1e6:.1f} MB, {report.shards} shard"
+            f"{'s' if report.shards != 1 else ''}) into {out_dir} in {report.seconds:.1f}s"
+        )
+
+
+@app.command()
+def validate(
+    config: Annotated[Path, typer.Argument(help="A mergekit-style merge YAML.")],
+    allow_crimes: Annotated[bool, typer.Option("--allow-crimes", help="Allow different architectures.")] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Also read pytorch_model*.bin.")] = False,
+) -> None:
+    """Check a merge YAML and the models it names (paths, architectures, shapes, parameters) without merging."""
+    from evomerge.config.mergekit_yaml import load_merge_config
+    from evomerge.merge.planner import plan_merge
+
+    plan = plan_merge(load_merge_config(config), config_path=config, allow_crimes=allow_crimes, allow_pickle=allow_pickle)
+    typer.echo(
+        f"{config}: ok ({', '.join(plan.method_names)}; {len(plan.models)} models; {len(plan.tensors)} output tensors; "
+        f"{plan.num_hidden_layers} layers; {plan.output_bytes() / 1e6:.1f} MB out)"
+    )
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods and their parameters (defaults in brackets; * = required)."""
+    from evomerge.merge.methods import METHODS
+
+    for spec in METHODS.values():
+        def fmt(params):
+            return ", ".join(f"{k}*" if v is None else f"{k} [{v}]" for k, v in params.items()) or "-"
+
+        typer.echo(f"{spec.name:18} {spec.doc}")
+        typer.echo(f"{'':18}   base: {spec.base}; global: {fmt(spec.global_params)}; per model: {fmt(spec.model_params)}")
+
+
+@demo_app.command("build")
+def demo_build(
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the demo family.")] = Path("demo_models"),
+    seed: Annotated[int, typer.Option(help="Seed for data and training.")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Build the tiny offline demo family: a base and fine-tunes with distinct skills (reused if present)."""
+    from evomerge.demo import build_demo_family
+
+    _offline_env()
+    family = build_demo_family(out_dir, seed=seed, progress=not quiet)
+    typer.echo(f"demo family in {family.root}: base + {', '.join(family.finetunes)}")
+
+
+@demo_app.command("run")
+def demo_run(
+    models_dir: Annotated[Path, typer.Option(help="Demo family directory (built if missing).")] = Path("demo_models"),
+    config: Annotated[Path, typer.Option(help="The one-shot merge recipe to apply.")] = Path("search_spaces/demo_merge.yml"),
+    out_dir: Annotated[Path, typer.Option(help="Where to write the merged checkpoint.")] = Path("runs/demo_merge"),
+    results: Annotated[Path, typer.Option(help="Where to write the score table (markdown).")] = Path("results/demo_merge.md"),
+) -> None:
+    """The main job for now: build the demo family, merge it with a recipe, score every model."""
+    from evomerge.demo_job import run_demo_merge
+
+    _offline_env()
+    run_demo_merge(models_dir=models_dir, config=config, out_dir=out_dir, results=results)
+
+
+def _offline_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EvomergeError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and not overwrite and any(out_dir.glob("*.safetensors")):
+        raise EvomergeError(f"{out_dir}: already holds a checkpoint; pass --overwrite or choose another directory")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise EvomergeError(f"--device: expected cpu, cuda or cuda:N, got {device!r}") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise EvomergeError(f"--device {device}: no CUDA device is available on this machine; use --device cpu")
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(args=argv, standalone_mode=False)
+    except EvomergeError as exc:
+        if _DEBUG:
+            raise
+        _stderr(f"error: {exc}")
+        sys.exit(2)
+    except (KeyboardInterrupt,):
+        _stderr("interrupted")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click's own usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

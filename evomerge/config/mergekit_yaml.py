@@ -1,0 +1,252 @@
+"""mergekit's one-shot merge YAML, as frozen pydantic models.
+
+We read and write the same format as `mergekit-yaml` so recipes move freely between the two
+tools. Unknown keys are rejected (a typo such as `merge_methdo` is an error, not a silent
+default). Parts of the format we do not implement (`modules:`, tokenizer merging, chat
+templates, LoRA inputs) fail validation with a one-line message saying so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional, Union
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator, model_validator
+
+from evomerge.errors import ConfigError
+
+Scalar = Union[bool, int, float, str]
+
+
+class ConditionalParameter(BaseModel):
+    """`{filter: self_attn, value: 0.5}`: applies to tensors whose name contains `filter`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    filter: str | None = None
+    value: Any
+
+
+ParameterSetting = Union[Scalar, list[ConditionalParameter], list[Scalar]]
+_SETTING_HELP = "expected a number, a list of numbers (a gradient across layers) or a list of {filter, value} entries"
+
+
+def parse_setting(value: Any) -> ParameterSetting:
+    """Canonical form of one parameter value; ValueError with a one-line hint otherwise."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, ConditionalParameter):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(isinstance(e, (bool, int, float, str)) for e in value):
+            return list(value)
+        if all(isinstance(e, (dict, ConditionalParameter)) for e in value):
+            conditions = []
+            for entry in value:
+                if isinstance(entry, dict):
+                    unknown = set(entry) - {"filter", "value"}
+                    if unknown or "value" not in entry:
+                        raise ValueError(f"filter entries need 'value' and an optional 'filter', got keys {sorted(entry)}")
+                    entry = ConditionalParameter(filter=entry.get("filter"), value=parse_setting(entry["value"]))
+                conditions.append(entry)
+            return conditions
+    if isinstance(value, dict) and "value" in value:
+        return parse_setting([value])
+    raise ValueError(f"{_SETTING_HELP}, got {value!r}")
+
+
+def _parse_parameters(value: Any) -> dict[str, ParameterSetting] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of parameter names to values, got {value!r}")
+    parsed = {}
+    for name, setting in value.items():
+        try:
+            parsed[str(name)] = parse_setting(setting)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+    return parsed
+
+
+Parameters = Annotated[Optional[dict[str, Any]], BeforeValidator(_parse_parameters)]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_model_reference(value: str) -> str:
+    if "+" in value and not Path(value).exists():
+        raise ValueError(f"LoRA inputs ('{value}') are not supported yet: merge the adapter into its base first")
+    return value
+
+
+class InputModel(_Frozen):
+    model: str
+    parameters: Parameters = None
+
+    _ref = field_validator("model")(_check_model_reference)
+
+
+class InputSlice(_Frozen):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters = None
+
+    _ref = field_validator("model")(_check_model_reference)
+
+    @field_validator("layer_range")
+    @classmethod
+    def _ordered(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if value[0] < 0 or value[1] <= value[0]:
+            raise ValueError(f"expected [start, end] with 0 <= start < end, got {list(value)}")
+        return value
+
+
+class OutputSlice(_Frozen):
+    sources: list[InputSlice]
+    base_model: str | None = None
+    parameters: Parameters = None
+    residual_weight: float | None = None  # parsed for compatibility; mergekit ignores it too
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "OutputSlice":
+        if not self.sources:
+            raise ValueError("a slice needs at least one source")
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            raise ValueError(f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+        return self
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+
+
+class MergeConfig(_Frozen):
+    merge_method: str
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    base_model: str | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    parameters: Parameters = None
+    tokenizer_source: str | None = None
+    # Accepted so real mergekit files parse; anything but the default is refused below.
+    modules: dict[str, Any] | None = None
+    tokenizer: dict[str, Any] | None = None
+    chat_template: str | None = None
+    name: str | None = None
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _dtype(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = _DTYPE_ALIASES.get(value, value)
+        if value not in DTYPES:
+            raise ValueError(f"expected one of {', '.join(DTYPES)}, got {value!r}")
+        return value
+
+    @field_validator("base_model")
+    @classmethod
+    def _base_ref(cls, value: str | None) -> str | None:
+        return None if value is None else _check_model_reference(value)
+
+    @model_validator(mode="after")
+    def _shape(self) -> "MergeConfig":
+        if self.modules is not None:
+            raise ValueError("'modules:' (multi-module architectures) is not supported yet; use 'models:' or 'slices:'")
+        if self.tokenizer is not None:
+            raise ValueError("'tokenizer:' (vocabulary merging) is not supported yet; use tokenizer_source: base or a model")
+        if self.chat_template is not None:
+            raise ValueError("'chat_template' is not supported yet; the tokenizer donor's template is copied as is")
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("exactly one of 'models' or 'slices' is required")
+        if self.models is not None and not self.models:
+            raise ValueError("'models' is empty")
+        if self.slices is not None and not self.slices:
+            raise ValueError("'slices' is empty")
+        if self.tokenizer_source == "union":
+            raise ValueError("tokenizer_source: union (vocabulary merging) is not supported yet; use base or a model")
+        return self
+
+    def referenced_models(self) -> list[str]:
+        """Every model reference, in first-appearance order (base last if not listed)."""
+        refs: list[str] = []
+        if self.models:
+            refs.extend(m.model for m in self.models)
+        for out_slice in self.slices or ():
+            refs.extend(s.model for s in out_slice.sources)
+            if out_slice.base_model:
+                refs.append(out_slice.base_model)
+        if self.base_model:
+            refs.append(self.base_model)
+        return list(dict.fromkeys(refs))
+
+
+def format_validation_error(exc: ValidationError, file: object) -> ConfigError:
+    """The first pydantic error as one line: `file: field.path: message`."""
+    errors = exc.errors()
+    # An unknown key usually explains a "missing" one (a typo), so report it first.
+    first = min(errors, key=lambda e: e["type"] != "extra_forbidden")
+    location = ".".join(str(part) for part in first["loc"])
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = "unknown field (check the spelling)"
+    elif first["type"] == "missing":
+        message = "field required"
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    return ConfigError(message, file=file, field=location or None)
+
+
+def load_yaml_file(path: Path) -> Any:
+    """`yaml.safe_load` a file, with one-line errors."""
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=path) from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory, expected a YAML file", file=path) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}invalid YAML ({problem})", file=path) from None
+
+
+def load_merge_config(path: Path) -> MergeConfig:
+    data = load_yaml_file(path)
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping with merge_method and models or slices", file=path)
+    try:
+        return MergeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise format_validation_error(exc, path) from None
+
+
+def dump_merge_config(config: MergeConfig) -> str:
+    """YAML text for a config, in mergekit's style (number lists in flow style)."""
+    data = config.model_dump(mode="json", exclude_none=True)
+    return dump_yaml(data)
+
+
+class _FlowListDumper(yaml.SafeDumper):
+    pass
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list) -> yaml.SequenceNode:
+    flow = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_FlowListDumper.add_representer(list, _represent_list)
+_FlowListDumper.add_representer(tuple, _represent_list)
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_FlowListDumper, sort_keys=False)

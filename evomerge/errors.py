@@ -1,0 +1,24 @@
+"""User-facing errors.
+
+Every mistake a user can make (a bad field, a missing model, incompatible shapes) raises
+`EvomergeError` with one line that names the file, the field and what was expected. The CLI
+prints that line and exits 2; only bugs produce tracebacks.
+"""
+
+from __future__ import annotations
+
+
+class EvomergeError(Exception):
+    """A user mistake, reported as one line."""
+
+
+class ConfigError(EvomergeError):
+    """A config/space file is invalid: `file: field: what was expected`."""
+
+    def __init__(self, message: str, *, file: object | None = None, field: str | None = None):
+        parts = [str(p) for p in (file, field) if p]
+        super().__init__(": ".join([*parts, message]))
+
+
+class CompatibilityError(EvomergeError):
+    """The input models cannot be merged together (architecture, tensor names, shapes)."""

@@ -1,0 +1,156 @@
+"""Execute a MergePlan: stream it to a checkpoint on disk, tensor by tensor.
+
+Each output tensor is computed from its source tensors (read lazily from memory-mapped files)
+and written at its precomputed offset, by a small thread pool (torch and safetensors release the
+GIL). At most `2 x workers` tensors per source are alive at any time, so peak memory does not
+grow with model size.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evomerge.io.checkpoint import copy_tokenizer, write_config, write_model_card, write_recipe
+from evomerge.io.model_dir import ModelDir
+from evomerge.io.safetensors_io import StreamingCheckpointWriter
+from evomerge.merge.methods import merge_tensors
+from evomerge.merge.plan import MergePlan, TensorRecipe, dtype_name, tensor_seed
+from evomerge.progress import progress_bar
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    out_dir: Path
+    num_tensors: int
+    output_bytes: int
+    seconds: float
+    shards: int
+
+
+def open_sources(plan: MergePlan, *, allow_pickle: bool = False) -> dict[str, ModelDir]:
+    return {ref: ModelDir(path, allow_pickle=allow_pickle) for ref, path in plan.models.items()}
+
+
+def compute_recipe(
+    recipe: TensorRecipe,
+    source_tensors: Sequence[torch.Tensor],
+    *,
+    math_dtype: torch.dtype | None,
+    seed: int,
+) -> torch.Tensor:
+    """One output tensor from its (already loaded) source tensors; pure math, any device."""
+    if math_dtype is not None:
+        source_tensors = [t.to(math_dtype) for t in source_tensors]
+    elif recipe.base_index is not None:
+        base_dtype = source_tensors[recipe.base_index].dtype
+        source_tensors = [t.to(base_dtype) for t in source_tensors]
+    return merge_tensors(
+        recipe.method,
+        source_tensors,
+        recipe.model_params,
+        recipe.global_params,
+        recipe.base_index,
+        seed=tensor_seed(seed, recipe.name),
+    )
+
+
+def _load(sources: Mapping[str, ModelDir], recipe: TensorRecipe, device: torch.device) -> list[torch.Tensor]:
+    return [sources[ref].get(name).to(device) for ref, name in recipe.inputs]
+
+
+@contextmanager
+def _torch_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+def run_merge(
+    plan: MergePlan,
+    out_dir: Path,
+    *,
+    device: str = "cpu",
+    max_shard_bytes: int = 5 * 10**9,
+    workers: int | None = None,
+    progress: bool = True,
+    allow_pickle: bool = False,
+    copy_tokenizer_files: bool = True,
+    write_card: bool = True,
+    sources: Mapping[str, ModelDir] | None = None,
+) -> MergeReport:
+    """Merge `plan` into a Hugging Face checkpoint at `out_dir` (out of core)."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    sources = sources or open_sources(plan, allow_pickle=allow_pickle)
+    math_device = torch.device(device)
+    workers = workers or default_workers()
+    layout = [(recipe.name, recipe.shape, plan.out_dtype) for recipe in plan.tensors]
+    writer = StreamingCheckpointWriter(out_dir, layout, max_shard_bytes=max_shard_bytes)
+
+    def produce(recipe: TensorRecipe) -> None:
+        merged = compute_recipe(
+            recipe, _load(sources, recipe, math_device), math_dtype=plan.math_dtype, seed=plan.seed
+        )
+        if merged.is_floating_point() and not torch.isfinite(merged).all():
+            raise FloatingPointError(f"{recipe.name}: the merge produced NaN or Inf values")
+        writer.write(recipe.name, merged.to(plan.out_dtype))
+
+    intra_threads = max(1, (os.cpu_count() or 1) // workers)
+    try:
+        with progress_bar(len(plan.tensors), "merging", enabled=progress, unit="tensors") as bar, _torch_threads(
+            intra_threads
+        ), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evomerge-merge") as pool:
+            pending: set[Future] = set()
+            for recipe in plan.tensors:
+                if len(pending) >= 2 * workers:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        future.result()
+                        bar.advance()
+                pending.add(pool.submit(produce, recipe))
+            for future in pending:
+                future.result()
+                bar.advance()
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    donor_dir = plan.models[plan.config_donor]
+    write_config(donor_dir, out_dir, dtype_name=dtype_name(plan.out_dtype), num_hidden_layers=plan.num_hidden_layers)
+    if copy_tokenizer_files:
+        copy_tokenizer(plan.models[plan.tokenizer_donor], out_dir)
+    if plan.recipe_yaml:
+        write_recipe(out_dir, plan.recipe_yaml)
+    if write_card:
+        bases = {r.inputs[r.base_index][0] for r in plan.tensors if r.base_index is not None}
+        write_model_card(
+            out_dir,
+            methods=plan.method_names,
+            models=plan.models,
+            base_model=next(iter(bases)) if len(bases) == 1 else None,
+            recipe_yaml=plan.recipe_yaml,
+            seed=plan.seed,
+            provenance=plan.metadata,
+        )
+    return MergeReport(
+        out_dir=out_dir,
+        num_tensors=len(plan.tensors),
+        output_bytes=plan.output_bytes(),
+        seconds=time.perf_counter() - started,
+        shards=len(shards),
+    )

@@ -1,0 +1,561 @@
+"""Merge methods: the tensor math of every mergekit method we support, one output tensor at a time.
+
+Each method is a `MethodSpec` (its parameters with defaults, how it uses the base model, how many
+models it takes) in `METHODS`, plus a pure function from source tensors and parameters to the
+merged tensor. `merge_tensors` validates the inputs and dispatches. Names, parameters, defaults
+and numerics follow mergekit, so a mergekit YAML recipe gives the same weights here.
+
+Conventions (as in mergekit):
+* Math happens in the dtype of the inputs (bf16 in, bf16 sums), except `linear`, which
+  accumulates in float32, and `slerp`, which works in float32 (both float64 for float64
+  inputs, as mergekit 0.1.5); both cast back.
+* Methods whose base is "unused" (linear, passthrough) treat every tensor alike: base_index is
+  ignored and every source needs its per-model parameters (a base lists a `weight` too).
+* Task-vector methods (task_arithmetic, ties, dare_*, breadcrumbs*, della*) share one pipeline:
+  deltas vs the base -> per-model sparsify with its own density -> weight -> optional sign
+  consensus -> optional normalisation -> lambda -> base + mixed.
+* Scalar factors that come from reductions (L1 norms, dot products, cosines) are computed in
+  float64, so results do not depend on the thread count.
+* Random methods (dare_*, della*) draw from a generator per (seed, model index), never from the
+  global RNG: the same seed gives the same bits whatever the order tensors are merged in.
+
+Differences from mergekit (deliberate; each is also commented where it happens):
+1. breadcrumbs with int(gamma * numel) == 0 keeps the top int(density * numel) magnitudes.
+   mergekit 0.1.4 zeroed the whole delta (negative-zero slice bound); 0.1.5 agrees with us.
+2. ties/magnitude with int(density * numel) == 0 (density > 0) keeps the largest entry, as
+   mergekit 0.1.5 does; 0.1.4 asserted (a crash in the middle of a merge or a search).
+3. linear with normalize and |sum of weights| < 1e-8 divides by 1 (the rule the task-vector
+   methods use) instead of by ~0, which gives inf/NaN in mergekit.
+4. della rows of length 1 keep with probability `density` (mergekit fails on a NaN
+   probability), and della keep probabilities stay float32 for bf16 deltas. See `sparsify.py`.
+5. Masks come from our own seeded generators, so dare/della masks differ from mergekit's
+   (which draw from the global RNG); their distribution and everything else is the same.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from evomerge.merge import sparsify
+
+# Elements per float64 reduction chunk (bounds scratch memory on huge tensors).
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    global_params: dict[str, float | bool | None]  # name -> default; None = required
+    model_params: dict[str, float | None]  # per-source: name -> default; None = required (never for the base)
+    base: str  # "required" | "optional" | "unused"
+    min_models: int  # counting the base when it takes part
+    max_models: int | None
+    random: bool  # True for methods that draw masks (dare_*, della*)
+    doc: str  # one line, for --help listings
+
+
+# -- registry ------------------------------------------------------------------------------------
+def _task_vector_spec(
+    name: str, *, normalize: bool, rescale: bool, extra: dict[str, float] | None = None, random: bool, doc: str
+) -> MethodSpec:
+    return MethodSpec(
+        name=name,
+        global_params={"int8_mask": False, "normalize": normalize, "rescale": rescale, "lambda": 1.0},
+        model_params={"weight": None, "density": 1.0, **(extra or {})},
+        base="required",
+        min_models=1,  # a lone base is returned unchanged, as in mergekit
+        max_models=None,
+        random=random,
+        doc=doc,
+    )
+
+
+_SPECS = (
+    MethodSpec(
+        name="linear",
+        global_params={"normalize": True},
+        model_params={"weight": None},
+        base="unused",
+        min_models=1,
+        max_models=None,
+        random=False,
+        doc="weighted average of the models (a listed base is one more weighted input)",
+    ),
+    MethodSpec(
+        name="slerp",
+        global_params={"t": None},
+        model_params={},
+        base="required",
+        min_models=2,
+        max_models=2,
+        random=False,
+        doc="spherical interpolation from the base (t=0) to the other model (t=1)",
+    ),
+    MethodSpec(
+        name="nuslerp",
+        global_params={"nuslerp_row_wise": False, "nuslerp_flatten": True},
+        model_params={"weight": None},
+        base="optional",
+        min_models=2,
+        max_models=3,
+        random=False,
+        doc="spherical interpolation of two models (or their deltas from an optional base) by weight",
+    ),
+    _task_vector_spec(
+        "task_arithmetic", normalize=False, rescale=False, random=False,
+        doc="base plus the weighted sum of task vectors (model - base)",
+    ),
+    _task_vector_spec(
+        "ties", normalize=True, rescale=False, random=False,
+        doc="TIES: trim task vectors to top-|x| density, elect signs, average the agreeing values",
+    ),
+    _task_vector_spec(
+        "dare_linear", normalize=False, rescale=True, random=True,
+        doc="DARE: randomly drop task-vector entries (keep prob. density), rescale, then add",
+    ),
+    _task_vector_spec(
+        "dare_ties", normalize=False, rescale=True, random=True,
+        doc="DARE drop and rescale, then TIES sign election",
+    ),
+    _task_vector_spec(
+        "breadcrumbs", normalize=False, rescale=False, extra={"gamma": 0.01}, random=False,
+        doc="Model Breadcrumbs: drop the largest (gamma) and smallest task-vector entries, then add",
+    ),
+    _task_vector_spec(
+        "breadcrumbs_ties", normalize=False, rescale=False, extra={"gamma": 0.01}, random=False,
+        doc="Model Breadcrumbs sparsification, then TIES sign election",
+    ),
+    _task_vector_spec(
+        "della", normalize=True, rescale=True, extra={"epsilon": 0.15}, random=True,
+        doc="DELLA: magnitude-ranked random drop, rescale, then TIES sign election",
+    ),
+    _task_vector_spec(
+        "della_linear", normalize=False, rescale=True, extra={"epsilon": 0.15}, random=True,
+        doc="DELLA magnitude-ranked random drop and rescale, then add",
+    ),
+    MethodSpec(
+        name="model_stock",
+        global_params={"filter_wise": False},
+        model_params={},
+        base="required",
+        min_models=3,
+        max_models=None,
+        random=False,
+        doc="Model Stock: interpolate the models' mean toward the base by their task-vector angles",
+    ),
+    MethodSpec(
+        name="passthrough",
+        global_params={},
+        model_params={"scale": 1.0},  # mergekit's default is None (no scaling): the same result
+        base="unused",
+        min_models=1,
+        max_models=1,
+        random=False,
+        doc="copy one model's tensor, optionally multiplied by `scale`",
+    ),
+)
+
+METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in _SPECS}
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec of merge method `name`; a ValueError with a suggestion for unknown names."""
+    spec = METHODS.get(name)
+    if spec is not None:
+        return spec
+    close = difflib.get_close_matches(str(name), list(METHODS), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ValueError(f"unknown merge method '{name}'; expected one of: {', '.join(METHODS)}{hint}")
+
+
+# -- parameter resolution ------------------------------------------------------------------------
+def _unknown_param(method: str, name: str, known: Sequence[str], where: str) -> ValueError:
+    close = difflib.get_close_matches(str(name), list(known), n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ValueError(
+        f"{method} has no {where} parameter '{name}' (it takes: {', '.join(known) or 'none'}){hint}"
+    )
+
+
+def _as_bool(method: str, name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if type(value).__name__ == "bool_":  # numpy.bool_
+        return bool(value)
+    raise ValueError(f"{method}: parameter '{name}' must be true or false, got {value!r}")
+
+
+def _as_float(method: str, name: str, value: Any, where: str = "") -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{method}: parameter '{name}'{where} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{method}: parameter '{name}'{where} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{method}: parameter '{name}'{where} must be finite, got {value!r}")
+    return number
+
+
+def _resolve_globals(spec: MethodSpec, given: Mapping[str, Any]) -> dict[str, Any]:
+    for name in given:
+        if name not in spec.global_params:
+            raise _unknown_param(spec.name, name, list(spec.global_params), "global")
+    resolved: dict[str, Any] = {}
+    for name, default in spec.global_params.items():
+        value = given.get(name)
+        if value is None:
+            if default is None:
+                raise ValueError(f"{spec.name} needs global parameter '{name}'")
+            value = default
+        resolved[name] = (
+            _as_bool(spec.name, name, value) if isinstance(default, bool) else _as_float(spec.name, name, value)
+        )
+    return resolved
+
+
+def _resolve_model_params(
+    spec: MethodSpec, given: Sequence[Mapping[str, Any]], count: int, base_index: int | None
+) -> list[dict[str, float]]:
+    if len(given) != count:
+        raise ValueError(f"{spec.name}: got {len(given)} model_params dicts for {count} tensors")
+    resolved = []
+    for index, params in enumerate(given):
+        for name in params:
+            if name not in spec.model_params:
+                raise _unknown_param(spec.name, name, list(spec.model_params), "per-model")
+        values: dict[str, float] = {}
+        for name, default in spec.model_params.items():
+            value = params.get(name)
+            if value is None:
+                if default is None:
+                    if index == base_index:
+                        continue  # the base never needs per-model parameters
+                    raise ValueError(f"{spec.name} needs parameter '{name}' for model {index}")
+                value = default
+            values[name] = _as_float(spec.name, name, value, f" of model {index}")
+        resolved.append(values)
+    return resolved
+
+
+# -- input validation ----------------------------------------------------------------------------
+def _count_error(spec: MethodSpec, count: int) -> ValueError:
+    hints = {
+        "slerp": " (a base and one other)",
+        "nuslerp": " (two models, plus an optional base)",
+        "model_stock": " (a base and at least 2 others)",
+    }
+    if spec.max_models == spec.min_models:
+        expected = f"exactly {spec.min_models}"
+    elif spec.max_models is None:
+        expected = f"at least {spec.min_models}"
+    else:
+        expected = f"{spec.min_models} to {spec.max_models}"
+    noun = "model" if spec.max_models == spec.min_models == 1 else "models"
+    return ValueError(f"{spec.name} needs {expected} {noun}{hints.get(spec.name, '')}, got {count}")
+
+
+def _check_inputs(spec: MethodSpec, tensors: Sequence[torch.Tensor], base_index: int | None) -> int | None:
+    """Validate counts, base, shapes and devices; return the base index the math should use."""
+    count = len(tensors)
+    if spec.base == "unused":
+        base_index = None  # e.g. linear: a listed base is one more weighted input
+    elif base_index is not None and not 0 <= base_index < count:
+        raise ValueError(f"{spec.name}: base_index {base_index} is out of range for {count} tensors")
+    if spec.base == "required" and base_index is None:
+        raise ValueError(f"{spec.name} needs a base model (base_index is None)")
+    if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
+        raise _count_error(spec, count)
+    if spec.name == "nuslerp" and count - (base_index is not None) != 2:
+        raise ValueError(
+            f"nuslerp needs exactly 2 non-base models, got {count - (base_index is not None)}"
+            f" ({count} tensors, base_index={base_index})"
+        )
+    first = tensors[0]
+    for index, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{spec.name}: tensor {index} must be a floating-point torch.Tensor, got {kind}")
+        if tensor.shape != first.shape:
+            shapes = ", ".join(str(list(t.shape)) for t in tensors)
+            raise ValueError(f"{spec.name}: tensors must have the same shape, got {shapes}")
+        if tensor.device != first.device:
+            devices = ", ".join(str(t.device) for t in tensors)
+            raise ValueError(f"{spec.name}: tensors must be on the same device, got {devices}")
+    return base_index
+
+
+# -- float64 reductions ----------------------------------------------------------------------------
+def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    """sum(a * b) over the whole tensors, accumulated in float64 chunk by chunk."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=a.device)
+    for start in range(0, a.numel(), _CHUNK):
+        stop = start + _CHUNK
+        total += (a[start:stop].to(torch.float64) * b[start:stop].to(torch.float64)).sum()
+    return float(total)
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row sum(a * b) of two [rows, cols] tensors, float64, a block of rows at a time."""
+    rows, cols = a.shape
+    step = max(1, _CHUNK // max(cols, 1))
+    parts = [
+        (a[start : start + step].to(torch.float64) * b[start : start + step].to(torch.float64)).sum(dim=1)
+        for start in range(0, rows, step)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=a.device)
+
+
+# -- linear / passthrough --------------------------------------------------------------------------
+def _linear(tensors, model_params, options, base_index, seed) -> torch.Tensor:
+    dtype = tensors[0].dtype
+    # Accumulate in float32 (float64 for float64 inputs), as mergekit 0.1.5 does, then cast back.
+    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
+    weights = torch.tensor([params["weight"] for params in model_params], dtype=accumulate, device=tensors[0].device)
+    result = torch.zeros(tensors[0].shape, dtype=accumulate, device=tensors[0].device)
+    for tensor, weight in zip(tensors, weights):
+        result.addcmul_(tensor, weight)
+    if options["normalize"]:
+        # The divisor is the sum of the weights as rounded to the accumulation dtype (mergekit's).
+        total = weights.sum()
+        # Difference 3: mergekit divides by a ~0 sum here (inf/NaN); we use divisor 1 like GTA.
+        if abs(float(total)) >= 1e-8:
+            result.div_(total)
+    return result.to(dtype)
+
+
+def _passthrough(tensors, model_params, options, base_index, seed) -> torch.Tensor:
+    scale = model_params[0]["scale"]
+    return tensors[0] * scale if scale != 1 else tensors[0].clone()
+
+
+# -- slerp / nuslerp -------------------------------------------------------------------------------
+def _slerp(tensors, model_params, options, base_index, seed) -> torch.Tensor:
+    base, other = tensors[base_index], tensors[1 - base_index]
+    t = options["t"]
+    work = torch.float64 if base.dtype == torch.float64 else torch.float32
+    a, b = base.to(work), other.to(work)
+    # The whole tensor is one flat vector; normalise only when the norm is not ~0.
+    norm_a = math.sqrt(_flat_dot(a, a))
+    norm_b = math.sqrt(_flat_dot(b, b))
+    norm_a = norm_a if norm_a > 1e-8 else 1.0
+    norm_b = norm_b if norm_b > 1e-8 else 1.0
+    dot = min(1.0, max(-1.0, _flat_dot(a, b) / (norm_a * norm_b)))
+    if abs(dot) > 0.9995:  # nearly parallel or anti-parallel: plain lerp
+        coef_a, coef_b = 1 - t, t
+    else:
+        theta = math.acos(dot)
+        sin_theta = math.sin(theta)
+        coef_a, coef_b = math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+    # Both coefficients act on the unnormalised tensors (no magnitude renormalisation).
+    return (coef_a * a + coef_b * b).to(base.dtype)
+
+
+def _nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, *, flatten: bool, row_wise: bool) -> torch.Tensor:
+    """Slerp of v0 -> v1 at t, per vector: the whole tensor (flatten), rows of dim 0 (row_wise)
+    or the last dim. Norms clamp at 1e-7; (near-)colinear vectors fall back to lerp."""
+    shape = v0.shape
+    transposed = not flatten and row_wise and v0.dim() >= 2
+    if flatten or v0.dim() < 2:
+        a, b = v0.reshape(1, -1), v1.reshape(1, -1)
+    elif transposed:
+        a, b = v0.transpose(0, -1), v1.transpose(0, -1)
+    else:
+        a, b = v0, v1
+    inner_shape = a.shape
+    a, b = a.reshape(-1, inner_shape[-1]), b.reshape(-1, inner_shape[-1])
+    norm_a = _row_dot(a, a).sqrt().clamp(min=1e-7)
+    norm_b = _row_dot(b, b).sqrt().clamp(min=1e-7)
+    cos = (_row_dot(a, b) / (norm_a * norm_b)).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-16
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    sin_theta = torch.where(colinear, torch.ones_like(cos), torch.sin(theta))
+    coef_a = torch.where(colinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * theta) / sin_theta)
+    coef_b = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * theta) / sin_theta)
+    result = coef_a.to(a.dtype).unsqueeze(1) * a + coef_b.to(a.dtype).unsqueeze(1) * b
+    result = result.reshape(inner_shape)
+    if transposed:
+        result = result.transpose(0, -1)
+    return result.reshape(shape)
+
+
+def _nuslerp(tensors, model_params, options, base_index, seed) -> torch.Tensor:
+    first, second = (i for i in range(len(tensors)) if i != base_index)
+    w_first, w_second = model_params[first]["weight"], model_params[second]["weight"]
+    total = w_first + w_second
+    t = 0.5 if abs(total) < 1e-6 else w_second / total
+    kwargs = {"flatten": options["nuslerp_flatten"], "row_wise": options["nuslerp_row_wise"]}
+    if base_index is None:
+        return _nuslerp_pair(t, tensors[first], tensors[second], **kwargs)
+    base = tensors[base_index]
+    return base + _nuslerp_pair(t, tensors[first] - base, tensors[second] - base, **kwargs)
+
+
+# -- model stock -----------------------------------------------------------------------------------
+def _model_stock(tensors, model_params, options, base_index, seed) -> torch.Tensor:
+    base = tensors[base_index]
+    others = [tensor for index, tensor in enumerate(tensors) if index != base_index]
+    count = len(others)
+    shape = base.shape
+    if options["filter_wise"] and base.dim() >= 1:
+        row_shape = (*shape[:-1], 1)  # one angle per vector along the last dim
+        as_rows = lambda x: x.reshape(-1, shape[-1])  # noqa: E731
+    else:
+        row_shape = (1,) * base.dim()
+        as_rows = lambda x: x.reshape(1, -1)  # noqa: E731
+    offsets = [as_rows(tensor - base) for tensor in others]
+    norms = [_row_dot(offset, offset).sqrt() for offset in offsets]
+    cosines = [
+        (_row_dot(offsets[i], offsets[j]) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+        for i in range(count)
+        for j in range(i + 1, count)
+    ]
+    cos = torch.stack(cosines).mean(dim=0)
+    denominator = 1 + (count - 1) * cos
+    # |denominator| ~ 0 (opposed task vectors): no finite estimate, keep the base (as mergekit 0.1.5).
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), count * cos / torch.where(singular, 1, denominator))
+    t = t.to(base.dtype).reshape(row_shape)
+    average = others[0].clone()
+    for tensor in others[1:]:
+        average += tensor
+    average /= count
+    return t * average + (1 - t) * base
+
+
+# -- generalized task arithmetic -------------------------------------------------------------------
+@dataclass(frozen=True)
+class _TaskVectorMethod:
+    sparsifier: str | None  # None | "magnitude" | "breadcrumbs" | "dare" | "della"
+    consensus: bool  # TIES sign election by weighted mass
+
+
+_TASK_VECTOR_METHODS = {
+    "task_arithmetic": _TaskVectorMethod(None, False),
+    "ties": _TaskVectorMethod("magnitude", True),
+    "dare_linear": _TaskVectorMethod("dare", False),
+    "dare_ties": _TaskVectorMethod("dare", True),
+    "breadcrumbs": _TaskVectorMethod("breadcrumbs", False),
+    "breadcrumbs_ties": _TaskVectorMethod("breadcrumbs", True),
+    "della": _TaskVectorMethod("della", True),
+    "della_linear": _TaskVectorMethod("della", False),
+}
+
+
+def _sparsify(kind: str | None, delta, params, rescale, seed, index) -> torch.Tensor:
+    if kind is None:
+        return delta  # task_arithmetic accepts `density` but ignores it, as in mergekit
+    density = params["density"]
+    if kind == "magnitude":
+        return sparsify.magnitude(delta, density, rescale=rescale)
+    if kind == "breadcrumbs":
+        return sparsify.breadcrumbs(delta, density, params["gamma"], rescale=rescale)
+    generator = None
+    if 0 < density < 1:  # only draw when a mask is needed
+        generator = sparsify.make_generator(seed, index, delta.device)
+    if kind == "dare":
+        return sparsify.dare(delta, density, generator, rescale=rescale)
+    return sparsify.della(delta, density, params["epsilon"], generator, rescale=rescale)
+
+
+def _task_vectors(method: str) -> Callable[..., torch.Tensor]:
+    kind = _TASK_VECTOR_METHODS[method]
+
+    def merge(tensors, model_params, options, base_index, seed) -> torch.Tensor:
+        base = tensors[base_index]
+        sources = [index for index in range(len(tensors)) if index != base_index]
+        if not sources:
+            return base.clone()
+        # One buffer for all deltas (as mergekit), so the model-axis sums below reduce in one op.
+        deltas = base.new_empty((len(sources), *base.shape))
+        for row, index in enumerate(sources):
+            delta = tensors[index] - base
+            deltas[row] = _sparsify(kind.sparsifier, delta, model_params[index], options["rescale"], seed, index)
+            del delta
+        # Weights in the math dtype (bf16-rounded for bf16 merges, like mergekit).
+        weights = torch.tensor([model_params[i]["weight"] for i in sources], dtype=base.dtype, device=base.device)
+        weights = weights.reshape(-1, *([1] * base.dim()))
+        deltas.mul_(weights)
+        if kind.consensus:
+            # Majority sign = sign of the total weighted mass (0 counts as +). A pruned entry has
+            # sign 0 and never agrees, so it neither contributes nor counts in the divisor.
+            majority_positive = deltas.sum(dim=0) >= 0
+            agrees = torch.where(majority_positive, deltas > 0, deltas < 0)
+            mixed = deltas.mul_(agrees).sum(dim=0)
+            divisor = (weights * agrees).sum(dim=0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed = deltas.sum(dim=0)
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        del deltas
+        if options["normalize"]:
+            mixed /= divisor
+        if options["lambda"] != 1:
+            mixed *= options["lambda"]
+        return (base + mixed).to(base.dtype)
+
+    return merge
+
+
+_IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
+    "linear": _linear,
+    "slerp": _slerp,
+    "nuslerp": _nuslerp,
+    "model_stock": _model_stock,
+    "passthrough": _passthrough,
+    **{name: _task_vectors(name) for name in _TASK_VECTOR_METHODS},
+}
+
+
+def _check_method_params(spec: MethodSpec, model_params: list[dict[str, float]], base_index: int | None) -> None:
+    if spec.name in ("della", "della_linear"):
+        for index, params in enumerate(model_params):
+            if index != base_index:
+                try:
+                    sparsify.check_della(params["density"], params["epsilon"])
+                except ValueError as exc:
+                    raise ValueError(f"{spec.name}: {exc} (model {index})") from None
+    if "gamma" in spec.model_params:
+        for index, params in enumerate(model_params):
+            if index != base_index and not 0 <= params["gamma"] <= 1:
+                raise ValueError(f"{spec.name}: gamma of model {index} must be in [0, 1], got {params['gamma']:g}")
+
+
+# -- entry point -----------------------------------------------------------------------------------
+def merge_tensors(
+    method: str,
+    tensors: Sequence[torch.Tensor],
+    model_params: Sequence[Mapping[str, float]],
+    global_params: Mapping[str, Any],
+    base_index: int | None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Merge one output tensor from its source tensors (one per source model, config order).
+
+    Inputs share shape and device; they are cast to the dtype of the base (or of the first
+    tensor when no base takes part), which is also the dtype of the result. Missing parameters
+    take the method's defaults. `seed` makes random methods reproducible (None means 0); the
+    caller derives it per tensor. The result never aliases an input. Bad inputs raise ValueError.
+    """
+    spec = get_method(method)
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError(f"{spec.name} needs at least one tensor, got none")
+    base_index = _check_inputs(spec, tensors, base_index)
+    options = _resolve_globals(spec, global_params or {})
+    resolved = _resolve_model_params(spec, list(model_params), len(tensors), base_index)
+    _check_method_params(spec, resolved, base_index)
+    dtype = tensors[base_index if base_index is not None else 0].dtype
+    tensors = [tensor.to(dtype) for tensor in tensors]
+    with torch.no_grad():
+        return _IMPLEMENTATIONS[spec.name](tensors, resolved, options, base_index, 0 if seed is None else seed)

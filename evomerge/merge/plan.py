@@ -1,0 +1,70 @@
+"""MergePlan: what to compute for every output tensor.
+
+One plan type serves everything: a mergekit YAML, a search genome and an export all become a
+MergePlan, and the engine executes plans and nothing else. A plan is pure data (no open files),
+so it pickles to Ray workers and hashes into a run's provenance.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPE_NAMES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class TensorRecipe:
+    """How to compute one output tensor from the source models."""
+
+    name: str  # output tensor name
+    method: str
+    inputs: tuple[tuple[str, str], ...]  # (model key, tensor name in that model), config order
+    base_index: int | None  # which input is the base model
+    model_params: tuple[Mapping[str, Any], ...]  # one per input
+    global_params: Mapping[str, Any]
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    models: Mapping[str, Path]  # model key -> local checkpoint directory
+    tensors: tuple[TensorRecipe, ...]
+    math_dtype: torch.dtype | None  # None: compute in each tensor's stored dtype
+    out_dtype: torch.dtype
+    config_donor: str  # model key whose config.json the output copies
+    tokenizer_donor: str  # model key whose tokenizer files the output copies
+    num_hidden_layers: int
+    seed: int = 0  # DARE/DELLA masks are a pure function of (seed, tensor name)
+    recipe_yaml: str = ""  # a mergekit-compatible YAML reproducing this plan
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def model_names(self) -> list[str]:
+        return list(self.models)
+
+    @property
+    def method_names(self) -> list[str]:
+        return sorted({recipe.method for recipe in self.tensors})
+
+    def output_bytes(self) -> int:
+        item = torch.empty((), dtype=self.out_dtype).element_size()
+        return sum(torch.Size(r.shape).numel() * item for r in self.tensors)
+
+
+def tensor_seed(run_seed: int, tensor_name: str) -> int:
+    """A stable 63-bit seed for one tensor's random masks (independent of order and threads)."""
+    digest = hashlib.blake2b(f"{run_seed}\x00{tensor_name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

@@ -1,0 +1,382 @@
+"""Turn a mergekit YAML config into a MergePlan, validating everything first.
+
+All checks that can fail on user input happen here, before a single tensor is read: model
+paths, architectures, layer counts and ranges, tensor names and shapes, method constraints and
+every parameter of every tensor. Resolution follows mergekit's rules exactly:
+
+* precedence: the source's own parameters -> its slice's -> top-level `parameters` -> default;
+* a list of numbers is a gradient, interpolated over the layers of a slice (layer j of n sits
+  at t = j/(n-1), t = 1 when n = 1); embeddings, final norm and lm_head use t = 0;
+* a list of `{filter, value}` picks the first entry whose filter is null, "*" or a substring
+  of the tensor name (per-model parameters match the source tensor name, global ones the
+  output name); no match falls through to the next level;
+* with `models:` the base model, if not listed, is appended as a parameterless source.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.config.mergekit_yaml import (
+    ConditionalParameter,
+    InputSlice,
+    MergeConfig,
+    OutputSlice,
+    ParameterSetting,
+    dump_merge_config,
+)
+from evomerge.errors import CompatibilityError, ConfigError
+from evomerge.io.model_dir import ModelDir
+from evomerge.merge.layout import LayerLayout, split_layers
+from evomerge.merge.methods import MethodSpec, get_method
+from evomerge.merge.plan import DTYPE_NAMES, MergePlan, TensorRecipe
+
+
+def evaluate_setting(setting: ParameterSetting | None, tensor_name: str, t: float) -> Any:
+    """One parameter value for one tensor at layer position t (None: not set here)."""
+    if setting is None:
+        return None
+    if isinstance(setting, (bool, int, float, str)):
+        return setting
+    if isinstance(setting, list) and not setting:
+        return None
+    if isinstance(setting, list) and all(isinstance(e, ConditionalParameter) for e in setting):
+        for condition in setting:
+            if condition.filter is None or condition.filter == "*" or condition.filter in tensor_name:
+                return evaluate_setting(condition.value, tensor_name, t)
+        return None
+    values = list(setting)  # a gradient
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return values[int(t * (len(values) - 1))]  # a step function over non-numbers
+    scaled = t * (len(values) - 1)
+    low = int(scaled)
+    high = min(len(values) - 1, low + 1)
+    frac = scaled - low
+    return (1 - frac) * values[low] + frac * values[high]
+
+
+def resolve_model_path(reference: str, config_dir: Path | None) -> Path:
+    """A model reference -> a local directory (relative paths: CWD first, then the config's folder)."""
+    path = Path(os.path.expanduser(reference))
+    candidates = [path] if path.is_absolute() else [Path.cwd() / path] + ([config_dir / path] if config_dir else [])
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve()
+    hint = " (looks like a hub id; evomerge reads local directories only: download it first)" if "/" in reference and not path.is_absolute() and reference.count("/") == 1 else ""
+    raise FileNotFoundError(f"model '{reference}' is not a local directory{hint}")
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """A slice after normalisation: sources with their layer ranges and parameters."""
+
+    sources: tuple[InputSlice, ...]
+    base: str | None
+    parameters: Mapping[str, ParameterSetting] | None
+    field: str  # where it came from, for error messages
+
+
+class Planner:
+    def __init__(
+        self,
+        config: MergeConfig,
+        *,
+        config_path: Path | None = None,
+        seed: int = 0,
+        allow_pickle: bool = False,
+        allow_crimes: bool = False,
+        model_dirs: Mapping[str, ModelDir] | None = None,
+    ):
+        self.config = config
+        self.file = config_path
+        self.seed = seed
+        self.allow_crimes = allow_crimes
+        self.allow_pickle = allow_pickle
+        self.models: dict[str, ModelDir] = dict(model_dirs or {})
+
+    def error(self, message: str, field: str | None = None) -> ConfigError:
+        return ConfigError(message, file=self.file, field=field)
+
+    # -- steps ----------------------------------------------------------------------------------
+    def plan(self) -> MergePlan:
+        try:
+            method = get_method(self.config.merge_method)
+        except ValueError as exc:
+            raise self.error(str(exc), "merge_method") from None
+        self._open_models()
+        self._check_architectures()
+        slices = self._normalise_slices(method)
+        layouts = {ref: split_layers(model.tensors, source=str(model.path)) for ref, model in self.models.items()}
+        self._check_parameter_names(method)
+        recipes: list[TensorRecipe] = []
+        first, last = slices[0], slices[-1]
+        donor = self._donor()
+        donor_layout = layouts[donor]
+        for name in donor_layout.pre:
+            recipes.append(self._recipe(method, name, first, [(s.model, name) for s in first.sources], t=0.0))
+        out_layer = 0
+        for out_slice in slices:
+            span = out_slice.sources[0].layer_range[1] - out_slice.sources[0].layer_range[0]
+            for offset in range(span):
+                t = offset / (span - 1) if span > 1 else 1.0
+                head = out_slice.sources[0]
+                head_layout = layouts[head.model]
+                suffixes = head_layout.layers[head.layer_range[0] + offset]
+                for source in out_slice.sources[1:]:
+                    other = layouts[source.model].layers[source.layer_range[0] + offset]
+                    if other != suffixes:
+                        raise CompatibilityError(
+                            f"{self.models[source.model].path}: layer {source.layer_range[0] + offset} has tensors "
+                            f"{sorted(set(other) ^ set(suffixes))[:3]} that {self.models[head.model].path} layer "
+                            f"{head.layer_range[0] + offset} does not (different architectures?)"
+                        )
+                for suffix in suffixes:
+                    inputs = [
+                        (s.model, layouts[s.model].layer_tensor(s.layer_range[0] + offset, suffix))
+                        for s in out_slice.sources
+                    ]
+                    out_name = donor_layout.layer_tensor(out_layer, suffix) if donor_layout.prefix else inputs[0][1]
+                    recipes.append(self._recipe(method, out_name, out_slice, inputs, t=t))
+                out_layer += 1
+        for name in donor_layout.post:
+            inputs = [(s.model, self._post_tensor_name(s.model, name, layouts[s.model])) for s in last.sources]
+            recipes.append(self._recipe(method, name, last, inputs, t=0.0))
+        math_dtype = DTYPE_NAMES[self.config.dtype] if self.config.dtype else None
+        out_dtype = (
+            DTYPE_NAMES[self.config.out_dtype]
+            if self.config.out_dtype
+            else math_dtype or self.models[donor].tensors[recipes[0].inputs[0][1]].dtype
+        )
+        return MergePlan(
+            models={ref: model.path for ref, model in self.models.items()},
+            tensors=tuple(recipes),
+            math_dtype=math_dtype,
+            out_dtype=out_dtype,
+            config_donor=donor,
+            tokenizer_donor=self._tokenizer_donor(),
+            num_hidden_layers=out_layer,
+            seed=self.seed,
+            recipe_yaml=dump_merge_config(self.config),
+        )
+
+    def _open_models(self) -> None:
+        config_dir = self.file.parent if self.file else None
+        for field, reference in self._reference_fields():
+            if reference in self.models:
+                continue
+            try:
+                path = resolve_model_path(reference, config_dir)
+            except FileNotFoundError as exc:
+                raise self.error(str(exc), field) from None
+            self.models[reference] = ModelDir(path, allow_pickle=self.allow_pickle)
+
+    def _reference_fields(self) -> list[tuple[str, str]]:
+        fields = []
+        for i, model in enumerate(self.config.models or ()):
+            fields.append((f"models.{i}.model", model.model))
+        for i, out_slice in enumerate(self.config.slices or ()):
+            for j, source in enumerate(out_slice.sources):
+                fields.append((f"slices.{i}.sources.{j}.model", source.model))
+            if out_slice.base_model:
+                fields.append((f"slices.{i}.base_model", out_slice.base_model))
+        if self.config.base_model:
+            fields.append(("base_model", self.config.base_model))
+        if self.config.tokenizer_source not in (None, "base"):
+            fields.append(("tokenizer_source", self.config.tokenizer_source))
+        return fields
+
+    def _check_architectures(self) -> None:
+        archs = {ref: model.architecture for ref, model in self.models.items()}
+        if len(set(archs.values())) > 1 and not self.allow_crimes:
+            listing = ", ".join(f"{ref}: {arch}" for ref, arch in archs.items())
+            raise CompatibilityError(f"models have different architectures ({listing}); pass --allow-crimes to try anyway")
+
+    def _normalise_slices(self, method: MethodSpec) -> list[_Slice]:
+        config = self.config
+        slices: list[_Slice] = []
+        if config.models is not None:
+            counts = {}
+            for i, model in enumerate(config.models):
+                counts[model.model] = self._layer_count(model.model, f"models.{i}.model")
+            sources = [
+                InputSlice(model=m.model, layer_range=(0, counts[m.model]), parameters=m.parameters)
+                for m in config.models
+            ]
+            if config.base_model and config.base_model not in counts:
+                count = self._layer_count(config.base_model, "base_model")
+                sources.append(InputSlice(model=config.base_model, layer_range=(0, count)))
+                counts[config.base_model] = count
+            if len(set(counts.values())) > 1:
+                listing = ", ".join(f"{ref}: {n}" for ref, n in counts.items())
+                raise self.error(
+                    f"models have different layer counts ({listing}); use 'slices:' with layer_range to combine them",
+                    "models",
+                )
+            slices.append(_Slice(tuple(sources), config.base_model, None, "models"))
+        else:
+            for i, out_slice in enumerate(config.slices or ()):
+                for j, source in enumerate(out_slice.sources):
+                    count = self._layer_count(source.model, f"slices.{i}.sources.{j}.model")
+                    if source.layer_range[1] > count:
+                        raise self.error(
+                            f"layer_range {list(source.layer_range)} is outside the model's {count} layers",
+                            f"slices.{i}.sources.{j}.layer_range",
+                        )
+                base = out_slice.base_model or config.base_model
+                slices.append(_Slice(tuple(out_slice.sources), base, out_slice.parameters, f"slices.{i}"))
+        for out_slice in slices:
+            self._check_method_inputs(method, out_slice)
+        return slices
+
+    def _layer_count(self, reference: str, field: str) -> int:
+        model = self.models[reference]
+        layout = split_layers(model.tensors, source=str(model.path))
+        declared = model.num_hidden_layers
+        if declared is not None and declared != layout.num_layers:
+            raise CompatibilityError(
+                f"{model.path}: config.json says {declared} layers but the weights hold {layout.num_layers}"
+            )
+        return layout.num_layers
+
+    def _check_method_inputs(self, method: MethodSpec, out_slice: _Slice) -> None:
+        refs = [s.model for s in out_slice.sources]
+        if len(set(refs)) != len(refs):
+            raise self.error("the same model is listed twice", out_slice.field)
+        if method.base == "required":
+            if not out_slice.base:
+                raise self.error(f"{method.name} needs a base_model", "base_model")
+            if out_slice.base not in refs:
+                raise self.error(f"base_model '{out_slice.base}' must be one of the slice's sources", out_slice.field)
+        count = len(refs)
+        if count < method.min_models or (method.max_models is not None and count > method.max_models):
+            expected = (
+                f"exactly {method.min_models}"
+                if method.max_models == method.min_models
+                else f"at least {method.min_models}" if method.max_models is None
+                else f"{method.min_models} to {method.max_models}"
+            )
+            raise self.error(f"{method.name} takes {expected} models (base included), got {count}", out_slice.field)
+
+    def _check_parameter_names(self, method: MethodSpec) -> None:
+        known = set(method.global_params) | set(method.model_params)
+        scopes: list[tuple[str, Mapping[str, Any] | None]] = [("parameters", self.config.parameters)]
+        for i, model in enumerate(self.config.models or ()):
+            scopes.append((f"models.{i}.parameters", model.parameters))
+        for i, out_slice in enumerate(self.config.slices or ()):
+            scopes.append((f"slices.{i}.parameters", out_slice.parameters))
+            for j, source in enumerate(out_slice.sources):
+                scopes.append((f"slices.{i}.sources.{j}.parameters", source.parameters))
+        for field, params in scopes:
+            for name in params or {}:
+                if name not in known:
+                    close = difflib.get_close_matches(name, sorted(known), n=1)
+                    hint = f"; did you mean '{close[0]}'?" if close else ""
+                    raise self.error(
+                        f"{method.name} has no parameter '{name}' (it takes: {', '.join(sorted(known)) or 'none'}){hint}",
+                        f"{field}.{name}",
+                    )
+
+    def _donor(self) -> str:
+        if self.config.base_model:
+            return self.config.base_model
+        first_slice_sources = self.config.models or (self.config.slices[0].sources if self.config.slices else [])
+        return first_slice_sources[0].model
+
+    def _tokenizer_donor(self) -> str:
+        source = self.config.tokenizer_source
+        if source in (None, "base"):
+            return self._donor()
+        return source
+
+    def _post_tensor_name(self, ref: str, name: str, layout: LayerLayout) -> str:
+        tensors = self.models[ref].tensors
+        if name in tensors:
+            return name
+        if name == "lm_head.weight":  # tied embeddings: the output head is the input embedding
+            for pre in layout.pre:
+                if pre.endswith("embed_tokens.weight") or pre.endswith("wte.weight"):
+                    return pre
+        raise CompatibilityError(f"{self.models[ref].path}: has no tensor {name} (the base/first model has it)")
+
+    # -- one tensor ---------------------------------------------------------------------------
+    def _recipe(
+        self, method: MethodSpec, out_name: str, out_slice: _Slice, inputs: Sequence[tuple[str, str]], *, t: float
+    ) -> TensorRecipe:
+        shapes = {}
+        for ref, name in inputs:
+            info = self.models[ref].tensors.get(name)
+            if info is None:
+                raise CompatibilityError(f"{self.models[ref].path}: has no tensor {name} (needed for {out_name})")
+            shapes[ref] = info.shape
+        if len(set(shapes.values())) > 1:
+            listing = ", ".join(f"{self.models[r].path.name}: {list(s)}" for r, s in shapes.items())
+            hint = " (different vocabularies: tokenizer merging is not supported yet)" if "embed" in out_name or "lm_head" in out_name else ""
+            raise CompatibilityError(f"tensor {out_name} has different shapes ({listing}){hint}")
+        refs = [ref for ref, _ in inputs]
+        base_index = refs.index(out_slice.base) if out_slice.base in refs and method.base != "unused" else None
+        global_params = {}
+        for name, default in method.global_params.items():
+            value = self._lookup(name, out_name, t, [out_slice.parameters, self.config.parameters])
+            if value is None:
+                if default is None:
+                    raise self.error(f"{method.name} needs parameter '{name}' (set it under parameters)", "parameters")
+                value = default
+            global_params[name] = value
+        model_params = []
+        for index, (ref, source_name) in enumerate(inputs):
+            params = {}
+            if index != base_index:
+                source = out_slice.sources[index]
+                for name, default in method.model_params.items():
+                    value = self._lookup(
+                        name, source_name, t, [source.parameters, out_slice.parameters, self.config.parameters]
+                    )
+                    if value is None:
+                        if default is None:
+                            raise self.error(
+                                f"{method.name} needs parameter '{name}' for model '{ref}' "
+                                "(set it on the model or under top-level parameters)",
+                                f"{out_slice.field}.{index}.parameters" if out_slice.field != "models" else f"models.{index}.parameters",
+                            )
+                        continue
+                    params[name] = value
+            model_params.append(params)
+        return TensorRecipe(
+            name=out_name,
+            method=method.name,
+            inputs=tuple(inputs),
+            base_index=base_index,
+            model_params=tuple(model_params),
+            global_params=global_params,
+            shape=next(iter(shapes.values())),
+        )
+
+    @staticmethod
+    def _lookup(name: str, tensor_name: str, t: float, scopes: Sequence[Mapping[str, Any] | None]) -> Any:
+        for scope in scopes:
+            if scope and name in scope:
+                value = evaluate_setting(scope[name], tensor_name, t)
+                if value is not None:
+                    return value
+        return None
+
+
+def plan_merge(
+    config: MergeConfig,
+    *,
+    config_path: Path | None = None,
+    seed: int = 0,
+    allow_pickle: bool = False,
+    allow_crimes: bool = False,
+) -> MergePlan:
+    """Validate a mergekit config against the real checkpoints and build its MergePlan."""
+    return Planner(
+        config, config_path=config_path, seed=seed, allow_pickle=allow_pickle, allow_crimes=allow_crimes
+    ).plan()

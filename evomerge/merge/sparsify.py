@@ -1,0 +1,218 @@
+"""Sparsifiers: which entries of a task vector (delta = model - base) survive a merge.
+
+Pure functions, one per mergekit sparsification method, composed by `methods.py`:
+
+* `magnitude`   (ties): keep the k = int(density * numel) largest |delta| of the whole tensor.
+* `breadcrumbs` (breadcrumbs*): drop the int(gamma * numel) largest |delta| as outliers, then
+  the smallest, keeping a band of int(density * numel) entries.
+* `dare`        (dare_*): keep each entry with probability `density` (Bernoulli mask).
+* `della`       (della*): keep each entry with a probability that grows with the rank of its
+  magnitude within its row, from density - epsilon to density + epsilon.
+
+With `rescale`, the kept entries are multiplied by ||delta||_1 / ||kept||_1, the L1 mass
+actually removed (mergekit's "generic sparsification rescaling"), not by 1/density as in the
+DARE paper. Every sparsifier returns its input unchanged when density >= 1.
+
+Determinism: the random masks come from `torch.rand(..., generator=g) < p` with a generator
+seeded by `derive_seed(seed, model_index)`, so a mask is a pure function of (seed, model index,
+shape, device type) and never of the global RNG, call order or thread count. Reductions that
+decide scalar factors (the L1 norms) accumulate in float64 for the same reason.
+
+Equal magnitudes (common in bf16) are ordered exactly as mergekit orders them: we make the same
+torch sort calls on the same keys. That order is unspecified but deterministic for a given torch
+build and device type (it does not depend on the thread count), and it is what makes bf16 TIES
+and Breadcrumbs merges bit-identical to mergekit's.
+
+Differences from mergekit (0.1.5, and the 0.1.4 notes in the research file):
+* `magnitude` with 0 < density and int(density * numel) == 0 keeps the single largest entry,
+  as mergekit 0.1.5 does (0.1.4 asserted, a crash mid-merge).
+* `breadcrumbs` with int(gamma * numel) == 0 keeps the top int(density * numel) magnitudes (no
+  outliers removed). mergekit 0.1.4 zeroed the whole delta through a negative-zero slice bound;
+  0.1.5 behaves as we do.
+* `della` on rows of length 1 (rank normalisation is 0/0) keeps with probability `density`;
+  mergekit raises inside torch.bernoulli (NaN probability). Keep probabilities are computed in
+  float32 even for bf16 deltas (mergekit rounds ranks and probabilities to bf16).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+# Below this L1 norm (before or after masking) the rescale is skipped, as in mergekit.
+RESCALE_EPS = 1e-7
+
+# Elements per float64 reduction chunk: bounds the float64 scratch for huge tensors.
+_CHUNK = 1 << 20
+
+
+# -- randomness ----------------------------------------------------------------------------------
+def derive_seed(seed: int | None, index: int) -> int:
+    """Stable 63-bit seed for model `index` of a tensor whose per-tensor seed is `seed`.
+
+    blake2b, not hash(): Python's string hashing is salted per process.
+    """
+    digest = hashlib.blake2b(f"{0 if seed is None else int(seed)}/{int(index)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def make_generator(seed: int | None, index: int, device: torch.device | str) -> torch.Generator:
+    """A fresh generator for model `index`: masks never touch (or depend on) the global RNG."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(seed, index))
+    return generator
+
+
+def _uniform(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    # Always float32, whatever the delta dtype: the same draw for fp32, bf16 and fp16 inputs.
+    return torch.rand(like.shape, generator=generator, device=like.device, dtype=torch.float32)
+
+
+# -- rescaling -----------------------------------------------------------------------------------
+def l1_norm(tensor: torch.Tensor) -> float:
+    """Sum of |x| accumulated in float64, in fixed-size chunks (bounded scratch memory)."""
+    flat = tensor.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=tensor.device)
+    for start in range(0, flat.numel(), _CHUNK):
+        total += flat[start : start + _CHUNK].to(torch.float64).abs().sum()
+    return float(total)
+
+
+def apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """delta * mask, optionally rescaled so the result keeps the L1 norm of `delta`.
+
+    The rescale is skipped when either norm is below RESCALE_EPS (nothing meaningful to match).
+    """
+    kept = delta * mask
+    if not rescale:
+        return kept
+    before = l1_norm(delta)
+    after = l1_norm(kept)
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return kept
+    return kept * (before / after)
+
+
+# -- magnitude ranking ---------------------------------------------------------------------------
+def _sort_key(delta: torch.Tensor) -> torch.Tensor:
+    """|delta| flattened, as mergekit sorts it: upcast to float32 on CPU, left as is on
+    accelerators. float64 stays float64 (mergekit rounds it to float32, which can only turn
+    distinct magnitudes into ties)."""
+    key = delta.abs().reshape(-1)
+    if key.device.type == "cpu" and key.dtype != torch.float64:
+        key = key.to(torch.float32)
+    return key
+
+
+def _mask_from_indices(delta: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
+    mask[indices] = True
+    return mask.reshape(delta.shape)
+
+
+def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trim: True for the k = int(density * numel) largest |delta| of the whole tensor."""
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+    k = max(1, int(density * delta.numel()))  # keep at least one (mergekit 0.1.4 asserted on k == 0)
+    order = torch.argsort(_sort_key(delta), descending=True)  # mergekit's call: same tie order
+    return _mask_from_indices(delta, order[:k])
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """Keep the largest-magnitude fraction `density` of `delta` (per tensor, not per row)."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    return apply_mask(delta, magnitude_mask(delta, density), rescale)
+
+
+def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs band: True for ascending magnitude ranks [n_bot, n_bot + target).
+
+    target = int(density * numel) entries are kept; n_top = int(gamma * numel) outliers are
+    dropped from the top, fewer when needed to keep `target` entries (n_bot is clamped at 0).
+    """
+    count = delta.numel()
+    target = max(int(density * count), 0)
+    n_top = int(gamma * count)
+    n_bot = max(0, count - target - n_top)
+    # n_top == 0 keeps the top `target` entries; mergekit 0.1.4 zeroed everything here.
+    order = torch.sort(_sort_key(delta), descending=False).indices  # mergekit's call: same tie order
+    return _mask_from_indices(delta, order[n_bot : n_bot + target])
+
+
+def breadcrumbs(delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False) -> torch.Tensor:
+    """Drop the gamma fraction of largest |delta| (outliers) and the smallest, keep `density`."""
+    if density >= 1:
+        return delta
+    if delta.numel() == 0:
+        return delta.clone()
+    return apply_mask(delta, breadcrumbs_mask(delta, density, gamma), rescale)
+
+
+# -- random masks --------------------------------------------------------------------------------
+def dare_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """DARE: each entry kept independently with probability `density`."""
+    return _uniform(delta, generator) < density
+
+
+def dare(delta: torch.Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
+    """DARE drop: Bernoulli(density) mask, then (optionally) the L1 rescale."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    return apply_mask(delta, dare_mask(delta, density, generator), rescale)
+
+
+def check_della(density: float, epsilon: float) -> None:
+    """DELLA keep probabilities span [density - epsilon, density + epsilon]: both must be in (0, 1)."""
+    if 0 < density < 1 and (density - epsilon <= 0 or density + epsilon >= 1):
+        raise ValueError(
+            f"keep probabilities density - epsilon and density + epsilon must lie in (0, 1), "
+            f"got density={density:g}, epsilon={epsilon:g}"
+        )
+
+
+def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """Per-entry keep probability (float32, shape of `delta`), from magnitude ranks per row.
+
+    Ranks run along dim 1 (1-D and 0-D tensors are one row), are min-max normalised to [0, 1]
+    and mapped linearly to [density - epsilon, density + epsilon]: larger magnitudes are kept
+    more often. A row of length 1 gets probability `density` (its normalised rank is 0/0).
+    """
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta
+    length = rows.shape[1]
+    # The same sort as mergekit (on |x| in the input dtype), so equal magnitudes rank alike.
+    order = torch.argsort(rows.abs(), dim=1)
+    # Invert the permutation with a scatter (one sort instead of mergekit's two).
+    positions = torch.arange(length, device=rows.device).reshape(1, length, *([1] * (rows.dim() - 2)))
+    rank = torch.empty_like(order).scatter_(1, order, positions.expand_as(order))
+    if length > 1:
+        rank_norm = rank.to(torch.float32) / (length - 1)
+    else:
+        rank_norm = torch.full(rows.shape, 0.5, dtype=torch.float32, device=rows.device)
+    probabilities = (density - epsilon) + rank_norm * (2 * epsilon)
+    return probabilities.reshape(delta.shape)
+
+
+def della(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    rescale: bool = True,
+) -> torch.Tensor:
+    """DELLA MagPrune: rank-dependent Bernoulli mask, then (optionally) the L1 rescale."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    check_della(density, epsilon)
+    if delta.numel() == 0:
+        return delta.clone()
+    keep = _uniform(delta, generator) < della_probabilities(delta, density, epsilon)
+    return apply_mask(delta, keep, rescale)

@@ -1,0 +1,119 @@
+"""`evomerge merge` end to end on small random checkpoints."""
+
+import json
+
+import pytest
+import torch
+
+from evomerge.cli import main
+from families import load_checkpoint, random_family, write_yaml
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return random_family(tmp_path_factory.mktemp("cli"), finetunes=2)
+
+
+def _run(argv):
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def test_linear_merge_writes_a_loadable_checkpoint(tmp_path, family):
+    config = write_yaml(
+        tmp_path / "linear.yml",
+        f"""
+merge_method: linear
+models:
+  - {{model: {family['ft1']}, parameters: {{weight: 0.75}}}}
+  - {{model: {family['ft2']}, parameters: {{weight: 0.25}}}}
+dtype: float32
+out_dtype: bfloat16
+""",
+    )
+    out = tmp_path / "out"
+    assert _run(["merge", str(config), str(out), "--quiet"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert {"model.safetensors", "config.json", "README.md", "mergekit_config.yml", "generation_config.json"} <= set(names)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    merged = load_checkpoint(out)
+    a, b = load_checkpoint(family["ft1"]), load_checkpoint(family["ft2"])
+    for name, tensor in merged.items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, (0.75 * a[name] + 0.25 * b[name]).to(torch.bfloat16)), name
+    card = (out / "README.md").read_text()
+    assert "linear" in card and "merge_method: linear" in card
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 4
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_sharded_output_and_frankenmerge_loads(tmp_path, family):
+    config = write_yaml(
+        tmp_path / "slices.yml",
+        f"""
+merge_method: passthrough
+slices:
+  - sources: [{{model: {family['ft1']}, layer_range: [0, 3]}}]
+  - sources: [{{model: {family['ft2']}, layer_range: [1, 4]}}]
+""",
+    )
+    out = tmp_path / "out"
+    assert _run(["merge", str(config), str(out), "--quiet", "--out-shard-size", "20K"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 6
+    merged = load_checkpoint(out)
+    assert torch.equal(merged["model.layers.5.mlp.up_proj.weight"], load_checkpoint(family["ft2"])["model.layers.3.mlp.up_proj.weight"])
+
+
+def test_random_masks_are_a_function_of_seed_only(tmp_path, family):
+    config = write_yaml(
+        tmp_path / "dare.yml",
+        f"""
+merge_method: dare_ties
+base_model: {family['base']}
+models:
+  - {{model: {family['ft1']}, parameters: {{weight: 0.6, density: 0.4}}}}
+  - {{model: {family['ft2']}, parameters: {{weight: 0.6, density: 0.6}}}}
+""",
+    )
+    outputs = {}
+    for label, extra in [("a", ["--workers", "1"]), ("b", ["--workers", "4"]), ("c", ["--seed", "7"])]:
+        assert _run(["merge", str(config), str(tmp_path / label), "--quiet", *extra]) == 0
+        outputs[label] = (tmp_path / label / "model.safetensors").read_bytes()
+    assert outputs["a"] == outputs["b"]  # thread count and completion order do not matter
+    assert outputs["a"] != outputs["c"]  # the seed does
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path, family, capsys):
+    bad = write_yaml(tmp_path / "bad.yml", f"merge_method: ties\nmodels: [{{model: {family['ft1']}}}]\n")
+    assert _run(["merge", str(bad), str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "base_model" in err and "Traceback" not in err
+    assert _run(["merge", str(tmp_path / "missing.yml"), str(tmp_path / "o")]) == 2
+    assert "file not found" in capsys.readouterr().err
+    good = write_yaml(tmp_path / "ok.yml", f"merge_method: linear\nmodels: [{{model: {family['ft1']}, parameters: {{weight: 1}}}}]\n")
+    assert _run(["merge", str(good), str(tmp_path / "o2"), "-q"]) == 0
+    assert _run(["merge", str(good), str(tmp_path / "o2"), "-q"]) == 2  # refuses to overwrite silently
+    assert "--overwrite" in capsys.readouterr().err
+    assert _run(["merge", str(good), str(tmp_path / "o3"), "--device", "cuda:0"]) == (0 if torch.cuda.is_available() else 2)
+
+
+def test_validate_and_methods_commands(tmp_path, family, capsys):
+    good = write_yaml(tmp_path / "ok.yml", f"merge_method: linear\nmodels: [{{model: {family['ft1']}, parameters: {{weight: 1}}}}]\n")
+    assert _run(["validate", str(good)]) == 0
+    assert ": ok (linear" in capsys.readouterr().out
+    assert _run(["methods"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("linear", "slerp", "ties", "dare_ties", "della", "model_stock", "breadcrumbs_ties", "nuslerp", "passthrough"):
+        assert name in listing
