@@ -22,6 +22,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+from evomerge import cli_search  # noqa: E402
+
+cli_search.register(app)
 demo_app = typer.Typer(help="The built-in offline demo: a tiny model family with distinct skills.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 
@@ -63,10 +66,20 @@ def merge(
     ] = True,
     model_card: Annotated[bool, typer.Option("--model-card/--no-model-card", help="Write a README.md model card.")] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into OUT_DIR even if it holds a checkpoint.")] = False,
+    intermediate_dir: Annotated[
+        Optional[Path],
+        typer.Option(help="Multi-document (mergekit-multi) files: keep the named parts here (default: deleted after)."),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
-    """Merge models once, from a mergekit YAML: same format, same math as `mergekit-yaml`."""
-    from evomerge.config.mergekit_yaml import load_merge_config
+    """Merge models once, from a mergekit YAML: same format, same math as `mergekit-yaml`.
+
+    A file of several YAML documents is a `mergekit-multi` recipe: each named document is merged
+    in order and later documents can use its name as a model; the unnamed last one is the output.
+    """
+    import shutil
+
+    from evomerge.config.mergekit_yaml import load_merge_documents
     from evomerge.io.safetensors_io import parse_size
     from evomerge.merge.engine import run_merge
     from evomerge.merge.planner import plan_merge
@@ -74,19 +87,31 @@ def merge(
     shard_bytes = parse_size(out_shard_size)
     _check_out_dir(out_dir, overwrite)
     _check_device(device)
-    merge_config = load_merge_config(config)
-    plan = plan_merge(merge_config, config_path=config, seed=seed, allow_pickle=allow_pickle, allow_crimes=allow_crimes)
-    report = run_merge(
-        plan,
-        out_dir,
-        device=device,
-        max_shard_bytes=shard_bytes,
-        workers=workers,
-        progress=not quiet,
-        allow_pickle=allow_pickle,
-        copy_tokenizer_files=copy_tokenizer,
-        write_card=model_card,
-    )
+    documents = load_merge_documents(config)
+    if len(documents) > 1 and documents[-1].name:
+        raise EvomergeError(f"{config}: the last document is named '{documents[-1].name}'; leave the final merge unnamed")
+    parts_dir = intermediate_dir or out_dir / ".evomerge-parts"
+    named: dict[str, Path] = {}
+    for document in documents:
+        target = parts_dir / document.name if document.name else out_dir
+        plan = plan_merge(
+            document, config_path=config, seed=seed, allow_pickle=allow_pickle, allow_crimes=allow_crimes, named_models=named
+        )
+        report = run_merge(
+            plan,
+            target,
+            device=device,
+            max_shard_bytes=shard_bytes,
+            workers=workers,
+            progress=not quiet,
+            allow_pickle=allow_pickle,
+            copy_tokenizer_files=copy_tokenizer,
+            write_card=model_card,
+        )
+        if document.name:
+            named[document.name] = target
+    if named and intermediate_dir is None:
+        shutil.rmtree(parts_dir, ignore_errors=True)
     if not quiet:
         typer.echo(
             f"merged {report.num_tensors} tensors ({report.output_bytes / 1e6:.1f} MB, {report.shards} shard"
@@ -152,10 +177,7 @@ def demo_run(
     run_demo_merge(models_dir=models_dir, config=config, out_dir=out_dir, results=results)
 
 
-def _offline_env() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+_offline_env = cli_search._offline_env
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:

@@ -229,6 +229,45 @@ def load_merge_config(path: Path) -> MergeConfig:
         raise format_validation_error(exc, path) from None
 
 
+def load_merge_documents(path: Path) -> list[MergeConfig]:
+    """One config, or a mergekit-multi file: several documents, each named but the final one.
+
+    Later documents may use an earlier document's `name` as a model reference.
+    """
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise ConfigError("file not found", file=path) from None
+    except IsADirectoryError:
+        raise ConfigError("is a directory, expected a YAML file", file=path) from None
+    try:
+        raw = [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    except yaml.YAMLError:
+        load_yaml_file(path)  # re-raises with the line and column
+        raise
+    if len(raw) <= 1:
+        return [load_merge_config(path)]
+    configs: list[MergeConfig] = []
+    names: set[str] = set()
+    for index, data in enumerate(raw):
+        where = f"document {index + 1}"
+        if not isinstance(data, dict):
+            raise ConfigError("expected a mapping with merge_method and models or slices", file=path, field=where)
+        try:
+            config = MergeConfig.model_validate(data)
+        except ValidationError as exc:
+            error = format_validation_error(exc, path)
+            raise ConfigError(str(error).removeprefix(f"{path}: "), file=path, field=where) from None
+        if config.name is None and index != len(raw) - 1:
+            raise ConfigError("every document but the last needs a 'name'", file=path, field=where)
+        if config.name in names:
+            raise ConfigError(f"name '{config.name}' is used twice", file=path, field=where)
+        if config.name:
+            names.add(config.name)
+        configs.append(config)
+    return configs
+
+
 def dump_merge_config(config: MergeConfig) -> str:
     """YAML text for a config, in mergekit's style (number lists in flow style)."""
     data = config.model_dump(mode="json", exclude_none=True)

@@ -93,6 +93,7 @@ class Planner:
         allow_pickle: bool = False,
         allow_crimes: bool = False,
         model_dirs: Mapping[str, ModelDir] | None = None,
+        named_models: Mapping[str, Path] | None = None,
     ):
         self.config = config
         self.file = config_path
@@ -100,6 +101,7 @@ class Planner:
         self.allow_crimes = allow_crimes
         self.allow_pickle = allow_pickle
         self.models: dict[str, ModelDir] = dict(model_dirs or {})
+        self.named_models = dict(named_models or {})  # earlier documents of a multi-merge file
 
     def error(self, message: str, field: str | None = None) -> ConfigError:
         return ConfigError(message, file=self.file, field=field)
@@ -172,7 +174,7 @@ class Planner:
             if reference in self.models:
                 continue
             try:
-                path = resolve_model_path(reference, config_dir)
+                path = self.named_models.get(reference) or resolve_model_path(reference, config_dir)
             except FileNotFoundError as exc:
                 raise self.error(str(exc), field) from None
             self.models[reference] = ModelDir(path, allow_pickle=self.allow_pickle)
@@ -375,8 +377,14 @@ def plan_merge(
     seed: int = 0,
     allow_pickle: bool = False,
     allow_crimes: bool = False,
+    named_models: Mapping[str, Path] | None = None,
 ) -> MergePlan:
     """Validate a mergekit config against the real checkpoints and build its MergePlan."""
     return Planner(
-        config, config_path=config_path, seed=seed, allow_pickle=allow_pickle, allow_crimes=allow_crimes
+        config,
+        config_path=config_path,
+        seed=seed,
+        allow_pickle=allow_pickle,
+        allow_crimes=allow_crimes,
+        named_models=named_models,
     ).plan()

@@ -1,0 +1,318 @@
+"""The search space file (`space.yml`): models, genome, objectives, evaluation and search settings.
+
+Validated entirely at load time: a typo, an out-of-order range, an unknown method or sampler, or
+a missing model directory is a one-line error naming the field, before any model is read.
+Relative paths resolve against the space file's folder, so a space file and its tasks travel
+together.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.config.mergekit_yaml import DTYPES, _DTYPE_ALIASES, format_validation_error, load_yaml_file
+from evomerge.errors import ConfigError
+
+SAMPLERS = ("tpe", "cmaes", "nsga2", "random")
+# Methods a genome can choose, and the genes each one reads (per model / global).
+GENOME_METHODS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "linear": (("weight",), ()),
+    "task_arithmetic": (("weight",), ("lambda",)),
+    "ties": (("weight", "density"), ("lambda",)),
+    "dare_linear": (("weight", "density"), ("lambda",)),
+    "dare_ties": (("weight", "density"), ("lambda",)),
+    "breadcrumbs": (("weight", "density", "gamma"), ("lambda",)),
+    "breadcrumbs_ties": (("weight", "density", "gamma"), ("lambda",)),
+    "della": (("weight", "density", "epsilon"), ("lambda",)),
+    "della_linear": (("weight", "density", "epsilon"), ("lambda",)),
+    "slerp": (("weight",), ("t",)),  # slerp between the base and the fine-tune with the largest weight gene
+    "model_stock": ((), ()),
+}
+GENE_PARAMS = ("weight", "density", "gamma", "epsilon", "t", "lambda")
+
+
+def _closest(value: str, options: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(value, list(options), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelRef(_Strict):
+    """`name@path` or a plain path (the name is then the folder name)."""
+
+    name: str
+    path: Path
+
+    @classmethod
+    def parse(cls, value: Any, base_dir: Path) -> "ModelRef":
+        if isinstance(value, ModelRef):
+            return value
+        if isinstance(value, dict):
+            return cls(name=str(value["name"]), path=base_dir / str(value["path"]))
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"expected 'name@path' or a path, got {value!r}")
+        name, sep, path = value.partition("@")
+        if not sep:
+            name, path = Path(value).name, value
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+            raise ValueError(f"model name {name!r} may only use letters, digits, '_', '-' and '.'")
+        return cls(name=name, path=(base_dir / Path(path).expanduser()).resolve())
+
+
+GeneRange = Union[float, tuple[float, float]]
+
+
+class GenomeSpec(_Strict):
+    layer_granularity: int = Field(0, ge=0, description="layers per group (must divide the layer count); 0 = one group")
+    filters: list[str] = Field(default_factory=list, description="tensor-name substrings with their own genes")
+    methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"])
+    method_per_group: bool = True
+    embeddings: bool = True  # own genes for the input embeddings (else: those of the first group)
+    head: bool = True  # own genes for the final norm and lm_head (else: those of the last group)
+    weight: GeneRange = (0.0, 1.0)
+    density: GeneRange = (0.1, 1.0)
+    gamma: GeneRange = 0.01
+    epsilon: GeneRange = (0.01, 0.09)
+    t: GeneRange = (0.0, 1.0)
+    lambda_: GeneRange = Field(1.0, alias="lambda")
+    normalize: bool | None = None  # None: each method's mergekit default
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("list at least one merge method")
+        for method in value:
+            if method not in GENOME_METHODS:
+                raise ValueError(
+                    f"'{method}' cannot be searched (choose from: {', '.join(GENOME_METHODS)}){_closest(method, tuple(GENOME_METHODS))}"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError("a method is listed twice")
+        return value
+
+    @field_validator("weight", "density", "gamma", "epsilon", "t", "lambda_", mode="before")
+    @classmethod
+    def _range(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                raise ValueError(f"expected a number or a [low, high] range, got {value!r}")
+            if value[0] >= value[1]:
+                raise ValueError(f"expected low < high, got {list(value)}")
+            return (float(value[0]), float(value[1]))
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number or a [low, high] range, got {value!r}")
+        return float(value)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "GenomeSpec":
+        for name, low, high in (("density", 0.0, 1.0), ("gamma", 0.0, 1.0), ("t", 0.0, 1.0), ("epsilon", 0.0, 0.5)):
+            value = getattr(self, name)
+            values = value if isinstance(value, tuple) else (value,)
+            if min(values) < low or max(values) > high:
+                raise ValueError(f"{name}: values must lie in [{low}, {high}], got {value}")
+        if isinstance(self.density, tuple) and any(m.startswith("della") for m in self.methods):
+            eps = self.epsilon[1] if isinstance(self.epsilon, tuple) else self.epsilon
+            if self.density[0] - eps <= 0 or self.density[1] + eps >= 1:
+                raise ValueError(
+                    f"della needs density - epsilon > 0 and density + epsilon < 1: density {list(self.density)} "
+                    f"with epsilon up to {eps} breaks that"
+                )
+        return self
+
+    def gene_range(self, name: str) -> GeneRange:
+        return self.lambda_ if name == "lambda" else getattr(self, name)
+
+
+class Objective(_Strict):
+    task: str
+    metric: str = "acc,none"
+    direction: Literal["maximize", "minimize"] = "maximize"
+    weight: float = 1.0
+    selection_task: str | None = None  # held-out task scored on finalists only
+    name: str | None = None  # display name (default: the task name)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.task
+
+
+class EvalSpec(_Strict):
+    include_paths: list[Path] = Field(default_factory=list)
+    limit: int | float | None = None
+    selection_limit: int | float | None = None
+    num_fewshot: int | None = None
+    batch_size: int = Field(32, ge=1)
+    max_length: int | None = None
+    seed: int = 1234
+    apply_chat_template: bool = False
+    model_args: dict[str, Any] = Field(default_factory=dict)
+
+
+class SearchSpec(_Strict):
+    sampler: str = "tpe"
+    seed: int = 0
+    sampler_options: dict[str, Any] = Field(default_factory=dict)
+    n_trials: int | None = Field(None, ge=1)
+    timeout: float | None = Field(None, gt=0)
+    study_name: str | None = None
+    storage: str | None = None
+    enqueue: list[Literal["parents", "uniform"]] = Field(default_factory=lambda: ["parents", "uniform"])
+    finalists: int = Field(5, ge=0, description="front members re-scored on the selection split")
+    workers: int = Field(1, ge=1)
+    merge_seed: int = 0  # DARE/DELLA mask seed, shared by every trial (common random numbers)
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, value: str) -> str:
+        if value not in SAMPLERS:
+            raise ValueError(f"unknown sampler '{value}' (choose from: {', '.join(SAMPLERS)}){_closest(value, SAMPLERS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _budget(self) -> "SearchSpec":
+        if self.n_trials is None and self.timeout is None:
+            raise ValueError("set n_trials and/or timeout (seconds) so the search ends")
+        return self
+
+
+class SearchSpace(_Strict):
+    models: list[ModelRef]
+    base_model: ModelRef | None = None
+    dtype: str = "float32"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    genome: GenomeSpec = Field(default_factory=GenomeSpec)
+    objectives: list[Objective]
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    search: SearchSpec
+    # set by load_space, not by users
+    source_path: Path | None = Field(None, exclude=True)
+    source_text: str = Field("", exclude=True)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, value: str) -> str:
+        value = _DTYPE_ALIASES.get(value, value)
+        if value not in DTYPES:
+            raise ValueError(f"expected one of {', '.join(DTYPES)}, got {value!r}")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+        return value
+
+    @field_validator("objectives")
+    @classmethod
+    def _objectives(cls, value: list[Objective]) -> list[Objective]:
+        if not value:
+            raise ValueError("list at least one objective (an lm-eval task and metric)")
+        labels = [o.label for o in value]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"objective names must be unique, got {labels} (set 'name:' to tell them apart)")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "SearchSpace":
+        names = [m.name for m in self.models] + ([self.base_model.name] if self.base_model else [])
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, got {names} (use name@path)")
+        if not self.models:
+            raise ValueError("models: list at least one fine-tune")
+        needs_base = [m for m in self.genome.methods if m not in ("linear",)]
+        if needs_base and self.base_model is None:
+            raise ValueError(f"base_model is required by {', '.join(needs_base)}")
+        if self.search.sampler == "cmaes" and len(self.objectives) > 1 and not any(o.weight for o in self.objectives):
+            raise ValueError("cmaes optimises the weighted sum of objectives: give at least one a non-zero weight")
+        return self
+
+    # -- derived facts ------------------------------------------------------------------------
+    @property
+    def study_name(self) -> str:
+        if self.search.study_name:
+            return self.search.study_name
+        stem = self.source_path.stem if self.source_path else "evomerge"
+        return stem
+
+    @property
+    def storage_url(self) -> str:
+        if self.search.storage:
+            return self.search.storage
+        folder = self.source_path.parent if self.source_path else Path.cwd()
+        return f"sqlite:///{(folder / f'{self.study_name}.db').resolve()}"
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1 and self.search.sampler != "cmaes"
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives] if self.multi_objective else ["maximize"]
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.source_text.encode()).hexdigest()[:12]
+
+
+_MODEL_FIELDS = ("models", "base_model")
+
+
+def parse_space(data: Any, *, base_dir: Path, source: object = "space", text: str = "") -> SearchSpace:
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping with models, objectives and search", file=source)
+    data = dict(data)
+    try:
+        if "models" in data:
+            if not isinstance(data["models"], list):
+                raise ConfigError("expected a list of 'name@path' entries", file=source, field="models")
+            models = []
+            for i, entry in enumerate(data["models"]):
+                try:
+                    models.append(ModelRef.parse(entry, base_dir))
+                except (ValueError, KeyError) as exc:
+                    raise ConfigError(str(exc), file=source, field=f"models.{i}") from None
+            data["models"] = models
+        if data.get("base_model") is not None:
+            try:
+                data["base_model"] = ModelRef.parse(data["base_model"], base_dir)
+            except (ValueError, KeyError) as exc:
+                raise ConfigError(str(exc), file=source, field="base_model") from None
+        evaluation = data.get("eval")
+        if isinstance(evaluation, dict) and isinstance(evaluation.get("include_paths"), list):
+            evaluation = dict(evaluation)
+            evaluation["include_paths"] = [(base_dir / str(p)).resolve() for p in evaluation["include_paths"]]
+            data["eval"] = evaluation
+        space = SearchSpace.model_validate(data)
+    except ValidationError as exc:
+        raise format_validation_error(exc, source) from None
+    for i, model in enumerate(space.models):
+        if not model.path.is_dir():
+            raise ConfigError(f"model directory {model.path} does not exist", file=source, field=f"models.{i}")
+    if space.base_model and not space.base_model.path.is_dir():
+        raise ConfigError(f"model directory {space.base_model.path} does not exist", file=source, field="base_model")
+    for i, path in enumerate(space.eval.include_paths):
+        if not path.exists():
+            raise ConfigError(f"{path} does not exist", file=source, field=f"eval.include_paths.{i}")
+    return space.model_copy(update={"source_text": text})
+
+
+def load_space(path: Path) -> SearchSpace:
+    path = Path(path)
+    data = load_yaml_file(path)
+    space = parse_space(data, base_dir=path.parent.resolve(), source=path, text=path.read_text())
+    return space.model_copy(update={"source_path": path.resolve()})

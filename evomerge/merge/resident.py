@@ -1,0 +1,121 @@
+"""Resident sources and in-place candidates: a search trial costs a merge, not a reload.
+
+`ResidentSources` reads every source tensor once, casts it to the math dtype and keeps it on the
+math device (the GPU when there is one). `materialize` then writes each output tensor of a plan
+straight into the parameters of one resident model object, which lm-eval scores as is. No file
+is written or read per candidate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+
+from evomerge.errors import CompatibilityError
+from evomerge.io.model_dir import ModelDir
+from evomerge.merge.engine import compute_recipe
+from evomerge.merge.plan import MergePlan
+
+
+class ResidentSources:
+    """Every tensor of every source model, loaded once, in `dtype` on `device`."""
+
+    def __init__(
+        self,
+        models: Mapping[str, Path | ModelDir],
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        tensor_names: Iterable[str] | None = None,
+        allow_pickle: bool = False,
+    ):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        for name, model in models.items():
+            model_dir = model if isinstance(model, ModelDir) else ModelDir(model, allow_pickle=allow_pickle)
+            wanted = list(tensor_names) if tensor_names is not None else list(model_dir.tensors)
+            self.tensors[name] = {
+                tensor: model_dir.get(tensor).to(device=self.device, dtype=dtype) for tensor in wanted
+            }
+            model_dir.close()
+
+    def get(self, model: str, tensor: str) -> torch.Tensor:
+        return self.tensors[model][tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for model in self.tensors.values() for t in model.values())
+
+
+def target_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors of a loaded model by checkpoint name (parameters and persistent buffers)."""
+    return dict(model.state_dict(keep_vars=True))
+
+
+def check_target(plan: MergePlan, target: Mapping[str, torch.Tensor]) -> None:
+    """Fail early if the resident model cannot take the plan's tensors in place."""
+    for recipe in plan.tensors:
+        param = target.get(recipe.name)
+        if param is None:
+            raise CompatibilityError(
+                f"the loaded model has no parameter named {recipe.name}: in-memory merging needs the "
+                "checkpoint's tensor names to match the model's parameter names"
+            )
+        if tuple(param.shape) != tuple(recipe.shape):
+            raise CompatibilityError(f"{recipe.name}: model parameter {tuple(param.shape)} vs plan {recipe.shape}")
+
+
+@torch.no_grad()
+def materialize(plan: MergePlan, sources: ResidentSources, target: Mapping[str, torch.Tensor]) -> None:
+    """Write every output tensor of `plan` into `target` in place (same values as a disk merge)."""
+    for recipe in plan.tensors:
+        inputs = [sources.get(model, tensor) for model, tensor in recipe.inputs]
+        merged = compute_recipe(recipe, inputs, math_dtype=plan.math_dtype, seed=plan.seed)
+        destination = target[recipe.name]
+        destination.data.copy_(merged)
+
+
+@torch.no_grad()
+def load_into(target: Mapping[str, torch.Tensor], sources: ResidentSources, model: str) -> None:
+    """Make the resident model an exact copy of one source model (for reference scores)."""
+    for name, tensor in sources.tensors[model].items():
+        if name in target:
+            target[name].data.copy_(tensor)
+
+
+def check_finite(target: Mapping[str, torch.Tensor], names: Iterable[str]) -> None:
+    for name in names:
+        tensor = target[name]
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise FloatingPointError(f"merged weights contain NaN or Inf (first in {name})")
+
+
+def weights_hash(tensors: Mapping[str, torch.Tensor], names: Iterable[str] | None = None) -> str:
+    """xxh3-128 of the tensors' names, dtypes, shapes and bytes, in name order.
+
+    The same weights give the same hash whether they sit in a resident model (CPU or GPU) or in
+    an exported checkpoint, which is how `export` proves it wrote the model that was scored.
+    """
+    import xxhash
+
+    digest = xxhash.xxh3_128()
+    for name in sorted(names if names is not None else tensors):
+        tensor = tensors[name].detach()
+        digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}\n".encode())
+        data = tensor.to("cpu").contiguous().reshape(-1)
+        if data.numel():
+            digest.update(memoryview(data.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def checkpoint_hash(path: Path, names: Iterable[str] | None = None) -> str:
+    """weights_hash of a checkpoint directory on disk."""
+    model = ModelDir(path)
+    try:
+        wanted = list(names) if names is not None else list(model.tensors)
+        return weights_hash({name: model.get(name) for name in wanted}, wanted)
+    finally:
+        model.close()

@@ -1,0 +1,386 @@
+"""Genome <-> MergePlan: what the optuna study searches and how a trial becomes a merge.
+
+The genome is a *static* set of named parameters (every trial suggests all of them), which is
+what CMA-ES and NSGA-II need. Layers are cut into contiguous groups (`layer_granularity`); each
+group has a method gene (or one method for the whole model) and, per tensor filter set, one
+weight / density / gamma / epsilon gene per fine-tune plus t and lambda genes. Embeddings and
+the final norm + lm_head have gene sets of their own. Names read like `g1.mlp.add.weight`, so
+a trial is legible in optuna-dashboard.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from evomerge.config.mergekit_yaml import ConditionalParameter, InputSlice, MergeConfig, OutputSlice, dump_yaml
+from evomerge.config.space import GENOME_METHODS, SearchSpace
+from evomerge.errors import CompatibilityError, ConfigError
+from evomerge.io.model_dir import ModelDir
+from evomerge.merge.layout import LayerLayout, split_layers
+from evomerge.merge.methods import get_method
+from evomerge.merge.plan import DTYPE_NAMES, MergePlan, TensorRecipe
+
+CATCH_ALL = "all"
+# Preference order for expressing "one parent alone" or "a uniform mix" exactly.
+_EXACT_METHODS = ("task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "della_linear", "della", "slerp")
+
+
+@dataclass(frozen=True)
+class Block:
+    """A set of tensors that share genes: a layer group, the embeddings or the head."""
+
+    name: str  # "g0", "g1", ..., "emb", "head"
+    method_gene: str | None  # the gene holding this block's method (None: fixed)
+
+
+class Genome:
+    def __init__(self, space: SearchSpace, models: Mapping[str, ModelDir] | None = None):
+        self.space = space
+        spec = space.genome
+        self.finetunes = [m.name for m in space.models]
+        self.base = space.base_model.name if space.base_model else None
+        paths = {m.name: m.path for m in space.models}
+        if space.base_model:
+            paths[space.base_model.name] = space.base_model.path
+        self.paths = paths
+        self.models = dict(models) if models else {name: ModelDir(path, allow_pickle=space.allow_pickle) for name, path in paths.items()}
+        self._check_compatible()
+        donor = self.base or self.finetunes[0]
+        self.layout: LayerLayout = split_layers(self.models[donor].tensors, source=str(paths[donor]))
+        layers = self.layout.num_layers
+        granularity = spec.layer_granularity or layers or 1
+        if layers and layers % granularity:
+            raise ConfigError(
+                f"{granularity} does not divide the {layers} layers of the models",
+                file=space.source_path,
+                field="genome.layer_granularity",
+            )
+        self.granularity = granularity
+        self.num_groups = max(1, layers // granularity) if layers else 1
+        self.filter_sets = [f for f in spec.filters] + [CATCH_ALL]
+        self.methods = list(spec.methods)
+        if len(self.methods) == 1:
+            method_gene = lambda block: None  # noqa: E731
+        elif spec.method_per_group:
+            method_gene = lambda block: f"{block}.method"  # noqa: E731
+        else:
+            method_gene = lambda block: "method"  # noqa: E731
+        self.blocks = [Block(f"g{i}", method_gene(f"g{i}")) for i in range(self.num_groups)]
+        self._method_of_block = {b.name: b.method_gene for b in self.blocks}
+        if spec.embeddings:
+            self._method_of_block["emb"] = self.blocks[0].method_gene
+        if spec.head:
+            self._method_of_block["head"] = self.blocks[-1].method_gene
+        self._per_model = sorted({p for m in self.methods for p in GENOME_METHODS[m][0]})
+        self._global = sorted({p for m in self.methods for p in GENOME_METHODS[m][1]})
+
+    # -- the search space ---------------------------------------------------------------------
+    def _gene_sets(self) -> list[tuple[str, str]]:
+        """(block, filter set) pairs that carry their own parameter genes."""
+        sets = [(b.name, f) for b in self.blocks for f in self.filter_sets]
+        if self.space.genome.embeddings:
+            sets.append(("emb", CATCH_ALL))
+        if self.space.genome.head:
+            sets.append(("head", CATCH_ALL))
+        return sets
+
+    def distributions(self) -> dict[str, Any]:
+        """optuna distributions of every gene, in a stable order."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+        genes: dict[str, Any] = {}
+        for gene in dict.fromkeys(g for g in self._method_of_block.values() if g):
+            genes[gene] = CategoricalDistribution(self.methods)
+        for block, filt in self._gene_sets():
+            for param in self._per_model:
+                bounds = self.space.genome.gene_range(param)
+                if isinstance(bounds, tuple):
+                    for model in self.finetunes:
+                        genes[f"{block}.{filt}.{model}.{param}"] = FloatDistribution(*bounds)
+            for param in self._global:
+                bounds = self.space.genome.gene_range(param)
+                if isinstance(bounds, tuple):
+                    genes[f"{block}.{filt}.{param}"] = FloatDistribution(*bounds)
+        return genes
+
+    def suggest(self, trial) -> dict[str, Any]:
+        """Ask an optuna trial for every gene (optuna records them as the trial's params)."""
+        params = {}
+        for name, distribution in self.distributions().items():
+            if hasattr(distribution, "choices"):
+                params[name] = trial.suggest_categorical(name, distribution.choices)
+            else:
+                params[name] = trial.suggest_float(name, distribution.low, distribution.high)
+        return params
+
+    # -- seeds for the study --------------------------------------------------------------------
+    def _exact_method(self) -> str | None:
+        return next((m for m in _EXACT_METHODS if m in self.methods), None)
+
+    def _clip(self, name: str, value: float) -> float:
+        bounds = self.space.genome.gene_range(name)
+        return min(max(value, bounds[0]), bounds[1]) if isinstance(bounds, tuple) else value
+
+    def _fill(self, method: str, weights: Mapping[str, float], t: float) -> dict[str, Any]:
+        params: dict[str, Any] = {}
+        for name, distribution in self.distributions().items():
+            if hasattr(distribution, "choices"):
+                params[name] = method
+                continue
+            parts = name.split(".")
+            param = parts[-1]
+            if param == "weight":
+                value = weights[parts[-2]]
+            elif param in ("density", "lambda"):
+                value = 1.0
+            elif param == "t":
+                value = t
+            elif param == "gamma":
+                value = 0.0
+            else:  # epsilon: irrelevant at density 1
+                value = distribution.low
+            params[name] = self._clip(param, value)
+        return params
+
+    def parent_params(self, model: str) -> dict[str, Any] | None:
+        """A genome that reproduces one fine-tune alone (None if the space cannot express it)."""
+        method = self._exact_method()
+        if method is None:
+            return None
+        return self._fill(method, {m: 1.0 if m == model else 0.0 for m in self.finetunes}, t=1.0)
+
+    def uniform_params(self) -> dict[str, Any] | None:
+        """The plain average of the fine-tunes (a model soup)."""
+        method = next((m for m in ("task_arithmetic", "linear", "ties", "dare_linear") if m in self.methods), None)
+        if method is None:
+            return None
+        share = 1.0 / len(self.finetunes)
+        return self._fill(method, {m: share for m in self.finetunes}, t=0.5)
+
+    # -- decoding -------------------------------------------------------------------------------
+    def _value(self, params: Mapping[str, Any], name: str, param: str) -> float:
+        fixed = self.space.genome.gene_range(param)
+        return float(params[name]) if isinstance(fixed, tuple) else float(fixed)
+
+    def _block_of(self, tensor: str) -> tuple[str, int | None]:
+        if tensor in self.layout.pre:
+            return ("emb" if self.space.genome.embeddings else "g0"), None
+        if tensor in self.layout.post:
+            return ("head" if self.space.genome.head else f"g{self.num_groups - 1}"), None
+        index = int(tensor[len(self.layout.prefix) + 1 :].split(".", 1)[0])
+        return f"g{index // self.granularity}", index
+
+    def _filter_of(self, block: str, tensor: str) -> str:
+        if block in ("emb", "head"):
+            return CATCH_ALL
+        return next((f for f in self.filter_sets[:-1] if f in tensor), CATCH_ALL)
+
+    def method_of(self, params: Mapping[str, Any], block: str) -> str:
+        gene = self._method_of_block.get(block)
+        return params[gene] if gene else self.methods[0]
+
+    def block_params(self, params: Mapping[str, Any], block: str, filt: str) -> tuple[str, dict[str, dict[str, float]], dict[str, float]]:
+        """(method, per-fine-tune params, global params) of one gene set."""
+        method = self.method_of(params, block)
+        model_names, global_names = GENOME_METHODS[method]
+        per_model = {
+            model: {p: self._value(params, f"{block}.{filt}.{model}.{p}", p) for p in model_names}
+            for model in self.finetunes
+        }
+        global_params = {p: self._value(params, f"{block}.{filt}.{p}", p) for p in global_names}
+        if self.space.genome.normalize is not None and "normalize" in get_method(method).global_params:
+            global_params["normalize"] = self.space.genome.normalize
+        return method, per_model, global_params
+
+    def _sources(self, params: Mapping[str, Any], method: str, block: str) -> tuple[list[str], int | None]:
+        """The models a block merges, in order, and the base's index.
+
+        slerp takes two models: the base and the fine-tune with the largest catch-all weight gene
+        of the layer group (embeddings follow the first group, the head the last), because a
+        mergekit slice has one list of sources for all its tensors.
+        """
+        if method == "linear":
+            return list(self.finetunes), None
+        if method == "slerp":
+            group = "g0" if block == "emb" else f"g{self.num_groups - 1}" if block == "head" else block
+            _, weights, _ = self._as_method(params, group, "slerp")
+            chosen = max(self.finetunes, key=lambda m: (weights[m]["weight"], -self.finetunes.index(m)))
+            return [self.base, chosen], 0
+        return [self.base, *self.finetunes], 0
+
+    def plan(self, params: Mapping[str, Any], *, seed: int | None = None, metadata: Mapping[str, Any] | None = None) -> MergePlan:
+        """The MergePlan of one trial's genome."""
+        donor = self.base or self.finetunes[0]
+        tensors = self.models[donor].tensors
+        recipes = []
+        for tensor in self._tensor_order():
+            block, _ = self._block_of(tensor)
+            method, per_model, global_params = self.block_params(params, block, self._filter_of(block, tensor))
+            sources, base_index = self._sources(params, method, block)
+            model_params = tuple(
+                {} if index == base_index else dict(per_model[name]) for index, name in enumerate(sources)
+            )
+            if method == "slerp":
+                model_params = ({}, {})
+            recipes.append(
+                TensorRecipe(
+                    name=tensor,
+                    method=method,
+                    inputs=tuple((name, tensor) for name in sources),
+                    base_index=base_index,
+                    model_params=model_params,
+                    global_params=global_params,
+                    shape=tensors[tensor].shape,
+                )
+            )
+        dtype = DTYPE_NAMES[self.space.dtype]
+        return MergePlan(
+            models=dict(self.paths),
+            tensors=tuple(recipes),
+            math_dtype=dtype,
+            out_dtype=dtype,
+            config_donor=donor,
+            tokenizer_donor=donor,
+            num_hidden_layers=self.layout.num_layers,
+            seed=self.space.search.merge_seed if seed is None else seed,
+            recipe_yaml=self.to_yaml(params),
+            metadata=dict(metadata or {}),
+        )
+
+    def _tensor_order(self) -> list[str]:
+        layers = [self.layout.layer_tensor(i, s) for i, suffixes in self.layout.layers.items() for s in suffixes]
+        return [*self.layout.pre, *layers, *self.layout.post]
+
+    # -- mergekit YAML ----------------------------------------------------------------------------
+    def to_yaml(self, params: Mapping[str, Any]) -> str:
+        """A mergekit-compatible YAML that reproduces the plan of `params`.
+
+        One method everywhere: a single `slices:` config (one slice per layer group, filter lists
+        for the tensor sets, embedding and head genes as filters on the first/last slice).
+        Several methods: a `mergekit-multi` file, one full merge per method, then a passthrough
+        that takes each group's layers from the part merged with its method.
+        """
+        methods_used = list(dict.fromkeys(self.method_of(params, b) for b in self._all_blocks()))
+        documents = []
+        if len(methods_used) == 1:
+            documents.append(self._config_for(params, methods_used[0], name=None))
+        else:
+            for method in methods_used:
+                documents.append(self._config_for(params, method, name=f"part-{method}"))
+            slices = []
+            for index, block in enumerate(self.blocks):
+                start = index * self.granularity
+                part = f"part-{self.method_of(params, block.name)}"
+                slices.append({"sources": [{"model": part, "layer_range": [start, start + self.granularity]}]})
+            documents.append({"merge_method": "passthrough", "slices": slices, "dtype": self.space.dtype})
+            # embeddings come from the first slice's part and the head from the last, which use
+            # the methods of the first and last groups: the same as the plan.
+        header = (
+            "# Made by evomerge from a search genome. "
+            + ("Run with mergekit-yaml or evomerge merge.\n" if len(documents) == 1 else "Run with mergekit-multi or evomerge merge.\n")
+            + f"# DARE/DELLA masks: evomerge seed {self.space.search.merge_seed} (mergekit draws its own).\n"
+        )
+        return header + "---\n".join(dump_yaml(doc) for doc in documents)
+
+    def _all_blocks(self) -> list[str]:
+        names = [b.name for b in self.blocks]
+        if self.space.genome.embeddings:
+            names.append("emb")
+        if self.space.genome.head:
+            names.append("head")
+        return names
+
+    def _config_for(self, params: Mapping[str, Any], method: str, *, name: str | None) -> dict:
+        """One mergekit config merging every layer with `method` (genes of each group)."""
+        slices = []
+        for index, block in enumerate(self.blocks):
+            start = index * self.granularity
+            # In a multi-part file, groups merged by another method still need valid parameters in
+            # this part (their layers are not used): their genes are read as if for this method.
+            extras = []
+            if index == 0 and self.space.genome.embeddings:
+                extras.append(("emb", "embed_tokens"))
+            if index == len(self.blocks) - 1 and self.space.genome.head:
+                extras += [("head", "lm_head"), ("head", "model.norm")]
+            sources, base_index = self._sources(params, method, block.name)
+            source_entries = []
+            for position, model in enumerate(sources):
+                entry: dict[str, Any] = {"model": str(self.paths[model]), "layer_range": [start, start + self.granularity]}
+                if position != base_index:
+                    entry_params = {}
+                    for param in GENOME_METHODS[method][0]:
+                        if method == "slerp":
+                            break
+                        conditions = []
+                        for block_name, filt in extras:
+                            value = self._as_method(params, block_name, method, filt=CATCH_ALL)[1][model][param]
+                            conditions.append({"filter": filt, "value": value})
+                        for filt in self.filter_sets:
+                            value = self._as_method(params, block.name, method, filt=filt)[1][model][param]
+                            conditions.append({"filter": None if filt == CATCH_ALL else filt, "value": value})
+                        entry_params[param] = _collapse(conditions)
+                    if entry_params:
+                        entry["parameters"] = entry_params
+                source_entries.append(entry)
+            slice_params = {}
+            for param in GENOME_METHODS[method][1]:
+                conditions = []
+                for block_name, filt in extras:
+                    conditions.append({"filter": filt, "value": self._as_method(params, block_name, method)[2][param]})
+                for filt in self.filter_sets:
+                    value = self._as_method(params, block.name, method, filt=filt)[2][param]
+                    conditions.append({"filter": None if filt == CATCH_ALL else filt, "value": value})
+                slice_params[param] = _collapse(conditions)
+            out_slice: dict[str, Any] = {"sources": source_entries}
+            if slice_params:
+                out_slice["parameters"] = slice_params
+            slices.append(out_slice)
+        config: dict[str, Any] = {}
+        if name:
+            config["name"] = name
+        config["merge_method"] = method
+        if method != "linear" and self.base:
+            config["base_model"] = str(self.paths[self.base])
+        config["slices"] = slices
+        if self.space.genome.normalize is not None and "normalize" in get_method(method).global_params:
+            config["parameters"] = {"normalize": self.space.genome.normalize}
+        config["dtype"] = self.space.dtype
+        return config
+
+    def _as_method(self, params, block, method, filt=CATCH_ALL):
+        """Gene values of a set, read as if the block used `method`."""
+        forced = dict(params)
+        gene = self._method_of_block.get(block)
+        if gene:
+            forced[gene] = method
+        elif method != self.methods[0]:
+            raise ValueError(f"{method} is not this genome's method")
+        return self.block_params(forced, block, filt)
+
+    def _check_compatible(self) -> None:
+        reference_name = self.base or self.finetunes[0]
+        reference = self.models[reference_name]
+        for name, model in self.models.items():
+            if model.architecture != reference.architecture:
+                raise CompatibilityError(
+                    f"{model.path}: architecture {model.architecture} differs from {reference_name}'s {reference.architecture}"
+                )
+            if model.tensors.keys() != reference.tensors.keys():
+                diff = sorted(set(model.tensors) ^ set(reference.tensors))
+                raise CompatibilityError(f"{model.path}: tensor names differ from {reference_name}'s (e.g. {diff[:3]})")
+            for tensor, info in model.tensors.items():
+                if info.shape != reference.tensors[tensor].shape:
+                    raise CompatibilityError(
+                        f"{model.path}: {tensor} has shape {list(info.shape)}, {reference_name} has "
+                        f"{list(reference.tensors[tensor].shape)}"
+                    )
+
+
+def _collapse(conditions: list[dict[str, Any]]) -> Any:
+    """A filter list, or a plain value when every entry agrees."""
+    values = {c["value"] for c in conditions}
+    if len(values) == 1:
+        return conditions[0]["value"]
+    return conditions
