@@ -1,0 +1,13 @@
+"""The trial store: evomerge's own tables beside the optuna study, in the same database."""
+
+from evomerge.store.trial_store import (
+    COMPLETE,
+    FAILED,
+    RUNNING,
+    SPLITS,
+    StudyInfo,
+    TrialRecord,
+    TrialStore,
+)
+
+__all__ = ["COMPLETE", "FAILED", "RUNNING", "SPLITS", "StudyInfo", "TrialRecord", "TrialStore"]

@@ -1,0 +1,107 @@
+"""The evomerge tables, kept in the same database as the optuna study.
+
+Every table name starts with `evomerge_`, so ours never collide with optuna's (`studies`,
+`trials`, ...) and `metadata.create_all` never touches theirs. There are no foreign keys to
+optuna's tables, or between ours: a trial row can be written before its study row, and a driver
+that crashed half-way never leaves the store unwritable.
+
+Objective values are kept as a JSON list in which NaN is written `null` (PostgreSQL's JSON does
+not accept NaN); a single score is a nullable float, NULL meaning NaN.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+# A fixed naming convention makes constraint names identical on every database, so a later
+# migration can name what it alters.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+_json = JSON().with_variant(JSONB(), "postgresql")
+_study_name = String(512)  # as long as optuna's study_name column
+_short = String(255)
+
+studies_table = Table(
+    "evomerge_studies",
+    metadata,
+    Column("study", _study_name, primary_key=True),
+    Column("space_yaml", Text, nullable=False),
+    Column("space_path", Text, nullable=False),
+    Column("directions", _json, nullable=False),  # ["maximize", "minimize", ...]
+    Column("objective_names", _json, nullable=False),
+    Column("objective_weights", _json, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+trials_table = Table(
+    "evomerge_trials",
+    metadata,
+    Column("study", _study_name, primary_key=True),
+    Column("number", Integer, primary_key=True, autoincrement=False),  # optuna trial number
+    Column("status", String(16), nullable=False),  # running | complete | failed
+    Column("genome", _json, nullable=False),
+    Column("plan_yaml", Text, nullable=False, default=""),
+    Column("objective_values", _json, nullable=True),  # list[float | None]; None is NaN
+    Column("merge_seconds", Float, nullable=True),
+    Column("eval_seconds", Float, nullable=True),
+    Column("device", _short, nullable=True),
+    Column("weights_hash", String(128), nullable=True),
+    Column("failure", Text, nullable=True),
+    Column("worker", _short, nullable=True),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Index(None, "study", "status"),
+)
+
+scores_table = Table(
+    "evomerge_scores",
+    metadata,
+    Column("study", _study_name, primary_key=True),
+    Column("number", Integer, primary_key=True, autoincrement=False),
+    Column("split", String(32), primary_key=True),  # search | selection
+    Column("task", _short, primary_key=True),
+    Column("metric", _short, primary_key=True),
+    Column("value", Float, nullable=True),  # NULL is NaN
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Index(None, "study", "split"),
+)
+
+references_table = Table(
+    "evomerge_references",
+    metadata,
+    Column("study", _study_name, primary_key=True),
+    Column("name", _short, primary_key=True),  # e.g. "base", "parent:math-7b"
+    Column("path", Text, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+)
+
+reference_scores_table = Table(
+    "evomerge_reference_scores",
+    metadata,
+    Column("study", _study_name, primary_key=True),
+    Column("name", _short, primary_key=True),
+    Column("split", String(32), primary_key=True),
+    Column("task", _short, primary_key=True),
+    Column("metric", _short, primary_key=True),
+    Column("value", Float, nullable=True),  # NULL is NaN
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+)

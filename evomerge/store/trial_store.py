@@ -1,0 +1,569 @@
+"""TrialStore: what optuna does not keep about a trial, in the study's own database.
+
+Optuna keeps params and objective values; we also keep the merge plan (as mergekit YAML), every
+lm-eval score on every split, timings, the device, the merged weights' hash and why a trial
+failed, plus the space file and the reference models, so `front` and `export` can rebuild
+everything from the database alone.
+
+Concurrency: every public write is one short transaction that commits before the method returns,
+so a worker killed with SIGKILL never loses a trial it had reported. All writes are upserts, so
+retrying one (after a lock timeout, or from a restarted driver) is harmless. On SQLite, writes
+take the write lock up front (`BEGIN IMMEDIATE`) and wait on a busy timeout instead of failing
+with "database is locked"; the journal mode is left as optuna and the user set it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from sqlalchemy import Connection, Engine, Table, create_engine, event, inspect, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from evomerge.store.tables import (
+    metadata,
+    reference_scores_table,
+    references_table,
+    scores_table,
+    studies_table,
+    trials_table,
+)
+
+RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
+STATUSES = (RUNNING, COMPLETE, FAILED)
+SPLITS = ("search", "selection")
+DIRECTIONS = ("maximize", "minimize")
+
+_SQLITE_BUSY_SECONDS = 120.0  # how long a SQLite writer waits for the lock before giving up
+_WRITE_ATTEMPTS = 5  # a write that still meets a lock/deadlock error is retried this many times
+_FAILURE_CHARS = 2000  # failure reasons are one line, at most this long
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    study: str
+    number: int  # optuna trial number
+    status: str  # "running" | "complete" | "failed"
+    genome: dict[str, Any]  # optuna params of the trial
+    plan_yaml: str  # mergekit-compatible YAML reproducing the merge ("" while unknown)
+    values: list[float] | None  # objective values told to optuna (None unless complete)
+    merge_seconds: float | None
+    eval_seconds: float | None
+    device: str | None
+    weights_hash: str | None
+    failure: str | None  # one-line reason when failed
+    worker: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    study: str
+    space_yaml: str  # the space file's text as given
+    space_path: str
+    directions: list[str]
+    objective_names: list[str]
+    objective_weights: list[float]
+    created_at: datetime
+    updated_at: datetime
+
+
+class TrialStore:
+    """The evomerge tables beside an optuna study, at any SQLAlchemy URL.
+
+    >>> store = TrialStore("sqlite:///study.db")      # same URL as optuna's storage
+    >>> store.start_trial("s", 0, {"t": 0.5}, worker="w0")
+    >>> store.finish_trial("s", 0, values=[0.61], plan_yaml=..., merge_seconds=1.2, ...)
+    """
+
+    def __init__(self, url: str, *, echo: bool = False):
+        self._url = str(url)
+        self._engine = _make_engine(self._url, echo=echo)
+        # Same pool; the option makes the SQLite begin hook take the write lock up front.
+        self._writer = self._engine.execution_options(evomerge_write=True)
+        self._ensure_tables()
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def __repr__(self) -> str:
+        return f"TrialStore({make_url(self._url).render_as_string(hide_password=True)!r})"
+
+    def close(self) -> None:
+        """Return the pooled connections; the store must not be used afterwards."""
+        self._engine.dispose()
+
+    def __enter__(self) -> TrialStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- studies
+
+    def save_study(
+        self,
+        study: str,
+        *,
+        space_yaml: str,
+        space_path: str,
+        directions: list[str],
+        objective_names: list[str],
+        objective_weights: list[float],
+    ) -> None:
+        """Insert or replace the study's description; `created_at` survives a replace."""
+        directions = [_direction(d) for d in directions]
+        weights = [float(w) for w in objective_weights]
+        if not len(directions) == len(objective_names) == len(weights):
+            raise ValueError(
+                f"study {study!r}: {len(directions)} directions, {len(objective_names)} "
+                f"objective names and {len(weights)} weights; give one of each per objective"
+            )
+        now = _utcnow()
+        row = {
+            "study": study,
+            "space_yaml": space_yaml,
+            "space_path": str(space_path),
+            "directions": directions,
+            "objective_names": [str(n) for n in objective_names],
+            "objective_weights": weights,
+            "created_at": now,
+            "updated_at": now,
+        }
+        self._write(lambda conn: _upsert(conn, studies_table, [row], keep=("created_at",)))
+
+    def study_info(self, study: str) -> StudyInfo | None:
+        t = studies_table
+        with self._engine.connect() as conn:
+            row = conn.execute(select(t).where(t.c.study == study)).mappings().first()
+        if row is None:
+            return None
+        return StudyInfo(
+            study=row["study"],
+            space_yaml=row["space_yaml"],
+            space_path=row["space_path"],
+            directions=list(row["directions"]),
+            objective_names=list(row["objective_names"]),
+            objective_weights=[float(w) for w in row["objective_weights"]],
+            created_at=_as_utc(row["created_at"]),
+            updated_at=_as_utc(row["updated_at"]),
+        )
+
+    def studies(self) -> list[str]:
+        """Every study with a saved description or at least one trial, sorted by name."""
+        with self._engine.connect() as conn:
+            described = conn.execute(select(studies_table.c.study)).scalars().all()
+            with_trials = conn.execute(select(trials_table.c.study).distinct()).scalars().all()
+        return sorted({*described, *with_trials})
+
+    # ----------------------------------------------------------------- trials
+
+    def start_trial(
+        self, study: str, number: int, genome: dict, *, worker: str | None = None
+    ) -> None:
+        """Record a trial as running. Starting a number again resets its row."""
+        row = _blank_trial(study, number) | {
+            "status": RUNNING,
+            "genome": _jsonable(genome, where=f"trial {number} genome"),
+            "worker": worker,
+            "started_at": _utcnow(),
+        }
+        self._write(lambda conn: _upsert(conn, trials_table, [row]))
+
+    def finish_trial(
+        self,
+        study: str,
+        number: int,
+        *,
+        values: list[float],
+        plan_yaml: str,
+        merge_seconds: float,
+        eval_seconds: float,
+        device: str,
+        weights_hash: str,
+    ) -> None:
+        """Record a trial as complete. Works even if `start_trial` was never called."""
+        row = _blank_trial(study, number) | {
+            "status": COMPLETE,
+            "plan_yaml": plan_yaml,
+            "objective_values": _encode_values([_float(v) for v in values]),
+            "merge_seconds": _float(merge_seconds),
+            "eval_seconds": _float(eval_seconds),
+            "device": device,
+            "weights_hash": weights_hash,
+            "finished_at": _utcnow(),
+        }
+        keep = ("genome", "worker", "started_at")
+        self._write(lambda conn: _upsert(conn, trials_table, [row], keep=keep))
+
+    def fail_trial(
+        self,
+        study: str,
+        number: int,
+        failure: str,
+        *,
+        plan_yaml: str = "",
+        merge_seconds: float | None = None,
+        eval_seconds: float | None = None,
+        device: str | None = None,
+    ) -> None:
+        """Record a trial as failed with a one-line reason (newlines are folded, long text cut)."""
+        row = _blank_trial(study, number) | {
+            "status": FAILED,
+            "plan_yaml": plan_yaml,
+            "merge_seconds": _optional_float(merge_seconds),
+            "eval_seconds": _optional_float(eval_seconds),
+            "device": device,
+            "failure": _one_line(failure),
+            "finished_at": _utcnow(),
+        }
+        keep = ("genome", "worker", "started_at")
+        self._write(lambda conn: _upsert(conn, trials_table, [row], keep=keep))
+
+    def fail_running(self, study: str, reason: str, *, worker: str | None = None) -> list[int]:
+        """Mark every running trial of `study` failed (of one `worker` only, if given).
+
+        A restarted driver calls this: the trials it had in flight will never report back.
+        Returns the numbers of the trials it marked, ascending.
+        """
+        t = trials_table
+        where = [t.c.study == study, t.c.status == RUNNING]
+        if worker is not None:
+            where.append(t.c.worker == worker)
+        stmt = update(t).where(*where).values(
+            status=FAILED, failure=_one_line(reason), finished_at=_utcnow(), objective_values=None
+        )
+
+        def mark(conn: Connection) -> list[int]:
+            if conn.dialect.update_returning:
+                return list(conn.execute(stmt.returning(t.c.number)).scalars())
+            numbers = list(conn.execute(select(t.c.number).where(*where)).scalars())
+            conn.execute(stmt)  # same transaction, write lock held: the same rows
+            return numbers
+
+        return sorted(self._write(mark))
+
+    def trials(self, study: str, *, status: str | None = None) -> list[TrialRecord]:
+        t = trials_table
+        stmt = select(t).where(t.c.study == study).order_by(t.c.number)
+        if status is not None:
+            stmt = stmt.where(t.c.status == _status(status))
+        with self._engine.connect() as conn:
+            rows = conn.execute(stmt).mappings().all()
+        return [_trial_record(row) for row in rows]
+
+    def trial(self, study: str, number: int) -> TrialRecord | None:
+        t = trials_table
+        stmt = select(t).where(t.c.study == study, t.c.number == number)
+        with self._engine.connect() as conn:
+            row = conn.execute(stmt).mappings().first()
+        return None if row is None else _trial_record(row)
+
+    # ----------------------------------------------------------------- scores
+
+    def record_scores(
+        self, study: str, number: int, split: str, scores: Mapping[str, Mapping[str, float]]
+    ) -> None:
+        """One row per (task, metric); scoring the same trial and split again replaces them."""
+        now = _utcnow()
+        base = {"study": study, "number": number, "split": _split(split), "recorded_at": now}
+        rows = [base | {"task": task, "metric": metric, "value": value}
+                for task, metric, value in _score_rows(scores)]
+        if rows:
+            self._write(lambda conn: _upsert(conn, scores_table, rows))
+
+    def scores(self, study: str, split: str) -> dict[int, dict[str, dict[str, float]]]:
+        """number -> task -> metric -> value, numbers ascending; NaN where a score was NaN."""
+        t = scores_table
+        stmt = (
+            select(t.c.number, t.c.task, t.c.metric, t.c.value)
+            .where(t.c.study == study, t.c.split == _split(split))
+            .order_by(t.c.number, t.c.task, t.c.metric)
+        )
+        with self._engine.connect() as conn:
+            rows = conn.execute(stmt).all()
+        return _nest(rows)
+
+    def record_reference(
+        self,
+        study: str,
+        name: str,
+        path: str,
+        split: str,
+        scores: Mapping[str, Mapping[str, float]],
+    ) -> None:
+        """Scores of a parent or base model, kept as a reference point beside the trials."""
+        now = _utcnow()
+        model = {"study": study, "name": name, "path": str(path), "recorded_at": now}
+        base = {"study": study, "name": name, "split": _split(split), "recorded_at": now}
+        rows = [base | {"task": task, "metric": metric, "value": value}
+                for task, metric, value in _score_rows(scores)]
+
+        def write(conn: Connection) -> None:
+            _upsert(conn, references_table, [model])
+            if rows:
+                _upsert(conn, reference_scores_table, rows)
+
+        self._write(write)
+
+    def references(self, study: str, split: str) -> dict[str, dict[str, dict[str, float]]]:
+        """name -> task -> metric -> value, names ascending."""
+        t = reference_scores_table
+        stmt = (
+            select(t.c.name, t.c.task, t.c.metric, t.c.value)
+            .where(t.c.study == study, t.c.split == _split(split))
+            .order_by(t.c.name, t.c.task, t.c.metric)
+        )
+        with self._engine.connect() as conn:
+            rows = conn.execute(stmt).all()
+        return _nest(rows)
+
+    def reference_paths(self, study: str) -> dict[str, str]:
+        t = references_table
+        stmt = select(t.c.name, t.c.path).where(t.c.study == study).order_by(t.c.name)
+        with self._engine.connect() as conn:
+            return {name: path for name, path in conn.execute(stmt)}
+
+    # --------------------------------------------------------------- plumbing
+
+    def _write(self, work: Callable[[Connection], _T]) -> _T:
+        """Run `work` in one committed transaction, retrying on lock timeouts and deadlocks."""
+        for attempt in range(1, _WRITE_ATTEMPTS + 1):
+            try:
+                with self._writer.begin() as conn:
+                    return work(conn)
+            except OperationalError as error:
+                if attempt == _WRITE_ATTEMPTS or not _is_contention(error):
+                    raise
+                time.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _ensure_tables(self) -> None:
+        with self._engine.connect() as conn:
+            existing = set(inspect(conn).get_table_names())
+        if {t.name for t in metadata.sorted_tables} <= existing:
+            return  # nothing to create: a read-only database file works too
+        for attempt in range(1, _WRITE_ATTEMPTS + 1):
+            try:
+                with self._writer.begin() as conn:
+                    metadata.create_all(conn)  # checkfirst, so idempotent
+                return
+            except DBAPIError:
+                # Another process created the same tables between our check and our CREATE
+                # (PostgreSQL reports that as a duplicate pg_type row); look again.
+                if attempt == _WRITE_ATTEMPTS:
+                    raise
+                time.sleep(0.05 * 2**attempt)
+
+
+# -------------------------------------------------------------------- engine
+
+
+def _make_engine(url: str, *, echo: bool) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(parsed, echo=echo, pool_pre_ping=True)
+
+    engine = create_engine(parsed, echo=echo, connect_args={"timeout": _SQLITE_BUSY_SECONDS})
+
+    # pysqlite's own transaction handling starts transactions late and cannot take the write
+    # lock up front; hand BEGIN over to SQLAlchemy (the recipe from SQLAlchemy's SQLite docs).
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # IMMEDIATE: a writer waits for the lock on BEGIN (under the busy timeout) rather than
+        # failing half-way when it upgrades a read lock that another writer wants too.
+        write = conn.get_execution_options().get("evomerge_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+def _is_contention(error: OperationalError) -> bool:
+    text = str(error.orig).lower()
+    return any(word in text for word in ("locked", "busy", "deadlock", "serializ"))
+
+
+def _upsert(
+    conn: Connection, table: Table, rows: list[dict[str, Any]], keep: Iterable[str] = ()
+) -> None:
+    """Insert `rows`; where the primary key exists, overwrite every column except `keep`."""
+    key = [c.name for c in table.primary_key.columns]
+    rows = sorted(rows, key=lambda r: tuple(r[k] for k in key))  # one lock order: no deadlocks
+    replace = [c for c in rows[0] if c not in key and c not in set(keep)]
+    dialect = conn.dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        stmt = insert(table)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=key, set_={c: stmt.excluded[c] for c in replace}
+        )
+        conn.execute(stmt, rows)
+        return
+    # Any other database: update, and insert what was not there (same transaction).
+    for row in rows:
+        match = [table.c[k] == row[k] for k in key]
+        changed = conn.execute(update(table).where(*match).values({c: row[c] for c in replace}))
+        if changed.rowcount == 0:
+            conn.execute(table.insert().values(row))
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _as_utc(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    if moment.tzinfo is None:  # SQLite keeps no zone; we only ever write UTC
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+def _float(value: Any) -> float:
+    """Any real number (numpy scalars included) as a float; None counts as NaN."""
+    return math.nan if value is None else float(value)
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _encode_values(values: Sequence[float]) -> list[float | str | None]:
+    # JSON (PostgreSQL's especially) has no NaN or infinity; perplexity can be infinite.
+    encoded: list[float | str | None] = []
+    for v in values:
+        if math.isnan(v):
+            encoded.append(None)
+        elif math.isinf(v):
+            encoded.append("inf" if v > 0 else "-inf")
+        else:
+            encoded.append(v)
+    return encoded
+
+
+def _decode_values(encoded: Sequence[Any] | None) -> list[float] | None:
+    if encoded is None:
+        return None
+    return [math.nan if v is None else float(v) for v in encoded]
+
+
+def _score_rows(scores: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, float | None]]:
+    rows = []
+    for task, metrics in scores.items():
+        for metric, value in metrics.items():
+            try:
+                number = _float(value)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"score {task}/{metric} = {value!r} is not a number; pass floats (NaN is fine)"
+                ) from None
+            rows.append((str(task), str(metric), None if math.isnan(number) else number))
+    return rows
+
+
+def _nest(rows: Iterable[tuple[Any, str, str, float | None]]) -> dict:
+    nested: dict = {}
+    for outer, task, metric, value in rows:
+        nested.setdefault(outer, {}).setdefault(task, {})[metric] = (
+            math.nan if value is None else float(value)
+        )
+    return nested
+
+
+def _jsonable(value: Any, *, where: str) -> Any:
+    """`value` with numpy scalars/arrays and tuples turned into plain JSON types."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, where=f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, where=where) for v in value]
+    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
+        return _jsonable(value.tolist(), where=where)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: {value} cannot be stored as JSON; give a finite number")
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    raise TypeError(f"{where}: {type(value).__name__} is not JSON-serialisable; give str/int/float")
+
+
+def _one_line(text: str) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= _FAILURE_CHARS else line[: _FAILURE_CHARS - 1] + "…"
+
+
+def _direction(direction: Any) -> str:
+    # Also accepts optuna's StudyDirection (its name is MAXIMIZE / MINIMIZE).
+    name = str(getattr(direction, "name", direction)).lower()
+    if name not in DIRECTIONS:
+        raise ValueError(f"direction {direction!r}: use 'maximize' or 'minimize'")
+    return name
+
+
+def _status(status: str) -> str:
+    if status not in STATUSES:
+        raise ValueError(f"status {status!r}: use one of {', '.join(STATUSES)}")
+    return status
+
+
+def _split(split: str) -> str:
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r}: use one of {', '.join(SPLITS)}")
+    return split
+
+
+def _blank_trial(study: str, number: int) -> dict[str, Any]:
+    """Every trial column, cleared: a written row never keeps stale values from an earlier run."""
+    return {
+        "study": study,
+        "number": int(number),
+        "status": RUNNING,
+        "genome": {},
+        "plan_yaml": "",
+        "objective_values": None,
+        "merge_seconds": None,
+        "eval_seconds": None,
+        "device": None,
+        "weights_hash": None,
+        "failure": None,
+        "worker": None,
+        "started_at": None,
+        "finished_at": None,
+    }
+
+
+def _trial_record(row: Mapping[str, Any]) -> TrialRecord:
+    status = row["status"]
+    return TrialRecord(
+        study=row["study"],
+        number=int(row["number"]),
+        status=status,
+        genome=dict(row["genome"] or {}),
+        plan_yaml=row["plan_yaml"] or "",
+        values=_decode_values(row["objective_values"]) if status == COMPLETE else None,
+        merge_seconds=row["merge_seconds"],
+        eval_seconds=row["eval_seconds"],
+        device=row["device"],
+        weights_hash=row["weights_hash"],
+        failure=row["failure"],
+        worker=row["worker"],
+        started_at=_as_utc(row["started_at"]),
+        finished_at=_as_utc(row["finished_at"]),
+    )
