@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/evomerge demo run
+	$(VENV)/bin/evomerge demo search
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

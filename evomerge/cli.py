@@ -121,13 +121,28 @@ def merge(
 
 @app.command()
 def validate(
-    config: Annotated[Path, typer.Argument(help="A mergekit-style merge YAML.")],
+    config: Annotated[Path, typer.Argument(help="A mergekit-style merge YAML, or a search space file.")],
     allow_crimes: Annotated[bool, typer.Option("--allow-crimes", help="Allow different architectures.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Also read pytorch_model*.bin.")] = False,
+    schema_only: Annotated[
+        bool, typer.Option("--schema-only", help="Space files: check fields only, not that model/task paths exist.")
+    ] = False,
 ) -> None:
-    """Check a merge YAML and the models it names (paths, architectures, shapes, parameters) without merging."""
-    from evomerge.config.mergekit_yaml import load_merge_config
+    """Check a merge YAML or a space file and the models it names, without merging or searching."""
+    from evomerge.config.mergekit_yaml import load_merge_config, load_yaml_file
+    from evomerge.config.space import is_space_file, load_space
     from evomerge.merge.planner import plan_merge
+
+    if is_space_file(load_yaml_file(config)):
+        space = load_space(config, check_paths=not schema_only)
+        detail = f"{len(space.models)} models, {len(space.objectives)} objectives, sampler {space.search.sampler}"
+        if not schema_only:
+            from evomerge.search.genome import Genome
+
+            genome = Genome(space)
+            detail += f", {len(genome.distributions())} genes over {genome.num_groups} layer groups"
+        typer.echo(f"{config}: ok (search space: {detail}; study '{space.study_name}' in {space.storage_url})")
+        return
 
     plan = plan_merge(load_merge_config(config), config_path=config, allow_crimes=allow_crimes, allow_pickle=allow_pickle)
     typer.echo(
@@ -163,18 +178,19 @@ def demo_build(
     typer.echo(f"demo family in {family.root}: base + {', '.join(family.finetunes)}")
 
 
-@demo_app.command("run")
-def demo_run(
-    models_dir: Annotated[Path, typer.Option(help="Demo family directory (built if missing).")] = Path("demo_models"),
-    config: Annotated[Path, typer.Option(help="The one-shot merge recipe to apply.")] = Path("search_spaces/demo_merge.yml"),
-    out_dir: Annotated[Path, typer.Option(help="Where to write the merged checkpoint.")] = Path("runs/demo_merge"),
-    results: Annotated[Path, typer.Option(help="Where to write the score table (markdown).")] = Path("results/demo_merge.md"),
+@demo_app.command("search")
+def demo_search(
+    models_dir: Annotated[Path, typer.Option(help="Demo family directory (built first if missing).")] = Path("demo_models"),
+    space_file: Annotated[Path, typer.Option("--space", help="The demo search space.")] = Path("search_spaces/demo.yml"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
-    """The main job for now: build the demo family, merge it with a recipe, score every model."""
-    from evomerge.demo_job import run_demo_merge
+    """The main job: build the demo family if needed, then run the demo search to completion."""
+    from evomerge.demo import build_demo_family
 
     _offline_env()
-    run_demo_merge(models_dir=models_dir, config=config, out_dir=out_dir, results=results)
+    family = build_demo_family(models_dir, progress=not quiet)
+    typer.echo(f"demo family in {family.root}: base + {', '.join(family.finetunes)}")
+    cli_search.run(space_file, quiet=quiet)
 
 
 _offline_env = cli_search._offline_env

@@ -251,10 +251,15 @@ class SearchSpace(_Strict):
 
     @property
     def storage_url(self) -> str:
-        if self.search.storage:
-            return self.search.storage
+        """The study database. Relative SQLite paths resolve against the space file's folder."""
         folder = self.source_path.parent if self.source_path else Path.cwd()
-        return f"sqlite:///{(folder / f'{self.study_name}.db').resolve()}"
+        url = self.search.storage
+        if not url:
+            return f"sqlite:///{(folder / f'{self.study_name}.db').resolve()}"
+        prefix = "sqlite:///"
+        if url.startswith(prefix) and not url[len(prefix):].startswith("/") and url[len(prefix):] not in ("", ":memory:"):
+            return f"{prefix}{(folder / url[len(prefix):]).resolve()}"
+        return url
 
     @property
     def multi_objective(self) -> bool:
@@ -272,7 +277,9 @@ class SearchSpace(_Strict):
 _MODEL_FIELDS = ("models", "base_model")
 
 
-def parse_space(data: Any, *, base_dir: Path, source: object = "space", text: str = "") -> SearchSpace:
+def parse_space(
+    data: Any, *, base_dir: Path, source: object = "space", text: str = "", check_paths: bool = True
+) -> SearchSpace:
     if not isinstance(data, dict):
         raise ConfigError("expected a mapping with models, objectives and search", file=source)
     data = dict(data)
@@ -300,6 +307,8 @@ def parse_space(data: Any, *, base_dir: Path, source: object = "space", text: st
         space = SearchSpace.model_validate(data)
     except ValidationError as exc:
         raise format_validation_error(exc, source) from None
+    if not check_paths:
+        return space.model_copy(update={"source_text": text})
     for i, model in enumerate(space.models):
         if not model.path.is_dir():
             raise ConfigError(f"model directory {model.path} does not exist", file=source, field=f"models.{i}")
@@ -311,8 +320,13 @@ def parse_space(data: Any, *, base_dir: Path, source: object = "space", text: st
     return space.model_copy(update={"source_text": text})
 
 
-def load_space(path: Path) -> SearchSpace:
+def is_space_file(data: Any) -> bool:
+    return isinstance(data, dict) and ("objectives" in data or "search" in data) and "merge_method" not in data
+
+
+def load_space(path: Path, *, check_paths: bool = True) -> SearchSpace:
+    """Load and validate a space file; check_paths=False validates a space whose models live elsewhere."""
     path = Path(path)
     data = load_yaml_file(path)
-    space = parse_space(data, base_dir=path.parent.resolve(), source=path, text=path.read_text())
+    space = parse_space(data, base_dir=path.parent.resolve(), source=path, text=path.read_text(), check_paths=check_paths)
     return space.model_copy(update={"source_path": path.resolve()})

@@ -1,0 +1,173 @@
+"""`evomerge run | front | export | dashboard`: the search service's commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from evomerge.errors import EvomergeError
+
+STUDY_HELP = "A space file (space.yml), or a study name together with --storage."
+
+
+def run(
+    space_file: Annotated[Path, typer.Argument(help="The search space YAML (models, genome, objectives, search).")],
+    n_trials: Annotated[Optional[int], typer.Option(help="Total finished trials for the study (overrides search.n_trials).")] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="Stop starting new trials after this many seconds.")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the study database (overrides search.storage).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Where candidates are merged and scored: auto, cpu, cuda, cuda:N.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Sampler seed (overrides search.seed).")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show optuna and lm-eval logs.")] = False,
+) -> None:
+    """Run (or resume) an evolutionary merge search; ends with the Pareto front and next steps."""
+    from rich.console import Console
+
+    from evomerge.config.space import load_space
+    from evomerge.search.report import front_table, parents_beaten
+    from evomerge.search.runner import run_search
+
+    _offline_env()
+    space = load_space(space_file)
+    updates = {}
+    if storage:
+        updates["storage"] = storage
+    if seed is not None:
+        updates["seed"] = seed
+    if updates:
+        space = space.model_copy(update={"search": space.search.model_copy(update=updates)})
+    if device:
+        space = space.model_copy(update={"device": device})
+    console = Console()
+    console.print(f"study [bold]{space.study_name}[/] in {space.storage_url}")
+    summary = run_search(space, n_trials=n_trials, timeout=timeout, progress=not quiet, verbose=verbose)
+    for note in summary.notes:
+        console.print(f"[yellow]{note}[/]")
+    console.print(front_table(summary.objective_names, summary.front, summary.references, best=summary.best,
+                              title=f"Pareto front of {summary.study_name} ({summary.n_complete} complete, {summary.n_failed} failed, {summary.seconds:.0f}s)"))
+    parents = [m.name for m in space.models]
+    winners = parents_beaten(summary.front, summary.references, parents)
+    if winners:
+        console.print(f"{len(winners)} merge(s) beat every parent on the mean over objectives.")
+    if summary.best is not None:
+        target = f"{space.source_path or space_file}"
+        console.print("\nnext:")
+        console.print(f"  evomerge front {target} --plot results/{space.study_name}_front.png")
+        console.print(f"  evomerge export {target} exports/{space.study_name}-best        # trial {summary.best.number}, hash-verified")
+        console.print(f"  evomerge dashboard {target}")
+
+
+def front(
+    study: Annotated[str, typer.Argument(help=STUDY_HELP)],
+    storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the study database.")] = None,
+    top: Annotated[int, typer.Option(help="Also list the N best trials by weighted search score.")] = 10,
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG (and an HTML page beside it) of the front.")] = None,
+) -> None:
+    """Show the Pareto front (parents as reference rows) and the top trials of a study."""
+    from rich.console import Console
+
+    from evomerge.search.catalog import load_study_space
+    from evomerge.search.report import front_table
+    from evomerge.search.runner import FrontRow, compute_front, objective_values, pick_best, reference_rows, scalarize
+    from evomerge.store.trial_store import TrialStore
+
+    space = load_study_space(study, storage)
+    store = TrialStore(space.storage_url)
+    if store.study_info(space.study_name) is None:
+        raise EvomergeError(f"no study '{space.study_name}' in {space.storage_url} yet: run `evomerge run` first")
+    rows = compute_front(space, store)
+    refs = reference_rows(space, store)
+    best = pick_best(space, rows)
+    names = [o.label for o in space.objectives]
+    console = Console()
+    console.print(front_table(names, rows, refs, best=best, title=f"Pareto front of {space.study_name}"))
+    scores = store.scores(space.study_name, "search")
+    ranked = []
+    for record in store.trials(space.study_name, status="complete"):
+        try:
+            values = objective_values(space, scores.get(record.number, {}))
+        except KeyError:
+            continue
+        ranked.append(FrontRow(f"trial {record.number}", record.number, values, None, record.weights_hash))
+    ranked.sort(key=lambda r: scalarize(space, r.search), reverse=True)
+    if top and ranked:
+        console.print(front_table(names, ranked[:top], [], title=f"Top {min(top, len(ranked))} trials by weighted search score"))
+    failed = store.trials(space.study_name, status="failed")
+    if failed:
+        console.print(f"{len(failed)} failed trial(s), e.g. trial {failed[-1].number}: {failed[-1].failure}")
+    if plot is not None:
+        from evomerge.search.plot import plot_front
+
+        all_points = [(r.number, r.search) for r in ranked]
+        written = plot_front(
+            plot,
+            objective_names=names,
+            trials=all_points,
+            front=[r.number for r in rows],
+            references={r.label: r.search for r in refs},
+            title=f"{space.study_name}: Pareto front",
+        )
+        for path in written:
+            console.print(f"wrote {path}")
+
+
+def export(
+    study: Annotated[str, typer.Argument(help=STUDY_HELP)],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")],
+    trial: Annotated[Optional[int], typer.Option(help="Trial number (default: the best by held-out weighted score).")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the study database.")] = None,
+    device: Annotated[str, typer.Option(help="Where to run the merge (use the device kind the trial was scored on).")] = "cpu",
+    out_shard_size: Annotated[str, typer.Option(help="Maximum bytes per safetensors shard.")] = "5B",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT_DIR if it is not empty.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the weights-hash check.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Export a trial as a HF checkpoint + mergekit YAML + model card, verified against the scored weights."""
+    from evomerge.export import export_trial
+    from evomerge.io.safetensors_io import parse_size
+    from evomerge.search.catalog import load_study_space
+
+    space = load_study_space(study, storage)
+    report = export_trial(
+        space, out_dir, trial=trial, device=device, max_shard_bytes=parse_size(out_shard_size),
+        verify=not no_verify, overwrite=overwrite, progress=not quiet,
+    )
+    check = f"weights hash {report.weights_hash[:16]} matches the scored model" if report.verified else "not verified"
+    typer.echo(f"exported trial {report.trial} to {report.out_dir} ({check})")
+
+
+def dashboard(
+    study: Annotated[str, typer.Argument(help=STUDY_HELP)],
+    storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the study database.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 exposes it).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8080,
+) -> None:
+    """Serve optuna-dashboard over the study's database (Ctrl-C to stop)."""
+    from evomerge.search.catalog import load_study_space
+
+    space = load_study_space(study, storage)
+    executable = Path(sys.executable).with_name("optuna-dashboard")
+    command = [str(executable) if executable.exists() else "optuna-dashboard", space.storage_url, "--host", host, "--port", str(port)]
+    typer.echo(f"optuna-dashboard on http://{host}:{port}/ (study '{space.study_name}'); Ctrl-C to stop")
+    try:
+        raise SystemExit(subprocess.call(command))
+    except KeyboardInterrupt:
+        raise SystemExit(0) from None
+
+
+def _offline_env() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(run)
+    app.command()(front)
+    app.command()(export)
+    app.command()(dashboard)

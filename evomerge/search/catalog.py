@@ -1,0 +1,41 @@
+"""Find a study from what the user typed: a space file, or a study name plus a storage URL."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from evomerge.config.space import SearchSpace, load_space, parse_space
+from evomerge.errors import EvomergeError
+
+
+def load_study_space(study_or_space: str | Path, storage: str | None = None) -> SearchSpace:
+    """The SearchSpace of a study: from its space file, or rebuilt from the copy in the database."""
+    path = Path(study_or_space)
+    if path.suffix in (".yml", ".yaml") or path.is_file():
+        space = load_space(path)
+        if storage:
+            space = space.model_copy(update={"search": space.search.model_copy(update={"storage": storage})})
+        return space
+    if not storage:
+        raise EvomergeError(
+            f"'{study_or_space}' is not a space file; to open a study by name pass --storage URL "
+            "(e.g. sqlite:///path/demo.db)"
+        )
+    from evomerge.store.trial_store import TrialStore
+
+    store = TrialStore(storage)
+    info = store.study_info(str(study_or_space))
+    if info is None:
+        known = ", ".join(store.studies()) or "none"
+        raise EvomergeError(f"no study named '{study_or_space}' in {storage} (studies there: {known})")
+    import yaml
+
+    base_dir = Path(info.space_path).parent if info.space_path else Path.cwd()
+    space = parse_space(yaml.safe_load(info.space_yaml), base_dir=base_dir, source=info.space_path or "stored space", text=info.space_yaml)
+    search = space.search.model_copy(update={"storage": storage, "study_name": str(study_or_space)})
+    return space.model_copy(update={"search": search, "source_path": Path(info.space_path) if info.space_path else None})
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"

@@ -1,0 +1,411 @@
+"""The search loop: ask optuna for a genome, merge it in place, score it, store it, tell optuna.
+
+Guarantees: a trial that fails (NaN weights, lm-eval error, out of memory, anything) is recorded
+with its reason and the study goes on; a completed trial is in the store before optuna is told,
+so killing the process at any moment loses nothing that finished; running the same command again
+resumes the study (trials left running by a dead driver are failed with a reason and retried
+once). Search and selection are kept apart: the front's members are re-scored on held-out
+selection tasks before anything is called best.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from evomerge.config.space import SearchSpace
+from evomerge.errors import EvomergeError
+from evomerge.search.pareto import pareto_front, weighted_score
+from evomerge.store.trial_store import TrialStore
+
+log = logging.getLogger("evomerge.search")
+
+Scores = Mapping[str, Mapping[str, float]]
+
+
+def metric_value(scores: Scores, task: str, metric: str) -> float:
+    if task not in scores:
+        raise KeyError(f"lm-eval returned no results for task '{task}' (got: {', '.join(scores) or 'nothing'})")
+    metrics = scores[task]
+    if metric not in metrics:
+        numeric = [m for m in metrics if "stderr" not in m]
+        raise KeyError(f"task '{task}' has no metric '{metric}' (it reports: {', '.join(numeric)})")
+    return float(metrics[metric])
+
+
+def objective_values(space: SearchSpace, scores: Scores, *, split: str = "search") -> list[float]:
+    """Per-objective raw values (search tasks, or selection tasks when split='selection')."""
+    values = []
+    for objective in space.objectives:
+        task = objective.task if split == "search" else objective.selection_task
+        values.append(metric_value(scores, task, objective.metric) if task else math.nan)
+    return values
+
+
+def scalarize(space: SearchSpace, values: Sequence[float]) -> float:
+    """Weighted sum of objective values, minimize objectives negated (larger is better)."""
+    return weighted_score(values, [o.direction for o in space.objectives], [o.weight for o in space.objectives])
+
+
+def told_values(space: SearchSpace, values: Sequence[float]) -> list[float]:
+    """What optuna is told: every objective (multi-objective) or their weighted sum."""
+    return list(values) if space.multi_objective else [scalarize(space, values)]
+
+
+@dataclass
+class FrontRow:
+    label: str  # "trial 12" or a reference model's name
+    number: int | None  # trial number (None for references)
+    search: list[float]
+    selection: list[float] | None
+    weights_hash: str | None = None
+
+    def mean(self, which: str = "search") -> float:
+        values = self.search if which == "search" else self.selection
+        if not values:
+            return math.nan
+        return sum(values) / len(values)
+
+
+@dataclass
+class SearchSummary:
+    study_name: str
+    storage_url: str
+    objective_names: list[str]
+    n_complete: int
+    n_failed: int
+    front: list[FrontRow]
+    references: list[FrontRow]
+    best: FrontRow | None
+    seconds: float
+    space_path: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _optuna_storage(url: str):
+    import optuna
+
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+
+
+def open_study(space: SearchSpace, *, sampler=None):
+    """Create or load the study (same database as the trial store)."""
+    import optuna
+
+    from evomerge.search.samplers import make_sampler
+
+    storage = _optuna_storage(space.storage_url)
+    study = optuna.create_study(
+        study_name=space.study_name,
+        storage=storage,
+        directions=space.directions,
+        sampler=sampler or make_sampler(space),
+        load_if_exists=True,
+    )
+    if list(study.directions) and [d.name.lower() for d in study.directions] != space.directions:
+        raise EvomergeError(
+            f"study '{space.study_name}' in {space.storage_url} was created with directions "
+            f"{[d.name.lower() for d in study.directions]}, this space needs {space.directions}: "
+            "set search.study_name to start a new study"
+        )
+    return study
+
+
+def recover_interrupted(study, store: TrialStore, space: SearchSpace) -> list[str]:
+    """Trials a dead driver left RUNNING: keep the finished ones, fail and retry the rest once."""
+    from optuna.trial import TrialState
+
+    notes = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        record = store.trial(space.study_name, trial.number)
+        if record is not None and record.status == "complete" and record.values:
+            study.tell(trial.number, record.values)
+            notes.append(f"trial {trial.number}: finished before the interruption, kept")
+            continue
+        study.tell(trial.number, state=TrialState.FAIL)
+        reason = "interrupted: the search process stopped before this trial finished"
+        if record is None:
+            store.start_trial(space.study_name, trial.number, dict(trial.params))
+        store.fail_trial(space.study_name, trial.number, reason)
+        if trial.user_attrs.get("retry_of") is None and trial.params:
+            study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+            notes.append(f"trial {trial.number}: interrupted, failed and queued again")
+        else:
+            notes.append(f"trial {trial.number}: interrupted again, failed")
+    return notes
+
+
+def enqueue_seeds(study, space: SearchSpace, genome) -> int:
+    """Fresh studies start from each parent alone and the uniform mix (the front's reference points)."""
+    if study.get_trials(deepcopy=False):
+        return 0
+    seeds = []
+    if "parents" in space.search.enqueue:
+        for model in genome.finetunes:
+            params = genome.parent_params(model)
+            if params is not None:
+                seeds.append((params, {"seed": f"parent:{model}"}))
+    if "uniform" in space.search.enqueue:
+        params = genome.uniform_params()
+        if params is not None:
+            seeds.append((params, {"seed": "uniform"}))
+    for params, attrs in seeds:
+        study.enqueue_trial(params, user_attrs=attrs)
+    return len(seeds)
+
+
+def _short(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:500]
+
+
+class _Progress:
+    """One progress bar: trials done/total, best so far, front size, ETA."""
+
+    def __init__(self, total: int | None, enabled: bool, done: int):
+        self.enabled = enabled
+        self._progress = None
+        if not enabled:
+            return
+        import sys
+
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("search"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("best {task.fields[best]}  front {task.fields[front]}  failed {task.fields[failed]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True, force_terminal=sys.stderr.isatty()),
+            transient=False,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("search", total=total, completed=done, best="-", front=0, failed=0)
+
+    def update(self, *, advance: int = 0, **fields) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, advance=advance, **fields)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
+def _finished_count(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)))
+
+
+def compute_front(space: SearchSpace, store: TrialStore) -> list[FrontRow]:
+    """The Pareto front of completed trials over the per-objective search values (one row per distinct model)."""
+    search_scores = store.scores(space.study_name, "search")
+    selection_scores = store.scores(space.study_name, "selection")
+    rows: list[FrontRow] = []
+    seen_hashes: set[str] = set()
+    for record in store.trials(space.study_name, status="complete"):
+        scores = search_scores.get(record.number)
+        if not scores:
+            continue
+        if record.weights_hash and record.weights_hash in seen_hashes:
+            continue  # the same merged model twice (a retried or re-enqueued genome)
+        try:
+            values = objective_values(space, scores)
+        except KeyError:
+            continue
+        if any(math.isnan(v) for v in values):
+            continue
+        if record.weights_hash:
+            seen_hashes.add(record.weights_hash)
+        selection = None
+        if record.number in selection_scores:
+            try:
+                selection = objective_values(space, selection_scores[record.number], split="selection")
+            except KeyError:
+                selection = None
+        rows.append(FrontRow(f"trial {record.number}", record.number, values, selection, record.weights_hash))
+    directions = [o.direction for o in space.objectives]
+    keep = pareto_front([r.search for r in rows], directions)
+    front = [rows[i] for i in keep]
+    front.sort(key=lambda r: scalarize(space, r.search), reverse=True)
+    return front
+
+
+def reference_rows(space: SearchSpace, store: TrialStore) -> list[FrontRow]:
+    search = store.references(space.study_name, "search")
+    selection = store.references(space.study_name, "selection")
+    rows = []
+    for name, scores in search.items():
+        try:
+            values = objective_values(space, scores)
+        except KeyError:
+            continue
+        chosen = None
+        if name in selection:
+            try:
+                chosen = objective_values(space, selection[name], split="selection")
+            except KeyError:
+                chosen = None
+        rows.append(FrontRow(name, None, values, chosen))
+    return rows
+
+
+def pick_best(space: SearchSpace, front: Sequence[FrontRow]) -> FrontRow | None:
+    """Best by the weighted selection score when finalists were re-scored, else by the search score."""
+    if not front:
+        return None
+    scored = [r for r in front if r.selection and not any(math.isnan(v) for v in r.selection)]
+    if scored:
+        return max(scored, key=lambda r: scalarize(space, r.selection))
+    return max(front, key=lambda r: scalarize(space, r.search))
+
+
+def run_search(
+    space: SearchSpace,
+    *,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+    worker=None,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+) -> SearchSummary:
+    """Run (or resume) the study described by `space` until n_trials trials have finished."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from evomerge.search.worker import CandidateWorker
+
+    if not verbose:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    from evomerge.search.genome import Genome
+
+    started = time.monotonic()
+    total = n_trials or space.search.n_trials
+    limit = timeout or space.search.timeout
+    genome = worker.genome if worker is not None else Genome(space)  # validates grouping and compatibility
+    worker = worker or CandidateWorker(space, verbose=verbose, genome=genome)  # checks tasks, loads sources
+    store = TrialStore(space.storage_url)
+    study = open_study(space)
+    objective_names = [o.label for o in space.objectives]
+    store.save_study(
+        space.study_name,
+        space_yaml=space.source_text,
+        space_path=str(space.source_path or ""),
+        directions=[o.direction for o in space.objectives],
+        objective_names=objective_names,
+        objective_weights=[o.weight for o in space.objectives],
+    )
+    with warnings.catch_warnings():  # "experimental" since optuna 3.2; what the dashboard labels axes with
+        warnings.simplefilter("ignore")
+        study.set_metric_names(objective_names if space.multi_objective else ["weighted score"])
+    notes = recover_interrupted(study, store, space)
+    enqueue_seeds(study, space, worker.genome)
+
+    # Reference points: the base and every parent as they are.
+    known = store.references(space.study_name, "search")
+    for name in [*( [worker.genome.base] if worker.genome.base else []), *worker.genome.finetunes]:
+        if name not in known:
+            store.record_reference(
+                space.study_name, name, str(worker.genome.paths[name]), "search", worker.score_reference(name, "search")
+            )
+
+    bar = _Progress(total, progress, _finished_count(study))
+    best_so_far = -math.inf
+    try:
+        while True:
+            finished = _finished_count(study)
+            if total is not None and finished >= total:
+                break
+            if limit is not None and time.monotonic() - started > limit:
+                notes.append(f"stopped by the {limit:.0f}s timeout")
+                break
+            asked = time.perf_counter()
+            trial = study.ask()
+            params = worker.genome.suggest(trial)
+            store.start_trial(space.study_name, trial.number, params, worker=getattr(worker, "name", None))
+            try:
+                result = worker.evaluate(params, "search")
+                values = objective_values(space, result.scores)
+                if any(math.isnan(v) for v in values):
+                    raise FloatingPointError(f"an objective is NaN: {values}")
+            except Exception as error:  # any failure fails the trial, never the study
+                reason = _short(error)
+                log.warning("trial %d failed: %s", trial.number, reason)
+                store.fail_trial(space.study_name, trial.number, reason)
+                trial.set_user_attr("failure", reason)
+                study.tell(trial, state=TrialState.FAIL)
+                bar.update(advance=1, failed=len(store.trials(space.study_name, status="failed")))
+                continue
+            told = told_values(space, values)
+            store.record_scores(space.study_name, trial.number, "search", result.scores)
+            store.finish_trial(
+                space.study_name,
+                trial.number,
+                values=told,
+                plan_yaml=result.plan_yaml,
+                merge_seconds=result.merge_seconds,
+                eval_seconds=result.eval_seconds,
+                device=result.device,
+                weights_hash=result.weights_hash,
+            )
+            for name, value in zip(objective_names, values):
+                trial.set_user_attr(f"search/{name}", value)
+            trial.set_user_attr("weights_hash", result.weights_hash)
+            trial.set_user_attr("merge_seconds", round(result.merge_seconds, 4))
+            trial.set_user_attr("eval_seconds", round(result.eval_seconds, 4))
+            study.tell(trial, told)
+            if on_trial is not None:
+                on_trial({
+                    "number": trial.number, "wall_seconds": time.perf_counter() - asked, "values": values,
+                    "merge_seconds": result.merge_seconds, "eval_seconds": result.eval_seconds,
+                    "hash_seconds": result.extra.get("hash_seconds", 0.0),
+                })
+            best_so_far = max(best_so_far, scalarize(space, values))
+            bar.update(advance=1, best=f"{best_so_far:.3f}", front=len(compute_front(space, store)))
+    finally:
+        bar.close()
+
+    # Selection: re-score the best front members on held-out tasks before calling anything best.
+    front = compute_front(space, store)
+    if worker.selection_evaluator is not None:
+        known = store.references(space.study_name, "selection")
+        for name in [*([worker.genome.base] if worker.genome.base else []), *worker.genome.finetunes]:
+            if name not in known:
+                store.record_reference(
+                    space.study_name, name, str(worker.genome.paths[name]), "selection",
+                    worker.score_reference(name, "selection"),
+                )
+        for row in front[: space.search.finalists]:
+            if row.selection is None:
+                record = store.trial(space.study_name, row.number)
+                result = worker.evaluate(record.genome, "selection")
+                store.record_scores(space.study_name, row.number, "selection", result.scores)
+        front = compute_front(space, store)
+    best = pick_best(space, front)
+    if best is not None:
+        study.set_user_attr("evomerge_best_trial", best.number)
+    trials = store.trials(space.study_name)
+    return SearchSummary(
+        study_name=space.study_name,
+        storage_url=space.storage_url,
+        objective_names=objective_names,
+        n_complete=sum(t.status == "complete" for t in trials),
+        n_failed=sum(t.status == "failed" for t in trials),
+        front=front,
+        references=reference_rows(space, store),
+        best=best,
+        seconds=time.monotonic() - started,
+        space_path=str(space.source_path) if space.source_path else None,
+        notes=notes,
+    )

@@ -1,0 +1,157 @@
+"""A candidate worker: resident sources + one resident model + the evaluators.
+
+Everything expensive happens once in `__init__` (read the sources, load the model object, load
+the lm-eval tasks); each candidate then costs an in-place merge and an evaluation. The search
+loop only sees `evaluate(params)` and `score_reference(name)`, so a Ray actor can wrap the same
+class (see evomerge.workers) without the loop knowing.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from evomerge.config.space import SearchSpace
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.merge.plan import DTYPE_NAMES
+from evomerge.merge.resident import (
+    ResidentSources,
+    check_finite,
+    check_target,
+    load_into,
+    materialize,
+    target_parameters,
+    weights_hash,
+)
+from evomerge.search.genome import Genome
+
+Scores = dict[str, dict[str, float]]
+
+
+@dataclass
+class CandidateResult:
+    scores: Scores
+    merge_seconds: float
+    eval_seconds: float
+    weights_hash: str
+    device: str
+    plan_yaml: str
+    worker: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(requested: str) -> str:
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def describe_device(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
+
+
+def search_tasks(space: SearchSpace) -> list[str]:
+    return list(dict.fromkeys(o.task for o in space.objectives))
+
+
+def selection_tasks(space: SearchSpace) -> list[str]:
+    return list(dict.fromkeys(o.selection_task for o in space.objectives if o.selection_task))
+
+
+class CandidateWorker:
+    def __init__(self, space: SearchSpace, *, device: str | None = None, verbose: bool = False, genome: Genome | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.space = space
+        self.genome = genome or Genome(space)
+        self.device = resolve_device(device or space.device)
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise EvomergeError(f"device {self.device} requested but CUDA is not available on this machine; use device: cpu")
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        dtype = DTYPE_NAMES[space.dtype]
+        donor = self.genome.paths[self.genome.base or self.genome.finetunes[0]]
+        # Cheap checks first (tokenizer, task names), then the heavy loads.
+        self.tokenizer = AutoTokenizer.from_pretrained(donor, trust_remote_code=space.trust_remote_code)
+        self._make_evaluators(verbose)
+        self.sources = ResidentSources(self.genome.models, dtype=dtype, device=self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            donor, dtype=dtype, trust_remote_code=space.trust_remote_code, use_safetensors=not space.allow_pickle
+        ).to(self.device)
+        self.model.eval()
+        self.target = target_parameters(self.model)
+        check_target(self.genome.plan(self.genome.uniform_params() or self._any_params()), self.target)
+
+    def _make_evaluators(self, verbose: bool) -> None:
+        from evomerge.evaluate.harness import TaskEvaluator
+
+        space = self.space
+        evaluation = space.eval
+        common = dict(
+            include_paths=evaluation.include_paths,
+            tokenizer=self.tokenizer,
+            num_fewshot=evaluation.num_fewshot,
+            batch_size=evaluation.batch_size,
+            max_length=evaluation.max_length,
+            device=self.device,
+            apply_chat_template=evaluation.apply_chat_template,
+            seed=evaluation.seed,
+            model_args=evaluation.model_args,
+            verbose=verbose,
+        )
+        try:
+            self.search_evaluator = TaskEvaluator(search_tasks(space), limit=evaluation.limit, **common)
+            wanted = selection_tasks(space)
+            self.selection_evaluator = (
+                TaskEvaluator(wanted, limit=evaluation.selection_limit, **common) if wanted else None
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc), file=space.source_path, field="objectives") from None
+
+    def _any_params(self) -> dict[str, Any]:
+        return {
+            name: (d.choices[0] if hasattr(d, "choices") else d.low) for name, d in self.genome.distributions().items()
+        }
+
+    def _evaluator(self, split: str):
+        if split == "search":
+            return self.search_evaluator
+        if self.selection_evaluator is None:
+            raise ValueError("no objective has a selection_task")
+        return self.selection_evaluator
+
+    def evaluate(self, params: Mapping[str, Any], split: str = "search") -> CandidateResult:
+        """Merge the genome in place, hash it, score it. Raises on any failure (the caller fails the trial)."""
+        plan = self.genome.plan(params)
+        started = time.perf_counter()
+        materialize(plan, self.sources, self.target)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        merged = time.perf_counter()
+        check_finite(self.target, (r.name for r in plan.tensors))
+        digest = weights_hash(self.target, (r.name for r in plan.tensors))
+        hashed = time.perf_counter()
+        scores = self._evaluator(split).evaluate(self.model)
+        evaluated = time.perf_counter()
+        return CandidateResult(
+            scores=scores,
+            merge_seconds=merged - started,
+            eval_seconds=evaluated - hashed,
+            weights_hash=digest,
+            device=describe_device(self.device),
+            plan_yaml=plan.recipe_yaml,
+            worker=self.name,
+            extra={"hash_seconds": hashed - merged},
+        )
+
+    def score_reference(self, model: str, split: str = "search") -> Scores:
+        """Scores of one source model as it is (a parent or the base), via the resident copy."""
+        load_into(self.target, self.sources, model)
+        return self._evaluator(split).evaluate(self.model)
