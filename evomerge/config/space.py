@@ -187,6 +187,16 @@ class SearchSpec(_Strict):
         return self
 
 
+class RaySpec(_Strict):
+    """Where worker actors run when search.workers > 1 (or ray.address is set)."""
+
+    address: str | None = None  # an existing cluster ("ray://host:10001", "host:6379", "auto"); else RAY_ADDRESS; else local
+    num_cpus_per_worker: float = Field(1.0, gt=0)
+    num_gpus_per_worker: float | None = Field(None, ge=0)  # default: 1 when device is cuda, else 0
+    max_restarts: int = Field(3, ge=0)  # a dead actor (killed, out of memory) is restarted this many times
+    namespace: str = "evomerge"
+
+
 class SearchSpace(_Strict):
     models: list[ModelRef]
     base_model: ModelRef | None = None
@@ -198,6 +208,7 @@ class SearchSpace(_Strict):
     objectives: list[Objective]
     eval: EvalSpec = Field(default_factory=EvalSpec)
     search: SearchSpec
+    ray: RaySpec = Field(default_factory=RaySpec)
     # set by load_space, not by users
     source_path: Path | None = Field(None, exclude=True)
     source_text: str = Field("", exclude=True)

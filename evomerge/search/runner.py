@@ -270,6 +270,21 @@ def pick_best(space: SearchSpace, front: Sequence[FrontRow]) -> FrontRow | None:
     return max(front, key=lambda r: scalarize(space, r.search))
 
 
+def _evaluate_all(pool, jobs: Sequence[tuple[Any, Mapping[str, Any]]], split: str) -> dict[Any, Any]:
+    """Evaluate several genomes on `split`, up to pool.size at once; key -> outcome."""
+    pending = list(jobs)
+    running: dict[int, Any] = {}
+    outcomes = {}
+    while pending or running:
+        while pending and len(running) < pool.size and pool.can_submit():
+            key, params = pending.pop(0)
+            running[pool.submit(params, split)] = key
+        outcome = pool.wait_any()
+        if outcome is not None:
+            outcomes[running.pop(outcome.ticket)] = outcome
+    return outcomes
+
+
 def run_search(
     space: SearchSpace,
     *,
@@ -278,23 +293,44 @@ def run_search(
     progress: bool = True,
     verbose: bool = False,
     worker=None,
+    pool=None,
+    workers: int | None = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
 ) -> SearchSummary:
-    """Run (or resume) the study described by `space` until n_trials trials have finished."""
+    """Run (or resume) the study described by `space` until n_trials trials have finished.
+
+    `workers` (default: search.workers) candidates are evaluated at once: in this process for
+    one local worker, by Ray actors otherwise. Pass `pool` or `worker` to reuse loaded ones.
+    """
     import optuna
     from optuna.trial import TrialState
 
-    from evomerge.search.worker import CandidateWorker
+    from evomerge.search.genome import Genome
+    from evomerge.workers.pool import InProcessPool, make_pool
 
     if not verbose:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from evomerge.search.genome import Genome
-
     started = time.monotonic()
     total = n_trials or space.search.n_trials
     limit = timeout or space.search.timeout
-    genome = worker.genome if worker is not None else Genome(space)  # validates grouping and compatibility
-    worker = worker or CandidateWorker(space, verbose=verbose, genome=genome)  # checks tasks, loads sources
+    own_pool = pool is None and worker is None
+    if pool is None:
+        if worker is not None:
+            pool = InProcessPool(worker)
+        else:
+            genome = Genome(space)  # validates grouping and compatibility before any heavy work
+            pool = make_pool(space, workers=workers, verbose=verbose, genome=genome)  # checks tasks, loads sources
+    genome = pool.genome
+    try:
+        return _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
+    finally:
+        if own_pool:
+            pool.close()
+
+
+def _search_loop(space, pool, genome, total, limit, progress, on_trial, started) -> SearchSummary:
+    from optuna.trial import TrialState
+
     store = TrialStore(space.storage_url)
     study = open_study(space)
     objective_names = [o.label for o in space.objectives]
@@ -310,41 +346,56 @@ def run_search(
         warnings.simplefilter("ignore")
         study.set_metric_names(objective_names if space.multi_objective else ["weighted score"])
     notes = recover_interrupted(study, store, space)
-    enqueue_seeds(study, space, worker.genome)
+    enqueue_seeds(study, space, genome)
+    reference_models = [*([genome.base] if genome.base else []), *genome.finetunes]
 
     # Reference points: the base and every parent as they are.
     known = store.references(space.study_name, "search")
-    for name in [*( [worker.genome.base] if worker.genome.base else []), *worker.genome.finetunes]:
+    for name in reference_models:
         if name not in known:
-            store.record_reference(
-                space.study_name, name, str(worker.genome.paths[name]), "search", worker.score_reference(name, "search")
-            )
+            store.record_reference(space.study_name, name, str(genome.paths[name]), "search", pool.score_reference(name, "search"))
 
     bar = _Progress(total, progress, _finished_count(study))
     best_so_far = -math.inf
+    in_flight: dict[int, tuple[Any, dict[str, Any], float]] = {}
+    stopping = False
     try:
         while True:
-            finished = _finished_count(study)
-            if total is not None and finished >= total:
+            while not stopping and len(in_flight) < pool.size and pool.can_submit():
+                if total is not None and _finished_count(study) + len(in_flight) >= total:
+                    break
+                if limit is not None and time.monotonic() - started > limit:
+                    notes.append(f"stopped starting trials after the {limit:.0f}s timeout")
+                    stopping = True
+                    break
+                asked = time.perf_counter()
+                trial = study.ask()
+                params = genome.suggest(trial)
+                store.start_trial(space.study_name, trial.number, params, worker=getattr(pool, "name", None))
+                in_flight[pool.submit(params, "search")] = (trial, params, asked)
+            if not in_flight and not pool.recovering():
                 break
-            if limit is not None and time.monotonic() - started > limit:
-                notes.append(f"stopped by the {limit:.0f}s timeout")
-                break
-            asked = time.perf_counter()
-            trial = study.ask()
-            params = worker.genome.suggest(trial)
-            store.start_trial(space.study_name, trial.number, params, worker=getattr(worker, "name", None))
-            try:
-                result = worker.evaluate(params, "search")
-                values = objective_values(space, result.scores)
-                if any(math.isnan(v) for v in values):
-                    raise FloatingPointError(f"an objective is NaN: {values}")
-            except Exception as error:  # any failure fails the trial, never the study
+            outcome = pool.wait_any()
+            if outcome is None:  # a restarted worker is back; go and give it work
+                continue
+            trial, params, asked = in_flight.pop(outcome.ticket)
+            result, error = outcome.result, outcome.error
+            values: list[float] = []
+            if error is None:
+                try:
+                    values = objective_values(space, result.scores)
+                    if any(math.isnan(v) for v in values):
+                        raise FloatingPointError(f"an objective is NaN: {values}")
+                except Exception as problem:
+                    error = problem
+            if error is not None:  # any failure fails the trial, never the study
                 reason = _short(error)
                 log.warning("trial %d failed: %s", trial.number, reason)
                 store.fail_trial(space.study_name, trial.number, reason)
                 trial.set_user_attr("failure", reason)
                 study.tell(trial, state=TrialState.FAIL)
+                if outcome.worker_died and trial.user_attrs.get("retry_of") is None:
+                    study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
                 bar.update(advance=1, failed=len(store.trials(space.study_name, status="failed")))
                 continue
             told = told_values(space, values)
@@ -369,7 +420,7 @@ def run_search(
                 on_trial({
                     "number": trial.number, "wall_seconds": time.perf_counter() - asked, "values": values,
                     "merge_seconds": result.merge_seconds, "eval_seconds": result.eval_seconds,
-                    "hash_seconds": result.extra.get("hash_seconds", 0.0),
+                    "hash_seconds": result.extra.get("hash_seconds", 0.0), "worker": result.worker,
                 })
             best_so_far = max(best_so_far, scalarize(space, values))
             bar.update(advance=1, best=f"{best_so_far:.3f}", front=len(compute_front(space, store)))
@@ -378,19 +429,19 @@ def run_search(
 
     # Selection: re-score the best front members on held-out tasks before calling anything best.
     front = compute_front(space, store)
-    if worker.selection_evaluator is not None:
+    if pool.has_selection:
         known = store.references(space.study_name, "selection")
-        for name in [*([worker.genome.base] if worker.genome.base else []), *worker.genome.finetunes]:
+        for name in reference_models:
             if name not in known:
                 store.record_reference(
-                    space.study_name, name, str(worker.genome.paths[name]), "selection",
-                    worker.score_reference(name, "selection"),
+                    space.study_name, name, str(genome.paths[name]), "selection", pool.score_reference(name, "selection")
                 )
-        for row in front[: space.search.finalists]:
-            if row.selection is None:
-                record = store.trial(space.study_name, row.number)
-                result = worker.evaluate(record.genome, "selection")
-                store.record_scores(space.study_name, row.number, "selection", result.scores)
+        jobs = [(row.number, store.trial(space.study_name, row.number).genome) for row in front[: space.search.finalists] if row.selection is None]
+        for number, outcome in _evaluate_all(pool, jobs, "selection").items():
+            if outcome.error is None:
+                store.record_scores(space.study_name, number, "selection", outcome.result.scores)
+            else:
+                notes.append(f"trial {number}: selection scoring failed ({_short(outcome.error)})")
         front = compute_front(space, store)
     best = pick_best(space, front)
     if best is not None:
