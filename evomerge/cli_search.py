@@ -22,6 +22,9 @@ def run(
     storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the study database (overrides search.storage).")] = None,
     device: Annotated[Optional[str], typer.Option(help="Where candidates are merged and scored: auto, cpu, cuda, cuda:N.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampler seed (overrides search.seed).")] = None,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Candidates evaluated at once, by Ray actors when > 1 (overrides search.workers).")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show optuna and lm-eval logs.")] = False,
 ) -> None:
@@ -45,7 +48,7 @@ def run(
         space = space.model_copy(update={"device": device})
     console = Console()
     console.print(f"study [bold]{space.study_name}[/] in {space.storage_url}")
-    summary = run_search(space, n_trials=n_trials, timeout=timeout, progress=not quiet, verbose=verbose)
+    summary = run_search(space, n_trials=n_trials, timeout=timeout, progress=not quiet, verbose=verbose, workers=workers)
     for note in summary.notes:
         console.print(f"[yellow]{note}[/]")
     console.print(front_table(summary.objective_names, summary.front, summary.references, best=summary.best,

@@ -190,7 +190,7 @@ class SearchSpec(_Strict):
 class RaySpec(_Strict):
     """Where worker actors run when search.workers > 1 (or ray.address is set)."""
 
-    address: str | None = None  # an existing cluster ("ray://host:10001", "host:6379", "auto"); else RAY_ADDRESS; else local
+    address: str | None = None  # an existing cluster ("host:6379" or "auto"; the driver runs on a node); else RAY_ADDRESS; else local
     num_cpus_per_worker: float = Field(1.0, gt=0)
     num_gpus_per_worker: float | None = Field(None, ge=0)  # default: 1 when device is cuda, else 0
     max_restarts: int = Field(3, ge=0)  # a dead actor (killed, out of memory) is restarted this many times

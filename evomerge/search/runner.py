@@ -202,9 +202,13 @@ class _Progress:
 
 
 def _finished_count(study) -> int:
+    """Trials that count against n_trials: finished ones, except failures whose genome was queued
+    again (a worker died or the driver was interrupted): their retry takes their place."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)))
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs["retry_of"] for t in trials if t.user_attrs.get("retry_of") is not None}
+    return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL) and t.number not in retried)
 
 
 def compute_front(space: SearchSpace, store: TrialStore) -> list[FrontRow]:
