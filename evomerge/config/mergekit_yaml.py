@@ -124,6 +124,14 @@ DTYPES = ("float32", "bfloat16", "float16")
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
 
 
+def normalize_dtype(value: str) -> str:
+    """'bf16' -> 'bfloat16'; ValueError (a pydantic field error) for anything unsupported."""
+    value = _DTYPE_ALIASES.get(value, value)
+    if value not in DTYPES:
+        raise ValueError(f"expected one of {', '.join(DTYPES)}, got {value!r}")
+    return value
+
+
 class MergeConfig(_Frozen):
     merge_method: str
     models: list[InputModel] | None = None
@@ -142,12 +150,7 @@ class MergeConfig(_Frozen):
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _dtype(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        value = _DTYPE_ALIASES.get(value, value)
-        if value not in DTYPES:
-            raise ValueError(f"expected one of {', '.join(DTYPES)}, got {value!r}")
-        return value
+        return None if value is None else normalize_dtype(value)
 
     @field_validator("base_model")
     @classmethod
@@ -202,21 +205,29 @@ def format_validation_error(exc: ValidationError, file: object) -> ConfigError:
     return ConfigError(message, file=file, field=location or None)
 
 
-def load_yaml_file(path: Path) -> Any:
-    """`yaml.safe_load` a file, with one-line errors."""
+def _read_text(path: Path) -> str:
     try:
-        text = Path(path).read_text()
+        return Path(path).read_text()
     except FileNotFoundError:
         raise ConfigError("file not found", file=path) from None
     except IsADirectoryError:
         raise ConfigError("is a directory, expected a YAML file", file=path) from None
+
+
+def _yaml_error(exc: yaml.YAMLError, path: Path) -> ConfigError:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return ConfigError(f"{where}invalid YAML ({problem})", file=path)
+
+
+def load_yaml_file(path: Path) -> Any:
+    """`yaml.safe_load` a file, with one-line errors."""
+    text = _read_text(path)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{where}invalid YAML ({problem})", file=path) from None
+        raise _yaml_error(exc, path) from None
 
 
 def load_merge_config(path: Path) -> MergeConfig:
@@ -234,17 +245,11 @@ def load_merge_documents(path: Path) -> list[MergeConfig]:
 
     Later documents may use an earlier document's `name` as a model reference.
     """
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise ConfigError("file not found", file=path) from None
-    except IsADirectoryError:
-        raise ConfigError("is a directory, expected a YAML file", file=path) from None
+    text = _read_text(path)
     try:
         raw = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except yaml.YAMLError:
-        load_yaml_file(path)  # re-raises with the line and column
-        raise
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, path) from None
     if len(raw) <= 1:
         return [load_merge_config(path)]
     configs: list[MergeConfig] = []

@@ -16,7 +16,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from evomerge.config.mergekit_yaml import DTYPES, _DTYPE_ALIASES, format_validation_error, load_yaml_file
+from evomerge.config.mergekit_yaml import format_validation_error, load_yaml_file, normalize_dtype
 from evomerge.errors import ConfigError
 
 SAMPLERS = ("tpe", "cmaes", "nsga2", "random")
@@ -216,10 +216,7 @@ class SearchSpace(_Strict):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, value: str) -> str:
-        value = _DTYPE_ALIASES.get(value, value)
-        if value not in DTYPES:
-            raise ValueError(f"expected one of {', '.join(DTYPES)}, got {value!r}")
-        return value
+        return normalize_dtype(value)
 
     @field_validator("device")
     @classmethod
