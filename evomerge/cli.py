@@ -132,6 +132,7 @@ def validate(
     from evomerge.config.mergekit_yaml import load_merge_config, load_yaml_file
     from evomerge.config.space import is_space_file, load_space
     from evomerge.merge.planner import plan_merge
+    from evomerge.store import display_url
 
     if is_space_file(load_yaml_file(config)):
         space = load_space(config, check_paths=not schema_only)
@@ -141,7 +142,7 @@ def validate(
 
             genome = Genome(space)
             detail += f", {len(genome.distributions())} genes over {genome.num_groups} layer groups"
-        typer.echo(f"{config}: ok (search space: {detail}; study '{space.study_name}' in {space.storage_url})")
+        typer.echo(f"{config}: ok (search space: {detail}; study '{space.study_name}' in {display_url(space.storage_url)})")
         return
 
     plan = plan_merge(load_merge_config(config), config_path=config, allow_crimes=allow_crimes, allow_pickle=allow_pickle)

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from evomerge.errors import EvomergeError
+from evomerge.store import display_url
 
 STUDY_HELP = "A space file (space.yml), or a study name together with --storage."
 
@@ -47,7 +46,7 @@ def run(
     if device:
         space = space.model_copy(update={"device": device})
     console = Console()
-    console.print(f"study [bold]{space.study_name}[/] in {space.storage_url}")
+    console.print(f"study [bold]{space.study_name}[/] in {display_url(space.storage_url)}")
     summary = run_search(space, n_trials=n_trials, timeout=timeout, progress=not quiet, verbose=verbose, workers=workers)
     for note in summary.notes:
         console.print(f"[yellow]{note}[/]")
@@ -82,7 +81,7 @@ def front(
     space = load_study_space(study, storage)
     store = TrialStore(space.storage_url)
     if store.study_info(space.study_name) is None:
-        raise EvomergeError(f"no study '{space.study_name}' in {space.storage_url} yet: run `evomerge run` first")
+        raise EvomergeError(f"no study '{space.study_name}' in {display_url(space.storage_url)} yet: run `evomerge run` first")
     rows = compute_front(space, store)
     refs = reference_rows(space, store)
     best = pick_best(space, rows)
@@ -153,12 +152,13 @@ def dashboard(
     """Serve optuna-dashboard over the study's database (Ctrl-C to stop)."""
     from evomerge.search.catalog import load_study_space
 
+    from optuna_dashboard import run_server
+
     space = load_study_space(study, storage)
-    executable = Path(sys.executable).with_name("optuna-dashboard")
-    command = [str(executable) if executable.exists() else "optuna-dashboard", space.storage_url, "--host", host, "--port", str(port)]
     typer.echo(f"optuna-dashboard on http://{host}:{port}/ (study '{space.study_name}'); Ctrl-C to stop")
     try:
-        raise SystemExit(subprocess.call(command))
+        # In process, so the database URL (and any password in it) never shows on a command line.
+        run_server(space.storage_url, host=host, port=port)
     except KeyboardInterrupt:
         raise SystemExit(0) from None
 

@@ -19,6 +19,7 @@ from evomerge.merge.engine import run_merge
 from evomerge.merge.resident import checkpoint_hash
 from evomerge.search.genome import Genome
 from evomerge.search.runner import compute_front, pick_best
+from evomerge.store import display_url
 from evomerge.store.trial_store import TrialStore
 
 
@@ -59,7 +60,7 @@ def export_trial(
             raise EvomergeError(f"{out_dir}: not empty; pass --overwrite or choose another directory")
         shutil.rmtree(out_dir)
     genome = Genome(space)
-    plan = genome.plan(record.genome, metadata={"study": space.study_name, "trial": str(trial), "storage": space.storage_url})
+    plan = genome.plan(record.genome, metadata={"study": space.study_name, "trial": str(trial), "storage": display_url(space.storage_url)})
     report = run_merge(plan, out_dir, device=device, max_shard_bytes=max_shard_bytes, progress=progress, write_card=False)
     names = [r.name for r in plan.tensors]
     digest = checkpoint_hash(out_dir, names) if verify else ""
@@ -86,7 +87,7 @@ def export_trial(
             "trial": str(trial),
             "weights hash (xxh3-128)": record.weights_hash or "",
             "scored on": record.device or "",
-            "storage": space.storage_url,
+            "storage": display_url(space.storage_url),
         },
     )
     return ExportReport(out_dir, trial, digest, verify, report.seconds)

@@ -61,6 +61,32 @@ def distinct_bf16_inputs(count, shape, seed=0):
     return [t.to(BF16) for t in tensors]
 
 
+class _StableSorts:
+    """torch as mergekit.sparsify sees it, with argsort and sort made stable.
+
+    mergekit picks the top-k by an unstable argsort, so among equal magnitudes at the cut it keeps
+    an implementation-defined subset; we keep them as a stable sort would (see sparsify.py). With
+    its sorts made stable, mergekit must then agree with us bit for bit: the tie order is the one
+    and only difference.
+    """
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def argsort(*args, **kwargs):
+        return torch.argsort(*args, **{**kwargs, "stable": True})
+
+    @staticmethod
+    def sort(*args, **kwargs):
+        return torch.sort(*args, **{**kwargs, "stable": True})
+
+
+@pytest.fixture
+def stable_mergekit_sorts(monkeypatch):
+    monkeypatch.setattr(mk_sparsify, "torch", _StableSorts())
+
+
 def has_magnitude_ties(tensors, base_index=0):
     for index, tensor in enumerate(tensors):
         if index != base_index:
@@ -145,9 +171,9 @@ def test_task_vector_methods_bf16(method, options, params, shape):
 
 
 @pytest.mark.parametrize("method,options,params", GTA_CASES, ids=GTA_IDS)
-def test_task_vector_methods_bf16_random_inputs_with_magnitude_ties(method, options, params):
-    # Real bf16 deltas share magnitudes all the time; we sort exactly as mergekit does, so even
-    # the choice among equal magnitudes at the edge of the kept band is the same.
+def test_task_vector_methods_bf16_random_inputs_with_magnitude_ties(method, options, params, stable_mergekit_sorts):
+    # Real bf16 deltas share magnitudes all the time; with mergekit's sorts made stable even the
+    # choice among equal magnitudes at the edge of the kept band is the same.
     tensors = random_inputs(4, (40, 56), BF16, seed=3)
     assert has_magnitude_ties(tensors)
     ours = merge_tensors(method, tensors, params, options, 0)
@@ -182,7 +208,7 @@ def test_breadcrumbs_sparsifier_matches(numel, density, gamma):
 
 
 @pytest.mark.parametrize("dtype", [BF16, torch.float16])
-def test_sparsifiers_choose_the_same_entries_among_equal_magnitudes(dtype):
+def test_sparsifiers_choose_equal_magnitudes_as_a_stable_sort(dtype, stable_mergekit_sorts):
     delta = random_inputs(1, (64, 64), dtype, seed=5)[0]
     assert delta.abs().unique().numel() < delta.numel()  # there are ties
     for density in (0.1, 0.5, 0.8):
@@ -190,6 +216,17 @@ def test_sparsifiers_choose_the_same_entries_among_equal_magnitudes(dtype):
         for gamma in (0.0, 0.05):
             theirs = mk_sparsify.magnitude_outliers(delta, density, gamma=gamma)
             assert torch.equal(sparsify.breadcrumbs(delta, density, gamma), theirs)
+
+
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.5, 0.8])
+def test_with_mergekit_unstable_sort_only_tied_magnitudes_at_the_cut_differ(density):
+    delta = random_inputs(1, (256, 384), BF16, seed=3)[0]
+    ours, theirs = sparsify.magnitude(delta, density) != 0, mk_sparsify.magnitude(delta, density) != 0
+    k = int(density * delta.numel())
+    assert int(ours.sum()) == int(theirs.sum()) == k
+    cut = delta.float().abs().reshape(-1).kthvalue(delta.numel() - k + 1).values
+    disagree = ours != theirs
+    assert torch.all(delta.float().abs()[disagree] == cut)  # only entries tied with the k-th magnitude swap
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, BF16])

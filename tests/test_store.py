@@ -394,3 +394,10 @@ def test_coexists_with_an_optuna_study(url, study):
         assert all(name.startswith("evomerge_") for name in tables - optuna_tables)
     finally:
         engine.dispose()
+
+
+def test_display_url_hides_passwords():
+    from evomerge.store import display_url
+
+    assert display_url("postgresql+psycopg://evo:s3cret@db.internal:5432/runs") == "postgresql+psycopg://evo:***@db.internal:5432/runs"
+    assert display_url("sqlite:////tmp/demo.db") == "sqlite:////tmp/demo.db"

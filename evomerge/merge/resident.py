@@ -99,11 +99,16 @@ def weights_hash(tensors: Mapping[str, torch.Tensor], names: Iterable[str] | Non
     The same weights give the same hash whether they sit in a resident model (CPU or GPU) or in
     an exported checkpoint, which is how `export` proves it wrote the model that was scored.
     """
+    return _hash_tensors(tensors.__getitem__, names if names is not None else tensors)
+
+
+def _hash_tensors(get, names: Iterable[str]) -> str:
+    """The hash over tensors fetched one at a time (a checkpoint is never held whole)."""
     import xxhash
 
     digest = xxhash.xxh3_128()
-    for name in sorted(names if names is not None else tensors):
-        tensor = tensors[name].detach()
+    for name in sorted(names):
+        tensor = get(name).detach()
         digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}\n".encode())
         data = tensor.to("cpu").contiguous().reshape(-1)
         if data.numel():
@@ -115,7 +120,6 @@ def checkpoint_hash(path: Path, names: Iterable[str] | None = None) -> str:
     """weights_hash of a checkpoint directory on disk."""
     model = ModelDir(path)
     try:
-        wanted = list(names) if names is not None else list(model.tensors)
-        return weights_hash({name: model.get(name) for name in wanted}, wanted)
+        return _hash_tensors(model.get, list(names) if names is not None else list(model.tensors))
     finally:
         model.close()

@@ -105,19 +105,43 @@ def _sort_key(delta: torch.Tensor) -> torch.Tensor:
     return key
 
 
-def _mask_from_indices(delta: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    mask = torch.zeros(delta.numel(), dtype=torch.bool, device=delta.device)
-    mask[indices] = True
-    return mask.reshape(delta.shape)
+def _ascending_band(key: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """Mask of the entries of 1-D `key` whose rank in a *stable* ascending sort is in [low, high).
+
+    Two order statistics (kthvalue, O(n)) bound the band; only entries equal to a bound need
+    their position to break the tie. Several times faster than the full argsort mergekit uses,
+    and the same set whenever no tie straddles a bound (always in practice in float32). When
+    equal magnitudes do straddle a bound (common in bf16), mergekit's unstable argsort keeps an
+    implementation-defined subset of them; we keep them by position, deterministically.
+    """
+    count = key.numel()
+    low, high = max(low, 0), min(high, count)
+    mask = torch.zeros(count, dtype=torch.bool, device=key.device)
+    if high <= low:
+        return mask
+    low_value = torch.kthvalue(key, low + 1).values
+    high_value = torch.kthvalue(key, high).values
+    mask |= (key > low_value) & (key < high_value)
+    for value in (low_value,) if bool(low_value == high_value) else (low_value, high_value):
+        tied = torch.nonzero(key == value).reshape(-1)  # ascending positions = stable order
+        first_rank = int((key < value).sum())
+        ranks = first_rank + torch.arange(tied.numel(), device=key.device)
+        mask[tied[(ranks >= low) & (ranks < high)]] = True
+    return mask
 
 
 def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES trim: True for the k = int(density * numel) largest |delta| of the whole tensor."""
+    """TIES trim: True for the k = int(density * numel) largest |delta| of the whole tensor.
+
+    Among equal magnitudes at the cut, earlier entries are kept (a stable descending sort).
+    """
     if density <= 0 or delta.numel() == 0:
         return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
-    k = max(1, int(density * delta.numel()))  # keep at least one (mergekit 0.1.4 asserted on k == 0)
-    order = torch.argsort(_sort_key(delta), descending=True)  # mergekit's call: same tie order
-    return _mask_from_indices(delta, order[:k])
+    count = delta.numel()
+    k = max(1, int(density * count))  # keep at least one (mergekit 0.1.4 asserted on k == 0)
+    # Reversed, a stable ascending order ranks earlier entries higher among equals.
+    reversed_key = _sort_key(delta).flip(0)
+    return _ascending_band(reversed_key, count - k, count).flip(0).reshape(delta.shape)
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
@@ -140,8 +164,7 @@ def breadcrumbs_mask(delta: torch.Tensor, density: float, gamma: float) -> torch
     n_top = int(gamma * count)
     n_bot = max(0, count - target - n_top)
     # n_top == 0 keeps the top `target` entries; mergekit 0.1.4 zeroed everything here.
-    order = torch.sort(_sort_key(delta), descending=False).indices  # mergekit's call: same tie order
-    return _mask_from_indices(delta, order[n_bot : n_bot + target])
+    return _ascending_band(_sort_key(delta), n_bot, n_bot + target).reshape(delta.shape)
 
 
 def breadcrumbs(delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False) -> torch.Tensor:

@@ -28,7 +28,9 @@ def load_study_space(study_or_space: str | Path, storage: str | None = None) -> 
     info = store.study_info(str(study_or_space))
     if info is None:
         known = ", ".join(store.studies()) or "none"
-        raise EvomergeError(f"no study named '{study_or_space}' in {storage} (studies there: {known})")
+        from evomerge.store import display_url
+
+        raise EvomergeError(f"no study named '{study_or_space}' in {display_url(storage)} (studies there: {known})")
     import yaml
 
     base_dir = Path(info.space_path).parent if info.space_path else Path.cwd()

@@ -21,6 +21,7 @@ from typing import Any
 from evomerge.config.space import SearchSpace
 from evomerge.errors import EvomergeError
 from evomerge.search.pareto import pareto_front, weighted_score
+from evomerge.store import display_url
 from evomerge.store.trial_store import TrialStore
 
 log = logging.getLogger("evomerge.search")
@@ -110,7 +111,7 @@ def open_study(space: SearchSpace, *, sampler=None):
     )
     if list(study.directions) and [d.name.lower() for d in study.directions] != space.directions:
         raise EvomergeError(
-            f"study '{space.study_name}' in {space.storage_url} was created with directions "
+            f"study '{space.study_name}' in {display_url(space.storage_url)} was created with directions "
             f"{[d.name.lower() for d in study.directions]}, this space needs {space.directions}: "
             "set search.study_name to start a new study"
         )
@@ -360,7 +361,11 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
             store.record_reference(space.study_name, name, str(genome.paths[name]), "search", pool.score_reference(name, "search"))
 
     bar = _Progress(total, progress, _finished_count(study))
-    best_so_far = -math.inf
+    directions = [o.direction for o in space.objectives]
+    # Values of completed trials, kept in memory for the progress bar (no database read per trial).
+    seen = compute_front(space, store)
+    search_values = [row.search for row in seen]
+    best_so_far = max((scalarize(space, v) for v in search_values), default=-math.inf)
     in_flight: dict[int, tuple[Any, dict[str, Any], float]] = {}
     stopping = False
     try:
@@ -414,12 +419,9 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
                 device=result.device,
                 weights_hash=result.weights_hash,
             )
-            for name, value in zip(objective_names, values):
-                trial.set_user_attr(f"search/{name}", value)
-            trial.set_user_attr("weights_hash", result.weights_hash)
-            trial.set_user_attr("merge_seconds", round(result.merge_seconds, 4))
-            trial.set_user_attr("eval_seconds", round(result.eval_seconds, 4))
-            study.tell(trial, told)
+            if not space.multi_objective:  # the dashboard shows the weighted sum; keep the per-skill values beside it
+                trial.set_user_attr("objectives", dict(zip(objective_names, values)))
+            study.tell(trial, told)  # every other detail is in the trial store (one optuna write per attr)
             if on_trial is not None:
                 on_trial({
                     "number": trial.number, "wall_seconds": time.perf_counter() - asked, "values": values,
@@ -427,7 +429,8 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
                     "hash_seconds": result.extra.get("hash_seconds", 0.0), "worker": result.worker,
                 })
             best_so_far = max(best_so_far, scalarize(space, values))
-            bar.update(advance=1, best=f"{best_so_far:.3f}", front=len(compute_front(space, store)))
+            search_values.append(values)
+            bar.update(advance=1, best=f"{best_so_far:.3f}", front=len(pareto_front(search_values, directions)))
     finally:
         bar.close()
 

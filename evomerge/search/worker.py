@@ -69,7 +69,11 @@ def selection_tasks(space: SearchSpace) -> list[str]:
 class CandidateWorker:
     def __init__(self, space: SearchSpace, *, device: str | None = None, verbose: bool = False, genome: Genome | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
+        if not verbose:
+            transformers_logging.disable_progress_bar()  # "Loading weights" bars; ours are enough
+            transformers_logging.set_verbosity_error()
         self.space = space
         self.genome = genome or Genome(space)
         self.device = resolve_device(device or space.device)

@@ -8,6 +8,8 @@ from evomerge.store.trial_store import (
     StudyInfo,
     TrialRecord,
     TrialStore,
+    display_url,
 )
 
-__all__ = ["COMPLETE", "FAILED", "RUNNING", "SPLITS", "StudyInfo", "TrialRecord", "TrialStore"]
+__all__ = ["COMPLETE", "FAILED", "RUNNING", "SPLITS", "StudyInfo", "TrialRecord", "TrialStore", "display_url"]
+

@@ -15,6 +15,7 @@ with "database is locked"; the journal mode is left as optuna and the user set i
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -96,7 +97,7 @@ class TrialStore:
         return self._url
 
     def __repr__(self) -> str:
-        return f"TrialStore({make_url(self._url).render_as_string(hide_password=True)!r})"
+        return f"TrialStore({display_url(self._url)!r})"
 
     def close(self) -> None:
         """Return the pooled connections; the store must not be used afterwards."""
@@ -567,3 +568,11 @@ def _trial_record(row: Mapping[str, Any]) -> TrialRecord:
         started_at=_as_utc(row["started_at"]),
         finished_at=_as_utc(row["finished_at"]),
     )
+
+
+def display_url(url: str) -> str:
+    """A database URL safe to print, log or write into a model card (password hidden)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a parseable URL: show nothing that could be a secret
+        return re.sub(r"//[^@/]*@", "//***@", url)
