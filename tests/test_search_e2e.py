@@ -183,3 +183,40 @@ def test_bad_space_files_are_one_line_errors(tmp_path, demo_family, capsys, chan
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
     assert f"{field}:" in err and message in err, err
+
+
+def test_dashboard_serves_the_study_on_loopback(tmp_path):
+    """`evomerge dashboard` over a study database: optuna-dashboard answers on 127.0.0.1 only."""
+    import json
+    import socket
+    import urllib.request
+
+    import optuna
+
+    url = f"sqlite:///{tmp_path / 'dash.db'}"
+    optuna.create_study(study_name="dash-study", storage=url).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "evomerge.cli", "dashboard", "dash-study", "--storage", url, "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        body = None
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/api/studies", headers={"Accept-Encoding": "identity"})
+                with urllib.request.urlopen(request, timeout=2) as response:
+                    body = json.loads(response.read())
+                break
+            except OSError:
+                time.sleep(0.3)
+        assert body is not None, process.stdout.read().decode()[-1000:] if process.poll() is not None else "no answer"
+        assert [s["study_name"] for s in body["studies"]] == ["dash-study"]
+        listening = [c for c in __import__("psutil").Process(process.pid).net_connections() if c.status == "LISTEN"]
+        assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)

@@ -91,8 +91,12 @@ class SearchSummary:
 def _optuna_storage(url: str):
     import optuna
 
+    from evomerge.store.trial_store import tune_sqlite
+
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    tune_sqlite(storage.engine)
+    return storage
 
 
 def open_study(space: SearchSpace, *, sampler=None):
