@@ -20,16 +20,10 @@ from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
 from test_search_e2e import run_cli, write_space
+from test_store import OUR_TABLES
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
-OUR_TABLES = {
-    "evomerge_studies",
-    "evomerge_trials",
-    "evomerge_scores",
-    "evomerge_references",
-    "evomerge_reference_scores",
-}
 OPTUNA_TABLES = {"studies", "trials", "trial_values", "trial_params", "alembic_version"}
 
 pytestmark = pytest.mark.skipif(

@@ -284,11 +284,15 @@ class TrialStore:
 
     def scores(self, study: str, split: str) -> dict[int, dict[str, dict[str, float]]]:
         """number -> task -> metric -> value, numbers ascending; NaN where a score was NaN."""
-        t = scores_table
+        return self._nested_scores(scores_table, "number", study, split)
+
+    def _nested_scores(self, table: Table, key: str, study: str, split: str) -> dict:
+        """key -> task -> metric -> value for one study and split of a scores table."""
+        t = table
         stmt = (
-            select(t.c.number, t.c.task, t.c.metric, t.c.value)
+            select(t.c[key], t.c.task, t.c.metric, t.c.value)
             .where(t.c.study == study, t.c.split == _split(split))
-            .order_by(t.c.number, t.c.task, t.c.metric)
+            .order_by(t.c[key], t.c.task, t.c.metric)
         )
         with self._engine.connect() as conn:
             rows = conn.execute(stmt).all()
@@ -318,15 +322,7 @@ class TrialStore:
 
     def references(self, study: str, split: str) -> dict[str, dict[str, dict[str, float]]]:
         """name -> task -> metric -> value, names ascending."""
-        t = reference_scores_table
-        stmt = (
-            select(t.c.name, t.c.task, t.c.metric, t.c.value)
-            .where(t.c.study == study, t.c.split == _split(split))
-            .order_by(t.c.name, t.c.task, t.c.metric)
-        )
-        with self._engine.connect() as conn:
-            rows = conn.execute(stmt).all()
-        return _nest(rows)
+        return self._nested_scores(reference_scores_table, "name", study, split)
 
     def reference_paths(self, study: str) -> dict[str, str]:
         t = references_table
