@@ -9,7 +9,6 @@ from typing import Annotated, Optional
 import typer
 
 from evomerge.errors import EvomergeError
-from evomerge.store import display_url
 
 STUDY_HELP = "A space file (space.yml), or a study name together with --storage."
 
@@ -33,6 +32,7 @@ def run(
     from evomerge.config.space import load_space
     from evomerge.search.report import front_table, parents_beaten
     from evomerge.search.runner import run_search
+    from evomerge.store import display_url
 
     _offline_env()
     space = load_space(space_file)
@@ -76,7 +76,7 @@ def front(
     from evomerge.search.catalog import load_study_space
     from evomerge.search.report import front_table
     from evomerge.search.runner import FrontRow, compute_front, objective_values, pick_best, reference_rows, scalarize
-    from evomerge.store.trial_store import TrialStore
+    from evomerge.store.trial_store import TrialStore, display_url
 
     space = load_study_space(study, storage)
     store = TrialStore(space.storage_url)
@@ -154,11 +154,15 @@ def dashboard(
 
     from optuna_dashboard import run_server
 
-    space = load_study_space(study, storage)
-    typer.echo(f"optuna-dashboard on http://{host}:{port}/ (study '{space.study_name}'); Ctrl-C to stop")
+    if storage and not (study.endswith((".yml", ".yaml")) or Path(study).is_file()):
+        url, label = storage, study  # any optuna study in that database, evomerge's or not
+    else:
+        space = load_study_space(study, storage)
+        url, label = space.storage_url, space.study_name
+    typer.echo(f"optuna-dashboard on http://{host}:{port}/ (study '{label}'); Ctrl-C to stop")
     try:
         # In process, so the database URL (and any password in it) never shows on a command line.
-        run_server(space.storage_url, host=host, port=port)
+        run_server(url, host=host, port=port)
     except KeyboardInterrupt:
         raise SystemExit(0) from None
 

@@ -214,9 +214,10 @@ def test_dashboard_serves_the_study_on_loopback(tmp_path):
             except OSError:
                 time.sleep(0.3)
         assert body is not None, process.stdout.read().decode()[-1000:] if process.poll() is not None else "no answer"
-        assert [s["study_name"] for s in body["studies"]] == ["dash-study"]
+        assert [s["study_name"] for s in body["study_summaries"]] == ["dash-study"]
         listening = [c for c in __import__("psutil").Process(process.pid).net_connections() if c.status == "LISTEN"]
         assert listening and all(c.laddr.ip == "127.0.0.1" for c in listening)
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
