@@ -139,9 +139,15 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
     count = delta.numel()
     k = max(1, int(density * count))  # keep at least one (mergekit 0.1.4 asserted on k == 0)
-    # Reversed, a stable ascending order ranks earlier entries higher among equals.
-    reversed_key = _sort_key(delta).flip(0)
-    return _ascending_band(reversed_key, count - k, count).flip(0).reshape(delta.shape)
+    key = _sort_key(delta)
+    if k >= count:
+        return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
+    cut = torch.kthvalue(key, count - k + 1).values  # the k-th largest magnitude: one O(n) pass
+    mask = key > cut
+    missing = k - int(mask.sum())
+    if missing > 0:  # entries equal to the cut, earliest first
+        mask[torch.nonzero(key == cut).reshape(-1)[:missing]] = True
+    return mask.reshape(delta.shape)
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
