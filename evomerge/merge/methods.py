@@ -491,12 +491,14 @@ def _task_vectors(method: str) -> Callable[..., torch.Tensor]:
             majority_positive = deltas.sum(dim=0) >= 0
             agrees = torch.where(majority_positive, deltas > 0, deltas < 0)
             mixed = deltas.mul_(agrees).sum(dim=0)
-            divisor = (weights * agrees).sum(dim=0)
-            divisor[divisor == 0] = 1
+            if options["normalize"]:  # the per-element divisor costs a pass over all deltas
+                divisor = (weights * agrees).sum(dim=0)
+                divisor[divisor == 0] = 1
         else:
             mixed = deltas.sum(dim=0)
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
+            if options["normalize"]:
+                divisor = weights.sum(dim=0)
+                divisor[divisor.abs() < 1e-8] = 1
         del deltas
         if options["normalize"]:
             mixed /= divisor

@@ -404,10 +404,24 @@ def tune_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "connect")
     def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+        import sqlite3
+
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.close()
+        try:
+            # WAL is a property of the file: once any connection set it, it stays. Switching needs a
+            # moment of exclusive access and bypasses the busy timeout, so processes opening a new
+            # database together retry briefly; one that still cannot goes on in the current mode.
+            for attempt in range(40):
+                try:
+                    if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
+                        break
+                    cursor.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError:
+                    time.sleep(0.05 * (1 + attempt % 4))
+            cursor.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cursor.close()
 
     engine.dispose()  # connections opened before the listener get the pragmas when reopened
 
