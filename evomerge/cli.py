@@ -6,7 +6,6 @@ status 2; tracebacks are for bugs (or `--debug`).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional

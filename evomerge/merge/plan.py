@@ -52,9 +52,6 @@ class MergePlan:
     recipe_yaml: str = ""  # a mergekit-compatible YAML reproducing this plan
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
-    def model_names(self) -> list[str]:
-        return list(self.models)
-
     @property
     def method_names(self) -> list[str]:
         return sorted({recipe.method for recipe in self.tensors})

@@ -22,13 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from evomerge.config.mergekit_yaml import (
     ConditionalParameter,
     InputSlice,
     MergeConfig,
-    OutputSlice,
     ParameterSetting,
     dump_merge_config,
 )

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from evomerge.config.mergekit_yaml import ConditionalParameter, InputSlice, MergeConfig, OutputSlice, dump_yaml
+from evomerge.config.mergekit_yaml import dump_yaml
 from evomerge.config.space import GENOME_METHODS, SearchSpace
 from evomerge.errors import CompatibilityError, ConfigError
 from evomerge.io.model_dir import ModelDir

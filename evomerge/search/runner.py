@@ -312,7 +312,6 @@ def run_search(
     one local worker, by Ray actors otherwise. Pass `pool` or `worker` to reuse loaded ones.
     """
     import optuna
-    from optuna.trial import TrialState
 
     from evomerge.search.genome import Genome
     from evomerge.workers.pool import InProcessPool, make_pool

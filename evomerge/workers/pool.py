@@ -265,7 +265,6 @@ class RayPool(WorkerPool):
 
     def _recover(self, index: int) -> None:
         """Hold a dead actor out until Ray has restarted it (its __init__ reloads the sources)."""
-        import ray
 
         self._recovering[self.actors[index].info.remote()] = index
 
@@ -337,12 +336,6 @@ class RayPool(WorkerPool):
         outcome = self.wait_any()
         if outcome is not None:  # a running candidate finished meanwhile: keep it for the loop
             self._parked.append(outcome)
-
-    def kill_worker(self, index: int = 0) -> None:
-        """Kill one actor (as an out-of-memory kill would); Ray restarts it. For tests and drills."""
-        import ray
-
-        ray.kill(self.actors[index], no_restart=False)
 
     def close(self) -> None:
         import ray
