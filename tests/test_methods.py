@@ -476,3 +476,64 @@ BAD_CALLS = [  # (method, tensors, model_params, global_params, base_index), exp
 def test_bad_inputs_raise_value_error_naming_the_field(args, message):
     with pytest.raises(ValueError, match=message):
         merge_tensors(*args)
+
+
+# -- blocked evaluation: radix top-k, per-block masks, in-place output --------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [1, 2, 500, 2999, 3000, 4999])
+def test_top_k_cut_is_the_kth_largest(dtype, k):
+    generator = torch.Generator().manual_seed(k)
+    key = torch.randn(5000, generator=generator).to(dtype).abs().float()  # bf16/fp16: many ties
+    key[:7] = 0.0
+    blocks_of = lambda: iter(key.split(333))  # noqa: E731
+    cut, greater, tied = sparsify.top_k_cut(blocks_of, k, single_level=dtype == torch.bfloat16)
+    expected = torch.sort(key, descending=True).values[k - 1]
+    assert cut.item() == expected.item()
+    assert greater == int((key > expected).sum()) and tied == int((key == expected).sum())
+    assert 1 <= k - greater <= tied
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.001, 0.3, 0.5, 0.97])
+@pytest.mark.parametrize("block", [64, 997, 5000])
+def test_magnitude_cut_by_blocks_keeps_what_magnitude_mask_keeps(dtype, density, block):
+    generator = torch.Generator().manual_seed(7)
+    delta = (torch.randn(5000, generator=generator) * 0.01).to(dtype)  # bf16: ties at the cut
+    key = delta.abs().float()
+    k = max(1, int(density * key.numel()))
+    cut = sparsify.MagnitudeCut(*sparsify.top_k_cut(lambda: iter(key.split(block)), k), k)
+    blocked = torch.cat([cut.mask(part) for part in key.split(block)])
+    assert torch.equal(blocked, sparsify.magnitude_mask(delta, density))
+    assert int(blocked.sum()) == k
+
+
+@pytest.mark.parametrize("block", [1, 97, 4096, 10_000])
+def test_dare_mask_drawn_by_blocks_has_the_same_bits(block):
+    """A CPU generator gives the same stream in pieces as in one draw (what blocked DARE needs)."""
+    count, density = 9_999, 0.37
+    whole = sparsify.dare_mask(torch.empty(count), density, sparsify.make_generator(5, 1, "cpu"))
+    spans = [(start, min(start + block, count)) for start in range(0, count, block)]
+    pieces = sparsify.dare_mask_blocks(count, density, sparsify.make_generator(5, 1, "cpu"), torch.device("cpu"), spans)
+    assert torch.equal(pieces, whole)
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp", "task_arithmetic", "ties", "dare_ties", "della", "model_stock"])
+def test_merge_into_out_writes_the_same_values_in_place(method):
+    tensors = [t.to(torch.bfloat16) for t in torch.randn(3, 64, 48, generator=torch.Generator().manual_seed(3))]
+    if method == "slerp":
+        tensors = tensors[:2]
+    names = [name for name in ("weight", "density") if name in METHODS[method].model_params]
+    params = [{name: value for name in names} for value in (0.3, 0.5, 0.2)][: len(tensors)]
+    options = {"t": 0.3} if method == "slerp" else {}
+    expected = merge_tensors(method, tensors, params, options, 0, seed=11)
+    out = torch.full_like(tensors[0], float("nan"))
+    returned = merge_tensors(method, tensors, params, options, 0, seed=11, out=out)
+    assert returned.data_ptr() == out.data_ptr()
+    assert torch.equal(out, expected)
+
+
+def test_merge_into_a_wrong_out_is_refused():
+    tensors = [torch.ones(4, 3), torch.zeros(4, 3)]
+    for bad in (torch.empty(3, 4), torch.empty(4, 3, dtype=torch.float64), torch.empty(3, 4).t()):
+        with pytest.raises(ValueError, match="out must be a contiguous"):
+            merge_tensors("linear", tensors, [{"weight": 1}, {"weight": 1}], {}, None, out=bad)

@@ -45,8 +45,11 @@ def compute_recipe(
     *,
     math_dtype: torch.dtype | None,
     seed: int,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One output tensor from its (already loaded) source tensors; pure math, any device."""
+    """One output tensor from its (already loaded) source tensors; pure math, any device.
+
+    With `out` (see merge_tensors) the result is written there instead of a new tensor."""
     if math_dtype is not None:
         source_tensors = [t.to(math_dtype) for t in source_tensors]
     elif recipe.base_index is not None:
@@ -59,6 +62,7 @@ def compute_recipe(
         recipe.global_params,
         recipe.base_index,
         seed=tensor_seed(seed, recipe.name),
+        out=out,
     )
 
 
@@ -67,7 +71,8 @@ def _load(sources: Mapping[str, ModelDir], recipe: TensorRecipe, device: torch.d
 
 
 @contextmanager
-def _torch_threads(count: int):
+def torch_threads(count: int):
+    """Set torch's (process-wide) intra-op thread count for the duration of a block."""
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
     try:
@@ -112,7 +117,7 @@ def run_merge(
 
     intra_threads = max(1, (os.cpu_count() or 1) // workers)
     try:
-        with progress_bar(len(plan.tensors), "merging", enabled=progress, unit="tensors") as bar, _torch_threads(
+        with progress_bar(len(plan.tensors), "merging", enabled=progress, unit="tensors") as bar, torch_threads(
             intra_threads
         ), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evomerge-merge") as pool:
             pending: set[Future] = set()

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from evomerge.merge import sparsify
+from evomerge.merge import blocks, sparsify
 
 # Elements per float64 reduction chunk (bounds scratch memory on huge tensors).
 _CHUNK = 1 << 20
@@ -294,16 +294,6 @@ def _check_inputs(spec: MethodSpec, tensors: Sequence[torch.Tensor], base_index:
 
 
 # -- float64 reductions ----------------------------------------------------------------------------
-def _flat_dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    """sum(a * b) over the whole tensors, accumulated in float64 chunk by chunk."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    total = torch.zeros((), dtype=torch.float64, device=a.device)
-    for start in range(0, a.numel(), _CHUNK):
-        stop = start + _CHUNK
-        total += (a[start:stop].to(torch.float64) * b[start:stop].to(torch.float64)).sum()
-    return float(total)
-
-
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-row sum(a * b) of two [rows, cols] tensors, float64, a block of rows at a time."""
     rows, cols = a.shape
@@ -316,21 +306,30 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # -- linear / passthrough --------------------------------------------------------------------------
-def _linear(tensors, model_params, options, base_index, seed) -> torch.Tensor:
-    dtype = tensors[0].dtype
+def _result(like: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return torch.empty(like.shape, dtype=like.dtype, device=like.device) if out is None else out
+
+
+def _linear(tensors, model_params, options, base_index, seed, out=None) -> torch.Tensor:
+    first = tensors[0]
     # Accumulate in float32 (float64 for float64 inputs), as mergekit 0.1.5 does, then cast back.
-    accumulate = torch.float64 if dtype == torch.float64 else torch.float32
-    weights = torch.tensor([params["weight"] for params in model_params], dtype=accumulate, device=tensors[0].device)
-    result = torch.zeros(tensors[0].shape, dtype=accumulate, device=tensors[0].device)
-    for tensor, weight in zip(tensors, weights):
-        result.addcmul_(tensor, weight)
-    if options["normalize"]:
-        # The divisor is the sum of the weights as rounded to the accumulation dtype (mergekit's).
-        total = weights.sum()
-        # Difference 3: mergekit divides by a ~0 sum here (inf/NaN); we use divisor 1 like GTA.
-        if abs(float(total)) >= 1e-8:
-            result.div_(total)
-    return result.to(dtype)
+    accumulate = torch.float64 if first.dtype == torch.float64 else torch.float32
+    weights = torch.tensor([params["weight"] for params in model_params], dtype=accumulate, device=first.device)
+    # The divisor is the sum of the weights as rounded to the accumulation dtype (mergekit's).
+    total = weights.sum()
+    # Difference 3: mergekit divides by a ~0 sum here (inf/NaN); we use divisor 1 like GTA.
+    divide = options["normalize"] and abs(float(total)) >= 1e-8
+    result = _result(first, out)
+    sources, target = [blocks.flat(t) for t in tensors], blocks.flat(result)
+    scratch = torch.empty(min(blocks.block_size(first.device), target.numel()), dtype=accumulate, device=first.device)
+    for start, stop in blocks.blocks(target.numel(), first.device):
+        acc = scratch[: stop - start].zero_()
+        for source, weight in zip(sources, weights):
+            acc.addcmul_(source[start:stop], weight)
+        if divide:
+            acc.div_(total)
+        target[start:stop].copy_(acc)
+    return result
 
 
 def _passthrough(tensors, model_params, options, base_index, seed) -> torch.Tensor:
@@ -339,25 +338,45 @@ def _passthrough(tensors, model_params, options, base_index, seed) -> torch.Tens
 
 
 # -- slerp / nuslerp -------------------------------------------------------------------------------
-def _slerp(tensors, model_params, options, base_index, seed) -> torch.Tensor:
+def _flat_dots(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    """a.a, b.b and a.b over the whole (flattened) tensors, float64, in one blocked pass."""
+    a, b = blocks.flat(a), blocks.flat(b)
+    aa = bb = ab = 0.0
+    for start, stop in blocks.blocks(a.numel(), a.device):
+        x, y = a[start:stop].to(torch.float64), b[start:stop].to(torch.float64)
+        aa += float(torch.dot(x, x))
+        bb += float(torch.dot(y, y))
+        ab += float(torch.dot(x, y))
+    return aa, bb, ab
+
+
+def _slerp(tensors, model_params, options, base_index, seed, out=None) -> torch.Tensor:
     base, other = tensors[base_index], tensors[1 - base_index]
     t = options["t"]
     work = torch.float64 if base.dtype == torch.float64 else torch.float32
-    a, b = base.to(work), other.to(work)
     # The whole tensor is one flat vector; normalise only when the norm is not ~0.
-    norm_a = math.sqrt(_flat_dot(a, a))
-    norm_b = math.sqrt(_flat_dot(b, b))
-    norm_a = norm_a if norm_a > 1e-8 else 1.0
-    norm_b = norm_b if norm_b > 1e-8 else 1.0
-    dot = min(1.0, max(-1.0, _flat_dot(a, b) / (norm_a * norm_b)))
+    aa, bb, ab = _flat_dots(base, other)
+    norm_a = math.sqrt(aa) if math.sqrt(aa) > 1e-8 else 1.0
+    norm_b = math.sqrt(bb) if math.sqrt(bb) > 1e-8 else 1.0
+    dot = min(1.0, max(-1.0, ab / (norm_a * norm_b)))
     if abs(dot) > 0.9995:  # nearly parallel or anti-parallel: plain lerp
         coef_a, coef_b = 1 - t, t
     else:
         theta = math.acos(dot)
         sin_theta = math.sin(theta)
         coef_a, coef_b = math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
-    # Both coefficients act on the unnormalised tensors (no magnitude renormalisation).
-    return (coef_a * a + coef_b * b).to(base.dtype)
+    # Both coefficients act on the unnormalised tensors (no magnitude renormalisation):
+    # (coef_a * a + coef_b * b) in the work dtype, cast back, one block at a time.
+    result = _result(base, out)
+    a, b, target = blocks.flat(base), blocks.flat(other), blocks.flat(result)
+    size = min(blocks.block_size(base.device), target.numel())
+    scaled_a, scaled_b = (torch.empty(size, dtype=work, device=base.device) for _ in range(2))
+    for start, stop in blocks.blocks(target.numel(), base.device):
+        part_a, part_b = scaled_a[: stop - start], scaled_b[: stop - start]
+        torch.mul(a[start:stop].to(work), coef_a, out=part_a)
+        torch.mul(b[start:stop].to(work), coef_b, out=part_b)
+        target[start:stop].copy_(part_a.add_(part_b))
+    return result
 
 
 def _nuslerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor, *, flatten: bool, row_wise: bool) -> torch.Tensor:
@@ -451,63 +470,153 @@ _TASK_VECTOR_METHODS = {
 }
 
 
-def _sparsify(kind: str | None, delta, params, rescale, seed, index) -> torch.Tensor:
+# Below this many entries a TIES cut comes from torch.kthvalue on the whole tensor: the radix
+# histograms' fixed cost (65536 buckets) is larger than the selection itself.
+_RADIX_MIN = 1 << 18
+
+
+@dataclass
+class _Trim:
+    """How one task vector is sparsified, decided from whole-tensor statistics (first pass) and
+    applied block by block (second pass)."""
+
+    zero: bool = False  # the whole delta becomes 0
+    mask: torch.Tensor | None = None  # flat bool over the whole tensor: keep where True
+    cut: sparsify.MagnitudeCut | None = None  # keep by |delta| threshold (TIES), in block order
+    factor: float | None = None  # L1 rescale of the kept entries
+
+    def apply(self, delta: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Trim one block of the delta in place: delta * mask [* factor], as the sparsifiers do."""
+        if self.zero:
+            return delta.zero_()
+        if self.mask is not None:
+            delta.mul_(self.mask[start:stop])
+        elif self.cut is not None:
+            delta.mul_(self.cut.mask(delta.abs().to(torch.float32)))
+        else:
+            return delta
+        return delta.mul_(self.factor) if self.factor is not None else delta
+
+
+def _rescale_factor(trim: _Trim, delta_blocks) -> float | None:
+    """||delta||_1 / ||trimmed||_1 in float64, or None when either is below RESCALE_EPS."""
+    before = after = 0.0
+    if trim.cut is not None:
+        trim.cut.restart()
+    for delta, start, stop in delta_blocks():
+        before += float(delta.abs().to(torch.float64).sum())
+        after += float(trim.apply(delta, start, stop).abs().to(torch.float64).sum())
+    if trim.cut is not None:
+        trim.cut.restart()
+    if before < sparsify.RESCALE_EPS or after < sparsify.RESCALE_EPS:
+        return None
+    return before / after
+
+
+def _plan_trim(kind: str | None, source: torch.Tensor, base: torch.Tensor, params, rescale, seed, index) -> _Trim:
+    """Pass 1 for one model: what its sparsifier keeps, and the rescale factor."""
     if kind is None:
-        return delta  # task_arithmetic accepts `density` but ignores it, as in mergekit
+        return _Trim()  # task_arithmetic accepts `density` but ignores it, as in mergekit
     density = params["density"]
-    if kind == "magnitude":
-        return sparsify.magnitude(delta, density, rescale=rescale)
-    if kind == "breadcrumbs":
-        return sparsify.breadcrumbs(delta, density, params["gamma"], rescale=rescale)
-    generator = None
-    if 0 < density < 1:  # only draw when a mask is needed
-        generator = sparsify.make_generator(seed, index, delta.device)
-    if kind == "dare":
-        return sparsify.dare(delta, density, generator, rescale=rescale)
-    return sparsify.della(delta, density, params["epsilon"], generator, rescale=rescale)
+    count = base.numel()
+    if density >= 1 or count == 0:
+        return _Trim()
+    if density <= 0 and kind != "breadcrumbs":  # breadcrumbs keeps signed zeros (delta * 0)
+        return _Trim(zero=True)
+    shape = source.shape
+    source, base = blocks.flat(source), blocks.flat(base)
+
+    def delta_blocks():
+        for start, stop in blocks.blocks(count, base.device):
+            yield source[start:stop] - base[start:stop], start, stop
+
+    if kind == "magnitude" and base.dtype != torch.float64 and count >= _RADIX_MIN:
+        k = max(1, int(density * count))  # keep at least one (mergekit 0.1.4 asserted on k == 0)
+        if k >= count:
+            return _Trim()  # delta * 1 (* 1.0): unchanged
+        keys = lambda: (delta.abs().to(torch.float32) for delta, _, _ in delta_blocks())  # noqa: E731
+        cut, greater, tied = sparsify.top_k_cut(keys, k, single_level=base.dtype == torch.bfloat16)
+        trim = _Trim(cut=sparsify.MagnitudeCut(cut, greater, tied, k))
+    elif kind == "dare" and base.device.type == "cpu":
+        generator = sparsify.make_generator(seed, index, base.device)
+        spans = blocks.blocks(count, base.device)
+        trim = _Trim(mask=sparsify.dare_mask_blocks(count, density, generator, base.device, spans))
+    else:  # whole-tensor masks: small or float64 TIES, breadcrumbs, DARE on accelerators, DELLA
+        delta = (source - base).reshape(-1)
+        if kind == "magnitude":
+            mask = sparsify.magnitude_mask(delta, density)
+        elif kind == "breadcrumbs":
+            mask = sparsify.breadcrumbs_mask(delta, density, params["gamma"])
+        else:
+            generator = sparsify.make_generator(seed, index, base.device)
+            if kind == "dare":
+                mask = sparsify.dare_mask(delta, density, generator)
+            else:
+                sparsify.check_della(density, params["epsilon"])
+                probabilities = sparsify.della_probabilities(delta.reshape(shape), density, params["epsilon"])
+                mask = sparsify._uniform(delta, generator) < probabilities.reshape(-1)
+        del delta
+        trim = _Trim(mask=mask.reshape(-1))
+    if rescale:
+        trim.factor = _rescale_factor(trim, delta_blocks)
+    return trim
 
 
 def _task_vectors(method: str) -> Callable[..., torch.Tensor]:
     kind = _TASK_VECTOR_METHODS[method]
 
-    def merge(tensors, model_params, options, base_index, seed) -> torch.Tensor:
+    def merge(tensors, model_params, options, base_index, seed, out=None) -> torch.Tensor:
         base = tensors[base_index]
         sources = [index for index in range(len(tensors)) if index != base_index]
-        if not sources:
-            return base.clone()
-        # One buffer for all deltas (as mergekit), so the model-axis sums below reduce in one op.
-        deltas = base.new_empty((len(sources), *base.shape))
-        for row, index in enumerate(sources):
-            delta = tensors[index] - base
-            deltas[row] = _sparsify(kind.sparsifier, delta, model_params[index], options["rescale"], seed, index)
-            del delta
+        result = _result(base, out)
+        if not sources or base.numel() == 0:
+            return result.copy_(base)
+        trims = [
+            _plan_trim(kind.sparsifier, tensors[i], base, model_params[i], options["rescale"], seed, i) for i in sources
+        ]
         # Weights in the math dtype (bf16-rounded for bf16 merges, like mergekit).
         weights = torch.tensor([model_params[i]["weight"] for i in sources], dtype=base.dtype, device=base.device)
-        weights = weights.reshape(-1, *([1] * base.dim()))
-        deltas.mul_(weights)
-        if kind.consensus:
-            # Majority sign = sign of the total weighted mass (0 counts as +). A pruned entry has
-            # sign 0 and never agrees, so it neither contributes nor counts in the divisor.
-            majority_positive = deltas.sum(dim=0) >= 0
-            agrees = torch.where(majority_positive, deltas > 0, deltas < 0)
-            mixed = deltas.mul_(agrees).sum(dim=0)
-            if options["normalize"]:  # the per-element divisor costs a pass over all deltas
-                divisor = (weights * agrees).sum(dim=0)
-                divisor[divisor == 0] = 1
-        else:
-            mixed = deltas.sum(dim=0)
+        weights = weights.reshape(-1, 1)
+        if options["normalize"] and not kind.consensus:
+            divisor = weights.sum(dim=0)
+            divisor[divisor.abs() < 1e-8] = 1
+        flat_sources = [blocks.flat(tensors[i]) for i in sources]
+        flat_base, target = blocks.flat(base), blocks.flat(result)
+        # One buffer for all deltas of a block (as mergekit stacks them), so the sums over the
+        # model axis reduce in one op, in the same order as on whole tensors.
+        size = min(blocks.block_size(base.device), target.numel())
+        scratch = base.new_empty((len(sources), size))
+        for start, stop in blocks.blocks(target.numel(), base.device):
+            deltas = scratch[:, : stop - start]
+            base_block = flat_base[start:stop]
+            for row, (source, trim) in enumerate(zip(flat_sources, trims)):
+                trim.apply(torch.sub(source[start:stop], base_block, out=deltas[row]), start, stop)
+            deltas.mul_(weights)
+            if kind.consensus:
+                # Majority sign = sign of the total weighted mass (0 counts as +). A pruned entry
+                # has sign 0 and never agrees, so it neither contributes nor counts in the divisor.
+                # sign(delta) == majority sign <=> where(majority >= 0, delta > 0, delta < 0),
+                # in two ops instead of three (0 and NaN never agree either way).
+                majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
+                agrees = torch.sign(deltas) == majority
+                mixed = deltas.mul_(agrees).sum(dim=0)
+                if options["normalize"]:  # the per-element divisor costs a pass over all deltas
+                    divisor = (weights * agrees).sum(dim=0)
+                    divisor.masked_fill_(divisor == 0, 1)
+            else:
+                mixed = deltas.sum(dim=0)
             if options["normalize"]:
-                divisor = weights.sum(dim=0)
-                divisor[divisor.abs() < 1e-8] = 1
-        del deltas
-        if options["normalize"]:
-            mixed /= divisor
-        if options["lambda"] != 1:
-            mixed *= options["lambda"]
-        return (base + mixed).to(base.dtype)
+                mixed /= divisor
+            if options["lambda"] != 1:
+                mixed *= options["lambda"]
+            torch.add(base_block, mixed, out=target[start:stop])
+        return result
 
     return merge
 
+
+# Implementations that write into a caller's `out` tensor (block by block); the others allocate.
+_WRITES_OUT = {"linear", "slerp", *_TASK_VECTOR_METHODS}
 
 _IMPLEMENTATIONS: dict[str, Callable[..., torch.Tensor]] = {
     "linear": _linear,
@@ -541,6 +650,7 @@ def merge_tensors(
     global_params: Mapping[str, Any],
     base_index: int | None,
     seed: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one output tensor from its source tensors (one per source model, config order).
 
@@ -548,6 +658,8 @@ def merge_tensors(
     tensor when no base takes part), which is also the dtype of the result. Missing parameters
     take the method's defaults. `seed` makes random methods reproducible (None means 0); the
     caller derives it per tensor. The result never aliases an input. Bad inputs raise ValueError.
+    `out` (contiguous, the result's shape and dtype, aliasing no input) receives the result
+    without a full-size temporary: how a search re-merges into a resident model.
     """
     spec = get_method(method)
     tensors = list(tensors)
@@ -559,5 +671,12 @@ def merge_tensors(
     _check_method_params(spec, resolved, base_index)
     dtype = tensors[base_index if base_index is not None else 0].dtype
     tensors = [tensor.to(dtype) for tensor in tensors]
+    if out is not None and (out.shape != tensors[0].shape or out.dtype != dtype or not out.is_contiguous()):
+        raise ValueError(f"{spec.name}: out must be a contiguous {dtype} tensor of shape {tuple(tensors[0].shape)}")
+    implementation = _IMPLEMENTATIONS[spec.name]
+    seed = 0 if seed is None else seed
     with torch.no_grad():
-        return _IMPLEMENTATIONS[spec.name](tensors, resolved, options, base_index, 0 if seed is None else seed)
+        if spec.name in _WRITES_OUT:
+            return implementation(tensors, resolved, options, base_index, seed, out=out)
+        merged = implementation(tensors, resolved, options, base_index, seed)
+        return merged if out is None else out.copy_(merged)

@@ -8,15 +8,21 @@ is written or read per candidate.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from evomerge.errors import CompatibilityError
 from evomerge.io.model_dir import ModelDir
-from evomerge.merge.engine import compute_recipe
-from evomerge.merge.plan import MergePlan
+from evomerge.merge.engine import compute_recipe, default_workers, torch_threads
+from evomerge.merge.plan import MergePlan, TensorRecipe
+
+
+# Below this many output entries a candidate is merged on one thread (pool hand-offs dominate).
+_POOL_MIN_ENTRIES = 1 << 22
 
 
 class ResidentSources:
@@ -68,14 +74,40 @@ def check_target(plan: MergePlan, target: Mapping[str, torch.Tensor]) -> None:
             raise CompatibilityError(f"{recipe.name}: model parameter {tuple(param.shape)} vs plan {recipe.shape}")
 
 
-@torch.no_grad()
-def materialize(plan: MergePlan, sources: ResidentSources, target: Mapping[str, torch.Tensor]) -> None:
-    """Write every output tensor of `plan` into `target` in place (same values as a disk merge)."""
-    for recipe in plan.tensors:
+def materialize(
+    plan: MergePlan, sources: ResidentSources, target: Mapping[str, torch.Tensor], *, workers: int | None = None
+) -> None:
+    """Write every output tensor of `plan` into `target` in place (same values as a disk merge).
+
+    On CPU, tensors are merged by `workers` threads with one torch thread each (as the disk
+    engine does): the blocked kernels are single-threaded by design, and torch's own threading
+    of 64K-entry ops waits on the other cores for longer than the op takes.
+    """
+    result_dtype = plan.math_dtype or sources.dtype
+
+    @torch.no_grad()
+    def merge_one(recipe: TensorRecipe) -> None:
         inputs = [sources.get(model, tensor) for model, tensor in recipe.inputs]
-        merged = compute_recipe(recipe, inputs, math_dtype=plan.math_dtype, seed=plan.seed)
-        destination = target[recipe.name]
-        destination.data.copy_(merged)
+        destination = target[recipe.name].data
+        if destination.dtype == result_dtype and destination.device == sources.device and destination.is_contiguous():
+            # Straight into the parameter, block by block: no full-size temporary per tensor.
+            compute_recipe(recipe, inputs, math_dtype=plan.math_dtype, seed=plan.seed, out=destination)
+        else:
+            destination.copy_(compute_recipe(recipe, inputs, math_dtype=plan.math_dtype, seed=plan.seed))
+
+    if sources.device.type != "cpu":
+        for recipe in plan.tensors:
+            merge_one(recipe)
+        return
+    workers = workers or default_workers()
+    with torch_threads(1):
+        if workers == 1 or sum(math.prod(r.shape) for r in plan.tensors) < _POOL_MIN_ENTRIES:
+            for recipe in plan.tensors:  # a pool's hand-offs would cost more than the merge
+                merge_one(recipe)
+            return
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evomerge-remerge") as pool:
+            for done in pool.map(merge_one, plan.tensors):
+                del done  # re-raises the first failure
 
 
 @torch.no_grad()
