@@ -18,6 +18,9 @@ Conventions (as in mergekit):
   float64, so results do not depend on the thread count.
 * Random methods (dare_*, della*) draw from a generator per (seed, model index), never from the
   global RNG: the same seed gives the same bits whatever the order tensors are merged in.
+* linear, slerp and the task-vector methods evaluate block by block (`blocks.py`): whole-tensor
+  statistics first (norms, cuts, masks), then the elementwise chain per cache-sized block, with
+  the same ops in the same order, so the bits equal whole-tensor evaluation.
 
 Differences from mergekit (deliberate; each is also commented where it happens):
 1. breadcrumbs with int(gamma * numel) == 0 keeps the top int(density * numel) magnitudes.

@@ -105,8 +105,9 @@ def materialize(
             for recipe in plan.tensors:  # a pool's hand-offs would cost more than the merge
                 merge_one(recipe)
             return
+        largest_first = sorted(plan.tensors, key=lambda r: math.prod(r.shape), reverse=True)  # balances the threads
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evomerge-remerge") as pool:
-            for done in pool.map(merge_one, plan.tensors):
+            for done in pool.map(merge_one, largest_first):
                 del done  # re-raises the first failure
 
 

@@ -18,10 +18,10 @@ seeded by `derive_seed(seed, model_index)`, so a mask is a pure function of (see
 shape, device type) and never of the global RNG, call order or thread count. Reductions that
 decide scalar factors (the L1 norms) accumulate in float64 for the same reason.
 
-Equal magnitudes (common in bf16) are ordered exactly as mergekit orders them: we make the same
-torch sort calls on the same keys. That order is unspecified but deterministic for a given torch
-build and device type (it does not depend on the thread count), and it is what makes bf16 TIES
-and Breadcrumbs merges bit-identical to mergekit's.
+Equal magnitudes at a cut (common in bf16) are kept in position order, the choice a stable
+sort makes; mergekit's unstable argsort keeps an implementation-defined subset of them, and
+only those entries can differ. Selection is O(n): a radix histogram of the key bit patterns for
+large TIES tensors (`top_k_cut`, block by block), `torch.kthvalue` otherwise.
 
 Differences from mergekit (0.1.5, and the 0.1.4 notes in the research file):
 * `magnitude` with 0 < density and int(density * numel) == 0 keeps the single largest entry,
