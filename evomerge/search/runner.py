@@ -89,12 +89,11 @@ class SearchSummary:
 
 
 def _optuna_storage(url: str):
-    import optuna
-
+    from evomerge.search.storage import BatchingRDBStorage
     from evomerge.store.trial_store import tune_sqlite
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    storage = BatchingRDBStorage(url, engine_kwargs=engine_kwargs)
     tune_sqlite(storage.engine)
     return storage
 
@@ -339,6 +338,8 @@ def run_search(
 def _search_loop(space, pool, genome, total, limit, progress, on_trial, started) -> SearchSummary:
     from optuna.trial import TrialState
 
+    from evomerge.search.storage import batched_params
+
     store = TrialStore(space.storage_url)
     study = open_study(space)
     objective_names = [o.label for o in space.objectives]
@@ -382,7 +383,8 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
                     break
                 asked = time.perf_counter()
                 trial = study.ask()
-                params = genome.suggest(trial)
+                with batched_params(study):  # one transaction for all genes, committed before the merge
+                    params = genome.suggest(trial)
                 store.start_trial(space.study_name, trial.number, params, worker=getattr(pool, "name", None))
                 in_flight[pool.submit(params, "search")] = (trial, params, asked)
             if not in_flight and not pool.recovering():
