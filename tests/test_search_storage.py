@@ -200,3 +200,19 @@ def test_other_storages_and_pickling(tmp_path, name):
     with batched_params(study):
         y = trial.suggest_float("y", 0.0, 1.0)
     assert stored_params(copy.url, name)[trial.number] == {"y": y}
+
+
+def test_runner_tell_finishes_trials_like_study_tell(url, name):
+    from evomerge.search.runner import _tell
+
+    outcomes = {}
+    for kind in ("study.tell", "_tell"):
+        study = optuna.create_study(study_name=f"{name}-{kind}", storage=BatchingRDBStorage(url), directions=["maximize"] * 2)
+        tell = study.tell if kind == "study.tell" else lambda trial, values=None, state=None: _tell(study, trial, values, state=state)
+        good, bad = study.ask(), study.ask()
+        tell(good, [0.25, 0.5])
+        tell(bad, state=TrialState.FAIL)
+        with pytest.raises(ValueError, match="Cannot tell a COMPLETE trial"):
+            tell(good, [0.1, 0.1])
+        outcomes[kind] = [(t.state, t.values) for t in optuna.load_study(study_name=f"{name}-{kind}", storage=url).trials]
+    assert outcomes["_tell"] == outcomes["study.tell"] == [(TrialState.COMPLETE, [0.25, 0.5]), (TrialState.FAIL, None)]

@@ -335,6 +335,16 @@ def run_search(
             pool.close()
 
 
+def _tell(study, trial, values=None, *, state=None) -> None:
+    """study.tell without reading the finished trial back (tell returns it; we never use it)."""
+    try:
+        from optuna.study._tell import _tell_with_warning
+    except ImportError:  # another optuna layout: the public call does the same, plus the read
+        study.tell(trial, values, state=state)
+        return
+    _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state)
+
+
 def _search_loop(space, pool, genome, total, limit, progress, on_trial, started) -> SearchSummary:
     from optuna.trial import TrialState
 
@@ -407,7 +417,7 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
                 log.warning("trial %d failed: %s", trial.number, reason)
                 store.fail_trial(space.study_name, trial.number, reason)
                 trial.set_user_attr("failure", reason)
-                study.tell(trial, state=TrialState.FAIL)
+                _tell(study, trial, state=TrialState.FAIL)
                 if outcome.worker_died and trial.user_attrs.get("retry_of") is None:
                     study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
                 bar.update(advance=1, failed=len(store.trials(space.study_name, status="failed")))
@@ -426,7 +436,7 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
             )
             if not space.multi_objective:  # the dashboard shows the weighted sum; keep the per-skill values beside it
                 trial.set_user_attr("objectives", dict(zip(objective_names, values)))
-            study.tell(trial, told)  # every other detail is in the trial store (one optuna write per attr)
+            _tell(study, trial, told)  # every other detail is in the trial store (one optuna write per attr)
             if on_trial is not None:
                 on_trial({
                     "number": trial.number, "wall_seconds": time.perf_counter() - asked, "values": values,
