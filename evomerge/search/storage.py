@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna import distributions
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
@@ -111,14 +112,14 @@ class BatchingRDBStorage(RDBStorage):
                 if previous is not None:
                     distributions.check_distribution_compatibility(previous, distribution)
                 rows.append(
-                    models.TrialParamModel(
-                        trial_id=trial_id,
-                        param_name=name,
-                        param_value=value,
-                        distribution_json=distributions.distribution_to_json(distribution),
-                    )
+                    {
+                        "trial_id": trial_id,
+                        "param_name": name,
+                        "param_value": value,
+                        "distribution_json": distributions.distribution_to_json(distribution),
+                    }
                 )
-            session.add_all(rows)
+            session.execute(sqlalchemy.insert(models.TrialParamModel), rows)  # one executemany
 
 
 def batched_params(study: optuna.Study):
