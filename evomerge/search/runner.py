@@ -423,10 +423,10 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
                 bar.update(advance=1, failed=len(store.trials(space.study_name, status="failed")))
                 continue
             told = told_values(space, values)
-            store.record_scores(space.study_name, trial.number, "search", result.scores)
             store.finish_trial(
                 space.study_name,
                 trial.number,
+                scores=result.scores,
                 values=told,
                 plan_yaml=result.plan_yaml,
                 merge_seconds=result.merge_seconds,
