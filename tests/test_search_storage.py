@@ -216,3 +216,51 @@ def test_runner_tell_finishes_trials_like_study_tell(url, name):
             tell(good, [0.1, 0.1])
         outcomes[kind] = [(t.state, t.values) for t in optuna.load_study(study_name=f"{name}-{kind}", storage=url).trials]
     assert outcomes["_tell"] == outcomes["study.tell"] == [(TrialState.COMPLETE, [0.25, 0.5]), (TrialState.FAIL, None)]
+
+
+def same(ours, theirs) -> bool:
+    """FrozenTrials (or lists of them) with equal fields; NaN equals NaN."""
+    if isinstance(ours, list):
+        return len(ours) == len(theirs) and all(same(a, b) for a, b in zip(ours, theirs))
+    return repr(sorted(vars(ours).items())) == repr(sorted(vars(theirs).items()))
+
+
+def test_reads_give_the_same_frozen_trials_as_rdbstorage(url, name):
+    """get_trial / _get_trials / get_all_trials read through Core: the same FrozenTrials as optuna's ORM reads."""
+    storage = BatchingRDBStorage(url)
+    study = optuna.create_study(study_name=name, storage=storage, directions=["maximize", "minimize"])
+    for number in range(6):
+        trial = study.ask()
+        with batched_params(study):
+            suggest_all(trial)
+        trial.set_user_attr("seed", {"parent": number, "ok": True})
+        storage.set_trial_system_attr(trial._trial_id, "note", [number, "x"])
+        if number == 1:
+            study.tell(trial, state=TrialState.FAIL)
+        elif number == 2:
+            storage.set_trial_intermediate_value(trial._trial_id, 1, 0.5)
+            storage.set_trial_intermediate_value(trial._trial_id, 2, float("nan"))
+            study.tell(trial, state=TrialState.PRUNED)
+        elif number < 5:
+            study.tell(trial, [float("inf"), -0.25 * number])
+    study.enqueue_trial({"method": "ties", "w0": 0.75}, user_attrs={"retry_of": 0})  # WAITING
+    plain = optuna.storages.RDBStorage(url)
+    study_id = study._study_id
+    ids = [t._trial_id for t in plain.get_all_trials(study_id)]
+    assert len(ids) == 7
+    for trial_id in ids:
+        assert same(storage.get_trial(trial_id), plain.get_trial(trial_id))
+    for states in (None, (TrialState.COMPLETE,), (TrialState.RUNNING, TrialState.WAITING), (TrialState.PRUNED, TrialState.FAIL)):
+        ours, theirs = storage.get_all_trials(study_id, states=states), plain.get_all_trials(study_id, states=states)
+        assert ours and same(ours, theirs)
+    for included, greater in ((set(), -1), ({ids[1], ids[5]}, ids[3]), (set(), ids[4]), ({ids[6]}, ids[2])):
+        ours, theirs = storage._get_trials(study_id, None, included, greater), plain._get_trials(study_id, None, included, greater)
+        assert ours and same(ours, theirs)
+    complete = [t for t in storage.get_all_trials(study_id) if t.state == TrialState.COMPLETE]
+    assert complete[0].values[0] == float("inf") and complete[0].user_attrs["seed"] == {"parent": 0, "ok": True}
+    assert storage.get_all_trials(study_id, states=(TrialState.PRUNED,))[0].intermediate_values[1] == 0.5
+    with pytest.raises(KeyError):
+        storage.get_trial(max(ids) + 1000)
+    with pytest.raises(KeyError):
+        storage._get_trials(study_id + 1000, None, set(), -1)
+    plain.engine.dispose()

@@ -10,15 +10,22 @@ the trial is told; a finished trial has every parameter in optuna's tables, as o
 and a resumed study expect. A process killed inside the block leaves a RUNNING trial without
 parameters, which a resumed search fails (it had not been evaluated yet).
 
-Outside the block, and in any other thread, it is the plain RDBStorage. The same code path runs
-on every database SQLAlchemy and optuna support (SQLite, PostgreSQL, MySQL).
+Outside the block, and in any other thread, it writes like the plain RDBStorage. The same code
+path runs on every database SQLAlchemy and optuna support (SQLite, PostgreSQL, MySQL).
+
+Reads: optuna re-reads a running trial from the database several times a trial (`ask`, the
+sampler's two syncs, `tell`), each time through ORM objects and lazy or select-in loads. Here
+`get_trial` and `_get_trials` run the same queries (same filters, one snapshot) as SQLAlchemy Core
+selects and hand the rows to optuna's own FrozenTrial builder: ~0.5 to 1.5 ms less per read, the
+same FrozenTrials (tests/test_search_storage.py compares them with RDBStorage's).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import optuna
@@ -27,7 +34,8 @@ from optuna import distributions
 from optuna.storages import RDBStorage
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
-from sqlalchemy.exc import IntegrityError
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 # (trial_id, name, internal value, distribution, the study's earlier distribution of that name or None)
 _Pending = tuple[int, str, float, distributions.BaseDistribution, "distributions.BaseDistribution | None"]
@@ -120,6 +128,83 @@ class BatchingRDBStorage(RDBStorage):
                     }
                 )
             session.execute(sqlalchemy.insert(models.TrialParamModel), rows)  # one executemany
+
+
+    # -- reads ------------------------------------------------------------------------------
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        trials = self._read_trials(models.TrialModel.__table__.c.trial_id == trial_id)
+        if not trials:
+            raise KeyError(models.NOT_FOUND_MSG)
+        return trials[0]
+
+    def _get_trials(
+        self,
+        study_id: int,
+        states: Container[TrialState] | None,
+        included_trial_ids: set[int],
+        trial_id_greater_than: int,
+    ) -> list[FrozenTrial]:
+        """RDBStorage._get_trials: the study's trials in `states`, of ids > trial_id_greater_than or
+        in included_trial_ids (those up to trial_id_greater_than), by trial id."""
+        trial = models.TrialModel.__table__.c
+        included = {i for i in included_trial_ids if i <= trial_id_greater_than}
+        where = [trial.study_id == study_id]
+        if states is not None:
+            where.append(trial.state.in_(list(states)))  # type: ignore[call-overload]
+        wanted = list(where)
+        if included and trial_id_greater_than > -1:
+            wanted.append(sqlalchemy.or_(trial.trial_id.in_(included), trial.trial_id > trial_id_greater_than))
+        elif trial_id_greater_than > -1:
+            wanted.append(trial.trial_id > trial_id_greater_than)
+        try:
+            return self._read_trials(*wanted, study_id=study_id)
+        except OperationalError:
+            # Likely more ids than the database allows in one IN (as RDBStorage): filter here.
+            return [
+                t for t in self._read_trials(*where, study_id=study_id)
+                if t._trial_id in included or t._trial_id > trial_id_greater_than
+            ]
+
+    def _read_trials(self, *where: Any, study_id: int | None = None) -> list[FrozenTrial]:
+        """The trials matching `where`, read on one connection and built by RDBStorage's own builder."""
+        trial = models.TrialModel.__table__
+        with self.engine.connect() as conn:
+            if study_id is not None:
+                study = models.StudyModel.__table__
+                if conn.execute(sqlalchemy.select(study.c.study_id).where(study.c.study_id == study_id)).first() is None:
+                    raise KeyError(models.NOT_FOUND_MSG)
+            rows = conn.execute(sqlalchemy.select(trial).where(*where).order_by(trial.c.trial_id)).all()
+            if not rows:
+                return []
+            found = {}
+            for row in rows:
+                record = SimpleNamespace(trial_id=row.trial_id, number=row.number, state=row.state)
+                if _UTC_COLUMNS:
+                    record._datetime_start_utc, record._datetime_complete_utc = row.datetime_start, row.datetime_complete
+                    record.datetime_start = models.TrialModel.datetime_start.fget(record)  # type: ignore[attr-defined]
+                    record.datetime_complete = models.TrialModel.datetime_complete.fget(record)  # type: ignore[attr-defined]
+                else:
+                    record.datetime_start, record.datetime_complete = row.datetime_start, row.datetime_complete
+                for name, _, _ in _RELATED:
+                    setattr(record, name, [])
+                found[row.trial_id] = record
+            ids = sqlalchemy.select(trial.c.trial_id).where(*where).scalar_subquery()
+            for name, table, key in _RELATED:
+                related = sqlalchemy.select(table).where(table.c.trial_id.in_(ids)).order_by(table.c[key])
+                for row in conn.execute(related):
+                    if row.trial_id in found:
+                        getattr(found[row.trial_id], name).append(row)
+        return [self._build_frozen_trial_from_trial_model(record) for record in found.values()]  # type: ignore[arg-type]
+
+
+_RELATED = (  # FrozenTrial builder's attribute, table, primary key (the builder sorts params by it)
+    ("params", models.TrialParamModel.__table__, "param_id"),
+    ("values", models.TrialValueModel.__table__, "trial_value_id"),
+    ("user_attributes", models.TrialUserAttributeModel.__table__, "trial_user_attribute_id"),
+    ("system_attributes", models.TrialSystemAttributeModel.__table__, "trial_system_attribute_id"),
+    ("intermediate_values", models.TrialIntermediateValueModel.__table__, "trial_intermediate_value_id"),
+)
+_UTC_COLUMNS = hasattr(models.TrialModel, "_datetime_start_utc")  # optuna >= 5 stores naive UTC
 
 
 def batched_params(study: optuna.Study):
