@@ -132,3 +132,25 @@ def main_ok(argv):
     except SystemExit as exc:
         return exc.code == 0
     return True
+
+
+@pytest.mark.skipif(not getattr(yaml, "__with_libyaml__", False), reason="PyYAML without libyaml: only one emitter")
+def test_recipe_yaml_is_the_same_from_libyaml_and_pure_python(family, tmp_path, monkeypatch):
+    from evomerge.config import mergekit_yaml
+
+    assert issubclass(mergekit_yaml._FlowListDumper, yaml.CSafeDumper)
+    documents = []
+    original = mergekit_yaml.dump_yaml
+    monkeypatch.setattr("evomerge.search.genome.dump_yaml", lambda doc: documents.append(doc) or original(doc))
+    for methods in (["ties", "dare_ties", "slerp"], ["task_arithmetic", "linear", "breadcrumbs_ties"]):
+        genome = Genome(make_space(family, tmp_path, methods=methods, weight=[-0.5, 1.0]))
+        for seed in range(20):
+            genome.to_yaml(random_params(genome, seed))
+        genome.to_yaml(genome.uniform_params())
+    documents.append({
+        "path": "/models/ünï cöde/x: y", "long": "word " * 40, "multi": "a\nb", "empty": "", "yes": "yes", "null": None,
+        "numbers": [1, 2.5, 1e-20, float("inf"), -0.0, 10**30], "flag": True, "hash": "#x", "dash": "-x", "lead": "  x",
+    })
+    assert len(documents) > 40
+    for document in documents:
+        assert original(document) == yaml.dump(document, Dumper=mergekit_yaml._PyFlowListDumper, sort_keys=False)

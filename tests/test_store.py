@@ -277,6 +277,19 @@ def test_scores_round_trip_and_rescoring_replaces(store, study):
         store.record_scores(study, 0, "search", {"arc_easy": {"alias": "arc_easy"}})
 
 
+def test_finish_trial_writes_its_search_scores_in_the_same_transaction(store, study):
+    store.start_trial(study, 4, {"t": 0.5})
+    common = dict(values=[0.5], plan_yaml="x: 1\n", merge_seconds=1.0, eval_seconds=2.0, device="cpu", weights_hash="cd" * 32)
+    with pytest.raises(ValueError, match="is not a number"):  # a bad score: nothing is written
+        store.finish_trial(study, 4, scores={"arc_easy": {"acc": 0.5, "alias": "arc_easy"}}, **common)
+    assert store.trial(study, 4).status == "running" and store.scores(study, "search") == {}
+    store.finish_trial(study, 4, scores={"arc_easy": {"acc": np.float64(0.625)}, "wikitext": {"ppl": float("nan")}}, **common)
+    assert store.trial(study, 4).status == "complete" and store.trial(study, 4).values == [0.5]
+    search = store.scores(study, "search")
+    assert search[4]["arc_easy"] == {"acc": 0.625} and math.isnan(search[4]["wikitext"]["ppl"])
+    assert store.scores(study, "selection") == {}
+
+
 def test_references_round_trip(store, study):
     store.record_reference(study, "base", "/models/base", "search", {"arc_easy": {"acc": 0.25}})
     store.record_reference(study, "math", "/models/math", "search",

@@ -89,12 +89,11 @@ class SearchSummary:
 
 
 def _optuna_storage(url: str):
-    import optuna
-
+    from evomerge.search.storage import BatchingRDBStorage
     from evomerge.store.trial_store import tune_sqlite
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    storage = BatchingRDBStorage(url, engine_kwargs=engine_kwargs)
     tune_sqlite(storage.engine)
     return storage
 
@@ -336,8 +335,20 @@ def run_search(
             pool.close()
 
 
+def _tell(study, trial, values=None, *, state=None) -> None:
+    """study.tell without reading the finished trial back (tell returns it; we never use it)."""
+    try:
+        from optuna.study._tell import _tell_with_warning
+    except ImportError:  # another optuna layout: the public call does the same, plus the read
+        study.tell(trial, values, state=state)
+        return
+    _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state)
+
+
 def _search_loop(space, pool, genome, total, limit, progress, on_trial, started) -> SearchSummary:
     from optuna.trial import TrialState
+
+    from evomerge.search.storage import batched_params
 
     store = TrialStore(space.storage_url)
     study = open_study(space)
@@ -382,7 +393,8 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
                     break
                 asked = time.perf_counter()
                 trial = study.ask()
-                params = genome.suggest(trial)
+                with batched_params(study):  # one transaction for all genes, committed before the merge
+                    params = genome.suggest(trial)
                 store.start_trial(space.study_name, trial.number, params, worker=getattr(pool, "name", None))
                 in_flight[pool.submit(params, "search")] = (trial, params, asked)
             if not in_flight and not pool.recovering():
@@ -405,16 +417,16 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
                 log.warning("trial %d failed: %s", trial.number, reason)
                 store.fail_trial(space.study_name, trial.number, reason)
                 trial.set_user_attr("failure", reason)
-                study.tell(trial, state=TrialState.FAIL)
+                _tell(study, trial, state=TrialState.FAIL)
                 if outcome.worker_died and trial.user_attrs.get("retry_of") is None:
                     study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
                 bar.update(advance=1, failed=len(store.trials(space.study_name, status="failed")))
                 continue
             told = told_values(space, values)
-            store.record_scores(space.study_name, trial.number, "search", result.scores)
             store.finish_trial(
                 space.study_name,
                 trial.number,
+                scores=result.scores,
                 values=told,
                 plan_yaml=result.plan_yaml,
                 merge_seconds=result.merge_seconds,
@@ -424,7 +436,7 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
             )
             if not space.multi_objective:  # the dashboard shows the weighted sum; keep the per-skill values beside it
                 trial.set_user_attr("objectives", dict(zip(objective_names, values)))
-            study.tell(trial, told)  # every other detail is in the trial store (one optuna write per attr)
+            _tell(study, trial, told)  # every other detail is in the trial store (one optuna write per attr)
             if on_trial is not None:
                 on_trial({
                     "number": trial.number, "wall_seconds": time.perf_counter() - asked, "values": values,

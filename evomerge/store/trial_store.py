@@ -191,8 +191,14 @@ class TrialStore:
         eval_seconds: float,
         device: str,
         weights_hash: str,
+        scores: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
-        """Record a trial as complete. Works even if `start_trial` was never called."""
+        """Record a trial as complete. Works even if `start_trial` was never called.
+
+        `scores` (optional): its search-split scores, written in the same transaction (what
+        `record_scores(study, number, "search", scores)` writes, one commit fewer).
+        """
+        score_rows = self._score_rows(study, number, "search", scores) if scores else []
         row = _blank_trial(study, number) | {
             "status": COMPLETE,
             "plan_yaml": plan_yaml,
@@ -204,7 +210,13 @@ class TrialStore:
             "finished_at": _utcnow(),
         }
         keep = ("genome", "worker", "started_at")
-        self._write(lambda conn: _upsert(conn, trials_table, [row], keep=keep))
+
+        def write(conn: Connection) -> None:
+            if score_rows:
+                _upsert(conn, scores_table, score_rows)
+            _upsert(conn, trials_table, [row], keep=keep)
+
+        self._write(write)
 
     def fail_trial(
         self,
@@ -275,12 +287,14 @@ class TrialStore:
         self, study: str, number: int, split: str, scores: Mapping[str, Mapping[str, float]]
     ) -> None:
         """One row per (task, metric); scoring the same trial and split again replaces them."""
-        now = _utcnow()
-        base = {"study": study, "number": number, "split": _split(split), "recorded_at": now}
-        rows = [base | {"task": task, "metric": metric, "value": value}
-                for task, metric, value in _score_rows(scores)]
+        rows = self._score_rows(study, number, split, scores)
         if rows:
             self._write(lambda conn: _upsert(conn, scores_table, rows))
+
+    @staticmethod
+    def _score_rows(study: str, number: int, split: str, scores: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
+        base = {"study": study, "number": number, "split": _split(split), "recorded_at": _utcnow()}
+        return [base | {"task": task, "metric": metric, "value": value} for task, metric, value in _score_rows(scores)]
 
     def scores(self, study: str, split: str) -> dict[int, dict[str, dict[str, float]]]:
         """number -> task -> metric -> value, numbers ascending; NaN where a score was NaN."""
@@ -393,8 +407,8 @@ def _make_engine(url: str, *, echo: bool) -> Engine:
 def tune_sqlite(engine: Engine) -> None:
     """Write-ahead log + synchronous=NORMAL on every new connection of a SQLite engine.
 
-    A study commits dozens of small transactions per trial (optuna writes each parameter on its
-    own); with a rollback journal and full fsync each costs ~2 ms here. In WAL mode with NORMAL
+    A study commits about ten small transactions per trial (optuna's ask, sampler and tell, the
+    trial store); with a rollback journal and full fsync each costs ~2 ms here. In WAL mode with NORMAL
     sync a commit is an append, readers (optuna-dashboard) never block the writer, and a killed
     process still loses nothing it committed: only an OS crash or power cut can drop the last
     few transactions. Used for our engine and for optuna's, which share the file.
