@@ -264,3 +264,20 @@ def test_reads_give_the_same_frozen_trials_as_rdbstorage(url, name):
     with pytest.raises(KeyError):
         storage._get_trials(study_id + 1000, None, set(), -1)
     plain.engine.dispose()
+
+
+def test_fast_storage_only_on_a_tested_optuna(monkeypatch, tmp_path):
+    """Private optuna internals are used only where they were tested; elsewhere optuna's own."""
+    from evomerge.search import storage as storage_module
+
+    assert storage_module.supported()  # the pinned optuna (constraints.txt) is a tested one
+    assert storage_module.supported("5.0.3") and not storage_module.supported("4.2.1")
+    assert not storage_module.supported("5.1.0")
+    url = f"sqlite:///{tmp_path / 'v.db'}"
+    assert type(storage_module.make_storage(url)) is storage_module.BatchingRDBStorage
+    monkeypatch.setattr(storage_module, "TESTED_OPTUNA", ())
+    plain = storage_module.make_storage(url)
+    assert type(plain) is optuna.storages.RDBStorage
+    study = optuna.create_study(storage=plain, study_name="plain")
+    with storage_module.batched_params(study):  # a no-op block on the plain storage
+        study.ask().suggest_float("x", 0, 1)

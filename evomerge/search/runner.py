@@ -89,11 +89,11 @@ class SearchSummary:
 
 
 def _optuna_storage(url: str):
-    from evomerge.search.storage import BatchingRDBStorage
+    from evomerge.search.storage import make_storage
     from evomerge.store.trial_store import tune_sqlite
 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    storage = BatchingRDBStorage(url, engine_kwargs=engine_kwargs)
+    storage = make_storage(url, engine_kwargs=engine_kwargs)
     tune_sqlite(storage.engine)
     return storage
 

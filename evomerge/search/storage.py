@@ -10,7 +10,10 @@ the trial is told; a finished trial has every parameter in optuna's tables, as o
 and a resumed study expect. A process killed inside the block leaves a RUNNING trial without
 parameters, which a resumed search fails (it had not been evaluated yet).
 
-Outside the block, and in any other thread, it writes like the plain RDBStorage. The same code
+It leans on optuna's private storage internals, so `make_storage` uses it only on the optuna
+releases in TESTED_OPTUNA (the pinned one); any other optuna gets its own RDBStorage, slower
+per trial and otherwise the same. Outside the block, and in any other thread, it writes like the
+plain RDBStorage. The same code
 path runs on every database SQLAlchemy and optuna support (SQLite, PostgreSQL, MySQL).
 
 Reads: optuna re-reads a running trial from the database several times a trial (`ask`, the
@@ -205,6 +208,22 @@ _RELATED = (  # FrozenTrial builder's attribute, table, primary key (the builder
     ("intermediate_values", models.TrialIntermediateValueModel.__table__, "trial_intermediate_value_id"),
 )
 _UTC_COLUMNS = hasattr(models.TrialModel, "_datetime_start_utc")  # optuna >= 5 stores naive UTC
+
+
+# The optuna releases whose private storage internals (models, session helper, FrozenTrial
+# builder, _set_trial_param/_get_trials signatures) this module was written and tested against.
+TESTED_OPTUNA = ("5.0",)
+
+
+def supported(version: str | None = None) -> bool:
+    """Whether this optuna is one the fast storage was tested with (else: plain RDBStorage)."""
+    version = optuna.__version__ if version is None else version
+    return ".".join(version.split(".")[:2]) in TESTED_OPTUNA
+
+
+def make_storage(url: str, **kwargs: Any) -> RDBStorage:
+    """BatchingRDBStorage on a tested optuna, optuna's own RDBStorage on any other."""
+    return (BatchingRDBStorage if supported() else RDBStorage)(url, **kwargs)
 
 
 def batched_params(study: optuna.Study):
