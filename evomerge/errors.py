@@ -22,3 +22,7 @@ class ConfigError(EvomergeError):
 
 class CompatibilityError(EvomergeError):
     """The input models cannot be merged together (architecture, tensor names, shapes)."""
+
+
+class NonFiniteMergeError(EvomergeError, FloatingPointError):
+    """A merge produced NaN or Inf (an overflowing weight, or NaN/Inf in a source tensor)."""

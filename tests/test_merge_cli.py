@@ -117,3 +117,20 @@ def test_validate_and_methods_commands(tmp_path, family, capsys):
     listing = capsys.readouterr().out
     for name in ("linear", "slerp", "ties", "dare_ties", "della", "model_stock", "breadcrumbs_ties", "nuslerp", "passthrough"):
         assert name in listing
+
+
+def test_a_merge_that_overflows_fails_with_the_tensor_named(tmp_path, family, capsys):
+    config = write_yaml(
+        tmp_path / "overflow.yml",
+        f"""
+merge_method: linear
+models:
+  - {{model: {family['ft1']}, parameters: {{weight: 1.0e+39}}}}
+  - {{model: {family['ft2']}, parameters: {{weight: 1.0}}}}
+parameters: {{normalize: false}}
+dtype: float32
+""",
+    )
+    assert _run(["merge", str(config), str(tmp_path / "out"), "--quiet"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "NaN or Inf" in err and len(err.splitlines()) == 1

