@@ -21,7 +21,7 @@ pytest.importorskip("mergekit")
 from mergekit import sparsify as mk_sparsify  # noqa: E402
 from mergekit.merge_methods import merge_tensors as mk_merge_tensors  # noqa: E402
 
-from evomerge.merge import blocks, sparsify  # noqa: E402
+from evomerge.merge import blocks, methods, sparsify  # noqa: E402
 from evomerge.merge.methods import METHODS, merge_tensors  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -29,10 +29,12 @@ BF16 = torch.bfloat16
 
 @pytest.fixture(autouse=True, params=["whole", "blocks of 97"])
 def block_size(request, monkeypatch):
-    """Every comparison twice: each tensor in one block, and cut into many odd-sized blocks
-    (blocked evaluation, per-block tie counting and chunked masks must not change a bit)."""
+    """Every comparison twice: each tensor in one block with TIES cuts by kthvalue, and cut into
+    many odd-sized blocks with TIES cuts by radix histograms (blocked evaluation, per-block tie
+    counting and chunked masks must not change a bit)."""
     if request.param != "whole":
         monkeypatch.setattr(blocks, "CPU_BLOCK", 97)
+        monkeypatch.setattr(methods, "_RADIX_MIN", 0)
     return request.param
 
 
