@@ -502,7 +502,7 @@ class _Trim:
 
 
 def _rescale_factor(trim: _Trim, delta_blocks) -> float | None:
-    """||delta||_1 / ||trimmed||_1 in float64, or None when either is below RESCALE_EPS."""
+    """sparsify.rescale_factor of the float64 L1 norms, summed block by block."""
     before = after = 0.0
     if trim.cut is not None:
         trim.cut.restart()
@@ -511,9 +511,7 @@ def _rescale_factor(trim: _Trim, delta_blocks) -> float | None:
         after += float(trim.apply(delta, start, stop).abs().to(torch.float64).sum())
     if trim.cut is not None:
         trim.cut.restart()
-    if before < sparsify.RESCALE_EPS or after < sparsify.RESCALE_EPS:
-        return None
-    return before / after
+    return sparsify.rescale_factor(before, after)
 
 
 def _plan_trim(kind: str | None, source: torch.Tensor, base: torch.Tensor, params, rescale, seed, index) -> _Trim:
@@ -556,8 +554,7 @@ def _plan_trim(kind: str | None, source: torch.Tensor, base: torch.Tensor, param
                 mask = sparsify.dare_mask(delta, density, generator)
             else:
                 sparsify.check_della(density, params["epsilon"])
-                probabilities = sparsify.della_probabilities(delta.reshape(shape), density, params["epsilon"])
-                mask = sparsify._uniform(delta, generator) < probabilities.reshape(-1)
+                mask = sparsify.della_mask(delta.reshape(shape), density, params["epsilon"], generator)
         del delta
         trim = _Trim(mask=mask.reshape(-1))
     if rescale:

@@ -87,11 +87,15 @@ def apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.
     kept = delta * mask
     if not rescale:
         return kept
-    before = l1_norm(delta)
-    after = l1_norm(kept)
+    factor = rescale_factor(l1_norm(delta), l1_norm(kept))
+    return kept if factor is None else kept * factor
+
+
+def rescale_factor(before: float, after: float) -> float | None:
+    """||delta||_1 / ||kept||_1, or None (no rescale) when either is below RESCALE_EPS."""
     if before < RESCALE_EPS or after < RESCALE_EPS:
-        return kept
-    return kept * (before / after)
+        return None
+    return before / after
 
 
 # -- magnitude ranking ---------------------------------------------------------------------------
@@ -309,6 +313,11 @@ def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> 
     return probabilities.reshape(delta.shape)
 
 
+def della_mask(delta: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+    """DELLA: each entry kept with its rank-dependent probability (`della_probabilities`)."""
+    return _uniform(delta, generator) < della_probabilities(delta, density, epsilon)
+
+
 def della(
     delta: torch.Tensor,
     density: float,
@@ -324,5 +333,4 @@ def della(
     check_della(density, epsilon)
     if delta.numel() == 0:
         return delta.clone()
-    keep = _uniform(delta, generator) < della_probabilities(delta, density, epsilon)
-    return apply_mask(delta, keep, rescale)
+    return apply_mask(delta, della_mask(delta, density, epsilon, generator), rescale)
