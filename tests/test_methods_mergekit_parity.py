@@ -21,21 +21,31 @@ pytest.importorskip("mergekit")
 from mergekit import sparsify as mk_sparsify  # noqa: E402
 from mergekit.merge_methods import merge_tensors as mk_merge_tensors  # noqa: E402
 
-from evomerge.merge import blocks, methods, sparsify  # noqa: E402
+from evomerge.merge import blocks, methods, native, sparsify  # noqa: E402
 from evomerge.merge.methods import METHODS, merge_tensors  # noqa: E402
 
 BF16 = torch.bfloat16
 
 
-@pytest.fixture(autouse=True, params=["whole", "blocks of 97"])
+@pytest.fixture(autouse=True, params=["whole", "blocks of 97", "native"])
 def block_size(request, monkeypatch):
-    """Every comparison twice: each tensor in one block with TIES cuts by kthvalue, and cut into
-    many odd-sized blocks with TIES cuts by radix histograms (blocked evaluation, per-block tie
-    counting and chunked masks must not change a bit)."""
-    if request.param != "whole":
+    """Every comparison three times. Eager torch kernels: each tensor in one block with TIES cuts
+    by kthvalue, and cut into many odd-sized blocks with TIES cuts by radix histograms (blocked
+    evaluation, per-block tie counting and chunked masks must not change a bit). Then the fused C
+    kernel for the task-vector methods (native.py), with its histogram cuts and exact re-do of
+    the entries inside a cut's bucket."""
+    native.reset()
+    if request.param == "native":
+        monkeypatch.setenv("EVOMERGE_NATIVE", "1")
+        if native.library() is None:
+            pytest.skip("no C compiler here: the fused kernel cannot be built")
+    else:
+        monkeypatch.setenv("EVOMERGE_NATIVE", "0")
+    if request.param == "blocks of 97":
         monkeypatch.setattr(blocks, "CPU_BLOCK", 97)
         monkeypatch.setattr(methods, "_RADIX_MIN", 0)
-    return request.param
+    yield request.param
+    native.reset()
 
 
 def mergekit_merge(method, tensors, model_params, global_params, base_index):

@@ -22,7 +22,7 @@ from evomerge.errors import NonFiniteMergeError
 from evomerge.io.checkpoint import copy_tokenizer, write_config, write_model_card, write_recipe
 from evomerge.io.model_dir import ModelDir
 from evomerge.io.safetensors_io import StreamingCheckpointWriter
-from evomerge.merge.methods import merge_tensors
+from evomerge.merge.methods import DeltaCache, merge_tensors
 from evomerge.merge.plan import MergePlan, TensorRecipe, dtype_name, tensor_seed
 from evomerge.progress import progress_bar
 
@@ -47,10 +47,12 @@ def compute_recipe(
     math_dtype: torch.dtype | None,
     seed: int,
     out: torch.Tensor | None = None,
+    cache: DeltaCache | None = None,
 ) -> torch.Tensor:
     """One output tensor from its (already loaded) source tensors; pure math, any device.
 
-    With `out` (see merge_tensors) the result is written there instead of a new tensor."""
+    With `out` (see merge_tensors) the result is written there instead of a new tensor; `cache`
+    (resident sources only) keeps delta statistics keyed by the recipe's (model, tensor) inputs."""
     if math_dtype is not None:
         source_tensors = [t.to(math_dtype) for t in source_tensors]
     elif recipe.base_index is not None:
@@ -64,6 +66,8 @@ def compute_recipe(
         recipe.base_index,
         seed=tensor_seed(seed, recipe.name),
         out=out,
+        cache=cache,
+        cache_keys=recipe.inputs,
     )
 
 

@@ -21,6 +21,10 @@ Conventions (as in mergekit):
 * linear, slerp and the task-vector methods evaluate block by block (`blocks.py`): whole-tensor
   statistics first (norms, cuts, masks), then the elementwise chain per cache-sized block, with
   the same ops in the same order, so the bits equal whole-tensor evaluation.
+* On CPU the task-vector methods run as one fused C loop when a C compiler is at hand
+  (`native.py`, `fused.c`; EVOMERGE_NATIVE=0 turns it off), bit-identical to the eager chain:
+  TIES cuts come from |delta| histograms (kept across trials for resident sources) and the
+  entries inside the cut's bucket are settled exactly. tests/test_native.py holds the two together.
 
 Differences from mergekit (deliberate; each is also commented where it happens):
 1. breadcrumbs with int(gamma * numel) == 0 keeps the top int(density * numel) magnitudes.
@@ -33,6 +37,10 @@ Differences from mergekit (deliberate; each is also commented where it happens):
    probability), and della keep probabilities stay float32 for bf16 deltas. See `sparsify.py`.
 5. Masks come from our own seeded generators, so dare/della masks differ from mergekit's
    (which draw from the global RNG); their distribution and everything else is the same.
+6. Sums over the models add in model order into a float32 accumulator (`_model_sum`). That is
+   torch.sum(dim=0), mergekit's, for up to 4 models; with 5+ models torch adds the last columns
+   of a tensor in another order, so those entries can differ from mergekit in the last bit.
+   A fixed order of our own keeps weight hashes independent of torch's reduction internals.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from typing import Any
 
 import torch
 
-from evomerge.merge import blocks, sparsify
+from evomerge.merge import blocks, native, sparsify
 
 # Elements per float64 reduction chunk (bounds scratch memory on huge tensors).
 _CHUNK = 1 << 20
@@ -562,54 +570,143 @@ def _plan_trim(kind: str | None, source: torch.Tensor, base: torch.Tensor, param
     return trim
 
 
+def _combine(flat_base, flat_sources, trims, weights, kind: _TaskVectorMethod, options, divisor, target) -> None:
+    """The eager elementwise chain over flat tensors, one cache-sized block at a time: trim,
+    weight, optional sign consensus and normalisation, lambda, base + mixed."""
+    # One buffer for all deltas of a block (as mergekit stacks them).
+    size = min(blocks.block_size(flat_base.device), target.numel())
+    scratch = flat_base.new_empty((len(flat_sources), size))
+    accumulate = torch.float64 if flat_base.dtype == torch.float64 else torch.float32
+    sums = flat_base.new_empty((3, size), dtype=accumulate)
+    for start, stop in blocks.blocks(target.numel(), flat_base.device):
+        deltas = scratch[:, : stop - start]
+        base_block = flat_base[start:stop]
+        for row, (source, trim) in enumerate(zip(flat_sources, trims)):
+            trim.apply(torch.sub(source[start:stop], base_block, out=deltas[row]), start, stop)
+        deltas.mul_(weights)
+        if kind.consensus:
+            # Majority sign = sign of the total weighted mass (0 counts as +). A pruned entry
+            # has sign 0 and never agrees, so it neither contributes nor counts in the divisor.
+            # sign(delta) == majority sign <=> where(majority >= 0, delta > 0, delta < 0),
+            # in two ops instead of three (0 and NaN never agree either way).
+            majority = torch.where(_model_sum(deltas, sums[0]) >= 0, 1.0, -1.0).to(deltas.dtype)
+            agrees = torch.sign(deltas) == majority
+            mixed = _model_sum(deltas.mul_(agrees), sums[1])
+            if options["normalize"]:  # the per-element divisor costs a pass over all deltas
+                divisor = _model_sum(weights * agrees, sums[2])
+                divisor.masked_fill_(divisor == 0, 1)
+        else:
+            mixed = _model_sum(deltas, sums[1])
+        if options["normalize"]:
+            mixed /= divisor
+        if options["lambda"] != 1:
+            mixed *= options["lambda"]
+        torch.add(base_block, mixed, out=target[start:stop])
+
+
+def _model_sum(rows: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """Sum over the model axis in model order, accumulated in float32 (float64 for float64) from
+    +0 and rounded to the rows' dtype once: torch.sum(dim=0)'s result for up to 4 models, but an
+    order of our own, so the fused kernel can match it bit for bit (torch adds 5+ rows in another
+    order on the last columns, which would also tie our hashes to torch's reduction internals)."""
+    acc = scratch[: rows.shape[1]].zero_()
+    for row in rows:
+        acc.add_(row)
+    return acc if acc.dtype == rows.dtype else acc.to(rows.dtype)
+
+
+class DeltaCache:
+    """Whole-tensor statistics of deltas between tensors that never change (a search's resident
+    sources), kept across merges: with the |delta| histogram cached, the TIES cut of any density
+    is a lookup instead of a pass over the data. Thread-safe for concurrent merges (a lost race
+    computes the same value twice)."""
+
+    def __init__(self) -> None:
+        self._histograms: dict[Any, sparsify.KeyHistogram] = {}
+
+    def histogram(self, key: Any, compute: Callable[[], torch.Tensor]) -> sparsify.KeyHistogram:
+        found = self._histograms.get(key)
+        if found is None:
+            found = self._histograms[key] = sparsify.KeyHistogram.of(compute())
+        return found
+
+    def __len__(self) -> int:
+        return len(self._histograms)
+
+
+def _native_eligible(kind: _TaskVectorMethod, options, base: torch.Tensor) -> bool:
+    # A rescaled TIES trim needs the kept L1 norm before the fused pass: eager path.
+    return not (kind.sparsifier == "magnitude" and options["rescale"]) and native.supports(base)
+
+
+def _native_task_vectors(kind, tensors, model_params, options, base_index, seed, weights, divisor, target, histogram):
+    """The fused C kernel (native.py) over the whole tensor, in one call: TIES cuts come from
+    |delta| histograms (cached for resident sources), the kernel settles the entries inside each
+    cut's bucket exactly itself, and the other sparsifiers hand it their masks."""
+    base = tensors[base_index]
+    sources = [index for index in range(len(tensors)) if index != base_index]
+    flat_base, flat_sources = blocks.flat(base), [blocks.flat(tensors[i]) for i in sources]
+    count = flat_base.numel()
+    modes, buckets, wanted, masks, factors = [], [], [], [], []
+    capacity = 0
+    for row, index in enumerate(sources):
+        params, mode, bucket, keep, trim = model_params[index], native.KEEP, 0, 0, _Trim()
+        if kind.sparsifier == "magnitude":
+            density = params["density"]
+            k = max(1, int(density * count))  # as _plan_trim
+            if density <= 0:
+                mode = native.ZERO
+            elif density < 1 and k < count:
+                cut = histogram(index, lambda s=flat_sources[row]: native.key_histogram(flat_base, s))
+                bucket, greater, inside = cut.kth_largest(k)
+                mode, keep = native.CUT, k - greater
+                capacity += inside
+        else:
+            trim = _plan_trim(kind.sparsifier, tensors[index], base, params, options["rescale"], seed, index)
+            mode = native.ZERO if trim.zero else native.MASK if trim.mask is not None else native.KEEP
+        modes.append(mode)
+        buckets.append(bucket)
+        wanted.append(keep)
+        masks.append(trim.mask if mode == native.MASK else None)
+        factors.append(trim.factor if mode == native.MASK else None)
+    native.task_vectors(
+        flat_base, flat_sources, weights.reshape(-1).float().tolist(), modes, buckets, wanted, masks, factors,
+        consensus=kind.consensus, normalize=options["normalize"],
+        divisor=float(divisor) if options["normalize"] and not kind.consensus else 1.0,
+        lam=options["lambda"], out=target, capacity=capacity,
+    )  # fmt: skip
+
+
+def _no_cache(index: int, compute: Callable[[], torch.Tensor]) -> sparsify.KeyHistogram:
+    return sparsify.KeyHistogram.of(compute())
+
+
 def _task_vectors(method: str) -> Callable[..., torch.Tensor]:
     kind = _TASK_VECTOR_METHODS[method]
 
-    def merge(tensors, model_params, options, base_index, seed, out=None) -> torch.Tensor:
+    def merge(tensors, model_params, options, base_index, seed, out=None, histogram=_no_cache) -> torch.Tensor:
         base = tensors[base_index]
         sources = [index for index in range(len(tensors)) if index != base_index]
         result = _result(base, out)
         if not sources or base.numel() == 0:
             return result.copy_(base)
-        trims = [
-            _plan_trim(kind.sparsifier, tensors[i], base, model_params[i], options["rescale"], seed, i) for i in sources
-        ]
         # Weights in the math dtype (bf16-rounded for bf16 merges, like mergekit).
         weights = torch.tensor([model_params[i]["weight"] for i in sources], dtype=base.dtype, device=base.device)
         weights = weights.reshape(-1, 1)
+        divisor = None
         if options["normalize"] and not kind.consensus:
             divisor = weights.sum(dim=0)
             divisor[divisor.abs() < 1e-8] = 1
-        flat_sources = [blocks.flat(tensors[i]) for i in sources]
-        flat_base, target = blocks.flat(base), blocks.flat(result)
-        # One buffer for all deltas of a block (as mergekit stacks them), so the sums over the
-        # model axis reduce in one op, in the same order as on whole tensors.
-        size = min(blocks.block_size(base.device), target.numel())
-        scratch = base.new_empty((len(sources), size))
-        for start, stop in blocks.blocks(target.numel(), base.device):
-            deltas = scratch[:, : stop - start]
-            base_block = flat_base[start:stop]
-            for row, (source, trim) in enumerate(zip(flat_sources, trims)):
-                trim.apply(torch.sub(source[start:stop], base_block, out=deltas[row]), start, stop)
-            deltas.mul_(weights)
-            if kind.consensus:
-                # Majority sign = sign of the total weighted mass (0 counts as +). A pruned entry
-                # has sign 0 and never agrees, so it neither contributes nor counts in the divisor.
-                # sign(delta) == majority sign <=> where(majority >= 0, delta > 0, delta < 0),
-                # in two ops instead of three (0 and NaN never agree either way).
-                majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
-                agrees = torch.sign(deltas) == majority
-                mixed = deltas.mul_(agrees).sum(dim=0)
-                if options["normalize"]:  # the per-element divisor costs a pass over all deltas
-                    divisor = (weights * agrees).sum(dim=0)
-                    divisor.masked_fill_(divisor == 0, 1)
-            else:
-                mixed = deltas.sum(dim=0)
-            if options["normalize"]:
-                mixed /= divisor
-            if options["lambda"] != 1:
-                mixed *= options["lambda"]
-            torch.add(base_block, mixed, out=target[start:stop])
+        target = blocks.flat(result)
+        if _native_eligible(kind, options, base):
+            _native_task_vectors(
+                kind, tensors, model_params, options, base_index, seed, weights, divisor, target, histogram
+            )
+            return result
+        trims = [
+            _plan_trim(kind.sparsifier, tensors[i], base, model_params[i], options["rescale"], seed, i) for i in sources
+        ]
+        _combine(blocks.flat(base), [blocks.flat(tensors[i]) for i in sources], trims, weights, kind, options, divisor, target)
         return result
 
     return merge
@@ -651,6 +748,8 @@ def merge_tensors(
     base_index: int | None,
     seed: int | None = None,
     out: torch.Tensor | None = None,
+    cache: DeltaCache | None = None,
+    cache_keys: Sequence[Any] | None = None,
 ) -> torch.Tensor:
     """Merge one output tensor from its source tensors (one per source model, config order).
 
@@ -660,6 +759,8 @@ def merge_tensors(
     caller derives it per tensor. The result never aliases an input. Bad inputs raise ValueError.
     `out` (contiguous, the result's shape and dtype, aliasing no input) receives the result
     without a full-size temporary: how a search re-merges into a resident model.
+    `cache` keeps statistics of the deltas between inputs that never change across calls (resident
+    sources), under `cache_keys` (one hashable per tensor naming its content, e.g. (model, name)).
     """
     spec = get_method(method)
     tensors = list(tensors)
@@ -676,6 +777,13 @@ def merge_tensors(
     implementation = _IMPLEMENTATIONS[spec.name]
     seed = 0 if seed is None else seed
     with torch.no_grad():
+        if spec.name in _TASK_VECTOR_METHODS and cache is not None and cache_keys is not None:
+            keys = list(cache_keys)
+
+            def histogram(index: int, compute: Callable[[], torch.Tensor]) -> sparsify.KeyHistogram:
+                return cache.histogram((keys[index], keys[base_index], str(dtype)), compute)
+
+            return implementation(tensors, resolved, options, base_index, seed, out=out, histogram=histogram)
         if spec.name in _WRITES_OUT:
             return implementation(tensors, resolved, options, base_index, seed, out=out)
         merged = implementation(tensors, resolved, options, base_index, seed)

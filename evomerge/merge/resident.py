@@ -18,6 +18,7 @@ import torch
 from evomerge.errors import CompatibilityError, NonFiniteMergeError
 from evomerge.io.model_dir import ModelDir
 from evomerge.merge.engine import all_finite, compute_recipe, default_workers, torch_threads
+from evomerge.merge.methods import DeltaCache
 from evomerge.merge.plan import MergePlan, TensorRecipe
 
 
@@ -40,6 +41,8 @@ class ResidentSources:
         self.device = torch.device(device)
         self.dtype = dtype
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        # Delta statistics (TIES cut histograms) of these never-changing tensors, kept across trials.
+        self.delta_cache = DeltaCache()
         for name, model in models.items():
             model_dir = model if isinstance(model, ModelDir) else ModelDir(model, allow_pickle=allow_pickle)
             wanted = list(tensor_names) if tensor_names is not None else list(model_dir.tensors)
@@ -84,6 +87,7 @@ def materialize(
     of 64K-entry ops waits on the other cores for longer than the op takes.
     """
     result_dtype = plan.math_dtype or sources.dtype
+    options = {"math_dtype": plan.math_dtype, "seed": plan.seed, "cache": sources.delta_cache}
 
     @torch.no_grad()
     def merge_one(recipe: TensorRecipe) -> None:
@@ -91,9 +95,9 @@ def materialize(
         destination = target[recipe.name].data
         if destination.dtype == result_dtype and destination.device == sources.device and destination.is_contiguous():
             # Straight into the parameter, block by block: no full-size temporary per tensor.
-            compute_recipe(recipe, inputs, math_dtype=plan.math_dtype, seed=plan.seed, out=destination)
+            compute_recipe(recipe, inputs, **options, out=destination)
         else:
-            destination.copy_(compute_recipe(recipe, inputs, math_dtype=plan.math_dtype, seed=plan.seed))
+            destination.copy_(compute_recipe(recipe, inputs, **options))
 
     if sources.device.type != "cpu":
         for recipe in plan.tensors:

@@ -37,7 +37,9 @@ Differences from mergekit (0.1.5, and the 0.1.4 notes in the research file):
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Below this L1 norm (before or after masking) the rescale is skipped, as in mergekit.
@@ -193,6 +195,32 @@ def _bucket_of_kth_largest(counts: torch.Tensor, k: int) -> tuple[int, int, int]
     # The bucket is the first whose running count exceeds total - k.
     bucket = int(torch.searchsorted(at_or_below, total - k, right=True))
     return bucket, total - int(at_or_below[bucket]), int(counts[bucket])
+
+
+@dataclass(frozen=True)
+class KeyHistogram:
+    """Cumulative counts of |delta| bit patterns (>> shift) over the non-empty bucket range: the
+    first level of a radix selection, small enough to keep per resident tensor, and a top-k cut
+    of any k is then a binary search instead of a pass over the data."""
+
+    first: int  # bucket of at_or_below[0]
+    at_or_below: np.ndarray  # int64 running counts from bucket `first`
+
+    @classmethod
+    def of(cls, counts: torch.Tensor) -> KeyHistogram:
+        filled = torch.nonzero(counts).reshape(-1)
+        if filled.numel() == 0:
+            return cls(0, np.zeros(1, dtype=np.int64))
+        first, last = int(filled[0]), int(filled[-1])
+        return cls(first, np.cumsum(counts[first : last + 1].numpy()))
+
+    def kth_largest(self, k: int) -> tuple[int, int, int]:
+        """(bucket, entries in higher buckets, entries in it) for the k-th largest key."""
+        at_or_below = self.at_or_below
+        total = int(at_or_below[-1])
+        index = int(np.searchsorted(at_or_below, total - k, side="right"))
+        below = int(at_or_below[index - 1]) if index else 0
+        return self.first + index, total - int(at_or_below[index]), int(at_or_below[index]) - below
 
 
 class MagnitudeCut:

@@ -1,0 +1,189 @@
+"""The fused C kernel (evomerge/merge/native.py) against the eager torch kernels, bit for bit.
+
+A trial's weight hash is recorded from whichever path merged it, and `evomerge export` must
+reproduce it on a machine that may have no C compiler: the two paths must agree on every bit,
+signed zeros and position-ordered ties at a TIES cut included.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import pytest
+import torch
+
+from evomerge.merge import methods, native, sparsify
+from evomerge.merge.methods import DeltaCache, merge_tensors
+
+
+@pytest.fixture
+def use_native(monkeypatch):
+    """Switch between the fused kernel and the eager kernels inside one test."""
+
+    def switch(enabled: bool) -> None:
+        monkeypatch.setenv("EVOMERGE_NATIVE", "1" if enabled else "0")
+        native.reset()
+
+    switch(True)
+    if native.library() is None:
+        pytest.skip("no C compiler here: the fused kernel cannot be built")
+    yield switch
+    native.reset()
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.view(torch.int32 if tensor.element_size() == 4 else torch.int16)
+
+
+def adversarial_inputs(dtype, models, size, seed):
+    """A base and `models` fine-tunes with the cases that break a careless kernel: unchanged
+    entries (zero deltas), many equal magnitudes at any cut, signed zeros, mixed scales."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(size, generator=generator)
+    base[::7] = -0.0
+    sources = []
+    for index in range(models):
+        delta = torch.randn(size, generator=generator) * 10.0 ** -(index % 3 + 1)
+        delta[: size // 4] = 0.0  # unchanged entries
+        delta[size // 4 :: 3] = 0.015625 * (-1) ** index  # one magnitude, many times: ties at the cut
+        sources.append(base + delta)
+    return [base.to(dtype)] + [source.to(dtype) for source in sources]
+
+
+CASES = [
+    ("task_arithmetic", {}, {}),
+    ("task_arithmetic", {"normalize": True, "lambda": 0.7}, {}),
+    ("ties", {}, {}),
+    ("ties", {"normalize": False, "lambda": 1.3}, {}),
+    ("dare_ties", {}, {}),
+    ("dare_linear", {"rescale": False}, {}),
+    ("breadcrumbs_ties", {}, {"gamma": 0.05}),
+    ("della_linear", {}, {"epsilon": 0.1}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("models", [1, 2, 5])
+def test_fused_kernel_matches_eager_bit_for_bit(use_native, dtype, models):
+    weights = [0.4, -0.7, 1.0, 0.25, 0.6][:models]
+    for size, (method, options, extra), density in itertools.product((1, 301, 70001), CASES, (0.0, 0.3, 0.5, 1.0)):
+        if method.startswith("della") and density in (0.0, 1.0):
+            density = 0.5
+        tensors = adversarial_inputs(dtype, models, size, seed=size + models)
+        params = [{}] + [{"weight": w, "density": density, **extra} for w in weights]
+        results = []
+        for enabled in (False, True):
+            use_native(enabled)
+            results.append(merge_tensors(method, tensors, params, options, 0, seed=5))
+        assert torch.equal(bits(results[0]), bits(results[1])), (method, options, size, density)
+
+
+def test_ties_cut_keeps_equal_magnitudes_in_position_order(use_native):
+    """All |delta| equal: the cut keeps exactly the first k entries (a stable sort's choice)."""
+    size, density = 1000, 0.37
+    base = torch.zeros(size)
+    source = torch.full((size,), 0.5)
+    merged = merge_tensors("ties", [base, source], [{}, {"weight": 1.0, "density": density}], {}, 0)
+    keep = int(density * size)
+    assert torch.equal(merged[:keep], torch.full((keep,), 0.5))
+    assert torch.equal(merged[keep:], torch.zeros(size - keep))
+
+
+def test_cached_histograms_give_the_same_bits_and_are_computed_once(use_native):
+    tensors = adversarial_inputs(torch.float32, 3, 50_000, seed=1)
+    keys = [("base", "w"), ("a", "w"), ("b", "w"), ("c", "w")]
+    cache = DeltaCache()
+    for density in (0.2, 0.5, 0.9):
+        params = [{}] + [{"weight": 0.5, "density": density}] * 3
+        cached = merge_tensors("ties", tensors, params, {}, 0, cache=cache, cache_keys=keys)
+        assert torch.equal(bits(cached), bits(merge_tensors("ties", tensors, params, {}, 0)))
+    assert len(cache) == 3  # one histogram per (model, base) pair, reused for every density
+
+
+def test_key_histogram_selection_matches_a_sort(use_native):
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(20_000, generator=generator)
+    source = base + torch.randn(20_000, generator=generator) * 0.01
+    histogram = sparsify.KeyHistogram.of(native.key_histogram(base, source))
+    keys = (source - base).abs().sort(descending=True).values
+    for k in (1, 7, 10_000, 19_999):
+        bucket, greater, inside = histogram.kth_largest(k)
+        high = keys.view(torch.int32) >> native.KEY_SHIFT[torch.float32]
+        assert int(high[k - 1]) == bucket
+        assert greater == int((high > bucket).sum()) and inside == int((high == bucket).sum())
+
+
+def test_resident_materialize_fills_the_delta_cache(use_native, demo_family):
+    from evomerge.merge.plan import MergePlan, TensorRecipe
+    from evomerge.merge.resident import ResidentSources, materialize
+
+    models = {"base": demo_family.base, "ft": demo_family.finetunes[demo_family.skills[0]]}
+    sources = ResidentSources(models, dtype=torch.float32)
+    names = [name for name, tensor in sources.tensors["base"].items() if tensor.dim() == 2][:3]
+    recipes = tuple(
+        TensorRecipe(
+            name=name,
+            method="ties",
+            inputs=(("base", name), ("ft", name)),
+            base_index=0,
+            model_params=({}, {"weight": 1.0, "density": 0.3}),
+            global_params={},
+            shape=tuple(sources.get("base", name).shape),
+        )
+        for name in names
+    )
+    plan = MergePlan(
+        models=models, tensors=recipes, math_dtype=None, out_dtype=torch.float32,
+        config_donor="base", tokenizer_donor="base", num_hidden_layers=1,
+    )  # fmt: skip
+    target = {name: torch.empty_like(sources.get("base", name)) for name in names}
+    materialize(plan, sources, target)
+    assert len(sources.delta_cache) == len(names)
+    use_native(False)
+    for recipe in recipes:
+        expected = merge_tensors("ties", [sources.get(*i) for i in recipe.inputs], recipe.model_params, {}, 0)
+        assert torch.equal(bits(target[recipe.name]), bits(expected))
+
+
+def test_without_a_compiler_merges_fall_back_to_eager(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("EVOMERGE_NATIVE", "1")
+    monkeypatch.setenv("EVOMERGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    native.reset()
+    try:
+        with caplog.at_level(logging.WARNING, logger="evomerge.merge.native"):
+            assert native.library() is None
+        assert "eager torch kernels" in caplog.text
+        tensors = adversarial_inputs(torch.float32, 2, 500, seed=3)
+        merged = merge_tensors("ties", tensors, [{}, {"weight": 1, "density": 0.5}, {"weight": 1, "density": 0.5}], {}, 0)
+        assert merged.shape == (500,) and torch.isfinite(merged).all()
+    finally:
+        native.reset()
+
+
+def test_the_kernel_is_built_once_into_the_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("EVOMERGE_NATIVE", "1")
+    monkeypatch.setenv("EVOMERGE_CACHE_DIR", str(tmp_path))
+    native.reset()
+    try:
+        if native.library() is None:
+            pytest.skip("no C compiler here: the fused kernel cannot be built")
+        built = list((tmp_path / "native").glob("fused-*.so"))
+        assert len(built) == 1
+        stamp = built[0].stat().st_mtime_ns
+        native.reset()
+        assert native.library() is not None
+        assert built[0].stat().st_mtime_ns == stamp  # loaded from the cache, not rebuilt
+    finally:
+        native.reset()
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("EVOMERGE_NATIVE", "0")
+    native.reset()
+    try:
+        assert native.library() is None
+        assert not native.supports(torch.zeros(3))
+    finally:
+        native.reset()
