@@ -79,15 +79,19 @@ def test_fused_kernel_matches_eager_bit_for_bit(use_native, dtype, models):
         assert torch.equal(bits(results[0]), bits(results[1])), (method, options, size, density)
 
 
-def test_ties_cut_keeps_equal_magnitudes_in_position_order(use_native):
-    """All |delta| equal: the cut keeps exactly the first k entries (a stable sort's choice)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_ties_cut_keeps_equal_magnitudes_in_position_order(use_native, dtype):
+    """All |delta| equal: the cut keeps exactly the first k entries (a stable sort's choice),
+    whether the ties are settled after the pass (float32) or in the stream, across the kernel's
+    256-entry chunks (bf16, fp16)."""
     size, density = 1000, 0.37
-    base = torch.zeros(size)
-    source = torch.full((size,), 0.5)
+    base = torch.zeros(size, dtype=dtype)
+    source = torch.full((size,), 0.5, dtype=dtype)
+    source[::2] = -0.5
     merged = merge_tensors("ties", [base, source], [{}, {"weight": 1.0, "density": density}], {}, 0)
     keep = int(density * size)
-    assert torch.equal(merged[:keep], torch.full((keep,), 0.5))
-    assert torch.equal(merged[keep:], torch.zeros(size - keep))
+    assert torch.equal(merged[:keep], source[:keep])
+    assert torch.equal(merged[keep:], torch.zeros(size - keep, dtype=dtype))
 
 
 def test_cached_histograms_give_the_same_bits_and_are_computed_once(use_native):

@@ -660,7 +660,7 @@ def _native_task_vectors(kind, tensors, model_params, options, base_index, seed,
                 cut = histogram(index, lambda s=flat_sources[row]: native.key_histogram(flat_base, s))
                 bucket, greater, inside = cut.kth_largest(k)
                 mode, keep = native.CUT, k - greater
-                capacity += inside
+                capacity += 0 if base.dtype in native.EXACT_KEYS else inside
         else:
             trim = _plan_trim(kind.sparsifier, tensors[index], base, params, options["rescale"], seed, index)
             mode = native.ZERO if trim.zero else native.MASK if trim.mask is not None else native.KEEP

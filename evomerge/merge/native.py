@@ -33,6 +33,7 @@ KEEP, CUT, ZERO, MASK = 0, 1, 2, 3
 # TIES cut buckets: |delta| as float32 bits >> shift. bf16 and fp16 keys are exact at these
 # shifts (their low float32 bits are 0); float32 keeps 19 bits (~0.03% of entries per bucket).
 KEY_SHIFT = {torch.float32: 12, torch.bfloat16: 16, torch.float16: 13}
+EXACT_KEYS = (torch.bfloat16, torch.float16)  # a bucket is one value: ties settle in the stream
 
 _lock = threading.Lock()
 _state: dict[str, ctypes.CDLL | None] = {}
