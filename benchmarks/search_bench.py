@@ -82,12 +82,14 @@ def remerge_vs_copy(genome, params, *, repeats: int) -> dict[str, float]:
     started = time.perf_counter()
     materialize(plan, sources, target)  # the first candidate also fills the TIES histogram cache
     first = time.perf_counter() - started
-    merge = timed(lambda: materialize(plan, sources, target), repeats)
+    # Interleaved (merge, copy, copy per round), so drift on a shared machine hits all three alike.
+    rounds = [[timed(f, 1) for f in (lambda: materialize(plan, sources, target), copy_output, copy_all)] for _ in range(repeats)]
+    merge, copy_out, copy_in_and_out = (statistics.median(column) for column in zip(*rounds))
     return {
         "first_s": first,
         "merge_s": merge,
-        "copy_out_s": timed(copy_output, repeats),
-        "copy_all_s": timed(copy_all, repeats),
+        "copy_out_s": copy_out,
+        "copy_all_s": copy_in_and_out,
         "out_mb": out_bytes / 1e6,
         "in_mb": in_bytes / 1e6,
         "tensors": len(plan.tensors),
@@ -149,7 +151,7 @@ def main() -> None:
         "Re-merge: `materialize` of one candidate into resident tensors (sources resident on CPU, in the space's "
         "dtype, which is also the math dtype). Copy baselines: `copy_` of the output bytes alone, and of the bytes the merge moves (every source "
         "tensor read once + every output written). Speed ratio = copy time / merge time (1.0 = as fast as a copy). "
-        f"Median of 5 after the first merge, which is shown apart: it also builds the |delta| histograms that "
+        f"Median of 9 interleaved rounds (merge, copies) after the first merge, which is shown apart: it also builds the |delta| histograms that "
         f"TIES cuts are read from in every later trial. Fused C kernel: {'on' if native.library() else 'OFF (no compiler)'}.",
         "",
         "| family | dtype | genome | tensors | sources MB | output MB | first merge (s) | merge (s) | copy output (s) | copy all bytes (s) | vs output copy | vs same-bytes copy |",
@@ -177,7 +179,7 @@ def main() -> None:
             elif name.endswith(".density"):
                 ties[name] = 0.5
         for genome_name, params in (("task_arithmetic (soup)", uniform), ("ties, density 0.5", ties)):
-            r = remerge_vs_copy(genome, params, repeats=5)
+            r = remerge_vs_copy(genome, params, repeats=9)
             lines.append(
                 f"| {label} | {genome.space.dtype} | {genome_name} | {r['tensors']} | {r['in_mb']:.1f} | "
                 f"{r['out_mb']:.1f} | {r['first_s']:.4f} | {r['merge_s']:.4f} | "

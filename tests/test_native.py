@@ -105,17 +105,23 @@ def test_cached_histograms_give_the_same_bits_and_are_computed_once(use_native):
     assert len(cache) == 3  # one histogram per (model, base) pair, reused for every density
 
 
-def test_key_histogram_selection_matches_a_sort(use_native):
-    generator = torch.Generator().manual_seed(0)
-    base = torch.randn(20_000, generator=generator)
-    source = base + torch.randn(20_000, generator=generator) * 0.01
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("size, zero_share", [(400_000, 0.0), (20_000, 0.3), (40, 0.25)])
+def test_key_histogram_selection_matches_a_sort(use_native, dtype, size, zero_share):
+    """Dense and sparse forms, zero deltas kept apart: the same bucket and counts as a full sort."""
+    generator = torch.Generator().manual_seed(size)
+    base = torch.randn(size, generator=generator).to(dtype)
+    source = (base.float() + torch.randn(size, generator=generator) * 0.01).to(dtype)
+    source[: int(zero_share * size)] = base[: int(zero_share * size)]
     histogram = sparsify.KeyHistogram.of(native.key_histogram(base, source))
-    keys = (source - base).abs().sort(descending=True).values
-    for k in (1, 7, 10_000, 19_999):
+    if size == 40 or dtype == torch.float32:  # a few keys over a wide range: sparse; many: dense
+        assert (histogram.buckets is None) == (size == 400_000)
+    keys = (source - base).abs().float().sort(descending=True).values
+    high = keys.view(torch.int32) >> native.KEY_SHIFT[dtype]
+    for k in sorted({1, 7, size // 3, size // 2, size - size // 4, size - 1, size}):
         bucket, greater, inside = histogram.kth_largest(k)
-        high = keys.view(torch.int32) >> native.KEY_SHIFT[torch.float32]
-        assert int(high[k - 1]) == bucket
-        assert greater == int((high > bucket).sum()) and inside == int((high == bucket).sum())
+        assert int(high[k - 1]) == bucket, k
+        assert greater == int((high > bucket).sum()) and inside == int((high == bucket).sum()), k
 
 
 def test_resident_materialize_fills_the_delta_cache(use_native, demo_family):

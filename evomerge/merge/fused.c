@@ -76,8 +76,6 @@ INLINE float round_to(int dtype, float v) {
     return v;
 }
 
-INLINE float sign_of(float v) { return (float)((v > 0.0f) - (v < 0.0f)); } /* NaN -> 0, as torch */
-
 INLINE uint32_t key_of(float delta) { return f32_to_bits(delta) & 0x7FFFFFFFu; } /* |delta| as bits */
 
 /* Whether a CUT bucket holds a single key value: the low `shift` bits are always 0. */
@@ -166,7 +164,8 @@ INLINE int64_t chunk(const Job *job, int DT, int64_t start, int64_t len, int64_t
             const float *d = job->deltas + (int64_t)i * CHUNK;
             const float w = job->weights[i];
             for (int64_t j = 0; j < len; j++) {
-                float agrees = sign_of(d[j]) == total[j] ? 1.0f : 0.0f;
+                /* sign(d) == majority, with torch's sign: 0 and NaN never agree. */
+                float agrees = (total[j] > 0.0f ? d[j] > 0.0f : d[j] < 0.0f) ? 1.0f : 0.0f;
                 mixed[j] += d[j] * agrees;
                 count[j] += w * agrees;
             }

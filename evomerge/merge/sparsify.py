@@ -199,28 +199,45 @@ def _bucket_of_kth_largest(counts: torch.Tensor, k: int) -> tuple[int, int, int]
 
 @dataclass(frozen=True)
 class KeyHistogram:
-    """Cumulative counts of |delta| bit patterns (>> shift) over the non-empty bucket range: the
-    first level of a radix selection, small enough to keep per resident tensor, and a top-k cut
-    of any k is then a binary search instead of a pass over the data."""
+    """Running counts of |delta| bit patterns (>> shift) over the non-empty buckets: the first
+    level of a radix selection, kept per resident tensor, so that a top-k cut of any k is a binary
+    search instead of a pass over the data. Compact: zero deltas (unchanged entries, bucket 0)
+    are one count, and the counts are dense over the filled range or sparse, whichever is smaller
+    (a few hundred KB at most for a float32 tensor of any size)."""
 
-    first: int  # bucket of at_or_below[0]
-    at_or_below: np.ndarray  # int64 running counts from bucket `first`
+    zeros: int  # entries with delta == 0 (bucket 0)
+    at_or_below: np.ndarray  # running counts (zeros included) at each stored bucket
+    first: int  # dense form: bucket of at_or_below[0]
+    buckets: np.ndarray | None = None  # sparse form: the bucket of each running count
 
     @classmethod
     def of(cls, counts: torch.Tensor) -> KeyHistogram:
-        filled = torch.nonzero(counts).reshape(-1)
+        zeros = int(counts[0]) if counts.numel() else 0
+        filled = torch.nonzero(counts[1:]).reshape(-1) + 1
         if filled.numel() == 0:
-            return cls(0, np.zeros(1, dtype=np.int64))
+            return cls(zeros, np.zeros(0, dtype=np.int64), 1)
         first, last = int(filled[0]), int(filled[-1])
-        return cls(first, np.cumsum(counts[first : last + 1].numpy()))
+        dtype = np.int32 if int(counts.sum()) < 2**31 else np.int64
+        if 2 * filled.numel() < last + 1 - first:  # sparse: bucket ids + running counts
+            running = zeros + np.cumsum(counts[filled].numpy(), dtype=np.int64)
+            return cls(zeros, running.astype(dtype), first, filled.numpy().astype(np.int32))
+        running = zeros + np.cumsum(counts[first : last + 1].numpy(), dtype=np.int64)
+        return cls(zeros, running.astype(dtype), first)
+
+    @property
+    def nbytes(self) -> int:
+        return self.at_or_below.nbytes + (self.buckets.nbytes if self.buckets is not None else 0)
 
     def kth_largest(self, k: int) -> tuple[int, int, int]:
         """(bucket, entries in higher buckets, entries in it) for the k-th largest key."""
         at_or_below = self.at_or_below
-        total = int(at_or_below[-1])
+        total = int(at_or_below[-1]) if at_or_below.size else self.zeros
+        if total - k < self.zeros:  # the cut falls among the zero deltas
+            return 0, total - self.zeros, self.zeros
         index = int(np.searchsorted(at_or_below, total - k, side="right"))
-        below = int(at_or_below[index - 1]) if index else 0
-        return self.first + index, total - int(at_or_below[index]), int(at_or_below[index]) - below
+        below = int(at_or_below[index - 1]) if index else self.zeros
+        bucket = int(self.buckets[index]) if self.buckets is not None else self.first + index
+        return bucket, total - int(at_or_below[index]), int(at_or_below[index]) - below
 
 
 class MagnitudeCut:
