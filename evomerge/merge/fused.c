@@ -36,7 +36,7 @@ typedef struct {
     const int32_t *shifts;    /* CUT: bucket = key bits >> shift */
     const int64_t *wanted;    /* CUT: entries inside the bucket to keep */
     const uint8_t *const *masks;  /* MASK: keep flags */
-    const float *factors;     /* MASK: L1 rescale, NaN for none */
+    const float *factors;     /* MASK: L1 rescale (1 for none: x * 1 is x, NaN and -0 included) */
     float divisor, lambda;    /* non-consensus normaliser; lambda */
     void *out;
     float *deltas;            /* scratch: n x CHUNK */
@@ -71,7 +71,11 @@ INLINE void store(int dtype, void *p, int64_t j, float v) {
 
 /* Round a float32 result to the math dtype, as storing it in a tensor of that dtype would. */
 INLINE float round_to(int dtype, float v) {
-    if (dtype == BF16) return bits_to_f32((uint32_t)f32_to_bf16(v) << 16);
+    if (dtype == BF16) {
+        uint32_t u = f32_to_bits(v);
+        float rounded = bits_to_f32((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
+        return v != v ? bits_to_f32(0x7FC00000u) : rounded;
+    }
     if (dtype == F16) return (float)(_Float16)v;
     return v;
 }
@@ -127,7 +131,7 @@ INLINE void trimmed_deltas(const Job *job, int DT, int i, int64_t start, int64_t
         for (int64_t j = 0; j < len; j++) {
             float delta = round_to(DT, load(DT, src, start + j) - b[j]);
             delta = round_to(DT, delta * (mask[start + j] ? 1.0f : 0.0f));
-            if (factor == factor) delta = round_to(DT, delta * factor);
+            delta = round_to(DT, delta * factor); /* no rescale: factor 1, exact */
             delta = round_to(DT, delta * w);
             d[j] = delta;
             total[j] += delta;
@@ -306,7 +310,7 @@ done:
 /* The merged entries [0, count) of one tensor; see the header for the contract.
  * sources[i], masks[i]: per-model pointers (masks only for MASK mode, else may be NULL).
  * wanted[i]: for CUT mode, how many entries inside the bucket the cut keeps.
- * factors[i]: L1 rescale for MASK mode, NaN for none. divisor: the non-consensus normalizer.
+ * factors[i]: L1 rescale for MASK mode, 1 for none. divisor: the non-consensus normalizer.
  * capacity: at least the number of entries inside all inexact CUT buckets together.
  * Returns the number of entries that needed the exact second pass, -1 past `capacity`, -2 on a
  * bad argument or no memory. */

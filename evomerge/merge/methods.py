@@ -706,7 +706,8 @@ def _task_vectors(method: str) -> Callable[..., torch.Tensor]:
         trims = [
             _plan_trim(kind.sparsifier, tensors[i], base, model_params[i], options["rescale"], seed, i) for i in sources
         ]
-        _combine(blocks.flat(base), [blocks.flat(tensors[i]) for i in sources], trims, weights, kind, options, divisor, target)
+        flat_sources = [blocks.flat(tensors[i]) for i in sources]
+        _combine(blocks.flat(base), flat_sources, trims, weights, kind, options, divisor, target)
         return result
 
     return merge

@@ -163,7 +163,7 @@ def task_vectors(
         (ctypes.c_int32 * n)(*([KEY_SHIFT[base.dtype]] * n)),
         (ctypes.c_int64 * n)(*wanted),
         _pointers([m.data_ptr() if m is not None else None for m in masks]),
-        (ctypes.c_float * n)(*[float("nan") if f is None else f for f in factors]),
+        (ctypes.c_float * n)(*[1.0 if f is None else f for f in factors]),  # x * 1.0 == x, bit for bit
         int(consensus),
         int(normalize),
         divisor,
@@ -182,5 +182,6 @@ def key_histogram(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     assert lib is not None, "native kernel not available"
     shift = KEY_SHIFT[base.dtype]
     counts = torch.zeros(1 << (31 - shift), dtype=torch.int64)
-    lib.evm_key_histogram(DTYPE_CODES[base.dtype], base.numel(), base.data_ptr(), source.data_ptr(), shift, counts.data_ptr())
+    code, pointers = DTYPE_CODES[base.dtype], (base.data_ptr(), source.data_ptr())
+    lib.evm_key_histogram(code, base.numel(), *pointers, shift, counts.data_ptr())
     return counts
