@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 
-from evomerge.merge import methods, native, sparsify
+from evomerge.merge import native, sparsify
 from evomerge.merge.methods import DeltaCache, merge_tensors
 
 
