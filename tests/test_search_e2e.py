@@ -47,7 +47,7 @@ def run_cli(argv) -> int:
     return 0
 
 
-def test_run_resume_export_rescore(tmp_path, demo_family, capsys):
+def test_run_resume_export_rescore(tmp_path, demo_family, capsys, monkeypatch):
     space_file = write_space(tmp_path, demo_family, n_trials=6)
     assert run_cli(["run", str(space_file), "-q"]) == 0
     out = capsys.readouterr().out
@@ -78,6 +78,17 @@ def test_run_resume_export_rescore(tmp_path, demo_family, capsys):
     assert "matches the scored model" in capsys.readouterr().out
     assert {"config.json", "mergekit_config.yml", "README.md", "tokenizer.json"} <= {p.name for p in export_dir.iterdir()}
     number = int((export_dir / "README.md").read_text().split("- trial: ")[1].split()[0])
+    # the same trial exported where the fused C kernel is off (no compiler): the same weights
+    from evomerge.merge import native
+
+    monkeypatch.setenv("EVOMERGE_NATIVE", "0")
+    native.reset()
+    try:
+        assert run_cli(["export", str(space_file), str(tmp_path / "eager"), "--trial", str(number), "-q"]) == 0
+        assert "matches the scored model" in capsys.readouterr().out
+    finally:
+        monkeypatch.delenv("EVOMERGE_NATIVE")
+        native.reset()
     from evomerge.evaluate.harness import evaluate_model_dir
 
     rescored = evaluate_model_dir(

@@ -151,12 +151,12 @@ INLINE void trimmed_deltas(const Job *job, int DT, int i, int64_t start, int64_t
  * -1 past capacity. DT is a constant in each caller below, so the loops are specialised. */
 INLINE int64_t chunk(const Job *job, int DT, int64_t start, int64_t len, int64_t found) {
     float total[CHUNK], mixed[CHUNK], count[CHUNK], b[CHUNK];
-    uint8_t unsure[CHUNK];
+    uint8_t unsure[CHUNK + 8]; /* + 8: the flag scan reads whole words */
     for (int64_t j = 0; j < len; j++) {
         b[j] = load(DT, job->base, start + j);
         total[j] = 0.0f;
-        unsure[j] = 0;
     }
+    memset(unsure, 0, sizeof unsure);
     for (int i = 0; i < job->n; i++) trimmed_deltas(job, DT, i, start, len, b, job->deltas + (int64_t)i * CHUNK, total, unsure);
     if (job->consensus) {
         for (int64_t j = 0; j < len; j++) {
@@ -193,10 +193,16 @@ INLINE int64_t chunk(const Job *job, int DT, int64_t start, int64_t len, int64_t
         float m = lambda == 1.0f ? mixed[j] : round_to(DT, mixed[j] * lambda);
         store(DT, job->out, start + j, b[j] + m);
     }
-    for (int64_t j = 0; j < len; j++) {
-        if (unsure[j]) {
-            if (found >= job->capacity) return -1;
-            job->ambiguous[found++] = start + j;
+    if (job->capacity > 0) { /* only an inexact CUT bucket marks entries: 8 flags at a time */
+        for (int64_t j = 0; j < len; j += 8) {
+            uint64_t any = 0;
+            memcpy(&any, unsure + j, 8);
+            for (int64_t k = j; any && k < j + 8 && k < len; k++) {
+                if (unsure[k]) {
+                    if (found >= job->capacity) return -1;
+                    job->ambiguous[found++] = start + k;
+                }
+            }
         }
     }
     return found;
