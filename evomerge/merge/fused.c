@@ -13,7 +13,7 @@
  * histogram the caller keeps: entries above the bucket are kept, below it dropped. When the
  * bucket is one exact value (bf16 at shift 16, fp16 at shift 13), the first `wanted` entries
  * equal to it are kept in position order as the stream passes (mergekit's choice under a stable
- * sort). Otherwise (float32) entries inside the bucket (~0.03% per model) are recorded, and
+ * sort). Otherwise (float32) entries inside the bucket (~0.06% per model) are recorded, and
  * redone exactly afterwards: a histogram of their low bits gives the exact cut, equal keys are
  * kept earliest first, and the chain reruns on just those entries.
  */
