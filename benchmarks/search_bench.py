@@ -151,8 +151,8 @@ def main() -> None:
         "Re-merge: `materialize` of one candidate into resident tensors (sources resident on CPU, in the space's "
         "dtype, which is also the math dtype). Copy baselines: `copy_` of the output bytes alone, and of the bytes the merge moves (every source "
         "tensor read once + every output written). Speed ratio = copy time / merge time (1.0 = as fast as a copy). "
-        f"Median of 9 interleaved rounds (merge, copies) after the first merge, which is shown apart: it also builds the |delta| histograms that "
-        f"TIES cuts are read from in every later trial. Fused C kernel: {'on' if native.library() else 'OFF (no compiler)'}.",
+        f"Median of 9 interleaved rounds (merge, copies) after the first merge, which is shown apart: it also faults in the freshly allocated output "
+        f"and builds the |delta| histograms that TIES cuts are read from in every later trial. Fused C kernel: {'on' if native.library() else 'OFF (no compiler)'}.",
         "",
         "| family | dtype | genome | tensors | sources MB | output MB | first merge (s) | merge (s) | copy output (s) | copy all bytes (s) | vs output copy | vs same-bytes copy |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
