@@ -522,16 +522,29 @@ def _rescale_factor(trim: _Trim, delta_blocks) -> float | None:
     return sparsify.rescale_factor(before, after)
 
 
-def _plan_trim(kind: str | None, source: torch.Tensor, base: torch.Tensor, params, rescale, seed, index) -> _Trim:
-    """Pass 1 for one model: what its sparsifier keeps, and the rescale factor."""
+def _top_k(density: float, count: int) -> int:
+    """How many entries a TIES trim keeps: at least one (mergekit 0.1.4 asserted on k == 0)."""
+    return max(1, int(density * count))
+
+
+def _trivial_trim(kind: str | None, density: float, count: int) -> _Trim | None:
+    """The trims decided without looking at the data (keep all, zero all); None otherwise."""
     if kind is None:
         return _Trim()  # task_arithmetic accepts `density` but ignores it, as in mergekit
-    density = params["density"]
-    count = base.numel()
-    if density >= 1 or count == 0:
-        return _Trim()
+    if density >= 1 or count == 0 or (kind == "magnitude" and _top_k(density, count) >= count):
+        return _Trim()  # delta * 1 (* 1.0): unchanged
     if density <= 0 and kind != "breadcrumbs":  # breadcrumbs keeps signed zeros (delta * 0)
         return _Trim(zero=True)
+    return None
+
+
+def _plan_trim(kind: str | None, source: torch.Tensor, base: torch.Tensor, params, rescale, seed, index) -> _Trim:
+    """Pass 1 for one model: what its sparsifier keeps, and the rescale factor."""
+    count = base.numel()
+    trivial = _trivial_trim(kind, params["density"], count)
+    if trivial is not None:
+        return trivial
+    density = params["density"]
     shape = source.shape
     source, base = blocks.flat(source), blocks.flat(base)
 
@@ -540,9 +553,7 @@ def _plan_trim(kind: str | None, source: torch.Tensor, base: torch.Tensor, param
             yield source[start:stop] - base[start:stop], start, stop
 
     if kind == "magnitude" and base.dtype != torch.float64 and count >= _RADIX_MIN:
-        k = max(1, int(density * count))  # keep at least one (mergekit 0.1.4 asserted on k == 0)
-        if k >= count:
-            return _Trim()  # delta * 1 (* 1.0): unchanged
+        k = _top_k(density, count)
         keys = lambda: (delta.abs().to(torch.float32) for delta, _, _ in delta_blocks())  # noqa: E731
         cut, greater, tied = sparsify.top_k_cut(keys, k, single_level=base.dtype == torch.bfloat16)
         trim = _Trim(cut=sparsify.MagnitudeCut(cut, greater, tied, k))
@@ -650,19 +661,17 @@ def _native_task_vectors(kind, tensors, model_params, options, base_index, seed,
     modes, buckets, wanted, masks, factors = [], [], [], [], []
     capacity = 0
     for row, index in enumerate(sources):
-        params, mode, bucket, keep, trim = model_params[index], native.KEEP, 0, 0, _Trim()
-        if kind.sparsifier == "magnitude":
-            density = params["density"]
-            k = max(1, int(density * count))  # as _plan_trim
-            if density <= 0:
-                mode = native.ZERO
-            elif density < 1 and k < count:
-                cut = histogram(index, lambda s=flat_sources[row]: native.key_histogram(flat_base, s))
-                bucket, greater, inside = cut.kth_largest(k)
-                mode, keep = native.CUT, k - greater
-                capacity += 0 if base.dtype in native.EXACT_KEYS else inside
+        params, mode, bucket, keep = model_params[index], native.KEEP, 0, 0
+        trim = _trivial_trim(kind.sparsifier, params["density"], count)
+        if trim is None and kind.sparsifier == "magnitude":
+            k = _top_k(params["density"], count)
+            cut = histogram(index, lambda s=flat_sources[row]: native.key_histogram(flat_base, s))
+            bucket, greater, inside = cut.kth_largest(k)
+            mode, keep, trim = native.CUT, k - greater, _Trim()
+            capacity += 0 if base.dtype in native.EXACT_KEYS else inside
         else:
-            trim = _plan_trim(kind.sparsifier, tensors[index], base, params, options["rescale"], seed, index)
+            if trim is None:
+                trim = _plan_trim(kind.sparsifier, tensors[index], base, params, options["rescale"], seed, index)
             mode = native.ZERO if trim.zero else native.MASK if trim.mask is not None else native.KEEP
         modes.append(mode)
         buckets.append(bucket)

@@ -172,7 +172,7 @@ def top_k_cut(keys, k: int, *, single_level: bool = False) -> tuple[torch.Tensor
     for block in keys():
         counts = torch.bincount(block.view(torch.int32) >> 16, minlength=1 << 15)
         high = counts if high is None else high.add_(counts)
-    bucket, greater, tied = _bucket_of_kth_largest(high, k)
+    bucket, greater, tied = KeyHistogram.of(high).kth_largest(k)
     if single_level:
         cut_bits = bucket << 16
     else:
@@ -181,20 +181,11 @@ def top_k_cut(keys, k: int, *, single_level: bool = False) -> tuple[torch.Tensor
             bits = block.view(torch.int32)
             counts = torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
             low = counts if low is None else low.add_(counts)
-        low_bits, greater_in_bucket, tied = _bucket_of_kth_largest(low, k - greater)
+        low_bits, greater_in_bucket, tied = KeyHistogram.of(low).kth_largest(k - greater)
         cut_bits, greater = (bucket << 16) | low_bits, greater + greater_in_bucket
     device = high.device
     cut = torch.tensor([cut_bits], dtype=torch.int32).view(torch.float32)[0].to(device)
     return cut, greater, tied
-
-
-def _bucket_of_kth_largest(counts: torch.Tensor, k: int) -> tuple[int, int, int]:
-    """(bucket, entries in higher buckets, entries in it) for the k-th largest of a histogram."""
-    at_or_below = counts.cumsum(0)
-    total = int(at_or_below[-1])
-    # The bucket is the first whose running count exceeds total - k.
-    bucket = int(torch.searchsorted(at_or_below, total - k, right=True))
-    return bucket, total - int(at_or_below[bucket]), int(counts[bucket])
 
 
 @dataclass(frozen=True)
@@ -212,6 +203,7 @@ class KeyHistogram:
 
     @classmethod
     def of(cls, counts: torch.Tensor) -> KeyHistogram:
+        counts = counts.cpu()  # a histogram counted on an accelerator
         zeros = int(counts[0]) if counts.numel() else 0
         filled = torch.nonzero(counts[1:]).reshape(-1) + 1
         if filled.numel() == 0:
