@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from evomerge.config.mergekit_yaml import (
     ConditionalParameter,
     InputSlice,

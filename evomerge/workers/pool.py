@@ -265,7 +265,6 @@ class RayPool(WorkerPool):
 
     def _recover(self, index: int) -> None:
         """Hold a dead actor out until Ray has restarted it (its __init__ reloads the sources)."""
-
         self._recovering[self.actors[index].info.remote()] = index
 
     def _recovered(self, ref) -> None:
