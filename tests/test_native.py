@@ -114,6 +114,27 @@ def test_non_finite_inputs_stay_non_finite_where_eager_says(use_native, dtype, m
     assert not finite.all() and torch.equal(bits(eager[finite]), bits(fused[finite]))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_every_16_bit_pattern_rounds_as_torch_does(use_native, dtype, method):
+    """The kernel converts and rounds 16-bit floats with integer ops (so its loops vectorise):
+    every finite bit pattern as a source and as a base, with weights whose products land on
+    subnormals, on ties to even and past the largest finite value, must give eager's bits."""
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    every = every[every.isfinite()]
+    shuffled = every[torch.randperm(every.numel(), generator=torch.Generator().manual_seed(3))]
+    tensors = [shuffled, every, every.flip(0)]
+    params = [{}, {"weight": 0.3, "density": 0.6}, {"weight": 1.7, "density": 0.6}]
+    results = []
+    for enabled in (False, True):
+        use_native(enabled)
+        results.append(merge_tensors(method, tensors, params, {}, 0))
+    eager, fused = results
+    assert torch.equal(eager.isnan(), fused.isnan()) and torch.equal(eager.isinf(), fused.isinf())
+    finite = eager.isfinite()
+    assert torch.equal(bits(eager[finite]), bits(fused[finite]))
+
+
 def test_cached_histograms_give_the_same_bits_and_are_computed_once(use_native):
     tensors = adversarial_inputs(torch.float32, 3, 50_000, seed=1)
     keys = [("base", "w"), ("a", "w"), ("b", "w"), ("c", "w")]

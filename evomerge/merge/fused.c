@@ -8,6 +8,9 @@
  * exactly where torch rounds (bf16/fp16 ops compute in float32 and round once; sums over the
  * model axis accumulate in float32 from +0, in model order, and round once), and the build
  * uses -ffp-contract=off so no multiply-add is fused. tests/test_native.py compares the two.
+ * A delta times a 0/1 keep flag is exact in every dtype (the delta, or a zero of its sign), so
+ * it is not rounded again. bf16 and fp16 values are converted and rounded with integer ops, as
+ * torch does, so that gcc vectorises every loop (it leaves _Float16 conversions scalar).
  *
  * TIES cuts arrive as a bucket of the float32 bit pattern of |delta| (bits >> shift), from a
  * histogram the caller keeps: entries above the bucket are kept, below it dropped. When the
@@ -57,26 +60,54 @@ INLINE uint16_t f32_to_bf16(float f) {
     return (uint16_t)((rounded & ~nan) | (0x7FC0u & nan));
 }
 
+/* IEEE binary16 <-> float32 on integer ops, so the loops vectorise (gcc does not vectorise
+ * _Float16 conversions without AVX512-FP16). Round to nearest even, subnormals and Inf as the
+ * hardware does; a NaN becomes the quiet NaN 0x7E00 of its sign. */
+INLINE uint16_t f32_to_f16(float f) {
+    const uint32_t u = f32_to_bits(f), a = u & 0x7FFFFFFFu;
+    /* normal results: rebias the exponent (127 -> 15) and round the 13 dropped bits */
+    const uint32_t normal = (a - (112u << 23) + 0xFFFu + ((a >> 13) & 1u)) >> 13;
+    /* below 2^-14: a float add aligns the value to multiples of 2^-24, rounding to nearest even */
+    const uint32_t tiny = f32_to_bits(bits_to_f32(a) + 0.5f) - 0x3F000000u;
+    uint32_t h = a < 0x38800000u ? tiny : normal;
+    h = a >= 0x477FF000u ? 0x7C00u : h; /* 65520 and up round to Inf */
+    h = a > 0x7F800000u ? 0x7E00u : h;
+    return (uint16_t)(h | ((u >> 16) & 0x8000u));
+}
+
+INLINE float f16_to_f32(uint16_t h) {
+    const uint32_t a = h & 0x7FFFu, sign = (uint32_t)(h & 0x8000u) << 16;
+    /* subnormal, zero: 2^-14 * (1 + a / 1024) - 2^-14, exact */
+    const uint32_t tiny = f32_to_bits(bits_to_f32((a << 13) + (113u << 23)) - 0x1p-14f);
+    uint32_t bits = (a << 13) + (112u << 23);
+    bits = a >= 0x7C00u ? (a << 13) + (224u << 23) : bits; /* Inf, NaN */
+    bits = a < 0x0400u ? tiny : bits;
+    return bits_to_f32(bits | sign);
+}
+
 INLINE float load(int dtype, const void *p, int64_t j) {
     if (dtype == BF16) return bits_to_f32((uint32_t)((const uint16_t *)p)[j] << 16);
-    if (dtype == F16) return (float)((const _Float16 *)p)[j];
+    if (dtype == F16) return f16_to_f32(((const uint16_t *)p)[j]);
     return ((const float *)p)[j];
 }
 
 INLINE void store(int dtype, void *p, int64_t j, float v) {
     if (dtype == BF16) ((uint16_t *)p)[j] = f32_to_bf16(v);
-    else if (dtype == F16) ((_Float16 *)p)[j] = (_Float16)v;
+    else if (dtype == F16) ((uint16_t *)p)[j] = f32_to_f16(v);
     else ((float *)p)[j] = v;
 }
 
-/* Round a float32 result to the math dtype, as storing it in a tensor of that dtype would. */
+/* Round a float32 result to the math dtype, as storing it in a tensor of that dtype would.
+ * bf16: round to nearest even on the bits. A NaN is left a NaN rather than made 0x7FC0 here:
+ * every NaN inside a bf16 chain has its low 16 bits zero (it comes from a bf16 load, or is the
+ * hardware's default NaN 0xFFC00000, and arithmetic keeps an operand's payload), so the add
+ * never carries out of them; `store` gives the output torch's 0x7FC0. */
 INLINE float round_to(int dtype, float v) {
     if (dtype == BF16) {
         uint32_t u = f32_to_bits(v);
-        float rounded = bits_to_f32((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
-        return v != v ? bits_to_f32(0x7FC00000u) : rounded;
+        return bits_to_f32((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
     }
-    if (dtype == F16) return (float)(_Float16)v;
+    if (dtype == F16) return f16_to_f32(f32_to_f16(v));
     return v;
 }
 
@@ -100,7 +131,7 @@ INLINE void trimmed_deltas(const Job *job, int DT, int i, int64_t start, int64_t
             float delta = round_to(DT, load(DT, src, start + j) - b[j]);
             uint32_t high = key_of(delta) >> shift;
             unsure[j] |= high == bucket;
-            delta = round_to(DT, round_to(DT, delta * (high >= bucket ? 1.0f : 0.0f)) * w);
+            delta = round_to(DT, delta * (high >= bucket ? 1.0f : 0.0f) * w);
             d[j] = delta;
             total[j] += delta;
         }
@@ -108,39 +139,56 @@ INLINE void trimmed_deltas(const Job *job, int DT, int i, int64_t start, int64_t
         /* Exact bucket: its entries are ties, kept in position order up to `wanted`. */
         const uint32_t bucket = job->buckets[i];
         const int shift = job->shifts[i];
-        for (int64_t j = 0; j < len; j++) d[j] = round_to(DT, load(DT, src, start + j) - b[j]);
-        int64_t ties = 0, allowed = job->wanted[i] - job->taken[i], last_tie = len; /* ties at <= last_tie kept */
-        for (int64_t j = 0; j < len; j++) ties += (key_of(d[j]) >> shift) == bucket;
+        int32_t ties = 0;
+        for (int64_t j = 0; j < len; j++) {
+            d[j] = round_to(DT, load(DT, src, start + j) - b[j]);
+            ties += (key_of(d[j]) >> shift) == bucket;
+        }
+        int64_t allowed = job->wanted[i] - job->taken[i], last_tie = len, kept = ties; /* ties at <= last_tie kept */
         if (ties > allowed) { /* the cut falls inside this chunk: find the last tie kept */
             last_tie = -1;
             for (int64_t j = 0, seen = 0; j < len && seen < allowed; j++)
                 if ((key_of(d[j]) >> shift) == bucket && ++seen == allowed) last_tie = j;
-            ties = allowed > 0 ? allowed : 0;
+            kept = allowed > 0 ? allowed : 0;
         }
-        job->taken[i] += ties;
-        for (int64_t j = 0; j < len; j++) {
-            uint32_t high = key_of(d[j]) >> shift;
-            float keep = high > bucket || (high == bucket && j <= last_tie) ? 1.0f : 0.0f;
-            float delta = round_to(DT, round_to(DT, d[j] * keep) * w);
-            d[j] = delta;
-            total[j] += delta;
+        job->taken[i] += kept;
+        if (last_tie == len || last_tie < 0) { /* all ties kept, or none: one compare per entry */
+            const uint32_t lowest = last_tie < 0 ? bucket + 1 : bucket;
+            for (int64_t j = 0; j < len; j++) {
+                float delta = round_to(DT, d[j] * ((key_of(d[j]) >> shift) >= lowest ? 1.0f : 0.0f) * w);
+                d[j] = delta;
+                total[j] += delta;
+            }
+        } else {
+            for (int64_t j = 0; j < len; j++) {
+                uint32_t high = key_of(d[j]) >> shift;
+                float keep = high > bucket || (high == bucket && j <= last_tie) ? 1.0f : 0.0f;
+                float delta = round_to(DT, d[j] * keep * w);
+                d[j] = delta;
+                total[j] += delta;
+            }
         }
     } else if (mode == MASK) {
         const uint8_t *mask = job->masks[i];
         const float factor = job->factors[i];
         for (int64_t j = 0; j < len; j++) {
             float delta = round_to(DT, load(DT, src, start + j) - b[j]);
-            delta = round_to(DT, delta * (mask[start + j] ? 1.0f : 0.0f));
-            delta = round_to(DT, delta * factor); /* no rescale: factor 1, exact */
+            delta = round_to(DT, delta * (mask[start + j] ? 1.0f : 0.0f) * factor); /* no rescale: factor 1, exact */
             delta = round_to(DT, delta * w);
             d[j] = delta;
             total[j] += delta;
         }
     } else {
-        const int zero = mode == ZERO; /* zero_(), then the weight: +0 * w */
+        if (mode == ZERO) { /* zero_(), then the weight: +0 * w */
+            const float delta = round_to(DT, 0.0f * w);
+            for (int64_t j = 0; j < len; j++) {
+                d[j] = delta;
+                total[j] += delta;
+            }
+            return;
+        }
         for (int64_t j = 0; j < len; j++) {
-            float delta = zero ? 0.0f : round_to(DT, load(DT, src, start + j) - b[j]);
-            delta = round_to(DT, delta * w);
+            float delta = round_to(DT, round_to(DT, load(DT, src, start + j) - b[j]) * w);
             d[j] = delta;
             total[j] += delta;
         }
@@ -174,25 +222,24 @@ INLINE int64_t chunk(const Job *job, int DT, int64_t start, int64_t len, int64_t
                 count[j] += w * agrees;
             }
         }
-        for (int64_t j = 0; j < len; j++) {
-            float m = round_to(DT, mixed[j]);
-            if (job->normalize) {
+        /* Conditions outside the loops: gcc will not if-convert a float op (it could trap). */
+        if (job->normalize) {
+            for (int64_t j = 0; j < len; j++) {
                 float c = round_to(DT, count[j]);
-                m = round_to(DT, m / (c == 0.0f ? 1.0f : c));
+                mixed[j] = round_to(DT, round_to(DT, mixed[j]) / (c == 0.0f ? 1.0f : c));
             }
-            mixed[j] = m;
+        } else {
+            for (int64_t j = 0; j < len; j++) mixed[j] = round_to(DT, mixed[j]);
         }
+    } else if (job->normalize) {
+        for (int64_t j = 0; j < len; j++) mixed[j] = round_to(DT, round_to(DT, total[j]) / job->divisor);
     } else {
-        for (int64_t j = 0; j < len; j++) {
-            float m = round_to(DT, total[j]);
-            mixed[j] = job->normalize ? round_to(DT, m / job->divisor) : m;
-        }
+        for (int64_t j = 0; j < len; j++) mixed[j] = round_to(DT, total[j]);
     }
     const float lambda = job->lambda;
-    for (int64_t j = 0; j < len; j++) {
-        float m = lambda == 1.0f ? mixed[j] : round_to(DT, mixed[j] * lambda);
-        store(DT, job->out, start + j, b[j] + m);
-    }
+    if (lambda != 1.0f)
+        for (int64_t j = 0; j < len; j++) mixed[j] = round_to(DT, mixed[j] * lambda);
+    for (int64_t j = 0; j < len; j++) store(DT, job->out, start + j, b[j] + mixed[j]);
     if (job->capacity > 0) { /* only an inexact CUT bucket marks entries: 8 flags at a time */
         for (int64_t j = 0; j < len; j += 8) {
             uint64_t any = 0;
