@@ -31,12 +31,12 @@ enum { KEEP = 0, CUT = 1, ZERO = 2, MASK = 3 };
 
 typedef struct {
     int dtype, n, consensus, normalize;
+    int shift;                /* CUT buckets: key bits >> shift, the same for every model */
     const void *base;
     const void *const *sources;
     const float *weights;     /* per model, already rounded to the math dtype */
     const int32_t *modes;     /* KEEP, CUT, ZERO or MASK per model */
     const uint32_t *buckets;  /* CUT: the cut's bucket */
-    const int32_t *shifts;    /* CUT: bucket = key bits >> shift */
     const int64_t *wanted;    /* CUT: entries inside the bucket to keep */
     const uint8_t *const *masks;  /* MASK: keep flags */
     const float *factors;     /* MASK: L1 rescale (1 for none: x * 1 is x, NaN and -0 included) */
@@ -123,10 +123,10 @@ INLINE void trimmed_deltas(const Job *job, int DT, int i, int64_t start, int64_t
     const float w = job->weights[i];
     const int mode = job->modes[i];
     /* One loop per mode (not a branch per entry), so each one vectorises. */
-    if (mode == CUT && !exact_bucket(DT, job->shifts[i])) {
+    const int shift = job->shift;
+    if (mode == CUT && !exact_bucket(DT, shift)) {
         /* Inexact bucket: keep all of it for now, and record its entries for resolve(). */
         const uint32_t bucket = job->buckets[i];
-        const int shift = job->shifts[i];
         for (int64_t j = 0; j < len; j++) {
             float delta = round_to(DT, load(DT, src, start + j) - b[j]);
             uint32_t high = key_of(delta) >> shift;
@@ -138,7 +138,6 @@ INLINE void trimmed_deltas(const Job *job, int DT, int i, int64_t start, int64_t
     } else if (mode == CUT) {
         /* Exact bucket: its entries are ties, kept in position order up to `wanted`. */
         const uint32_t bucket = job->buckets[i];
-        const int shift = job->shifts[i];
         int32_t ties = 0;
         for (int64_t j = 0; j < len; j++) {
             d[j] = round_to(DT, load(DT, src, start + j) - b[j]);
@@ -178,15 +177,13 @@ INLINE void trimmed_deltas(const Job *job, int DT, int i, int64_t start, int64_t
             d[j] = delta;
             total[j] += delta;
         }
-    } else {
-        if (mode == ZERO) { /* zero_(), then the weight: +0 * w */
-            const float delta = round_to(DT, 0.0f * w);
-            for (int64_t j = 0; j < len; j++) {
-                d[j] = delta;
-                total[j] += delta;
-            }
-            return;
+    } else if (mode == ZERO) { /* zero_(), then the weight: +0 * w */
+        const float delta = round_to(DT, 0.0f * w);
+        for (int64_t j = 0; j < len; j++) {
+            d[j] = delta;
+            total[j] += delta;
         }
+    } else {
         for (int64_t j = 0; j < len; j++) {
             float delta = round_to(DT, round_to(DT, load(DT, src, start + j) - b[j]) * w);
             d[j] = delta;
@@ -317,7 +314,7 @@ static int resolve(const Job *job, const int64_t *index, int64_t found) {
             for (int64_t u = 0; u < found; u++) keep[u] = job->masks[i][index[u]];
         } else if (job->modes[i] == CUT) {
             /* Second radix level inside the bucket: the low bits of the `wanted`-th largest key. */
-            const uint32_t bucket = job->buckets[i], shift = (uint32_t)job->shifts[i], low_mask = (1u << shift) - 1;
+            const uint32_t bucket = job->buckets[i], shift = (uint32_t)job->shift, low_mask = (1u << shift) - 1;
             memset(low_counts, 0, sizeof(int64_t) << shift);
             for (int64_t u = 0; u < found; u++) {
                 uint32_t key = key_bits(dtype, part, base_part, u);
@@ -362,20 +359,19 @@ done:
 
 /* The merged entries [0, count) of one tensor; see the header for the contract.
  * sources[i], masks[i]: per-model pointers (masks only for MASK mode, else may be NULL).
- * wanted[i]: for CUT mode, how many entries inside the bucket the cut keeps.
+ * buckets[i], wanted[i]: for CUT mode, the cut's bucket (key bits >> shift) and how many entries
+ * inside it the cut keeps.
  * factors[i]: L1 rescale for MASK mode, 1 for none. divisor: the non-consensus normalizer.
  * capacity: at least the number of entries inside all inexact CUT buckets together.
  * Returns the number of entries that needed the exact second pass, -1 past `capacity`, -2 on a
  * bad argument or no memory. */
 int64_t evm_task_vectors(int dtype, int64_t count, const void *base, const void *const *sources, int n,
                          const float *weights, const int32_t *modes, const uint32_t *buckets,
-                         const int32_t *shifts, const int64_t *wanted, const uint8_t *const *masks,
+                         int shift, const int64_t *wanted, const uint8_t *const *masks,
                          const float *factors, int consensus, int normalize, float divisor, float lambda,
                          void *out, int64_t capacity) {
-    if (n < 1 || count < 0 || dtype < F32 || dtype > F16 || capacity < 0) return -2;
-    for (int i = 0; i < n; i++)
-        if (modes[i] == CUT && (shifts[i] < 0 || shifts[i] > 16)) return -2;
-    Job job = {dtype, n, consensus, normalize, base, sources, weights, modes, buckets, shifts, wanted, masks,
+    if (n < 1 || count < 0 || dtype < F32 || dtype > F16 || capacity < 0 || shift < 0 || shift > 16) return -2;
+    Job job = {dtype, n, consensus, normalize, shift, base, sources, weights, modes, buckets, wanted, masks,
                factors, divisor, lambda, out, NULL, NULL, NULL, capacity};
     job.deltas = (float *)malloc(sizeof(float) * CHUNK * (size_t)n);
     job.taken = (int64_t *)malloc(sizeof(int64_t) * (size_t)n);

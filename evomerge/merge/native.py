@@ -94,7 +94,7 @@ def _load() -> ctypes.CDLL | None:
     pointer, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
     library.evm_task_vectors.restype = i64
     library.evm_task_vectors.argtypes = [
-        i32, i64, pointer, pointer, i32, pointer, pointer, pointer, pointer, pointer, pointer,
+        i32, i64, pointer, pointer, i32, pointer, pointer, pointer, i32, pointer, pointer,
         pointer, i32, i32, f32, f32, pointer, i64,
     ]
     library.evm_key_histogram.restype = None
@@ -160,7 +160,7 @@ def task_vectors(
         (ctypes.c_float * n)(*weights),
         (ctypes.c_int32 * n)(*modes),
         (ctypes.c_uint32 * n)(*buckets),
-        (ctypes.c_int32 * n)(*([KEY_SHIFT[base.dtype]] * n)),
+        KEY_SHIFT[base.dtype],
         (ctypes.c_int64 * n)(*wanted),
         _pointers([m.data_ptr() if m is not None else None for m in masks]),
         (ctypes.c_float * n)(*[1.0 if f is None else f for f in factors]),  # x * 1.0 == x, bit for bit
