@@ -12,11 +12,11 @@
  * it is not rounded again. bf16 and fp16 values are converted and rounded with integer ops, as
  * torch does, so that gcc vectorises every loop (it leaves _Float16 conversions scalar).
  *
- * TIES cuts arrive as a bucket of the float32 bit pattern of |delta| (bits >> shift), from a
- * histogram the caller keeps: entries above the bucket are kept, below it dropped. When the
- * bucket is one exact value (bf16 at shift 16, fp16 at shift 13), the first `wanted` entries
- * equal to it are kept in position order as the stream passes (mergekit's choice under a stable
- * sort). Otherwise (float32) entries inside the bucket (~0.06% per model) are recorded, and
+ * TIES cuts arrive as a top-k count and a histogram of the float32 bit patterns of |delta|
+ * (bits >> shift) that the caller keeps; its k-th largest key gives the cut's bucket: entries
+ * above the bucket are kept, below it dropped. When the bucket is one exact value (bf16 at
+ * shift 16, fp16 at shift 13), the first `wanted` entries equal to it are kept in position
+ * order as the stream passes (mergekit's choice under a stable sort). Otherwise (float32) entries inside the bucket (~0.06% per model) are recorded, and
  * redone exactly afterwards: a histogram of their low bits gives the exact cut, equal keys are
  * kept earliest first, and the chain reruns on just those entries.
  */
@@ -357,37 +357,119 @@ done:
     return status;
 }
 
-/* The merged entries [0, count) of one tensor; see the header for the contract.
- * sources[i], masks[i]: per-model pointers (masks only for MASK mode, else may be NULL).
- * buckets[i], wanted[i]: for CUT mode, the cut's bucket (key bits >> shift) and how many entries
- * inside it the cut keeps.
- * factors[i]: L1 rescale for MASK mode, 1 for none. divisor: the non-consensus normalizer.
- * capacity: at least the number of entries inside all inexact CUT buckets together.
- * Returns the number of entries that needed the exact second pass, -1 past `capacity`, -2 on a
- * bad argument or no memory. */
-int64_t evm_task_vectors(int dtype, int64_t count, const void *base, const void *const *sources, int n,
-                         const float *weights, const int32_t *modes, const uint32_t *buckets,
-                         int shift, const int64_t *wanted, const uint8_t *const *masks,
-                         const float *factors, int consensus, int normalize, float divisor, float lambda,
-                         void *out, int64_t capacity) {
-    if (n < 1 || count < 0 || dtype < F32 || dtype > F16 || capacity < 0 || shift < 0 || shift > 16) return -2;
-    Job job = {dtype, n, consensus, normalize, shift, base, sources, weights, modes, buckets, wanted, masks,
-               factors, divisor, lambda, out, NULL, NULL, NULL, capacity};
-    job.deltas = (float *)malloc(sizeof(float) * CHUNK * (size_t)n);
-    job.taken = (int64_t *)malloc(sizeof(int64_t) * (size_t)n);
-    job.ambiguous = (int64_t *)malloc(sizeof(int64_t) * (size_t)(capacity > 0 ? capacity : 1));
+/* One tensor: the chain over entries [0, count), then the exact pass for the ambiguous ones.
+ * Returns the number of entries that needed the exact pass, -1 past `capacity`, -2 on no memory. */
+static int64_t run_job(Job *job, int64_t count) {
+    const int n = job->n;
+    job->deltas = (float *)malloc(sizeof(float) * CHUNK * (size_t)n);
+    job->taken = (int64_t *)malloc(sizeof(int64_t) * (size_t)n);
+    job->ambiguous = (int64_t *)malloc(sizeof(int64_t) * (size_t)(job->capacity > 0 ? job->capacity : 1));
     int64_t found = -2;
-    if (job.deltas && job.taken && job.ambiguous) {
-        found = run_chunks(&job, count);
-        if (found > 0) {
-            int64_t *index = job.ambiguous;
-            if (resolve(&job, index, found) != 0) found = -2;
-        }
+    if (job->deltas && job->taken && job->ambiguous) {
+        found = run_chunks(job, count);
+        if (found > 0 && resolve(job, job->ambiguous, found) != 0) found = -2;
     }
-    free(job.deltas);
-    free(job.taken);
-    free(job.ambiguous);
+    free(job->deltas);
+    free(job->taken);
+    free(job->ambiguous);
     return found;
+}
+
+/* The k-th largest |delta| key from a histogram of running counts (sparsify.KeyHistogram, its
+ * fields in `h`: zero deltas, stored buckets, running counts, their width in bytes, first
+ * bucket, bucket ids or 0): the cut's bucket, how many entries lie above it and how many in it. */
+static void kth_largest(const int64_t *h, int64_t k, uint32_t *bucket, int64_t *greater, int64_t *inside) {
+    const int64_t zeros = h[0], size = h[1], first = h[4];
+    const int64_t *wide = (const int64_t *)(intptr_t)h[2];
+    const int32_t *narrow = (const int32_t *)(intptr_t)h[2], *ids = (const int32_t *)(intptr_t)h[5];
+#define AT(i) (h[3] == 8 ? wide[i] : (int64_t)narrow[i])
+    const int64_t total = size ? AT(size - 1) : zeros;
+    if (total - k < zeros) { /* the cut falls among the zero deltas */
+        *bucket = 0;
+        *greater = total - zeros;
+        *inside = zeros;
+        return;
+    }
+    int64_t low = 0, high = size; /* the first running count above total - k */
+    while (low < high) {
+        const int64_t middle = low + (high - low) / 2;
+        if (AT(middle) <= total - k) low = middle + 1;
+        else high = middle;
+    }
+    *bucket = (uint32_t)(ids ? (int64_t)ids[low] : first + low);
+    *greater = total - AT(low);
+    *inside = AT(low) - (low ? AT(low - 1) : zeros);
+#undef AT
+}
+
+enum { J_DTYPE, J_COUNT, J_MODELS, J_CONSENSUS, J_NORMALIZE, J_SHIFT, J_BASE, J_OUT, J_SLOTS };
+enum { M_SOURCE, M_MODE, M_K, M_MASK, M_HISTOGRAM, M_SLOTS = M_HISTOGRAM + 6 };
+
+/* One job from its packed slots (native.JobBatch writes them):
+ *   ints:  dtype, count, n, consensus, normalize, shift, base, out; then per model: source,
+ *          mode, k (CUT: how many entries the trim keeps), mask (MASK), and for CUT the 6
+ *          fields of the |delta| histogram read by kth_largest;
+ *   reals: divisor, lambda; then per model: weight (already rounded to the math dtype), rescale
+ *          factor (MASK; 1 for none: x * 1 is x, NaN and -0 included).
+ * Returns as run_job, or -2 on a bad argument. */
+static int64_t packed_job(const int64_t *ints, const double *reals) {
+    const int dtype = (int)ints[J_DTYPE], n = (int)ints[J_MODELS], shift = (int)ints[J_SHIFT];
+    const int64_t count = ints[J_COUNT];
+    if (n < 1 || count < 0 || dtype < F32 || dtype > F16 || shift < 0 || shift > 16) return -2;
+    const void **sources = (const void **)malloc(sizeof(void *) * (size_t)n);
+    const uint8_t **masks = (const uint8_t **)malloc(sizeof(void *) * (size_t)n);
+    float *weights = (float *)malloc(sizeof(float) * 2 * (size_t)n);
+    int32_t *modes = (int32_t *)malloc(sizeof(int32_t) * (size_t)n);
+    uint32_t *buckets = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)n);
+    int64_t *wanted = (int64_t *)malloc(sizeof(int64_t) * (size_t)n);
+    int64_t found = -2;
+    if (sources && masks && weights && modes && buckets && wanted) {
+        float *factors = weights + n;
+        int64_t capacity = 0;
+        found = 0;
+        for (int i = 0; i < n; i++) {
+            const int64_t *model = ints + J_SLOTS + (int64_t)i * M_SLOTS;
+            sources[i] = (const void *)(intptr_t)model[M_SOURCE];
+            modes[i] = (int32_t)model[M_MODE];
+            masks[i] = (const uint8_t *)(intptr_t)model[M_MASK];
+            weights[i] = (float)reals[2 + 2 * i];
+            factors[i] = (float)reals[3 + 2 * i];
+            buckets[i] = 0;
+            wanted[i] = 0;
+            if (modes[i] < KEEP || modes[i] > MASK || (modes[i] == MASK && !masks[i])) found = -2;
+            if (modes[i] == CUT) {
+                int64_t greater, inside;
+                kth_largest(model + M_HISTOGRAM, model[M_K], &buckets[i], &greater, &inside);
+                wanted[i] = model[M_K] - greater;
+                if (!exact_bucket(dtype, shift)) capacity += inside;
+            }
+        }
+        Job job = {dtype, n, (int)ints[J_CONSENSUS], (int)ints[J_NORMALIZE], shift,
+                   (const void *)(intptr_t)ints[J_BASE], sources, weights, modes, buckets, wanted, masks, factors,
+                   (float)reals[0], (float)reals[1], (void *)(intptr_t)ints[J_OUT], NULL, NULL, NULL, capacity};
+        if (found == 0) found = run_job(&job, count);
+    }
+    free((void *)sources);
+    free((void *)masks);
+    free(weights);
+    free(modes);
+    free(buckets);
+    free(wanted);
+    return found;
+}
+
+/* Jobs order[0..count) of a packed batch, one after another: job j's slots start at
+ * ints[starts[2j]] and reals[starts[2j + 1]]. results[j] receives packed_job's result.
+ * Returns how many of these jobs failed. Callers run disjoint `order`s on several threads. */
+int64_t evm_run_jobs(int64_t count, const int64_t *order, const int64_t *starts, const int64_t *ints,
+                     const double *reals, int64_t *results) {
+    int64_t failed = 0;
+    for (int64_t u = 0; u < count; u++) {
+        const int64_t j = order[u];
+        results[j] = packed_job(ints + starts[2 * j], reals + starts[2 * j + 1]);
+        failed += results[j] < 0;
+    }
+    return failed;
 }
 
 /* Histogram of float32(|source - base|) bit patterns >> shift (the delta rounded to the math

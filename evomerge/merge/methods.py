@@ -48,7 +48,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -645,45 +645,133 @@ class DeltaCache:
         return len(self._histograms)
 
 
+def _mix_weights(kind: _TaskVectorMethod, sources, model_params, options, dtype, device):
+    """The models' weights as a column in the math dtype (bf16-rounded for bf16 merges, like
+    mergekit), and the normaliser of a merge without sign consensus (None when not normalised)."""
+    weights = torch.tensor([model_params[i]["weight"] for i in sources], dtype=dtype, device=device).reshape(-1, 1)
+    divisor = None
+    if options["normalize"] and not kind.consensus:
+        divisor = weights.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    return weights, divisor
+
+
+@dataclass
+class FusedMerge:
+    """The tensor-independent part of a task-vector merge in the fused kernel's terms: validated
+    once, then shared by every tensor a plan merges with the same method and parameters."""
+
+    kind: _TaskVectorMethod
+    densities: list[float]  # per source model (the base excluded), config order
+    weights: list[float]  # rounded to the math dtype
+    normalize: bool
+    divisor: float  # the normaliser without consensus; 1.0 otherwise
+    lam: float
+    _trims: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
+
+    def trims(self, count: int) -> tuple[list[int], list[int]]:
+        """Per model the kernel mode for a tensor of `count` entries, and the TIES top-k (CUT).
+        KEEP and ZERO are decided without the data; MASK means a mask must be made first."""
+        found = self._trims.get(count)
+        if found is None:
+            modes, ks = [], []
+            for density in self.densities:
+                trim = _trivial_trim(self.kind.sparsifier, density, count)
+                if trim is not None:
+                    modes.append(native.ZERO if trim.zero else native.KEEP)
+                    ks.append(0)
+                elif self.kind.sparsifier == "magnitude":
+                    modes.append(native.CUT)
+                    ks.append(_top_k(density, count))
+                else:
+                    modes.append(native.MASK)
+                    ks.append(0)
+            found = self._trims[count] = (modes, ks)
+        return found
+
+    def add(self, batch: native.JobBatch, dtype, count, base, out, sources, modes, ks, **extra) -> None:
+        """Queue one tensor (data pointers) on `batch`; `extra`: masks, factors, histograms, label."""
+        batch.add(
+            dtype, count, base, out, sources, self.weights, modes, ks,
+            consensus=self.kind.consensus, normalize=self.normalize, divisor=self.divisor, lam=self.lam, **extra,
+        )  # fmt: skip
+
+
+def _fused_merge(kind, model_params, options, sources, dtype, device) -> FusedMerge:
+    weights, divisor = _mix_weights(kind, sources, model_params, options, dtype, device)
+    return FusedMerge(
+        kind=kind,
+        densities=[model_params[i]["density"] for i in sources],
+        weights=weights.reshape(-1).float().tolist(),
+        normalize=options["normalize"],
+        divisor=float(divisor) if divisor is not None else 1.0,
+        lam=options["lambda"],
+    )
+
+
+def fused_merge(
+    method: str,
+    model_params: Sequence[Mapping[str, Any]],
+    global_params: Mapping[str, Any],
+    base_index: int | None,
+    dtype: torch.dtype,
+) -> FusedMerge | None:
+    """The fused kernel's settings for merging tensors of `dtype` with these parameters: a
+    task-vector method (not a rescaled TIES), a base and at least one other model; None
+    otherwise. Bad parameters raise the ValueError merge_tensors raises. The caller checks the
+    tensors as merge_tensors does, and leaves to it every tensor whose `trims` ask for a mask
+    (drawn or computed per tensor in Python)."""
+    kind = _TASK_VECTOR_METHODS.get(method)
+    count = len(model_params)
+    if kind is None or base_index is None or not 0 <= base_index < count or count < 2:
+        return None
+    if dtype not in native.DTYPE_CODES or native.library() is None:
+        return None
+    spec = get_method(method)
+    options = _resolve_globals(spec, global_params or {})
+    resolved = _resolve_model_params(spec, list(model_params), count, base_index)
+    _check_method_params(spec, resolved, base_index)
+    if kind.sparsifier == "magnitude" and options["rescale"]:
+        return None  # a rescaled TIES trim needs the kept L1 norm first
+    sources = [index for index in range(count) if index != base_index]
+    return _fused_merge(kind, resolved, options, sources, dtype, "cpu")
+
+
 def _native_eligible(kind: _TaskVectorMethod, options, base: torch.Tensor) -> bool:
     # A rescaled TIES trim needs the kept L1 norm before the fused pass: eager path.
     return not (kind.sparsifier == "magnitude" and options["rescale"]) and native.supports(base)
 
 
-def _native_task_vectors(kind, tensors, model_params, options, base_index, seed, weights, divisor, target, histogram):
+def _native_task_vectors(kind, tensors, model_params, options, base_index, seed, target, histogram):
     """The fused C kernel (native.py) over the whole tensor, in one call: TIES cuts come from
     |delta| histograms (cached for resident sources), the kernel settles the entries inside each
     cut's bucket exactly itself, and the other sparsifiers hand it their masks."""
     base = tensors[base_index]
     sources = [index for index in range(len(tensors)) if index != base_index]
-    flat_base, flat_sources = blocks.flat(base), [blocks.flat(tensors[i]) for i in sources]
+    settings = _fused_merge(kind, model_params, options, sources, base.dtype, base.device)
+    flat_base = blocks.flat(base)
     count = flat_base.numel()
-    modes, buckets, wanted, masks, factors = [], [], [], [], []
-    capacity = 0
+    modes, ks = settings.trims(count)
+    flat_sources, masks, factors, histograms = [], [], [], []
     for row, index in enumerate(sources):
-        params, mode, bucket, keep = model_params[index], native.KEEP, 0, 0
-        trim = _trivial_trim(kind.sparsifier, params["density"], count)
-        if trim is None and kind.sparsifier == "magnitude":
-            k = _top_k(params["density"], count)
-            cut = histogram(index, lambda s=flat_sources[row]: native.key_histogram(flat_base, s))
-            bucket, greater, inside = cut.kth_largest(k)
-            mode, keep, trim = native.CUT, k - greater, _Trim()
-            capacity += 0 if base.dtype in native.EXACT_KEYS else inside
-        else:
-            if trim is None:
-                trim = _plan_trim(kind.sparsifier, tensors[index], base, params, options["rescale"], seed, index)
-            mode = native.ZERO if trim.zero else native.MASK if trim.mask is not None else native.KEEP
-        modes.append(mode)
-        buckets.append(bucket)
-        wanted.append(keep)
-        masks.append(trim.mask if mode == native.MASK else None)
-        factors.append(trim.factor if mode == native.MASK else None)
-    native.task_vectors(
-        flat_base, flat_sources, weights.reshape(-1).float().tolist(), modes, buckets, wanted, masks, factors,
-        consensus=kind.consensus, normalize=options["normalize"],
-        divisor=float(divisor) if options["normalize"] and not kind.consensus else 1.0,
-        lam=options["lambda"], out=target, capacity=capacity,
+        flat = blocks.flat(tensors[index])
+        flat_sources.append(flat)
+        mask, factor, cut = None, None, None
+        if modes[row] == native.CUT:
+            cut = histogram(index, lambda s=flat: native.key_histogram(flat_base, s))
+        elif modes[row] == native.MASK:
+            trim = _plan_trim(kind.sparsifier, tensors[index], base, model_params[index], options["rescale"], seed, index)
+            mask, factor = trim.mask, trim.factor
+        masks.append(mask)
+        factors.append(1.0 if factor is None else factor)  # x * 1.0 == x, bit for bit
+        histograms.append(cut)
+    batch = native.JobBatch()
+    settings.add(
+        batch, base.dtype, count, flat_base.data_ptr(), target.data_ptr(), [s.data_ptr() for s in flat_sources],
+        modes, ks, masks=[0 if m is None else m.data_ptr() for m in masks], factors=factors,
+        histograms=[None if h is None else h.raw for h in histograms],
     )  # fmt: skip
+    batch.run()
 
 
 def _no_cache(index: int, compute: Callable[[], torch.Tensor]) -> sparsify.KeyHistogram:
@@ -699,19 +787,11 @@ def _task_vectors(method: str) -> Callable[..., torch.Tensor]:
         result = _result(base, out)
         if not sources or base.numel() == 0:
             return result.copy_(base)
-        # Weights in the math dtype (bf16-rounded for bf16 merges, like mergekit).
-        weights = torch.tensor([model_params[i]["weight"] for i in sources], dtype=base.dtype, device=base.device)
-        weights = weights.reshape(-1, 1)
-        divisor = None
-        if options["normalize"] and not kind.consensus:
-            divisor = weights.sum(dim=0)
-            divisor[divisor.abs() < 1e-8] = 1
         target = blocks.flat(result)
         if _native_eligible(kind, options, base):
-            _native_task_vectors(
-                kind, tensors, model_params, options, base_index, seed, weights, divisor, target, histogram
-            )
+            _native_task_vectors(kind, tensors, model_params, options, base_index, seed, target, histogram)
             return result
+        weights, divisor = _mix_weights(kind, sources, model_params, options, base.dtype, base.device)
         trims = [
             _plan_trim(kind.sparsifier, tensors[i], base, model_params[i], options["rescale"], seed, i) for i in sources
         ]

@@ -11,6 +11,7 @@ The kernel is plain C on raw pointers (no torch headers), so it builds in about 
 
 from __future__ import annotations
 
+import array
 import ctypes
 import hashlib
 import logging
@@ -20,6 +21,8 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -34,7 +37,6 @@ KEEP, CUT, ZERO, MASK = 0, 1, 2, 3
 # shifts (their low float32 bits are 0); float32 keeps 18 bits, 1024 buckets per power of 2
 # (~0.06% of entries per bucket at the median: the few the kernel settles in a second pass).
 KEY_SHIFT = {torch.float32: 13, torch.bfloat16: 16, torch.float16: 13}
-EXACT_KEYS = (torch.bfloat16, torch.float16)  # a bucket is one value: ties settle in the stream
 
 _lock = threading.Lock()
 _state: dict[str, ctypes.CDLL | None] = {}
@@ -91,12 +93,9 @@ def _load() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         log.warning("fused merge kernel unavailable (%s): using the eager torch kernels", exc)
         return None
-    pointer, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-    library.evm_task_vectors.restype = i64
-    library.evm_task_vectors.argtypes = [
-        i32, i64, pointer, pointer, i32, pointer, pointer, pointer, i32, pointer, pointer,
-        pointer, i32, i32, f32, f32, pointer, i64,
-    ]
+    pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    library.evm_run_jobs.restype = i64
+    library.evm_run_jobs.argtypes = [i64, pointer, pointer, pointer, pointer, pointer]
     library.evm_key_histogram.restype = None
     library.evm_key_histogram.argtypes = [i32, i64, pointer, pointer, i32, pointer]
     return library
@@ -121,59 +120,100 @@ def supports(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.dtype in DTYPE_CODES and library() is not None
 
 
-def _pointers(values) -> ctypes.Array:
-    return (ctypes.c_void_p * len(values))(*values)
+_NO_HISTOGRAM = (0, 0, 0, 0, 0, 0)
 
 
-def task_vectors(
-    base: torch.Tensor,
-    sources: list[torch.Tensor],
-    weights: list[float],
-    modes: list[int],
-    buckets: list[int],
-    wanted: list[int],
-    masks: list[torch.Tensor | None],
-    factors: list[float | None],
-    *,
-    consensus: bool,
-    normalize: bool,
-    divisor: float,
-    lam: float,
-    out: torch.Tensor,
-    capacity: int,
-) -> int:
-    """The fused chain over flat contiguous CPU tensors of one dtype, written into `out`.
+class JobBatch:
+    """Task-vector merges packed for one kernel call: a whole plan's tensors cost one ctypes
+    call instead of one each (with its argument marshalling), which is most of the time a small
+    model's re-merge takes. Pointers are raw addresses: the caller keeps every tensor, mask and
+    histogram alive until `run` returns. The slot layout is `packed_job`'s in fused.c."""
 
-    Per model: a mode (KEEP, CUT, ZERO, MASK); for CUT the histogram bucket of the cut and how
-    many entries inside it to keep; for MASK a bool mask and an optional rescale factor.
-    `capacity` bounds the entries inside all CUT buckets together. Returns how many entries
-    needed the exact second pass."""
-    lib = library()
-    assert lib is not None, "native kernel not available"
-    n = len(sources)
-    found = lib.evm_task_vectors(
-        DTYPE_CODES[base.dtype],
-        out.numel(),
-        base.data_ptr(),
-        _pointers([s.data_ptr() for s in sources]),
-        n,
-        (ctypes.c_float * n)(*weights),
-        (ctypes.c_int32 * n)(*modes),
-        (ctypes.c_uint32 * n)(*buckets),
-        KEY_SHIFT[base.dtype],
-        (ctypes.c_int64 * n)(*wanted),
-        _pointers([m.data_ptr() if m is not None else None for m in masks]),
-        (ctypes.c_float * n)(*[1.0 if f is None else f for f in factors]),  # x * 1.0 == x, bit for bit
-        int(consensus),
-        int(normalize),
-        divisor,
-        lam,
-        out.data_ptr(),
-        capacity,
-    )
-    if found < 0:
-        raise RuntimeError(f"fused merge kernel failed (code {found}) on {out.numel()} entries")
-    return found
+    def __init__(self) -> None:
+        self._ints = array.array("q")
+        self._reals = array.array("d")
+        self._starts = array.array("q")
+        self._counts: list[int] = []
+        self._labels: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def add(
+        self,
+        dtype: torch.dtype,
+        count: int,
+        base: int,
+        out: int,
+        sources: Sequence[int],
+        weights: Sequence[float],
+        modes: Sequence[int],
+        ks: Sequence[int],
+        *,
+        masks: Sequence[int] | None = None,
+        factors: Sequence[float] | None = None,
+        histograms: Sequence[tuple[int, ...] | None] | None = None,
+        consensus: bool,
+        normalize: bool,
+        divisor: float = 1.0,
+        lam: float = 1.0,
+        label: str = "",
+    ) -> None:
+        """One tensor of `count` entries: the merge of `sources` (data pointers, base excluded)
+        against `base`, written to `out`. Per model: weight (rounded to the math dtype), mode
+        (KEEP, CUT, ZERO, MASK), for CUT the top-k count and the `KeyHistogram.raw` of its
+        |delta|, for MASK a bool mask pointer and a rescale factor (1.0 for none)."""
+        ints, reals = self._ints, self._reals
+        self._starts.extend((len(ints), len(reals)))
+        ints.extend((DTYPE_CODES[dtype], count, len(sources), int(consensus), int(normalize), KEY_SHIFT[dtype], base, out))
+        reals.extend((divisor, lam))
+        for row, source in enumerate(sources):
+            histogram = histograms[row] if histograms is not None else None
+            ints.extend((source, modes[row], ks[row], masks[row] if masks is not None else 0))
+            ints.extend(histogram or _NO_HISTOGRAM)
+            reals.extend((weights[row], factors[row] if factors is not None else 1.0))
+        self._counts.append(count)
+        self._labels.append(label)
+
+    def run(self, workers: int = 1) -> list[int]:
+        """Merge every job, on up to `workers` threads (the kernel runs without the GIL), the
+        jobs dealt largest first to the least loaded thread. Returns per job the entries that
+        needed the exact second pass."""
+        lib = library()
+        assert lib is not None, "native kernel not available"
+        jobs = len(self._counts)
+        results = array.array("q", bytes(8 * jobs))
+        addresses = [a.buffer_info()[0] for a in (self._starts, self._ints, self._reals, results)]
+
+        def call(order: array.array) -> None:
+            lib.evm_run_jobs(len(order), order.buffer_info()[0], *addresses)
+
+        groups = _deal(self._counts, workers)
+        if len(groups) == 1:
+            call(groups[0])
+        else:
+            with ThreadPoolExecutor(max_workers=len(groups), thread_name_prefix="evomerge-fused") as pool:
+                list(pool.map(call, groups))
+        for job, found in enumerate(results):
+            if found < 0:
+                raise RuntimeError(
+                    f"fused merge kernel failed (code {found}) on {self._labels[job] or f'job {job}'}"
+                    f" ({self._counts[job]} entries)"
+                )
+        return results.tolist()
+
+
+def _deal(counts: Sequence[int], workers: int) -> list[array.array]:
+    """Job indices split over at most `workers` groups of about equal entries (largest first)."""
+    if workers <= 1 or len(counts) <= 1:
+        return [array.array("q", range(len(counts)))]
+    loads = [0] * min(workers, len(counts))
+    groups = [array.array("q") for _ in loads]
+    for job in sorted(range(len(counts)), key=counts.__getitem__, reverse=True):
+        lightest = loads.index(min(loads))
+        groups[lightest].append(job)
+        loads[lightest] += counts[job]
+    return groups
 
 
 def key_histogram(base: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ import torch
 from evomerge.errors import CompatibilityError, NonFiniteMergeError
 from evomerge.io.model_dir import ModelDir
 from evomerge.merge.engine import all_finite, compute_recipe, default_workers, torch_threads
+from evomerge.merge.fused_plan import merge_in_place
 from evomerge.merge.methods import DeltaCache
 from evomerge.merge.plan import MergePlan, TensorRecipe
 
@@ -43,6 +44,8 @@ class ResidentSources:
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
         # Delta statistics (TIES cut histograms) of these never-changing tensors, kept across trials.
         self.delta_cache = DeltaCache()
+        # Per recipe inputs: the fused kernel's view of them (fused_plan.resident_inputs).
+        self.fused_inputs: dict = {}
         for name, model in models.items():
             model_dir = model if isinstance(model, ModelDir) else ModelDir(model, allow_pickle=allow_pickle)
             wanted = list(tensor_names) if tensor_names is not None else list(model_dir.tensors)
@@ -82,9 +85,11 @@ def materialize(
 ) -> None:
     """Write every output tensor of `plan` into `target` in place (same values as a disk merge).
 
-    On CPU, tensors are merged by `workers` threads with one torch thread each (as the disk
-    engine does): the blocked kernels are single-threaded by design, and torch's own threading
-    of 64K-entry ops waits on the other cores for longer than the op takes.
+    On CPU, the tensors the fused kernel takes on its own (task arithmetic, TIES, ...) go into
+    one kernel call (fused_plan.py), split over `workers` threads; the others are merged by
+    `workers` threads with one torch thread each (as the disk engine does): the blocked kernels
+    are single-threaded by design, and torch's own threading of 64K-entry ops waits on the other
+    cores for longer than the op takes. Small plans run on one thread.
     """
     result_dtype = plan.math_dtype or sources.dtype
     options = {"math_dtype": plan.math_dtype, "seed": plan.seed, "cache": sources.delta_cache}
@@ -104,12 +109,15 @@ def materialize(
             merge_one(recipe)
         return
     workers = workers or default_workers()
+    if sum(math.prod(r.shape) for r in plan.tensors) < _POOL_MIN_ENTRIES:
+        workers = 1  # a pool's hand-offs would cost more than the merge
+    rest = merge_in_place(plan, sources, target, workers=workers)  # one fused-kernel batch
     with torch_threads(1):
-        if workers == 1 or sum(math.prod(r.shape) for r in plan.tensors) < _POOL_MIN_ENTRIES:
-            for recipe in plan.tensors:  # a pool's hand-offs would cost more than the merge
+        if workers == 1 or len(rest) <= 1:
+            for recipe in rest:
                 merge_one(recipe)
             return
-        largest_first = sorted(plan.tensors, key=lambda r: math.prod(r.shape), reverse=True)  # balances the threads
+        largest_first = sorted(rest, key=lambda r: math.prod(r.shape), reverse=True)  # balances the threads
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evomerge-remerge") as pool:
             for done in pool.map(merge_one, largest_first):
                 del done  # re-raises the first failure

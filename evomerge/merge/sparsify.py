@@ -36,6 +36,7 @@ Differences from mergekit (0.1.5, and the 0.1.4 notes in the research file):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -219,6 +220,17 @@ class KeyHistogram:
     @property
     def nbytes(self) -> int:
         return self.at_or_below.nbytes + (self.buckets.nbytes if self.buckets is not None else 0)
+
+    @functools.cached_property
+    def raw(self) -> tuple[int, int, int, int, int, int]:
+        """These fields as plain integers for the fused kernel's copy of `kth_largest` (fused.c):
+        zeros, stored buckets, address and item size of the running counts (contiguous int32 or
+        int64, as `of` makes them), first bucket, address of the int32 bucket ids (0 when dense).
+        Valid while this histogram lives."""
+        at_or_below = self.at_or_below
+        ids = 0 if self.buckets is None else self.buckets.__array_interface__["data"][0]
+        address = at_or_below.__array_interface__["data"][0]
+        return self.zeros, at_or_below.size, address, at_or_below.itemsize, self.first, ids
 
     def kth_largest(self, k: int) -> tuple[int, int, int]:
         """(bucket, entries in higher buckets, entries in it) for the k-th largest key."""
