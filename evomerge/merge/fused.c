@@ -284,6 +284,40 @@ static void scatter(int dtype, const void *from, const int64_t *index, int64_t f
         for (int64_t u = 0; u < found; u++) ((uint16_t *)to)[index[u]] = ((const uint16_t *)from)[u];
 }
 
+static int descending(const void *a, const void *b) {
+    const uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return (x < y) - (x > y);
+}
+
+/* The second radix level inside a CUT bucket: of the m keys in it (their low bits in lows[],
+ * reordered here), the low bits of the `wanted`-th largest, and in *ties how many keys equal to
+ * it the cut keeps (the earliest ones). Above low_mask: keep none. A few keys (the usual case,
+ * ~0.06% of a tensor) are sorted; many are counted in `counts` (low_mask + 1 entries). */
+#define SORT_AT_MOST 2048
+static uint32_t cut_inside(uint32_t *lows, int64_t m, int64_t wanted, uint32_t low_mask, int32_t *counts,
+                           int64_t *ties) {
+    if (wanted <= 0) {
+        *ties = 0;
+        return low_mask + 1;
+    }
+    if (wanted > m) wanted = m;
+    if (m <= SORT_AT_MOST) {
+        qsort(lows, (size_t)m, sizeof(uint32_t), descending);
+        const uint32_t cut = lows[wanted - 1];
+        int64_t above = wanted - 1;
+        while (above > 0 && lows[above - 1] == cut) above--;
+        *ties = wanted - above;
+        return cut;
+    }
+    memset(counts, 0, sizeof(int32_t) * ((size_t)low_mask + 1));
+    for (int64_t u = 0; u < m; u++) counts[lows[u]]++;
+    int64_t above = 0;
+    uint32_t cut = low_mask;
+    for (; cut > 0 && above + counts[cut] < wanted; cut--) above += counts[cut];
+    *ties = wanted - above;
+    return cut;
+}
+
 /* The exact TIES keep decisions for the ambiguous entries (every entry inside each inexact CUT
  * bucket is among them), then the chain for just those entries: gathered into contiguous
  * buffers and run through the same chunk code with the decisions as masks. Returns 0, or -2. */
@@ -292,11 +326,12 @@ static int resolve(const Job *job, const int64_t *index, int64_t found) {
     const size_t size = dtype == F32 ? 4 : 2;
     int status = 0;
     char *buffer = (char *)malloc((size_t)found * (size * (size_t)(n + 2) + (size_t)n));
-    int64_t *low_counts = (int64_t *)malloc(sizeof(int64_t) << 16);
+    uint32_t *lows = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)found);
+    int32_t *low_counts = (int32_t *)malloc(sizeof(int32_t) << job->shift);
     const void **parts = (const void **)malloc(sizeof(void *) * (size_t)n);
     const uint8_t **keeps = (const uint8_t **)malloc(sizeof(uint8_t *) * (size_t)n);
     int32_t *part_modes = (int32_t *)malloc(sizeof(int32_t) * (size_t)n);
-    if (!buffer || !low_counts || !parts || !keeps || !part_modes) {
+    if (!buffer || !lows || !low_counts || !parts || !keeps || !part_modes) {
         status = -2;
         goto done;
     }
@@ -315,14 +350,12 @@ static int resolve(const Job *job, const int64_t *index, int64_t found) {
         } else if (job->modes[i] == CUT) {
             /* Second radix level inside the bucket: the low bits of the `wanted`-th largest key. */
             const uint32_t bucket = job->buckets[i], shift = (uint32_t)job->shift, low_mask = (1u << shift) - 1;
-            memset(low_counts, 0, sizeof(int64_t) << shift);
+            int64_t inside = 0, ties_to_keep;
             for (int64_t u = 0; u < found; u++) {
                 uint32_t key = key_bits(dtype, part, base_part, u);
-                if (key >> shift == bucket) low_counts[key & low_mask]++;
+                if (key >> shift == bucket) lows[inside++] = key & low_mask;
             }
-            int64_t above = 0, cut_low = (int64_t)low_mask;
-            for (; cut_low > 0 && above + low_counts[cut_low] < job->wanted[i]; cut_low--) above += low_counts[cut_low];
-            int64_t ties_to_keep = job->wanted[i] - above; /* equal keys at the cut: the earliest ones */
+            const int64_t cut_low = cut_inside(lows, inside, job->wanted[i], low_mask, low_counts, &ties_to_keep);
             for (int64_t u = 0; u < found; u++) {
                 uint32_t key = key_bits(dtype, part, base_part, u);
                 uint32_t high = key >> shift, low = key & low_mask;
@@ -350,6 +383,7 @@ static int resolve(const Job *job, const int64_t *index, int64_t found) {
     scatter(dtype, out_part, index, found, job->out);
 done:
     free(buffer);
+    free(lows);
     free(low_counts);
     free((void *)parts);
     free((void *)keeps);
