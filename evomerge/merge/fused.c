@@ -437,14 +437,14 @@ static void kth_largest(const int64_t *h, int64_t k, uint32_t *bucket, int64_t *
 }
 
 enum { J_DTYPE, J_COUNT, J_MODELS, J_CONSENSUS, J_NORMALIZE, J_SHIFT, J_BASE, J_OUT, J_SLOTS };
-enum { M_SOURCE, M_MODE, M_K, M_MASK, M_HISTOGRAM, M_SLOTS = M_HISTOGRAM + 6 };
 
 /* One job from its packed slots (native.JobBatch writes them):
- *   ints:  dtype, count, n, consensus, normalize, shift, base, out; then per model: source,
- *          mode, k (CUT: how many entries the trim keeps), mask (MASK), and for CUT the 6
- *          fields of the |delta| histogram read by kth_largest;
- *   reals: divisor, lambda; then per model: weight (already rounded to the math dtype), rescale
- *          factor (MASK; 1 for none: x * 1 is x, NaN and -0 included).
+ *   ints:  dtype, count, n, consensus, normalize, shift, base, out; then n each of: source,
+ *          mode, k (CUT: how many entries the trim keeps), mask (MASK); then n times the 6
+ *          fields of a |delta| histogram read by kth_largest (CUT);
+ *   reals: divisor, lambda; then n weights (already rounded to the math dtype), n rescale
+ *          factors (MASK; 1 for none: x * 1 is x, NaN and -0 included).
+ * Field by field rather than model by model, so the caller copies whole lists it keeps.
  * Returns as run_job, or -2 on a bad argument. */
 static int64_t packed_job(const int64_t *ints, const double *reals) {
     const int dtype = (int)ints[J_DTYPE], n = (int)ints[J_MODELS], shift = (int)ints[J_SHIFT];
@@ -462,19 +462,19 @@ static int64_t packed_job(const int64_t *ints, const double *reals) {
         int64_t capacity = 0;
         found = 0;
         for (int i = 0; i < n; i++) {
-            const int64_t *model = ints + J_SLOTS + (int64_t)i * M_SLOTS;
-            sources[i] = (const void *)(intptr_t)model[M_SOURCE];
-            modes[i] = (int32_t)model[M_MODE];
-            masks[i] = (const uint8_t *)(intptr_t)model[M_MASK];
-            weights[i] = (float)reals[2 + 2 * i];
-            factors[i] = (float)reals[3 + 2 * i];
+            const int64_t *fields = ints + J_SLOTS + i, k = fields[2 * n];
+            sources[i] = (const void *)(intptr_t)fields[0];
+            modes[i] = (int32_t)fields[n];
+            masks[i] = (const uint8_t *)(intptr_t)fields[3 * n];
+            weights[i] = (float)reals[2 + i];
+            factors[i] = (float)reals[2 + n + i];
             buckets[i] = 0;
             wanted[i] = 0;
             if (modes[i] < KEEP || modes[i] > MASK || (modes[i] == MASK && !masks[i])) found = -2;
             if (modes[i] == CUT) {
                 int64_t greater, inside;
-                kth_largest(model + M_HISTOGRAM, model[M_K], &buckets[i], &greater, &inside);
-                wanted[i] = model[M_K] - greater;
+                kth_largest(ints + J_SLOTS + 4 * (int64_t)n + 6 * (int64_t)i, k, &buckets[i], &greater, &inside);
+                wanted[i] = k - greater;
                 if (!exact_bucket(dtype, shift)) capacity += inside;
             }
         }

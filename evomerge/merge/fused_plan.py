@@ -10,6 +10,7 @@ goes into one batch. The bits are merge_tensors' (the same kernel on the same in
 
 from __future__ import annotations
 
+import array
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -36,12 +37,14 @@ class ResidentInputs:
     sources: list[torch.Tensor]  # the base excluded, config order
     addresses: list[int]  # of `sources`
     keys: list[Any]  # DeltaCache keys of each source's |delta| histogram (merge_tensors' keys)
-    histograms: list[tuple[int, ...] | None]  # KeyHistogram.raw, once computed
+    histograms: array.array  # each source's KeyHistogram.raw (6 fields), once known; zeros before
+    known: list[bool]  # which histograms are in
 
     def fill_histogram(self, row: int, resident: ResidentSources) -> None:
         base, source = self.base, self.sources[row]
         found = resident.delta_cache.histogram(self.keys[row], lambda: native.key_histogram(base, source))
-        self.histograms[row] = found.raw
+        self.histograms[6 * row : 6 * row + 6] = array.array("q", found.raw)
+        self.known[row] = True
 
 
 def resident_inputs(recipe: TensorRecipe, resident: ResidentSources, math_dtype: torch.dtype | None):
@@ -70,7 +73,8 @@ def resident_inputs(recipe: TensorRecipe, resident: ResidentSources, math_dtype:
                 sources=sources,
                 addresses=[s.data_ptr() for s in sources],
                 keys=[(recipe.inputs[i], recipe.inputs[base_index], str(dtype)) for i in rows],
-                histograms=[None] * len(rows),
+                histograms=array.array("q", bytes(6 * 8 * len(rows))),
+                known=[False] * len(rows),
             )
     cache[key] = found
     return found
@@ -78,8 +82,8 @@ def resident_inputs(recipe: TensorRecipe, resident: ResidentSources, math_dtype:
 
 def _settings_key(recipe: TensorRecipe, dtype: torch.dtype):
     try:
-        models = tuple(tuple(sorted(params.items())) for params in recipe.model_params)
-        key = (recipe.method, recipe.base_index, dtype, models, tuple(sorted(recipe.global_params.items())))
+        models = tuple(tuple(params.items()) for params in recipe.model_params)  # same order: same key
+        key = (recipe.method, recipe.base_index, dtype, models, tuple(recipe.global_params.items()))
         hash(key)
     except TypeError:  # an unhashable parameter value: validated per tensor instead
         return None
@@ -119,7 +123,7 @@ def merge_in_place(
         if native.MASK in modes:  # DARE, DELLA, breadcrumbs: a mask to make per tensor first
             rest.append(recipe)
             continue
-        missing += [(inputs, row) for row, mode in enumerate(modes) if mode == native.CUT and inputs.histograms[row] is None]
+        missing += [(inputs, row) for row, mode in enumerate(modes) if mode == native.CUT and not inputs.known[row]]
         queued.append((recipe, inputs, merge, modes, ks, out.data_ptr()))
     if len(missing) > 1 and workers > 1:  # a search's first trial: one pass over each delta
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evomerge-histogram") as pool:

@@ -769,7 +769,7 @@ def _native_task_vectors(kind, tensors, model_params, options, base_index, seed,
     settings.add(
         batch, base.dtype, count, flat_base.data_ptr(), target.data_ptr(), [s.data_ptr() for s in flat_sources],
         modes, ks, masks=[0 if m is None else m.data_ptr() for m in masks], factors=factors,
-        histograms=[None if h is None else h.raw for h in histograms],
+        histograms=[field for h in histograms for field in (h.raw if h is not None else (0,) * 6)],
     )  # fmt: skip
     batch.run()
 

@@ -120,9 +120,6 @@ def supports(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.dtype in DTYPE_CODES and library() is not None
 
 
-_NO_HISTOGRAM = (0, 0, 0, 0, 0, 0)
-
-
 class JobBatch:
     """Task-vector merges packed for one kernel call: a whole plan's tensors cost one ctypes
     call instead of one each (with its argument marshalling), which is most of the time a small
@@ -152,7 +149,7 @@ class JobBatch:
         *,
         masks: Sequence[int] | None = None,
         factors: Sequence[float] | None = None,
-        histograms: Sequence[tuple[int, ...] | None] | None = None,
+        histograms: Sequence[int] | None = None,
         consensus: bool,
         normalize: bool,
         divisor: float = 1.0,
@@ -162,16 +159,20 @@ class JobBatch:
         """One tensor of `count` entries: the merge of `sources` (data pointers, base excluded)
         against `base`, written to `out`. Per model: weight (rounded to the math dtype), mode
         (KEEP, CUT, ZERO, MASK), for CUT the top-k count and the `KeyHistogram.raw` of its
-        |delta|, for MASK a bool mask pointer and a rescale factor (1.0 for none)."""
+        |delta| (`histograms`: the models' 6 fields one after another, zeros where unused), for
+        MASK a bool mask pointer and a rescale factor (1.0 for none)."""
         ints, reals = self._ints, self._reals
         self._starts.extend((len(ints), len(reals)))
         ints.extend((DTYPE_CODES[dtype], count, len(sources), int(consensus), int(normalize), KEY_SHIFT[dtype], base, out))
         reals.extend((divisor, lam))
-        for row, source in enumerate(sources):
-            histogram = histograms[row] if histograms is not None else None
-            ints.extend((source, modes[row], ks[row], masks[row] if masks is not None else 0))
-            ints.extend(histogram or _NO_HISTOGRAM)
-            reals.extend((weights[row], factors[row] if factors is not None else 1.0))
+        count_models = len(sources)
+        ints.extend(sources)
+        ints.extend(modes)
+        ints.extend(ks)
+        ints.extend(masks or [0] * count_models)
+        ints.extend(histograms or [0] * (6 * count_models))
+        reals.extend(weights)
+        reals.extend(factors or [1.0] * count_models)
         self._counts.append(count)
         self._labels.append(label)
 
