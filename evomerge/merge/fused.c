@@ -436,10 +436,10 @@ static void kth_largest(const int64_t *h, int64_t k, uint32_t *bucket, int64_t *
 #undef AT
 }
 
-enum { J_DTYPE, J_COUNT, J_MODELS, J_CONSENSUS, J_NORMALIZE, J_SHIFT, J_BASE, J_OUT, J_SLOTS };
+enum { J_DTYPE, J_COUNT, J_MODELS, J_SHIFT, J_BASE, J_CONSENSUS, J_NORMALIZE, J_OUT, J_SLOTS };
 
 /* One job from its packed slots (native.JobBatch writes them):
- *   ints:  dtype, count, n, consensus, normalize, shift, base, out; then n each of: source,
+ *   ints:  dtype, count, n, shift, base, consensus, normalize, out; then n each of: source,
  *          mode, k (CUT: how many entries the trim keeps), mask (MASK); then n times the 6
  *          fields of a |delta| histogram read by kth_largest (CUT);
  *   reals: divisor, lambda; then n weights (already rounded to the math dtype), n rescale

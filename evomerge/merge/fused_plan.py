@@ -35,6 +35,7 @@ class ResidentInputs:
     count: int
     base: torch.Tensor
     sources: list[torch.Tensor]  # the base excluded, config order
+    prefix: tuple[int, ...]  # native.job_prefix
     addresses: list[int]  # of `sources`
     keys: list[Any]  # DeltaCache keys of each source's |delta| histogram (merge_tensors' keys)
     histograms: array.array  # each source's KeyHistogram.raw (6 fields), once known; zeros before
@@ -71,6 +72,7 @@ def resident_inputs(recipe: TensorRecipe, resident: ResidentSources, math_dtype:
                 count=base.numel(),
                 base=base,
                 sources=sources,
+                prefix=native.job_prefix(dtype, base.numel(), len(sources), base.data_ptr()),
                 addresses=[s.data_ptr() for s in sources],
                 keys=[(recipe.inputs[i], recipe.inputs[base_index], str(dtype)) for i in rows],
                 histograms=array.array("q", bytes(6 * 8 * len(rows))),
@@ -99,44 +101,60 @@ def merge_in_place(
     if resident.device.type != "cpu" or native.library() is None:
         return list(plan.tensors)
     settings: dict[Any, FusedMerge | None] = {}
-    queued: list[tuple[TensorRecipe, ResidentInputs, FusedMerge, list[int], list[int], int]] = []
+    batch = native.JobBatch()
     rest: list[TensorRecipe] = []
+    waiting: list[tuple[TensorRecipe, ResidentInputs, FusedMerge, array.array, int]] = []  # on histograms
     missing: list[tuple[ResidentInputs, int]] = []
     for recipe in plan.tensors:
         inputs = resident_inputs(recipe, resident, plan.math_dtype)
         merge = None
         if inputs is not None:
-            key = _settings_key(recipe, inputs.dtype)
-            if key is None or key not in settings:
-                merge = fused_merge(recipe.method, recipe.model_params, recipe.global_params, recipe.base_index, inputs.dtype)
-                if key is not None:
-                    settings[key] = merge
+            # Recipes of one gene set share their parameter objects (Genome.plan): those are
+            # alive for this whole call, so their ids key the cache before their values do.
+            same = (id(recipe.model_params), id(recipe.global_params), recipe.method, recipe.base_index, inputs.dtype)
+            if same in settings:
+                merge = settings[same]
             else:
-                merge = settings[key]
+                key = _settings_key(recipe, inputs.dtype)
+                if key is None or key not in settings:
+                    merge = fused_merge(
+                        recipe.method, recipe.model_params, recipe.global_params, recipe.base_index, inputs.dtype
+                    )
+                    if key is not None:
+                        settings[key] = merge
+                else:
+                    merge = settings[key]
+                settings[same] = merge
         out = target[recipe.name]
         if merge is None or not (
             out.dtype == inputs.dtype and out.device.type == "cpu" and out.is_contiguous() and out.shape == inputs.shape
         ):
             rest.append(recipe)
             continue
-        modes, ks = merge.trims(inputs.count)
+        modes, _, trims = merge.trims(inputs.count)
         if native.MASK in modes:  # DARE, DELLA, breadcrumbs: a mask to make per tensor first
             rest.append(recipe)
             continue
-        missing += [(inputs, row) for row, mode in enumerate(modes) if mode == native.CUT and not inputs.known[row]]
-        queued.append((recipe, inputs, merge, modes, ks, out.data_ptr()))
+        if not all(inputs.known):
+            unknown = [(inputs, row) for row, mode in enumerate(modes) if mode == native.CUT and not inputs.known[row]]
+            if unknown:
+                missing += unknown
+                waiting.append((recipe, inputs, merge, trims, out.data_ptr()))
+                continue
+        _queue(batch, recipe, inputs, merge, trims, out.data_ptr())
     if len(missing) > 1 and workers > 1:  # a search's first trial: one pass over each delta
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evomerge-histogram") as pool:
             list(pool.map(lambda item: item[0].fill_histogram(item[1], resident), missing))
     else:
         for inputs, row in missing:
             inputs.fill_histogram(row, resident)
-    batch = native.JobBatch()
-    for recipe, inputs, merge, modes, ks, out in queued:
-        merge.add(
-            batch, inputs.dtype, inputs.count, inputs.base.data_ptr(), out, inputs.addresses, modes, ks,
-            histograms=inputs.histograms, label=recipe.name,
-        )  # fmt: skip
+    for job in waiting:
+        _queue(batch, *job)
     if len(batch):
         batch.run(workers)
     return rest
+
+
+def _queue(batch: native.JobBatch, recipe, inputs: ResidentInputs, merge: FusedMerge, trims, out: int) -> None:
+    ints = (inputs.prefix, (*merge.flags, out), inputs.addresses, trims, inputs.histograms)
+    batch.add_slots(inputs.count, ints, merge.reals, recipe.name)

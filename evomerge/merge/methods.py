@@ -45,7 +45,9 @@ Differences from mergekit (deliberate; each is also commented where it happens):
 
 from __future__ import annotations
 
+import array
 import difflib
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -667,11 +669,21 @@ class FusedMerge:
     normalize: bool
     divisor: float  # the normaliser without consensus; 1.0 otherwise
     lam: float
-    _trims: dict[int, tuple[list[int], list[int]]] = field(default_factory=dict)
+    _trims: dict[int, tuple[list[int], list[int], array.array]] = field(default_factory=dict)
 
-    def trims(self, count: int) -> tuple[list[int], list[int]]:
-        """Per model the kernel mode for a tensor of `count` entries, and the TIES top-k (CUT).
-        KEEP and ZERO are decided without the data; MASK means a mask must be made first."""
+    @functools.cached_property
+    def flags(self) -> tuple[int, int]:
+        return int(self.kind.consensus), int(self.normalize)
+
+    @functools.cached_property
+    def reals(self) -> array.array:
+        """The job's float slots (native.merge_reals), without masks to rescale."""
+        return native.merge_reals(self.divisor, self.lam, self.weights, None)
+
+    def trims(self, count: int) -> tuple[list[int], list[int], array.array]:
+        """Per model the kernel mode for a tensor of `count` entries and the TIES top-k (CUT),
+        and both as the job's trim slots. KEEP and ZERO are decided without the data; MASK means
+        a mask must be made first."""
         found = self._trims.get(count)
         if found is None:
             modes, ks = [], []
@@ -686,15 +698,8 @@ class FusedMerge:
                 else:
                     modes.append(native.MASK)
                     ks.append(0)
-            found = self._trims[count] = (modes, ks)
+            found = self._trims[count] = (modes, ks, native.trim_slots(modes, ks))
         return found
-
-    def add(self, batch: native.JobBatch, dtype, count, base, out, sources, modes, ks, **extra) -> None:
-        """Queue one tensor (data pointers) on `batch`; `extra`: masks, factors, histograms, label."""
-        batch.add(
-            dtype, count, base, out, sources, self.weights, modes, ks,
-            consensus=self.kind.consensus, normalize=self.normalize, divisor=self.divisor, lam=self.lam, **extra,
-        )  # fmt: skip
 
 
 def _fused_merge(kind, model_params, options, sources, dtype, device) -> FusedMerge:
@@ -751,7 +756,7 @@ def _native_task_vectors(kind, tensors, model_params, options, base_index, seed,
     settings = _fused_merge(kind, model_params, options, sources, base.dtype, base.device)
     flat_base = blocks.flat(base)
     count = flat_base.numel()
-    modes, ks = settings.trims(count)
+    modes, ks, _ = settings.trims(count)
     flat_sources, masks, factors, histograms = [], [], [], []
     for row, index in enumerate(sources):
         flat = blocks.flat(tensors[index])
@@ -766,10 +771,11 @@ def _native_task_vectors(kind, tensors, model_params, options, base_index, seed,
         factors.append(1.0 if factor is None else factor)  # x * 1.0 == x, bit for bit
         histograms.append(cut)
     batch = native.JobBatch()
-    settings.add(
-        batch, base.dtype, count, flat_base.data_ptr(), target.data_ptr(), [s.data_ptr() for s in flat_sources],
-        modes, ks, masks=[0 if m is None else m.data_ptr() for m in masks], factors=factors,
+    batch.add(
+        base.dtype, count, flat_base.data_ptr(), target.data_ptr(), [s.data_ptr() for s in flat_sources],
+        settings.weights, modes, ks, masks=[0 if m is None else m.data_ptr() for m in masks], factors=factors,
         histograms=[field for h in histograms for field in (h.raw if h is not None else (0,) * 6)],
+        consensus=kind.consensus, normalize=settings.normalize, divisor=settings.divisor, lam=settings.lam,
     )  # fmt: skip
     batch.run()
 

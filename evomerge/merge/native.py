@@ -161,18 +161,21 @@ class JobBatch:
         (KEEP, CUT, ZERO, MASK), for CUT the top-k count and the `KeyHistogram.raw` of its
         |delta| (`histograms`: the models' 6 fields one after another, zeros where unused), for
         MASK a bool mask pointer and a rescale factor (1.0 for none)."""
-        ints, reals = self._ints, self._reals
-        self._starts.extend((len(ints), len(reals)))
-        ints.extend((DTYPE_CODES[dtype], count, len(sources), int(consensus), int(normalize), KEY_SHIFT[dtype], base, out))
-        reals.extend((divisor, lam))
-        count_models = len(sources)
-        ints.extend(sources)
-        ints.extend(modes)
-        ints.extend(ks)
-        ints.extend(masks or [0] * count_models)
-        ints.extend(histograms or [0] * (6 * count_models))
-        reals.extend(weights)
-        reals.extend(factors or [1.0] * count_models)
+        n = len(sources)
+        ints = (
+            job_prefix(dtype, count, n, base), (int(consensus), int(normalize), out), sources,
+            trim_slots(modes, ks, masks), histograms or [0] * (6 * n),
+        )  # fmt: skip
+        self.add_slots(count, ints, merge_reals(divisor, lam, weights, factors), label)
+
+    def add_slots(self, count: int, ints: Sequence[Sequence[int]], reals: Sequence[float], label: str) -> None:
+        """One job already laid out in `packed_job`'s slots (fused.c), in parts: a search keeps
+        the parts that do not change (job_prefix, sources, histograms; trim_slots and
+        merge_reals per parameter set), so queueing a tensor copies a few arrays."""
+        self._starts.extend((len(self._ints), len(self._reals)))
+        for part in ints:
+            self._ints.extend(part)
+        self._reals.extend(reals)
         self._counts.append(count)
         self._labels.append(label)
 
@@ -202,6 +205,22 @@ class JobBatch:
                     f" ({self._counts[job]} entries)"
                 )
         return results.tolist()
+
+
+def job_prefix(dtype: torch.dtype, count: int, models: int, base: int) -> tuple[int, ...]:
+    """The first slots of a job: dtype, entries, models, key shift, base pointer. Then come
+    consensus, normalize and the output pointer, and per model the sources, then trim_slots."""
+    return DTYPE_CODES[dtype], count, models, KEY_SHIFT[dtype], base
+
+
+def trim_slots(modes: Sequence[int], ks: Sequence[int], masks: Sequence[int] | None = None) -> array.array:
+    """Per model the trim mode, then per model the top-k count, then per model the mask pointer."""
+    return array.array("q", [*modes, *ks, *(masks or [0] * len(modes))])
+
+
+def merge_reals(divisor: float, lam: float, weights: Sequence[float], factors: Sequence[float] | None) -> array.array:
+    """A job's float slots: the normaliser, lambda, the weights, the rescale factors (1.0: none)."""
+    return array.array("d", [divisor, lam, *weights, *(factors or [1.0] * len(weights))])
 
 
 def _deal(counts: Sequence[int], workers: int) -> list[array.array]:

@@ -112,6 +112,8 @@ def materialize(
     if sum(math.prod(r.shape) for r in plan.tensors) < _POOL_MIN_ENTRIES:
         workers = 1  # a pool's hand-offs would cost more than the merge
     rest = merge_in_place(plan, sources, target, workers=workers)  # one fused-kernel batch
+    if not rest:
+        return
     with torch_threads(1):
         if workers == 1 or len(rest) <= 1:
             for recipe in rest:

@@ -215,15 +215,22 @@ class Genome:
         donor = self.base or self.finetunes[0]
         tensors = self.models[donor].tensors
         recipes = []
+        # One decode per gene set, shared by its tensors' recipes (the same parameter objects, so
+        # a re-merge validates each set once: fused_plan keys its cache on them).
+        decoded: dict[tuple[str, str], tuple] = {}
         for tensor in self._tensor_order():
             block, _ = self._block_of(tensor)
-            method, per_model, global_params = self.block_params(params, block, self._filter_of(block, tensor))
-            sources, base_index = self._sources(params, method, block)
-            model_params = tuple(
-                {} if index == base_index else dict(per_model[name]) for index, name in enumerate(sources)
-            )
-            if method == "slerp":
-                model_params = ({}, {})
+            gene_set = (block, self._filter_of(block, tensor))
+            if gene_set not in decoded:
+                method, per_model, global_params = self.block_params(params, *gene_set)
+                sources, base_index = self._sources(params, method, block)
+                model_params = tuple(
+                    {} if index == base_index else dict(per_model[name]) for index, name in enumerate(sources)
+                )
+                if method == "slerp":
+                    model_params = ({}, {})
+                decoded[gene_set] = method, sources, base_index, model_params, global_params
+            method, sources, base_index, model_params, global_params = decoded[gene_set]
             recipes.append(
                 TensorRecipe(
                     name=tensor,
