@@ -57,6 +57,12 @@ def timed(function, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def ms(seconds: float) -> str:
+    """Milliseconds to three significant digits, without exponents."""
+    value = seconds * 1e3
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def remerge_vs_copy(genome, params, *, repeats: int) -> dict[str, float]:
     plan = genome.plan(params)
     dtype = DTYPE_NAMES[genome.space.dtype]  # the search's math dtype: sources are kept resident in it
@@ -196,8 +202,8 @@ def main() -> None:
             r = remerge_vs_copy(genome, params, repeats=9)
             lines.append(
                 f"| {label} | {genome.space.dtype} | {genome_name} | {r['tensors']} | {r['in_mb']:.1f} | "
-                f"{r['out_mb']:.1f} | {r['first_s'] * 1e3:.3g} | {r['calls']} | {r['merge_s'] * 1e3:.3g} | "
-                f"{r['copy_out_s'] * 1e3:.3g} | {r['copy_all_s'] * 1e3:.3g} | {r['copy_out_s'] / r['merge_s']:.0%} | {r['copy_all_s'] / r['merge_s']:.0%} |"
+                f"{r['out_mb']:.1f} | {ms(r['first_s'])} | {r['calls']} | {ms(r['merge_s'])} | "
+                f"{ms(r['copy_out_s'])} | {ms(r['copy_all_s'])} | {r['copy_out_s'] / r['merge_s']:.0%} | {r['copy_all_s'] / r['merge_s']:.0%} |"
             )
             print(lines[-1], flush=True)
     lines += ["", "Target: re-merge at >= 50% of copy speed.", ""]

@@ -21,6 +21,7 @@ import torch
 from evomerge.merge import native
 from evomerge.merge.methods import FusedMerge, fused_merge
 from evomerge.merge.plan import MergePlan, TensorRecipe
+from evomerge.merge.sparsify import KeyHistogram
 
 if TYPE_CHECKING:
     from evomerge.merge.resident import ResidentSources
@@ -39,13 +40,13 @@ class ResidentInputs:
     addresses: list[int]  # of `sources`
     keys: list[Any]  # DeltaCache keys of each source's |delta| histogram (merge_tensors' keys)
     histograms: array.array  # each source's KeyHistogram.raw (6 fields), once known; zeros before
-    known: list[bool]  # which histograms are in
+    held: list[KeyHistogram | None]  # those histograms, kept alive while their addresses are used
 
     def fill_histogram(self, row: int, resident: ResidentSources) -> None:
         base, source = self.base, self.sources[row]
         found = resident.delta_cache.histogram(self.keys[row], lambda: native.key_histogram(base, source))
         self.histograms[6 * row : 6 * row + 6] = array.array("q", found.raw)
-        self.known[row] = True
+        self.held[row] = found
 
 
 def resident_inputs(recipe: TensorRecipe, resident: ResidentSources, math_dtype: torch.dtype | None):
@@ -76,7 +77,7 @@ def resident_inputs(recipe: TensorRecipe, resident: ResidentSources, math_dtype:
                 addresses=[s.data_ptr() for s in sources],
                 keys=[(recipe.inputs[i], recipe.inputs[base_index], str(dtype)) for i in rows],
                 histograms=array.array("q", bytes(6 * 8 * len(rows))),
-                known=[False] * len(rows),
+                held=[None] * len(rows),
             )
     cache[key] = found
     return found
@@ -135,8 +136,8 @@ def merge_in_place(
         if native.MASK in modes:  # DARE, DELLA, breadcrumbs: a mask to make per tensor first
             rest.append(recipe)
             continue
-        if not all(inputs.known):
-            unknown = [(inputs, row) for row, mode in enumerate(modes) if mode == native.CUT and not inputs.known[row]]
+        if None in inputs.held:
+            unknown = [(inputs, row) for row, mode in enumerate(modes) if mode == native.CUT and inputs.held[row] is None]
             if unknown:
                 missing += unknown
                 waiting.append((recipe, inputs, merge, trims, out.data_ptr()))
