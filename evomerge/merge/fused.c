@@ -9,8 +9,9 @@
  * model axis accumulate in float32 from +0, in model order, and round once), and the build
  * uses -ffp-contract=off so no multiply-add is fused. tests/test_native.py compares the two.
  * A delta times a 0/1 keep flag is exact in every dtype (the delta, or a zero of its sign), so
- * it is not rounded again. bf16 and fp16 values are converted and rounded with integer ops, as
- * torch does, so that gcc vectorises every loop (it leaves _Float16 conversions scalar).
+ * it is not rounded again. bf16 and fp16 values are converted and rounded with integer ops (and
+ * fp16 rounding inside the chain with one aligning float add), exactly as torch rounds, so that
+ * gcc vectorises every loop (it leaves _Float16 conversions scalar).
  *
  * TIES cuts arrive as a top-k count and a histogram of the float32 bit patterns of |delta|
  * (bits >> shift) that the caller keeps; its k-th largest key gives the cut's bucket: entries
@@ -97,6 +98,22 @@ INLINE void store(int dtype, void *p, int64_t j, float v) {
     else ((float *)p)[j] = v;
 }
 
+/* A float32 rounded to the nearest binary16 value (ties to even), as a float32: one float add
+ * aligns v to the fp16 grid of its binade (2^(e-10), or 2^-24 below 2^-14) and a subtract
+ * takes the aligning constant away again, both exact but for that one rounding; past 65504
+ * the result is Inf. Half the ops of converting to fp16 and back on integers. NaN stays NaN
+ * (its sign kept), and -0 and values rounding to zero keep their sign. */
+INLINE float round_f16(float v) {
+    const uint32_t u = f32_to_bits(v), sign = u & 0x80000000u;
+    uint32_t e = u & 0x7F800000u;
+    e = e < (113u << 23) ? (113u << 23) : e; /* below 2^-14: the subnormal grid */
+    e = e > (142u << 23) ? (142u << 23) : e; /* 2^15 and up: the top binade's grid, then Inf */
+    const float c = bits_to_f32((e + (13u << 23)) | sign);
+    uint32_t a = f32_to_bits((v + c) - c) & 0x7FFFFFFFu;
+    a = a > 0x477FE000u && a < 0x7F800000u ? 0x7F800000u : a;
+    return bits_to_f32(a | sign);
+}
+
 /* Round a float32 result to the math dtype, as storing it in a tensor of that dtype would.
  * bf16: round to nearest even on the bits. A NaN is left a NaN rather than made 0x7FC0 here:
  * every NaN inside a bf16 chain has its low 16 bits zero (it comes from a bf16 load, or is the
@@ -107,7 +124,7 @@ INLINE float round_to(int dtype, float v) {
         uint32_t u = f32_to_bits(v);
         return bits_to_f32((u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u);
     }
-    if (dtype == F16) return f16_to_f32(f32_to_f16(v));
+    if (dtype == F16) return round_f16(v);
     return v;
 }
 
