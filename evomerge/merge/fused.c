@@ -276,10 +276,14 @@ static int64_t chunk_f16(const Job *job, int64_t start, int64_t len, int64_t fou
 static int64_t run_chunks(const Job *job, int64_t count) {
     int64_t (*step)(const Job *, int64_t, int64_t, int64_t) =
         job->dtype == BF16 ? chunk_bf16 : job->dtype == F16 ? chunk_f16 : chunk_f32;
+    /* float32 in half chunks: measured 1.4-1.7x faster in cache than whole ones, and 1.5x on a
+     * ~100M-entry TIES re-merge; the 16-bit dtypes are not faster so (why float32 prefers the
+     * shorter chunk is not pinned down: 4K aliasing among its streams is the suspect). */
+    const int64_t size = job->dtype == F32 ? CHUNK / 2 : CHUNK;
     int64_t found = 0;
     for (int i = 0; i < job->n; i++) job->taken[i] = 0;
-    for (int64_t start = 0; start < count && found >= 0; start += CHUNK)
-        found = step(job, start, count - start < CHUNK ? count - start : CHUNK, found);
+    for (int64_t start = 0; start < count && found >= 0; start += size)
+        found = step(job, start, count - start < size ? count - start : size, found);
     return found;
 }
 
