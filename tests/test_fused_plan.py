@@ -191,11 +191,16 @@ def test_every_histogram_form_gives_the_same_cut(kernel, family, dtype):
         assert torch.equal(bits(target[name]), bits(want)), form
 
 
-def test_a_kernel_failure_names_the_tensor(kernel):
+@pytest.mark.parametrize("mode, k", [(native.MASK, 0), (native.CUT, 0), (7, 0)])
+def test_a_bad_job_fails_and_names_the_tensor(kernel, mode, k):
+    """A mask mode without a mask, a TIES cut keeping nothing, an unknown mode: refused, not run."""
     batch = native.JobBatch()
     base = torch.zeros(8)
-    out = torch.empty(8)
-    batch.add(torch.float32, 8, base.data_ptr(), out.data_ptr(), [base.data_ptr()], [1.0], [native.MASK], [0],
-              consensus=False, normalize=False, label="model.layers.0.mlp.up_proj.weight")  # fmt: skip
+    out = torch.full((8,), 5.0)
+    histogram = sparsify.KeyHistogram.of(native.key_histogram(base, base)).raw
+    batch.add(torch.float32, 8, base.data_ptr(), out.data_ptr(), [base.data_ptr()], [1.0], [mode], [k],
+              histograms=list(histogram), consensus=False, normalize=False,
+              label="model.layers.0.mlp.up_proj.weight")  # fmt: skip
     with pytest.raises(RuntimeError, match="model.layers.0.mlp.up_proj.weight"):
         batch.run()
+    assert torch.equal(out, torch.full((8,), 5.0))

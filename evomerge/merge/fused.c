@@ -317,11 +317,11 @@ static int descending(const void *a, const void *b) {
 #define SORT_AT_MOST 2048
 static uint32_t cut_inside(uint32_t *lows, int64_t m, int64_t wanted, uint32_t low_mask, int32_t *counts,
                            int64_t *ties) {
+    if (wanted > m) wanted = m; /* only a histogram that does not match the data asks for more */
     if (wanted <= 0) {
         *ties = 0;
         return low_mask + 1;
     }
-    if (wanted > m) wanted = m;
     if (m <= SORT_AT_MOST) {
         qsort(lows, (size_t)m, sizeof(uint32_t), descending);
         const uint32_t cut = lows[wanted - 1];
@@ -492,7 +492,8 @@ static int64_t packed_job(const int64_t *ints, const double *reals) {
             buckets[i] = 0;
             wanted[i] = 0;
             if (modes[i] < KEEP || modes[i] > MASK || (modes[i] == MASK && !masks[i])) found = -2;
-            if (modes[i] == CUT) {
+            if (modes[i] == CUT && k < 1) found = -2; /* a TIES trim keeps at least one entry */
+            if (modes[i] == CUT && found == 0) {
                 int64_t greater, inside;
                 kth_largest(ints + J_SLOTS + 4 * (int64_t)n + 6 * (int64_t)i, k, &buckets[i], &greater, &inside);
                 wanted[i] = k - greater;
