@@ -11,7 +11,7 @@ import torch
 
 from evomerge.merge import native, sparsify
 from evomerge.merge.fused_plan import merge_in_place
-from evomerge.merge.methods import merge_tensors
+from evomerge.merge.methods import DeltaCache, merge_tensors
 from evomerge.merge.plan import MergePlan, TensorRecipe, tensor_seed
 from evomerge.merge.resident import ResidentSources, materialize
 from families import random_family
@@ -184,10 +184,11 @@ def test_every_histogram_form_gives_the_same_cut(kernel, family, dtype):
     for form in range(3):
         fresh = ResidentSources({m: family[m] for m in MODELS}, dtype=dtype, tensor_names=[name])
         for row, model in enumerate(MODELS[1:]):
-            key = ((model, name), ("base", name), str(dtype))
+            key = DeltaCache.key((model, name), ("base", name), dtype)
             fresh.delta_cache._histograms[key] = forms[row][form]
         target = {name: torch.empty_like(base)}
         assert merge_in_place(plan, fresh, target) == []
+        assert len(fresh.delta_cache) == len(MODELS) - 1  # the injected forms were read, none computed
         assert torch.equal(bits(target[name]), bits(want)), form
 
 

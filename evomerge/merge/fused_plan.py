@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from evomerge.merge import native
-from evomerge.merge.methods import FusedMerge, fused_merge
+from evomerge.merge.methods import DeltaCache, FusedMerge, fused_merge
 from evomerge.merge.plan import MergePlan, TensorRecipe
 from evomerge.merge.sparsify import KeyHistogram
 
@@ -49,7 +49,9 @@ class ResidentInputs:
         self.held[row] = found
 
 
-def resident_inputs(recipe: TensorRecipe, resident: ResidentSources, math_dtype: torch.dtype | None):
+def resident_inputs(
+    recipe: TensorRecipe, resident: ResidentSources, math_dtype: torch.dtype | None
+) -> ResidentInputs | None:
     """The kernel's view of a recipe's inputs, or None when merge_tensors must take it (tensors
     it would cast or reject, no base, nothing to merge). Cached on `resident`."""
     key = (recipe.inputs, recipe.base_index, math_dtype)
@@ -75,7 +77,7 @@ def resident_inputs(recipe: TensorRecipe, resident: ResidentSources, math_dtype:
                 sources=sources,
                 prefix=native.job_prefix(dtype, base.numel(), len(sources), base.data_ptr()),
                 addresses=[s.data_ptr() for s in sources],
-                keys=[(recipe.inputs[i], recipe.inputs[base_index], str(dtype)) for i in rows],
+                keys=[DeltaCache.key(recipe.inputs[i], recipe.inputs[base_index], dtype) for i in rows],
                 histograms=array.array("q", bytes(6 * 8 * len(rows))),
                 held=[None] * len(rows),
             )

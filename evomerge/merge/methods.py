@@ -637,6 +637,11 @@ class DeltaCache:
     def __init__(self) -> None:
         self._histograms: dict[Any, sparsify.KeyHistogram] = {}
 
+    @staticmethod
+    def key(source: Any, base: Any, dtype: torch.dtype) -> tuple:
+        """The key of the |delta| between two inputs named by their cache keys, in `dtype`."""
+        return source, base, str(dtype)
+
     def histogram(self, key: Any, compute: Callable[[], torch.Tensor]) -> sparsify.KeyHistogram:
         found = self._histograms.get(key)
         if found is None:
@@ -730,21 +735,19 @@ def fused_merge(
     count = len(model_params)
     if kind is None or base_index is None or not 0 <= base_index < count or count < 2:
         return None
-    if dtype not in native.DTYPE_CODES or native.library() is None:
-        return None
     spec = get_method(method)
     options = _resolve_globals(spec, global_params or {})
     resolved = _resolve_model_params(spec, list(model_params), count, base_index)
     _check_method_params(spec, resolved, base_index)
-    if kind.sparsifier == "magnitude" and options["rescale"]:
-        return None  # a rescaled TIES trim needs the kept L1 norm first
+    if not _native_eligible(kind, options, dtype, "cpu"):
+        return None
     sources = [index for index in range(count) if index != base_index]
     return _fused_merge(kind, resolved, options, sources, dtype, "cpu")
 
 
-def _native_eligible(kind: _TaskVectorMethod, options, base: torch.Tensor) -> bool:
+def _native_eligible(kind: _TaskVectorMethod, options, dtype: torch.dtype, device_type: str) -> bool:
     # A rescaled TIES trim needs the kept L1 norm before the fused pass: eager path.
-    return not (kind.sparsifier == "magnitude" and options["rescale"]) and native.supports(base)
+    return not (kind.sparsifier == "magnitude" and options["rescale"]) and native.supports(dtype, device_type)
 
 
 def _native_task_vectors(kind, tensors, model_params, options, base_index, seed, target, histogram):
@@ -794,7 +797,7 @@ def _task_vectors(method: str) -> Callable[..., torch.Tensor]:
         if not sources or base.numel() == 0:
             return result.copy_(base)
         target = blocks.flat(result)
-        if _native_eligible(kind, options, base):
+        if _native_eligible(kind, options, base.dtype, base.device.type):
             _native_task_vectors(kind, tensors, model_params, options, base_index, seed, target, histogram)
             return result
         weights, divisor = _mix_weights(kind, sources, model_params, options, base.dtype, base.device)
@@ -877,7 +880,7 @@ def merge_tensors(
             keys = list(cache_keys)
 
             def histogram(index: int, compute: Callable[[], torch.Tensor]) -> sparsify.KeyHistogram:
-                return cache.histogram((keys[index], keys[base_index], str(dtype)), compute)
+                return cache.histogram(DeltaCache.key(keys[index], keys[base_index], dtype), compute)
 
             return implementation(tensors, resolved, options, base_index, seed, out=out, histogram=histogram)
         if spec.name in _WRITES_OUT:

@@ -116,8 +116,9 @@ def reset() -> None:
         _state.clear()
 
 
-def supports(tensor: torch.Tensor) -> bool:
-    return tensor.device.type == "cpu" and tensor.dtype in DTYPE_CODES and library() is not None
+def supports(dtype: torch.dtype, device_type: str = "cpu") -> bool:
+    """Whether the kernel can merge tensors of `dtype` on a `device_type` device here."""
+    return device_type == "cpu" and dtype in DTYPE_CODES and library() is not None
 
 
 class JobBatch:
