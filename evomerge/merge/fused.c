@@ -20,6 +20,10 @@
  * order as the stream passes (mergekit's choice under a stable sort). Otherwise (float32) entries inside the bucket (~0.06% per model) are recorded, and
  * redone exactly afterwards: a histogram of their low bits gives the exact cut, equal keys are
  * kept earliest first, and the chain reruns on just those entries.
+ *
+ * Where the compiler targets AVX-512 with BF16 conversions, bf16 TIES chunks take a path
+ * written with intrinsics that keeps each block's sums in registers (elect_lanes_bf16); it
+ * declines what it cannot do exactly, and chunk() does that.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -269,8 +273,160 @@ INLINE int64_t chunk(const Job *job, int DT, int64_t start, int64_t len, int64_t
     return found;
 }
 
+/* ---- bf16 sign election in registers (AVX-512 with BF16 conversions) ----
+ * The hot case of a bf16 TIES re-merge. chunk() streams each model's deltas through memory
+ * twice (the sum, then the election); here each 16-entry block keeps its sums in registers over
+ * all models, in one pass per model: beside the plain sum (the majority's sign) it keeps the
+ * sums for either winning sign, `pos` and `wpos` adding the deltas above zero and their
+ * weights (`neg`, `wneg` below). These equal the two-pass election's sums bit for bit while
+ * every delta is finite: a delta that disagrees, or is dropped by the trim, adds a zero there,
+ * which changes no sum started at +0. Measured 1.3-1.4x the generic chunk in cache (4 models).
+ * A chunk it cannot take it declines, having written nothing, and chunk() does it: a TIES cut
+ * falling inside the chunk, a cut bucket among Inf/NaN, a mask (DARE), more than LANE_MODELS
+ * models, a short tail, or a NaN/Inf sum or a NaN/subnormal output (the hardware conversion
+ * takes a float32 subnormal as zero, and NaNs are stored as torch stores them by chunk()). */
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#include <immintrin.h>
+#define LANES 16
+#define LANE_MODELS 16
+
+INLINE __m512 load16_bf16(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* round_to(BF16, v) for 16 floats: add 0x7FFF, or 0x8000 when the kept part is odd (ties to even). */
+INLINE __m512 round16_bf16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __mmask16 odd = _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x10000));
+    const __m512i half = _mm512_mask_blend_epi32(odd, _mm512_set1_epi32(0x7FFF), _mm512_set1_epi32(0x8000));
+    return _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(u, half), _mm512_set1_epi32((int)0xFFFF0000u)));
+}
+
+/* One model's part in a chunk: source, weight, and its trim. */
+typedef struct {
+    const uint16_t *source;
+    __m512 weight;
+    __m512i lowest, tie_key; /* |delta| bits >= lowest are kept; tie_key: the cut's bucket */
+    int counting;            /* the chunk keeps all its ties: count them for `taken` */
+} LaneModel;
+
+/* One block's base and running sums. */
+typedef struct {
+    __m512 b, total, pos, neg, wpos, wneg;
+} LaneSums;
+
+INLINE void lane_start(LaneSums *s, const uint16_t *base) {
+    s->b = load16_bf16(base);
+    s->total = s->pos = s->neg = s->wpos = s->wneg = _mm512_setzero_ps();
+}
+
+INLINE void lane_model(LaneSums *s, const LaneModel *model, int64_t j, int64_t *ties) {
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512 d = round16_bf16(_mm512_sub_ps(load16_bf16(model->source + j), s->b));
+    const __m512i key = _mm512_and_si512(_mm512_castps_si512(d), _mm512_set1_epi32(0x7FFFFFFF));
+    const __mmask16 keep = _mm512_cmpge_epu32_mask(key, model->lowest);
+    if (model->counting) *ties += __builtin_popcount(_mm512_cmpeq_epi32_mask(key, model->tie_key));
+    const __m512 t = round16_bf16(_mm512_mul_ps(d, model->weight));
+    /* torch's sign: a zero is neither plus nor minus, so it never agrees. */
+    const __mmask16 plus = _mm512_mask_cmp_ps_mask(keep, t, zero, _CMP_GT_OQ);
+    const __mmask16 minus = _mm512_mask_cmp_ps_mask(keep, t, zero, _CMP_LT_OQ);
+    s->total = _mm512_mask_add_ps(s->total, keep, s->total, t);
+    s->pos = _mm512_mask_add_ps(s->pos, plus, s->pos, t);
+    s->neg = _mm512_mask_add_ps(s->neg, minus, s->neg, t);
+    s->wpos = _mm512_mask_add_ps(s->wpos, plus, s->wpos, model->weight);
+    s->wneg = _mm512_mask_add_ps(s->wneg, minus, s->wneg, model->weight);
+}
+
+/* The elected delta, normalised and scaled, added to the base and stored as bf16 in out[].
+ * Returns the lanes that the chunk cannot take (see above). */
+INLINE __mmask16 lane_finish(const Job *job, const LaneSums *s, uint16_t *out) {
+    const __m512 zero = _mm512_setzero_ps();
+    /* round_to(total) >= 0: a total in [-2^-134, 0) rounds to -0, which counts as plus */
+    const __mmask16 plus = _mm512_cmp_ps_mask(s->total, _mm512_set1_ps(-0x1p-134f), _CMP_GE_OQ);
+    __m512 mixed = _mm512_mask_blend_ps(plus, s->neg, s->pos);
+    if (job->normalize) {
+        __m512 count = round16_bf16(_mm512_mask_blend_ps(plus, s->wneg, s->wpos));
+        count = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(count, zero, _CMP_EQ_OQ), count, _mm512_set1_ps(1.0f));
+        mixed = round16_bf16(_mm512_div_ps(round16_bf16(mixed), count));
+    } else {
+        mixed = round16_bf16(mixed);
+    }
+    if (job->lambda != 1.0f) mixed = round16_bf16(_mm512_mul_ps(mixed, _mm512_set1_ps(job->lambda)));
+    const __m512 merged = _mm512_add_ps(s->b, mixed);
+    _mm256_storeu_si256((__m256i *)out, (__m256i)_mm512_cvtneps_pbh(merged));
+    /* 0x99: QNaN, SNaN, +Inf, -Inf; 0xA1: QNaN, SNaN, subnormal */
+    return _mm512_fpclass_ps_mask(s->total, 0x99) | _mm512_fpclass_ps_mask(merged, 0xA1);
+}
+
+/* The election of a chunk, two blocks at a time (independent work beside each block's chains
+ * of sums: 4% faster than one). Writes out[]; returns the lanes it cannot take. */
+static __mmask16 elect_blocks_bf16(const Job *job, const LaneModel *models, int m, const uint16_t *base, int64_t len,
+                                   int64_t *ties, uint16_t *out) {
+    __mmask16 declined = 0;
+    int64_t j = 0;
+    for (; j + 2 * LANES <= len; j += 2 * LANES) {
+        LaneSums first, second;
+        lane_start(&first, base + j);
+        lane_start(&second, base + j + LANES);
+        for (int u = 0; u < m; u++) {
+            lane_model(&first, models + u, j, ties + u);
+            lane_model(&second, models + u, j + LANES, ties + u);
+        }
+        declined |= lane_finish(job, &first, out + j);
+        declined |= lane_finish(job, &second, out + j + LANES);
+    }
+    for (; j < len; j += LANES) {
+        LaneSums sums;
+        lane_start(&sums, base + j);
+        for (int u = 0; u < m; u++) lane_model(&sums, models + u, j, ties + u);
+        declined |= lane_finish(job, &sums, out + j);
+    }
+    return declined;
+}
+
+/* Entries [start, start + len) of a bf16 TIES job; 1 when done, 0 when declined. */
+static int elect_lanes_bf16(const Job *job, int64_t start, int64_t len) {
+    const int n = job->n;
+    if (len % LANES || n > LANE_MODELS || !exact_bucket(BF16, job->shift)) return 0;
+    LaneModel models[LANE_MODELS];
+    int used[LANE_MODELS], m = 0;
+    for (int i = 0; i < n; i++) {
+        const int mode = job->modes[i];
+        if (mode == ZERO) continue; /* +0 * w: a zero, which changes no sum */
+        if (mode == MASK) return 0;
+        uint32_t lowest = 0, tie_key = 0;
+        int counting = 0;
+        if (mode == CUT) {
+            const uint32_t bucket = job->buckets[i];
+            const int64_t allowed = job->wanted[i] - job->taken[i];
+            if ((allowed > 0 && allowed < len) || bucket >= 0x7F80u) return 0;
+            counting = allowed > 0;
+            lowest = (counting ? bucket : bucket + 1) << 16; /* a rounded bf16 |delta| has 16 zero low bits */
+            tie_key = bucket << 16;
+        }
+        models[m] = (LaneModel){(const uint16_t *)job->sources[i] + start, _mm512_set1_ps(job->weights[i]),
+                                _mm512_set1_epi32((int)lowest), _mm512_set1_epi32((int)tie_key), counting};
+        used[m++] = i;
+    }
+    uint16_t out[CHUNK];
+    int64_t ties[LANE_MODELS] = {0};
+    if (elect_blocks_bf16(job, models, m, (const uint16_t *)job->base + start, len, ties, out)) return 0;
+    for (int u = 0; u < m; u++) job->taken[used[u]] += ties[u];
+    memcpy((uint16_t *)job->out + start, out, sizeof(uint16_t) * (size_t)len);
+    return 1;
+}
+#else
+static int elect_lanes_bf16(const Job *job, int64_t start, int64_t len) {
+    (void)job, (void)start, (void)len;
+    return 0;
+}
+#endif
+
 static int64_t chunk_f32(const Job *job, int64_t start, int64_t len, int64_t found) { return chunk(job, F32, start, len, found); }
-static int64_t chunk_bf16(const Job *job, int64_t start, int64_t len, int64_t found) { return chunk(job, BF16, start, len, found); }
+static int64_t chunk_bf16(const Job *job, int64_t start, int64_t len, int64_t found) {
+    if (job->consensus && elect_lanes_bf16(job, start, len)) return found;
+    return chunk(job, BF16, start, len, found);
+}
 static int64_t chunk_f16(const Job *job, int64_t start, int64_t len, int64_t found) { return chunk(job, F16, start, len, found); }
 
 static int64_t run_chunks(const Job *job, int64_t count) {
