@@ -135,6 +135,36 @@ def test_every_16_bit_pattern_rounds_as_torch_does(use_native, dtype, method):
     assert torch.equal(bits(eager[finite]), bits(fused[finite]))
 
 
+@pytest.mark.parametrize("chunks", [12, 1100], ids=["whole-tensor-cut", "radix-cut"])
+@pytest.mark.parametrize("options", [{}, {"normalize": False, "lambda": 1.3}], ids=["normalized", "lambda"])
+def test_bf16_ties_chunks_around_a_non_finite_entry_give_eager_bits(use_native, options, chunks):
+    """A bf16 TIES chunk holding a NaN or Inf must be declined by the register election (its
+    sums would skip a NaN delta that eager carries into the output) while the finite chunks
+    around it are elected in registers: each non-finite entry sits alone in its own chunk.
+    Both paths count a NaN delta among the k largest (mergekit's argsort does), so the ties kept
+    at the cut agree too, for the eager path's whole-tensor and radix cuts alike."""
+    chunk = 256
+    tensors = adversarial_inputs(torch.bfloat16, 3, chunk * chunks, seed=4)
+    # Chunks from the 5th on (of 12; the ~490th of 1100) are past where the TIES cut's last tie is
+    # taken, so they are elected in registers unless declined; the NaN in chunk 2 is before it.
+    tensors[1][chunk * 2 + 5] = float("nan")  # a NaN delta
+    tensors[1][chunk * (chunks - 1) + 5] = float("nan")
+    tensors[2][chunk * (chunks - 3) + 17] = float("inf")  # an Inf delta
+    tensors[3][chunk * (chunks - 5) + 40] = float("-inf")
+    tensors[0][chunk * (chunks - 6) + 30] = float("nan")  # a NaN base
+    tensors[0][chunk * (chunks - 2) + 3] = float("inf")
+    params = [{}] + [{"weight": w, "density": density} for w, density in ((0.5, 0.4), (-0.3, 1.0), (1.2, 0.7))]
+    results = []
+    for enabled in (False, True):
+        use_native(enabled)
+        results.append(merge_tensors("ties", tensors, params, options, 0))
+    eager, fused = results
+    assert eager[chunk * (chunks - 1) + 5].isnan() and eager[chunk * (chunks - 6) + 30].isnan()
+    assert torch.equal(eager.isnan(), fused.isnan()) and torch.equal(eager.isinf(), fused.isinf())
+    finite = eager.isfinite()
+    assert torch.equal(bits(eager[finite]), bits(fused[finite]))
+
+
 def test_cached_histograms_give_the_same_bits_and_are_computed_once(use_native):
     tensors = adversarial_inputs(torch.float32, 3, 50_000, seed=1)
     keys = [("base", "w"), ("a", "w"), ("b", "w"), ("c", "w")]

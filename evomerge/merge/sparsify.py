@@ -112,6 +112,14 @@ def _sort_key(delta: torch.Tensor) -> torch.Tensor:
     return key
 
 
+def _rank_bits(key: torch.Tensor) -> torch.Tensor:
+    """Non-negative |delta| keys as integers of the same size: they order as the numbers do, and
+    a NaN above every number (+Inf included), as in the descending argsort mergekit ranks by, so
+    a NaN delta is counted among the k largest (float comparisons would skip it). The fused
+    kernel ranks by these bits too: the two paths keep the same entries for any input."""
+    return key.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[key.element_size()])
+
+
 def _ascending_band(key: torch.Tensor, low: int, high: int) -> torch.Tensor:
     """Mask of the entries of 1-D `key` whose rank in a *stable* ascending sort is in [low, high).
 
@@ -146,7 +154,7 @@ def magnitude_mask(delta: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
     count = delta.numel()
     k = max(1, int(density * count))  # keep at least one (mergekit 0.1.4 asserted on k == 0)
-    key = _sort_key(delta)
+    key = _rank_bits(_sort_key(delta))
     if k >= count:
         return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
     cut = torch.kthvalue(key, count - k + 1).values  # the k-th largest magnitude: one O(n) pass
@@ -252,7 +260,7 @@ class MagnitudeCut:
     """
 
     def __init__(self, cut: torch.Tensor, greater: int, tied: int, k: int):
-        self.cut = cut
+        self.cut = _rank_bits(cut)
         self.wanted_ties = k - greater
         self.all_ties = self.wanted_ties >= tied
         self.taken = 0
@@ -261,6 +269,8 @@ class MagnitudeCut:
         self.taken = 0
 
     def mask(self, key: torch.Tensor) -> torch.Tensor:
+        """Keep flags for the next block of float32 |delta| keys."""
+        key = _rank_bits(key)
         if self.all_ties:
             return key >= self.cut
         keep = key > self.cut
