@@ -172,7 +172,8 @@ def main() -> None:
         "dtype, which is also the math dtype). Copy baselines: `copy_` of the output bytes alone, and of the bytes the merge moves (every source "
         "tensor read once + every output written). Speed ratio = copy time / merge time (1.0 = as fast as a copy). "
         f"Median of 9 interleaved rounds (merge, copies), each the mean of `calls` back-to-back calls (a round lasts ~20 ms), after the first merge, which is shown apart: it also faults in the freshly allocated output "
-        f"and builds the |delta| histograms that TIES cuts are read from in every later trial. Fused C kernel: {'on' if native.library() else 'OFF (no compiler)'}.",
+        f"and builds the |delta| histograms that TIES cuts are read from in every later trial. Fused C kernel: {'on' if native.library() else 'OFF (no compiler)'}; "
+        f"bf16 TIES sign election in AVX-512 registers: {'on' if native.bf16_register_election() else 'off (no AVX-512 BF16 here)'}.",
         "",
         "| family | dtype | genome | tensors | sources MB | output MB | first merge (ms) | calls | merge (ms) | copy output (ms) | copy all bytes (ms) | vs output copy | vs same-bytes copy |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",

@@ -390,17 +390,19 @@ static int elect_lanes_bf16(const Job *job, int64_t start, int64_t len) {
     if (len % LANES || n > LANE_MODELS || !exact_bucket(BF16, job->shift)) return 0;
     LaneModel models[LANE_MODELS];
     int used[LANE_MODELS], m = 0;
+    int64_t allowed[LANE_MODELS]; /* CUT: ties the chunk may keep; it keeps all it has, or declines */
     for (int i = 0; i < n; i++) {
         const int mode = job->modes[i];
         if (mode == ZERO) continue; /* +0 * w: a zero, which changes no sum */
         if (mode == MASK) return 0;
         uint32_t lowest = 0, tie_key = 0;
         int counting = 0;
+        allowed[m] = INT64_MAX;
         if (mode == CUT) {
             const uint32_t bucket = job->buckets[i];
-            const int64_t allowed = job->wanted[i] - job->taken[i];
-            if ((allowed > 0 && allowed < len) || bucket >= 0x7F80u) return 0;
-            counting = allowed > 0;
+            if (bucket >= 0x7F80u) return 0;
+            allowed[m] = job->wanted[i] - job->taken[i];
+            counting = allowed[m] > 0;
             lowest = (counting ? bucket : bucket + 1) << 16; /* a rounded bf16 |delta| has 16 zero low bits */
             tie_key = bucket << 16;
         }
@@ -411,16 +413,24 @@ static int elect_lanes_bf16(const Job *job, int64_t start, int64_t len) {
     uint16_t out[CHUNK];
     int64_t ties[LANE_MODELS] = {0};
     if (elect_blocks_bf16(job, models, m, (const uint16_t *)job->base + start, len, ties, out)) return 0;
+    for (int u = 0; u < m; u++)
+        if (ties[u] > allowed[u]) return 0; /* the cut falls inside this chunk */
     for (int u = 0; u < m; u++) job->taken[used[u]] += ties[u];
     memcpy((uint16_t *)job->out + start, out, sizeof(uint16_t) * (size_t)len);
     return 1;
 }
+#define HAS_LANES_BF16 1
 #else
 static int elect_lanes_bf16(const Job *job, int64_t start, int64_t len) {
     (void)job, (void)start, (void)len;
     return 0;
 }
+#define HAS_LANES_BF16 0
 #endif
+
+/* The optional paths this build has, as bits (bit 0: the bf16 register election), so that a
+ * test and the benchmarks can tell which code a machine ran. */
+int evm_features(void) { return HAS_LANES_BF16; }
 
 static int64_t chunk_f32(const Job *job, int64_t start, int64_t len, int64_t found) { return chunk(job, F32, start, len, found); }
 static int64_t chunk_bf16(const Job *job, int64_t start, int64_t len, int64_t found) {

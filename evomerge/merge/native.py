@@ -98,6 +98,8 @@ def _load() -> ctypes.CDLL | None:
     library.evm_run_jobs.argtypes = [i64, pointer, pointer, pointer, pointer, pointer]
     library.evm_key_histogram.restype = None
     library.evm_key_histogram.argtypes = [i32, i64, pointer, pointer, i32, pointer]
+    library.evm_features.restype = i32
+    library.evm_features.argtypes = []
     return library
 
 
@@ -114,6 +116,13 @@ def reset() -> None:
     """Forget the load decision (tests switch EVOMERGE_NATIVE on and off)."""
     with _lock:
         _state.clear()
+
+
+def bf16_register_election() -> bool:
+    """Whether this build elects bf16 TIES signs in AVX-512 registers (fused.c's
+    elect_lanes_bf16, compiled where the CPU has AVX-512 BF16): same bits, ~1.4x faster."""
+    lib = library()
+    return lib is not None and bool(lib.evm_features() & 1)
 
 
 def supports(dtype: torch.dtype, device_type: str = "cpu") -> bool:
