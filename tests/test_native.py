@@ -161,8 +161,8 @@ def test_bf16_ties_chunks_around_a_non_finite_entry_give_eager_bits(use_native, 
     at the cut agree too, for the eager path's whole-tensor and radix cuts alike."""
     chunk = 256
     tensors = adversarial_inputs(torch.bfloat16, 3, chunk * chunks, seed=4)
-    # Chunks from the 5th on (of 12; the ~490th of 1100) are past where the TIES cut's last tie is
-    # taken, so they are elected in registers unless declined; the NaN in chunk 2 is before it.
+    # Finite, every chunk here but those where a model's TIES cut falls (2 of 12, 1 of 1100) is
+    # elected in registers; the one non-finite entry in a chunk must make it decline.
     tensors[1][chunk * 2 + 5] = float("nan")  # a NaN delta
     tensors[1][chunk * (chunks - 1) + 5] = float("nan")
     tensors[2][chunk * (chunks - 3) + 17] = float("inf")  # an Inf delta
