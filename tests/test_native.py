@@ -135,18 +135,10 @@ def test_every_16_bit_pattern_rounds_as_torch_does(use_native, dtype, method):
     assert torch.equal(bits(eager[finite]), bits(fused[finite]))
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            return set(next((line for line in cpuinfo if line.startswith("flags")), "").split())
-    except OSError:
-        return set()
-
-
 def test_bf16_register_election_is_built_where_the_cpu_has_avx512_bf16(use_native):
     """The bf16 TIES figures in results/search.md come from fused.c's register election: a
     build that silently lost it (flags, compiler) would still pass every bit test, only slower."""
-    if not {"avx512f", "avx512_bf16"} <= _cpu_flags():
+    if not {"avx512f", "avx512_bf16"} <= set(native.cpu_flags_line().split()):
         pytest.skip("no AVX-512 BF16 on this CPU: bf16 TIES chunks take the generic loop")
     assert native.bf16_register_election()
 

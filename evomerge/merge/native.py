@@ -49,15 +49,18 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _cpu_fingerprint() -> str:
-    """-march=native code is only valid on a CPU with the same features: key the cache on them."""
-    flags = ""
+def cpu_flags_line() -> str:
+    """The `flags` line of /proc/cpuinfo: the features -march=native builds for ("" elsewhere)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+            return next((line for line in cpuinfo if line.startswith("flags")), "")
     except OSError:
-        pass
-    return f"{platform.machine()}|{flags}"
+        return ""
+
+
+def _cpu_fingerprint() -> str:
+    """-march=native code is only valid on a CPU with the same features: key the cache on them."""
+    return f"{platform.machine()}|{cpu_flags_line()}"
 
 
 def _build(compiler: str) -> Path:
