@@ -126,6 +126,33 @@ def test_failed_trials_do_not_stop_the_study(tmp_path, demo_family, monkeypatch)
     assert summary.n_complete == 3 and summary.n_failed == 2 and summary.front
 
 
+def test_an_enqueued_genome_killed_before_its_genes_were_written_is_queued_again(tmp_path):
+    """Between optuna handing out an enqueued trial (a parent, the uniform mix) and its genes
+    reaching the database, the trial has no params: its genome is only in optuna's fixed params.
+    SIGKILL there must not drop that reference point from the study."""
+    import optuna
+    from types import SimpleNamespace
+
+    from evomerge.search.runner import recover_interrupted
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="e2e", storage=url)
+    study.enqueue_trial({"weight": 0.5}, user_attrs={"seed": "uniform"})
+    study.ask()  # RUNNING, no params yet: what a kill right after `ask` leaves
+    drawn = study.ask()  # a sampler trial killed before its first suggest: nothing to retry
+    notes = recover_interrupted(study, TrialStore(url), SimpleNamespace(study_name="e2e"))
+    assert notes == [
+        "trial 0: interrupted, failed and queued again",
+        f"trial {drawn.number}: interrupted before its genome was drawn, failed",
+    ]
+    waiting = study.get_trials(states=(optuna.trial.TrialState.WAITING,))
+    assert len(waiting) == 1
+    assert waiting[0].system_attrs["fixed_params"] == {"weight": 0.5}
+    assert waiting[0].user_attrs == {"retry_of": 0, "seed": "uniform"}
+    record = TrialStore(url).trial("e2e", 0)
+    assert record.status == "failed" and record.failure.startswith("interrupted")
+
+
 def test_sigkill_loses_no_completed_trial_and_resumes(tmp_path, demo_family):
     space_file = write_space(tmp_path, demo_family, n_trials=40, sampler="random", limit=10)
     space = load_space(space_file)

@@ -134,14 +134,22 @@ def recover_interrupted(study, store: TrialStore, space: SearchSpace) -> list[st
             continue
         study.tell(trial.number, state=TrialState.FAIL)
         reason = "interrupted: the search process stopped before this trial finished"
+        # An enqueued genome (a parent, the uniform mix) killed before its genes were written has
+        # no params yet; optuna still holds it as the trial's fixed params.
+        params = dict(trial.params) or dict(trial.system_attrs.get("fixed_params") or {})
         if record is None:
-            store.start_trial(space.study_name, trial.number, dict(trial.params))
+            store.start_trial(space.study_name, trial.number, params)
         store.fail_trial(space.study_name, trial.number, reason)
-        if trial.user_attrs.get("retry_of") is None and trial.params:
-            study.enqueue_trial(dict(trial.params), user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+        if trial.user_attrs.get("retry_of") is not None:
+            notes.append(f"trial {trial.number}: interrupted again, failed")
+        elif params:
+            attrs = {"retry_of": trial.number}
+            if "seed" in trial.user_attrs:  # which reference point this genome is
+                attrs["seed"] = trial.user_attrs["seed"]
+            study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
             notes.append(f"trial {trial.number}: interrupted, failed and queued again")
         else:
-            notes.append(f"trial {trial.number}: interrupted again, failed")
+            notes.append(f"trial {trial.number}: interrupted before its genome was drawn, failed")
     return notes
 
 
