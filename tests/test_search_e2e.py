@@ -194,9 +194,12 @@ def test_sigkill_loses_no_completed_trial_and_resumes(tmp_path, demo_family):
 
     study = optuna.load_study(study_name="e2e", storage=space.storage_url)
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
-    if interrupted:  # the interrupted genome was queued again and ran
+    if interrupted:
         retried = [t for t in study.trials if t.user_attrs.get("retry_of") == interrupted[0].number]
-        assert retried and retried[0].state.name == "COMPLETE"
+        if interrupted[0].genome:  # the interrupted genome was queued again and ran
+            assert retried and retried[0].state.name == "COMPLETE" and retried[0].params == interrupted[0].genome
+        else:  # killed before its first gene was drawn: nothing to retry, the sampler draws anew
+            assert not retried
 
 
 @pytest.mark.parametrize(
