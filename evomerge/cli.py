@@ -64,10 +64,13 @@ def merge(
         bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer", help="Copy tokenizer and generation config.")
     ] = True,
     model_card: Annotated[bool, typer.Option("--model-card/--no-model-card", help="Write a README.md model card.")] = True,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Write into OUT_DIR even if it holds a checkpoint.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace an earlier evomerge output in OUT_DIR (never other files; swapped in only once complete)."),
+    ] = False,
     intermediate_dir: Annotated[
         Optional[Path],
-        typer.Option(help="Multi-document (mergekit-multi) files: keep the named parts here (default: deleted after)."),
+        typer.Option(help="Multi-document (mergekit-multi) files: keep each named part in DIR/NAME (default: staged under OUT_DIR's staging folder, deleted after)."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
@@ -76,41 +79,26 @@ def merge(
     A file of several YAML documents is a `mergekit-multi` recipe: each named document is merged
     in order and later documents can use its name as a model; the unnamed last one is the output.
     """
-    import shutil
-
-    from evomerge.config.mergekit_yaml import load_merge_documents
     from evomerge.io.safetensors_io import parse_size
-    from evomerge.merge.engine import run_merge
-    from evomerge.merge.planner import plan_merge
+    from evomerge.merge.oneshot import merge_file
 
     shard_bytes = parse_size(out_shard_size)
-    _check_out_dir(out_dir, overwrite)
     _check_device(device)
-    documents = load_merge_documents(config)
-    if len(documents) > 1 and documents[-1].name:
-        raise EvomergeError(f"{config}: the last document is named '{documents[-1].name}'; leave the final merge unnamed")
-    parts_dir = intermediate_dir or out_dir / ".evomerge-parts"
-    named: dict[str, Path] = {}
-    for document in documents:
-        target = parts_dir / document.name if document.name else out_dir
-        plan = plan_merge(
-            document, config_path=config, seed=seed, allow_pickle=allow_pickle, allow_crimes=allow_crimes, named_models=named
-        )
-        report = run_merge(
-            plan,
-            target,
-            device=device,
-            max_shard_bytes=shard_bytes,
-            workers=workers,
-            progress=not quiet,
-            allow_pickle=allow_pickle,
-            copy_tokenizer_files=copy_tokenizer,
-            write_card=model_card,
-        )
-        if document.name:
-            named[document.name] = target
-    if named and intermediate_dir is None:
-        shutil.rmtree(parts_dir, ignore_errors=True)
+    report = merge_file(
+        config,
+        out_dir,
+        seed=seed,
+        device=device,
+        max_shard_bytes=shard_bytes,
+        workers=workers,
+        allow_pickle=allow_pickle,
+        allow_crimes=allow_crimes,
+        copy_tokenizer=copy_tokenizer,
+        model_card=model_card,
+        overwrite=overwrite,
+        intermediate_dir=intermediate_dir,
+        progress=not quiet,
+    )
     if not quiet:
         typer.echo(
             f"merged {report.num_tensors} tensors ({report.output_bytes / 1e6:.1f} MB, {report.shards} shard"
@@ -194,13 +182,6 @@ def demo_search(
 
 
 _offline_env = cli_search._offline_env
-
-
-def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise EvomergeError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and not overwrite and any(out_dir.glob("*.safetensors")):
-        raise EvomergeError(f"{out_dir}: already holds a checkpoint; pass --overwrite or choose another directory")
 
 
 def _check_device(device: str) -> None:

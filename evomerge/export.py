@@ -1,26 +1,31 @@
 """Export a scored trial as a Hugging Face checkpoint plus its mergekit YAML and a model card.
 
-The genome recorded for the trial is decoded into the same MergePlan, merged to disk, and the
-written weights are hashed: the hash must equal the one recorded when the trial was scored
-(bit-identical, DARE masks included), otherwise the export fails instead of shipping a model
-nobody measured.
+The genome recorded for the trial is decoded into the same MergePlan, merged into a staging
+folder beside OUT_DIR, and the written weights are hashed: the hash must equal the one recorded
+when the trial was scored (bit-identical, DARE masks included), otherwise the export fails
+instead of shipping a model nobody measured, and whatever OUT_DIR held before is left as it was.
 """
 
 from __future__ import annotations
 
-import shutil
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from evomerge.config.space import SearchSpace
 from evomerge.errors import EvomergeError
-from evomerge.io.checkpoint import write_model_card
-from evomerge.merge.engine import run_merge
+from evomerge.io.checkpoint import describe_sources, hub_ids, relocate_recipe, write_model_card, write_recipe
+from evomerge.io.output_dir import staged_output
+from evomerge.merge.engine import verify_layout, write_checkpoint
 from evomerge.merge.resident import checkpoint_hash
 from evomerge.search.genome import Genome
 from evomerge.search.runner import compute_front, pick_best
 from evomerge.store import display_url
 from evomerge.store.trial_store import TrialStore
+
+# lm-eval result keys that are bookkeeping, not scores.
+_BOOKKEEPING = ("stderr", "sample_len", "sample_count", "alias", "samples", "n-shot", "higher_is_better")
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,61 @@ class ExportReport:
     weights_hash: str
     verified: bool
     seconds: float
+
+
+def reported_metric(name: str, value: object) -> bool:
+    """A score worth a row in the card: a number, and not one of lm-eval's bookkeeping entries."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return not any(word in name.split(",")[0] for word in _BOOKKEEPING)
+
+
+def score_table(
+    merge: Mapping[str, Mapping[str, Mapping[str, float]]],
+    parents: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]],
+) -> tuple[list[str], list[tuple[str, str, list[float | None]]]]:
+    """Card rows: each metric of the merge (split -> task -> metric -> value) beside the parents'.
+
+    Returns the column names (`this merge`, then the parents) and (task, metric, values) rows."""
+    columns = ["this merge", *sorted({name for split in parents.values() for name in split})]
+    rows = []
+    for split, tasks in merge.items():
+        for task, metrics in tasks.items():
+            for metric, value in metrics.items():
+                if not reported_metric(metric, value):
+                    continue
+                values: list[float | None] = [value]
+                for name in columns[1:]:
+                    other = parents.get(split, {}).get(name, {}).get(task, {}).get(metric)
+                    values.append(other)
+                label = task if split == "search" else f"{task} (held-out)"
+                rows.append((label, metric, values))
+    return columns, rows
+
+
+def _protected(space: SearchSpace) -> dict[str, Sequence[Path]]:
+    """What an export folder must never hold: the space file, the study database, the sources."""
+    protected: dict[str, Sequence[Path]] = {}
+    if space.source_path:
+        protected["the space file"] = [Path(space.source_path)]
+    from sqlalchemy.engine import make_url
+
+    url = make_url(space.storage_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        protected["the study database"] = [Path(url.database)]
+    protected["a source model"] = [Path(m.path) for m in space.models] + ([Path(space.base_model.path)] if space.base_model else [])
+    return protected
+
+
+def _how_chosen(space: SearchSpace, chosen_by_user: bool) -> str:
+    if chosen_by_user:
+        return "picked by the user (--trial)"
+    if any(o.selection_task for o in space.objectives) and space.search.finalists:
+        return (
+            f"the Pareto front's best {space.search.finalists} by weighted search score were re-scored on the held-out "
+            "selection tasks; this one had the best weighted held-out score"
+        )
+    return "the Pareto front member with the best weighted search score"
 
 
 def export_trial(
@@ -43,7 +103,9 @@ def export_trial(
     overwrite: bool = False,
     progress: bool = True,
 ) -> ExportReport:
+    started = time.perf_counter()
     store = TrialStore(space.storage_url)
+    chosen_by_user = trial is not None
     if trial is None:
         best = pick_best(space, compute_front(space, store))
         if best is None:
@@ -54,40 +116,51 @@ def export_trial(
         raise EvomergeError(f"study '{space.study_name}' has no trial {trial}")
     if record.status != "complete":
         raise EvomergeError(f"trial {trial} is {record.status}" + (f" ({record.failure})" if record.failure else "") + "; pick a completed trial")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise EvomergeError(f"{out_dir}: not empty; pass --overwrite or choose another directory")
-        shutil.rmtree(out_dir)
-    genome = Genome(space)
-    plan = genome.plan(record.genome, metadata={"study": space.study_name, "trial": str(trial), "storage": display_url(space.storage_url)})
-    report = run_merge(plan, out_dir, device=device, max_shard_bytes=max_shard_bytes, progress=progress, write_card=False)
-    names = [r.name for r in plan.tensors]
-    digest = checkpoint_hash(out_dir, names) if verify else ""
-    if verify and digest != record.weights_hash:
-        where = f" It was scored on {record.device}; export with --device set to the same kind of device." if record.device and not record.device.startswith("cpu") else ""
-        raise EvomergeError(
-            f"exported weights hash {digest} differs from the hash recorded for trial {trial} ({record.weights_hash}): "
-            f"the checkpoint in {out_dir} is not the model that was scored.{where}"
+    with staged_output(out_dir, overwrite=overwrite, protected=_protected(space)) as staged:
+        genome = Genome(space)
+        plan = genome.plan(record.genome, metadata={"study": space.study_name, "trial": str(trial), "storage": display_url(space.storage_url)})
+        write_checkpoint(plan, staged.staging, device=device, max_shard_bytes=max_shard_bytes, progress=progress)
+        names = [r.name for r in plan.tensors]
+        digest = checkpoint_hash(staged.staging, names) if verify else ""
+        if verify and digest != record.weights_hash:
+            where = f" It was scored on {record.device}; export with --device set to the same kind of device." if record.device and not record.device.startswith("cpu") else ""
+            raise EvomergeError(
+                f"exported weights hash {digest} differs from the hash recorded for trial {trial} ({record.weights_hash}): "
+                f"it is not the model that was scored, so {out_dir} was left as it was.{where}"
+            )
+        recipe = relocate_recipe(plan.recipe_yaml, final_dir=staged.target, paths=plan.models)
+        write_recipe(staged.staging, recipe)
+        merge_scores = {split: store.scores(space.study_name, split).get(trial, {}) for split in ("search", "selection")}
+        parent_scores = {split: store.references(space.study_name, split) for split in ("search", "selection")}
+        columns, rows = score_table(merge_scores, parent_scores)
+        complete = len(store.trials(space.study_name, status="complete"))
+        failed = len(store.trials(space.study_name, status="failed"))
+        write_model_card(
+            staged.staging,
+            methods=plan.method_names,
+            sources=describe_sources(plan.models, final_dir=staged.target, names={}),
+            base_model=genome.base,
+            base_model_ids=hub_ids(plan.models.values()),
+            recipe_yaml=recipe,
+            multi_document=recipe.count("\n---\n") > 0,
+            seed=plan.seed,
+            score_columns=columns,
+            score_rows=rows,
+            search={
+                "sampler": f"{space.search.sampler} (seed {space.search.seed})",
+                "trials": f"{complete} complete, {failed} failed"
+                + (f" (budget {space.search.n_trials})" if space.search.n_trials else ""),
+                "objectives": ", ".join(f"{o.label} ({o.direction})" for o in space.objectives),
+                "how this trial was chosen": _how_chosen(space, chosen_by_user),
+            },
+            provenance={
+                "study": space.study_name,
+                "trial": str(trial),
+                "weights hash (xxh3-128)": record.weights_hash or "",
+                "scored on": record.device or "",
+                "storage": display_url(space.storage_url),
+            },
         )
-    scores = {}
-    for split in ("search", "selection"):
-        for task, metrics in store.scores(space.study_name, split).get(trial, {}).items():
-            scores[f"{task} ({split})"] = {m: v for m, v in metrics.items() if "stderr" not in m}
-    write_model_card(
-        out_dir,
-        methods=plan.method_names,
-        models=plan.models,
-        base_model=genome.base,
-        recipe_yaml=plan.recipe_yaml,
-        seed=plan.seed,
-        scores=scores,
-        provenance={
-            "study": space.study_name,
-            "trial": str(trial),
-            "weights hash (xxh3-128)": record.weights_hash or "",
-            "scored on": record.device or "",
-            "storage": display_url(space.storage_url),
-        },
-    )
-    return ExportReport(out_dir, trial, digest, verify, report.seconds)
+        staged.commit(verify=lambda directory: verify_layout(plan, directory))
+    return ExportReport(Path(out_dir), trial, digest, verify, time.perf_counter() - started)
+

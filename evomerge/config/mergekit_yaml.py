@@ -8,6 +8,7 @@ templates, LoRA inputs) fail validation with a one-line message saying so.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Optional, Union
 
@@ -132,6 +133,9 @@ def normalize_dtype(value: str) -> str:
     return value
 
 
+_PART_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
+
+
 class MergeConfig(_Frozen):
     merge_method: str
     models: list[InputModel] | None = None
@@ -146,6 +150,17 @@ class MergeConfig(_Frozen):
     tokenizer: dict[str, Any] | None = None
     chat_template: str | None = None
     name: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_identifier(cls, value: str | None) -> str | None:
+        """A multi-document part's name is an identifier (its folder under the intermediate
+        directory), never a path: '../x' or '/abs' would write outside the output."""
+        if value is not None and not _PART_NAME.fullmatch(value):
+            raise ValueError(
+                f"expected a name of letters, digits, '_', '-' or '.' (not starting with '.' or '-', at most 100), got {value!r}"
+            )
+        return value
 
     @field_validator("dtype", "out_dtype")
     @classmethod

@@ -7,9 +7,14 @@ loads, plus `mergekit_config.yml` so the same merge can be reproduced with merge
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+
+import yaml
 
 from evomerge import __version__
 
@@ -63,20 +68,120 @@ def write_recipe(out_dir: Path, recipe_yaml: str) -> Path:
     return path
 
 
+# A Hugging Face hub cache folder: .../models--ORG--NAME/snapshots/REVISION
+_HUB_CACHE_PART = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)")
+
+
+def hub_id(path: Path) -> str | None:
+    """The Hub id of a local checkpoint when it is a Hub cache snapshot; None for other folders."""
+    for part in Path(path).parts:
+        match = _HUB_CACHE_PART.fullmatch(part)
+        if match:
+            return f"{match['org']}/{match['name']}"
+    return None
+
+
+def hub_ids(paths: Iterable[Path]) -> list[str]:
+    return list(dict.fromkeys(i for i in (hub_id(Path(p)) for p in paths) if i))
+
+
+def _relative(path: Path, final_dir: Path) -> str:
+    return os.path.relpath(os.path.realpath(path), os.path.realpath(final_dir))
+
+
+def describe_sources(models: Mapping[str, Path], *, final_dir: Path, names: Mapping[str, str]) -> list[str]:
+    """One line per source for the card: a Hub id, a local path (relative to the model folder)
+    or an intermediate merge of the recipe."""
+    lines = []
+    for ref, path in models.items():
+        if ref in names:
+            lines.append(f"`{ref}`: {names[ref]}")
+            continue
+        found = hub_id(Path(path))
+        label = Path(path).name if ("/" in ref or os.sep in ref) else ref  # a path is named by its folder
+        where = f"local folder `{_relative(Path(path), final_dir)}` (relative to this folder)"
+        lines.append(f"`{label}`: " + (f"Hub model [{found}](https://huggingface.co/{found}), {where}" if found else where))
+    return lines
+
+
+def _model_fields(document: dict) -> list[tuple[dict, str]]:
+    """(holder, key) of every model reference in one mergekit document."""
+    fields = []
+    for entry in document.get("models") or ():
+        if isinstance(entry, dict) and isinstance(entry.get("model"), str):
+            fields.append((entry, "model"))
+    for out_slice in document.get("slices") or ():
+        if not isinstance(out_slice, dict):
+            continue
+        for source in out_slice.get("sources") or ():
+            if isinstance(source, dict) and isinstance(source.get("model"), str):
+                fields.append((source, "model"))
+        if isinstance(out_slice.get("base_model"), str):
+            fields.append((out_slice, "base_model"))
+    if isinstance(document.get("base_model"), str):
+        fields.append((document, "base_model"))
+    if document.get("tokenizer_source") not in (None, "base", "union") and isinstance(document["tokenizer_source"], str):
+        fields.append((document, "tokenizer_source"))
+    return fields
+
+
+def relocate_recipe(recipe_yaml: str, *, final_dir: Path, paths: Mapping[str, Path], names: Iterable[str] = ()) -> str:
+    """The recipe with every model path relative to `final_dir` (the folder it is written into).
+
+    evomerge resolves relative paths from the recipe's folder, so `evomerge merge` runs the copy
+    in the model folder as is (mergekit resolves them from the working directory: run it there).
+    Intermediate-merge names stay names; leading comment lines are kept."""
+    if not recipe_yaml.strip():
+        return recipe_yaml
+    from evomerge.config.mergekit_yaml import dump_yaml
+
+    lines = recipe_yaml.splitlines(keepends=True)
+    header = "".join(line for line in lines[: next((i for i, l in enumerate(lines) if not l.startswith("#")), len(lines))])
+    documents = [doc for doc in yaml.safe_load_all(recipe_yaml) if doc is not None]
+    keep = set(names)
+    for document in documents:
+        if not isinstance(document, dict):
+            return recipe_yaml
+        for holder, key in _model_fields(document):
+            ref = holder[key]
+            if ref in keep:
+                continue
+            if ref in paths:
+                holder[key] = _relative(Path(paths[ref]), final_dir)
+            elif os.path.isabs(ref):
+                holder[key] = _relative(Path(ref), final_dir)
+    note = "# Model paths are relative to this file's folder.\n"
+    return header + note + "---\n".join(dump_yaml(document) for document in documents)
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else ("nan" if math.isnan(value) else f"{value:.4f}")
+
+
 def write_model_card(
     out_dir: Path,
     *,
     methods: Sequence[str],
-    models: Mapping[str, Path],
+    sources: Sequence[str],
     base_model: str | None,
     recipe_yaml: str,
-    seed: int,
-    scores: Mapping[str, Mapping[str, float]] | None = None,
+    seed: int | None,
+    base_model_ids: Sequence[str] = (),
+    multi_document: bool = False,
+    score_columns: Sequence[str] = (),
+    score_rows: Sequence[tuple[str, str, Sequence[float | None]]] = (),
+    search: Mapping[str, str] | None = None,
     provenance: Mapping[str, str] | None = None,
 ) -> Path:
-    """A README.md model card: what was merged, how, and (when known) how it scored."""
-    names = [str(ref) for ref in models]
-    front = ["---", "base_model:"] + [f"- {name}" for name in names] + [
+    """A README.md model card: what was merged, how, how it scored and how to reproduce it.
+
+    `base_model` metadata lists only Hub ids (`base_model_ids`); local folders are named as such
+    in the text. `score_rows` are (task, metric, one value per `score_columns`)."""
+    front = ["---"]
+    if base_model_ids:
+        front += ["base_model:"] + [f"- {model_id}" for model_id in base_model_ids]
+    front += [
+        "base_model_relation: merge",
         "library_name: transformers",
         "tags:",
         "- merge",
@@ -94,24 +199,31 @@ def write_model_card(
     ]
     if base_model:
         lines += [f"Base model: `{base_model}`.", ""]
-    lines += ["## Source models", ""] + [f"- `{ref}` ({path})" for ref, path in models.items()] + [""]
-    if scores:
-        lines += ["## Scores", "", "| task | metric | value |", "|---|---|---|"]
-        for task, metrics in scores.items():
-            for metric, value in metrics.items():
-                lines.append(f"| {task} | {metric} | {value:.4f} |")
+    lines += ["## Source models", ""] + [f"- {line}" for line in sources] + [""]
+    if score_rows:
+        lines += [
+            "## Scores",
+            "",
+            "| task | metric | " + " | ".join(score_columns) + " |",
+            "|---|---|" + "---:|" * len(score_columns),
+        ]
+        lines += [f"| {task} | {metric} | " + " | ".join(_number(v) for v in values) + " |" for task, metric, values in score_rows]
         lines.append("")
-    lines += [
-        "## Recipe",
-        "",
-        "Reproduce with `evomerge merge mergekit_config.yml OUT` or `mergekit-yaml mergekit_config.yml OUT`"
-        + (f" (random masks use seed {seed}; mergekit draws its own)." if seed is not None else "."),
-        "",
-        "```yaml",
-        recipe_yaml.rstrip(),
-        "```",
-        "",
-    ]
+    if search:
+        lines += ["## Search", ""] + [f"- {key}: {value}" for key, value in search.items()] + [""]
+    masks = f" DARE/DELLA masks use seed {seed} in evomerge; mergekit draws its own." if seed is not None else ""
+    if multi_document:
+        reproduce = (
+            "A multi-document recipe (intermediate merges, then the final one). From this folder: "
+            "`evomerge merge mergekit_config.yml ../reproduced`, or "
+            "`mergekit-multi mergekit_config.yml --intermediate-dir ../reproduced-parts --out-path ../reproduced`."
+        )
+    else:
+        reproduce = (
+            "From this folder: `evomerge merge mergekit_config.yml ../reproduced`, or "
+            "`mergekit-yaml mergekit_config.yml ../reproduced`."
+        )
+    lines += ["## Recipe", "", reproduce + masks, "", "```yaml", recipe_yaml.rstrip(), "```", ""]
     if provenance:
         lines += ["## Provenance", ""] + [f"- {key}: {value}" for key, value in provenance.items()] + [""]
     path = Path(out_dir) / "README.md"

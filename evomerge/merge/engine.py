@@ -13,14 +13,23 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from evomerge.errors import NonFiniteMergeError
-from evomerge.io.checkpoint import copy_tokenizer, write_config, write_model_card, write_recipe
+from evomerge.errors import EvomergeError, NonFiniteMergeError
+from evomerge.io.checkpoint import (
+    copy_tokenizer,
+    describe_sources,
+    hub_ids,
+    relocate_recipe,
+    write_config,
+    write_model_card,
+    write_recipe,
+)
 from evomerge.io.model_dir import ModelDir
+from evomerge.io.output_dir import check_free_space, staged_output
 from evomerge.io.safetensors_io import StreamingCheckpointWriter
 from evomerge.merge.methods import DeltaCache, merge_tensors
 from evomerge.merge.plan import MergePlan, TensorRecipe, dtype_name, tensor_seed
@@ -111,10 +120,96 @@ def run_merge(
     copy_tokenizer_files: bool = True,
     write_card: bool = True,
     sources: Mapping[str, ModelDir] | None = None,
+    overwrite: bool = False,
 ) -> MergeReport:
-    """Merge `plan` into a Hugging Face checkpoint at `out_dir` (out of core)."""
+    """Merge `plan` into a Hugging Face checkpoint at `out_dir` (out of core).
+
+    The checkpoint is written beside `out_dir` and moved into place only once complete and
+    verified; `overwrite` replaces an earlier evomerge output there, never anything else."""
+    with staged_output(out_dir, overwrite=overwrite, protected={"a source model": plan.models.values()}) as staged:
+        report = write_checkpoint(
+            plan,
+            staged.staging,
+            device=device,
+            max_shard_bytes=max_shard_bytes,
+            workers=workers,
+            progress=progress,
+            allow_pickle=allow_pickle,
+            copy_tokenizer_files=copy_tokenizer_files,
+            sources=sources,
+        )
+        describe_merge(plan, staged.staging, final_dir=staged.target, write_card=write_card)
+        staged.commit(verify=lambda directory: verify_layout(plan, directory))
+    return replace(report, out_dir=Path(out_dir))
+
+
+def describe_merge(
+    plan: MergePlan,
+    out_dir: Path,
+    *,
+    final_dir: Path,
+    recipe_yaml: str | None = None,
+    paths: Mapping[str, Path] | None = None,
+    names: Mapping[str, str] | None = None,
+    multi_document: bool = False,
+    methods: Sequence[str] | None = None,
+    write_card: bool = True,
+) -> None:
+    """The recipe (model paths relative to `final_dir`) and, optionally, the model card.
+
+    `recipe_yaml` and `paths` (reference -> checkpoint folder) default to the plan's own; `names`
+    maps the intermediate merges of a multi-document recipe to what they are."""
+    sources = dict(plan.models if paths is None else paths)
+    recipe = relocate_recipe(plan.recipe_yaml if recipe_yaml is None else recipe_yaml, final_dir=final_dir, paths=sources, names=names or {})
+    if recipe:
+        write_recipe(out_dir, recipe)
+    if write_card:
+        bases = {r.inputs[r.base_index][0] for r in plan.tensors if r.base_index is not None}
+        write_model_card(
+            out_dir,
+            methods=plan.method_names if methods is None else methods,
+            sources=describe_sources({**sources, **{name: Path(name) for name in names or {}}}, final_dir=final_dir, names=names or {}),
+            base_model_ids=hub_ids(sources.values()),
+            base_model=next(iter(bases)) if len(bases) == 1 else None,
+            recipe_yaml=recipe,
+            multi_document=multi_document,
+            seed=plan.seed,
+            provenance=plan.metadata,
+        )
+
+
+def verify_layout(plan: MergePlan, directory: Path) -> None:
+    """The written checkpoint holds exactly the plan's tensors, with their shapes and dtype."""
+    written = ModelDir(directory)
+    try:
+        expected = {r.name: (tuple(r.shape), plan.out_dtype) for r in plan.tensors}
+        found = {name: (tuple(info.shape), info.dtype) for name, info in written.tensors.items()}
+    finally:
+        written.close()
+    if found != expected:
+        wrong = sorted(set(found.items()) ^ set(expected.items()))[:3]
+        raise EvomergeError(f"{directory}: the written checkpoint does not match the plan (e.g. {wrong}); nothing was replaced")
+
+
+def write_checkpoint(
+    plan: MergePlan,
+    out_dir: Path,
+    *,
+    device: str = "cpu",
+    max_shard_bytes: int = 5 * 10**9,
+    workers: int | None = None,
+    progress: bool = True,
+    allow_pickle: bool = False,
+    copy_tokenizer_files: bool = True,
+    sources: Mapping[str, ModelDir] | None = None,
+) -> MergeReport:
+    """Merge `plan` into the folder `out_dir`, which the caller owns (a staging folder): the
+    weights, config.json and the tokenizer; the recipe and card are the caller's (they name
+    paths relative to the final folder)."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_free_space(out_dir, plan.output_bytes())
     sources = sources or open_sources(plan, allow_pickle=allow_pickle)
     math_device = torch.device(device)
     workers = workers or default_workers()
@@ -155,19 +250,6 @@ def run_merge(
     write_config(donor_dir, out_dir, dtype_name=dtype_name(plan.out_dtype), num_hidden_layers=plan.num_hidden_layers)
     if copy_tokenizer_files:
         copy_tokenizer(plan.models[plan.tokenizer_donor], out_dir)
-    if plan.recipe_yaml:
-        write_recipe(out_dir, plan.recipe_yaml)
-    if write_card:
-        bases = {r.inputs[r.base_index][0] for r in plan.tensors if r.base_index is not None}
-        write_model_card(
-            out_dir,
-            methods=plan.method_names,
-            models=plan.models,
-            base_model=next(iter(bases)) if len(bases) == 1 else None,
-            recipe_yaml=plan.recipe_yaml,
-            seed=plan.seed,
-            provenance=plan.metadata,
-        )
     return MergeReport(
         out_dir=out_dir,
         num_tensors=len(plan.tensors),
