@@ -125,7 +125,7 @@ def export(
     storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the study database.")] = None,
     device: Annotated[str, typer.Option(help="Where to run the merge (use the device kind the trial was scored on).")] = "cpu",
     out_shard_size: Annotated[str, typer.Option(help="Maximum bytes per safetensors shard.")] = "5B",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT_DIR if it is not empty.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier evomerge output in OUT_DIR (never other files).")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the weights-hash check.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:

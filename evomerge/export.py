@@ -50,20 +50,20 @@ def score_table(
 ) -> tuple[list[str], list[tuple[str, str, list[float | None]]]]:
     """Card rows: each metric of the merge (split -> task -> metric -> value) beside the parents'.
 
-    Returns the column names (`this merge`, then the parents) and (task, metric, values) rows."""
+    Returns the column names (`this merge`, then the parents) and (task, metric, values) rows;
+    None where a model was not scored (held-out tasks are scored for the finalists only)."""
     columns = ["this merge", *sorted({name for split in parents.values() for name in split})]
-    rows = []
+    keys: dict[tuple[str, str, str], None] = {}  # (split, task, metric): the merge's first, then the parents'
     for split, tasks in merge.items():
-        for task, metrics in tasks.items():
-            for metric, value in metrics.items():
-                if not reported_metric(metric, value):
-                    continue
-                values: list[float | None] = [value]
-                for name in columns[1:]:
-                    other = parents.get(split, {}).get(name, {}).get(task, {}).get(metric)
-                    values.append(other)
-                label = task if split == "search" else f"{task} (held-out)"
-                rows.append((label, metric, values))
+        keys.update({(split, task, metric): None for task, metrics in tasks.items() for metric, value in metrics.items() if reported_metric(metric, value)})
+    for split, by_parent in parents.items():
+        for tasks in by_parent.values():
+            keys.update({(split, task, metric): None for task, metrics in tasks.items() for metric, value in metrics.items() if reported_metric(metric, value)})
+    rows = []
+    for split, task, metric in keys:
+        values = [merge.get(split, {}).get(task, {}).get(metric)]
+        values += [parents.get(split, {}).get(name, {}).get(task, {}).get(metric) for name in columns[1:]]
+        rows.append((task if split == "search" else f"{task} (held-out)", metric, values))
     return columns, rows
 
 

@@ -155,7 +155,7 @@ def relocate_recipe(recipe_yaml: str, *, final_dir: Path, paths: Mapping[str, Pa
 
 
 def _number(value: float | None) -> str:
-    return "" if value is None else ("nan" if math.isnan(value) else f"{value:.4f}")
+    return "-" if value is None else ("nan" if math.isnan(value) else f"{value:.4f}")
 
 
 def write_model_card(
@@ -208,6 +208,8 @@ def write_model_card(
             "|---|---|" + "---:|" * len(score_columns),
         ]
         lines += [f"| {task} | {metric} | " + " | ".join(_number(v) for v in values) + " |" for task, metric, values in score_rows]
+        if any(v is None for _, _, values in score_rows for v in values):
+            lines += ["", "`-`: not scored (held-out tasks are scored for the search's finalists only)."]
         lines.append("")
     if search:
         lines += ["## Search", ""] + [f"- {key}: {value}" for key, value in search.items()] + [""]

@@ -41,6 +41,8 @@ def merge_file(
 ) -> MergeReport:
     """Merge every document of `config_path`; the last (unnamed) one becomes `out_dir`."""
     config_path = Path(config_path)
+    if workers is not None and workers < 1:
+        raise EvomergeError(f"--workers: expected at least 1 tensor merged at a time, got {workers}")
     documents = load_merge_documents(config_path)
     if len(documents) > 1 and documents[-1].name:
         raise EvomergeError(f"{config_path}: the last document is named '{documents[-1].name}'; leave the final merge unnamed")
