@@ -83,6 +83,11 @@ def test_export_never_touches_the_study_or_unrelated_files(study, tmp_path, caps
     assert run(["export", study, user, "-q", "--overwrite"]) == 2
     assert "did not write" in capsys.readouterr().err
     assert (user / "README.md").read_text() == "mine\n" and sorted(p.name for p in user.iterdir()) == ["README.md"]
+    for impossible in (study_dir / "tiny.db" / "export", "/proc/evomerge-test/export", tmp_path / ("x" * 300)):
+        assert run(["export", study, impossible, "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+    assert snapshot(study_dir) == kept
     (study_dir / "notes.txt").unlink()
     assert leftovers(study_dir.parent) == [] and leftovers(tmp_path) == []
 
