@@ -243,3 +243,47 @@ def test_hub_cache_sources_are_named_by_their_hub_id(tmp_path, family):
     assert "base_model:\n- acme/tiny-llama\n" in front_matter and "base_model_relation: merge" in front_matter
     assert str(family["ft2"]) not in front_matter  # a local folder is not a Hub id
     assert "local folder" in card
+
+
+def test_an_output_from_before_the_marker_is_still_recognised(tmp_path, family, capsys):
+    config = linear(tmp_path, family)
+    out = tmp_path / "out"
+    assert run(["merge", config, out, "-q", "--out-shard-size", "20K"]) == 0
+    (out / MARKER).unlink()  # as older evomerge versions wrote it: known by its card and file names
+    assert run(["merge", config, out, "-q", "--overwrite"]) == 0
+    assert not any(p.name.startswith("model-") for p in out.iterdir())
+    (out / MARKER).unlink()
+    (out / "mine.txt").write_text("mine\n")
+    before = snapshot(out)
+    assert run(["merge", config, out, "-q", "--overwrite"]) == 2
+    assert "mine.txt" in capsys.readouterr().err and snapshot(out) == before
+
+
+def test_a_swap_that_fails_halfway_puts_the_old_output_back(tmp_path, family, monkeypatch):
+    from evomerge.errors import EvomergeError
+    from evomerge.io import output_dir
+
+    out = tmp_path / "out"
+    assert run(["merge", linear(tmp_path, family), out, "-q"]) == 0
+    before = snapshot(out)
+    with pytest.raises(EvomergeError, match="does not match"):  # verification fails: nothing is moved
+        with output_dir.staged_output(out, overwrite=True) as staged:
+            (staged.staging / "model.safetensors").write_bytes(b"partial")
+            staged.commit(verify=lambda folder: (_ for _ in ()).throw(EvomergeError("does not match")))
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+    real_rename = os.rename
+    calls = []
+
+    def rename_fails_second_time(source, target):
+        calls.append(target)
+        if len(calls) == 2:  # the old output is aside, moving the new one in fails
+            raise OSError(28, "No space left on device")
+        real_rename(source, target)
+
+    monkeypatch.setattr(output_dir.os, "rename", rename_fails_second_time)
+    with pytest.raises(EvomergeError, match="could not move"):
+        with output_dir.staged_output(out, overwrite=True) as staged:
+            (staged.staging / "model.safetensors").write_bytes(b"new")
+            staged.commit()
+    monkeypatch.undo()
+    assert snapshot(out) == before and leftovers(tmp_path) == []
