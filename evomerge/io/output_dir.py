@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evomerge.errors import EvomergeError
+from evomerge.io.checkpoint import TOKENIZER_FILES
 
 MARKER = ".evomerge-output.json"
 # Outputs from before the marker existed: recognised by their card and by holding only these names.
@@ -51,8 +52,6 @@ def written_files(directory: Path) -> set[str] | None:
         return None
     if not legacy:
         return None
-    from evomerge.io.checkpoint import TOKENIZER_FILES
-
     names = {p.name for p in directory.iterdir()}
     ours = {n for n in names if n in _LEGACY_NAMES or n in TOKENIZER_FILES or (n.startswith("model") and n.endswith(".safetensors"))}
     has_weights = any(n.endswith(".safetensors") for n in ours)
