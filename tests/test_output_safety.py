@@ -287,3 +287,28 @@ def test_a_swap_that_fails_halfway_puts_the_old_output_back(tmp_path, family, mo
             staged.commit()
     monkeypatch.undo()
     assert snapshot(out) == before and leftovers(tmp_path) == []
+
+
+def test_the_next_run_tidies_up_after_a_killed_one(tmp_path, family, capsys):
+    """SIGKILL leaves a staging folder, or (between the two renames of the swap) the old output
+    set aside: the next run on that output removes the first and puts the second back."""
+    from evomerge.io import output_dir
+
+    config = linear(tmp_path, family)
+    out = tmp_path / "out"
+    assert run(["merge", config, out, "-q"]) == 0
+    before = snapshot(out)
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # a process of this host that is gone, as a killed run's would be
+    owner = f"{output_dir._owner().split('-')[0]}-{finished.pid}"
+    staging = tmp_path / f".out.evomerge-staging-{owner}-0123abcd"
+    staging.mkdir()
+    (staging / ".model.safetensors.partial").write_bytes(b"half a tensor")
+    out.rename(tmp_path / f".out.evomerge-old-{owner}-4567cdef")  # killed mid-swap: no out at all
+    assert run(["merge", config, out, "-q"]) == 2  # the old output is back, so not replaced silently
+    assert "--overwrite" in capsys.readouterr().err
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+    live = tmp_path / f".out.evomerge-staging-{output_dir._owner().split('-')[0]}-1-89abcdef"
+    live.mkdir()  # pid 1 is alive: another run's folder is never touched
+    assert run(["merge", config, out, "-q", "--overwrite"]) == 0
+    assert live.is_dir()

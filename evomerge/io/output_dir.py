@@ -4,7 +4,8 @@ Every writer of a checkpoint (one-shot merge, multi-document parts, export) goes
 `staged_output`: the target is checked up front (before any model is read), the checkpoint is
 written into a staging folder beside it (same filesystem), verified there, and only then swapped
 in: the old output is renamed aside, the new one renamed into place, the old one deleted. Any
-failure removes the staging folder and the folders it created, and keeps the old output.
+failure removes the staging folder and the folders it created, and keeps the old output; after
+a run that was killed outright, the next run on the same output tidies up (`recover_killed_run`).
 
 A folder is replaced only when evomerge wrote it: `MARKER` lists the files it wrote. Anything
 else in the folder (the user's notes, a space file, a study database) makes it a refusal, with
@@ -13,9 +14,12 @@ or without `--overwrite`; nothing is ever deleted that evomerge did not write.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -155,7 +159,7 @@ class StagedOutput:
         aside = None
         try:
             if self.target.is_dir() and any(self.target.iterdir()):
-                aside = self.target.with_name(f".{self.target.name[:60]}.evomerge-old-{uuid.uuid4().hex[:8]}")
+                aside = _sibling(self.target, "old")
                 os.rename(self.target, aside)
             elif self.target.is_dir():
                 os.rmdir(self.target)
@@ -177,8 +181,53 @@ class StagedOutput:
                 break
 
 
+def _owner() -> str:
+    """This process, as `host-pid`, so a later run can tell a killed run's folders from a live one's."""
+    host = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:24] or "host"
+    return f"{host}-{os.getpid()}"
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    """A hidden folder beside `target`: `.NAME.evomerge-KIND-HOST-PID-RANDOM`."""
+    return target.with_name(f".{target.name[:60]}.evomerge-{kind}-{_owner()}-{uuid.uuid4().hex[:8]}")
+
+
+def _dead_owner(folder: Path) -> bool:
+    match = re.search(r"\.evomerge-(?:staging|old)-([A-Za-z0-9]+)-(\d+)-[0-9a-f]{8}$", folder.name)
+    if not match or f"{match[1]}-{match[2]}" == _owner() or match[1] != _owner().split("-")[0]:
+        return False  # not ours to judge: this process, or a run on another host
+    try:
+        os.kill(int(match[2]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def recover_killed_run(target: Path) -> None:
+    """Tidy up after a run of this host that was killed (SIGKILL, power) while writing `target`:
+    its staging folder goes; an old output it had set aside comes back if `target` is missing
+    (killed mid-swap), else it goes too (the swap had finished)."""
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    prefix = f".{target.name[:60]}.evomerge-"
+    for folder in sorted(parent.glob(f"{glob.escape(prefix)}*")):
+        if not folder.is_dir() or not _dead_owner(folder):
+            continue
+        if ".evomerge-old-" in folder.name and not target.exists():
+            os.rename(folder, target)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def prepare_output(target: Path, *, overwrite: bool = False, protected: Mapping[str, Iterable[Path]] | None = None) -> StagedOutput:
     """Check `target` and create its staging folder (and any missing parents), before heavy work."""
+    try:
+        recover_killed_run(_resolved(Path(target)))
+    except OSError:
+        pass  # the checks below say what is wrong with the path
     check_target(Path(target), overwrite=overwrite, protected=protected)
     target = _resolved(Path(target))  # a symlinked output folder is replaced where it really is
     if target == target.parent:
@@ -189,7 +238,7 @@ def prepare_output(target: Path, *, overwrite: bool = False, protected: Mapping[
         for folder in missing:
             folder.mkdir()
             created.append(folder)
-        staging = target.with_name(f".{target.name[:60]}.evomerge-staging-{uuid.uuid4().hex[:8]}")
+        staging = _sibling(target, "staging")
         staging.mkdir()  # mode 0o777 less the umask, as the final folder should have
     except OSError as exc:
         for folder in reversed(created):
