@@ -7,6 +7,7 @@ and no staging, set-aside or empty folder may remain, after success or failure.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,12 +186,20 @@ def test_multi_document_names_are_identifiers_not_paths(tmp_path, family, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["absolute", "linear.yml", "work"])
 
 
-def test_intermediate_merges_stay_under_the_output_or_the_intermediate_dir(tmp_path, family, capsys):
+def test_intermediate_merges_stay_under_the_output_or_the_intermediate_dir(tmp_path, family, capsys, monkeypatch):
     config = multi_document(tmp_path, family)
     out = tmp_path / "out"
     assert run(["merge", config, out, "-q"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["multi.yml", "out"]  # parts staged under the output, then gone
     assert not (out / ".evomerge-parts").exists()
+    # the recipe the output carries is the whole multi-document file, its paths relative to the folder
+    card = (out / "README.md").read_text()
+    assert "mergekit-multi mergekit_config.yml" in card and "intermediate merge (document 1 of the recipe)" in card
+    monkeypatch.chdir(out)
+    assert run(["merge", "mergekit_config.yml", "../again", "-q"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "again")
     parts = tmp_path / "parts"
     other = tmp_path / "out2"
     assert run(["merge", config, other, "-q", "--intermediate-dir", parts]) == 0
@@ -231,8 +240,6 @@ def test_impossible_output_paths_are_one_line_errors_before_any_merging(tmp_path
 
 
 def test_hub_cache_sources_are_named_by_their_hub_id(tmp_path, family):
-    import shutil
-
     snapshot_dir = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / "0123abcd"
     shutil.copytree(family["ft1"], snapshot_dir)
     config = write_yaml(
