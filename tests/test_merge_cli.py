@@ -134,3 +134,27 @@ dtype: float32
     assert _run(["merge", str(config), str(tmp_path / "out"), "--quiet"]) != 0
     err = capsys.readouterr().err.strip()
     assert "NaN or Inf" in err and len(err.splitlines()) == 1
+
+
+def test_the_card_gives_the_command_that_reproduces_the_merge(tmp_path, family, monkeypatch):
+    """Run from the output folder, the card's evomerge command (seed included) gives the same bytes."""
+    (tmp_path / "recipes").mkdir()
+    config = write_yaml(
+        tmp_path / "recipes" / "dare.yml",
+        f"""
+merge_method: dare_ties
+base_model: {family['base']}
+models:
+  - {{model: {family['ft1']}, parameters: {{weight: 0.6, density: 0.4}}}}
+  - {{model: {family['ft2']}, parameters: {{weight: 0.6, density: 0.6}}}}
+""",
+    )
+    out = tmp_path / "out"
+    assert _run(["merge", str(config), str(out), "--quiet", "--seed", "7"]) == 0
+    card = (out / "README.md").read_text()
+    command = card.split("From this folder: `")[1].split("`")[0]
+    assert command == "evomerge merge mergekit_config.yml ../reproduced --seed 7"
+    assert "base_model_relation: merge" in card and "base_model:" not in card.split("---")[1]
+    monkeypatch.chdir(out)
+    assert _run(command.split()[1:] + ["--quiet"]) == 0
+    assert (tmp_path / "reproduced" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()

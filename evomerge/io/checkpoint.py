@@ -214,17 +214,14 @@ def write_model_card(
     if search:
         lines += ["## Search", ""] + [f"- {key}: {value}" for key, value in search.items()] + [""]
     masks = f" DARE/DELLA masks use seed {seed} in evomerge; mergekit draws its own." if seed is not None else ""
+    ours = "evomerge merge mergekit_config.yml ../reproduced" + (f" --seed {seed}" if seed else "")
     if multi_document:
         reproduce = (
-            "A multi-document recipe (intermediate merges, then the final one). From this folder: "
-            "`evomerge merge mergekit_config.yml ../reproduced`, or "
+            f"A multi-document recipe (intermediate merges, then the final one). From this folder: `{ours}`, or "
             "`mergekit-multi mergekit_config.yml --intermediate-dir ../reproduced-parts --out-path ../reproduced`."
         )
     else:
-        reproduce = (
-            "From this folder: `evomerge merge mergekit_config.yml ../reproduced`, or "
-            "`mergekit-yaml mergekit_config.yml ../reproduced`."
-        )
+        reproduce = f"From this folder: `{ours}`, or `mergekit-yaml mergekit_config.yml ../reproduced`."
     lines += ["## Recipe", "", reproduce + masks, "", "```yaml", recipe_yaml.rstrip(), "```", ""]
     if provenance:
         lines += ["## Provenance", ""] + [f"- {key}: {value}" for key, value in provenance.items()] + [""]
