@@ -69,7 +69,7 @@ def write_recipe(out_dir: Path, recipe_yaml: str) -> Path:
 
 
 # A Hugging Face hub cache folder: .../models--ORG--NAME/snapshots/REVISION
-_HUB_CACHE_PART = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)")
+_HUB_CACHE_PART = re.compile(r"models--(?:(?P<org>[^/]+?)--)?(?P<name>[^/]+)")
 
 
 def hub_id(path: Path) -> str | None:
@@ -77,7 +77,7 @@ def hub_id(path: Path) -> str | None:
     for part in Path(path).parts:
         match = _HUB_CACHE_PART.fullmatch(part)
         if match:
-            return f"{match['org']}/{match['name']}"
+            return f"{match['org']}/{match['name']}" if match["org"] else match["name"]
     return None
 
 
