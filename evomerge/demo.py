@@ -41,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evomerge.errors import EvomergeError
+
 if TYPE_CHECKING:
     import torch
     from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
@@ -466,6 +468,15 @@ def _reusable(root: Path, key: dict[str, Any]) -> bool:
     return all((root / d / "model.safetensors").is_file() for d in model_dirs)
 
 
+def _manifest_folders(root: Path) -> frozenset[str]:
+    """Model folders an earlier build (of any version) recorded as its own."""
+    try:
+        manifest = json.loads((root / MANIFEST).read_text(encoding="utf-8"))
+        return frozenset([str(manifest.get("base", "base")), *map(str, manifest.get("finetunes", {}).values())])
+    except (OSError, ValueError, AttributeError, TypeError):
+        return frozenset()
+
+
 @contextmanager
 def _quiet_transformers_bars() -> Iterator[None]:
     """transformers shows a progress bar per `save_pretrained`; ours covers the build."""
@@ -495,11 +506,27 @@ def _progress(enabled: bool, total: int) -> Iterator[tuple[Callable[[str], None]
         yield (lambda description: bar.update(task, description=description)), (lambda: bar.advance(task))
 
 
+DEMO_MARKER = ".evomerge-demo"  # in each model folder the builder wrote: only those may be replaced
+
+
+def _check_replaceable(path: Path, listed: frozenset[str] = frozenset()) -> None:
+    """A rebuild replaces only folders the builder itself wrote (marked, or listed in an earlier
+    build's manifest) or empty ones, never a user's."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise EvomergeError(f"{path}: exists and is not a demo model folder; choose another demo directory")
+    owned = (path / DEMO_MARKER).is_file() or path.name in listed
+    if path.is_dir() and any(path.iterdir()) and not owned:
+        raise EvomergeError(
+            f"{path}: holds files the demo builder did not write; choose another demo directory or move them away"
+        )
+
+
 def _save(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, path: Path) -> None:
-    if path.exists():
+    if path.exists():  # checked by build_demo_family before training
         shutil.rmtree(path)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
+    (path / DEMO_MARKER).write_text("written by evomerge's demo builder; a rebuild may replace this folder\n")
 
 
 def build_demo_family(
@@ -520,6 +547,11 @@ def build_demo_family(
     key = _manifest_key(seed, recipe)
     if _reusable(root, key):
         return load_demo_family(root)
+    if root.exists() and not root.is_dir():
+        raise EvomergeError(f"{root}: exists and is not a directory; choose another demo directory")
+    listed = _manifest_folders(root)
+    for name in ("base", *SKILLS):  # refuse before a minute of training, not after
+        _check_replaceable(root / name, listed)
     (root / MANIFEST).unlink(missing_ok=True)  # never leave a manifest that describes other models
     root.mkdir(parents=True, exist_ok=True)
 

@@ -89,6 +89,22 @@ def test_build_is_deterministic_and_reused(tmp_path):
     assert sha256(other_seed.base / "model.safetensors") != sha256(second.base / "model.safetensors")
 
 
+def test_build_never_replaces_a_folder_it_did_not_write(tmp_path):
+    from evomerge.errors import EvomergeError
+
+    user_model = tmp_path / "family" / "sort"
+    user_model.mkdir(parents=True)
+    (user_model / "config.json").write_text('{"mine": true}')
+    with pytest.raises(EvomergeError, match="did not write"):
+        build_demo_family(tmp_path / "family", seed=3, progress=False, recipe=TINY)
+    assert (user_model / "config.json").read_text() == '{"mine": true}'
+    assert not (tmp_path / "family" / "base").exists(), "refused before any model was written"
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(EvomergeError, match="not a directory"):
+        build_demo_family(tmp_path / "file", seed=3, progress=False, recipe=TINY)
+
+
 def test_missing_family_error_says_how_to_build(tmp_path):
     with pytest.raises(FileNotFoundError, match="evomerge demo build"):
         load_demo_family(tmp_path)
