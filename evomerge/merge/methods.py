@@ -838,6 +838,34 @@ def _check_method_params(spec: MethodSpec, model_params: list[dict[str, float]],
                 raise ValueError(f"{spec.name}: gamma of model {index} must be in [0, 1], got {params['gamma']:g}")
 
 
+def check_parameters(
+    method: str, model_params: Sequence[Mapping[str, Any]], global_params: Mapping[str, Any], base_index: int | None
+) -> None:
+    """Validate one tensor's parameters exactly as `merge_tensors` will (no tensors needed).
+
+    The planner calls this for every output tensor, so a merge never fails half way on a value
+    it could have refused up front. ValueError with a one-line reason.
+    """
+    from evomerge.config.numbers import parameter_range
+
+    spec = get_method(method)
+    options = _resolve_globals(spec, global_params or {})
+    resolved = _resolve_model_params(spec, list(model_params), len(model_params), base_index)
+    for name, value in options.items():
+        if not isinstance(value, bool):
+            try:
+                parameter_range(name).check(value)
+            except ValueError as exc:
+                raise ValueError(f"{spec.name}: parameter '{name}': {exc}") from None
+    for index, params in enumerate(resolved):
+        for name, value in params.items():
+            try:
+                parameter_range(name).check(value)
+            except ValueError as exc:
+                raise ValueError(f"{spec.name}: parameter '{name}' of model {index}: {exc}") from None
+    _check_method_params(spec, resolved, base_index)
+
+
 # -- entry point -----------------------------------------------------------------------------------
 def merge_tensors(
     method: str,
