@@ -491,3 +491,22 @@ def test_console_script_prints_one_line_and_exits_2(models, tmp_path):
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+
+
+def test_allow_pickle_with_a_safetensors_donor_loads(demo_family, tmp_path):
+    """allow_pickle adds *.bin as a fallback; it must not demand *.bin from a safetensors model."""
+    from evomerge.config.space import parse_space
+    from evomerge.search.worker import CandidateWorker
+
+    root = demo_family.root
+    data = {
+        "models": [f"close@{root / 'close'}"],
+        "base_model": f"base@{root / 'base'}",
+        "allow_pickle": True,
+        "device": "cpu",
+        "objectives": [{"task": "demo_close"}],
+        "eval": {"include_paths": [str(TASKS)], "limit": 2},
+        "search": {"n_trials": 1, "storage": f"sqlite:///{tmp_path}/s.db"},
+    }
+    worker = CandidateWorker(parse_space(data, base_dir=tmp_path))
+    assert worker.model is not None and worker.model.config.num_hidden_layers == 4
