@@ -142,6 +142,18 @@ def _ties(w1="0.5", d1="0.5", ft2="ft2"):
     return lambda m: TIES.format(base=m["base"], ft1=m["ft1"], ft2=m[ft2], w1=w1, d1=d1)
 
 
+def _marked(body: str):
+    """A config whose <name> markers become the paths of the models fixture."""
+
+    def make(m):
+        text = body
+        for name, path in m.items():
+            text = text.replace(f"<{name}>", str(path))
+        return text
+
+    return make
+
+
 def _text(body: str):
     return lambda m: body.format(**{k: str(v) for k, v in m.items()})
 
@@ -274,6 +286,30 @@ MERGE_CASES = [
     ("model-a-file", _ties(ft2="a_file"), "is not a local directory"),
     ("model-bad-index", _ties(ft2="bad_index"), "expected a 'weight_map'"),
     ("model-pickle-without-flag", _ties(ft2="pickle_blocked"), "only pickle weights"),
+    # more classes: models and methods that do not fit, parameters of other methods, document rules
+    ("hub-id", _marked("merge_method: linear\nmodels: [{model: org/name, parameters: {weight: 1}}]\n"), "looks like a hub id"),
+    ("slice-no-sources", _marked("merge_method: passthrough\nslices: [{sources: []}]\n"), "slices.0: a slice needs at least one source"),
+    ("layer-range-reversed", _marked("merge_method: passthrough\nslices: [{sources: [{model: <ft1>, layer_range: [2, 1]}]}]\n"), "0 <= start < end"),
+    ("same-model-twice", _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}, {model: <ft1>, parameters: {weight: 1}}]\n"), "listed twice"),
+    ("tokenizer-union", _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\ntokenizer_source: union\n"), "tokenizer_source"),
+    ("slerp-three-models", _marked("merge_method: slerp\nbase_model: <base>\nmodels: [{model: <base>}, {model: <ft1>}, {model: <ft2>}]\nparameters: {t: 0.5}\n"), "slerp takes exactly 2 models"),
+    ("model-stock-one", _marked("merge_method: model_stock\nbase_model: <base>\nmodels: [{model: <ft1>}]\n"), "at least 3 models"),
+    ("passthrough-weight", _marked("merge_method: passthrough\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\n"), "passthrough has no parameter 'weight'"),
+    ("nuslerp-weight-word", _marked("merge_method: nuslerp\nmodels: [{model: <ft1>, parameters: {weight: abc}}, {model: <ft2>, parameters: {weight: 1}}]\n"), "models.0.parameters.weight: expected a number"),
+    ("nuslerp-row-wise-word", _marked("merge_method: nuslerp\nmodels: [{model: <ft1>, parameters: {weight: 1}}, {model: <ft2>, parameters: {weight: 1}}]\nparameters: {nuslerp_row_wise: sometimes}\n"), "parameters.nuslerp_row_wise: expected true or false"),
+    ("passthrough-scale-inf", _marked("merge_method: passthrough\nmodels: [{model: <ft1>, parameters: {scale: .inf}}]\n"), "models.0.parameters.scale: expected a finite number"),
+    ("filter-star-gradient-word", _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: [{filter: '*', value: [0, abc]}]}}]\n"), "models.0.parameters.weight.0.value.1"),
+    ("chat-template", _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\nchat_template: x\n"), "chat_template"),
+    ("model-unknown-key", _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}, extra: 2}]\n"), "models.0.extra: unknown field"),
+    ("parameter-key-number", _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {1: 0.5}}]\n"), "models.0.parameters.1"),
+    ("deep-nesting", _marked("merge_method: linear\nmodels: " + "[" * 5000 + "]" * 5000 + "\n"), "models.0"),
+    ("anchor-unknown-key", _marked("merge_method: linear\np: &p {weight: 1}\nmodels: [{model: <ft1>, parameters: *p}]\n"), "p: unknown field"),
+    ("weight-missing", _marked("merge_method: linear\nmodels: [{model: <ft1>}]\n"), "linear needs parameter 'weight'"),
+    ("slerp-without-t", _marked("merge_method: slerp\nbase_model: <base>\nmodels: [{model: <base>}, {model: <ft1>}]\n"), "slerp needs parameter 't'"),
+    ("ties-without-base", _marked("merge_method: ties\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\n"), "ties needs a base_model"),
+    ("multi-last-named", _marked("name: a\nmerge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\n---\nname: b\nmerge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n"), "document 2: the last document is the output"),
+    ("multi-nan-in-second", _marked("name: a\nmerge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\n---\nmerge_method: linear\nmodels: [{model: a, parameters: {weight: .nan}}]\n"), "models.0.parameters.weight: expected a finite number"),
+    ("multi-unnamed-first", _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\n---\nmerge_method: linear\nmodels: [{model: <ft2>, parameters: {weight: 1}}]\n"), "document 1: every document but the last needs a 'name'"),
 ]
 
 
@@ -413,6 +449,33 @@ SPACE_CASES = [
     ("duplicate-key", {"search": "search: {n_trials: 2, n_trials: 3}\n"}, "duplicate key 'n_trials'"),
     ("unknown-key", {"search": "search: {n_trials: 2, n_trails: 3}\n"}, "search.n_trails: unknown field"),
     ("dtype-unknown", {"search": "search: {n_trials: 2}\ndtype: fp8\n"}, "dtype: expected one of"),
+    ("eval-null", {"eval": "eval: null\n"}, "eval: Input should be a valid dictionary"),
+    ("objectives-strings", {"objectives": "objectives: [demo_close]\n"}, "objectives.0"),
+    ("objectives-mapping", {"objectives": "objectives: {task: demo_close}\n"}, "objectives: Input should be a valid list"),
+    ("genome-list", {"genome": "genome: []\n"}, "genome: Input should be a valid dictionary"),
+    ("model-dict-without-path", {"models": "models: [{name: a}]\nbase_model: base@<base>\n"}, "models.0: expected 'name@path'"),
+    ("model-dict-path-number", {"models": "models: [{name: a, path: 5}]\nbase_model: base@<base>\n"}, "models.0"),
+    ("base-model-list", {"models": "models: [ft1@<ft1>]\nbase_model: [x]\n"}, "base_model"),
+    ("enqueue-unknown", {"search": "search: {n_trials: 2, enqueue: [all]}\n"}, "search.enqueue.0"),
+    ("study-name-number", {"search": "search: {n_trials: 2, study_name: 5}\n"}, "search.study_name"),
+    ("model-args-list", {"eval": "eval: {model_args: [1]}\n"}, "eval.model_args"),
+    ("task-number", {"objectives": "objectives: [{task: 5}]\n"}, "objectives.0.task"),
+    ("filter-number", {"genome": "genome: {filters: [5]}\n"}, "genome.filters.0"),
+    ("filter-empty", {"genome": "genome: {filters: ['']}\n"}, "genome.filters.0: filter '' matches no tensor"),
+    ("genome-normalize-word", {"genome": "genome: {normalize: maybe}\n"}, "genome.normalize"),
+    ("device-number", {"search": "search: {n_trials: 2}\ndevice: 5\n"}, "device"),
+    ("device-cuda-absent", {"search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>/s.db'}\ndevice: 'cuda:99'\n"}, "device: cuda:99 is not on this machine"),
+    ("metric-empty", {"objectives": "objectives: [{task: demo_close, metric: ''}]\n"}, "objectives.0.metric"),
+    ("eval-limit-overflow", {"eval": "eval: {limit: 1.0e+400}\n"}, "eval.limit: expected a finite number"),
+    ("timeout-negative", {"search": "search: {timeout: -5}\n"}, "search.timeout"),
+    ("cmaes-sigma-word", {"search": "search: {n_trials: 2, sampler: cmaes, storage: 'sqlite:///<tmp>/s.db', sampler_options: {sigma0: abc}}\n"}, "search.sampler_options.sigma0: expected a number"),
+    ("nsga-mutation-prob-word", {"search": "search: {n_trials: 2, sampler: nsga2, storage: 'sqlite:///<tmp>/s.db', sampler_options: {mutation_prob: lots}}\n"}, "search.sampler_options.mutation_prob: expected a number"),
+    ("nsga-population-one", {"search": "search: {n_trials: 2, sampler: nsga2, storage: 'sqlite:///<tmp>/s.db', sampler_options: {population_size: 1}}\n"}, "search.sampler_options: invalid option for the nsga2 sampler"),
+    ("tpe-callable-option", {"search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>/s.db', sampler_options: {constraints_func: abc}}\n"}, "takes a Python object"),
+    ("storage-folder", {"search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>'}\n"}, "is a folder; name a database file"),
+    ("storage-number", {"search": "search: {n_trials: 2, storage: 5}\n"}, "search.storage"),
+    ("include-path-missing", {"eval": "eval: {include_paths: [/nonexistent/tasks]}\n"}, "eval.include_paths.0: /nonexistent/tasks does not exist"),
+    ("include-path-file", {"eval": "eval: {include_paths: [<tmp>/garbage.db]}\n"}, "eval.include_paths.0: <tmp>/garbage.db is not a folder"),
 ]
 
 
@@ -425,7 +488,7 @@ def test_malformed_space_file_is_one_line(case, models, tmp_path, capsys):
     path = tmp_path / "space.yml"
     path.write_text(text)
     code, _, err = _validate([str(path)], capsys)
-    _one_line_error(code, err, expected)
+    _one_line_error(code, err, _fill(expected, names))
     assert not (tmp_path / "study.db").exists() and not (tmp_path / "s.db").exists()  # validate creates nothing
 
 

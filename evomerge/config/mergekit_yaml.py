@@ -313,6 +313,8 @@ def load_merge_documents(path: Path) -> list[MergeConfig]:
             raise ConfigError(str(error).removeprefix(f"{path}: "), file=path, field=where) from None
         if config.name is None and index != len(raw) - 1:
             raise ConfigError("every document but the last needs a 'name'", file=path, field=where)
+        if config.name is not None and index == len(raw) - 1:
+            raise ConfigError(f"the last document is the output: leave it unnamed (it is named '{config.name}')", file=path, field=where)
         if config.name in names:
             raise ConfigError(f"name '{config.name}' is used twice", file=path, field=where)
         if config.name:

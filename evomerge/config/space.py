@@ -355,6 +355,8 @@ def parse_space(
     for i, path in enumerate(space.eval.include_paths):
         if not path.exists():
             raise ConfigError(f"{path} does not exist", file=source, field=f"eval.include_paths.{i}")
+        if not path.is_dir():
+            raise ConfigError(f"{path} is not a folder (expected a folder of lm-eval task YAMLs)", file=source, field=f"eval.include_paths.{i}")
     return space.model_copy(update={"source_text": text})
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import re
 from typing import Any
 
 from evomerge.config.numbers import coerce_bool, coerce_number
@@ -34,7 +35,8 @@ def sampler_class(name: str):
 def checked_sampler_options(space: SearchSpace) -> dict[str, Any]:
     """`search.sampler_options` validated against the sampler's constructor signature."""
     spec = space.search
-    parameters = inspect.signature(sampler_class(spec.sampler)).parameters
+    cls = sampler_class(spec.sampler)
+    parameters = inspect.signature(cls).parameters
     options: dict[str, Any] = {}
     for name, value in spec.sampler_options.items():
         field = f"search.sampler_options.{name}"
@@ -47,18 +49,54 @@ def checked_sampler_options(space: SearchSpace) -> dict[str, Any]:
             raise ConfigError(
                 f"the {spec.sampler} sampler takes no option '{name}' (it takes: {takes}){hint}", file=space.source_path, field=field
             )
-        default = parameters[name].default
+        kinds = _value_kinds(parameters[name].annotation, parameters[name].default)
+        if not kinds & {bool, int, float, str, dict, list}:
+            raise ConfigError(
+                f"the {spec.sampler} sampler's '{name}' takes a Python object, which a space file cannot give",
+                file=space.source_path,
+                field=field,
+            )
         try:
-            if isinstance(default, bool):
-                value = coerce_bool(value)
-            elif isinstance(default, int):
-                value = coerce_number(value, integer=True)
-            elif isinstance(default, float):
-                value = coerce_number(value)
+            if value is not None and not isinstance(value, tuple(kinds - {int, float, bool})):
+                if bool in kinds:
+                    value = coerce_bool(value)
+                elif int in kinds and float not in kinds:
+                    value = coerce_number(value, integer=True)
+                elif float in kinds:
+                    value = coerce_number(value)
         except ValueError as exc:
             raise ConfigError(str(exc), file=space.source_path, field=field) from None
         options[name] = value
     return options
+
+
+_PLAIN = {"bool": bool, "int": int, "float": float, "str": str, "dict": dict, "list": list, "Sequence": list, "Mapping": dict}
+
+
+def _value_kinds(annotation: Any, default: Any) -> set[type]:
+    """The plain types an option's annotation allows (read from its text: optuna annotates with
+    names only imported for type checkers), else its default's type; `object` for anything else."""
+    if annotation is inspect.Parameter.empty:
+        return {type(default)} if default not in (None, inspect.Parameter.empty) else {object}
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    parts, depth, current = [], 0, ""
+    for char in text:  # split on the top-level '|' of a union
+        depth += char == "["
+        depth -= char == "]"
+        if char == "|" and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += char
+    parts.append(current)
+    kinds = set()
+    for part in (p.strip() for p in parts):
+        if part in ("None", "NoneType"):
+            continue
+        outer, _, inner = part.partition("[")
+        plain_inner = all(name in ("str", "int", "float", "bool", "Any") for name in re.findall(r"[A-Za-z_][\w.]*", inner))
+        kinds.add(_PLAIN.get(outer.removeprefix("typing.").removeprefix("collections.abc."), object) if plain_inner else object)
+    return kinds or {object}
 
 
 def make_sampler(space: SearchSpace):
