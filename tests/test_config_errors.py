@@ -573,3 +573,37 @@ def test_allow_pickle_with_a_safetensors_donor_loads(demo_family, tmp_path):
     }
     worker = CandidateWorker(parse_space(data, base_dir=tmp_path))
     assert worker.model is not None and worker.model.config.num_hidden_layers == 4
+
+
+@pytest.mark.parametrize(
+    "value, integer, expected",
+    [
+        (0.5, False, 0.5), (3, False, 3.0), ("1e-3", False, 1e-3), (" -2.5 ", False, -2.5), ("1_000", True, 1000),
+        (4.0, True, 4), ("7", True, 7), (-3, True, -3),
+        (True, False, "got true (a boolean)"), (None, False, "got nothing (null)"), ([1], False, "got a list [1]"),
+        ({"a": 1}, False, "got a mapping"), ("abc", False, "got 'abc'"), ("0.5x", False, "got '0.5x'"),
+        ("nan", False, "finite"), ("-inf", False, "finite"), (float("nan"), False, "finite"), (float("-inf"), False, "finite"),
+        (10**400, False, "401 digits"), (2.5, True, "a whole number, got 2.5"), ("2.5", True, "whole number"),
+        (2**64, True, "at most"), (1e300, True, "at most"),
+    ],
+)
+def test_one_coercion_of_numbers(value, integer, expected):
+    from evomerge.config.numbers import coerce_number
+
+    if isinstance(expected, str):
+        with pytest.raises(ValueError, match=expected.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+            coerce_number(value, integer=integer)
+    else:
+        result = coerce_number(value, integer=integer)
+        assert result == expected and type(result) is (int if integer else float)
+
+
+def test_one_declared_range_serves_both_file_kinds(models, tmp_path, capsys):
+    """epsilon's declared range [0, 0.5] refuses 0.6 in a merge YAML and in a space file's gene range."""
+    merge = tmp_path / "merge.yml"
+    merge.write_text(f"merge_method: della\nbase_model: {models['base']}\nmodels: [{{model: {models['ft1']}, parameters: {{weight: 1, epsilon: 0.6}}}}]\n")
+    space = tmp_path / "space.yml"
+    space.write_text(_space(models, tmp_path, genome="genome: {methods: [della], epsilon: [0.1, 0.6]}\n"))
+    merge_line = _one_line_error(*_validate([str(merge)], capsys)[::2], "models.0.parameters.epsilon: expected a value in [0, 0.5]")
+    space_line = _one_line_error(*_validate([str(space)], capsys)[::2], "genome.epsilon: values must lie in [0, 0.5]")
+    assert "della keeps entries with probability density +- epsilon" in merge_line + space_line
