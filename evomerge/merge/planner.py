@@ -396,7 +396,7 @@ class Planner:
                 raise CompatibilityError(f"{self.models[ref].path}: has no tensor {name} (needed for {out_name})")
             shapes[ref] = info.shape
         if len(set(shapes.values())) > 1:
-            listing = ", ".join(f"{self.models[r].path.name}: {list(s)}" for r, s in shapes.items())
+            listing = ", ".join(f"{r}: {list(s)}" for r, s in shapes.items())
             raise CompatibilityError(f"tensor {out_name} has different shapes ({listing}){shape_mismatch_hint(out_name, list(shapes.values()))}")
         refs = [ref for ref, _ in inputs]
         base_index = refs.index(out_slice.base) if out_slice.base in refs and method.base != "unused" else None
