@@ -607,3 +607,13 @@ def test_one_declared_range_serves_both_file_kinds(models, tmp_path, capsys):
     merge_line = _one_line_error(*_validate([str(merge)], capsys)[::2], "models.0.parameters.epsilon: expected a value in [0, 0.5]")
     space_line = _one_line_error(*_validate([str(space)], capsys)[::2], "genome.epsilon: values must lie in [0, 0.5]")
     assert "della keeps entries with probability density +- epsilon" in merge_line + space_line
+
+
+def test_a_group_task_reports_its_aggregate_metric(models, tmp_path, capsys):
+    """A group (demo_select) reports the metrics its aggregate_metric_list names, with its leaves' filters."""
+    path = tmp_path / "space.yml"
+    path.write_text(_space(models, tmp_path, objectives="objectives: [{task: demo_select, metric: 'acc,none'}]\n"))
+    code, out, err = _validate([str(path)], capsys)
+    assert code == 0, err
+    path.write_text(_space(models, tmp_path, objectives="objectives: [{task: demo_select, metric: 'acc_norm,none'}]\n"))
+    _one_line_error(*_validate([str(path)], capsys)[::2], "objectives.0.metric: task 'demo_select' reports no metric 'acc_norm,none' (it reports: acc,none)")

@@ -2,7 +2,8 @@
 
 We read and write the same format as `mergekit-yaml` so recipes move freely between the two
 tools. Unknown keys are rejected (a typo such as `merge_methdo` is an error, not a silent
-default). Parts of the format we do not implement (`modules:`, tokenizer merging, chat
+default), and so are duplicate keys (PyYAML would silently keep the last) and binary or
+non-UTF-8 files. Parameter values are checked against their method by the planner. Parts of the format we do not implement (`modules:`, tokenizer merging, chat
 templates, LoRA inputs) fail validation with a one-line message saying so.
 """
 
