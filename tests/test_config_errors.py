@@ -544,16 +544,31 @@ def test_console_script_prints_one_line_and_exits_2(models, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     installed = Path(sys.executable).parent / "evomerge"
     script = [str(installed)] if installed.exists() else [sys.executable, "-c", "from evomerge.cli import main; main()"]
+    duplicate = tmp_path / "duplicate.yml"
+    duplicate.write_text(_ties(w1="0.5, weight: 0.7")(models))
+    truncated = tmp_path / "truncated.yml"
+    truncated.write_text(_ties(ft2="truncated")(models))
     expected = {
         binary: "is a binary file",
         weight: "models.0.parameters.weight.1: expected a number, got 'abc'",
         space: "eval.limit: expected a whole number of items",
+        duplicate: "duplicate key 'weight'",
+        truncated: "truncated file",
     }
     for path, message in expected.items():
         result = subprocess.run([*script, "validate", str(path)], capture_output=True, text=True, env=env, timeout=120)
         assert result.returncode == 2, result.stderr
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
+    # accepted on purpose, with one warning line naming the field, and the merge is written
+    lenient = tmp_path / "lenient.yml"
+    lenient.write_text(_ties(d1="1.5")(models))
+    result = subprocess.run([*script, "merge", str(lenient), str(tmp_path / "out"), "-q"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"warning: {lenient}: models.0.parameters.density: 1.5 is above 1; it keeps every entry, as density 1 does (mergekit accepts it too)"
+    ], result.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
 def test_allow_pickle_with_a_safetensors_donor_loads(demo_family, tmp_path):
