@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -43,6 +44,8 @@ def _describe(value: Any) -> str:
 def coerce_number(value: Any, *, integer: bool = False) -> float | int:
     """`value` as a finite float (or an int when `integer`); ValueError with a one-line reason."""
     kind = "a whole number" if integer else "a number"
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        value = float(value)  # numpy scalars, Fraction (library callers)
     if isinstance(value, bool) or value is None or not isinstance(value, (int, float, str)):
         raise ValueError(f"expected {kind}, got {_describe(value)}")
     if isinstance(value, str):

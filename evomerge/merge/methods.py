@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from evomerge.config.numbers import coerce_number
 from evomerge.merge import blocks, native, sparsify
 
 # Elements per float64 reduction chunk (bounds scratch memory on huge tensors).
@@ -207,15 +208,12 @@ def _as_bool(method: str, name: str, value: Any) -> bool:
 
 
 def _as_float(method: str, name: str, value: Any, where: str = "") -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{method}: parameter '{name}'{where} must be a number, got {value!r}")
+    """The config files' one coercion of numbers (evomerge.config.numbers), worded for this API."""
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{method}: parameter '{name}'{where} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{method}: parameter '{name}'{where} must be finite, got {value!r}")
-    return number
+        return coerce_number(value)
+    except ValueError as exc:
+        reason = "must be finite" if "finite" in str(exc) else "must be a number"
+        raise ValueError(f"{method}: parameter '{name}'{where} {reason}, got {value!r}") from None
 
 
 def _resolve_globals(spec: MethodSpec, given: Mapping[str, Any]) -> dict[str, Any]:
