@@ -138,8 +138,7 @@ def validate(
     """
     from evomerge.config.mergekit_yaml import load_merge_documents, load_yaml_documents
     from evomerge.config.space import is_space_file, load_space
-    from evomerge.merge.planner import plan_merge
-    from evomerge.preflight import preflight_merge, preflight_space
+    from evomerge.preflight import plan_documents, preflight_merge, preflight_space
     from evomerge.store import display_url
 
     documents = load_yaml_documents(config)
@@ -153,15 +152,10 @@ def validate(
         typer.echo(f"{config}: ok (search space: {detail}; study '{space.study_name}' in {display_url(space.storage_url)})")
         return
 
-    named: dict[str, Path] = {}
-    for document in load_merge_documents(config):
-        plan = plan_merge(
-            document, config_path=config, allow_crimes=allow_crimes, allow_pickle=allow_pickle, named_models=named
-        )
-        if document.name:  # later documents use this name as a model: check them against its inputs' layout
-            named[document.name] = plan.models[plan.config_donor]
-        for line in preflight_merge(plan, scan=scan, allow_pickle=allow_pickle, file=config).checks:
-            typer.echo(f"  {line}")
+    plans = plan_documents(load_merge_documents(config), config_path=config, allow_pickle=allow_pickle, allow_crimes=allow_crimes)
+    for line in preflight_merge(plans, scan=scan, allow_pickle=allow_pickle, file=config).checks:
+        typer.echo(f"  {line}")
+    plan = plans[-1]  # the output; in a mergekit-multi file later documents were planned against the earlier parts
     typer.echo(
         f"{config}: ok ({', '.join(plan.method_names)}; {len(plan.models)} models; {len(plan.tensors)} output tensors; "
         f"{plan.num_hidden_layers} layers; {plan.output_bytes() / 1e6:.1f} MB out)"

@@ -250,9 +250,45 @@ def preflight_space(space: SearchSpace, *, scan: bool | None = None, genome: Any
     return report
 
 
-def preflight_merge(plan: Any, *, scan: bool | None = None, allow_pickle: bool = False, file: object = None) -> PreflightReport:
-    """A planned one-shot merge: headers were read by the planner; scan the sources for NaN/Inf."""
-    models = {name: ModelDir(path, allow_pickle=allow_pickle) for name, path in plan.models.items()}
+@dataclass
+class PlannedModel:
+    """What a named document of a mergekit-multi file will produce, for planning the documents
+    after it before anything is merged: its tensors' names, shapes and dtype come from its plan."""
+
+    path: Path
+    tensors: dict[str, Any]
+    architecture: str
+    num_hidden_layers: int
+    config: dict[str, Any]
+
+    @classmethod
+    def from_plan(cls, name: str, plan: Any, donor: ModelDir | Any) -> "PlannedModel":
+        from evomerge.io.model_dir import TensorInfo
+
+        tensors = {r.name: TensorInfo(tuple(r.shape), plan.out_dtype, f"{name}.safetensors") for r in plan.tensors}
+        config = {**donor.config, "num_hidden_layers": plan.num_hidden_layers}
+        return cls(Path(f"<part {name}>"), tensors, donor.architecture, plan.num_hidden_layers, config)
+
+
+def plan_documents(documents: list[Any], *, config_path: Path, allow_pickle: bool, allow_crimes: bool) -> list[Any]:
+    """Plan every document of a (multi-)merge file in order; named parts stand in for their outputs."""
+    from evomerge.merge.planner import Planner
+
+    planned: dict[str, Any] = {}
+    plans = []
+    for document in documents:
+        planner = Planner(document, config_path=config_path, allow_pickle=allow_pickle, allow_crimes=allow_crimes, model_dirs=planned)
+        plan = planner.plan()
+        plans.append(plan)
+        if document.name:
+            planned[document.name] = PlannedModel.from_plan(document.name, plan, planner.models[plan.config_donor])
+    return plans
+
+
+def preflight_merge(plans: list[Any], *, scan: bool | None = None, allow_pickle: bool = False, file: object = None) -> PreflightReport:
+    """Planned merges (the documents of one file): the planner read the headers; scan each source once for NaN/Inf."""
+    paths = {Path(path) for plan in plans for path in plan.models.values() if Path(path).is_dir()}  # not the planned parts
+    models = {str(path): ModelDir(path, allow_pickle=allow_pickle) for path in sorted(paths)}
     report = PreflightReport()
     report.checks.append(scan_models(models, scan, file=file))
     return report

@@ -632,3 +632,19 @@ def test_a_group_task_reports_its_aggregate_metric(models, tmp_path, capsys):
     assert code == 0, err
     path.write_text(_space(models, tmp_path, objectives="objectives: [{task: demo_select, metric: 'acc_norm,none'}]\n"))
     _one_line_error(*_validate([str(path)], capsys)[::2], "objectives.0.metric: task 'demo_select' reports no metric 'acc_norm,none' (it reports: acc,none)")
+
+
+def test_validate_plans_a_multi_document_file_against_the_parts_it_makes(models, tmp_path, capsys):
+    """A later document is checked against what an earlier named part will hold (here 6 layers, not 4)."""
+    part = (
+        "name: big\nmerge_method: passthrough\nslices:\n"
+        f"  - sources: [{{model: {models['ft1']}, layer_range: [0, 4]}}]\n"
+        f"  - sources: [{{model: {models['ft2']}, layer_range: [2, 4]}}]\n---\n"
+    )
+    path = tmp_path / "multi.yml"
+    path.write_text(part + "merge_method: passthrough\nslices: [{sources: [{model: big, layer_range: [0, 6]}]}]\n")
+    code, out, err = _validate([str(path)], capsys)
+    assert code == 0, err
+    assert "6 layers" in out and "NaN/Inf scan: 2 models" in out, out
+    path.write_text(part + "merge_method: passthrough\nslices: [{sources: [{model: big, layer_range: [0, 7]}]}]\n")
+    _one_line_error(*_validate([str(path)], capsys)[::2], "layer_range [0, 7] is outside the model's 6 layers")
