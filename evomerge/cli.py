@@ -112,27 +112,38 @@ def validate(
     allow_crimes: Annotated[bool, typer.Option("--allow-crimes", help="Allow different architectures.")] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help="Also read pytorch_model*.bin.")] = False,
     schema_only: Annotated[
-        bool, typer.Option("--schema-only", help="Space files: check fields only, not that model/task paths exist.")
+        bool, typer.Option("--schema-only", help="Space files: check fields only, not models, tasks or storage.")
     ] = False,
+    scan: Annotated[
+        Optional[bool],
+        typer.Option("--scan/--no-scan", help="Read every source tensor for NaN/Inf (default: when the sources total <= 2 GB)."),
+    ] = None,
 ) -> None:
-    """Check a merge YAML or a space file and the models it names, without merging or searching."""
-    from evomerge.config.mergekit_yaml import load_merge_config, load_yaml_file
+    """Check a merge YAML or a space file and everything a merge or `run` will need, without doing either.
+
+    Space files: fields, models (every tensor header, against its file), genome, filters, sampler
+    options, storage, lm-eval tasks and metrics, and NaN/Inf in the sources where cheap.
+    """
+    from evomerge.config.mergekit_yaml import load_merge_documents, load_yaml_documents
     from evomerge.config.space import is_space_file, load_space
-    from evomerge.merge.planner import plan_merge
+    from evomerge.preflight import plan_documents, preflight_merge, preflight_space
     from evomerge.store import display_url
 
-    if is_space_file(load_yaml_file(config)):
+    documents = load_yaml_documents(config)
+    if len(documents) == 1 and is_space_file(documents[0]):
         space = load_space(config, check_paths=not schema_only)
         detail = f"{len(space.models)} models, {len(space.objectives)} objectives, sampler {space.search.sampler}"
         if not schema_only:
-            from evomerge.search.genome import Genome
-
-            genome = Genome(space)
-            detail += f", {len(genome.distributions())} genes over {genome.num_groups} layer groups"
+            _offline_env()
+            for line in preflight_space(space, scan=scan).checks:
+                typer.echo(f"  {line}")
         typer.echo(f"{config}: ok (search space: {detail}; study '{space.study_name}' in {display_url(space.storage_url)})")
         return
 
-    plan = plan_merge(load_merge_config(config), config_path=config, allow_crimes=allow_crimes, allow_pickle=allow_pickle)
+    plans = plan_documents(load_merge_documents(config), config_path=config, allow_pickle=allow_pickle, allow_crimes=allow_crimes)
+    for line in preflight_merge(plans, scan=scan, allow_pickle=allow_pickle, file=config).checks:
+        typer.echo(f"  {line}")
+    plan = plans[-1]  # the output; in a mergekit-multi file later documents were planned against the earlier parts
     typer.echo(
         f"{config}: ok ({', '.join(plan.method_names)}; {len(plan.models)} models; {len(plan.tensors)} output tensors; "
         f"{plan.num_hidden_layers} layers; {plan.output_bytes() / 1e6:.1f} MB out)"

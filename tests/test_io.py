@@ -101,3 +101,59 @@ def test_parse_size():
     assert parse_size(123) == 123
     with pytest.raises(EvomergeError, match="invalid size"):
         parse_size("lots")
+
+
+def _header_and_data(path):
+    import struct
+
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length]), data[8 + length :]
+
+
+def _write_with_header(path, header, body):
+    import struct
+
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + body)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda h, b: (h, b[:-1]), "truncated file (tensor"),
+        (lambda h, b: ({**h, "a.weight": {**h["a.weight"], "shape": [7, 6]}}, b), "its shape [7, 6] needs 168"),
+        (lambda h, b: ({**h, "a.weight": {**h["a.weight"], "shape": [7, -5]}}, b), "malformed shape"),
+        (lambda h, b: ({**h, "a.weight": {**h["a.weight"], "data_offsets": [8, 4]}}, b), "malformed data_offsets"),
+        (lambda h, b: ({**h, "a.weight": {"dtype": "F32"}}, b), "malformed header entry"),
+        (lambda h, b: ({**h, "a.weight": {**h["a.weight"], "dtype": "Q4"}}, b), "unsupported dtype Q4"),
+        (lambda h, b: ([1, 2], b), "not a JSON object"),
+    ],
+    ids=["truncated", "span-vs-shape", "negative-dim", "offsets-reversed", "entry-keys", "dtype", "header-list"],
+)
+def test_safetensors_headers_are_checked_against_the_file(tmp_path, corrupt, message):
+    """A broken or truncated checkpoint is refused when its header is read, before any merge starts."""
+    from safetensors.torch import save_file
+
+    from evomerge.io.model_dir import read_safetensors_header
+
+    path = tmp_path / "model.safetensors"
+    save_file(_tensors(), path)
+    assert set(read_safetensors_header(path)) == set(_tensors())
+    header, body = _header_and_data(path)
+    _write_with_header(path, *corrupt(header, body))
+    with pytest.raises(EvomergeError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        read_safetensors_header(path)
+
+
+def test_find_non_finite_names_the_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = _tensors()
+    (tmp_path / "config.json").write_text("{}")
+    save_file(tensors, tmp_path / "model.safetensors")
+    assert ModelDir(tmp_path).find_non_finite() is None
+    tensors["c.weight"][1, 2] = float("-inf")
+    save_file(tensors, tmp_path / "model.safetensors")
+    assert ModelDir(tmp_path).find_non_finite() == "c.weight"

@@ -137,3 +137,28 @@ def test_incompatible_models_fail_before_merging(tmp_path, family):
     deep = random_family(tmp_path / "deep", finetunes=0, shape=SMALL.__class__(vocab=96, hidden=32, intermediate=64, layers=6))
     with pytest.raises(ConfigError, match="different layer counts"):
         _plan(tmp_path, f"merge_method: linear\nmodels: [{{model: {family['ft1']}}}, {{model: {deep['base']}}}]\nparameters: {{weight: 1}}")
+
+
+def test_hidden_size_mismatch_is_not_called_a_vocabulary_difference(tmp_path, family):
+    wide = random_family(tmp_path / "wide", finetunes=0, shape=SMALL.__class__(vocab=96, hidden=48, intermediate=64, layers=4))
+    with pytest.raises(CompatibilityError) as info:
+        _plan(tmp_path, f"merge_method: linear\nmodels: [{{model: {family['ft1']}}}, {{model: {wide['base']}}}]\nparameters: {{weight: 1}}")
+    message = str(info.value)
+    assert "different model sizes" in message and "vocabular" not in message, message
+    assert f"{family['ft1']}: [96, 32]" in message and f"{wide['base']}: [96, 48]" in message, message
+
+
+def test_a_missing_tensor_names_the_model_that_lacks_it(tmp_path, family):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    lacking = tmp_path / "lacking"
+    shutil.copytree(family["ft2"], lacking)
+    tensors = load_file(lacking / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, lacking / "model.safetensors")
+    with pytest.raises(CompatibilityError) as info:
+        _plan(tmp_path, f"merge_method: linear\nmodels: [{{model: {family['ft1']}}}, {{model: {lacking}}}]\nparameters: {{weight: 1}}")
+    message = str(info.value)
+    assert message.startswith(f"{lacking}: layer 1 lacks ['mlp.down_proj.weight'] that {family['ft1']} layer 1 has"), message

@@ -2,7 +2,8 @@
 
 We read and write the same format as `mergekit-yaml` so recipes move freely between the two
 tools. Unknown keys are rejected (a typo such as `merge_methdo` is an error, not a silent
-default). Parts of the format we do not implement (`modules:`, tokenizer merging, chat
+default), and so are duplicate keys (PyYAML would silently keep the last) and binary or
+non-UTF-8 files. Parameter values are checked against their method by the planner. Parts of the format we do not implement (`modules:`, tokenizer merging, chat
 templates, LoRA inputs) fail validation with a one-line message saying so.
 """
 
@@ -15,6 +16,7 @@ from typing import Annotated, Any, Optional, Union
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator, model_validator
 
+from evomerge.config.numbers import Integer, OptionalNumber
 from evomerge.errors import ConfigError
 
 Scalar = Union[bool, int, float, str]
@@ -92,7 +94,7 @@ class InputModel(_Frozen):
 
 class InputSlice(_Frozen):
     model: str
-    layer_range: tuple[int, int]
+    layer_range: tuple[Integer, Integer]
     parameters: Parameters = None
 
     _ref = field_validator("model")(_check_model_reference)
@@ -109,7 +111,7 @@ class OutputSlice(_Frozen):
     sources: list[InputSlice]
     base_model: str | None = None
     parameters: Parameters = None
-    residual_weight: float | None = None  # parsed for compatibility; mergekit ignores it too
+    residual_weight: OptionalNumber = None  # parsed for compatibility; mergekit ignores it too
 
     @model_validator(mode="after")
     def _same_length(self) -> "OutputSlice":
@@ -220,29 +222,80 @@ def format_validation_error(exc: ValidationError, file: object) -> ConfigError:
     return ConfigError(message, file=file, field=location or None)
 
 
-def _read_text(path: Path) -> str:
+def read_config_text(path: Path) -> str:
+    """The file's text; one-line errors for a missing, unreadable, binary or undecodable file."""
+    path = Path(path)
     try:
-        return Path(path).read_text()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError("file not found", file=path) from None
     except IsADirectoryError:
         raise ConfigError("is a directory, expected a YAML file", file=path) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the file ({exc.strerror or exc})", file=path) from None
+    if b"\x00" in data:
+        raise ConfigError("is a binary file, expected a YAML text file", file=path)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"is not UTF-8 text (byte {exc.start}), expected a YAML text file", file=path) from None
 
 
-def _yaml_error(exc: yaml.YAMLError, path: Path) -> ConfigError:
+def _yaml_error(exc: yaml.YAMLError, path: object) -> ConfigError:
     mark = getattr(exc, "problem_mark", None)
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
     problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     return ConfigError(f"{where}invalid YAML ({problem})", file=path)
 
 
-def load_yaml_file(path: Path) -> Any:
-    """`yaml.safe_load` a file, with one-line errors."""
-    text = _read_text(path)
+class _DuplicateKey(yaml.MarkedYAMLError):
+    """A mapping names the same key twice (YAML says keys are unique; PyYAML keeps the last)."""
+
+
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """safe_load that refuses duplicate keys instead of silently keeping the last value."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # SafeLoader reports unhashable keys itself
+            if key in seen:
+                raise _DuplicateKey(
+                    None, None, f"duplicate key '{key}' (first on line {seen[key].line + 1})", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:map", _StrictLoader.construct_mapping)
+
+
+def parse_yaml(text: str, source: object, *, documents: bool = False) -> Any:
+    """Parse YAML text (all documents when `documents`), refusing duplicate keys; one-line errors."""
     try:
-        return yaml.safe_load(text)
+        if documents:
+            return list(yaml.load_all(text, Loader=_StrictLoader))  # noqa: S506 - a safe loader
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as exc:
-        raise _yaml_error(exc, path) from None
+        raise _yaml_error(exc, source) from None
+    except RecursionError:
+        raise ConfigError("invalid YAML (nested too deeply)", file=source) from None
+
+
+def load_yaml_file(path: Path) -> Any:
+    """Read and parse a YAML file, with one-line errors (see `read_config_text` and `parse_yaml`)."""
+    return parse_yaml(read_config_text(path), path)
+
+
+def load_yaml_documents(path: Path) -> list[Any]:
+    """Every non-empty YAML document of a file (a mergekit-multi recipe has several)."""
+    return [doc for doc in parse_yaml(read_config_text(path), path, documents=True) if doc is not None]
 
 
 def load_merge_config(path: Path) -> MergeConfig:
@@ -260,11 +313,7 @@ def load_merge_documents(path: Path) -> list[MergeConfig]:
 
     Later documents may use an earlier document's `name` as a model reference.
     """
-    text = _read_text(path)
-    try:
-        raw = [doc for doc in yaml.safe_load_all(text) if doc is not None]
-    except yaml.YAMLError as exc:
-        raise _yaml_error(exc, path) from None
+    raw = load_yaml_documents(path)
     if len(raw) <= 1:
         return [load_merge_config(path)]
     configs: list[MergeConfig] = []
@@ -280,6 +329,8 @@ def load_merge_documents(path: Path) -> list[MergeConfig]:
             raise ConfigError(str(error).removeprefix(f"{path}: "), file=path, field=where) from None
         if config.name is None and index != len(raw) - 1:
             raise ConfigError("every document but the last needs a 'name'", file=path, field=where)
+        if config.name is not None and index == len(raw) - 1:
+            raise ConfigError(f"the last document is the output: leave it unnamed (it is named '{config.name}')", file=path, field=where)
         if config.name in names:
             raise ConfigError(f"name '{config.name}' is used twice", file=path, field=where)
         if config.name:

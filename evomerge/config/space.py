@@ -14,9 +14,17 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from evomerge.config.mergekit_yaml import format_validation_error, load_yaml_file, normalize_dtype
+from evomerge.config.mergekit_yaml import format_validation_error, normalize_dtype, parse_yaml, read_config_text
+from evomerge.config.numbers import (
+    Integer,
+    Number,
+    OptionalInteger,
+    OptionalNumber,
+    coerce_number,
+    parameter_range,
+)
 from evomerge.errors import ConfigError
 
 SAMPLERS = ("tpe", "cmaes", "nsga2", "random")
@@ -35,6 +43,8 @@ GENOME_METHODS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "model_stock": ((), ()),
 }
 GENE_PARAMS = ("weight", "density", "gamma", "epsilon", "t", "lambda")
+MAX_SEED = 2**32 - 1  # numpy's seed range, which optuna's samplers and lm-eval use
+MIN_MAX_LENGTH = 2  # eval.max_length: lm-eval keeps max_length - 1 context tokens per request
 
 
 def _closest(value: str, options: tuple[str, ...] | list[str]) -> str:
@@ -57,7 +67,9 @@ class ModelRef(_Strict):
         if isinstance(value, ModelRef):
             return value
         if isinstance(value, dict):
-            return cls(name=str(value["name"]), path=base_dir / str(value["path"]))
+            if set(value) - {"name", "path"} or not isinstance(value.get("path"), str):
+                raise ValueError(f"expected 'name@path', a path, or {{name, path}}, got {value!r}")
+            value = f"{value.get('name') or Path(value['path']).name}@{value['path']}"
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"expected 'name@path' or a path, got {value!r}")
         name, sep, path = value.partition("@")
@@ -72,7 +84,7 @@ GeneRange = Union[float, tuple[float, float]]
 
 
 class GenomeSpec(_Strict):
-    layer_granularity: int = Field(0, ge=0, description="layers per group (must divide the layer count); 0 = one group")
+    layer_granularity: Integer = Field(0, ge=0, description="layers per group (must divide the layer count); 0 = one group")
     filters: list[str] = Field(default_factory=list, description="tensor-name substrings with their own genes")
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"])
     method_per_group: bool = True
@@ -104,24 +116,30 @@ class GenomeSpec(_Strict):
 
     @field_validator("weight", "density", "gamma", "epsilon", "t", "lambda_", mode="before")
     @classmethod
-    def _range(cls, value: Any) -> Any:
+    def _range(cls, value: Any, info: ValidationInfo) -> Any:
+        name = "lambda" if info.field_name == "lambda_" else info.field_name
         if isinstance(value, (list, tuple)):
-            if len(value) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            if len(value) != 2:
                 raise ValueError(f"expected a number or a [low, high] range, got {value!r}")
-            if value[0] >= value[1]:
+            try:
+                low, high = (coerce_number(v) for v in value)
+            except ValueError as exc:
+                raise ValueError(f"{exc} in the range {list(value)!r}") from None
+            if low >= high:
                 raise ValueError(f"expected low < high, got {list(value)}")
-            return (float(value[0]), float(value[1]))
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"expected a number or a [low, high] range, got {value!r}")
-        return float(value)
+            bounds = (low, high)
+        else:
+            try:
+                bounds = (coerce_number(value),)
+            except ValueError as exc:
+                raise ValueError(f"{exc} (expected a number or a [low, high] range)") from None
+        declared = parameter_range(name)
+        if min(bounds) < declared.low or max(bounds) > declared.high:  # a search never goes past the bounds
+            raise ValueError(f"values must lie in {declared.describe()}, got {value!r}" + (f" ({declared.why})" if declared.why else ""))
+        return bounds if len(bounds) == 2 else bounds[0]
 
     @model_validator(mode="after")
     def _bounds(self) -> "GenomeSpec":
-        for name, low, high in (("density", 0.0, 1.0), ("gamma", 0.0, 1.0), ("t", 0.0, 1.0), ("epsilon", 0.0, 0.5)):
-            value = getattr(self, name)
-            values = value if isinstance(value, tuple) else (value,)
-            if min(values) < low or max(values) > high:
-                raise ValueError(f"{name}: values must lie in [{low}, {high}], got {value}")
         if isinstance(self.density, tuple) and any(m.startswith("della") for m in self.methods):
             eps = self.epsilon[1] if isinstance(self.epsilon, tuple) else self.epsilon
             if self.density[0] - eps <= 0 or self.density[1] + eps >= 1:
@@ -139,7 +157,7 @@ class Objective(_Strict):
     task: str
     metric: str = "acc,none"
     direction: Literal["maximize", "minimize"] = "maximize"
-    weight: float = 1.0
+    weight: Number = 1.0
     selection_task: str | None = None  # held-out task scored on finalists only
     name: str | None = None  # display name (default: the task name)
 
@@ -150,28 +168,40 @@ class Objective(_Strict):
 
 class EvalSpec(_Strict):
     include_paths: list[Path] = Field(default_factory=list)
-    limit: int | float | None = None
+    limit: int | float | None = None  # items per task (a whole number), or a fraction in (0, 1)
     selection_limit: int | float | None = None
-    num_fewshot: int | None = None
-    batch_size: int = Field(32, ge=1)
-    max_length: int | None = None
-    seed: int = 1234
+    num_fewshot: OptionalInteger = Field(None, ge=0)
+    batch_size: Integer = Field(32, ge=1)
+    max_length: OptionalInteger = Field(None, ge=MIN_MAX_LENGTH)
+    seed: Integer = Field(1234, ge=0, le=MAX_SEED)
     apply_chat_template: bool = False
     model_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("limit", "selection_limit", mode="before")
+    @classmethod
+    def _limit(cls, value: Any) -> int | float | None:
+        if value is None:
+            return None
+        number = coerce_number(value)
+        if 0 < number < 1:
+            return number
+        if number >= 1 and number.is_integer():
+            return int(number)
+        raise ValueError(f"expected a whole number of items (>= 1) or a fraction in (0, 1), got {value!r}")
 
 
 class SearchSpec(_Strict):
     sampler: str = "tpe"
-    seed: int = 0
+    seed: Integer = Field(0, ge=0, le=MAX_SEED)
     sampler_options: dict[str, Any] = Field(default_factory=dict)
-    n_trials: int | None = Field(None, ge=1)
-    timeout: float | None = Field(None, gt=0)
+    n_trials: OptionalInteger = Field(None, ge=1)
+    timeout: OptionalNumber = Field(None, gt=0)
     study_name: str | None = None
     storage: str | None = None
     enqueue: list[Literal["parents", "uniform"]] = Field(default_factory=lambda: ["parents", "uniform"])
-    finalists: int = Field(5, ge=0, description="front members re-scored on the selection split")
-    workers: int = Field(1, ge=1)
-    merge_seed: int = 0  # DARE/DELLA mask seed, shared by every trial (common random numbers)
+    finalists: Integer = Field(5, ge=0, description="front members re-scored on the selection split")
+    workers: Integer = Field(1, ge=1)
+    merge_seed: Integer = Field(0, ge=0)  # DARE/DELLA mask seed, shared by every trial (common random numbers)
 
     @field_validator("sampler")
     @classmethod
@@ -191,9 +221,9 @@ class RaySpec(_Strict):
     """Where worker actors run when search.workers > 1 (or ray.address is set)."""
 
     address: str | None = None  # an existing cluster ("host:6379" or "auto"; the driver runs on a node); else RAY_ADDRESS; else local
-    num_cpus_per_worker: float = Field(1.0, gt=0)
-    num_gpus_per_worker: float | None = Field(None, ge=0)  # default: 1 when device is cuda, else 0
-    max_restarts: int = Field(3, ge=0)  # a dead actor (killed, out of memory) is restarted this many times
+    num_cpus_per_worker: Number = Field(1.0, gt=0)
+    num_gpus_per_worker: OptionalNumber = Field(None, ge=0)  # default: 1 when device is cuda, else 0
+    max_restarts: Integer = Field(3, ge=0)  # a dead actor (killed, out of memory) is restarted this many times
     namespace: str = "evomerge"
 
 
@@ -325,6 +355,8 @@ def parse_space(
     for i, path in enumerate(space.eval.include_paths):
         if not path.exists():
             raise ConfigError(f"{path} does not exist", file=source, field=f"eval.include_paths.{i}")
+        if not path.is_dir():
+            raise ConfigError(f"{path} is not a folder (expected a folder of lm-eval task YAMLs)", file=source, field=f"eval.include_paths.{i}")
     return space.model_copy(update={"source_text": text})
 
 
@@ -335,6 +367,6 @@ def is_space_file(data: Any) -> bool:
 def load_space(path: Path, *, check_paths: bool = True) -> SearchSpace:
     """Load and validate a space file; check_paths=False validates a space whose models live elsewhere."""
     path = Path(path)
-    data = load_yaml_file(path)
-    space = parse_space(data, base_dir=path.parent.resolve(), source=path, text=path.read_text(), check_paths=check_paths)
+    text = read_config_text(path)
+    space = parse_space(parse_yaml(text, path), base_dir=path.parent.resolve(), source=path, text=text, check_paths=check_paths)
     return space.model_copy(update={"source_path": path.resolve()})

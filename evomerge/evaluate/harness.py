@@ -397,3 +397,75 @@ def evaluate_model_dir(
         tasks, include_paths=include_paths, tokenizer=tokenizer, device=device, **evaluator_kwargs
     )
     return evaluator.evaluate(model)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before a search (evomerge.preflight): the tasks load, the metrics exist, requests fit
+# --------------------------------------------------------------------------------------------
+
+
+def load_task_dict(tasks: Sequence[str], include_paths: Sequence[Path] = ()) -> dict[str, Any]:
+    """lm-eval's task dict for `tasks`, as TaskEvaluator loads it; ValueError naming an unknown task."""
+    import difflib
+
+    include = tuple(Path(p).resolve() for p in include_paths)
+    manager = _task_manager(include, include_defaults=False)
+    if not all(name in manager.all_tasks for name in tasks):
+        manager = _task_manager_with_builtins(include)
+    for name in tasks:
+        if name not in manager.all_tasks:
+            close = difflib.get_close_matches(name, list(manager.all_tasks), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            searched = ", ".join(str(p) for p in include) or "no include paths"
+            raise ValueError(f"unknown lm-eval task '{name}' (searched: {searched} and lm-eval's built-in tasks){hint}")
+    try:
+        with _quiet_lm_eval(False):
+            return manager.load(list(dict.fromkeys(tasks)))
+    except Exception as exc:  # noqa: BLE001 - lm-eval raises many kinds for a broken task YAML or dataset
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ValueError(f"lm-eval cannot load the tasks ({type(exc).__name__}: {first})") from None
+
+
+def reported_metrics(task_dict: Mapping[str, Any], name: str) -> set[str]:
+    """The `metric,filter` keys lm-eval will report for task or group `name`."""
+    tasks = task_dict["tasks"]
+    if name in tasks:
+        task = tasks[name]
+        filters = [f.name for f in getattr(task, "_filters", [])] or ["none"]
+        return {f"{metric},{flt}" for metric in getattr(task, "_metric_fn_list", {}) for flt in filters}
+    group = task_dict.get("groups", {}).get(name)
+    if group is None:
+        return set()
+    leaves = [t.task_name for t in group.get_all_tasks()] if hasattr(group, "get_all_tasks") else []
+    leaf_filters = {key.split(",", 1)[1] for leaf in leaves if leaf in tasks for key in reported_metrics(task_dict, leaf)}
+    keys = set()
+    for aggregate in group.aggregate_metric_list or ():
+        for flt in aggregate.filter_list or sorted(leaf_filters):
+            keys.add(f"{aggregate.metric},{flt}")
+    return keys
+
+
+def longest_continuation(task_dict: Mapping[str, Any], tokenizer: Any, *, limit: int | float | None) -> tuple[int, str]:
+    """(tokens, task) of the longest scored continuation: lm-eval needs max_length >= it.
+
+    Encoded as HFLM encodes a loglikelihood pair (trailing context spaces moved to the
+    continuation; the continuation is what the whole string adds to the context).
+    """
+    from lm_eval.evaluator_utils import get_sample_size
+
+    longest, where = 0, ""
+    for name, task in task_dict["tasks"].items():
+        if task.OUTPUT_TYPE not in ("loglikelihood", "multiple_choice"):
+            continue
+        with _quiet_lm_eval(False):
+            task.build_all_requests(limit=get_sample_size(task, limit), rank=0, world_size=1)
+        for instance in task.instances:
+            context, continuation = instance.args[0], instance.args[1]
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+            head = tokenizer.encode(context, add_special_tokens=False) if context else []
+            if len(whole) - len(head) > longest:
+                longest, where = len(whole) - len(head), name
+    return longest, where

@@ -11,6 +11,7 @@ unless the caller opts in, and then loaded with `weights_only=True`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -45,26 +46,88 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Names, shapes and dtypes of one safetensors file, from its JSON header alone."""
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) != 8:
-            raise EvomergeError(f"{path}: not a safetensors file (too short)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > 100 * 2**20:
-            raise EvomergeError(f"{path}: not a safetensors file (header length {header_len})")
-        header = json.loads(handle.read(header_len))
+    """Names, shapes and dtypes of one safetensors file, from its JSON header alone.
+
+    The header is checked against the file: every entry well formed, its byte span the size its
+    shape and dtype need, and inside the file (a truncated download is caught here, not half way
+    through a merge or a search).
+    """
+    path = Path(path)
+    try:
+        file_size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) != 8:
+                raise EvomergeError(f"{path}: not a safetensors file (too short)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > 100 * 2**20:
+                raise EvomergeError(f"{path}: not a safetensors file (header length {header_len})")
+            if 8 + header_len > file_size:
+                raise EvomergeError(f"{path}: truncated file (the header alone needs {8 + header_len} bytes, the file has {file_size})")
+            raw_header = handle.read(header_len)
+    except OSError as exc:
+        raise EvomergeError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        header = json.loads(raw_header)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise EvomergeError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise EvomergeError(f"{path}: not a safetensors file (its header is not a JSON object)")
     data_start = 8 + header_len
     infos = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise EvomergeError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        begin, end = entry["data_offsets"]
-        infos[name] = TensorInfo(tuple(entry["shape"]), dtype, path.name, data_start + begin, end - begin)
+        infos[name] = _tensor_info(path, name, entry, data_start, file_size)
     return infos
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int, file_size: int) -> TensorInfo:
+    """One header entry, checked: known dtype, a shape of sizes, a byte span that fits it and the file."""
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise EvomergeError(f"{path}: tensor {name}: malformed header entry (expected dtype, shape and data_offsets)")
+    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise EvomergeError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise EvomergeError(f"{path}: tensor {name}: malformed shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+        raise EvomergeError(f"{path}: tensor {name}: malformed data_offsets {offsets!r}")
+    begin, end = offsets
+    needed = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if end - begin != needed:
+        raise EvomergeError(f"{path}: tensor {name}: the header gives {end - begin} bytes, its shape {shape} needs {needed}")
+    if data_start + end > file_size:
+        raise EvomergeError(
+            f"{path}: truncated file (tensor {name} ends at byte {data_start + end}, the file has {file_size}); download it again"
+        )
+    return TensorInfo(tuple(shape), dtype, path.name, data_start + begin, end - begin)
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise EvomergeError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except UnicodeDecodeError:
+        raise EvomergeError(f"{path}: not a JSON text file") from None
+    except OSError as exc:
+        raise EvomergeError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    """A pickle state dict through torch's weights-only unpickler; one-line errors for anything else."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise EvomergeError(
+            f"{path}: refused or unreadable by torch's weights-only loader ({first}); convert it to safetensors"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise EvomergeError(f"{path}: expected a state dict of tensor names to tensors")
+    return state
 
 
 class ModelDir:
@@ -79,10 +142,10 @@ class ModelDir:
         config_path = self.path / "config.json"
         if not config_path.is_file():
             raise EvomergeError(f"{self.path}: no config.json (expected a Hugging Face model directory)")
-        try:
-            self.config: dict = json.loads(config_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise EvomergeError(f"{config_path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+        config = _read_json(config_path)
+        if not isinstance(config, dict):
+            raise EvomergeError(f"{config_path}: expected a JSON object (a Hugging Face model config)")
+        self.config: dict = config
         self.tensors: dict[str, TensorInfo] = {}
         self._pickled: dict[str, torch.Tensor] | None = None
         self._fds: dict[str, int] = {}
@@ -93,9 +156,14 @@ class ModelDir:
         index = self.path / "model.safetensors.index.json"
         single = self.path / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            index_data = _read_json(index)
+            weight_map = index_data.get("weight_map") if isinstance(index_data, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise EvomergeError(f"{index}: expected a 'weight_map' of tensor names to shard files")
             for file_name in sorted(set(weight_map.values())):
                 shard_path = self.path / file_name
+                if Path(file_name).name != file_name:
+                    raise EvomergeError(f"{index}: shard {file_name!r} is not a file name inside the model directory")
                 if not shard_path.is_file():
                     raise EvomergeError(f"{index}: shard {file_name} is missing")
                 self.tensors.update(read_safetensors_header(shard_path))
@@ -117,7 +185,7 @@ class ModelDir:
                 )
             self._pickled = {}
             for pickle_path in pickles:
-                state = torch.load(pickle_path, map_location="cpu", weights_only=True, mmap=True)
+                state = _load_pickle(pickle_path)
                 for name, tensor in state.items():
                     self._pickled[name] = tensor
                     self.tensors[name] = TensorInfo(tuple(tensor.shape), tensor.dtype, pickle_path.name)
@@ -127,17 +195,32 @@ class ModelDir:
     # -- config facts -------------------------------------------------------------------------
     @property
     def architecture(self) -> str:
-        archs = self.config.get("architectures") or [self.config.get("model_type", "unknown")]
-        return str(archs[0])
+        archs = self.config.get("architectures")
+        if isinstance(archs, list) and archs:
+            return str(archs[0])
+        return str(archs if isinstance(archs, str) else self.config.get("model_type", "unknown"))
 
     @property
     def num_hidden_layers(self) -> int | None:
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if key in self.config:
-                return int(self.config[key])
+                return self._config_int(self.config, key)
         text_config = self.config.get("text_config")
         if isinstance(text_config, dict) and "num_hidden_layers" in text_config:
-            return int(text_config["num_hidden_layers"])
+            return self._config_int(text_config, "num_hidden_layers")
+        return None
+
+    def _config_int(self, config: dict, key: str) -> int:
+        value = config[key]
+        if type(value) is not int or value < 0:
+            raise EvomergeError(f"{self.path / 'config.json'}: {key}: expected a whole number, got {value!r}")
+        return value
+
+    def find_non_finite(self) -> str | None:
+        """The first floating-point tensor holding NaN or Inf (reads every tensor), else None."""
+        for name, info in self.tensors.items():
+            if info.dtype.is_floating_point and not bool(torch.isfinite(self.get(name)).all()):
+                return name
         return None
 
     @property

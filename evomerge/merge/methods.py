@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from evomerge.config.numbers import coerce_number
 from evomerge.merge import blocks, native, sparsify
 
 # Elements per float64 reduction chunk (bounds scratch memory on huge tensors).
@@ -207,15 +208,12 @@ def _as_bool(method: str, name: str, value: Any) -> bool:
 
 
 def _as_float(method: str, name: str, value: Any, where: str = "") -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{method}: parameter '{name}'{where} must be a number, got {value!r}")
+    """The config files' one coercion of numbers (evomerge.config.numbers), worded for this API."""
     try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{method}: parameter '{name}'{where} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{method}: parameter '{name}'{where} must be finite, got {value!r}")
-    return number
+        return coerce_number(value)
+    except ValueError as exc:
+        reason = "must be finite" if "finite" in str(exc) else "must be a number"
+        raise ValueError(f"{method}: parameter '{name}'{where} {reason}, got {value!r}") from None
 
 
 def _resolve_globals(spec: MethodSpec, given: Mapping[str, Any]) -> dict[str, Any]:
@@ -836,6 +834,34 @@ def _check_method_params(spec: MethodSpec, model_params: list[dict[str, float]],
         for index, params in enumerate(model_params):
             if index != base_index and not 0 <= params["gamma"] <= 1:
                 raise ValueError(f"{spec.name}: gamma of model {index} must be in [0, 1], got {params['gamma']:g}")
+
+
+def check_parameters(
+    method: str, model_params: Sequence[Mapping[str, Any]], global_params: Mapping[str, Any], base_index: int | None
+) -> None:
+    """Validate one tensor's parameters exactly as `merge_tensors` will (no tensors needed).
+
+    The planner calls this for every output tensor, so a merge never fails half way on a value
+    it could have refused up front. ValueError with a one-line reason.
+    """
+    from evomerge.config.numbers import parameter_range
+
+    spec = get_method(method)
+    options = _resolve_globals(spec, global_params or {})
+    resolved = _resolve_model_params(spec, list(model_params), len(model_params), base_index)
+    for name, value in options.items():
+        if not isinstance(value, bool):
+            try:
+                parameter_range(name).check(value)
+            except ValueError as exc:
+                raise ValueError(f"{spec.name}: parameter '{name}': {exc}") from None
+    for index, params in enumerate(resolved):
+        for name, value in params.items():
+            try:
+                parameter_range(name).check(value)
+            except ValueError as exc:
+                raise ValueError(f"{spec.name}: parameter '{name}' of model {index}: {exc}") from None
+    _check_method_params(spec, resolved, base_index)
 
 
 # -- entry point -----------------------------------------------------------------------------------

@@ -29,10 +29,11 @@ from evomerge.config.mergekit_yaml import (
     ParameterSetting,
     dump_merge_config,
 )
+from evomerge.config.numbers import coerce_bool, coerce_number, config_warning, parameter_range
 from evomerge.errors import CompatibilityError, ConfigError
 from evomerge.io.model_dir import ModelDir
 from evomerge.merge.layout import LayerLayout, split_layers
-from evomerge.merge.methods import MethodSpec, get_method
+from evomerge.merge.methods import MethodSpec, check_parameters, get_method
 from evomerge.merge.plan import DTYPE_NAMES, MergePlan, TensorRecipe
 
 
@@ -70,6 +71,29 @@ def resolve_model_path(reference: str, config_dir: Path | None) -> Path:
     raise FileNotFoundError(f"model '{reference}' is not a local directory{hint}")
 
 
+def shape_mismatch_hint(tensor_name: str, shapes: Sequence[Sequence[int]]) -> str:
+    """Why one tensor's shapes differ across models, in words a user can act on."""
+    ranks = {len(shape) for shape in shapes}
+    differing = [d for d in range(min(ranks)) if len({shape[d] for shape in shapes}) > 1] if len(ranks) == 1 else None
+    if differing == [0] and any(key in tensor_name for key in ("embed", "lm_head", "wte")):
+        return " (different vocabularies: tokenizer merging is not supported yet)"
+    return " (different model sizes: compare hidden_size, intermediate_size and the head counts in their config.json)"
+
+
+def describe_name_difference(path: Path, where: str, names: set[str], reference_path: Path, reference_where: str, reference: set[str]) -> str:
+    """Which model lacks which tensors (and which has extra ones), naming each side correctly."""
+    missing = sorted(reference - names)
+    extra = sorted(names - reference)
+    other = " ".join(str(part) for part in (reference_path, reference_where) if part)
+    parts = []
+    if missing:
+        parts.append(f"lacks {missing[:3]}{' ...' if len(missing) > 3 else ''} that {other} has")
+    if extra:
+        parts.append(f"has {extra[:3]}{' ...' if len(extra) > 3 else ''} that {other} does not")
+    subject = " ".join(str(part) for part in (f"{path}:", where) if part)
+    return f"{subject} " + " and ".join(parts) + " (different architectures?)"
+
+
 @dataclass(frozen=True)
 class _Slice:
     """A slice after normalisation: sources with their layer ranges and parameters."""
@@ -99,6 +123,7 @@ class Planner:
         self.allow_pickle = allow_pickle
         self.models: dict[str, ModelDir] = dict(model_dirs or {})
         self.named_models = dict(named_models or {})  # earlier documents of a multi-merge file
+        self.warnings: list[str] = []  # accepted but unusual values, one line each (also logged)
 
     def error(self, message: str, field: str | None = None) -> ConfigError:
         return ConfigError(message, file=self.file, field=field)
@@ -109,11 +134,11 @@ class Planner:
             method = get_method(self.config.merge_method)
         except ValueError as exc:
             raise self.error(str(exc), "merge_method") from None
+        self._check_parameters(method)
         self._open_models()
         self._check_architectures()
         slices = self._normalise_slices(method)
         layouts = {ref: split_layers(model.tensors, source=str(model.path)) for ref, model in self.models.items()}
-        self._check_parameter_names(method)
         recipes: list[TensorRecipe] = []
         first, last = slices[0], slices[-1]
         donor = self._donor()
@@ -132,9 +157,14 @@ class Planner:
                     other = layouts[source.model].layers[source.layer_range[0] + offset]
                     if other != suffixes:
                         raise CompatibilityError(
-                            f"{self.models[source.model].path}: layer {source.layer_range[0] + offset} has tensors "
-                            f"{sorted(set(other) ^ set(suffixes))[:3]} that {self.models[head.model].path} layer "
-                            f"{head.layer_range[0] + offset} does not (different architectures?)"
+                            describe_name_difference(
+                                self.models[source.model].path,
+                                f"layer {source.layer_range[0] + offset}",
+                                set(other),
+                                self.models[head.model].path,
+                                f"layer {head.layer_range[0] + offset}",
+                                set(suffixes),
+                            )
                         )
                 for suffix in suffixes:
                     inputs = [
@@ -263,24 +293,75 @@ class Planner:
             )
             raise self.error(f"{method.name} takes {expected} models (base included), got {count}", out_slice.field)
 
-    def _check_parameter_names(self, method: MethodSpec) -> None:
-        known = set(method.global_params) | set(method.model_params)
-        scopes: list[tuple[str, Mapping[str, Any] | None]] = [("parameters", self.config.parameters)]
-        for i, model in enumerate(self.config.models or ()):
-            scopes.append((f"models.{i}.parameters", model.parameters))
-        for i, out_slice in enumerate(self.config.slices or ()):
-            scopes.append((f"slices.{i}.parameters", out_slice.parameters))
-            for j, source in enumerate(out_slice.sources):
-                scopes.append((f"slices.{i}.sources.{j}.parameters", source.parameters))
-        for field, params in scopes:
-            for name in params or {}:
-                if name not in known:
-                    close = difflib.get_close_matches(name, sorted(known), n=1)
-                    hint = f"; did you mean '{close[0]}'?" if close else ""
-                    raise self.error(
-                        f"{method.name} has no parameter '{name}' (it takes: {', '.join(sorted(known)) or 'none'}){hint}",
-                        f"{field}.{name}",
+    def _check_parameters(self, method: MethodSpec) -> None:
+        """Every parameter of every scope: a name the method takes and a value of the right kind.
+
+        Values go through the one coercion of config numbers (no strings, booleans or non-finite
+        values where a number goes) and the declared ranges; the config is rebuilt with the
+        coerced values, so gradients of numeric strings interpolate like numbers.
+        """
+        config = self.config
+        update: dict[str, Any] = {"parameters": self._coerce_scope(method, config.parameters, "parameters")}
+        if config.models is not None:
+            update["models"] = [
+                model.model_copy(update={"parameters": self._coerce_scope(method, model.parameters, f"models.{i}.parameters")})
+                for i, model in enumerate(config.models)
+            ]
+        if config.slices is not None:
+            slices = []
+            for i, out_slice in enumerate(config.slices):
+                sources = [
+                    source.model_copy(
+                        update={"parameters": self._coerce_scope(method, source.parameters, f"slices.{i}.sources.{j}.parameters")}
                     )
+                    for j, source in enumerate(out_slice.sources)
+                ]
+                slices.append(
+                    out_slice.model_copy(
+                        update={"sources": sources, "parameters": self._coerce_scope(method, out_slice.parameters, f"slices.{i}.parameters")}
+                    )
+                )
+            update["slices"] = slices
+        self.config = config.model_copy(update=update)
+
+    def _coerce_scope(self, method: MethodSpec, params: Mapping[str, Any] | None, field: str) -> dict[str, Any] | None:
+        if params is None:
+            return None
+        known = {**method.model_params, **method.global_params}
+        coerced = {}
+        for name, setting in params.items():
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise self.error(
+                    f"{method.name} has no parameter '{name}' (it takes: {', '.join(sorted(known)) or 'none'}){hint}",
+                    f"{field}.{name}",
+                )
+            is_bool = isinstance(known[name], bool)
+            coerced[name] = self._coerce_setting(setting, name, is_bool, f"{field}.{name}")
+        return coerced
+
+    def _coerce_setting(self, setting: Any, name: str, is_bool: bool, field: str) -> Any:
+        if isinstance(setting, list) and setting and all(isinstance(e, ConditionalParameter) for e in setting):
+            return [
+                entry.model_copy(update={"value": self._coerce_setting(entry.value, name, is_bool, f"{field}.{i}.value")})
+                for i, entry in enumerate(setting)
+            ]
+        if isinstance(setting, list):
+            return [self._coerce_value(value, name, is_bool, f"{field}.{i}") for i, value in enumerate(setting)]
+        return self._coerce_value(setting, name, is_bool, field)
+
+    def _coerce_value(self, value: Any, name: str, is_bool: bool, field: str) -> Any:
+        try:
+            if is_bool:
+                return coerce_bool(value)
+            number = coerce_number(value)
+            problem = parameter_range(name).check(number)
+        except ValueError as exc:
+            raise self.error(str(exc), field) from None
+        if problem:
+            self.warnings.append(config_warning(problem, file=self.file, field=field))
+        return number
 
     def _donor(self) -> str:
         if self.config.base_model:
@@ -302,7 +383,7 @@ class Planner:
             for pre in layout.pre:
                 if pre.endswith("embed_tokens.weight") or pre.endswith("wte.weight"):
                     return pre
-        raise CompatibilityError(f"{self.models[ref].path}: has no tensor {name} (the base/first model has it)")
+        raise CompatibilityError(f"{self.models[ref].path}: has no tensor {name} ({self.models[self._donor()].path} has it)")
 
     # -- one tensor ---------------------------------------------------------------------------
     def _recipe(
@@ -315,9 +396,8 @@ class Planner:
                 raise CompatibilityError(f"{self.models[ref].path}: has no tensor {name} (needed for {out_name})")
             shapes[ref] = info.shape
         if len(set(shapes.values())) > 1:
-            listing = ", ".join(f"{self.models[r].path.name}: {list(s)}" for r, s in shapes.items())
-            hint = " (different vocabularies: tokenizer merging is not supported yet)" if "embed" in out_name or "lm_head" in out_name else ""
-            raise CompatibilityError(f"tensor {out_name} has different shapes ({listing}){hint}")
+            listing = ", ".join(f"{r}: {list(s)}" for r, s in shapes.items())
+            raise CompatibilityError(f"tensor {out_name} has different shapes ({listing}){shape_mismatch_hint(out_name, list(shapes.values()))}")
         refs = [ref for ref, _ in inputs]
         base_index = refs.index(out_slice.base) if out_slice.base in refs and method.base != "unused" else None
         global_params = {}
@@ -347,6 +427,10 @@ class Planner:
                         continue
                     params[name] = value
             model_params.append(params)
+        try:
+            check_parameters(method.name, model_params, global_params, base_index)
+        except ValueError as exc:
+            raise self.error(f"{exc} (tensor {out_name})", out_slice.field) from None
         return TensorRecipe(
             name=out_name,
             method=method.name,

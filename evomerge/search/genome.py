@@ -21,6 +21,7 @@ from evomerge.io.model_dir import ModelDir
 from evomerge.merge.layout import LayerLayout, split_layers
 from evomerge.merge.methods import get_method
 from evomerge.merge.plan import DTYPE_NAMES, MergePlan, TensorRecipe
+from evomerge.merge.planner import describe_name_difference, shape_mismatch_hint
 
 CATCH_ALL = "all"
 # Preference order for expressing "one parent alone" or "a uniform mix" exactly.
@@ -375,13 +376,15 @@ class Genome:
                     f"{model.path}: architecture {model.architecture} differs from {reference_name}'s {reference.architecture}"
                 )
             if model.tensors.keys() != reference.tensors.keys():
-                diff = sorted(set(model.tensors) ^ set(reference.tensors))
-                raise CompatibilityError(f"{model.path}: tensor names differ from {reference_name}'s (e.g. {diff[:3]})")
+                raise CompatibilityError(
+                    describe_name_difference(model.path, "", set(model.tensors), reference.path, "", set(reference.tensors))
+                )
             for tensor, info in model.tensors.items():
                 if info.shape != reference.tensors[tensor].shape:
+                    shapes = [info.shape, reference.tensors[tensor].shape]
                     raise CompatibilityError(
                         f"{model.path}: {tensor} has shape {list(info.shape)}, {reference_name} has "
-                        f"{list(reference.tensors[tensor].shape)}"
+                        f"{list(reference.tensors[tensor].shape)}{shape_mismatch_hint(tensor, shapes)}"
                     )
 
 

@@ -320,7 +320,7 @@ def run_search(
     """
     import optuna
 
-    from evomerge.search.genome import Genome
+    from evomerge.preflight import preflight_space
     from evomerge.workers.pool import InProcessPool, make_pool
 
     if not verbose:
@@ -333,7 +333,7 @@ def run_search(
         if worker is not None:
             pool = InProcessPool(worker)
         else:
-            genome = Genome(space)  # validates grouping and compatibility before any heavy work
+            genome = preflight_space(space).genome  # what `validate` checks, before models go to a device
             pool = make_pool(space, workers=workers, verbose=verbose, genome=genome)  # checks tasks, loads sources
     genome = pool.genome
     try:

@@ -87,7 +87,8 @@ class CandidateWorker:
         self._make_evaluators(verbose)
         self.sources = ResidentSources(self.genome.models, dtype=dtype, device=self.device)
         self.model = AutoModelForCausalLM.from_pretrained(
-            donor, dtype=dtype, trust_remote_code=space.trust_remote_code, use_safetensors=not space.allow_pickle
+            # allow_pickle adds *.bin as a fallback; a safetensors donor is still read as safetensors
+            donor, dtype=dtype, trust_remote_code=space.trust_remote_code, use_safetensors=None if space.allow_pickle else True
         ).to(self.device)
         self.model.eval()
         self.target = target_parameters(self.model)

@@ -1,0 +1,295 @@
+"""Everything `run` needs, checked before any heavy work; shared by `validate` and `run_search`.
+
+A search that starts and then fails every trial (an unknown task or metric, a storage URL that
+does not open, a truncated or NaN-holding source model, a filter that matches nothing, a
+sampler option the sampler does not take, an `eval.max_length` too short for the tasks'
+answers) costs the user the model loading and often a database full of failed trials. Each of
+these is a one-line error here instead, naming the file and field.
+
+What "cheap" means for the NaN/Inf scan of the sources: every tensor is read once, so it runs
+by default only while all source models together hold at most `SCAN_LIMIT_BYTES` (2 GB: a few
+seconds from the page cache); `validate --scan` forces it, `--no-scan` skips it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from evomerge.config.space import SearchSpace
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.io.model_dir import ModelDir
+
+SCAN_LIMIT_BYTES = 2 * 10**9
+# TaskEvaluator passes these to lm-eval's HFLM itself; eval.model_args must not repeat them.
+_HFLM_OWN_ARGS = ("pretrained", "tokenizer", "batch_size", "max_length", "device")
+
+
+@dataclass
+class PreflightReport:
+    """What was checked, one line each (validate prints them), and the genome built on the way."""
+
+    checks: list[str] = field(default_factory=list)
+    genome: Any = None
+
+
+def should_scan(total_bytes: int, scan: bool | None) -> bool:
+    return scan if scan is not None else total_bytes <= SCAN_LIMIT_BYTES
+
+
+def scan_models(models: Mapping[str, ModelDir], scan: bool | None, *, fields: Mapping[str, str] | None = None, file: object = None) -> str:
+    """NaN/Inf in any source tensor is an error naming the model and tensor; returns the check's line."""
+    total = sum(model.total_bytes for model in models.values())
+    if not should_scan(total, scan):
+        return f"NaN/Inf scan skipped ({total / 1e9:.1f} GB of sources > {SCAN_LIMIT_BYTES / 1e9:.0f} GB; --scan forces it)"
+    for name, model in models.items():
+        bad = model.find_non_finite()
+        if bad is not None:
+            raise ConfigError(
+                f"{model.path}: tensor {bad} holds NaN or Inf; every merge with this model would too",
+                file=file,
+                field=(fields or {}).get(name),
+            )
+    return f"NaN/Inf scan: {len(models)} models, {total / 1e6:.1f} MB, all finite"
+
+
+def check_storage(url: str) -> str:
+    """Open the study database as `run` will, creating nothing; StorageError-like one-line errors.
+
+    A local stand-in until the trial store's own `check_storage` lands (one function name, so it
+    can be swapped): an unparseable URL, an unknown dialect or a missing driver, a SQLite folder
+    that does not exist or is not writable, a file that is not a SQLite database, or a server
+    that does not answer.
+    """
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+    from evomerge.store import display_url
+
+    shown = display_url(url)
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise EvomergeError(f"storage {shown}: not a database URL (expected e.g. sqlite:///study.db or postgresql+psycopg://user@host/db)") from None
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:"):
+            return "an in-memory SQLite database (nothing is kept)"
+        path = Path(database)
+        if path.is_dir():
+            raise EvomergeError(f"storage {shown}: {path} is a folder; name a database file inside it")
+        if not path.exists():
+            if not path.parent.is_dir():
+                raise EvomergeError(f"storage {shown}: the folder {path.parent} does not exist")
+            if not os.access(path.parent, os.W_OK | os.X_OK):
+                raise EvomergeError(f"storage {shown}: the folder {path.parent} is not writable")
+            return "a new SQLite database (created on the first run)"
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
+                connection.execute("PRAGMA schema_version").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise EvomergeError(f"storage {shown}: {path} is not a SQLite database ({exc})") from None
+        return "an existing SQLite database"
+    try:
+        connect_args = {"connect_timeout": 10} if parsed.get_backend_name() in ("postgresql", "mysql") else {}
+        engine = create_engine(url, connect_args=connect_args)
+    except NoSuchModuleError:
+        raise EvomergeError(f"storage {shown}: unknown database kind '{parsed.drivername}'") from None
+    except (ImportError, ArgumentError) as exc:
+        raise EvomergeError(f"storage {shown}: cannot use this URL ({exc}); is the database driver installed?") from None
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["no answer"])[0]
+        raise EvomergeError(f"storage {shown}: cannot connect ({first})") from None
+    finally:
+        engine.dispose()
+    return f"a {parsed.get_backend_name()} server that answers"
+
+
+def check_filters(space: SearchSpace, tensor_names: Iterable[str]) -> None:
+    """Every genome filter must match at least one tensor name, or its genes would do nothing."""
+    names = list(tensor_names)
+    for index, substring in enumerate(space.genome.filters):
+        if not substring or not any(substring in name for name in names):
+            example = next(iter(names), "")
+            raise ConfigError(
+                f"filter '{substring}' matches no tensor of the models (names look like '{example}')",
+                file=space.source_path,
+                field=f"genome.filters.{index}",
+            )
+
+
+def check_tasks(space: SearchSpace, tokenizer_dir: Path | None) -> str:
+    """The objectives' tasks load, report the configured metrics, and fit `eval.max_length`."""
+    from evomerge.evaluate.harness import load_task_dict, longest_continuation, reported_metrics
+
+    wanted: list[tuple[str, str, str]] = []  # (field, task, metric)
+    for index, objective in enumerate(space.objectives):
+        wanted.append((f"objectives.{index}.task", objective.task, objective.metric))
+        if objective.selection_task:
+            wanted.append((f"objectives.{index}.selection_task", objective.selection_task, objective.metric))
+    search_tasks = [o.task for o in space.objectives]
+    try:
+        search_dict = load_task_dict(search_tasks, space.eval.include_paths)
+    except ValueError as exc:  # an unknown task (named in the message), or e.g. a task also inside a group
+        raise ConfigError(str(exc), file=space.source_path, field=_field_named(wanted, str(exc), "objectives")) from None
+    selection_tasks = [o.selection_task for o in space.objectives if o.selection_task]
+    try:
+        selection_dict = load_task_dict(selection_tasks, space.eval.include_paths) if selection_tasks else None
+    except ValueError as exc:
+        raise ConfigError(str(exc), file=space.source_path, field=_field_named(wanted, str(exc), "objectives")) from None
+    for field_name, task, metric in wanted:
+        task_dict = selection_dict if field_name.endswith("selection_task") else search_dict
+        metrics = reported_metrics(task_dict, task)
+        if metric not in metrics:
+            import difflib
+
+            close = [m for m in sorted(metrics) if m.split(",", 1)[0] == metric] or difflib.get_close_matches(metric, sorted(metrics), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            index = field_name.split(".")[1]
+            raise ConfigError(
+                f"task '{task}' reports no metric '{metric}' (it reports: {', '.join(sorted(metrics)) or 'none'}){hint}",
+                file=space.source_path,
+                field=f"objectives.{index}.metric",
+            )
+    line = f"tasks: {len(set(search_tasks + selection_tasks))} load, every objective's metric is reported"
+    if space.eval.max_length is not None and tokenizer_dir is not None:
+        line += "; " + _check_max_length(space, tokenizer_dir, search_dict, selection_dict)
+    return line
+
+
+def _field_named(wanted: list[tuple[str, str, str]], message: str, default: str) -> str:
+    """The objective field whose task an lm-eval message names (first match), else `default`."""
+    return next((field_name for field_name, task, _ in wanted if f"task '{task}'" in message), default)
+
+
+def _check_max_length(space: SearchSpace, tokenizer_dir: Path, *task_dicts: Any) -> str:
+    from transformers import AutoTokenizer
+
+    from evomerge.evaluate.harness import longest_continuation
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
+    longest, task = 0, ""
+    for task_dict, limit in zip(task_dicts, (space.eval.limit, space.eval.selection_limit or space.eval.limit)):
+        if task_dict is not None:
+            tokens, where = longest_continuation(task_dict, tokenizer, limit=limit)
+            if tokens > longest:
+                longest, task = tokens, where
+    if longest > space.eval.max_length:
+        raise ConfigError(
+            f"{space.eval.max_length} tokens cannot hold the answers of task '{task}' ({longest} tokens): lm-eval "
+            f"would fail every evaluation; use at least {longest}",
+            file=space.source_path,
+            field="eval.max_length",
+        )
+    return f"eval.max_length {space.eval.max_length} holds the longest answer ({longest} tokens)"
+
+
+def check_device(space: SearchSpace) -> str:
+    """`device: cuda[:N]` needs that CUDA device on this machine (the driver's; Ray workers check their own)."""
+    import torch
+
+    if space.device in ("auto", "cpu"):
+        return f"device {space.device}"
+    match = re.fullmatch(r"cuda(?::(\d+))?", space.device)
+    if match is None:  # a --device override skips the space file's own check
+        raise ConfigError(f"expected auto, cpu, cuda or cuda:N, got {space.device!r}", file=space.source_path, field="device")
+    index = int(match.group(1) or 0)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count and not space.ray.address and space.search.workers <= 1:
+        have = f"{count} CUDA device(s)" if count else "no CUDA device"
+        raise ConfigError(f"{space.device} is not on this machine ({have}); use cpu or auto", file=space.source_path, field="device")
+    return f"device {space.device}"
+
+
+def check_eval_args(space: SearchSpace) -> None:
+    for name in space.eval.model_args:
+        if name in _HFLM_OWN_ARGS:
+            raise ConfigError(
+                f"'{name}' is set by evomerge (use eval.{name} where there is one)",
+                file=space.source_path,
+                field=f"eval.model_args.{name}",
+            )
+
+
+def preflight_space(space: SearchSpace, *, scan: bool | None = None, genome: Any = None) -> PreflightReport:
+    """Check everything a search of `space` needs, in the order a user can fix them; no device work."""
+    from evomerge.search.genome import Genome
+    from evomerge.search.samplers import make_sampler
+
+    report = PreflightReport()
+    make_sampler(space)  # options against the sampler's signature, and it builds
+    report.checks.append(f"sampler {space.search.sampler}: options accepted")
+    check_eval_args(space)
+    report.checks.append(check_device(space))
+    try:
+        report.checks.append(f"storage: {check_storage(space.storage_url)}")
+    except EvomergeError as exc:
+        raise ConfigError(str(exc), file=space.source_path, field="search.storage") from None
+    genome = genome or Genome(space)  # opens every model: headers, sizes, names, shapes, grouping
+    report.genome = genome
+    report.checks.append(
+        f"models: {len(genome.models)} compatible, every tensor header read and inside its file; "
+        f"{len(genome.distributions())} genes over {genome.num_groups} layer groups"
+    )
+    donor = genome.base or genome.finetunes[0]
+    check_filters(space, genome.models[donor].tensors)
+    fields = {m.name: f"models.{i}" for i, m in enumerate(space.models)}
+    if space.base_model:
+        fields[space.base_model.name] = "base_model"
+    report.checks.append(scan_models(genome.models, scan, fields=fields, file=space.source_path))
+    report.checks.append(check_tasks(space, genome.paths[donor]))
+    return report
+
+
+@dataclass
+class PlannedModel:
+    """What a named document of a mergekit-multi file will produce, for planning the documents
+    after it before anything is merged: its tensors' names, shapes and dtype come from its plan."""
+
+    path: Path
+    tensors: dict[str, Any]
+    architecture: str
+    num_hidden_layers: int
+    config: dict[str, Any]
+
+    @classmethod
+    def from_plan(cls, name: str, plan: Any, donor: ModelDir | Any) -> "PlannedModel":
+        from evomerge.io.model_dir import TensorInfo
+
+        tensors = {r.name: TensorInfo(tuple(r.shape), plan.out_dtype, f"{name}.safetensors") for r in plan.tensors}
+        config = {**donor.config, "num_hidden_layers": plan.num_hidden_layers}
+        return cls(Path(f"<part {name}>"), tensors, donor.architecture, plan.num_hidden_layers, config)
+
+
+def plan_documents(documents: list[Any], *, config_path: Path, allow_pickle: bool, allow_crimes: bool) -> list[Any]:
+    """Plan every document of a (multi-)merge file in order; named parts stand in for their outputs."""
+    from evomerge.merge.planner import Planner
+
+    planned: dict[str, Any] = {}
+    plans = []
+    for document in documents:
+        planner = Planner(document, config_path=config_path, allow_pickle=allow_pickle, allow_crimes=allow_crimes, model_dirs=planned)
+        plan = planner.plan()
+        plans.append(plan)
+        if document.name:
+            planned[document.name] = PlannedModel.from_plan(document.name, plan, planner.models[plan.config_donor])
+    return plans
+
+
+def preflight_merge(plans: list[Any], *, scan: bool | None = None, allow_pickle: bool = False, file: object = None) -> PreflightReport:
+    """Planned merges (the documents of one file): the planner read the headers; scan each source once for NaN/Inf."""
+    paths = {Path(path) for plan in plans for path in plan.models.values() if Path(path).is_dir()}  # not the planned parts
+    models = {str(path): ModelDir(path, allow_pickle=allow_pickle) for path in sorted(paths)}
+    report = PreflightReport()
+    report.checks.append(scan_models(models, scan, file=file))
+    return report
+
