@@ -158,3 +158,32 @@ models:
     monkeypatch.chdir(out)
     assert _run(command.split()[1:] + ["--quiet"]) == 0
     assert (tmp_path / "reproduced" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+def test_a_mistake_in_a_later_document_is_found_before_any_merging(tmp_path, family, capsys, monkeypatch):
+    config = write_yaml(
+        tmp_path / "multi.yml",
+        f"""
+name: part
+merge_method: linear
+models:
+  - {{model: {family['ft1']}, parameters: {{weight: 0.5}}}}
+  - {{model: {family['ft2']}, parameters: {{weight: 0.5}}}}
+dtype: float32
+---
+merge_method: ties
+base_model: {family['base']}
+models:
+  - {{model: part, parameters: {{weight: 1.0, density: abc}}}}
+dtype: float32
+""",
+    )
+    import evomerge.merge.oneshot as oneshot
+
+    written = []
+    monkeypatch.setattr(oneshot, "write_checkpoint", lambda *a, **k: written.append(a))
+    assert _run(["merge", str(config), str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "density" in err and len(err.strip().splitlines()) == 1
+    assert written == [], "the first document was merged before the second was checked"
+    assert not (tmp_path / "out").exists()

@@ -19,6 +19,7 @@ from evomerge.io.output_dir import check_target, refuse_protected, staged_output
 from evomerge.merge.engine import MergeReport, describe_merge, verify_layout, write_checkpoint
 from evomerge.merge.plan import MergePlan
 from evomerge.merge.planner import plan_merge, resolve_model_path
+from evomerge.preflight import plan_documents
 
 PARTS_FOLDER = ".evomerge-parts"
 
@@ -51,6 +52,9 @@ def merge_file(
     protected: dict[str, list[Path]] = {"the merge config": [config_path]}
     if intermediate_dir is not None:
         protected["the intermediate directory"] = [Path(intermediate_dir)]
+    # Every document planned (headers, shapes, parameters) before the first one is merged, so a
+    # mistake in the last document does not surface after minutes of merging the first.
+    plan_documents(documents, config_path=config_path, allow_pickle=allow_pickle, allow_crimes=allow_crimes)
     named_parts = [d.name for d in documents[:-1]]
     sources = source_folders(documents, config_path, set(named_parts))
     refuse_protected(out_dir, {"a source model": sources})
