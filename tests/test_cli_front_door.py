@@ -118,3 +118,30 @@ def test_bugs_say_so_in_one_line_and_debug_keeps_the_traceback(workdir):
     debug = evomerge("--debug", "crash", "bug", cwd=workdir, script=script)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ZeroDivisionError" in debug.stderr
     assert error_line(evomerge("crash", "user", cwd=workdir, script=script)) == "error: /data/models/base: Permission denied"
+
+
+def _declared_parameters():
+    """(command, parameter, type, typer's ParameterInfo) for every command of the app."""
+    import typing
+
+    import typer.models
+
+    from evomerge.cli import app, demo_app
+
+    commands = [(c.name or c.callback.__name__, c.callback) for c in [*app.registered_commands, *demo_app.registered_commands]]
+    commands.append(("(root)", app.registered_callback.callback))
+    for name, callback in commands:
+        for parameter, hint in typing.get_type_hints(callback, include_extras=True).items():
+            info = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, typer.models.ParameterInfo)), None)
+            if info is not None:
+                kinds = set(typing.get_args(hint.__origin__)) or {hint.__origin__}
+                yield name, parameter, kinds, info
+
+
+def test_every_option_is_explained_and_every_number_bounded():
+    declared = list(_declared_parameters())
+    assert len(declared) > 40
+    for command, parameter, kinds, info in declared:
+        assert info.help, f"{command} {parameter}: no help text"
+        if kinds & {int, float}:
+            assert info.min is not None, f"{command} {parameter}: a number without a lower bound"
