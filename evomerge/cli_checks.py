@@ -72,6 +72,14 @@ def output_file(path: Path | None) -> Path | None:
     return path
 
 
+def png_file(path: Path | None) -> Path | None:
+    """`front --plot`: a writable .png path (the page beside it takes the .html suffix)."""
+    output_file(path)
+    if path is not None and path.suffix.lower() != ".png":
+        raise EvomergeError(f"--plot {path}: expected a .png file name (an HTML page is written beside it)")
+    return path
+
+
 def positive_seconds(value: float | None) -> float | None:
     """A duration: finite and above zero (typer's FloatRange lets nan and inf through)."""
     if value is not None and not (math.isfinite(value) and value > 0):

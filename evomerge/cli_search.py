@@ -93,7 +93,7 @@ def front(
     ] = 10,
     plot: Annotated[
         Optional[Path],
-        typer.Option(help="Write a PNG (and an HTML page beside it) of the front.", callback=cli_checks.output_file),
+        typer.Option(help="Write a PNG (and an HTML page beside it) of the front.", callback=cli_checks.png_file),
     ] = None,
 ) -> None:
     """Show the Pareto front (parents as reference rows) and the top trials of a study."""

@@ -75,6 +75,7 @@ def test_usage_errors_are_usage_and_one_error_line(workdir, argv, expected):
         (["merge", "merge.yml", "out", "--out-shard-size", "0"], "--out-shard-size"),
         (["merge", "merge.yml", "a_file/out"], "a_file is a file"),
         (["front", "space.yml", "--plot", "."], "is a folder"),
+        (["front", "space.yml", "--plot", "front.pdf"], "expected a .png file name"),
     ],
 )
 def test_bad_values_are_one_line_before_any_work(workdir, argv, expected):
