@@ -26,6 +26,7 @@ try:  # typer >= 0.20 bundles its own copy of click; its commands raise that cop
     from typer._click import exceptions as click_exceptions
 except ImportError:  # older typer runs on the click package
     from click import exceptions as click_exceptions
+NO_ARGS_HELP = getattr(click_exceptions, "NoArgsIsHelpError", ())  # click >= 8.2: a bare group prints its help
 
 app = typer.Typer(
     name="evomerge",
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     _DEBUG = os.environ.get("EVOMERGE_DEBUG", "") not in ("", "0")
     try:
         status = app(args=argv, standalone_mode=False, prog_name="evomerge")
-    except click_exceptions.NoArgsIsHelpError as exc:
+    except NO_ARGS_HELP as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except click_exceptions.UsageError as exc:
