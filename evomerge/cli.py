@@ -1,18 +1,32 @@
 """The `evomerge` command: a thin typer layer over the library.
 
 Every user mistake surfaces as one line (`error: file: field: what was expected`) and exit
-status 2; tracebacks are for bugs (or `--debug`).
+status 2: usage errors (with click's usage line above), EvomergeError from the library, and the
+file-system errors a user causes (a path that is missing, unwritable, on a full or read-only
+disk). A bug is one line too, exit status 1, saying so; `--debug` (or EVOMERGE_DEBUG=1) shows
+its traceback instead.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
+from evomerge import cli_checks
+from evomerge.cli_checks import SEED_MAX, WORKERS_MAX
 from evomerge.errors import EvomergeError
+
+try:  # typer >= 0.20 bundles its own copy of click; its commands raise that copy's exceptions
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # older typer runs on the click package
+    from click import exceptions as click_exceptions
+NO_ARGS_HELP = getattr(click_exceptions, "NoArgsIsHelpError", ())  # click >= 8.2: a bare group prints its help
 
 app = typer.Typer(
     name="evomerge",
@@ -36,7 +50,10 @@ def _stderr(message: str) -> None:
 
 @app.callback()
 def _root(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks instead of one-line errors.")] = False,
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", help="Show the full traceback of an error instead of one line (or set EVOMERGE_DEBUG=1)."),
+    ] = False,
 ) -> None:
     global _DEBUG
     _DEBUG = debug
@@ -45,14 +62,27 @@ def _root(
 @app.command()
 def merge(
     config: Annotated[Path, typer.Argument(help="A mergekit-style merge YAML (models: or slices:).")],
-    out_dir: Annotated[Path, typer.Argument(help="Where to write the merged Hugging Face checkpoint.")],
-    device: Annotated[str, typer.Option(help="Where the merge math runs: cpu, cuda, cuda:1 ...")] = "cpu",
-    seed: Annotated[int, typer.Option(help="Seed for DARE/DELLA masks (a pure function of seed and tensor name).")] = 0,
+    out_dir: Annotated[
+        Path, typer.Argument(help="Where to write the merged Hugging Face checkpoint.", callback=cli_checks.output_dir)
+    ],
+    device: Annotated[
+        str, typer.Option(help="Where the merge math runs: cpu, cuda, cuda:N or auto.", callback=cli_checks.device_here)
+    ] = "cpu",
+    seed: Annotated[
+        int,
+        typer.Option(min=0, max=SEED_MAX, help="Seed for DARE/DELLA masks (a pure function of seed and tensor name)."),
+    ] = 0,
     out_shard_size: Annotated[
-        str, typer.Option("--out-shard-size", help="Maximum bytes per safetensors shard (K/M/B suffixes, decimal).")
+        str,
+        typer.Option(
+            "--out-shard-size",
+            help="Maximum bytes per safetensors shard (K/M/B suffixes, decimal; at least 1).",
+            callback=cli_checks.shard_size,
+        ),
     ] = "5B",
     workers: Annotated[
-        Optional[int], typer.Option(help="Tensors merged in parallel (default: min(4, CPU cores)).")
+        Optional[int],
+        typer.Option(min=1, max=WORKERS_MAX, help="Tensors merged in parallel (default: min(4, CPU cores))."),
     ] = None,
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Also read pytorch_model*.bin (loaded with weights_only=True).")
@@ -70,7 +100,10 @@ def merge(
     ] = False,
     intermediate_dir: Annotated[
         Optional[Path],
-        typer.Option(help="Multi-document (mergekit-multi) files: keep each named part in DIR/NAME (default: staged under OUT_DIR's staging folder, deleted after)."),
+        typer.Option(
+            help="Multi-document (mergekit-multi) files: keep each named part in DIR/NAME (default: staged under OUT_DIR's staging folder, deleted after).",
+            callback=cli_checks.output_dir,
+        ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
@@ -83,7 +116,6 @@ def merge(
     from evomerge.merge.oneshot import merge_file
 
     shard_bytes = parse_size(out_shard_size)
-    _check_device(device)
     report = merge_file(
         config,
         out_dir,
@@ -165,8 +197,10 @@ def methods() -> None:
 
 @demo_app.command("build")
 def demo_build(
-    out_dir: Annotated[Path, typer.Argument(help="Where to write the demo family.")] = Path("demo_models"),
-    seed: Annotated[int, typer.Option(help="Seed for data and training.")] = 0,
+    out_dir: Annotated[
+        Path, typer.Argument(help="Where to write the demo family.", callback=cli_checks.output_dir)
+    ] = Path("demo_models"),
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed for data and training.")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Build the tiny offline demo family: a base and fine-tunes with distinct skills (reused if present)."""
@@ -179,7 +213,9 @@ def demo_build(
 
 @demo_app.command("search")
 def demo_search(
-    models_dir: Annotated[Path, typer.Option(help="Demo family directory (built first if missing).")] = Path("demo_models"),
+    models_dir: Annotated[
+        Path, typer.Option(help="Demo family directory (built first if missing).", callback=cli_checks.output_dir)
+    ] = Path("demo_models"),
     space_file: Annotated[Path, typer.Option("--space", help="The demo search space.")] = Path("search_spaces/demo.yml"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
@@ -195,39 +231,100 @@ def demo_search(
 _offline_env = cli_search._offline_env
 
 
-def _check_device(device: str) -> None:
-    import torch
+# What a user's environment causes (a path missing, unwritable, on a full or read-only disk, a
+# taken port), as opposed to an OSError from a bug: one line naming the path, exit status 2.
+USER_ERRNOS = frozenset(
+    {
+        errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOSPC, errno.EROFS,
+        errno.EDQUOT, errno.ENAMETOOLONG, errno.EEXIST, errno.ENOTEMPTY, errno.ELOOP, errno.EFBIG,
+        errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EMFILE, errno.EXDEV,
+    }
+)
 
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise EvomergeError(f"--device: expected cpu, cuda or cuda:N, got {device!r}") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise EvomergeError(f"--device {device}: no CUDA device is available on this machine; use --device cpu")
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _os_error_line(exc: OSError) -> str:
+    where = [str(name) for name in (exc.filename, exc.filename2) if name is not None]
+    reason = exc.strerror or _one_line(exc)
+    hint = {
+        errno.ENOSPC: "; free some space or write somewhere else",
+        errno.EDQUOT: "; free some space or write somewhere else",
+        errno.EROFS: "; write somewhere else",
+    }.get(exc.errno, "")
+    return f"error: {' -> '.join(where) + ': ' if where else ''}{reason}{hint}"
+
+
+def _bug_line(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    inner = frames[-1] if frames else None
+    where = f" at {Path(inner.filename).name}:{inner.lineno}" if inner else ""
+    message = _one_line(exc)[:300]
+    return (
+        f"error: internal error (a bug in evomerge, not in your input): {type(exc).__name__}: {message}{where}; "
+        "run again with `evomerge --debug ...` (or EVOMERGE_DEBUG=1) for the traceback and please report it"
+    )
+
+
+def _show_usage_error(exc: click_exceptions.UsageError) -> None:
+    """click's usage line and help hint, then our one `error:` line (not click's `Error:` block)."""
+    ctx = exc.ctx
+    if ctx is not None:
+        typer.echo(ctx.get_usage(), err=True)
+        if ctx.command.get_help_option(ctx) is not None:
+            typer.echo(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.", err=True)
+    _stderr(f"error: {_one_line(exc.format_message())}")
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The console script. Exit status: 0 done, 2 a user mistake (one line), 1 a bug (one line
+    saying so; the traceback with --debug or EVOMERGE_DEBUG=1), 130 interrupted."""
+    global _DEBUG
+    _DEBUG = os.environ.get("EVOMERGE_DEBUG", "") not in ("", "0")
     try:
-        app(args=argv, standalone_mode=False)
+        status = app(args=argv, standalone_mode=False, prog_name="evomerge")
+    except NO_ARGS_HELP as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click_exceptions.UsageError as exc:
+        _show_usage_error(exc)
+        sys.exit(2)
+    except click_exceptions.ClickException as exc:
+        _stderr(f"error: {_one_line(exc.format_message())}")
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        _stderr("aborted")
+        sys.exit(1)
     except EvomergeError as exc:
         if _DEBUG:
             raise
-        _stderr(f"error: {exc}")
+        _stderr(f"error: {_one_line(exc)}")
         sys.exit(2)
-    except (KeyboardInterrupt,):
+    except KeyboardInterrupt:
         _stderr("interrupted")
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click's own usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+    except OSError as exc:
+        if _DEBUG:
+            raise
+        caused_by_user = exc.errno in USER_ERRNOS
+        _stderr(_os_error_line(exc) if caused_by_user else _bug_line(exc))
+        sys.exit(2 if caused_by_user else 1)
+    except UnicodeDecodeError as exc:
+        if _DEBUG:
+            raise
+        _stderr(f"error: a file given to evomerge is not UTF-8 text ({exc.reason} at byte {exc.start}); pass a text YAML file")
+        sys.exit(2)
+    except Exception as exc:
+        if _DEBUG:
+            raise
+        _stderr(_bug_line(exc))
+        sys.exit(1)
+    if isinstance(status, int) and status:  # typer.Exit(code) and Ctrl-C come back as a status
+        if status == 130:
+            _stderr("interrupted")
+        sys.exit(status)
 
 
 if __name__ == "__main__":

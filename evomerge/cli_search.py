@@ -8,6 +8,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from evomerge import cli_checks
+from evomerge.cli_checks import PORT_MAX, SEED_MAX, TRIALS_MAX, WORKERS_MAX
 from evomerge.errors import EvomergeError
 
 STUDY_HELP = "A space file (space.yml), or a study name together with --storage."
@@ -15,13 +17,32 @@ STUDY_HELP = "A space file (space.yml), or a study name together with --storage.
 
 def run(
     space_file: Annotated[Path, typer.Argument(help="The search space YAML (models, genome, objectives, search).")],
-    n_trials: Annotated[Optional[int], typer.Option(help="Total finished trials for the study (overrides search.n_trials).")] = None,
-    timeout: Annotated[Optional[float], typer.Option(help="Stop starting new trials after this many seconds.")] = None,
+    n_trials: Annotated[
+        Optional[int],
+        typer.Option(min=1, max=TRIALS_MAX, help="Total finished trials for the study (overrides search.n_trials)."),
+    ] = None,
+    timeout: Annotated[
+        Optional[float],
+        typer.Option(
+            min=0, help="Stop starting new trials after this many seconds (> 0).", callback=cli_checks.positive_seconds
+        ),
+    ] = None,
     storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the study database (overrides search.storage).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="Where candidates are merged and scored: auto, cpu, cuda, cuda:N.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Sampler seed (overrides search.seed).")] = None,
+    device: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Where candidates are merged and scored: auto, cpu, cuda, cuda:N (overrides device:).",
+            callback=cli_checks.device_spelling,
+        ),
+    ] = None,
+    seed: Annotated[
+        Optional[int], typer.Option(min=0, max=SEED_MAX, help="Sampler seed (overrides search.seed).")
+    ] = None,
     workers: Annotated[
-        Optional[int], typer.Option(help="Candidates evaluated at once, by Ray actors when > 1 (overrides search.workers).")
+        Optional[int],
+        typer.Option(
+            min=1, max=WORKERS_MAX, help="Candidates evaluated at once, by Ray actors when > 1 (overrides search.workers)."
+        ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show optuna and lm-eval logs.")] = False,
@@ -67,8 +88,13 @@ def run(
 def front(
     study: Annotated[str, typer.Argument(help=STUDY_HELP)],
     storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the study database.")] = None,
-    top: Annotated[int, typer.Option(help="Also list the N best trials by weighted search score.")] = 10,
-    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG (and an HTML page beside it) of the front.")] = None,
+    top: Annotated[
+        int, typer.Option(min=0, max=TRIALS_MAX, help="Also list the N best trials by weighted search score (0: none).")
+    ] = 10,
+    plot: Annotated[
+        Optional[Path],
+        typer.Option(help="Write a PNG (and an HTML page beside it) of the front.", callback=cli_checks.png_file),
+    ] = None,
 ) -> None:
     """Show the Pareto front (parents as reference rows) and the top trials of a study."""
     from rich.console import Console
@@ -120,11 +146,26 @@ def front(
 
 def export(
     study: Annotated[str, typer.Argument(help=STUDY_HELP)],
-    out_dir: Annotated[Path, typer.Argument(help="Where to write the checkpoint.")],
-    trial: Annotated[Optional[int], typer.Option(help="Trial number (default: the best by held-out weighted score).")] = None,
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the checkpoint.", callback=cli_checks.output_dir)],
+    trial: Annotated[
+        Optional[int],
+        typer.Option(min=0, max=2**31 - 1, help="Trial number (default: the best by held-out weighted score)."),
+    ] = None,
     storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the study database.")] = None,
-    device: Annotated[str, typer.Option(help="Where to run the merge (use the device kind the trial was scored on).")] = "cpu",
-    out_shard_size: Annotated[str, typer.Option(help="Maximum bytes per safetensors shard.")] = "5B",
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where to run the merge: cpu, cuda, cuda:N or auto (use the device kind the trial was scored on).",
+            callback=cli_checks.device_here,
+        ),
+    ] = "cpu",
+    out_shard_size: Annotated[
+        str,
+        typer.Option(
+            help="Maximum bytes per safetensors shard (K/M/B suffixes, decimal; at least 1).",
+            callback=cli_checks.shard_size,
+        ),
+    ] = "5B",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier evomerge output in OUT_DIR (never other files).")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the weights-hash check.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -147,9 +188,10 @@ def dashboard(
     study: Annotated[str, typer.Argument(help=STUDY_HELP)],
     storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the study database.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 exposes it).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to serve on.")] = 8080,
+    port: Annotated[int, typer.Option(min=1, max=PORT_MAX, help="Port to serve on (refused if another program holds it).")] = 8080,
 ) -> None:
     """Serve optuna-dashboard over the study's database (Ctrl-C to stop)."""
+    cli_checks.check_port_free(host, port)  # before the database is opened: a taken port is one line
     from evomerge.search.catalog import load_study_space
 
     from optuna_dashboard import run_server

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from evomerge.config.space import SearchSpace
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.devices import resolve_device
+from evomerge.errors import ConfigError
 from evomerge.merge.plan import DTYPE_NAMES
 from evomerge.merge.resident import (
     ResidentSources,
@@ -46,12 +47,6 @@ class CandidateResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
-
-
 def describe_device(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
@@ -76,9 +71,7 @@ class CandidateWorker:
             transformers_logging.set_verbosity_error()
         self.space = space
         self.genome = genome or Genome(space)
-        self.device = resolve_device(device or space.device)
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise EvomergeError(f"device {self.device} requested but CUDA is not available on this machine; use device: cpu")
+        self.device = resolve_device(device or space.device, option="device")
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         dtype = DTYPE_NAMES[space.dtype]
         donor = self.genome.paths[self.genome.base or self.genome.finetunes[0]]
