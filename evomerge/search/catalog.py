@@ -10,27 +10,38 @@ from evomerge.errors import EvomergeError
 
 
 def load_study_space(study_or_space: str | Path, storage: str | None = None) -> SearchSpace:
-    """The SearchSpace of a study: from its space file, or rebuilt from the copy in the database."""
+    """The SearchSpace of a study: from its space file, or rebuilt from the copy in the database.
+
+    Read-only: a database that does not exist is not created (SQLite files included), and rows
+    left by a study deleted with optuna's tools are refused rather than shown.
+    """
+    from evomerge.search.study_setup import check_study_readable
+    from evomerge.store.database import check_storage
+    from evomerge.store.trial_store import TrialStore
+
     path = Path(study_or_space)
     if path.suffix in (".yml", ".yaml") or path.is_file():
         space = load_space(path)
         if storage:
             space = space.model_copy(update={"search": space.search.model_copy(update={"storage": storage})})
+        check_storage(space.storage_url)
+        with TrialStore(space.storage_url) as store:
+            check_study_readable(store, space.study_name)
         return space
     if not storage:
         raise EvomergeError(
             f"'{study_or_space}' is not a space file; to open a study by name pass --storage URL "
             "(e.g. sqlite:///path/demo.db)"
         )
-    from evomerge.store.trial_store import TrialStore
+    check_storage(storage, must_exist=True)
+    with TrialStore(storage) as store:
+        info = store.study_info(str(study_or_space))
+        if info is None:
+            known = ", ".join(store.studies()) or "none"
+            from evomerge.store import display_url
 
-    store = TrialStore(storage)
-    info = store.study_info(str(study_or_space))
-    if info is None:
-        known = ", ".join(store.studies()) or "none"
-        from evomerge.store import display_url
-
-        raise EvomergeError(f"no study named '{study_or_space}' in {display_url(storage)} (studies there: {known})")
+            raise EvomergeError(f"no study named '{study_or_space}' in {display_url(storage)} (studies there: {known})")
+        check_study_readable(store, str(study_or_space))
     import yaml
 
     base_dir = Path(info.space_path).parent if info.space_path else Path.cwd()

@@ -230,16 +230,18 @@ class TrialStore:
         return self._read((trials_table,), read, {})
 
     @_database_call
-    def delete_study(self, study: str) -> int:
+    def delete_study(self, study: str, *, keep_lease: bool = False) -> int:
         """Remove every evomerge row of `study` (trials, scores, references, lease, description).
 
-        Returns how many trial rows went. optuna's own study is not touched here.
+        Returns how many trial rows went. optuna's own study is not touched here. `keep_lease`:
+        for the driver that holds the lease and clears rows a deleted namesake left.
         """
 
         def remove(conn: Connection) -> int:
             trials = conn.execute(select(func.count()).select_from(trials_table).where(trials_table.c.study == study)).scalar_one()
             for table in STUDY_TABLES:
-                conn.execute(delete(table).where(table.c.study == study))
+                if not (keep_lease and table is leases_table):
+                    conn.execute(delete(table).where(table.c.study == study))
             return int(trials)
 
         if not self._readable(()):
@@ -272,6 +274,29 @@ class TrialStore:
             }
 
         return self._read((), read, {})
+
+    @_database_call
+    def optuna_study_genes(self, study_id: int) -> tuple[list[str], dict[str, str]]:
+        """An optuna study's directions (lower case) and each gene's latest distribution as
+        optuna's JSON, read from optuna's tables without optuna (which would create them)."""
+
+        def read(conn: Connection) -> tuple[list[str], dict[str, str]]:
+            directions = [
+                str(getattr(d, "name", d)).lower()
+                for (d,) in conn.execute(
+                    text("SELECT direction FROM study_directions WHERE study_id = :id ORDER BY objective"), {"id": study_id}
+                )
+            ]
+            genes = dict(conn.execute(
+                text(
+                    "SELECT p.param_name, p.distribution_json FROM trial_params p JOIN trials t ON p.trial_id = t.trial_id "
+                    "WHERE t.study_id = :id ORDER BY p.param_id"
+                ),
+                {"id": study_id},
+            ).all())
+            return directions, genes
+
+        return self._read((), read, ([], {}))
 
     # ----------------------------------------------------------------- trials
 
