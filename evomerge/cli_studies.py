@@ -44,7 +44,11 @@ def studies(
 
 
 def _storage_url(target: str) -> str:
+    from evomerge.store.database import is_sqlite_file
+
     path = Path(target)
+    if path.is_file() and is_sqlite_file(path):  # the database file itself
+        return f"sqlite:///{path.resolve()}"
     if path.suffix in (".yml", ".yaml") or path.is_file():
         from evomerge.config.space import load_space
 

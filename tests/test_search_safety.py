@@ -102,6 +102,7 @@ def test_a_study_deleted_with_optuna_leaves_nothing_in_its_namesake(tmp_path, de
         (lambda d: d["genome"].update(methods=["ties", "dare_ties"]), "genome", "gene 'g0.method' as a choice of"),
         (lambda d: d["objectives"].pop(), "objectives", "was created with directions"),
         (lambda d: [o.update(name=f"{o['name']}-renamed") for o in d["objectives"]], "objectives", "was run with objectives"),
+        (lambda d: d["genome"].update(layer_granularity=1), "genome", "this space adds genes its trials lack"),
     ],
 )
 def test_a_space_edited_under_a_study_is_refused_before_models_load(tmp_path, demo_family, capsys, monkeypatch, edit, field, message):
@@ -129,6 +130,11 @@ def test_a_space_edited_under_a_study_is_refused_before_models_load(tmp_path, de
     assert err.startswith(f"error: {space_file}: {field}: study 'e2e'") and "\n" not in err, err
     assert message in err and "search.study_name" in err, err
     assert TrialStore(load_space(space_file).storage_url).study_info("e2e").space_yaml == stored  # not replaced
+    # `front` reads the study through the edited file: other objectives are one line there too
+    assert run_cli(["front", str(space_file)]) == (2 if field == "objectives" else 0)
+    if field == "objectives":
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {space_file}: objectives: study 'e2e'") and "\n" not in err, err
 
 
 @pytest.mark.parametrize(

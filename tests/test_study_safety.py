@@ -83,15 +83,29 @@ def put_lease(store: TrialStore, study: str, *, host: str, pid: int, heartbeat_a
         ("sqlite:////no/such/folder/x.db", "the folder /no/such/folder does not exist|no database file at /no/such/folder"),
         ("GARBAGE_FILE", "the file is not a SQLite database"),
         ("FOLDER", "is a folder"),
+        ("TRUNCATED", "the SQLite file is damaged"),
+        ("OTHER_LAYOUT", "tables have another layout"),
     ],
 )
 def test_bad_storage_is_one_line_for_every_command(tmp_path, storage, expected):
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is a spreadsheet, not a database\n" * 200)
+    if storage == "TRUNCATED":  # a study database cut short (a full disk, a partial copy)
+        whole = tmp_path / "whole.db"
+        optuna.create_study(study_name="s", storage=f"sqlite:///{whole}").optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+        (tmp_path / "cut.db").write_bytes(whole.read_bytes()[:3000])
+        whole.unlink()
+        storage = f"sqlite:///{tmp_path / 'cut.db'}"
+    if storage == "OTHER_LAYOUT":  # tables named like ours, written by something else
+        with sqlite3.connect(tmp_path / "other.db") as connection:
+            connection.execute("CREATE TABLE evomerge_trials (x)")
+            connection.execute("CREATE TABLE evomerge_studies (y)")
+        storage = f"sqlite:///{tmp_path / 'other.db'}"
     storage = storage.replace("GARBAGE_FILE", f"sqlite:///{garbage}").replace("FOLDER", f"sqlite:///{tmp_path}")
     before = sorted(p.name for p in tmp_path.iterdir())
-    with pytest.raises(StorageError, match=expected):
-        check_storage(storage)
+    if "damaged" not in expected and "layout" not in expected:  # those open fine; their reads fail
+        with pytest.raises(StorageError, match=expected):
+            check_storage(storage)
     for command in (["front", "s", "--storage", storage], ["studies", storage]):
         err = one_line_error(evomerge(*command, cwd=tmp_path))
         assert re.search(expected, err), err
@@ -284,3 +298,14 @@ def test_rows_belong_to_the_study_with_the_same_uid_or_the_same_trials():
     assert not rows_belong(None, "b", [0, 1, 2], [])  # a study created again after a delete
     assert not rows_belong(None, "b", [0, 5], [0, 1])
     assert rows_belong(None, "b", [], [])
+
+
+def test_a_database_file_where_a_space_file_or_url_was_expected(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name="s", storage=url)
+    listing = evomerge("studies", str(tmp_path / "study.db"))  # the file itself is accepted there
+    assert listing.returncode == 0 and "│ s " in listing.stdout, listing.stderr
+    for command in (["front", str(tmp_path / "study.db")], ["export", str(tmp_path / "study.db"), str(tmp_path / "out")]):
+        err = one_line_error(evomerge(*command))
+        assert "is a study database, not a space file" in err and f"--storage {url}" in err, err
+    assert not (tmp_path / "out").exists()

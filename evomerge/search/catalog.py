@@ -15,11 +15,16 @@ def load_study_space(study_or_space: str | Path, storage: str | None = None) -> 
     Read-only: a database that does not exist is not created (SQLite files included), and rows
     left by a study deleted with optuna's tools are refused rather than shown.
     """
-    from evomerge.search.study_setup import check_study_readable
-    from evomerge.store.database import check_storage
+    from evomerge.search.study_setup import check_space_against_database, check_study_readable
+    from evomerge.store.database import check_storage, is_sqlite_file
     from evomerge.store.trial_store import TrialStore
 
     path = Path(study_or_space)
+    if path.is_file() and is_sqlite_file(path):
+        raise EvomergeError(
+            f"{path} is a study database, not a space file: pass the space file, or the study's name with "
+            f"--storage sqlite:///{path.resolve()} (`evomerge studies {path}` lists the names)"
+        )
     if path.suffix in (".yml", ".yaml") or path.is_file():
         space = load_space(path)
         if storage:
@@ -27,6 +32,7 @@ def load_study_space(study_or_space: str | Path, storage: str | None = None) -> 
         check_storage(space.storage_url)
         with TrialStore(space.storage_url) as store:
             check_study_readable(store, space.study_name)
+        check_space_against_database(space)  # objectives edited since the study ran: one line
         return space
     if not storage:
         raise EvomergeError(

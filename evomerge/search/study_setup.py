@@ -85,6 +85,17 @@ def check_space_fits_study(space: SearchSpace, info: StudyInfo | None, recorded:
                 f"{weights} (the scores already told would mean something else); {advice}",
                 file=space.source_path, field="objectives",
             )
+    if recorded and genes and set(recorded) != set(genes):
+        dropped, added = sorted(set(recorded) - set(genes)), sorted(set(genes) - set(recorded))
+        change = "; ".join(part for part in (
+            f"its trials have genes this space no longer has ({_some(dropped)})" if dropped else "",
+            f"this space adds genes its trials lack ({_some(added)})" if added else "",
+        ) if part)
+        raise ConfigError(
+            f"{where}: {change} (models, layer_granularity, filters or methods changed: its trials could no longer "
+            f"be compared or exported); {advice}",
+            file=space.source_path, field="genome",
+        )
     for name, distribution in genes.items():
         earlier = recorded.get(name)
         if earlier is None:
@@ -130,6 +141,11 @@ def check_study_readable(store: TrialStore, study_name: str) -> None:
             f"{where} is a new optuna study; evomerge's rows under that name are from an earlier study that was "
             "deleted (the next `evomerge run` of it removes them)"
         )
+
+
+def _some(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _describe(distribution) -> str:

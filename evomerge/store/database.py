@@ -52,6 +52,19 @@ def parse_url(url: str) -> URL:
     return parsed
 
 
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def is_sqlite_file(path: Path) -> bool:
+    """Whether `path` is a SQLite database file (by its header), e.g. a study database typed
+    where a space file or a URL was expected."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC
+    except OSError:
+        return False
+
+
 def sqlite_path(url: str | URL) -> Path | None:
     """The file of a SQLite URL (None for other databases and in-memory SQLite)."""
     parsed = make_url(str(url)) if not isinstance(url, URL) else url
@@ -98,6 +111,13 @@ def storage_message(url: str, error: BaseException, doing: str = "") -> str:
         )
     if "file is not a database" in lowered or "not a database" in lowered:
         return f"{where}: the file is not a SQLite database; point search.storage at a study database or a new file"
+    if "malformed" in lowered or "file is encrypted" in lowered:
+        return f"{where}: the SQLite file is damaged ({_first_clause(detail)}); restore it from a copy or choose another file"
+    if "no such column" in lowered or "no such table" in lowered or "undefinedcolumn" in lowered.replace(" ", ""):
+        return (
+            f"{where}: its evomerge_* tables have another layout than this evomerge writes ({_first_clause(detail)}); "
+            "use another database for this study"
+        )
     if "unable to open database file" in lowered:
         path = sqlite_path(url)
         folder = path.parent if path else None
@@ -106,7 +126,7 @@ def storage_message(url: str, error: BaseException, doing: str = "") -> str:
         return f"{where}: cannot open the database file (is its folder writable?)"
     if "readonly database" in lowered or "read-only" in lowered:
         return f"{where}: the database is read-only here; this command needs to write to it"
-    if any(word in lowered for word in ("connection refused", "could not connect", "connection failed",
+    if any(word in lowered for word in ("connection refused", "could not connect", "connection failed", "connection is bad",
                                          "could not translate host", "name or service not known",
                                          "timeout expired", "no route to host")):
         return f"{where}: cannot connect to the database server ({_first_clause(detail)})"
