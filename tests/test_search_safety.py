@@ -130,11 +130,13 @@ def test_a_space_edited_under_a_study_is_refused_before_models_load(tmp_path, de
     assert err.startswith(f"error: {space_file}: {field}: study 'e2e'") and "\n" not in err, err
     assert message in err and "search.study_name" in err, err
     assert TrialStore(load_space(space_file).storage_url).study_info("e2e").space_yaml == stored  # not replaced
-    # `front` reads the study through the edited file: other objectives are one line there too
-    assert run_cli(["front", str(space_file)]) == (2 if field == "objectives" else 0)
-    if field == "objectives":
+    # `front` and `export` read the study through the edited file: the same line there (export
+    # used to fail with a KeyError or a hash mismatch), and no output folder is made
+    for command in (["front", str(space_file)], ["export", str(space_file), str(tmp_path / "out"), "-q"]):
+        assert run_cli(command) == 2
         err = capsys.readouterr().err.strip()
-        assert err.startswith(f"error: {space_file}: objectives: study 'e2e'") and "\n" not in err, err
+        assert err.startswith(f"error: {space_file}: {field}: study 'e2e'") and "\n" not in err, err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

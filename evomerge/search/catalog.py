@@ -32,7 +32,9 @@ def load_study_space(study_or_space: str | Path, storage: str | None = None) -> 
         check_storage(space.storage_url)
         with TrialStore(space.storage_url) as store:
             check_study_readable(store, space.study_name)
-        check_space_against_database(space)  # objectives edited since the study ran: one line
+        # Objectives or genes edited since the study ran: one line here, not a KeyError or a
+        # hash mismatch in export.
+        check_space_against_database(space, _genome_or_none(space))
         return space
     if not storage:
         raise EvomergeError(
@@ -54,6 +56,17 @@ def load_study_space(study_or_space: str | Path, storage: str | None = None) -> 
     space = parse_space(yaml.safe_load(info.space_yaml), base_dir=base_dir, source=info.space_path or "stored space", text=info.space_yaml)
     search = space.search.model_copy(update={"storage": storage, "study_name": str(study_or_space)})
     return space.model_copy(update={"search": search, "source_path": Path(info.space_path) if info.space_path else None})
+
+
+def _genome_or_none(space: SearchSpace):
+    """The space's genome for checking it against its study, or None when the models it names
+    cannot be read here (reading the front needs none)."""
+    from evomerge.search.genome import Genome
+
+    try:
+        return Genome(space)
+    except EvomergeError:
+        return None
 
 
 def fmt(value: float | None) -> str:
