@@ -245,3 +245,41 @@ def test_a_lost_lease_stops_the_driver_without_telling_optuna(tmp_path, demo_fam
     study = optuna.load_study(study_name="e2e", storage=space.storage_url)
     assert [t.state.name for t in study.trials] == ["RUNNING"]  # left to the driver that took over
     assert TrialStore(space.storage_url).trial("e2e", 0).status == "running"
+
+
+def test_ctrl_c_fails_the_trial_in_flight_and_frees_the_study(tmp_path, demo_family):
+    """SIGINT to a real driver: the trial it was running is failed in the store and in optuna
+    (with the reason) and queued again; nothing stays RUNNING; the lease is released."""
+    import signal
+    import sqlite3
+    import time
+
+    from evomerge.store.lease import read_holder
+
+    space_file = write_space(tmp_path, demo_family, n_trials=40, sampler="random", limit=5, enqueue=[], finalists=0)
+    space = load_space(space_file)
+    driver = evomerge("run", str(space_file), "-q")
+    database = space.storage_url.removeprefix("sqlite:///")
+
+    def completed() -> int:
+        try:
+            with sqlite3.connect(database, timeout=30) as connection:
+                return connection.execute("select count(*) from evomerge_trials where status='complete'").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
+
+    deadline = time.monotonic() + 300
+    while completed() < 2 and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.3)
+    assert driver.poll() is None, driver.stderr.read()[-2000:]
+    driver.send_signal(signal.SIGINT)
+    driver.communicate(timeout=120)
+    study = optuna.load_study(study_name="e2e", storage=space.storage_url)
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+    failed = [t for t in study.trials if t.state.name == "FAIL"]
+    assert len(failed) <= 1  # none when the signal landed between two trials
+    for trial in failed:
+        record = TrialStore(space.storage_url).trial("e2e", trial.number)
+        assert record.status == "failed" and record.failure == "search stopped before this trial finished: interrupted (Ctrl-C)"
+        assert [t.user_attrs["retry_of"] for t in study.trials if t.state.name == "WAITING"] == [trial.number]
+    assert read_holder(TrialStore(space.storage_url), "e2e") is None
