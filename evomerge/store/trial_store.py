@@ -10,6 +10,11 @@ so a worker killed with SIGKILL never loses a trial it had reported. All writes 
 retrying one (after a lock timeout, or from a restarted driver) is harmless. On SQLite, writes
 take the write lock up front (`BEGIN IMMEDIATE`) and wait on a busy timeout instead of failing
 with "database is locked"; the journal mode is left as optuna and the user set it.
+
+Opening a store writes nothing: the tables (and columns added since older databases) are created
+by the first write, so `front` or `export` on a database that is not there creates no file, and
+reads of a database without our tables are empty. Every database failure surfaces as a one-line
+StorageError (evomerge/store/database.py).
 """
 
 from __future__ import annotations
