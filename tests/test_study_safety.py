@@ -18,7 +18,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from sqlalchemy import create_engine, inspect, text
+from sqlalchemy import create_engine, inspect
 
 from evomerge.store import StorageError, TrialStore, check_storage
 from evomerge.store.lease import LeaseLostError, StudyBusyError, StudyLease, live_holder

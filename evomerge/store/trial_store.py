@@ -31,7 +31,14 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Table, delete, func, inspect, select, text, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from evomerge.store.database import database_errors, display_url, make_engine, sqlite_path, tune_sqlite, use_wal
+from evomerge.store.database import (  # display_url and tune_sqlite are imported from here too
+    database_errors,
+    display_url,
+    make_engine,
+    sqlite_path,
+    tune_sqlite,
+    use_wal,
+)
 from evomerge.store.tables import (
     STUDY_UID_ATTR,
     leases_table,
@@ -42,8 +49,6 @@ from evomerge.store.tables import (
     studies_table,
     trials_table,
 )
-
-__all__ = ["TrialStore", "TrialRecord", "StudyInfo", "OptunaStudy", "display_url", "tune_sqlite"]
 
 RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
 STATUSES = (RUNNING, COMPLETE, FAILED)
