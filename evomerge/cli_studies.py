@@ -24,21 +24,26 @@ def studies(
     rename: Annotated[
         Optional[tuple[str, str]], typer.Option("--rename", metavar="OLD NEW", help="Rename a study (optuna's and evomerge's rows).")
     ] = None,
+    copy: Annotated[
+        Optional[tuple[str, str]], typer.Option("--copy", metavar="OLD NEW", help="Copy a study under a new name (both sides).")
+    ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
 ) -> None:
-    """List the studies in a database with their trial counts; delete or rename one."""
+    """List the studies in a database with their trial counts; delete, rename or copy one."""
     from evomerge.store.database import check_storage, database_errors
     from evomerge.store.trial_store import TrialStore
 
     url = _storage_url(target)
     check_storage(url, must_exist=True)
-    if delete and rename:
-        raise EvomergeError("--delete and --rename: give one of them")
+    if sum(bool(action) for action in (delete, rename, copy)) > 1:
+        raise EvomergeError("--delete, --rename and --copy: give one of them")
     with TrialStore(url) as store, database_errors(url):
         if delete:
             _delete(store, delete, yes)
         elif rename:
             _rename(store, *rename)
+        elif copy:
+            _copy(store, *copy)
         else:
             _list(store)
 
@@ -141,19 +146,25 @@ def _delete(store, name: str, yes: bool) -> None:
     typer.echo(f"deleted study '{name}' ({trials} optuna trials, {rows} evomerge trial rows)")
 
 
-def _rename(store, old: str, new: str) -> None:
-    from sqlalchemy import text
-
+def _check_new_name(store, old: str, new: str, doing: str) -> tuple[bool, bool]:
+    """Where `old` lives (optuna, evomerge); EvomergeError unless `new` is a free, clean name."""
     from evomerge.store.database import display_url
 
     if not new.strip() or new != new.strip():
-        raise EvomergeError(f"--rename: the new name {new!r} must be non-empty, without leading or trailing spaces")
+        raise EvomergeError(f"--{doing}: the new name {new!r} must be non-empty, without leading or trailing spaces")
     in_optuna, in_store = _known(store, old)
     if not in_optuna and not in_store:
         raise EvomergeError(f"no study named '{old}' in {display_url(store.url)}")
     if any(_known(store, new)):
         raise EvomergeError(f"a study named '{new}' already exists in {display_url(store.url)}; choose another name")
-    _refuse_if_running(store, old, "rename")
+    _refuse_if_running(store, old, doing)
+    return in_optuna, in_store
+
+
+def _rename(store, old: str, new: str) -> None:
+    from sqlalchemy import text
+
+    in_optuna, _ = _check_new_name(store, old, new, "rename")
 
     def move(conn) -> None:
         if in_optuna:  # optuna has no rename; its study name is one column of one row
@@ -162,6 +173,26 @@ def _rename(store, old: str, new: str) -> None:
 
     store.write(move)
     typer.echo(f"renamed study '{old}' to '{new}'; set search.study_name: {new} in its space file to resume it")
+
+
+def _copy(store, old: str, new: str) -> None:
+    """optuna's copy_study, then evomerge's rows; the copy gets its own study uid."""
+    import uuid
+
+    import optuna
+
+    from evomerge.store.tables import STUDY_UID_ATTR
+
+    in_optuna, _ = _check_new_name(store, old, new, "copy")
+    uid = None
+    if in_optuna:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        optuna.copy_study(from_study_name=old, from_storage=store.url, to_storage=store.url, to_study_name=new)
+        copied = optuna.load_study(study_name=new, storage=store.url)
+        uid = uuid.uuid4().hex
+        copied._storage.set_study_system_attr(copied._study_id, STUDY_UID_ATTR, uid)
+    store.write(lambda conn: store.copy_rows(conn, old, new, uid=uid))
+    typer.echo(f"copied study '{old}' to '{new}'; set search.study_name: {new} in a space file to run the copy")
 
 
 def register(app: typer.Typer) -> None:

@@ -204,7 +204,10 @@ def test_reading_creates_nothing_and_studies_deletes_both_sides(fresh_database):
         assert store.study_info("s").uid == "u1"
     renamed = evomerge("studies", fresh_database, "--rename", "s", "t")
     assert renamed.returncode == 0, renamed.stderr
-    deleted = evomerge("studies", fresh_database, "--delete", "t", "--yes")
-    assert deleted.returncode == 0 and "(2 optuna trials, 1 evomerge trial rows)" in deleted.stdout, deleted.stderr
+    copied = evomerge("studies", fresh_database, "--copy", "t", "u")
+    assert copied.returncode == 0, copied.stderr
+    for name in ("t", "u"):
+        deleted = evomerge("studies", fresh_database, "--delete", name, "--yes")
+        assert deleted.returncode == 0 and "(2 optuna trials, 1 evomerge trial rows)" in deleted.stdout, deleted.stderr
     with TrialStore(fresh_database) as store:
         assert store.studies() == [] and store.optuna_studies() == {}

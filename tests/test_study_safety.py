@@ -263,6 +263,18 @@ def test_studies_lists_deletes_and_renames_both_sides(tmp_path):
         assert set(store.optuna_studies()) == {"kept", "plain"}
     assert len(optuna.load_study(study_name="kept", storage=url).trials) == 2
 
+    copied = evomerge("studies", url, "--copy", "kept", "copy")
+    assert copied.returncode == 0, copied.stderr
+    with TrialStore(url) as store:
+        assert store.studies() == ["copy", "kept"]
+        assert [(t.number, t.genome) for t in store.trials("copy")] == [(t.number, t.genome) for t in store.trials("kept")]
+        studies = store.optuna_studies()
+        assert store.study_info("copy").uid == studies["copy"].uid != studies["kept"].uid
+    assert [t.params for t in optuna.load_study(study_name="copy", storage=url).trials] == [
+        t.params for t in optuna.load_study(study_name="kept", storage=url).trials
+    ]
+    assert "already exists" in one_line_error(evomerge("studies", url, "--copy", "kept", "copy"))
+
 
 def test_studies_refuses_to_delete_a_study_a_driver_is_running(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"

@@ -263,6 +263,20 @@ class TrialStore:
         for table in STUDY_TABLES:
             conn.execute(update(table).where(table.c.study == old).values(study=new))
 
+    def copy_rows(self, conn: Connection, old: str, new: str, *, uid: str | None) -> None:
+        """Inside a caller's write transaction: every evomerge row of `old` again under `new`
+        (the lease stays behind; the description gets `uid`, the copy's optuna study uid)."""
+        for table in STUDY_TABLES:
+            if table is leases_table:
+                continue
+            rows = [dict(row) for row in conn.execute(select(table).where(table.c.study == old)).mappings()]
+            for row in rows:
+                row["study"] = new
+                if table is studies_table:
+                    row["study_uid"] = uid
+            if rows:
+                conn.execute(table.insert(), rows)
+
     @_database_call
     def optuna_studies(self) -> dict[str, OptunaStudy]:
         """The optuna studies in this database (read from optuna's own tables; none if it has none)."""
