@@ -38,6 +38,9 @@ app = typer.Typer(
 from evomerge import cli_search  # noqa: E402
 
 cli_search.register(app)
+from evomerge import cli_studies  # noqa: E402
+
+cli_studies.register(app)
 demo_app = typer.Typer(help="The built-in offline demo: a tiny model family with distinct skills.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
 

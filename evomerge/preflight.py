@@ -13,9 +13,7 @@ seconds from the page cache); `validate --scan` forces it, `--no-scan` skips it.
 
 from __future__ import annotations
 
-import os
 import re
-import sqlite3
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Any
 from evomerge.config.space import SearchSpace
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.io.model_dir import ModelDir
+from evomerge.store.database import check_storage
 
 SCAN_LIMIT_BYTES = 2 * 10**9
 # TaskEvaluator passes these to lm-eval's HFLM itself; eval.model_args must not repeat them.
@@ -58,62 +57,6 @@ def scan_models(models: Mapping[str, ModelDir], scan: bool | None, *, fields: Ma
     return f"NaN/Inf scan: {len(models)} models, {total / 1e6:.1f} MB, all finite"
 
 
-def check_storage(url: str) -> str:
-    """Open the study database as `run` will, creating nothing; StorageError-like one-line errors.
-
-    A local stand-in until the trial store's own `check_storage` lands (one function name, so it
-    can be swapped): an unparseable URL, an unknown dialect or a missing driver, a SQLite folder
-    that does not exist or is not writable, a file that is not a SQLite database, or a server
-    that does not answer.
-    """
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
-
-    from evomerge.store import display_url
-
-    shown = display_url(url)
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        raise EvomergeError(f"storage {shown}: not a database URL (expected e.g. sqlite:///study.db or postgresql+psycopg://user@host/db)") from None
-    if parsed.get_backend_name() == "sqlite":
-        database = parsed.database or ""
-        if database in ("", ":memory:"):
-            return "an in-memory SQLite database (nothing is kept)"
-        path = Path(database)
-        if path.is_dir():
-            raise EvomergeError(f"storage {shown}: {path} is a folder; name a database file inside it")
-        if not path.exists():
-            if not path.parent.is_dir():
-                raise EvomergeError(f"storage {shown}: the folder {path.parent} does not exist")
-            if not os.access(path.parent, os.W_OK | os.X_OK):
-                raise EvomergeError(f"storage {shown}: the folder {path.parent} is not writable")
-            return "a new SQLite database (created on the first run)"
-        try:
-            with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as connection:
-                connection.execute("PRAGMA schema_version").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise EvomergeError(f"storage {shown}: {path} is not a SQLite database ({exc})") from None
-        return "an existing SQLite database"
-    try:
-        connect_args = {"connect_timeout": 10} if parsed.get_backend_name() in ("postgresql", "mysql") else {}
-        engine = create_engine(url, connect_args=connect_args)
-    except NoSuchModuleError:
-        raise EvomergeError(f"storage {shown}: unknown database kind '{parsed.drivername}'") from None
-    except (ImportError, ArgumentError) as exc:
-        raise EvomergeError(f"storage {shown}: cannot use this URL ({exc}); is the database driver installed?") from None
-    try:
-        with engine.connect() as connection:
-            connection.execute(text("SELECT 1"))
-    except SQLAlchemyError as exc:
-        first = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or ["no answer"])[0]
-        raise EvomergeError(f"storage {shown}: cannot connect ({first})") from None
-    finally:
-        engine.dispose()
-    return f"a {parsed.get_backend_name()} server that answers"
-
-
 def check_filters(space: SearchSpace, tensor_names: Iterable[str]) -> None:
     """Every genome filter must match at least one tensor name, or its genes would do nothing."""
     names = list(tensor_names)
@@ -129,7 +72,7 @@ def check_filters(space: SearchSpace, tensor_names: Iterable[str]) -> None:
 
 def check_tasks(space: SearchSpace, tokenizer_dir: Path | None) -> str:
     """The objectives' tasks load, report the configured metrics, and fit `eval.max_length`."""
-    from evomerge.evaluate.harness import load_task_dict, longest_continuation, reported_metrics
+    from evomerge.evaluate.harness import load_task_dict, reported_metrics
 
     wanted: list[tuple[str, str, str]] = []  # (field, task, metric)
     for index, objective in enumerate(space.objectives):

@@ -170,3 +170,44 @@ def test_concurrent_workers_on_a_fresh_database(fresh_database, tmp_path):
         scores = store.scores(study, "search")
         assert sorted(scores) == list(range(80))
         assert all(scores[n] == {"task": {"acc": n / 100, "f1": 1 - n / 100}} for n in scores)
+
+
+def test_reading_creates_nothing_and_studies_deletes_both_sides(fresh_database):
+    """On a server database: `front` on an empty database creates no table; `studies --delete`
+    removes optuna's study and evomerge's rows; a database from before study uids is migrated."""
+    import optuna
+
+    from evomerge.store.trial_store import TrialStore
+
+    env = os.environ | {"PYTHONPATH": str(REPO)}
+
+    def evomerge(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "evomerge.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+
+    front = evomerge("front", "nothing", "--storage", fresh_database)
+    assert front.returncode == 2 and "no study named 'nothing'" in front.stderr, front.stderr
+    assert table_names(fresh_database) == set()
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.create_study(study_name="s", storage=fresh_database).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    with TrialStore(fresh_database) as store:
+        store.save_study("s", space_yaml="", space_path="", directions=["minimize"], objective_names=["x"], objective_weights=[1.0])
+        store.start_trial("s", 0, {"x": 0.5})
+    engine = create_engine(fresh_database)
+    with engine.begin() as conn:  # what an evomerge from before study uids wrote
+        conn.execute(text("ALTER TABLE evomerge_studies DROP COLUMN study_uid"))
+    engine.dispose()
+    with TrialStore(fresh_database) as store:
+        assert store.study_info("s").uid is None
+        store.save_study("s", space_yaml="", space_path="", directions=["minimize"], objective_names=["x"],
+                         objective_weights=[1.0], uid="u1")
+        assert store.study_info("s").uid == "u1"
+    renamed = evomerge("studies", fresh_database, "--rename", "s", "t")
+    assert renamed.returncode == 0, renamed.stderr
+    copied = evomerge("studies", fresh_database, "--copy", "t", "u")
+    assert copied.returncode == 0, copied.stderr
+    for name in ("t", "u"):
+        deleted = evomerge("studies", fresh_database, "--delete", name, "--yes")
+        assert deleted.returncode == 0 and "(2 optuna trials, 1 evomerge trial rows)" in deleted.stdout, deleted.stderr
+    with TrialStore(fresh_database) as store:
+        assert store.studies() == [] and store.optuna_studies() == {}

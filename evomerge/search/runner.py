@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge.config.space import SearchSpace
-from evomerge.errors import EvomergeError
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.search.pareto import pareto_front, weighted_score
 from evomerge.store import display_url
+from evomerge.store.lease import StudyLease
 from evomerge.store.trial_store import TrialStore
 
 log = logging.getLogger("evomerge.search")
@@ -90,10 +91,26 @@ class SearchSummary:
 
 def _optuna_storage(url: str):
     from evomerge.search.storage import make_storage
+    from evomerge.store.database import StorageError, check_storage, database_errors
     from evomerge.store.trial_store import tune_sqlite
 
+    check_storage(url)  # a bad URL, a missing folder, a garbage file: one line, nothing created
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    storage = make_storage(url, engine_kwargs=engine_kwargs)
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    with database_errors(url):
+        for attempt in range(1, 6):
+            try:
+                storage = make_storage(url, engine_kwargs=engine_kwargs)
+                break
+            except (IntegrityError, OperationalError) as error:
+                # Two drivers creating optuna's tables in a new database at once: one of them
+                # finds the other's version row or table; by now they are there, look again.
+                if attempt == 5 or not isinstance(error, IntegrityError) and "already exists" not in str(error):
+                    raise
+                time.sleep(0.1 * attempt)
+            except RuntimeError as error:  # optuna: "... no longer compatible with the table schema ..."
+                raise StorageError(f"storage {display_url(url)}: {' '.join(str(error).split())}") from error
     tune_sqlite(storage.engine)
     return storage
 
@@ -103,20 +120,23 @@ def open_study(space: SearchSpace, *, sampler=None):
     import optuna
 
     from evomerge.search.samplers import make_sampler
+    from evomerge.store.database import database_errors
 
     storage = _optuna_storage(space.storage_url)
-    study = optuna.create_study(
-        study_name=space.study_name,
-        storage=storage,
-        directions=space.directions,
-        sampler=sampler or make_sampler(space),
-        load_if_exists=True,
-    )
+    with database_errors(space.storage_url):
+        study = optuna.create_study(
+            study_name=space.study_name,
+            storage=storage,
+            directions=space.directions,
+            sampler=sampler or make_sampler(space),
+            load_if_exists=True,
+        )
     if list(study.directions) and [d.name.lower() for d in study.directions] != space.directions:
-        raise EvomergeError(
+        raise ConfigError(
             f"study '{space.study_name}' in {display_url(space.storage_url)} was created with directions "
             f"{[d.name.lower() for d in study.directions]}, this space needs {space.directions}: "
-            "set search.study_name to start a new study"
+            "set search.study_name to start a new study",
+            file=space.source_path, field="objectives",
         )
     return study
 
@@ -143,14 +163,55 @@ def recover_interrupted(study, store: TrialStore, space: SearchSpace) -> list[st
         if trial.user_attrs.get("retry_of") is not None:
             notes.append(f"trial {trial.number}: interrupted again, failed")
         elif params:
-            attrs = {"retry_of": trial.number}
-            if "seed" in trial.user_attrs:  # which reference point this genome is
-                attrs["seed"] = trial.user_attrs["seed"]
-            study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
+            _queue_again(study, trial, params)
             notes.append(f"trial {trial.number}: interrupted, failed and queued again")
         else:
             notes.append(f"trial {trial.number}: interrupted before its genome was drawn, failed")
     return notes
+
+
+def _queue_again(study, trial, params: Mapping[str, Any]) -> None:
+    """Enqueue a failed trial's genome once more, keeping which reference point it is."""
+    attrs = {"retry_of": trial.number}
+    if "seed" in trial.user_attrs:  # which reference point this genome is
+        attrs["seed"] = trial.user_attrs["seed"]
+    study.enqueue_trial(dict(params), user_attrs=attrs, skip_if_exists=False)
+
+
+def prepare_study(study, store: TrialStore, space: SearchSpace, genome) -> list[str]:
+    """Under the study's lease, before any model is loaded: the store's rows tied to this optuna
+    study (rows of a deleted namesake removed), the space checked against what the study holds,
+    the study described, and the trials a dead driver left RUNNING recovered."""
+    from evomerge.search.study_setup import (
+        check_space_fits_study,
+        ensure_study_uid,
+        forget_stale_rows,
+        recorded_distributions,
+    )
+    from evomerge.store.database import database_errors
+
+    with database_errors(space.storage_url):
+        uid = ensure_study_uid(study)
+        numbers = [t.number for t in study.get_trials(deepcopy=False)]
+    notes = forget_stale_rows(store, space.study_name, uid, numbers)
+    with database_errors(space.storage_url):
+        recorded = recorded_distributions(study)
+    check_space_fits_study(space, store.study_info(space.study_name), recorded, genome.distributions())
+    objective_names = [o.label for o in space.objectives]
+    store.save_study(
+        space.study_name,
+        space_yaml=space.source_text,
+        space_path=str(space.source_path or ""),
+        directions=[o.direction for o in space.objectives],
+        objective_names=objective_names,
+        objective_weights=[o.weight for o in space.objectives],
+        uid=uid,
+    )
+    with database_errors(space.storage_url):
+        with warnings.catch_warnings():  # "experimental" since optuna 3.2; what the dashboard labels axes with
+            warnings.simplefilter("ignore")
+            study.set_metric_names(objective_names if space.multi_objective else ["weighted score"])
+        return notes + recover_interrupted(study, store, space)
 
 
 def enqueue_seeds(study, space: SearchSpace, genome) -> int:
@@ -329,18 +390,75 @@ def run_search(
     total = n_trials or space.search.n_trials
     limit = timeout or space.search.timeout
     own_pool = pool is None and worker is None
-    if pool is None:
-        if worker is not None:
-            pool = InProcessPool(worker)
-        else:
-            genome = preflight_space(space).genome  # what `validate` checks, before models go to a device
-            pool = make_pool(space, workers=workers, verbose=verbose, genome=genome)  # checks tasks, loads sources
-    genome = pool.genome
+    if pool is None and worker is not None:
+        pool = InProcessPool(worker)
+    # What `validate` checks (genome, tasks, storage, source headers), before models go to a device.
+    genome = pool.genome if pool is not None else preflight_space(space).genome
+    # The database, the study, its lease and the space's fit with it: all before models load.
+    store = TrialStore(space.storage_url)
     try:
-        return _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
+        study = open_study(space)
+        with StudyLease(store, space.study_name) as lease:
+            notes = prepare_study(study, store, space, genome)
+            if pool is None:
+                pool = make_pool(space, workers=workers, verbose=verbose, genome=genome)  # checks tasks, loads sources
+            try:
+                return _search_loop(space, pool, genome, total, limit, progress, on_trial, started,
+                                    study=study, store=store, lease=lease, notes=notes)
+            finally:
+                if own_pool:
+                    pool.close()
     finally:
-        if own_pool:
-            pool.close()
+        store.close()
+
+
+class _ReferenceScoringError(EvomergeError):
+    """A reference model (the base, a parent) could not be scored: a setup problem, not a trial's."""
+
+
+def _score_reference(pool, name: str, split: str) -> Scores:
+    try:
+        return pool.score_reference(name, split)
+    except EvomergeError:
+        raise
+    except Exception as error:
+        raise _ReferenceScoringError(
+            f"scoring the reference model '{name}' on the {split} tasks failed ({_short(error)}); "
+            "check the objectives' tasks and the eval settings"
+        ) from error
+
+
+def _abandon(study, store: TrialStore, space: SearchSpace, held, error: BaseException, lease) -> None:
+    """Fail the trials this driver holds (store and optuna alike) and queue their genomes again.
+
+    Best effort: with the database gone, the next run's recovery does the same.
+    """
+    from optuna.trial import TrialState
+
+    if lease.lost or not held:
+        return  # a driver that lost its lease leaves the trials to the one that took over
+    cause = "interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else _short(error)
+    reason = f"search stopped before this trial finished: {cause}"
+    for trial, params in held:
+        try:
+            genome = dict(params or trial.params or _fixed_params(study, trial))
+            if store.trial(space.study_name, trial.number) is None:
+                store.start_trial(space.study_name, trial.number, genome)
+            store.fail_trial(space.study_name, trial.number, reason)
+            trial.set_user_attr("failure", reason)
+            _tell(study, trial, state=TrialState.FAIL)
+            if genome and trial.user_attrs.get("retry_of") is None:
+                _queue_again(study, trial, genome)
+        except Exception as problem:  # noqa: BLE001 - the original error is the one to report
+            log.warning("trial %d: could not be failed after the search stopped: %s", trial.number, _short(problem))
+
+
+def _fixed_params(study, trial) -> dict[str, Any]:
+    """An enqueued trial's genome as optuna holds it before its genes are suggested."""
+    try:
+        return dict(study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params") or {})
+    except Exception:  # noqa: BLE001 - nothing to retry then
+        return {}
 
 
 def _tell(study, trial, values=None, *, state=None) -> None:
@@ -353,34 +471,21 @@ def _tell(study, trial, values=None, *, state=None) -> None:
     _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state)
 
 
-def _search_loop(space, pool, genome, total, limit, progress, on_trial, started) -> SearchSummary:
+def _search_loop(space, pool, genome, total, limit, progress, on_trial, started, *, study, store, lease, notes) -> SearchSummary:
     from optuna.trial import TrialState
 
     from evomerge.search.storage import batched_params
 
-    store = TrialStore(space.storage_url)
-    study = open_study(space)
     objective_names = [o.label for o in space.objectives]
-    store.save_study(
-        space.study_name,
-        space_yaml=space.source_text,
-        space_path=str(space.source_path or ""),
-        directions=[o.direction for o in space.objectives],
-        objective_names=objective_names,
-        objective_weights=[o.weight for o in space.objectives],
-    )
-    with warnings.catch_warnings():  # "experimental" since optuna 3.2; what the dashboard labels axes with
-        warnings.simplefilter("ignore")
-        study.set_metric_names(objective_names if space.multi_objective else ["weighted score"])
-    notes = recover_interrupted(study, store, space)
-    enqueue_seeds(study, space, genome)
     reference_models = [*([genome.base] if genome.base else []), *genome.finetunes]
 
-    # Reference points: the base and every parent as they are.
+    # Reference points: the base and every parent as they are. Scored before the seeds are
+    # queued, so a model that cannot be scored leaves no trial waiting in a fresh study.
     known = store.references(space.study_name, "search")
     for name in reference_models:
         if name not in known:
-            store.record_reference(space.study_name, name, str(genome.paths[name]), "search", pool.score_reference(name, "search"))
+            store.record_reference(space.study_name, name, str(genome.paths[name]), "search", _score_reference(pool, name, "search"))
+    enqueue_seeds(study, space, genome)
 
     bar = _Progress(total, progress, _finished_count(study))
     directions = [o.direction for o in space.objectives]
@@ -389,6 +494,8 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
     search_values = [row.search for row in seen]
     best_so_far = max((scalarize(space, v) for v in search_values), default=-math.inf)
     in_flight: dict[int, tuple[Any, dict[str, Any], float]] = {}
+    asking = None  # a trial asked for and not yet handed to a worker
+    reporting = None  # a trial whose outcome is being stored and told
     stopping = False
     try:
         while True:
@@ -399,18 +506,21 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
                     notes.append(f"stopped starting trials after the {limit:.0f}s timeout")
                     stopping = True
                     break
+                lease.check()  # never ask for a trial of a study another driver has taken over
                 asked = time.perf_counter()
-                trial = study.ask()
+                trial = asking = study.ask()
                 with batched_params(study):  # one transaction for all genes, committed before the merge
                     params = genome.suggest(trial)
                 store.start_trial(space.study_name, trial.number, params, worker=getattr(pool, "name", None))
                 in_flight[pool.submit(params, "search")] = (trial, params, asked)
+                asking = None
             if not in_flight and not pool.recovering():
                 break
             outcome = pool.wait_any()
             if outcome is None:  # a restarted worker is back; go and give it work
                 continue
             trial, params, asked = in_flight.pop(outcome.ticket)
+            reporting = (trial, params)
             result, error = outcome.result, outcome.error
             values: list[float] = []
             if error is None:
@@ -420,6 +530,7 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
                         raise FloatingPointError(f"an objective is NaN: {values}")
                 except Exception as problem:
                     error = problem
+            lease.check()  # the trial is another driver's now: tell optuna nothing
             if error is not None:  # any failure fails the trial, never the study
                 reason = _short(error)
                 log.warning("trial %d failed: %s", trial.number, reason)
@@ -428,6 +539,7 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
                 _tell(study, trial, state=TrialState.FAIL)
                 if outcome.worker_died and trial.user_attrs.get("retry_of") is None:
                     study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
+                reporting = None
                 bar.update(advance=1, failed=len(store.trials(space.study_name, status="failed")))
                 continue
             told = told_values(space, values)
@@ -445,6 +557,7 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
             if not space.multi_objective:  # the dashboard shows the weighted sum; keep the per-skill values beside it
                 trial.set_user_attr("objectives", dict(zip(objective_names, values)))
             _tell(study, trial, told)  # every other detail is in the trial store (one optuna write per attr)
+            reporting = None
             if on_trial is not None:
                 on_trial({
                     "number": trial.number, "wall_seconds": time.perf_counter() - asked, "values": values,
@@ -454,27 +567,43 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
             best_so_far = max(best_so_far, scalarize(space, values))
             search_values.append(values)
             bar.update(advance=1, best=f"{best_so_far:.3f}", front=len(pareto_front(search_values, directions)))
+    except BaseException as error:
+        # Outside a trial's own failure policy (the store, optuna, the pool, Ctrl-C): no trial of
+        # this driver stays RUNNING; each is failed with the reason and its genome queued again.
+        held = [(trial, params) for trial, params, _ in in_flight.values()]
+        if asking is not None:
+            held.append((asking, None))
+        if reporting is not None:
+            held.append(reporting)
+        _abandon(study, store, space, held, error, lease)
+        raise
     finally:
         bar.close()
 
     # Selection: re-score the best front members on held-out tasks before calling anything best.
     front = compute_front(space, store)
     if pool.has_selection:
-        known = store.references(space.study_name, "selection")
-        for name in reference_models:
-            if name not in known:
-                store.record_reference(
-                    space.study_name, name, str(genome.paths[name]), "selection", pool.score_reference(name, "selection")
-                )
-        jobs = [(row.number, store.trial(space.study_name, row.number).genome) for row in front[: space.search.finalists] if row.selection is None]
-        for number, outcome in _evaluate_all(pool, jobs, "selection").items():
-            if outcome.error is None:
-                store.record_scores(space.study_name, number, "selection", outcome.result.scores)
-            else:
-                notes.append(f"trial {number}: selection scoring failed ({_short(outcome.error)})")
+        try:
+            known = store.references(space.study_name, "selection")
+            for name in reference_models:
+                if name not in known:
+                    store.record_reference(
+                        space.study_name, name, str(genome.paths[name]), "selection", _score_reference(pool, name, "selection")
+                    )
+            jobs = [(row.number, store.trial(space.study_name, row.number).genome) for row in front[: space.search.finalists] if row.selection is None]
+            for number, outcome in _evaluate_all(pool, jobs, "selection").items():
+                if outcome.error is None:
+                    store.record_scores(space.study_name, number, "selection", outcome.result.scores)
+                else:
+                    notes.append(f"trial {number}: selection scoring failed ({_short(outcome.error)})")
+        except Exception as error:  # every trial is told already: keep the search, report the phase
+            if isinstance(error, EvomergeError) and not isinstance(error, _ReferenceScoringError):
+                raise
+            notes.append(f"selection phase stopped ({_short(error)}); the best is picked from what was scored")
         front = compute_front(space, store)
     best = pick_best(space, front)
     if best is not None:
+        lease.check()
         study.set_user_attr("evomerge_best_trial", best.number)
     trials = store.trials(space.study_name)
     return SearchSummary(

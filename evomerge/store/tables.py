@@ -25,6 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
+STUDY_UID_ATTR = "evomerge_study_uid"  # the optuna study system attr holding studies_table.study_uid
+
 # A fixed naming convention makes constraint names identical on every database, so a later
 # migration can name what it alters.
 metadata = MetaData(
@@ -43,6 +45,11 @@ studies_table = Table(
     "evomerge_studies",
     metadata,
     Column("study", _study_name, primary_key=True),
+    # The optuna study these rows belong to: a uuid kept in that study's system attrs too
+    # (STUDY_UID_ATTR). A study deleted with optuna's tools and created again under the same name
+    # gets a new one, so rows left by the old study are recognised. NULL in databases written
+    # before the column existed (it is added on the first write).
+    Column("study_uid", String(64), nullable=True),
     Column("space_yaml", Text, nullable=False),
     Column("space_path", Text, nullable=False),
     Column("directions", _json, nullable=False),  # ["maximize", "minimize", ...]
@@ -92,6 +99,18 @@ references_table = Table(
     Column("name", _short, primary_key=True),  # e.g. "base", "parent:math-7b"
     Column("path", Text, nullable=False),
     Column("recorded_at", DateTime(timezone=True), nullable=False),
+)
+
+# One driver runs a study at a time: it holds the study's lease row, refreshed by a heartbeat.
+leases_table = Table(
+    "evomerge_leases",
+    metadata,
+    Column("study", _study_name, primary_key=True),
+    Column("driver", String(64), nullable=False),  # a uuid per driver process
+    Column("host", _short, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("acquired_at", DateTime(timezone=True), nullable=False),
+    Column("heartbeat_at", DateTime(timezone=True), nullable=False),
 )
 
 reference_scores_table = Table(

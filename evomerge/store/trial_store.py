@@ -10,23 +10,38 @@ so a worker killed with SIGKILL never loses a trial it had reported. All writes 
 retrying one (after a lock timeout, or from a restarted driver) is harmless. On SQLite, writes
 take the write lock up front (`BEGIN IMMEDIATE`) and wait on a busy timeout instead of failing
 with "database is locked"; the journal mode is left as optuna and the user set it.
+
+Opening a store writes nothing: the tables (and columns added since older databases) are created
+by the first write, so `front` or `export` on a database that is not there creates no file, and
+reads of a database without our tables are empty. Every database failure surfaces as a one-line
+StorageError (evomerge/store/database.py).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import math
-import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, Table, create_engine, event, inspect, select, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import Connection, Table, delete, func, inspect, select, text, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from evomerge.store.database import (  # display_url and tune_sqlite are imported from here too
+    database_errors,
+    display_url,
+    make_engine,
+    sqlite_path,
+    tune_sqlite,
+    use_wal,
+)
 from evomerge.store.tables import (
+    STUDY_UID_ATTR,
+    leases_table,
     metadata,
     reference_scores_table,
     references_table,
@@ -40,11 +55,23 @@ STATUSES = (RUNNING, COMPLETE, FAILED)
 SPLITS = ("search", "selection")
 DIRECTIONS = ("maximize", "minimize")
 
-_SQLITE_BUSY_SECONDS = 120.0  # how long a SQLite writer waits for the lock before giving up
 _WRITE_ATTEMPTS = 5  # a write that still meets a lock/deadlock error is retried this many times
 _FAILURE_CHARS = 2000  # failure reasons are one line, at most this long
 
 _T = TypeVar("_T")
+# Every study's rows, in the order a delete or rename touches them.
+STUDY_TABLES = (scores_table, reference_scores_table, references_table, trials_table, leases_table, studies_table)
+
+
+def _database_call(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Run a TrialStore method with database failures reported as one-line StorageErrors."""
+
+    @functools.wraps(method)
+    def call(self: TrialStore, *args: Any, **kwargs: Any) -> _T:
+        with database_errors(self._url):
+            return method(self, *args, **kwargs)
+
+    return call
 
 
 @dataclass(frozen=True)
@@ -68,6 +95,7 @@ class TrialRecord:
 @dataclass(frozen=True)
 class StudyInfo:
     study: str
+    uid: str | None  # the optuna study's STUDY_UID_ATTR when saved (None: written before uids)
     space_yaml: str  # the space file's text as given
     space_path: str
     directions: list[str]
@@ -75,6 +103,16 @@ class StudyInfo:
     objective_weights: list[float]
     created_at: datetime
     updated_at: datetime
+
+
+@dataclass(frozen=True)
+class OptunaStudy:
+    """An optuna study in the same database, as evomerge sees it (read from optuna's tables)."""
+
+    name: str
+    study_id: int
+    uid: str | None  # its STUDY_UID_ATTR system attr, None if evomerge never ran it
+    states: dict[str, int]  # trial state name (COMPLETE, FAIL, RUNNING, WAITING, PRUNED) -> count
 
 
 class TrialStore:
@@ -87,10 +125,14 @@ class TrialStore:
 
     def __init__(self, url: str, *, echo: bool = False):
         self._url = str(url)
-        self._engine = _make_engine(self._url, echo=echo)
+        self._engine = make_engine(self._url, echo=echo)
         # Same pool; the option makes the SQLite begin hook take the write lock up front.
         self._writer = self._engine.execution_options(evomerge_write=True)
-        self._ensure_tables()
+        # Opening writes nothing: the tables are created (and older ones migrated) before the
+        # first write, so a read-only command never creates a database file or a table.
+        self._ready_for_writes = False
+        self._present: set[str] = set()  # our tables seen to exist (they are never dropped)
+        self._uid_column: bool | None = None
 
     @property
     def url(self) -> str:
@@ -98,6 +140,11 @@ class TrialStore:
 
     def __repr__(self) -> str:
         return f"TrialStore({display_url(self._url)!r})"
+
+    @property
+    def engine(self):
+        """The store's SQLAlchemy engine (for the lease and other tables in this package)."""
+        return self._engine
 
     def close(self) -> None:
         """Return the pooled connections; the store must not be used afterwards."""
@@ -111,6 +158,7 @@ class TrialStore:
 
     # ---------------------------------------------------------------- studies
 
+    @_database_call
     def save_study(
         self,
         study: str,
@@ -120,8 +168,12 @@ class TrialStore:
         directions: list[str],
         objective_names: list[str],
         objective_weights: list[float],
+        uid: str | None = None,
     ) -> None:
-        """Insert or replace the study's description; `created_at` survives a replace."""
+        """Insert or replace the study's description; `created_at` survives a replace.
+
+        `uid`: the optuna study's STUDY_UID_ATTR, which ties these rows to that optuna study.
+        """
         directions = [_direction(d) for d in directions]
         weights = [float(w) for w in objective_weights]
         if not len(directions) == len(objective_names) == len(weights):
@@ -132,6 +184,7 @@ class TrialStore:
         now = _utcnow()
         row = {
             "study": study,
+            "study_uid": uid,
             "space_yaml": space_yaml,
             "space_path": str(space_path),
             "directions": directions,
@@ -142,14 +195,17 @@ class TrialStore:
         }
         self._write(lambda conn: _upsert(conn, studies_table, [row], keep=("created_at",)))
 
+    @_database_call
     def study_info(self, study: str) -> StudyInfo | None:
-        t = studies_table
-        with self._engine.connect() as conn:
-            row = conn.execute(select(t).where(t.c.study == study)).mappings().first()
+        def read(conn: Connection) -> Any:
+            return conn.execute(select(*self._study_columns(conn)).where(studies_table.c.study == study)).mappings().first()
+
+        row = self._read((studies_table,), read, None)
         if row is None:
             return None
         return StudyInfo(
             study=row["study"],
+            uid=row.get("study_uid"),
             space_yaml=row["space_yaml"],
             space_path=row["space_path"],
             directions=list(row["directions"]),
@@ -159,15 +215,116 @@ class TrialStore:
             updated_at=_as_utc(row["updated_at"]),
         )
 
+    @_database_call
     def studies(self) -> list[str]:
         """Every study with a saved description or at least one trial, sorted by name."""
-        with self._engine.connect() as conn:
+
+        def read(conn: Connection) -> set[str]:
             described = conn.execute(select(studies_table.c.study)).scalars().all()
             with_trials = conn.execute(select(trials_table.c.study).distinct()).scalars().all()
-        return sorted({*described, *with_trials})
+            return {*described, *with_trials}
+
+        return sorted(self._read((studies_table, trials_table), read, set()))
+
+    @_database_call
+    def trial_counts(self) -> dict[str, dict[str, int]]:
+        """study -> status -> number of trial rows, for every study with trials."""
+
+        def read(conn: Connection) -> dict[str, dict[str, int]]:
+            t = trials_table
+            counts: dict[str, dict[str, int]] = {}
+            for study, status, count in conn.execute(select(t.c.study, t.c.status, func.count()).group_by(t.c.study, t.c.status)):
+                counts.setdefault(study, {})[status] = int(count)
+            return counts
+
+        return self._read((trials_table,), read, {})
+
+    @_database_call
+    def delete_study(self, study: str, *, keep_lease: bool = False) -> int:
+        """Remove every evomerge row of `study` (trials, scores, references, lease, description).
+
+        Returns how many trial rows went. optuna's own study is not touched here. `keep_lease`:
+        for the driver that holds the lease and clears rows a deleted namesake left.
+        """
+
+        def remove(conn: Connection) -> int:
+            trials = conn.execute(select(func.count()).select_from(trials_table).where(trials_table.c.study == study)).scalar_one()
+            for table in STUDY_TABLES:
+                if not (keep_lease and table is leases_table):
+                    conn.execute(delete(table).where(table.c.study == study))
+            return int(trials)
+
+        if not self._readable(()):
+            return 0
+        return self._write(remove)
+
+    def rename_rows(self, conn: Connection, old: str, new: str) -> None:
+        """Inside a caller's write transaction: move every evomerge row of `old` to `new`."""
+        for table in STUDY_TABLES:
+            conn.execute(update(table).where(table.c.study == old).values(study=new))
+
+    def copy_rows(self, conn: Connection, old: str, new: str, *, uid: str | None) -> None:
+        """Inside a caller's write transaction: every evomerge row of `old` again under `new`
+        (the lease stays behind; the description gets `uid`, the copy's optuna study uid)."""
+        for table in STUDY_TABLES:
+            if table is leases_table:
+                continue
+            rows = [dict(row) for row in conn.execute(select(table).where(table.c.study == old)).mappings()]
+            for row in rows:
+                row["study"] = new
+                if table is studies_table:
+                    row["study_uid"] = uid
+            if rows:
+                conn.execute(table.insert(), rows)
+
+    @_database_call
+    def optuna_studies(self) -> dict[str, OptunaStudy]:
+        """The optuna studies in this database (read from optuna's own tables; none if it has none)."""
+
+        def read(conn: Connection) -> dict[str, OptunaStudy]:
+            tables = set(inspect(conn).get_table_names())
+            if not {"studies", "trials", "study_system_attributes"} <= tables:
+                return {}
+            studies = conn.execute(text("SELECT study_id, study_name FROM studies")).all()
+            uids = dict(conn.execute(
+                text("SELECT study_id, value_json FROM study_system_attributes WHERE key = :key"), {"key": STUDY_UID_ATTR}
+            ).all())
+            states: dict[int, dict[str, int]] = {}
+            for study_id, state, count in conn.execute(text("SELECT study_id, state, COUNT(*) FROM trials GROUP BY study_id, state")):
+                states.setdefault(study_id, {})[_state_name(state)] = int(count)
+            return {
+                name: OptunaStudy(name, int(study_id), _json_string(uids.get(study_id)), states.get(study_id, {}))
+                for study_id, name in studies
+            }
+
+        return self._read((), read, {})
+
+    @_database_call
+    def optuna_study_genes(self, study_id: int) -> tuple[list[str], dict[str, str]]:
+        """An optuna study's directions (lower case) and each gene's latest distribution as
+        optuna's JSON, read from optuna's tables without optuna (which would create them)."""
+
+        def read(conn: Connection) -> tuple[list[str], dict[str, str]]:
+            directions = [
+                str(getattr(d, "name", d)).lower()
+                for (d,) in conn.execute(
+                    text("SELECT direction FROM study_directions WHERE study_id = :id ORDER BY objective"), {"id": study_id}
+                )
+            ]
+            genes = dict(conn.execute(
+                text(
+                    "SELECT p.param_name, p.distribution_json FROM trial_params p JOIN trials t ON p.trial_id = t.trial_id "
+                    "WHERE t.study_id = :id ORDER BY p.param_id"
+                ),
+                {"id": study_id},
+            ).all())
+            return directions, genes
+
+        return self._read((), read, ([], {}))
 
     # ----------------------------------------------------------------- trials
 
+    @_database_call
     def start_trial(
         self, study: str, number: int, genome: dict, *, worker: str | None = None
     ) -> None:
@@ -180,6 +337,7 @@ class TrialStore:
         }
         self._write(lambda conn: _upsert(conn, trials_table, [row]))
 
+    @_database_call
     def finish_trial(
         self,
         study: str,
@@ -218,6 +376,7 @@ class TrialStore:
 
         self._write(write)
 
+    @_database_call
     def fail_trial(
         self,
         study: str,
@@ -242,6 +401,7 @@ class TrialStore:
         keep = ("genome", "worker", "started_at")
         self._write(lambda conn: _upsert(conn, trials_table, [row], keep=keep))
 
+    @_database_call
     def fail_running(self, study: str, reason: str, *, worker: str | None = None) -> list[int]:
         """Mark every running trial of `study` failed (of one `worker` only, if given).
 
@@ -265,24 +425,25 @@ class TrialStore:
 
         return sorted(self._write(mark))
 
+    @_database_call
     def trials(self, study: str, *, status: str | None = None) -> list[TrialRecord]:
         t = trials_table
         stmt = select(t).where(t.c.study == study).order_by(t.c.number)
         if status is not None:
             stmt = stmt.where(t.c.status == _status(status))
-        with self._engine.connect() as conn:
-            rows = conn.execute(stmt).mappings().all()
+        rows = self._read((trials_table,), lambda conn: conn.execute(stmt).mappings().all(), [])
         return [_trial_record(row) for row in rows]
 
+    @_database_call
     def trial(self, study: str, number: int) -> TrialRecord | None:
         t = trials_table
         stmt = select(t).where(t.c.study == study, t.c.number == number)
-        with self._engine.connect() as conn:
-            row = conn.execute(stmt).mappings().first()
+        row = self._read((trials_table,), lambda conn: conn.execute(stmt).mappings().first(), None)
         return None if row is None else _trial_record(row)
 
     # ----------------------------------------------------------------- scores
 
+    @_database_call
     def record_scores(
         self, study: str, number: int, split: str, scores: Mapping[str, Mapping[str, float]]
     ) -> None:
@@ -296,6 +457,7 @@ class TrialStore:
         base = {"study": study, "number": number, "split": _split(split), "recorded_at": _utcnow()}
         return [base | {"task": task, "metric": metric, "value": value} for task, metric, value in _score_rows(scores)]
 
+    @_database_call
     def scores(self, study: str, split: str) -> dict[int, dict[str, dict[str, float]]]:
         """number -> task -> metric -> value, numbers ascending; NaN where a score was NaN."""
         return self._nested_scores(scores_table, "number", study, split)
@@ -308,10 +470,9 @@ class TrialStore:
             .where(t.c.study == study, t.c.split == _split(split))
             .order_by(t.c[key], t.c.task, t.c.metric)
         )
-        with self._engine.connect() as conn:
-            rows = conn.execute(stmt).all()
-        return _nest(rows)
+        return _nest(self._read((table,), lambda conn: conn.execute(stmt).all(), []))
 
+    @_database_call
     def record_reference(
         self,
         study: str,
@@ -334,20 +495,27 @@ class TrialStore:
 
         self._write(write)
 
+    @_database_call
     def references(self, study: str, split: str) -> dict[str, dict[str, dict[str, float]]]:
         """name -> task -> metric -> value, names ascending."""
         return self._nested_scores(reference_scores_table, "name", study, split)
 
+    @_database_call
     def reference_paths(self, study: str) -> dict[str, str]:
         t = references_table
         stmt = select(t.c.name, t.c.path).where(t.c.study == study).order_by(t.c.name)
-        with self._engine.connect() as conn:
-            return {name: path for name, path in conn.execute(stmt)}
+        return self._read((t,), lambda conn: {name: path for name, path in conn.execute(stmt)}, {})
 
     # --------------------------------------------------------------- plumbing
 
+    def write(self, work: Callable[[Connection], _T]) -> _T:
+        """Run `work` in one committed write transaction (for the lease and `evomerge studies`)."""
+        with database_errors(self._url):
+            return self._write(work)
+
     def _write(self, work: Callable[[Connection], _T]) -> _T:
         """Run `work` in one committed transaction, retrying on lock timeouts and deadlocks."""
+        self._prepare_for_writes()
         for attempt in range(1, _WRITE_ATTEMPTS + 1):
             try:
                 with self._writer.begin() as conn:
@@ -358,86 +526,57 @@ class TrialStore:
                 time.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")
 
-    def _ensure_tables(self) -> None:
+    def _read(self, tables: Sequence[Table], read: Callable[[Connection], _T], empty: _T) -> _T:
+        """`read` on a connection, or `empty` when the database or one of `tables` does not exist yet."""
+        if not self._readable(tables):
+            return empty
         with self._engine.connect() as conn:
-            existing = set(inspect(conn).get_table_names())
-        if {t.name for t in metadata.sorted_tables} <= existing:
-            return  # nothing to create: a read-only database file works too
+            return read(conn)
+
+    def _readable(self, tables: Sequence[Table]) -> bool:
+        path = sqlite_path(self._url)
+        if path is not None and not path.exists():
+            return False  # connecting would create the file
+        wanted = {t.name for t in tables}
+        if wanted <= self._present:
+            return True
+        with self._engine.connect() as conn:
+            self._present |= {name for name in inspect(conn).get_table_names() if name.startswith("evomerge_")}
+        return wanted <= self._present
+
+    def _study_columns(self, conn: Connection) -> list[Any]:
+        """studies_table's columns, without study_uid in a database written before it existed."""
+        if self._uid_column is None:
+            self._uid_column = "study_uid" in {c["name"] for c in inspect(conn).get_columns(studies_table.name)}
+        return [c for c in studies_table.c if self._uid_column or c.name != "study_uid"]
+
+    def _prepare_for_writes(self) -> None:
+        """Create missing tables and add missing columns, once per store (idempotent, race-safe)."""
+        if self._ready_for_writes:
+            return
+        if sqlite_path(self._url) is not None:
+            raw = self._engine.raw_connection()
+            try:
+                use_wal(raw.driver_connection)
+            finally:
+                raw.close()
         for attempt in range(1, _WRITE_ATTEMPTS + 1):
             try:
                 with self._writer.begin() as conn:
-                    metadata.create_all(conn)  # checkfirst, so idempotent
-                return
+                    metadata.create_all(conn)  # checkfirst: only what is missing
+                    columns = {c["name"] for c in inspect(conn).get_columns(studies_table.name)}
+                    if "study_uid" not in columns:  # a database from before study uids
+                        conn.execute(text(f"ALTER TABLE {studies_table.name} ADD COLUMN study_uid VARCHAR(64)"))
+                break
             except DBAPIError:
-                # Another process created the same tables between our check and our CREATE
-                # (PostgreSQL reports that as a duplicate pg_type row); look again.
+                # Another process created the same tables (or column) between our look and our
+                # CREATE (PostgreSQL reports that as a duplicate pg_type row); look again.
                 if attempt == _WRITE_ATTEMPTS:
                     raise
                 time.sleep(0.05 * 2**attempt)
-
-
-# -------------------------------------------------------------------- engine
-
-
-def _make_engine(url: str, *, echo: bool) -> Engine:
-    parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(parsed, echo=echo, pool_pre_ping=True)
-
-    engine = create_engine(parsed, echo=echo, connect_args={"timeout": _SQLITE_BUSY_SECONDS})
-
-    # pysqlite's own transaction handling starts transactions late and cannot take the write
-    # lock up front; hand BEGIN over to SQLAlchemy (the recipe from SQLAlchemy's SQLite docs).
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None
-
-    tune_sqlite(engine)
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn: Connection) -> None:
-        # IMMEDIATE: a writer waits for the lock on BEGIN (under the busy timeout) rather than
-        # failing half-way when it upgrades a read lock that another writer wants too.
-        write = conn.get_execution_options().get("evomerge_write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
-
-    return engine
-
-
-def tune_sqlite(engine: Engine) -> None:
-    """Write-ahead log + synchronous=NORMAL on every new connection of a SQLite engine.
-
-    A study commits about ten small transactions per trial (optuna's ask, sampler and tell, the
-    trial store); with a rollback journal and full fsync each costs ~2 ms here. In WAL mode with NORMAL
-    sync a commit is an append, readers (optuna-dashboard) never block the writer, and a killed
-    process still loses nothing it committed: only an OS crash or power cut can drop the last
-    few transactions. Used for our engine and for optuna's, which share the file.
-    """
-    if engine.url.get_backend_name() != "sqlite" or engine.url.database in (None, "", ":memory:"):
-        return
-
-    @event.listens_for(engine, "connect")
-    def _pragmas(dbapi_connection: Any, _record: Any) -> None:
-        import sqlite3
-
-        cursor = dbapi_connection.cursor()
-        try:
-            # WAL is a property of the file: once any connection set it, it stays. Switching needs a
-            # moment of exclusive access and bypasses the busy timeout, so processes opening a new
-            # database together retry briefly; one that still cannot goes on in the current mode.
-            for attempt in range(40):
-                try:
-                    if cursor.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal":
-                        break
-                    cursor.execute("PRAGMA journal_mode=WAL")
-                    break
-                except sqlite3.OperationalError:
-                    time.sleep(0.05 * (1 + attempt % 4))
-            cursor.execute("PRAGMA synchronous=NORMAL")
-        finally:
-            cursor.close()
-
-    engine.dispose()  # connections opened before the listener get the pragmas when reopened
+        self._present |= {t.name for t in metadata.sorted_tables}
+        self._uid_column = True
+        self._ready_for_writes = True
 
 
 def _is_contention(error: OperationalError) -> bool:
@@ -618,9 +757,19 @@ def _trial_record(row: Mapping[str, Any]) -> TrialRecord:
     )
 
 
-def display_url(url: str) -> str:
-    """A database URL safe to print, log or write into a model card (password hidden)."""
+def _state_name(state: Any) -> str:
+    """optuna keeps a trial's state as its enum name (or number, in some old schemas)."""
+    names = ("RUNNING", "COMPLETE", "PRUNED", "FAIL", "WAITING")
+    if isinstance(state, int) or (isinstance(state, str) and state.isdigit()):
+        return names[int(state)] if int(state) < len(names) else str(state)
+    return str(getattr(state, "name", state)).upper()
+
+
+def _json_string(value_json: str | None) -> str | None:
+    if value_json is None:
+        return None
     try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a parseable URL: show nothing that could be a secret
-        return re.sub(r"//[^@/]*@", "//***@", url)
+        value = json.loads(value_json)
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
