@@ -146,8 +146,14 @@ def parameter_range(name: str) -> ParameterRange:
     return PARAMETER_RANGES.get(name, ParameterRange())
 
 
+_WARNED: set[str] = set()  # lines already logged by this process
+
+
 def config_warning(message: str, *, file: object | None = None, field: str | None = None) -> str:
-    """Log a one-line warning about an accepted but unusual value; returns the line."""
+    """Log a one-line warning about an accepted but unusual value, once per process (a file is
+    planned more than once: checked up front, then merged); returns the line."""
     line = ": ".join(str(part) for part in ("warning", file, field, message) if part)
-    log.warning(line)
+    if line not in _WARNED:
+        _WARNED.add(line)
+        log.warning(line)
     return line
