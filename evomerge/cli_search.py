@@ -103,16 +103,30 @@ def front(
     if failed:
         console.print(f"{len(failed)} failed trial(s), e.g. trial {failed[-1].number}: {failed[-1].failure}")
     if plot is not None:
-        from evomerge.search.plot import plot_front
+        from evomerge.search.plot import PageTable, plot_front
+        from evomerge.search.report import front_cells, front_columns, has_selection
 
-        all_points = [(r.number, r.search) for r in ranked]
+        held_out = has_selection([*rows, *refs])
+        tables = [PageTable(  # the terminal's tables, cell for cell
+            f"Pareto front of {space.study_name}", front_columns(names, held_out),
+            [front_cells(r, held_out, best=best) for r in [*refs, *rows]],
+            ["reference"] * len(refs) + ["best" if r is best else "" for r in rows],
+        )]
+        if top and ranked:
+            tables.append(PageTable(
+                f"Top {min(top, len(ranked))} trials by weighted search score", front_columns(names, False),
+                [front_cells(r, False) for r in ranked[:top]],
+            ))
         written = plot_front(
             plot,
             objective_names=names,
-            trials=all_points,
+            trials=[(r.number, r.search) for r in ranked],
             front=[r.number for r in rows],
             references={r.label: r.search for r in refs},
-            title=f"{space.study_name}: Pareto front",
+            title=f"{space.study_name}: Pareto front" + (f" (best: trial {best.number})" if best is not None else ""),
+            best=best.number if best is not None else None,
+            base=space.base_model.name if space.base_model and space.base_model.name in {r.label for r in refs} else None,
+            tables=tables,
         )
         for path in written:
             console.print(f"wrote {path}")
