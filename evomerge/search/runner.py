@@ -20,6 +20,7 @@ from typing import Any
 
 from evomerge.config.space import SearchSpace
 from evomerge.errors import EvomergeError
+from evomerge.progress import SearchProgress
 from evomerge.search.pareto import pareto_front, weighted_score
 from evomerge.store import display_url
 from evomerge.store.trial_store import TrialStore
@@ -177,40 +178,37 @@ def _short(error: BaseException) -> str:
     return (text[0] if text else type(error).__name__)[:500]
 
 
-class _Progress:
-    """One progress bar: trials done/total, best so far, front size, ETA."""
+def _note_study(space, store, study, genome, *, finished, front=None, best=None, selection_errors=None) -> None:
+    """What the dashboard shows of the study: its attributes and note (parents, front, best), and at
+    the end each finalist's note (held-out scores, the best marked)."""
+    from evomerge.search import annotate
 
-    def __init__(self, total: int | None, enabled: bool, done: int):
-        self.enabled = enabled
-        self._progress = None
-        if not enabled:
+    try:
+        front = compute_front(space, store) if front is None else front
+        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        records = store.trials(space.study_name)
+        seeds = {n: annotate.role(t.user_attrs) for n, t in trials.items() if t.user_attrs.get("seed")}
+        references = reference_rows(space, store)
+        names = [o.label for o in space.objectives]
+        methods = annotate.methods_line(genome, trials[best.number].params) if best is not None and best.number in trials else None
+        annotate.set_study_attrs(study, annotate.study_attrs(names, references, best, seeds, finished=finished, methods=methods))
+        annotate.write_note(study, None, annotate.study_note(
+            space.study_name, space.objectives, front, references, best=best, seeds=seeds,
+            n_complete=sum(r.status == "complete" for r in records), n_failed=sum(r.status == "failed" for r in records),
+            finalists=space.search.finalists, finished=finished,
+        ))
+        if not finished:
             return
-        import sys
-
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self._progress = Progress(
-            TextColumn("search"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("best {task.fields[best]}  front {task.fields[front]}  failed {task.fields[failed]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True, force_terminal=sys.stderr.isatty()),
-            transient=False,
-        )
-        self._progress.start()
-        self._task = self._progress.add_task("search", total=total, completed=done, best="-", front=0, failed=0)
-
-    def update(self, *, advance: int = 0, **fields) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, advance=advance, **fields)
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+        errors = selection_errors or {}
+        noted = {r.number: r for r in front if r.selection or r.number in errors}
+        if best is not None:
+            noted[best.number] = best
+        for number, row in noted.items():
+            if number in trials:
+                annotate.write_note(study, trials[number]._trial_id, annotate.finalist_note(
+                    names, row.selection, is_best=row is best, error=errors.get(number)))
+    except Exception as error:  # the notes are a view: never fail a search over them
+        log.warning("could not write the dashboard notes: %s", _short(error))
 
 
 def _finished_count(study) -> int:
@@ -286,8 +284,8 @@ def pick_best(space: SearchSpace, front: Sequence[FrontRow]) -> FrontRow | None:
     return max(front, key=lambda r: scalarize(space, r.search))
 
 
-def _evaluate_all(pool, jobs: Sequence[tuple[Any, Mapping[str, Any]]], split: str) -> dict[Any, Any]:
-    """Evaluate several genomes on `split`, up to pool.size at once; key -> outcome."""
+def _evaluate_all(pool, jobs: Sequence[tuple[Any, Mapping[str, Any]]], split: str, on_done: Callable[[], Any] | None = None) -> dict[Any, Any]:
+    """Evaluate several genomes on `split`, up to pool.size at once; key -> outcome (on_done() after each)."""
     pending = list(jobs)
     running: dict[int, Any] = {}
     outcomes = {}
@@ -298,6 +296,8 @@ def _evaluate_all(pool, jobs: Sequence[tuple[Any, Mapping[str, Any]]], split: st
         outcome = pool.wait_any()
         if outcome is not None:
             outcomes[running.pop(outcome.ticket)] = outcome
+            if on_done is not None:
+                on_done()
     return outcomes
 
 
@@ -329,18 +329,24 @@ def run_search(
     total = n_trials or space.search.n_trials
     limit = timeout or space.search.timeout
     own_pool = pool is None and worker is None
-    if pool is None:
-        if worker is not None:
-            pool = InProcessPool(worker)
-        else:
-            genome = Genome(space)  # validates grouping and compatibility before any heavy work
-            pool = make_pool(space, workers=workers, verbose=verbose, genome=genome)  # checks tasks, loads sources
-    genome = pool.genome
+    bar = SearchProgress(total, enabled=progress)
     try:
-        return _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
+        if pool is None:
+            if worker is not None:
+                pool = InProcessPool(worker)
+            else:
+                genome = Genome(space)  # validates grouping and compatibility before any heavy work
+                bar.start_phase("loading", detail=f"{len(genome.models)} models")
+                pool = make_pool(space, workers=workers, verbose=verbose, genome=genome)  # checks tasks, loads sources
+                bar.advance()
+        genome = pool.genome
+        try:
+            return _search_loop(space, pool, genome, total, limit, bar, on_trial, started)
+        finally:
+            if own_pool:
+                pool.close()
     finally:
-        if own_pool:
-            pool.close()
+        bar.close()
 
 
 def _tell(study, trial, values=None, *, state=None) -> None:
@@ -353,9 +359,10 @@ def _tell(study, trial, values=None, *, state=None) -> None:
     _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state)
 
 
-def _search_loop(space, pool, genome, total, limit, progress, on_trial, started) -> SearchSummary:
+def _search_loop(space, pool, genome, total, limit, bar, on_trial, started) -> SearchSummary:
     from optuna.trial import TrialState
 
+    from evomerge.search import annotate
     from evomerge.search.storage import batched_params
 
     store = TrialStore(space.storage_url)
@@ -378,16 +385,23 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
 
     # Reference points: the base and every parent as they are.
     known = store.references(space.study_name, "search")
-    for name in reference_models:
-        if name not in known:
-            store.record_reference(space.study_name, name, str(genome.paths[name]), "search", pool.score_reference(name, "search"))
+    unscored = [name for name in reference_models if name not in known]
+    if unscored:
+        bar.start_phase("parents", len(unscored))
+    for name in unscored:
+        store.record_reference(space.study_name, name, str(genome.paths[name]), "search", pool.score_reference(name, "search"))
+        bar.advance()
+    _note_study(space, store, study, genome, finished=False)  # the parents' scores, on the dashboard from the start
 
-    bar = _Progress(total, progress, _finished_count(study))
+    bar.start_phase("search", total, done=_finished_count(study))
     directions = [o.direction for o in space.objectives]
     # Values of completed trials, kept in memory for the progress bar (no database read per trial).
     seen = compute_front(space, store)
     search_values = [row.search for row in seen]
-    best_so_far = max((scalarize(space, v) for v in search_values), default=-math.inf)
+    leader = max(seen, key=lambda row: scalarize(space, row.search), default=None)
+    best_so_far = scalarize(space, leader.search) if leader else -math.inf
+    bar.update(front=len(seen), failed=len(store.trials(space.study_name, status="failed")),
+               best=(leader.number, leader.mean()) if leader else None)
     in_flight: dict[int, tuple[Any, dict[str, Any], float]] = {}
     stopping = False
     try:
@@ -405,12 +419,14 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
                     params = genome.suggest(trial)
                 store.start_trial(space.study_name, trial.number, params, worker=getattr(pool, "name", None))
                 in_flight[pool.submit(params, "search")] = (trial, params, asked)
+                bar.update(in_flight=len(in_flight))
             if not in_flight and not pool.recovering():
                 break
             outcome = pool.wait_any()
             if outcome is None:  # a restarted worker is back; go and give it work
                 continue
             trial, params, asked = in_flight.pop(outcome.ticket)
+            bar.update(in_flight=len(in_flight))
             result, error = outcome.result, outcome.error
             values: list[float] = []
             if error is None:
@@ -425,10 +441,12 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
                 log.warning("trial %d failed: %s", trial.number, reason)
                 store.fail_trial(space.study_name, trial.number, reason)
                 trial.set_user_attr("failure", reason)
+                trial.set_user_attr("methods", annotate.methods_line(genome, params))
                 _tell(study, trial, state=TrialState.FAIL)
                 if outcome.worker_died and trial.user_attrs.get("retry_of") is None:
                     study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
-                bar.update(advance=1, failed=len(store.trials(space.study_name, status="failed")))
+                bar.update(failed=len(store.trials(space.study_name, status="failed")))
+                bar.advance()
                 continue
             told = told_values(space, values)
             store.finish_trial(
@@ -442,40 +460,55 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started)
                 device=result.device,
                 weights_hash=result.weights_hash,
             )
-            if not space.multi_objective:  # the dashboard shows the weighted sum; keep the per-skill values beside it
-                trial.set_user_attr("objectives", dict(zip(objective_names, values)))
-            _tell(study, trial, told)  # every other detail is in the trial store (one optuna write per attr)
+            wall_seconds = time.perf_counter() - asked
+            annotate.set_trial_attrs(trial, annotate.search_attrs(  # what the dashboard shows of the trial
+                objective_names, values, methods=annotate.methods_line(genome, params),
+                weights_hash=result.weights_hash, role_text=annotate.role(trial.user_attrs),
+                seconds={"merge": result.merge_seconds, "hash": result.extra.get("hash_seconds"),
+                         "eval": result.eval_seconds, "trial": wall_seconds},
+            ))
+            _tell(study, trial, told)  # every other detail is in the trial store
             if on_trial is not None:
                 on_trial({
-                    "number": trial.number, "wall_seconds": time.perf_counter() - asked, "values": values,
+                    "number": trial.number, "wall_seconds": wall_seconds, "values": values,
                     "merge_seconds": result.merge_seconds, "eval_seconds": result.eval_seconds,
                     "hash_seconds": result.extra.get("hash_seconds", 0.0), "worker": result.worker,
                 })
-            best_so_far = max(best_so_far, scalarize(space, values))
+            if scalarize(space, values) > best_so_far:
+                best_so_far = scalarize(space, values)
+                bar.update(best=(trial.number, annotate.mean(values)))
             search_values.append(values)
-            bar.update(advance=1, best=f"{best_so_far:.3f}", front=len(pareto_front(search_values, directions)))
+            bar.update(front=len(pareto_front(search_values, directions)))
+            bar.advance()
     finally:
         bar.close()
 
     # Selection: re-score the best front members on held-out tasks before calling anything best.
     front = compute_front(space, store)
+    selection_errors: dict[int, str] = {}
     if pool.has_selection:
         known = store.references(space.study_name, "selection")
-        for name in reference_models:
-            if name not in known:
-                store.record_reference(
-                    space.study_name, name, str(genome.paths[name]), "selection", pool.score_reference(name, "selection")
-                )
+        unscored = [name for name in reference_models if name not in known]
         jobs = [(row.number, store.trial(space.study_name, row.number).genome) for row in front[: space.search.finalists] if row.selection is None]
-        for number, outcome in _evaluate_all(pool, jobs, "selection").items():
+        if unscored or jobs:
+            bar.start_phase("selection", len(unscored) + len(jobs))
+        for name in unscored:
+            store.record_reference(
+                space.study_name, name, str(genome.paths[name]), "selection", pool.score_reference(name, "selection")
+            )
+            bar.advance()
+        for number, outcome in _evaluate_all(pool, jobs, "selection", on_done=bar.advance).items():
             if outcome.error is None:
                 store.record_scores(space.study_name, number, "selection", outcome.result.scores)
             else:
-                notes.append(f"trial {number}: selection scoring failed ({_short(outcome.error)})")
+                selection_errors[number] = _short(outcome.error)
+                notes.append(f"trial {number}: selection scoring failed ({selection_errors[number]})")
+        bar.close()
         front = compute_front(space, store)
     best = pick_best(space, front)
     if best is not None:
         study.set_user_attr("evomerge_best_trial", best.number)
+    _note_study(space, store, study, genome, finished=True, front=front, best=best, selection_errors=selection_errors)
     trials = store.trials(space.study_name)
     return SearchSummary(
         study_name=space.study_name,
