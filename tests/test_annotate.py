@@ -103,3 +103,30 @@ def test_study_note_and_attrs_mark_the_best_and_the_parents():
     assert attrs["evomerge: enqueued trials"] == "trial 0: parent close alone"
     running = annotate.study_attrs(names, parents, None, {}, finished=False)
     assert running["evomerge: best"] == "chosen when the search ends" and "evomerge: enqueued trials" not in running
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_trial_attrs_are_written_at_once_and_frozen_after_the_trial(tmp_path, backend):
+    import os
+
+    import optuna
+
+    from evomerge.search.runner import _optuna_storage
+
+    if backend == "postgresql":
+        url = os.environ.get("EVOMERGE_TEST_POSTGRES_URL")
+        if not url:
+            pytest.skip("EVOMERGE_TEST_POSTGRES_URL is not set (scripts/with-postgres.sh sets it)")
+    else:
+        url = f"sqlite:///{tmp_path / 'attrs.db'}"
+    study = optuna.create_study(storage=_optuna_storage(url), study_name=f"attrs-{tmp_path.name}")
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    trial.set_user_attr("seed", "parent:close")
+    trial.set_user_attr("mean", "stale")
+    attrs = {"score: close": 0.5, "mean": 0.5, "methods": "layers 0-3 ties", "role": "parent close alone"}
+    annotate.set_trial_attrs(trial, attrs)
+    study.tell(trial, 0.5)
+    assert study.trials[-1].user_attrs == {"seed": "parent:close", **attrs}
+    with pytest.raises(Exception, match="finished"):
+        annotate.set_trial_attrs(trial, {"mean": 1.0})
