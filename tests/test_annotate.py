@@ -35,6 +35,7 @@ def test_methods_line_joins_equal_neighbouring_groups(family, tmp_path):
     assert annotate.methods_line(genome, params) == (
         "layers 0-1 ties, layer 2 task_arithmetic, layer 3 ties, embeddings ties, head ties"
     )
+    assert annotate.methods_line(genome, {}) == "layers 0-3 ?, embeddings ?, head ?"  # no genes: never raises
     fixed = make_genome(family, tmp_path, layer_granularity=2, methods=["ties"], embeddings=False, head=False)
     assert annotate.methods_line(fixed, {}) == "layers 0-3 ties"
 

@@ -47,9 +47,16 @@ def methods_line(genome, params: Mapping[str, Any]) -> str:
     E.g. "layers 0-3 ties, layers 4-7 task_arithmetic, embeddings ties, head ties".
     """
     layers = genome.layout.num_layers
+
+    def method_of(block: str) -> str:  # "?" where the genome lacks the gene (a trial failed before it was drawn)
+        try:
+            return genome.method_of(params, block)
+        except KeyError:
+            return "?"
+
     runs: list[list[Any]] = []  # [first layer, last layer, method]
     for index, block in enumerate(genome.blocks):
-        method = genome.method_of(params, block.name)
+        method = method_of(block.name)
         first, last = index * genome.granularity, (index + 1) * genome.granularity - 1
         if runs and runs[-1][2] == method:
             runs[-1][1] = last
@@ -61,9 +68,9 @@ def methods_line(genome, params: Mapping[str, Any]) -> str:
     ]
     spec = genome.space.genome
     if spec.embeddings:
-        parts.append(f"embeddings {genome.method_of(params, 'emb')}")
+        parts.append(f"embeddings {method_of('emb')}")
     if spec.head:
-        parts.append(f"head {genome.method_of(params, 'head')}")
+        parts.append(f"head {method_of('head')}")
     return ", ".join(parts)
 
 
