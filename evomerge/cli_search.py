@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from evomerge.errors import EvomergeError
+from evomerge.errors import ConfigError, EvomergeError
 
 STUDY_HELP = "A space file (space.yml), or a study name together with --storage."
 
@@ -78,6 +78,10 @@ def front(
     from evomerge.search.runner import FrontRow, compute_front, objective_values, pick_best, reference_rows, scalarize
     from evomerge.store.trial_store import TrialStore, display_url
 
+    if top < 0:
+        raise ConfigError(f"expected 0 or more trials to list, got {top}", field="--top")
+    if plot is not None:
+        _check_plot_path(plot)
     space = load_study_space(study, storage)
     store = TrialStore(space.storage_url)
     if store.study_info(space.study_name) is None:
@@ -117,19 +121,33 @@ def front(
                 f"Top {min(top, len(ranked))} trials by weighted search score", front_columns(names, False),
                 [front_cells(r, False) for r in ranked[:top]],
             ))
-        written = plot_front(
-            plot,
-            objective_names=names,
-            trials=[(r.number, r.search) for r in ranked],
-            front=[r.number for r in rows],
-            references={r.label: r.search for r in refs},
-            title=f"{space.study_name}: Pareto front" + (f" (best: trial {best.number})" if best is not None else ""),
-            best=best.number if best is not None else None,
-            base=space.base_model.name if space.base_model and space.base_model.name in {r.label for r in refs} else None,
-            tables=tables,
-        )
+        try:
+            written = plot_front(
+                plot,
+                objective_names=names,
+                trials=[(r.number, r.search) for r in ranked],
+                front=[r.number for r in rows],
+                references={r.label: r.search for r in refs},
+                title=f"{space.study_name}: Pareto front" + (f" (best: trial {best.number})" if best is not None else ""),
+                best=best.number if best is not None else None,
+                base=space.base_model.name if space.base_model and space.base_model.name in {r.label for r in refs} else None,
+                tables=tables,
+            )
+        except OSError as error:
+            raise ConfigError(f"cannot write {plot}: {error.strerror or error}", field="--plot") from None
         for path in written:
             console.print(f"wrote {path}")
+
+
+def _check_plot_path(plot: Path) -> None:
+    """Before any work: --plot must name a .png file whose folder is, or can be, a folder."""
+    if plot.suffix.lower() != ".png":
+        raise ConfigError(f"expected a .png file (the HTML page is written beside it), got '{plot}'", field="--plot")
+    if plot.is_dir():
+        raise ConfigError(f"'{plot}' is a folder; expected a .png file path", field="--plot")
+    folder = next((p for p in plot.parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise ConfigError(f"'{folder}' is a file, so '{plot}' cannot be written", field="--plot")
 
 
 def export(

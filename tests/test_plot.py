@@ -75,3 +75,32 @@ def test_the_page_shows_the_given_tables_with_their_marks(tmp_path):
            "<td>0123456789ab</td></tr>" in text
     assert '<tr class="reference"><td>base</td>' in text
     assert "<script" not in text and "http" not in text
+
+
+def test_front_refuses_a_plot_path_it_cannot_write_before_any_work(tmp_path):
+    """The real console script: one line naming --plot or --top, exit 2, no traceback, nothing written."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    script = Path(sys.executable).with_name("evomerge")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "evomerge.cli"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    (tmp_path / "folder.png").mkdir()
+    cases = [
+        (["--plot", str(tmp_path)], "--plot: expected a .png file"),
+        (["--plot", str(tmp_path / "front.svg")], "--plot: expected a .png file"),
+        (["--plot", str(tmp_path / "folder.png")], "is a folder"),
+        (["--plot", str(a_file / "front.png")], "is a file, so"),
+        (["--top", "-2"], "--top: expected 0 or more"),
+    ]
+    for options, message in cases:
+        done = subprocess.run([*command, "front", str(tmp_path / "space.yml"), *options], capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.png", "notes.txt"] and a_file.read_text() == "mine"
