@@ -42,6 +42,12 @@ def passive_openmp_in_effect() -> bool:
     return os.environ.get("OMP_WAIT_POLICY", "").upper() == WAIT_POLICY
 
 
+def torch_loaded_without_policy() -> bool:
+    """True when torch was loaded before evomerge could choose the policy and nobody had chosen one
+    (a library user who imported torch first): the process spins. A policy the user set is theirs."""
+    return bool(_torch_loaded_before_policy)
+
+
 def available_cores() -> int:
     """Cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (containers)."""
     try:

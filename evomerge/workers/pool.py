@@ -18,7 +18,7 @@ from typing import Any
 
 from evomerge.config.space import SearchSpace
 from evomerge.errors import EvomergeError
-from evomerge.threads import WAIT_POLICY, passive_openmp_in_effect, worker_threads
+from evomerge.threads import WAIT_POLICY, torch_loaded_without_policy, worker_threads
 
 log = logging.getLogger("evomerge.workers")
 
@@ -381,7 +381,7 @@ def make_pool(space: SearchSpace, *, workers: int | None = None, verbose: bool =
 
         from evomerge.search.worker import CandidateWorker
 
-        if not passive_openmp_in_effect():
+        if torch_loaded_without_policy():
             log.warning(
                 "torch was imported before evomerge, without OMP_WAIT_POLICY=%s: on a busy machine each trial "
                 "can be several times slower; set it in the environment (or import evomerge first)", WAIT_POLICY,
