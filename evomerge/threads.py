@@ -66,13 +66,13 @@ def available_cores() -> int:
 def worker_threads(cpus: float | None = None) -> int:
     """torch threads for one candidate worker.
 
-    `cpus`: the CPUs reserved for the worker (a Ray actor's num_cpus); None for a worker that has
-    the machine to itself (one in-process worker): every available core. OMP_NUM_THREADS, when
-    set, is the user's choice and wins in both cases.
+    `cpus`: the CPUs reserved for the worker (a Ray actor's num_cpus): that many, as Ray's
+    scheduling assumes. None for a worker that has the machine to itself (one in-process worker):
+    OMP_NUM_THREADS when the user set it, else every available core.
     """
+    if cpus is not None:
+        return max(1, int(cpus))
     chosen = os.environ.get("OMP_NUM_THREADS", "").strip()
     if chosen.isdigit() and int(chosen) > 0:
         return int(chosen)
-    if cpus is not None:
-        return max(1, int(cpus))
     return available_cores()

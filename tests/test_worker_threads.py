@@ -50,8 +50,10 @@ def test_thread_count_for_a_worker(monkeypatch):
     assert worker_threads() == available_cores() >= 1  # a single worker: every core it may use
     assert worker_threads(1.0) == 1 and worker_threads(2.5) == 2  # a Ray actor: its CPUs
     assert available_cores() <= len(os.sched_getaffinity(0))
-    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
-    assert worker_threads() == 3 and worker_threads(1.0) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice, for the worker that has the machine
+    assert worker_threads() == 3 and worker_threads(1.0) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    assert worker_threads() == available_cores()
 
 
 @pytest.mark.slow
