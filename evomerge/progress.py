@@ -102,8 +102,7 @@ class SearchProgress:
         self.front = 0
         self.best_mean: float | None = None
         self.best_trial: int | None = None
-        self._started = time.monotonic()
-        self._phase_started = self._started
+        self._phase_started = time.monotonic()
         self._phase_done_at_start = 0
         self._last_line_at = 0
         self._rich = None
@@ -114,6 +113,8 @@ class SearchProgress:
         """Enter `phase` (one of PHASES) with `total` steps, `done` of them already finished."""
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r} (phases: {', '.join(PHASES)})")
+        if self._task is not None and self.phase_total is None:  # a phase of unknown length ends complete
+            self._rich.update(self._task, total=max(self.done, 1), completed=max(self.done, 1))
         self.phase, self.phase_total, self.done = phase, total, done
         self._phase_started = time.monotonic()
         self._phase_done_at_start = done
@@ -122,11 +123,9 @@ class SearchProgress:
             return
         description = PHASES[phase] + (f" ({detail})" if detail else "")
         if self.terminal:  # one bar per phase: the finished phases stay on screen above
-            bar = self._bar()
             if self._task is not None:
-                finished = bar.tasks[-1]
-                bar.update(self._task, total=finished.completed or 1, completed=finished.completed or 1, status="")
-            self._task = bar.add_task(description, total=total, completed=done, status=self._status())
+                self._rich.update(self._task, status="")
+            self._task = self._bar().add_task(description, total=total, completed=done, status=self._status())
         else:
             counted = f": {done}/{total}" if total is not None else ""
             self._line(f"{description}{counted}")
