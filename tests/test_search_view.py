@@ -133,8 +133,8 @@ def page_text(chromium: str, url: str, profile: Path, expect: str) -> str:
     if os.geteuid() == 0:
         command.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
     text = ""
-    for _ in range(3):  # bounded: a slow machine may need another go for the data to arrive
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    for _ in range(2):  # bounded: a slow machine may need another go for the data to arrive
+        done = subprocess.run(command, capture_output=True, text=True, timeout=90)
         dom = re.sub(r"<(script|style|svg)\b.*?</\1>", " ", done.stdout, flags=re.S)
         text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", dom)))
         if expect in text:
