@@ -63,16 +63,33 @@ def available_cores() -> int:
     return max(1, cores)
 
 
+def idle_cores() -> int:
+    """Available cores that other processes do not already keep busy, at least one.
+
+    Busy cores: the 1-minute load average, whole processes only (floor; an idle machine's load
+    is a fraction). On a loaded machine one thread per idle core beats one per core, because
+    threads that must wait for a busy core hold the others up at every parallel step
+    (results/scaling.md). In a container the load average is the host's: it can only make the
+    count smaller, never larger than the container's quota.
+    """
+    cores = available_cores()
+    try:
+        busy = math.floor(min(os.getloadavg()[0], cores))
+    except OSError:
+        busy = 0
+    return max(1, cores - busy)
+
+
 def worker_threads(cpus: float | None = None) -> int:
     """torch threads for one candidate worker.
 
     `cpus`: the CPUs reserved for the worker (a Ray actor's num_cpus): that many, as Ray's
     scheduling assumes. None for a worker that has the machine to itself (one in-process worker):
-    OMP_NUM_THREADS when the user set it, else every available core.
+    OMP_NUM_THREADS when the user set it, else one per idle core (`idle_cores`).
     """
     if cpus is not None:
         return max(1, int(cpus))
     chosen = os.environ.get("OMP_NUM_THREADS", "").strip()
     if chosen.isdigit() and int(chosen) > 0:
         return int(chosen)
-    return available_cores()
+    return idle_cores()

@@ -47,13 +47,16 @@ def test_torch_imported_before_evomerge_keeps_spinning_and_is_detected():
 
 def test_thread_count_for_a_worker(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert worker_threads() == available_cores() >= 1  # a single worker: every core it may use
+    cores = available_cores()
+    for load, idle in [(0.0, cores), (0.9, cores), (1.0, max(1, cores - 1)), (cores + 5.0, 1)]:
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert worker_threads() == idle, load  # a single worker: one thread per core others leave idle
     assert worker_threads(1.0) == 1 and worker_threads(2.5) == 2  # a Ray actor: its CPUs
     assert available_cores() <= len(os.sched_getaffinity(0))
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice, for the worker that has the machine
     assert worker_threads() == 3 and worker_threads(1.0) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "many")
-    assert worker_threads() == available_cores()
+    assert worker_threads() == 1  # not a count: ignored (the load set above leaves one core)
 
 
 @pytest.mark.slow

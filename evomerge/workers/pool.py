@@ -373,7 +373,7 @@ def make_pool(space: SearchSpace, *, workers: int | None = None, verbose: bool =
     """In-process for one worker on a local machine; Ray actors otherwise.
 
     The in-process worker gets the thread settings of a Ray actor that has the machine to itself:
-    passive OpenMP waiting (set when evomerge is imported) and one torch thread per available core.
+    passive OpenMP waiting (set when evomerge is imported) and one torch thread per idle core.
     """
     count = workers or space.search.workers
     if count <= 1 and not space.ray.address and not os.environ.get("RAY_ADDRESS"):
