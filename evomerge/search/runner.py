@@ -460,17 +460,16 @@ def _search_loop(space, pool, genome, total, limit, bar, on_trial, started) -> S
                 device=result.device,
                 weights_hash=result.weights_hash,
             )
-            wall_seconds = time.perf_counter() - asked
             annotate.set_trial_attrs(trial, annotate.search_attrs(  # what the dashboard shows of the trial
                 objective_names, values, methods=annotate.methods_line(genome, params),
                 weights_hash=result.weights_hash, role_text=annotate.role(trial.user_attrs),
                 seconds={"merge": result.merge_seconds, "hash": result.extra.get("hash_seconds"),
-                         "eval": result.eval_seconds, "trial": wall_seconds},
+                         "eval": result.eval_seconds, "trial": time.perf_counter() - asked},
             ))
             _tell(study, trial, told)  # every other detail is in the trial store
             if on_trial is not None:
                 on_trial({
-                    "number": trial.number, "wall_seconds": wall_seconds, "values": values,
+                    "number": trial.number, "wall_seconds": time.perf_counter() - asked, "values": values,
                     "merge_seconds": result.merge_seconds, "eval_seconds": result.eval_seconds,
                     "hash_seconds": result.extra.get("hash_seconds", 0.0), "worker": result.worker,
                 })
