@@ -12,7 +12,8 @@ attributes, so those go to notes: a section in each finalist's note and the stud
 front and the parents' scores as a table). A note section written by evomerge is rewritten by
 each run; whatever a user wrote around it in the dashboard is kept.
 
-The functions that build text and attributes are pure; `write_note` is the one that writes.
+The functions that build text and attributes are pure; `write_note`, `set_study_attrs` and
+`set_trial_attrs` write them.
 """
 
 from __future__ import annotations
