@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import importlib
 
+from evomerge.threads import prefer_passive_openmp
+
+# Before anything imports torch: candidate workers wait passively (evomerge/threads.py says why).
+prefer_passive_openmp()
+
 __version__ = "0.1.0"
 
 _EXPORTS = {

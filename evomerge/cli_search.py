@@ -10,7 +10,7 @@ import typer
 
 from evomerge import cli_checks
 from evomerge.cli_checks import PORT_MAX, SEED_MAX, TRIALS_MAX, WORKERS_MAX
-from evomerge.errors import EvomergeError
+from evomerge.errors import ConfigError, EvomergeError
 
 STUDY_HELP = "A space file (space.yml), or a study name together with --storage."
 
@@ -129,17 +129,34 @@ def front(
     if failed:
         console.print(f"{len(failed)} failed trial(s), e.g. trial {failed[-1].number}: {failed[-1].failure}")
     if plot is not None:
-        from evomerge.search.plot import plot_front
+        from evomerge.search.plot import PageTable, plot_front
+        from evomerge.search.report import front_cells, front_columns, has_selection
 
-        all_points = [(r.number, r.search) for r in ranked]
-        written = plot_front(
-            plot,
-            objective_names=names,
-            trials=all_points,
-            front=[r.number for r in rows],
-            references={r.label: r.search for r in refs},
-            title=f"{space.study_name}: Pareto front",
-        )
+        held_out = has_selection([*rows, *refs])
+        tables = [PageTable(  # the terminal's tables, cell for cell
+            f"Pareto front of {space.study_name}", front_columns(names, held_out),
+            [front_cells(r, held_out, best=best) for r in [*refs, *rows]],
+            ["reference"] * len(refs) + ["best" if r is best else "" for r in rows],
+        )]
+        if top and ranked:
+            tables.append(PageTable(
+                f"Top {min(top, len(ranked))} trials by weighted search score", front_columns(names, False),
+                [front_cells(r, False) for r in ranked[:top]],
+            ))
+        try:
+            written = plot_front(
+                plot,
+                objective_names=names,
+                trials=[(r.number, r.search) for r in ranked],
+                front=[r.number for r in rows],
+                references={r.label: r.search for r in refs},
+                title=f"{space.study_name}: Pareto front" + (f" (best: trial {best.number})" if best is not None else ""),
+                best=best.number if best is not None else None,
+                base=space.base_model.name if space.base_model and space.base_model.name in {r.label for r in refs} else None,
+                tables=tables,
+            )
+        except OSError as error:
+            raise ConfigError(f"cannot write {plot}: {error.strerror or error}", field="--plot") from None
         for path in written:
             console.print(f"wrote {path}")
 

@@ -10,6 +10,29 @@ from evomerge.search.catalog import fmt
 from evomerge.search.runner import FrontRow
 
 
+HASH_CHARS = 12  # of the weights hash, in every table (enough to tell trials apart)
+
+
+def has_selection(rows: Sequence[FrontRow]) -> bool:
+    """Whether any row was re-scored on held-out tasks (the tables then get that column)."""
+    return any(r.selection for r in rows)
+
+
+def front_columns(objective_names: Sequence[str], held_out: bool) -> list[str]:
+    """The columns of every front table (terminal, HTML page, dashboard note), in order."""
+    return ["model", *objective_names, "mean", *(["held-out mean"] if held_out else []), "weights"]
+
+
+def front_cells(row: FrontRow, held_out: bool, *, best: FrontRow | None = None) -> list[str]:
+    """One row's cells under `front_columns`: the best is labelled "(best)"."""
+    label = row.label + (" (best)" if best is not None and row is best else "")
+    cells = [label, *[fmt(v) for v in row.search], fmt(row.mean("search"))]
+    if held_out:
+        cells.append(fmt(row.mean("selection")) if row.selection else "-")
+    cells.append((row.weights_hash or "")[:HASH_CHARS])
+    return cells
+
+
 def front_table(
     objective_names: Sequence[str],
     front: Sequence[FrontRow],
@@ -18,23 +41,17 @@ def front_table(
     best: FrontRow | None = None,
     title: str = "Pareto front",
 ) -> Table:
-    has_selection = any(r.selection for r in [*front, *references])
+    held_out = has_selection([*front, *references])
     table = Table(title=title, title_justify="left")
     table.add_column("model")
     for name in objective_names:
         table.add_column(name, justify="right")
-    table.add_column("mean", justify="right", style="bold")
-    if has_selection:
-        table.add_column("held-out mean", justify="right", style="bold")
+    for name in front_columns(objective_names, held_out)[1 + len(objective_names) : -1]:  # the means
+        table.add_column(name, justify="right", style="bold")
     table.add_column("weights", justify="left", style="dim")
 
     def add(row: FrontRow, style: str | None = None) -> None:
-        label = row.label + (" (best)" if best is not None and row is best else "")
-        cells = [label, *[fmt(v) for v in row.search], fmt(row.mean("search"))]
-        if has_selection:
-            cells.append(fmt(row.mean("selection")) if row.selection else "-")
-        cells.append((row.weights_hash or "")[:12])
-        table.add_row(*cells, style=style)
+        table.add_row(*front_cells(row, held_out, best=best), style=style)
 
     for row in references:
         add(row, style="cyan")

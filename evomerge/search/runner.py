@@ -20,6 +20,7 @@ from typing import Any
 
 from evomerge.config.space import SearchSpace
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.progress import SearchProgress
 from evomerge.search.pareto import pareto_front, weighted_score
 from evomerge.store import display_url
 from evomerge.store.lease import StudyLease
@@ -238,40 +239,37 @@ def _short(error: BaseException) -> str:
     return (text[0] if text else type(error).__name__)[:500]
 
 
-class _Progress:
-    """One progress bar: trials done/total, best so far, front size, ETA."""
+def _note_study(space, store, study, genome, *, finished, front=None, best=None, selection_errors=None) -> None:
+    """What the dashboard shows of the study: its attributes and note (parents, front, best), and at
+    the end each finalist's note (held-out scores, the best marked)."""
+    from evomerge.search import annotate
 
-    def __init__(self, total: int | None, enabled: bool, done: int):
-        self.enabled = enabled
-        self._progress = None
-        if not enabled:
+    try:
+        front = compute_front(space, store) if front is None else front
+        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        records = store.trials(space.study_name)
+        seeds = {n: annotate.role(t.user_attrs) for n, t in trials.items() if t.user_attrs.get("seed")}
+        references = reference_rows(space, store)
+        names = [o.label for o in space.objectives]
+        methods = annotate.methods_line(genome, trials[best.number].params) if best is not None and best.number in trials else None
+        annotate.set_study_attrs(study, annotate.study_attrs(names, references, best, seeds, finished=finished, methods=methods))
+        annotate.write_note(study, None, annotate.study_note(
+            space.study_name, space.objectives, front, references, best=best, seeds=seeds,
+            n_complete=sum(r.status == "complete" for r in records), n_failed=sum(r.status == "failed" for r in records),
+            finalists=space.search.finalists, finished=finished,
+        ))
+        if not finished:
             return
-        import sys
-
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self._progress = Progress(
-            TextColumn("search"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("best {task.fields[best]}  front {task.fields[front]}  failed {task.fields[failed]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True, force_terminal=sys.stderr.isatty()),
-            transient=False,
-        )
-        self._progress.start()
-        self._task = self._progress.add_task("search", total=total, completed=done, best="-", front=0, failed=0)
-
-    def update(self, *, advance: int = 0, **fields) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, advance=advance, **fields)
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+        errors = selection_errors or {}
+        noted = {r.number: r for r in front if r.selection or r.number in errors}
+        if best is not None:
+            noted[best.number] = best
+        for number, row in noted.items():
+            if number in trials:
+                annotate.write_note(study, trials[number]._trial_id, annotate.finalist_note(
+                    names, row.selection, is_best=row is best, error=errors.get(number)))
+    except Exception as error:  # the notes are a view: never fail a search over them
+        log.warning("could not write the dashboard notes: %s", _short(error))
 
 
 def _finished_count(study) -> int:
@@ -347,8 +345,8 @@ def pick_best(space: SearchSpace, front: Sequence[FrontRow]) -> FrontRow | None:
     return max(front, key=lambda r: scalarize(space, r.search))
 
 
-def _evaluate_all(pool, jobs: Sequence[tuple[Any, Mapping[str, Any]]], split: str) -> dict[Any, Any]:
-    """Evaluate several genomes on `split`, up to pool.size at once; key -> outcome."""
+def _evaluate_all(pool, jobs: Sequence[tuple[Any, Mapping[str, Any]]], split: str, on_done: Callable[[], Any] | None = None) -> dict[Any, Any]:
+    """Evaluate several genomes on `split`, up to pool.size at once; key -> outcome (on_done() after each)."""
     pending = list(jobs)
     running: dict[int, Any] = {}
     outcomes = {}
@@ -359,6 +357,8 @@ def _evaluate_all(pool, jobs: Sequence[tuple[Any, Mapping[str, Any]]], split: st
         outcome = pool.wait_any()
         if outcome is not None:
             outcomes[running.pop(outcome.ticket)] = outcome
+            if on_done is not None:
+                on_done()
     return outcomes
 
 
@@ -396,19 +396,23 @@ def run_search(
     genome = pool.genome if pool is not None else preflight_space(space).genome
     # The database, the study, its lease and the space's fit with it: all before models load.
     store = TrialStore(space.storage_url)
+    bar = SearchProgress(total, enabled=progress)
     try:
         study = open_study(space)
         with StudyLease(store, space.study_name) as lease:
             notes = prepare_study(study, store, space, genome)
             if pool is None:
+                bar.start_phase("loading", detail=f"{len(genome.models)} models")
                 pool = make_pool(space, workers=workers, verbose=verbose, genome=genome)  # checks tasks, loads sources
+                bar.advance()
             try:
-                return _search_loop(space, pool, genome, total, limit, progress, on_trial, started,
+                return _search_loop(space, pool, genome, total, limit, bar, on_trial, started,
                                     study=study, store=store, lease=lease, notes=notes)
             finally:
                 if own_pool:
                     pool.close()
     finally:
+        bar.close()
         store.close()
 
 
@@ -471,9 +475,10 @@ def _tell(study, trial, values=None, *, state=None) -> None:
     _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state)
 
 
-def _search_loop(space, pool, genome, total, limit, progress, on_trial, started, *, study, store, lease, notes) -> SearchSummary:
+def _search_loop(space, pool, genome, total, limit, bar, on_trial, started, *, study, store, lease, notes) -> SearchSummary:
     from optuna.trial import TrialState
 
+    from evomerge.search import annotate
     from evomerge.search.storage import batched_params
 
     objective_names = [o.label for o in space.objectives]
@@ -482,17 +487,24 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started,
     # Reference points: the base and every parent as they are. Scored before the seeds are
     # queued, so a model that cannot be scored leaves no trial waiting in a fresh study.
     known = store.references(space.study_name, "search")
-    for name in reference_models:
-        if name not in known:
-            store.record_reference(space.study_name, name, str(genome.paths[name]), "search", _score_reference(pool, name, "search"))
+    unscored = [name for name in reference_models if name not in known]
+    if unscored:
+        bar.start_phase("parents", len(unscored))
+    for name in unscored:
+        store.record_reference(space.study_name, name, str(genome.paths[name]), "search", _score_reference(pool, name, "search"))
+        bar.advance()
     enqueue_seeds(study, space, genome)
+    _note_study(space, store, study, genome, finished=False)  # the parents' scores, on the dashboard from the start
 
-    bar = _Progress(total, progress, _finished_count(study))
+    bar.start_phase("search", total, done=_finished_count(study))
     directions = [o.direction for o in space.objectives]
     # Values of completed trials, kept in memory for the progress bar (no database read per trial).
     seen = compute_front(space, store)
     search_values = [row.search for row in seen]
-    best_so_far = max((scalarize(space, v) for v in search_values), default=-math.inf)
+    leader = max(seen, key=lambda row: scalarize(space, row.search), default=None)
+    best_so_far = scalarize(space, leader.search) if leader else -math.inf
+    bar.update(front=len(seen), failed=len(store.trials(space.study_name, status="failed")),
+               best=(leader.number, leader.mean()) if leader else None)
     in_flight: dict[int, tuple[Any, dict[str, Any], float]] = {}
     asking = None  # a trial asked for and not yet handed to a worker
     reporting = None  # a trial whose outcome is being stored and told
@@ -514,6 +526,7 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started,
                 store.start_trial(space.study_name, trial.number, params, worker=getattr(pool, "name", None))
                 in_flight[pool.submit(params, "search")] = (trial, params, asked)
                 asking = None
+                bar.update(in_flight=len(in_flight))
             if not in_flight and not pool.recovering():
                 break
             outcome = pool.wait_any()
@@ -521,6 +534,7 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started,
                 continue
             trial, params, asked = in_flight.pop(outcome.ticket)
             reporting = (trial, params)
+            bar.update(in_flight=len(in_flight))
             result, error = outcome.result, outcome.error
             values: list[float] = []
             if error is None:
@@ -536,11 +550,13 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started,
                 log.warning("trial %d failed: %s", trial.number, reason)
                 store.fail_trial(space.study_name, trial.number, reason)
                 trial.set_user_attr("failure", reason)
+                trial.set_user_attr("methods", annotate.methods_line(genome, params))
                 _tell(study, trial, state=TrialState.FAIL)
                 if outcome.worker_died and trial.user_attrs.get("retry_of") is None:
                     study.enqueue_trial(params, user_attrs={"retry_of": trial.number})
                 reporting = None
-                bar.update(advance=1, failed=len(store.trials(space.study_name, status="failed")))
+                bar.update(failed=len(store.trials(space.study_name, status="failed")))
+                bar.advance()
                 continue
             told = told_values(space, values)
             store.finish_trial(
@@ -554,9 +570,13 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started,
                 device=result.device,
                 weights_hash=result.weights_hash,
             )
-            if not space.multi_objective:  # the dashboard shows the weighted sum; keep the per-skill values beside it
-                trial.set_user_attr("objectives", dict(zip(objective_names, values)))
-            _tell(study, trial, told)  # every other detail is in the trial store (one optuna write per attr)
+            annotate.set_trial_attrs(trial, annotate.search_attrs(  # what the dashboard shows of the trial
+                objective_names, values, methods=annotate.methods_line(genome, params),
+                weights_hash=result.weights_hash, role_text=annotate.role(trial.user_attrs),
+                seconds={"merge": result.merge_seconds, "hash": result.extra.get("hash_seconds"),
+                         "eval": result.eval_seconds, "trial": time.perf_counter() - asked},
+            ))
+            _tell(study, trial, told)  # every other detail is in the trial store
             reporting = None
             if on_trial is not None:
                 on_trial({
@@ -564,9 +584,12 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started,
                     "merge_seconds": result.merge_seconds, "eval_seconds": result.eval_seconds,
                     "hash_seconds": result.extra.get("hash_seconds", 0.0), "worker": result.worker,
                 })
-            best_so_far = max(best_so_far, scalarize(space, values))
+            if scalarize(space, values) > best_so_far:
+                best_so_far = scalarize(space, values)
+                bar.update(best=(trial.number, annotate.mean(values)))
             search_values.append(values)
-            bar.update(advance=1, best=f"{best_so_far:.3f}", front=len(pareto_front(search_values, directions)))
+            bar.update(front=len(pareto_front(search_values, directions)))
+            bar.advance()
     except BaseException as error:
         # Outside a trial's own failure policy (the store, optuna, the pool, Ctrl-C): no trial of
         # this driver stays RUNNING; each is failed with the reason and its genome queued again.
@@ -582,29 +605,37 @@ def _search_loop(space, pool, genome, total, limit, progress, on_trial, started,
 
     # Selection: re-score the best front members on held-out tasks before calling anything best.
     front = compute_front(space, store)
+    selection_errors: dict[int, str] = {}
     if pool.has_selection:
         try:
             known = store.references(space.study_name, "selection")
-            for name in reference_models:
-                if name not in known:
-                    store.record_reference(
-                        space.study_name, name, str(genome.paths[name]), "selection", _score_reference(pool, name, "selection")
-                    )
+            unscored = [name for name in reference_models if name not in known]
             jobs = [(row.number, store.trial(space.study_name, row.number).genome) for row in front[: space.search.finalists] if row.selection is None]
-            for number, outcome in _evaluate_all(pool, jobs, "selection").items():
+            if unscored or jobs:
+                bar.start_phase("selection", len(unscored) + len(jobs))
+            for name in unscored:
+                store.record_reference(
+                    space.study_name, name, str(genome.paths[name]), "selection", _score_reference(pool, name, "selection")
+                )
+                bar.advance()
+            for number, outcome in _evaluate_all(pool, jobs, "selection", on_done=bar.advance).items():
                 if outcome.error is None:
                     store.record_scores(space.study_name, number, "selection", outcome.result.scores)
                 else:
-                    notes.append(f"trial {number}: selection scoring failed ({_short(outcome.error)})")
+                    selection_errors[number] = _short(outcome.error)
+                    notes.append(f"trial {number}: selection scoring failed ({selection_errors[number]})")
         except Exception as error:  # every trial is told already: keep the search, report the phase
             if isinstance(error, EvomergeError) and not isinstance(error, _ReferenceScoringError):
                 raise
             notes.append(f"selection phase stopped ({_short(error)}); the best is picked from what was scored")
+        finally:
+            bar.close()
         front = compute_front(space, store)
     best = pick_best(space, front)
     if best is not None:
         lease.check()
         study.set_user_attr("evomerge_best_trial", best.number)
+    _note_study(space, store, study, genome, finished=True, front=front, best=best, selection_errors=selection_errors)
     trials = store.trials(space.study_name)
     return SearchSummary(
         study_name=space.study_name,

@@ -25,6 +25,7 @@ same FrozenTrials (tests/test_search_storage.py compares them with RDBStorage's)
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Container, Iterator
 from contextlib import contextmanager
@@ -73,6 +74,20 @@ class BatchingRDBStorage(RDBStorage):
             pending, self._local.pending = self._local.pending, None
             if pending:
                 self._write_params(pending)
+
+    def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
+        """Several user attributes of one trial in one transaction: the same check and rows as
+        RDBStorage.set_trial_user_attr, which commits each attribute on its own."""
+        if not attrs:
+            return
+        table = models.TrialUserAttributeModel.__table__
+        with _create_scoped_session(self.scoped_session, True) as session:
+            trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
+            self.check_trial_is_updatable(trial_id, trial.state)
+            # replace: delete the keys that are there, insert all (dialect-independent upsert)
+            session.execute(sqlalchemy.delete(table).where(table.c.trial_id == trial_id, table.c.key.in_(list(attrs))))
+            session.execute(sqlalchemy.insert(table),
+                            [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()])
 
     def _set_trial_param(
         self,

@@ -9,6 +9,7 @@ reason, and the loop retries that genome once.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Mapping
@@ -17,6 +18,9 @@ from typing import Any
 
 from evomerge.config.space import SearchSpace
 from evomerge.errors import EvomergeError
+from evomerge.threads import WAIT_POLICY, torch_loaded_without_policy, worker_threads
+
+log = logging.getLogger("evomerge.workers")
 
 
 @dataclass
@@ -45,13 +49,17 @@ class WorkerPool:
 
 
 class InProcessPool(WorkerPool):
-    """The candidate is evaluated at submit time; wait_any hands back the finished outcome."""
+    """The candidate is evaluated at submit time; wait_any hands back the finished outcome.
 
-    def __init__(self, worker):
+    `restore_threads`: torch's thread count to put back on close (make_pool changed it).
+    """
+
+    def __init__(self, worker, *, restore_threads: int | None = None):
         self.worker = worker
         self.size = 1
         self._done: list[TrialOutcome] = []
         self._ticket = 0
+        self._restore_threads = restore_threads
 
     @property
     def genome(self):
@@ -87,7 +95,11 @@ class InProcessPool(WorkerPool):
         return self.worker.score_reference(name, split)
 
     def close(self) -> None:
-        pass
+        if self._restore_threads is not None:
+            import torch
+
+            torch.set_num_threads(self._restore_threads)
+            self._restore_threads = None
 
 
 def _worker_env() -> dict[str, str]:
@@ -96,9 +108,9 @@ def _worker_env() -> dict[str, str]:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_DATASETS_OFFLINE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Several torch processes on few cores: OpenMP threads that spin-wait for each other slow
-    # every process down by an order of magnitude; passive waiting avoids it.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The same wait policy as the in-process worker (evomerge/threads.py says why); a policy the
+    # user chose for the driver goes to the actors too.
+    env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", WAIT_POLICY)
     return env
 
 
@@ -115,7 +127,7 @@ def _actor_class():
             from evomerge.config.space import SearchSpace
             from evomerge.search.worker import CandidateWorker
 
-            torch.set_num_threads(max(1, threads))
+            torch.set_num_threads(threads)
             space = SearchSpace.model_validate(space_data)
             _check_paths_on_this_node(space)
             self.worker = CandidateWorker(space, device=device, verbose=verbose)
@@ -199,7 +211,7 @@ class RayPool(WorkerPool):
         if gpus is None:
             gpus = 1.0 if device.startswith("cuda") else 0.0
         actor_device = None if device == "auto" else ("cuda" if device.startswith("cuda") and gpus else device)
-        threads = max(1, int(space.ray.num_cpus_per_worker))
+        threads = worker_threads(space.ray.num_cpus_per_worker)
         actor = _actor_class().options(
             num_cpus=space.ray.num_cpus_per_worker,
             num_gpus=gpus,
@@ -358,10 +370,28 @@ def _first_line(error: BaseException) -> str:
 
 
 def make_pool(space: SearchSpace, *, workers: int | None = None, verbose: bool = False, genome=None) -> WorkerPool:
-    """In-process for one worker on a local machine; Ray actors otherwise."""
+    """In-process for one worker on a local machine; Ray actors otherwise.
+
+    The in-process worker gets the thread settings of a Ray actor that has the machine to itself:
+    passive OpenMP waiting (set when evomerge is imported) and one torch thread per idle core.
+    """
     count = workers or space.search.workers
     if count <= 1 and not space.ray.address and not os.environ.get("RAY_ADDRESS"):
+        import torch
+
         from evomerge.search.worker import CandidateWorker
 
-        return InProcessPool(CandidateWorker(space, verbose=verbose, genome=genome))
+        if torch_loaded_without_policy():
+            log.warning(
+                "torch was imported before evomerge, without OMP_WAIT_POLICY=%s: on a busy machine each trial "
+                "can be several times slower; set it in the environment (or import evomerge first)", WAIT_POLICY,
+            )
+        previous = torch.get_num_threads()
+        torch.set_num_threads(worker_threads())
+        try:
+            worker = CandidateWorker(space, verbose=verbose, genome=genome)
+        except BaseException:
+            torch.set_num_threads(previous)
+            raise
+        return InProcessPool(worker, restore_threads=previous)
     return RayPool(space, max(1, count), verbose=verbose, genome=genome)
