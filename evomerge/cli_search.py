@@ -210,6 +210,7 @@ def dashboard(
     """Serve optuna-dashboard over the study's database (Ctrl-C to stop)."""
     cli_checks.check_port_free(host, port)  # before the database is opened: a taken port is one line
     from evomerge.search.catalog import load_study_space
+    from evomerge.store.database import check_storage, database_errors
 
     from optuna_dashboard import run_server
 
@@ -218,10 +219,12 @@ def dashboard(
     else:
         space = load_study_space(study, storage)
         url, label = space.storage_url, space.study_name
+    check_storage(url, must_exist=True)  # optuna-dashboard would create a missing database
     typer.echo(f"optuna-dashboard on http://{host}:{port}/ (study '{label}'); Ctrl-C to stop")
     try:
         # In process, so the database URL (and any password in it) never shows on a command line.
-        run_server(url, host=host, port=port)
+        with database_errors(url, "opening it in optuna-dashboard"):
+            run_server(url, host=host, port=port)
     except KeyboardInterrupt:
         raise SystemExit(0) from None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -50,6 +51,12 @@ def evomerge(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess
     command = [str(script)] if script.exists() else [sys.executable, "-m", "evomerge.cli"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
     return subprocess.run([*command, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -106,7 +113,8 @@ def test_bad_storage_is_one_line_for_every_command(tmp_path, storage, expected):
     if "damaged" not in expected and "layout" not in expected:  # those open fine; their reads fail
         with pytest.raises(StorageError, match=expected):
             check_storage(storage)
-    for command in (["front", "s", "--storage", storage], ["studies", storage]):
+    dashboard = ["dashboard", "s", "--storage", storage, "--port", str(free_port())]
+    for command in (["front", "s", "--storage", storage], ["studies", storage], dashboard):
         err = one_line_error(evomerge(*command, cwd=tmp_path))
         assert re.search(expected, err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created
@@ -133,6 +141,8 @@ def test_reading_a_missing_database_creates_nothing(tmp_path):
     assert store.scores("s", "search") == {} and store.references("s", "search") == {}
     assert not path.exists()
     err = one_line_error(evomerge("front", "s", "--storage", f"sqlite:///{path}"))
+    assert "no database file" in err and not path.exists()
+    err = one_line_error(evomerge("dashboard", "s", "--storage", f"sqlite:///{path}", "--port", str(free_port())))
     assert "no database file" in err and not path.exists()
 
 

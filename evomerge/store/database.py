@@ -115,7 +115,8 @@ def storage_message(url: str, error: BaseException, doing: str = "") -> str:
         return f"{where}: the SQLite file is damaged ({_first_clause(detail)}); restore it from a copy or choose another file"
     if "no such column" in lowered or "no such table" in lowered or "undefinedcolumn" in lowered.replace(" ", ""):
         return (
-            f"{where}: its evomerge_* tables have another layout than this evomerge writes ({_first_clause(detail)}); "
+            f"{where}: its {'evomerge_* ' if 'evomerge_' in lowered else ''}tables have another layout than this "
+            f"evomerge and optuna write ({_first_clause(detail)}); "
             "use another database for this study"
         )
     if "unable to open database file" in lowered:
