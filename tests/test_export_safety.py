@@ -30,7 +30,13 @@ def run(argv) -> int:
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file's bytes, but SQLite's shared-memory index (`*.db-shm`), which any reader of a
+    WAL database rewrites (the in-process `run` above still holds the database open)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.endswith("-shm")
+    }
 
 
 def leftovers(folder: Path) -> list[str]:
