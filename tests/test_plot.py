@@ -92,15 +92,19 @@ def test_front_refuses_a_plot_path_it_cannot_write_before_any_work(tmp_path):
     a_file.write_text("mine")
     (tmp_path / "folder.png").mkdir()
     cases = [
-        (["--plot", str(tmp_path)], "--plot: expected a .png file"),
-        (["--plot", str(tmp_path / "front.svg")], "--plot: expected a .png file"),
+        (["--plot", str(tmp_path)], "is a folder; give a file name"),
+        (["--plot", str(tmp_path / "front.svg")], "expected a .png file name"),
         (["--plot", str(tmp_path / "folder.png")], "is a folder"),
-        (["--plot", str(a_file / "front.png")], "is a file, so"),
-        (["--top", "-2"], "--top: expected 0 or more"),
+        (["--plot", str(a_file / "front.png")], "is a file, not a folder"),
     ]
     for options, message in cases:
         done = subprocess.run([*command, "front", str(tmp_path / "space.yml"), *options], capture_output=True,
                               text=True, env=env, timeout=300)
         assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    # a negative --top is a usage error: click's usage line, then one error line naming the option
+    done = subprocess.run([*command, "front", str(tmp_path / "space.yml"), "--top", "-2"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and "--top" in done.stderr, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.png", "notes.txt"] and a_file.read_text() == "mine"

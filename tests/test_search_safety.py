@@ -149,7 +149,7 @@ def test_run_with_a_bad_storage_stops_before_models_load(tmp_path, demo_family, 
     space_file = write_space(tmp_path, demo_family, n_trials=1)
     assert run_cli(["run", str(space_file), "-q", "--storage", storage.replace("GARBAGE", f"sqlite:///{garbage}")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: storage ") and "\n" not in err and message in err, err
+    assert err.startswith("error: ") and "search.storage: storage " in err and "\n" not in err and message in err, err
     assert garbage.read_text() == "not a database\n" * 100
 
 
