@@ -353,7 +353,7 @@ class Corpus:
                 {"model": ft2, "layer_range": [0, 2], "parameters": {"weight": 1}}]}]}, None),
             "a filter list without value": (self.merge_config(models=models({"weight": [{"filter": "mlp"}], "density": 0.5})), None),
             "a filter that matches no tensor": (self.merge_config(models=models({"weight": [{"filter": "no_such_proj", "value": 0.2},
-                                                                                             {"value": 0.5}], "density": 0.5})), None),
+                                                                                             {"value": 0.5}], "density": 0.5})), "matches no tensor"),
         }
         cases = []
         for label, (data, warn) in variants.items():
@@ -437,7 +437,7 @@ class Corpus:
             "gene range with an infinite bound": {"genome.weight": [0.0, float("inf")]},
             "gene range reversed": {"genome.weight": [1.0, 0.0]},
             "density range outside [0, 1]": {"genome.density": [-0.5, 1.5]},
-            "layer_granularity: 0": {"genome.layer_granularity": 0},
+            "layer_granularity: 3 (does not divide the 4 layers)": {"genome.layer_granularity": 3},
             "layer_granularity: 3 (does not divide 4 layers)": {"genome.layer_granularity": 3},
             "layer_granularity: two": {"genome.layer_granularity": "two"},
             "methods: an unknown one": {"genome.methods": ["super_merge"]},

@@ -162,3 +162,21 @@ def test_a_missing_tensor_names_the_model_that_lacks_it(tmp_path, family):
         _plan(tmp_path, f"merge_method: linear\nmodels: [{{model: {family['ft1']}}}, {{model: {lacking}}}]\nparameters: {{weight: 1}}")
     message = str(info.value)
     assert message.startswith(f"{lacking}: layer 1 lacks ['mlp.down_proj.weight'] that {family['ft1']} layer 1 has"), message
+
+
+def test_a_filter_that_matches_no_tensor_is_one_warning_naming_the_field(tmp_path, family, caplog):
+    text = f"""
+merge_method: ties
+base_model: {family['base']}
+models:
+  - model: {family['ft1']}
+    parameters: {{weight: [{{filter: no_such_proj, value: 0.2}}, {{value: 0.5}}], density: 0.5}}
+  - model: {family['ft2']}
+    parameters: {{weight: 0.5, density: [{{filter: mlp, value: 0.3}}, {{value: 0.5}}]}}
+"""
+    with caplog.at_level("WARNING"):
+        plan = _plan(tmp_path, text)
+    warnings = [r.getMessage() for r in caplog.records if "matches no tensor" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "models.0.parameters.weight.0.filter" in warnings[0] and "no_such_proj" in warnings[0]
+    assert _recipe(plan, "model.layers.0.mlp.up_proj.weight") is not None  # still merged: mergekit accepts it

@@ -124,6 +124,7 @@ class Planner:
         self.models: dict[str, ModelDir] = dict(model_dirs or {})
         self.named_models = dict(named_models or {})  # earlier documents of a multi-merge file
         self.warnings: list[str] = []  # accepted but unusual values, one line each (also logged)
+        self._filters: list[tuple[str, str]] = []  # (field, tensor-name substring) of every filter entry
 
     def error(self, message: str, field: str | None = None) -> ConfigError:
         return ConfigError(message, file=self.file, field=field)
@@ -177,6 +178,7 @@ class Planner:
         for name in donor_layout.post:
             inputs = [(s.model, self._post_tensor_name(s.model, name, layouts[s.model])) for s in last.sources]
             recipes.append(self._recipe(method, name, last, inputs, t=0.0))
+        self._warn_unmatched_filters(recipes)
         math_dtype = DTYPE_NAMES[self.config.dtype] if self.config.dtype else None
         out_dtype = (
             DTYPE_NAMES[self.config.out_dtype]
@@ -343,6 +345,7 @@ class Planner:
 
     def _coerce_setting(self, setting: Any, name: str, is_bool: bool, field: str) -> Any:
         if isinstance(setting, list) and setting and all(isinstance(e, ConditionalParameter) for e in setting):
+            self._filters.extend((f"{field}.{i}.filter", e.filter) for i, e in enumerate(setting) if e.filter not in (None, "*"))
             return [
                 entry.model_copy(update={"value": self._coerce_setting(entry.value, name, is_bool, f"{field}.{i}.value")})
                 for i, entry in enumerate(setting)
@@ -362,6 +365,16 @@ class Planner:
         if problem:
             self.warnings.append(config_warning(problem, file=self.file, field=field))
         return number
+
+    def _warn_unmatched_filters(self, recipes: Sequence[TensorRecipe]) -> None:
+        """A filter no tensor name contains never applies (a typo, another architecture's names):
+        mergekit accepts it silently; say so in one line naming the field."""
+        names = {r.name for r in recipes} | {name for r in recipes for _, name in r.inputs}
+        for field, substring in self._filters:
+            if not any(substring in name for name in names):
+                self.warnings.append(config_warning(
+                    f"filter '{substring}' matches no tensor of this merge, so its value is never used", file=self.file, field=field
+                ))
 
     def _donor(self) -> str:
         if self.config.base_model:
