@@ -66,9 +66,11 @@ def output_file(path: Path | None) -> Path | None:
         return None
     if path.is_dir():
         raise EvomergeError(f"{path}: is a folder; give a file name such as {path / 'front.png'}")
+    if path.exists():  # an earlier plot: replaced, if we may write it
+        if not os.access(path, os.W_OK):
+            raise EvomergeError(f"{path}: the file is not writable")
+        return path
     _check_creatable(path, "file")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise EvomergeError(f"{path}: the file is not writable")
     return path
 
 

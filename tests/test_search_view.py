@@ -114,6 +114,12 @@ def test_front_plot_page_shows_the_terminal_table(finished_study, tmp_path):
     assert [css for css, _ in rows[:5]] == [' class="reference"'] * 5  # base and the four parents
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"best: trial {best[0][0].split()[1]}" in page
+    # the command `run` suggests, run again: the earlier plot is replaced, not refused
+    png.write_bytes(b"an older plot")
+    again = subprocess.run([*evomerge_command(), "front", str(finished_study.space_file), "--plot", str(png), "--top", "0"],
+                           capture_output=True, text=True, env=cli_env(), timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # ----------------------------------------------------------------- the dashboard in Chromium
