@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -62,8 +61,10 @@ def test_a_worker_killed_mid_trial_is_restarted_and_its_trial_retried(tmp_path, 
         busy = [index for _, index in pool._running.values()]
         if split == "search" and state["submissions"] >= 4 and not state["killed"] and 0 in busy:
             state["killed"] = True
-            # as the kernel's OOM killer would: SIGKILL while a candidate is being scored
-            threading.Timer(0.3, os.kill, (victim_pid, signal.SIGKILL)).start()
+            # As the kernel's OOM killer would: SIGKILL while the actor holds a candidate. At once,
+            # not after a delay: a demo trial can finish in well under a second, and a worker killed
+            # idle fails no trial (the test then failed by chance).
+            os.kill(victim_pid, signal.SIGKILL)
         return ticket
 
     pool.submit = submit_and_maybe_kill
