@@ -13,7 +13,6 @@ seconds from the page cache); `validate --scan` forces it, `--no-scan` skips it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,18 +137,22 @@ def _check_max_length(space: SearchSpace, tokenizer_dir: Path, *task_dicts: Any)
 
 def check_device(space: SearchSpace) -> str:
     """`device: cuda[:N]` needs that CUDA device on this machine (the driver's; Ray workers check their own)."""
-    import torch
+    from evomerge.devices import DEVICE_FORMS, resolve_device
 
-    if space.device in ("auto", "cpu"):
+    try:
+        resolve_device(space.device, on_this_machine=False)
+    except EvomergeError:  # a --device override skips the space file's own check
+        raise ConfigError(f"expected {DEVICE_FORMS}, got {space.device!r}", file=space.source_path, field="device") from None
+    if space.ray.address or space.search.workers > 1:
         return f"device {space.device}"
-    match = re.fullmatch(r"cuda(?::(\d+))?", space.device)
-    if match is None:  # a --device override skips the space file's own check
-        raise ConfigError(f"expected auto, cpu, cuda or cuda:N, got {space.device!r}", file=space.source_path, field="device")
-    index = int(match.group(1) or 0)
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if index >= count and not space.ray.address and space.search.workers <= 1:
+    try:
+        resolve_device(space.device)
+    except EvomergeError:
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         have = f"{count} CUDA device(s)" if count else "no CUDA device"
-        raise ConfigError(f"{space.device} is not on this machine ({have}); use cpu or auto", file=space.source_path, field="device")
+        raise ConfigError(f"{space.device} is not on this machine ({have}); use cpu or auto", file=space.source_path, field="device") from None
     return f"device {space.device}"
 
 
