@@ -1,0 +1,148 @@
+"""The method catalogue: each merge method's parameters and input rules, declared once.
+
+A `MethodSpec` says everything the rest of evomerge needs to know about a method: its typed
+parameters (`Param`: per-model or global, default or required, the values it may take, the range
+a genome searches and the values that express "one parent alone" and "the uniform mix"), how it
+uses the base model, how many models it takes, and the function that does the math. The planner,
+the validator, `evomerge methods`, the genome and the export read these specs and nothing else.
+
+Adding a method is one module that builds a `MethodSpec` and one `register(...)` line in
+`evomerge/merge/catalogue.py`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from evomerge.config.numbers import ParameterRange
+
+Scope = Literal["model", "global"]
+BaseRule = Literal["required", "optional", "unused"]
+# How a genome fills a parameter when it seeds "one parent alone" or "the uniform mix":
+# "one_hot" (1 for the chosen parent, 0 for the others), "share" (1/number of fine-tunes),
+# "low" (the low end of the searched range), or a fixed number.
+SeedRule = Literal["one_hot", "share", "low"] | float
+
+# The math of one output tensor: (tensors, resolved per-model params, resolved global params,
+# base_index, seed) -> merged tensor; implementations that write block by block also take `out=`.
+MergeFunction = Callable[..., torch.Tensor]
+# Extra validation of resolved parameters beyond each Param's range (e.g. della's density +- epsilon).
+ParamCheck = Callable[[list[dict[str, float]], dict[str, Any], int | None], None]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a merge method."""
+
+    name: str
+    scope: Scope
+    default: float | bool | None = None  # None: required (per-model parameters: never for the base)
+    valid: ParameterRange = field(default_factory=ParameterRange)  # the values a config may give
+    search: tuple[float, float] | float | None = None  # a genome's default gene range; None: not a gene
+    alone: SeedRule | None = None  # the value that reproduces one parent alone
+    uniform: SeedRule | None = None  # the value of the plain average of the fine-tunes
+
+    @property
+    def is_bool(self) -> bool:
+        return isinstance(self.default, bool)
+
+    @property
+    def required(self) -> bool:
+        return self.default is None
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    params: tuple[Param, ...]
+    base: BaseRule
+    min_models: int  # counting the base when it takes part
+    max_models: int | None
+    random: bool  # draws masks or samples from its seed
+    doc: str  # one line, for `evomerge methods` and --help
+    merge: MergeFunction
+    writes_out: bool = False  # `merge` accepts out= and fills it block by block
+    count_hint: str = ""  # appended to a wrong-model-count error, e.g. " (a base and one other)"
+    check: ParamCheck | None = None
+    # Genome use. A method is searchable when it declares genes; `picks_by` names the per-model
+    # gene whose largest value picks the one fine-tune a two-model method merges with the base.
+    searchable: bool = False
+    picks_by: str | None = None
+    parent_rank: int | None = None  # preference (low first) for seeding "one parent alone" exactly
+    uniform_rank: int | None = None  # preference for seeding the uniform mix
+
+    @property
+    def global_params(self) -> dict[str, float | bool | None]:
+        """name -> default (None = required) of the global parameters, in declaration order."""
+        return {p.name: p.default for p in self.params if p.scope == "global"}
+
+    @property
+    def model_params(self) -> dict[str, float | bool | None]:
+        """name -> default (None = required) of the per-model parameters, in declaration order."""
+        return {p.name: p.default for p in self.params if p.scope == "model"}
+
+    def param(self, name: str) -> Param:
+        return next(p for p in self.params if p.name == name)
+
+    def genes(self, scope: Scope) -> tuple[str, ...]:
+        """The parameters of `scope` a genome searches (plus the picking gene for per-model)."""
+        names = [p.name for p in self.params if p.scope == scope and p.search is not None]
+        if scope == "model" and self.picks_by and self.picks_by not in names:
+            names.insert(0, self.picks_by)
+        return tuple(names)
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+    """Add a method to the catalogue (names are unique; a gene name means one thing everywhere)."""
+    if spec.name in METHODS:
+        raise ValueError(f"merge method '{spec.name}' is registered twice")
+    for param in spec.params:
+        for other in METHODS.values():
+            for known in other.params:
+                if known.name == param.name and known.search is not None and param.search is not None:
+                    if (known.search, known.scope) != (param.search, param.scope):
+                        raise ValueError(
+                            f"gene '{param.name}' of {spec.name} differs from that of {other.name}: "
+                            "a gene name must mean the same range and scope in every method"
+                        )
+    METHODS[spec.name] = spec
+    return spec
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec of merge method `name`; a ValueError with a suggestion for unknown names."""
+    spec = METHODS.get(name)
+    if spec is not None:
+        return spec
+    close = difflib.get_close_matches(str(name), list(METHODS), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ValueError(f"unknown merge method '{name}'; expected one of: {', '.join(METHODS)}{hint}")
+
+
+def searchable_methods() -> dict[str, MethodSpec]:
+    return {name: spec for name, spec in METHODS.items() if spec.searchable}
+
+
+def gene_params() -> dict[str, Param]:
+    """Every gene name any searchable method uses -> its Param (the same in every method)."""
+    genes: dict[str, Param] = {}
+    for spec in searchable_methods().values():
+        for param in spec.params:
+            if param.search is not None:
+                genes.setdefault(param.name, param)
+    return genes
+
+
+def ranked(rank: str) -> list[str]:
+    """Searchable methods with a `parent_rank`/`uniform_rank`, best first."""
+    found = [(getattr(spec, rank), name) for name, spec in METHODS.items() if getattr(spec, rank) is not None]
+    return [name for _, name in sorted(found)]
+
