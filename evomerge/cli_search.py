@@ -102,10 +102,11 @@ def front(
     from evomerge.search.catalog import load_study_space
     from evomerge.search.report import front_table
     from evomerge.search.runner import FrontRow, compute_front, objective_values, pick_best, reference_rows, scalarize
+    from evomerge.store.protocol import TrialReader
     from evomerge.store.trial_store import TrialStore, display_url
 
     space = load_study_space(study, storage)
-    store = TrialStore(space.storage_url)
+    store: TrialReader = TrialStore(space.storage_url)
     if store.study_info(space.study_name) is None:
         raise EvomergeError(f"no study '{space.study_name}' in {display_url(space.storage_url)} yet: run `evomerge run` first")
     rows = compute_front(space, store)

@@ -22,6 +22,7 @@ from evomerge.merge.resident import checkpoint_hash
 from evomerge.search.genome import Genome
 from evomerge.search.runner import compute_front, pick_best
 from evomerge.store import display_url
+from evomerge.store.protocol import TrialReader
 from evomerge.store.trial_store import TrialStore
 
 # lm-eval result keys that are bookkeeping, not scores.
@@ -104,7 +105,7 @@ def export_trial(
     progress: bool = True,
 ) -> ExportReport:
     started = time.perf_counter()
-    store = TrialStore(space.storage_url)
+    store: TrialReader = TrialStore(space.storage_url)
     chosen_by_user = trial is not None
     if trial is None:
         best = pick_best(space, compute_front(space, store))
