@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from evomerge.config.space import SearchSpace
 from evomerge.devices import resolve_device
 from evomerge.errors import EvomergeError
 from evomerge.threads import WAIT_POLICY, worker_threads
 from evomerge.workers.protocol import TrialOutcome
+
+if TYPE_CHECKING:
+    from evomerge.evaluate.protocol import Scores
+    from evomerge.search.genome import Genome
 
 
 def _worker_env() -> dict[str, str]:
@@ -52,7 +57,7 @@ def _actor_class():
         def evaluate(self, params, split):
             return self.worker.evaluate(params, split)
 
-        def score_reference(self, name, split):
+        def score_reference(self, name: str, split: str) -> Scores:
             return self.worker.score_reference(name, split)
 
         def info(self):
@@ -90,7 +95,7 @@ def space_payload(space: SearchSpace) -> dict:
 class RayPool:
     """N Ray actors, each a CandidateWorker with its own resident sources, up to N candidates in flight."""
 
-    def __init__(self, space: SearchSpace, workers: int, *, verbose: bool = False, genome=None):
+    def __init__(self, space: SearchSpace, workers: int, *, verbose: bool = False, genome: Genome | None = None):
         address = space.ray.address or os.environ.get("RAY_ADDRESS")
         if not address:
             # Single machine: keep Ray on loopback (dependencies.md: it otherwise binds the
@@ -159,7 +164,7 @@ class RayPool:
             raise EvomergeError(f"a Ray worker failed to start: {detail.strip()}") from None
 
     @property
-    def genome(self):
+    def genome(self) -> Genome:
         return self._genome
 
     @property
@@ -184,7 +189,7 @@ class RayPool:
     def name(self) -> str:
         return "ray"
 
-    def submit(self, params, split="search") -> int:
+    def submit(self, params: Mapping[str, Any], split: str = "search") -> int:
         if not self._idle:
             raise RuntimeError("no idle worker: wait_any first")
         index = self._idle.pop(0)
@@ -214,7 +219,7 @@ class RayPool:
             return
         self._idle.append(index)
 
-    def wait_any(self, timeout=None):
+    def wait_any(self, timeout: float | None = None) -> TrialOutcome | None:
         """The next finished candidate (None when only a worker recovery finished, or on timeout)."""
         import ray
 
@@ -245,7 +250,7 @@ class RayPool:
         self._idle.append(index)
         return outcome
 
-    def score_reference(self, name, split):
+    def score_reference(self, name: str, split: str) -> Scores:
         """Score a source model on an available actor (waits for one if all are restarting)."""
         import ray
 
