@@ -39,7 +39,7 @@ from evomerge.merge.resident import ResidentSources, materialize  # noqa: E402
 from evomerge.search.pareto import hypervolume_history  # noqa: E402
 from evomerge.search.plot import plot_search_efficiency  # noqa: E402
 from evomerge.search.runner import run_search  # noqa: E402
-from evomerge.search.worker import CandidateWorker  # noqa: E402
+from evomerge.workers.candidate import CandidateWorker  # noqa: E402
 
 
 def with_search(space, **updates):

@@ -102,10 +102,12 @@ def front(
     from evomerge.search.catalog import load_study_space
     from evomerge.search.report import front_table
     from evomerge.search.runner import FrontRow, compute_front, objective_values, pick_best, reference_rows, scalarize
+    from evomerge.store.protocol import TrialReader
+    from evomerge.store.states import Split, TrialStatus
     from evomerge.store.trial_store import TrialStore, display_url
 
     space = load_study_space(study, storage)
-    store = TrialStore(space.storage_url)
+    store: TrialReader = TrialStore(space.storage_url)
     if store.study_info(space.study_name) is None:
         raise EvomergeError(f"no study '{space.study_name}' in {display_url(space.storage_url)} yet: run `evomerge run` first")
     rows = compute_front(space, store)
@@ -114,9 +116,9 @@ def front(
     names = [o.label for o in space.objectives]
     console = Console()
     console.print(front_table(names, rows, refs, best=best, title=f"Pareto front of {space.study_name}"))
-    scores = store.scores(space.study_name, "search")
+    scores = store.scores(space.study_name, Split.SEARCH)
     ranked = []
-    for record in store.trials(space.study_name, status="complete"):
+    for record in store.trials(space.study_name, status=TrialStatus.COMPLETE):
         try:
             values = objective_values(space, scores.get(record.number, {}))
         except KeyError:
@@ -125,7 +127,7 @@ def front(
     ranked.sort(key=lambda r: scalarize(space, r.search), reverse=True)
     if top and ranked:
         console.print(front_table(names, ranked[:top], [], title=f"Top {min(top, len(ranked))} trials by weighted search score"))
-    failed = store.trials(space.study_name, status="failed")
+    failed = store.trials(space.study_name, status=TrialStatus.FAILED)
     if failed:
         console.print(f"{len(failed)} failed trial(s), e.g. trial {failed[-1].number}: {failed[-1].failure}")
     if plot is not None:

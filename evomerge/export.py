@@ -22,6 +22,8 @@ from evomerge.merge.resident import checkpoint_hash
 from evomerge.search.genome import Genome
 from evomerge.search.runner import compute_front, pick_best
 from evomerge.store import display_url
+from evomerge.store.protocol import TrialReader
+from evomerge.store.states import TrialStatus
 from evomerge.store.trial_store import TrialStore
 
 # lm-eval result keys that are bookkeeping, not scores.
@@ -104,7 +106,7 @@ def export_trial(
     progress: bool = True,
 ) -> ExportReport:
     started = time.perf_counter()
-    store = TrialStore(space.storage_url)
+    store: TrialReader = TrialStore(space.storage_url)
     chosen_by_user = trial is not None
     if trial is None:
         best = pick_best(space, compute_front(space, store))
@@ -114,7 +116,7 @@ def export_trial(
     record = store.trial(space.study_name, trial)
     if record is None:
         raise EvomergeError(f"study '{space.study_name}' has no trial {trial}")
-    if record.status != "complete":
+    if record.status != TrialStatus.COMPLETE:
         raise EvomergeError(f"trial {trial} is {record.status}" + (f" ({record.failure})" if record.failure else "") + "; pick a completed trial")
     with staged_output(out_dir, overwrite=overwrite, protected=_protected(space)) as staged:
         genome = Genome(space)
@@ -133,8 +135,8 @@ def export_trial(
         merge_scores = {split: store.scores(space.study_name, split).get(trial, {}) for split in ("search", "selection")}
         parent_scores = {split: store.references(space.study_name, split) for split in ("search", "selection")}
         columns, rows = score_table(merge_scores, parent_scores)
-        complete = len(store.trials(space.study_name, status="complete"))
-        failed = len(store.trials(space.study_name, status="failed"))
+        complete = len(store.trials(space.study_name, status=TrialStatus.COMPLETE))
+        failed = len(store.trials(space.study_name, status=TrialStatus.FAILED))
         write_model_card(
             staged.staging,
             methods=plan.method_names,

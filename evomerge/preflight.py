@@ -69,72 +69,6 @@ def check_filters(space: SearchSpace, tensor_names: Iterable[str]) -> None:
             )
 
 
-def check_tasks(space: SearchSpace, tokenizer_dir: Path | None) -> str:
-    """The objectives' tasks load, report the configured metrics, and fit `eval.max_length`."""
-    from evomerge.evaluate.harness import load_task_dict, reported_metrics
-
-    wanted: list[tuple[str, str, str]] = []  # (field, task, metric)
-    for index, objective in enumerate(space.objectives):
-        wanted.append((f"objectives.{index}.task", objective.task, objective.metric))
-        if objective.selection_task:
-            wanted.append((f"objectives.{index}.selection_task", objective.selection_task, objective.metric))
-    search_tasks = [o.task for o in space.objectives]
-    try:
-        search_dict = load_task_dict(search_tasks, space.eval.include_paths)
-    except ValueError as exc:  # an unknown task (named in the message), or e.g. a task also inside a group
-        raise ConfigError(str(exc), file=space.source_path, field=_field_named(wanted, str(exc), "objectives")) from None
-    selection_tasks = [o.selection_task for o in space.objectives if o.selection_task]
-    try:
-        selection_dict = load_task_dict(selection_tasks, space.eval.include_paths) if selection_tasks else None
-    except ValueError as exc:
-        raise ConfigError(str(exc), file=space.source_path, field=_field_named(wanted, str(exc), "objectives")) from None
-    for field_name, task, metric in wanted:
-        task_dict = selection_dict if field_name.endswith("selection_task") else search_dict
-        metrics = reported_metrics(task_dict, task)
-        if metric not in metrics:
-            import difflib
-
-            close = [m for m in sorted(metrics) if m.split(",", 1)[0] == metric] or difflib.get_close_matches(metric, sorted(metrics), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            index = field_name.split(".")[1]
-            raise ConfigError(
-                f"task '{task}' reports no metric '{metric}' (it reports: {', '.join(sorted(metrics)) or 'none'}){hint}",
-                file=space.source_path,
-                field=f"objectives.{index}.metric",
-            )
-    line = f"tasks: {len(set(search_tasks + selection_tasks))} load, every objective's metric is reported"
-    if space.eval.max_length is not None and tokenizer_dir is not None:
-        line += "; " + _check_max_length(space, tokenizer_dir, search_dict, selection_dict)
-    return line
-
-
-def _field_named(wanted: list[tuple[str, str, str]], message: str, default: str) -> str:
-    """The objective field whose task an lm-eval message names (first match), else `default`."""
-    return next((field_name for field_name, task, _ in wanted if f"task '{task}'" in message), default)
-
-
-def _check_max_length(space: SearchSpace, tokenizer_dir: Path, *task_dicts: Any) -> str:
-    from transformers import AutoTokenizer
-
-    from evomerge.evaluate.harness import longest_continuation
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, trust_remote_code=False)
-    longest, task = 0, ""
-    for task_dict, limit in zip(task_dicts, (space.eval.limit, space.eval.selection_limit or space.eval.limit)):
-        if task_dict is not None:
-            tokens, where = longest_continuation(task_dict, tokenizer, limit=limit)
-            if tokens > longest:
-                longest, task = tokens, where
-    if longest > space.eval.max_length:
-        raise ConfigError(
-            f"{space.eval.max_length} tokens cannot hold the answers of task '{task}' ({longest} tokens): lm-eval "
-            f"would fail every evaluation; use at least {longest}",
-            file=space.source_path,
-            field="eval.max_length",
-        )
-    return f"eval.max_length {space.eval.max_length} holds the longest answer ({longest} tokens)"
-
-
 def check_device(space: SearchSpace) -> str:
     """`device: cuda[:N]` needs that CUDA device on this machine (the driver's; Ray workers check their own)."""
     from evomerge.devices import DEVICE_FORMS, resolve_device
@@ -168,12 +102,14 @@ def check_eval_args(space: SearchSpace) -> None:
 
 def preflight_space(space: SearchSpace, *, scan: bool | None = None, genome: Any = None) -> PreflightReport:
     """Check everything a search of `space` needs, in the order a user can fix them; no device work."""
+    from evomerge.evaluate.factory import evaluator_kind
     from evomerge.search.genome import Genome
     from evomerge.search.samplers import make_sampler
 
     report = PreflightReport()
     make_sampler(space)  # options against the sampler's signature, and it builds
     report.checks.append(f"sampler {space.search.sampler}: options accepted")
+    evaluator = evaluator_kind(space)
     check_eval_args(space)
     report.checks.append(check_device(space))
     try:
@@ -192,7 +128,7 @@ def preflight_space(space: SearchSpace, *, scan: bool | None = None, genome: Any
     if space.base_model:
         fields[space.base_model.name] = "base_model"
     report.checks.append(scan_models(genome.models, scan, fields=fields, file=space.source_path))
-    report.checks.append(check_tasks(space, genome.paths[donor]))
+    report.checks.append(evaluator.check(space, genome.paths[donor]))
     return report
 
 

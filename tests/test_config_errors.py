@@ -574,7 +574,7 @@ def test_console_script_prints_one_line_and_exits_2(models, tmp_path):
 def test_allow_pickle_with_a_safetensors_donor_loads(demo_family, tmp_path):
     """allow_pickle adds *.bin as a fallback; it must not demand *.bin from a safetensors model."""
     from evomerge.config.space import parse_space
-    from evomerge.search.worker import CandidateWorker
+    from evomerge.workers.candidate import CandidateWorker
 
     root = demo_family.root
     data = {

@@ -105,8 +105,8 @@ def test_run_resume_export_rescore(tmp_path, demo_family, capsys, monkeypatch):
 
 
 def test_failed_trials_do_not_stop_the_study(tmp_path, demo_family, monkeypatch):
-    from evomerge.search import worker as worker_module
     from evomerge.search.runner import run_search
+    from evomerge.workers import candidate as worker_module
 
     original = worker_module.CandidateWorker.evaluate
     calls = {"n": 0}

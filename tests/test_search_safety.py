@@ -154,7 +154,7 @@ def test_run_with_a_bad_storage_stops_before_models_load(tmp_path, demo_family, 
 
 
 def test_a_parent_that_cannot_be_scored_leaves_no_trial_behind(tmp_path, demo_family, monkeypatch, capsys):
-    from evomerge.search import worker as worker_module
+    from evomerge.workers import candidate as worker_module
 
     def broken(self, name, split="search"):
         raise RuntimeError("eval.max_length too small for the prompts (simulated)")

@@ -167,6 +167,7 @@ class Objective(_Strict):
 
 
 class EvalSpec(_Strict):
+    kind: str = "lm_eval"  # which evaluator scores the objectives (evomerge.evaluate.factory.EVALUATORS)
     include_paths: list[Path] = Field(default_factory=list)
     limit: int | float | None = None  # items per task (a whole number), or a fraction in (0, 1)
     selection_limit: int | float | None = None

@@ -1,5 +1,7 @@
-"""Scoring merged models with lm-evaluation-harness (imported lazily: lm-eval is heavy)."""
+"""Scoring merged models: the Evaluator protocol, the evaluator table (`eval.kind`), and lm-eval (imported lazily: it is heavy)."""
 
+from evomerge.evaluate.factory import EVALUATORS, make_evaluator
 from evomerge.evaluate.harness import TaskEvaluator, evaluate_model_dir
+from evomerge.evaluate.protocol import Evaluator, EvaluatorKind, Scores
 
-__all__ = ["TaskEvaluator", "evaluate_model_dir"]
+__all__ = ["EVALUATORS", "Evaluator", "EvaluatorKind", "Scores", "TaskEvaluator", "evaluate_model_dir", "make_evaluator"]

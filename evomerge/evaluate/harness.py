@@ -27,7 +27,9 @@ if TYPE_CHECKING:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-__all__ = ["TaskEvaluator", "evaluate_model_dir"]
+    from evomerge.config.space import SearchSpace
+
+__all__ = ["TaskEvaluator", "build_task_evaluator", "evaluate_model_dir"]
 
 _LM_EVAL_LOGGERS = ("lm_eval", "lm-eval")
 
@@ -369,6 +371,27 @@ class TaskEvaluator:
             name: {metric: _plain_float(value) for metric, value in metrics.items() if metric not in _NOT_METRICS}
             for name, metrics in output["results"].items()
         }
+
+
+def build_task_evaluator(
+    space: SearchSpace, tasks: list[str], *, limit: int | float | None, tokenizer: Any, device: str, verbose: bool
+) -> TaskEvaluator:
+    """The `lm_eval` evaluator kind: lm-eval tasks, with the space's `eval` settings."""
+    evaluation = space.eval
+    return TaskEvaluator(
+        tasks,
+        include_paths=evaluation.include_paths,
+        tokenizer=tokenizer,
+        limit=limit,
+        num_fewshot=evaluation.num_fewshot,
+        batch_size=evaluation.batch_size,
+        max_length=evaluation.max_length,
+        device=device,
+        apply_chat_template=evaluation.apply_chat_template,
+        seed=evaluation.seed,
+        model_args=evaluation.model_args,
+        verbose=verbose,
+    )
 
 
 def evaluate_model_dir(

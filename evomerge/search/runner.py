@@ -24,6 +24,7 @@ from evomerge.progress import SearchProgress
 from evomerge.search.pareto import pareto_front, weighted_score
 from evomerge.store import display_url
 from evomerge.store.lease import StudyLease
+from evomerge.store.protocol import TrialReader, TrialRecorder
 from evomerge.store.trial_store import TrialStore
 
 log = logging.getLogger("evomerge.search")
@@ -142,7 +143,7 @@ def open_study(space: SearchSpace, *, sampler=None):
     return study
 
 
-def recover_interrupted(study, store: TrialStore, space: SearchSpace) -> list[str]:
+def recover_interrupted(study, store: TrialRecorder, space: SearchSpace) -> list[str]:
     """Trials a dead driver left RUNNING: keep the finished ones, fail and retry the rest once."""
     from optuna.trial import TrialState
 
@@ -282,7 +283,7 @@ def _finished_count(study) -> int:
     return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL) and t.number not in retried)
 
 
-def compute_front(space: SearchSpace, store: TrialStore) -> list[FrontRow]:
+def compute_front(space: SearchSpace, store: TrialReader) -> list[FrontRow]:
     """The Pareto front of completed trials over the per-objective search values (one row per distinct model)."""
     search_scores = store.scores(space.study_name, "search")
     selection_scores = store.scores(space.study_name, "selection")
@@ -316,7 +317,7 @@ def compute_front(space: SearchSpace, store: TrialStore) -> list[FrontRow]:
     return front
 
 
-def reference_rows(space: SearchSpace, store: TrialStore) -> list[FrontRow]:
+def reference_rows(space: SearchSpace, store: TrialReader) -> list[FrontRow]:
     search = store.references(space.study_name, "search")
     selection = store.references(space.study_name, "selection")
     rows = []
@@ -432,7 +433,7 @@ def _score_reference(pool, name: str, split: str) -> Scores:
         ) from error
 
 
-def _abandon(study, store: TrialStore, space: SearchSpace, held, error: BaseException, lease) -> None:
+def _abandon(study, store: TrialRecorder, space: SearchSpace, held, error: BaseException, lease) -> None:
     """Fail the trials this driver holds (store and optuna alike) and queue their genomes again.
 
     Best effort: with the database gone, the next run's recovery does the same.

@@ -1,6 +1,7 @@
 """The trial store: evomerge's own tables beside the optuna study, in the same database."""
 
 from evomerge.store.database import StorageError, check_storage
+from evomerge.store.states import Split, TrialStatus
 from evomerge.store.trial_store import (
     COMPLETE,
     FAILED,
@@ -13,7 +14,8 @@ from evomerge.store.trial_store import (
 )
 
 __all__ = [
-    "COMPLETE", "FAILED", "RUNNING", "SPLITS", "StorageError", "StudyInfo", "TrialRecord", "TrialStore",
+    "COMPLETE", "FAILED", "RUNNING", "SPLITS", "Split", "StorageError", "StudyInfo", "TrialRecord", "TrialStatus",
+    "TrialStore",
     "check_storage", "display_url",
 ]
 

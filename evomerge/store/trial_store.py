@@ -39,6 +39,7 @@ from evomerge.store.database import (  # display_url and tune_sqlite are importe
     tune_sqlite,
     use_wal,
 )
+from evomerge.store.states import Split, TrialStatus
 from evomerge.store.tables import (
     STUDY_UID_ATTR,
     leases_table,
@@ -50,9 +51,9 @@ from evomerge.store.tables import (
     trials_table,
 )
 
-RUNNING, COMPLETE, FAILED = "running", "complete", "failed"
-STATUSES = (RUNNING, COMPLETE, FAILED)
-SPLITS = ("search", "selection")
+RUNNING, COMPLETE, FAILED = TrialStatus.RUNNING, TrialStatus.COMPLETE, TrialStatus.FAILED
+STATUSES = tuple(TrialStatus)
+SPLITS = tuple(Split)
 DIRECTIONS = ("maximize", "minimize")
 
 _WRITE_ATTEMPTS = 5  # a write that still meets a lock/deadlock error is retried this many times
@@ -78,7 +79,7 @@ def _database_call(method: Callable[..., _T]) -> Callable[..., _T]:
 class TrialRecord:
     study: str
     number: int  # optuna trial number
-    status: str  # "running" | "complete" | "failed"
+    status: TrialStatus
     genome: dict[str, Any]  # optuna params of the trial
     plan_yaml: str  # mergekit-compatible YAML reproducing the merge ("" while unknown)
     values: list[float] | None  # objective values told to optuna (None unless complete)
@@ -705,16 +706,16 @@ def _direction(direction: Any) -> str:
     return name
 
 
-def _status(status: str) -> str:
+def _status(status: str) -> TrialStatus:
     if status not in STATUSES:
         raise ValueError(f"status {status!r}: use one of {', '.join(STATUSES)}")
-    return status
+    return TrialStatus(status)
 
 
-def _split(split: str) -> str:
+def _split(split: str) -> Split:
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: use one of {', '.join(SPLITS)}")
-    return split
+    return Split(split)
 
 
 def _blank_trial(study: str, number: int) -> dict[str, Any]:
@@ -738,7 +739,7 @@ def _blank_trial(study: str, number: int) -> dict[str, Any]:
 
 
 def _trial_record(row: Mapping[str, Any]) -> TrialRecord:
-    status = row["status"]
+    status = TrialStatus(row["status"])
     return TrialRecord(
         study=row["study"],
         number=int(row["number"]),

@@ -1,9 +1,9 @@
 """A candidate worker: resident sources + one resident model + the evaluators.
 
 Everything expensive happens once in `__init__` (read the sources, load the model object, load
-the lm-eval tasks); each candidate then costs an in-place merge and an evaluation. The search
+the evaluators, e.g. lm-eval tasks); each candidate then costs an in-place merge and an evaluation. The search
 loop only sees `evaluate(params)` and `score_reference(name)`, so a Ray actor can wrap the same
-class (see evomerge.workers) without the loop knowing.
+class (see evomerge.workers.ray_pool) without the loop knowing.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import torch
 
 from evomerge.config.space import SearchSpace
 from evomerge.devices import resolve_device
-from evomerge.errors import ConfigError
+from evomerge.evaluate.factory import make_evaluator
+from evomerge.evaluate.protocol import Evaluator, Scores
 from evomerge.merge.plan import DTYPE_NAMES
 from evomerge.merge.resident import (
     ResidentSources,
@@ -31,8 +32,7 @@ from evomerge.merge.resident import (
     weights_hash,
 )
 from evomerge.search.genome import Genome
-
-Scores = dict[str, dict[str, float]]
+from evomerge.store.states import Split
 
 
 @dataclass
@@ -51,14 +51,6 @@ def describe_device(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
     return device
-
-
-def search_tasks(space: SearchSpace) -> list[str]:
-    return list(dict.fromkeys(o.task for o in space.objectives))
-
-
-def selection_tasks(space: SearchSpace) -> list[str]:
-    return list(dict.fromkeys(o.selection_task for o in space.objectives if o.selection_task))
 
 
 class CandidateWorker:
@@ -88,38 +80,17 @@ class CandidateWorker:
         check_target(self.genome.plan(self.genome.uniform_params() or self._any_params()), self.target)
 
     def _make_evaluators(self, verbose: bool) -> None:
-        from evomerge.evaluate.harness import TaskEvaluator
-
-        space = self.space
-        evaluation = space.eval
-        common = dict(
-            include_paths=evaluation.include_paths,
-            tokenizer=self.tokenizer,
-            num_fewshot=evaluation.num_fewshot,
-            batch_size=evaluation.batch_size,
-            max_length=evaluation.max_length,
-            device=self.device,
-            apply_chat_template=evaluation.apply_chat_template,
-            seed=evaluation.seed,
-            model_args=evaluation.model_args,
-            verbose=verbose,
-        )
-        try:
-            self.search_evaluator = TaskEvaluator(search_tasks(space), limit=evaluation.limit, **common)
-            wanted = selection_tasks(space)
-            self.selection_evaluator = (
-                TaskEvaluator(wanted, limit=evaluation.selection_limit, **common) if wanted else None
-            )
-        except ValueError as exc:
-            raise ConfigError(str(exc), file=space.source_path, field="objectives") from None
+        common = dict(tokenizer=self.tokenizer, device=self.device, verbose=verbose)
+        self.search_evaluator = make_evaluator(self.space, Split.SEARCH, **common)
+        self.selection_evaluator = make_evaluator(self.space, Split.SELECTION, **common)
 
     def _any_params(self) -> dict[str, Any]:
         return {
             name: (d.choices[0] if hasattr(d, "choices") else d.low) for name, d in self.genome.distributions().items()
         }
 
-    def _evaluator(self, split: str):
-        if split == "search":
+    def _evaluator(self, split: str) -> Evaluator:
+        if split == Split.SEARCH:
             return self.search_evaluator
         if self.selection_evaluator is None:
             raise ValueError("no objective has a selection_task")

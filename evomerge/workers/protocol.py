@@ -1,0 +1,69 @@
+"""The worker pool interface: where candidates are merged and scored, as the search loop sees it.
+
+The loop never asks which pool it has. It submits a genome while `can_submit()`, takes finished
+candidates back with `wait_any()` (in any order, matched by ticket), and scores the reference
+models with `score_reference()`. A pool runs up to `size` candidates at once; a worker that dies
+is restarted by the pool (`recovering()` is true meanwhile) and its candidate comes back as an
+outcome with `worker_died` set, so the loop can retry that genome once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from evomerge.evaluate.protocol import Scores
+    from evomerge.search.genome import Genome
+    from evomerge.workers.candidate import CandidateResult
+
+
+@dataclass
+class TrialOutcome:
+    """What came back for one submitted candidate: a result, or the error that stopped it."""
+
+    ticket: int
+    result: CandidateResult | None = None
+    error: BaseException | None = None
+    worker_died: bool = False
+
+
+class WorkerPool(Protocol):
+    @property
+    def size(self) -> int:
+        """Candidates that can run at once (live workers)."""
+        ...
+
+    @property
+    def name(self) -> str:
+        """What the trial store records as the trial's worker."""
+        ...
+
+    @property
+    def genome(self) -> Genome: ...
+
+    @property
+    def has_selection(self) -> bool:
+        """Whether finalists can be scored on the selection split (an objective has a selection_task)."""
+        ...
+
+    def can_submit(self) -> bool: ...
+
+    def recovering(self) -> bool:
+        """A dead worker is being restarted: wait_any will report when it is back."""
+        ...
+
+    def submit(self, params: Mapping[str, Any], split: str = "search") -> int:
+        """Start merging and scoring one genome on `split`; returns its ticket."""
+        ...
+
+    def wait_any(self, timeout: float | None = None) -> TrialOutcome | None:
+        """The next finished candidate; None on timeout or when only a worker's recovery finished."""
+        ...
+
+    def score_reference(self, name: str, split: str) -> Scores:
+        """Scores of a source model as it is (a parent or the base)."""
+        ...
+
+    def close(self) -> None: ...
