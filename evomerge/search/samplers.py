@@ -1,5 +1,9 @@
 """optuna samplers by name, seeded, with evomerge's defaults for small, noisy merge searches.
 
+`FACTORIES` is the one table of names a space file may give as `search.sampler`: the schema
+validates against it, and adding a sampler is one factory below plus one line in the table.
+(`run_search(sampler=...)` takes any optuna sampler object instead, for what a file cannot say.)
+
 `search.sampler_options` are checked against the sampler class's constructor before anything is
 built: an option it does not take is a one-line error with a suggestion, and an option whose
 default is a number or a boolean gets a value of that kind (through the config files' one
@@ -11,25 +15,72 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from evomerge.config.numbers import coerce_bool, coerce_number
-from evomerge.config.space import SearchSpace
 from evomerge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from optuna.samplers import BaseSampler
+
+    from evomerge.config.space import SearchSpace
 
 # Set from the space file's own fields, never through sampler_options.
 _OWN_OPTIONS = {"seed": "search.seed"}
 
 
-def sampler_class(name: str):
+def _tpe(seed: int | None, options: dict[str, Any]) -> BaseSampler:
+    from optuna.samplers import TPESampler
+
+    options.setdefault("multivariate", True)
+    options.setdefault("n_startup_trials", 8)
+    return TPESampler(seed=seed, **options)
+
+
+def _cmaes(seed: int | None, options: dict[str, Any]) -> BaseSampler:
+    from optuna.samplers import CmaEsSampler, TPESampler
+
+    # CMA-ES is single-objective (the weighted sum) and cannot sample categorical genes
+    # (the method); those go to TPE, quietly.
+    options.setdefault("warn_independent_sampling", False)
+    options.setdefault("independent_sampler", TPESampler(seed=seed))
+    return CmaEsSampler(seed=seed, **options)
+
+
+def _nsga2(seed: int | None, options: dict[str, Any]) -> BaseSampler:
+    from optuna.samplers import NSGAIISampler
+
+    options.setdefault("population_size", 10)
+    return NSGAIISampler(seed=seed, **options)
+
+
+def _random(seed: int | None, options: dict[str, Any]) -> BaseSampler:
+    from optuna.samplers import RandomSampler
+
+    return RandomSampler(seed=seed, **options)
+
+
+class SamplerFactory(NamedTuple):
+    """How a named sampler is built: its optuna class (whose constructor the options are checked
+    against) and a function of the seed and the checked options that builds it."""
+
+    class_name: str  # a name in optuna.samplers
+    build: Callable[[int | None, dict[str, Any]], BaseSampler]
+
+
+FACTORIES: dict[str, SamplerFactory] = {
+    "tpe": SamplerFactory("TPESampler", _tpe),
+    "cmaes": SamplerFactory("CmaEsSampler", _cmaes),
+    "nsga2": SamplerFactory("NSGAIISampler", _nsga2),
+    "random": SamplerFactory("RandomSampler", _random),
+}
+
+
+def sampler_class(name: str) -> type[BaseSampler]:
     import optuna
 
-    return {
-        "tpe": optuna.samplers.TPESampler,
-        "cmaes": optuna.samplers.CmaEsSampler,
-        "nsga2": optuna.samplers.NSGAIISampler,
-        "random": optuna.samplers.RandomSampler,
-    }[name]
+    return getattr(optuna.samplers, FACTORIES[name].class_name)
 
 
 def checked_sampler_options(space: SearchSpace) -> dict[str, Any]:
@@ -99,27 +150,13 @@ def _value_kinds(annotation: Any, default: Any) -> set[type]:
     return kinds or {object}
 
 
-def make_sampler(space: SearchSpace):
-    import optuna
-
+def make_sampler(space: SearchSpace) -> BaseSampler:
+    """The sampler `search.sampler` names, seeded with search.seed, its options checked first."""
     spec = space.search
     options = checked_sampler_options(space)
-    seed = spec.seed
     try:
-        if spec.sampler == "tpe":
-            options.setdefault("multivariate", True)
-            options.setdefault("n_startup_trials", 8)
-            return optuna.samplers.TPESampler(seed=seed, **options)
-        if spec.sampler == "cmaes":
-            # CMA-ES is single-objective (the weighted sum) and cannot sample categorical genes
-            # (the method); those go to TPE, quietly.
-            options.setdefault("warn_independent_sampling", False)
-            options.setdefault("independent_sampler", optuna.samplers.TPESampler(seed=seed))
-            return optuna.samplers.CmaEsSampler(seed=seed, **options)
-        if spec.sampler == "nsga2":
-            options.setdefault("population_size", 10)
-            return optuna.samplers.NSGAIISampler(seed=seed, **options)
-        return optuna.samplers.RandomSampler(seed=seed, **options)
+        return FACTORIES[spec.sampler].build(spec.seed, options)
     except (TypeError, ValueError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"invalid option for the {spec.sampler} sampler ({first})", file=space.source_path, field="search.sampler_options") from None
+        message = f"invalid option for the {spec.sampler} sampler ({first})"
+        raise ConfigError(message, file=space.source_path, field="search.sampler_options") from None
