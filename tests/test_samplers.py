@@ -10,6 +10,11 @@ from evomerge.config.space import load_space
 from evomerge.errors import ConfigError
 from evomerge.search import samplers
 from evomerge.search.samplers import FACTORIES, SamplerFactory, make_sampler
+
+
+def space_sampler(space):
+    spec = space.search
+    return make_sampler(spec.sampler, seed=spec.seed, options=spec.sampler_options, source=space.source_path)
 from test_search_e2e import write_space
 
 
@@ -21,7 +26,7 @@ def test_an_unknown_sampler_is_refused_with_the_table_names(tmp_path, demo_famil
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))
 def test_every_sampler_in_the_table_builds_seeded(tmp_path, demo_family, name):
-    sampler = make_sampler(load_space(write_space(tmp_path, demo_family, sampler=name)))
+    sampler = space_sampler(load_space(write_space(tmp_path, demo_family, sampler=name)))
     assert isinstance(sampler, samplers.sampler_class(name))
 
 
@@ -32,8 +37,8 @@ def test_a_sampler_added_to_the_table_is_accepted_checked_and_built(tmp_path, de
 
     monkeypatch.setitem(FACTORIES, "qmc", SamplerFactory("QMCSampler", qmc))
     space = load_space(write_space(tmp_path, demo_family, sampler="qmc", sampler_options={"scramble": 1}))
-    sampler = make_sampler(space)
+    sampler = space_sampler(space)
     assert isinstance(sampler, optuna.samplers.QMCSampler) and sampler._scramble is True
     typo = load_space(write_space(tmp_path, demo_family, sampler="qmc", sampler_options={"scrambel": True}))
     with pytest.raises(ConfigError, match="the qmc sampler takes no option 'scrambel'.*did you mean 'scramble'"):
-        make_sampler(typo)
+        space_sampler(typo)

@@ -1,6 +1,6 @@
 """The search loop: ask optuna for a genome, hand it to a worker, take the outcome, store it, tell optuna.
 
-One trial's outcome goes through one failure policy (`SearchLoop._take`): a worker's error, a
+One trial's outcome goes through one failure policy (`SearchLoop.take`): a worker's error, a
 missing task or a NaN objective fails that trial with its reason and the study goes on; a
 completed trial is in the store before optuna is told. Anything outside that policy (the store,
 optuna, the pool, Ctrl-C) fails every trial this driver holds and queues its genome again
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import EvomergeError
+from evomerge.search import annotate
 from evomerge.search.front import (
     FrontRow,
     Scores,
@@ -72,13 +73,14 @@ class SearchLoop:
     started: float  # time.monotonic() when run_search began
     notes: list[str] = field(default_factory=list)
     on_trial: Callable[[dict[str, Any]], None] | None = None
-    in_flight: dict[int, RunningTrial] = field(default_factory=dict)  # pool ticket -> trial
-    asking: RunningTrial | None = None  # asked for and not yet handed to a worker
-    reporting: RunningTrial | None = None  # its outcome being stored and told
-    stopping: bool = False  # the timeout passed: start no more trials
-    search_values: list[list[float]] = field(default_factory=list)  # completed trials' values, for the bar
-    best_score: float = -math.inf  # best weighted search score so far, for the bar
-    selection_errors: dict[int, str] = field(default_factory=dict)  # finalist -> why its held-out scoring failed
+    # What the loop holds while it runs.
+    in_flight: dict[int, RunningTrial] = field(default_factory=dict, init=False)  # pool ticket -> trial
+    asking: RunningTrial | None = field(default=None, init=False)  # asked for, not yet handed to a worker
+    reporting: RunningTrial | None = field(default=None, init=False)  # its outcome being stored and told
+    stopping: bool = field(default=False, init=False)  # the timeout passed: start no more trials
+    search_values: list[list[float]] = field(default_factory=list, init=False)  # completed trials', for the bar
+    best_score: float = field(default=-math.inf, init=False)  # best weighted search score so far, for the bar
+    selection_errors: dict[int, str] = field(default_factory=dict, init=False)  # finalist -> why its rescoring failed
 
     def run(self) -> SearchSummary:
         # Reference points first: a model that cannot be scored leaves no trial waiting in a fresh study.
@@ -122,6 +124,8 @@ class SearchLoop:
                 if outcome is not None:  # None: a restarted worker is back; go and give it work
                     self.take(outcome)
         except BaseException as error:
+            # Outside a trial's own failure policy (the store, optuna, the pool, Ctrl-C): no trial of
+            # this driver stays RUNNING; each is failed with the reason and its genome queued again.
             abandon(self.study, self.store, self.space, self.held(), error, self.lease)
             raise
         finally:
@@ -175,7 +179,7 @@ class SearchLoop:
         values, error = outcome_values(self.space, outcome)
         self.lease.check()  # the trial is another driver's now: tell optuna nothing
         if error is not None:
-            self.fail(running, error, queue_again=outcome.worker_died)
+            self.fail(running, error, retry=outcome.worker_died)
             self.reporting = None
             self.bar.update(failed=self.failed_count())
         else:
@@ -184,11 +188,9 @@ class SearchLoop:
             self.report(running, outcome.result, values)
         self.bar.advance()
 
-    def fail(self, running: RunningTrial, error: BaseException, *, queue_again: bool) -> None:
+    def fail(self, running: RunningTrial, error: BaseException, *, retry: bool) -> None:
         """Store and tell the failure; a genome whose worker died is queued once more."""
         from optuna.trial import TrialState
-
-        from evomerge.search import annotate
 
         trial, reason = running.trial, short_error(error)
         log.warning("trial %d failed: %s", trial.number, reason)
@@ -196,13 +198,11 @@ class SearchLoop:
         trial.set_user_attr("failure", reason)
         trial.set_user_attr("methods", annotate.methods_line(self.genome, running.params))
         tell(self.study, trial, state=TrialState.FAIL)
-        if queue_again and trial.user_attrs.get("retry_of") is None:
+        if retry and trial.user_attrs.get("retry_of") is None:
             self.study.enqueue_trial(running.params, user_attrs={"retry_of": trial.number})
 
     def complete(self, running: RunningTrial, result, values: list[float]) -> None:
         """Store the trial, then label it for the dashboard, then tell optuna (the store comes first)."""
-        from evomerge.search import annotate
-
         trial, told = running.trial, told_values(self.space, values)
         self.store.finish_trial(
             self.space.study_name,
@@ -226,8 +226,6 @@ class SearchLoop:
 
     def report(self, running: RunningTrial, result, values: list[float]) -> None:
         """A completed trial to the caller's on_trial and to the progress bar."""
-        from evomerge.search import annotate
-
         number = running.trial.number
         if self.on_trial is not None:
             self.on_trial({
@@ -314,8 +312,6 @@ class SearchLoop:
     ) -> None:
         """What the dashboard shows of the study: its attributes and note (parents, front, best), and at
         the end each finalist's note (held-out scores, the best marked)."""
-        from evomerge.search import annotate
-
         space, store, study = self.space, self.store, self.study
         try:
             front = compute_front(space, store) if front is None else front
@@ -343,8 +339,6 @@ class SearchLoop:
     def note_finalists(
         self, front: list[FrontRow], best: FrontRow | None, trials: Mapping[int, Any], names: list[str]
     ) -> None:
-        from evomerge.search import annotate
-
         errors = self.selection_errors
         noted = {r.number: r for r in front if r.selection or r.number in errors}
         if best is not None:

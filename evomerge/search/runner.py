@@ -84,12 +84,15 @@ def open_study(space: SearchSpace, *, sampler: BaseSampler | None = None):
     if sampler is not None and not isinstance(sampler, optuna.samplers.BaseSampler):
         raise TypeError(f"sampler must be an optuna.samplers.BaseSampler, not {type(sampler).__name__}")
     storage = _optuna_storage(space.storage_url)
+    if sampler is None:
+        spec = space.search
+        sampler = make_sampler(spec.sampler, seed=spec.seed, options=spec.sampler_options, source=space.source_path)
     with database_errors(space.storage_url):
         study = optuna.create_study(
             study_name=space.study_name,
             storage=storage,
             directions=space.directions,
-            sampler=sampler if sampler is not None else make_sampler(space),
+            sampler=sampler,
             load_if_exists=True,
         )
     if list(study.directions) and [d.name.lower() for d in study.directions] != space.directions:
@@ -214,7 +217,8 @@ def run_search(
                 pool = make_pool(space, workers=workers, verbose=verbose, genome=genome)  # checks tasks, loads sources
                 bar.advance()
             try:
-                loop = SearchLoop(space, pool, genome, study, store, lease, bar, total, limit, started, notes, on_trial)
+                loop = SearchLoop(space, pool, genome, study, store, lease, bar, total=total, limit=limit,
+                                  started=started, notes=notes, on_trial=on_trial)
                 return loop.run()
             finally:
                 if own_pool:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from evomerge.config.numbers import coerce_bool, coerce_number
@@ -23,8 +24,6 @@ from evomerge.errors import ConfigError
 
 if TYPE_CHECKING:
     from optuna.samplers import BaseSampler
-
-    from evomerge.config.space import SearchSpace
 
 # Set from the space file's own fields, never through sampler_options.
 _OWN_OPTIONS = {"seed": "search.seed"}
@@ -83,28 +82,27 @@ def sampler_class(name: str) -> type[BaseSampler]:
     return getattr(optuna.samplers, FACTORIES[name].class_name)
 
 
-def checked_sampler_options(space: SearchSpace) -> dict[str, Any]:
-    """`search.sampler_options` validated against the sampler's constructor signature."""
-    spec = space.search
-    cls = sampler_class(spec.sampler)
-    parameters = inspect.signature(cls).parameters
+def checked_sampler_options(sampler: str, given: Mapping[str, Any], source: Path | None = None) -> dict[str, Any]:
+    """`search.sampler_options` (`given`) validated against the sampler's constructor signature;
+    errors name the space file `source`."""
+    parameters = inspect.signature(sampler_class(sampler)).parameters
     options: dict[str, Any] = {}
-    for name, value in spec.sampler_options.items():
+    for name, value in given.items():
         field = f"search.sampler_options.{name}"
         if name in _OWN_OPTIONS:
-            raise ConfigError(f"set the seed with {_OWN_OPTIONS[name]}, not here", file=space.source_path, field=field)
+            raise ConfigError(f"set the seed with {_OWN_OPTIONS[name]}, not here", file=source, field=field)
         if name not in parameters:
             close = difflib.get_close_matches(str(name), list(parameters), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             takes = ", ".join(p for p in parameters if p not in _OWN_OPTIONS) or "no options"
             raise ConfigError(
-                f"the {spec.sampler} sampler takes no option '{name}' (it takes: {takes}){hint}", file=space.source_path, field=field
+                f"the {sampler} sampler takes no option '{name}' (it takes: {takes}){hint}", file=source, field=field
             )
         kinds = _value_kinds(parameters[name].annotation, parameters[name].default)
         if not kinds & {bool, int, float, str, dict, list}:
             raise ConfigError(
-                f"the {spec.sampler} sampler's '{name}' takes a Python object, which a space file cannot give",
-                file=space.source_path,
+                f"the {sampler} sampler's '{name}' takes a Python object, which a space file cannot give",
+                file=source,
                 field=field,
             )
         try:
@@ -116,7 +114,7 @@ def checked_sampler_options(space: SearchSpace) -> dict[str, Any]:
                 elif float in kinds:
                     value = coerce_number(value)
         except ValueError as exc:
-            raise ConfigError(str(exc), file=space.source_path, field=field) from None
+            raise ConfigError(str(exc), file=source, field=field) from None
         options[name] = value
     return options
 
@@ -150,13 +148,15 @@ def _value_kinds(annotation: Any, default: Any) -> set[type]:
     return kinds or {object}
 
 
-def make_sampler(space: SearchSpace) -> BaseSampler:
-    """The sampler `search.sampler` names, seeded with search.seed, its options checked first."""
-    spec = space.search
-    options = checked_sampler_options(space)
+def make_sampler(
+    sampler: str, *, seed: int | None, options: Mapping[str, Any], source: Path | None = None
+) -> BaseSampler:
+    """The sampler the table names `sampler` (a space's search.sampler), seeded, its options
+    (search.sampler_options) checked first; errors name the space file `source`."""
+    checked = checked_sampler_options(sampler, options, source)
     try:
-        return FACTORIES[spec.sampler].build(spec.seed, options)
+        return FACTORIES[sampler].build(seed, checked)
     except (TypeError, ValueError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        message = f"invalid option for the {spec.sampler} sampler ({first})"
-        raise ConfigError(message, file=space.source_path, field="search.sampler_options") from None
+        message = f"invalid option for the {sampler} sampler ({first})"
+        raise ConfigError(message, file=source, field="search.sampler_options") from None
