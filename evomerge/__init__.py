@@ -22,7 +22,7 @@ _EXPORTS = {
     "load_space": "evomerge.config.space",
     "SearchSpace": "evomerge.config.space",
     "run_search": "evomerge.search.runner",
-    "SearchSummary": "evomerge.search.runner",
+    "SearchSummary": "evomerge.search.front",
     "export_trial": "evomerge.export",
     "load_merge_config": "evomerge.config.mergekit_yaml",
     "plan_merge": "evomerge.merge.planner",

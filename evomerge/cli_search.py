@@ -101,7 +101,7 @@ def front(
 
     from evomerge.search.catalog import load_study_space
     from evomerge.search.report import front_table
-    from evomerge.search.runner import FrontRow, compute_front, objective_values, pick_best, reference_rows, scalarize
+    from evomerge.search.front import FrontRow, compute_front, objective_values, pick_best, reference_rows, scalarize
     from evomerge.store.protocol import TrialReader
     from evomerge.store.states import Split, TrialStatus
     from evomerge.store.trial_store import TrialStore, display_url

@@ -20,7 +20,7 @@ from evomerge.io.output_dir import staged_output
 from evomerge.merge.engine import verify_layout, write_checkpoint
 from evomerge.merge.resident import checkpoint_hash
 from evomerge.search.genome import Genome
-from evomerge.search.runner import compute_front, pick_best
+from evomerge.search.front import compute_front, pick_best
 from evomerge.store import display_url
 from evomerge.store.protocol import TrialReader
 from evomerge.store.states import TrialStatus

@@ -107,7 +107,8 @@ def preflight_space(space: SearchSpace, *, scan: bool | None = None, genome: Any
     from evomerge.search.samplers import make_sampler
 
     report = PreflightReport()
-    make_sampler(space)  # options against the sampler's signature, and it builds
+    spec = space.search  # options against the sampler's signature, and it builds
+    make_sampler(spec.sampler, seed=spec.seed, options=spec.sampler_options, source=space.source_path)
     report.checks.append(f"sampler {space.search.sampler}: options accepted")
     evaluator = evaluator_kind(space)
     check_eval_args(space)

@@ -203,7 +203,7 @@ def test_other_storages_and_pickling(tmp_path, name):
 
 
 def test_runner_tell_finishes_trials_like_study_tell(url, name):
-    from evomerge.search.runner import _tell
+    from evomerge.search.loop import tell as _tell
 
     outcomes = {}
     for kind in ("study.tell", "_tell"):

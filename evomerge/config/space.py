@@ -26,8 +26,8 @@ from evomerge.config.numbers import (
     parameter_range,
 )
 from evomerge.errors import ConfigError
+from evomerge.search.samplers import FACTORIES as SAMPLER_FACTORIES
 
-SAMPLERS = ("tpe", "cmaes", "nsga2", "random")
 # Methods a genome can choose, and the genes each one reads (per model / global).
 GENOME_METHODS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "linear": (("weight",), ()),
@@ -207,8 +207,9 @@ class SearchSpec(_Strict):
     @field_validator("sampler")
     @classmethod
     def _sampler(cls, value: str) -> str:
-        if value not in SAMPLERS:
-            raise ValueError(f"unknown sampler '{value}' (choose from: {', '.join(SAMPLERS)}){_closest(value, SAMPLERS)}")
+        if value not in SAMPLER_FACTORIES:  # the sampler table, so a sampler added there is accepted here
+            names = tuple(SAMPLER_FACTORIES)
+            raise ValueError(f"unknown sampler '{value}' (choose from: {', '.join(names)}){_closest(value, names)}")
         return value
 
     @model_validator(mode="after")

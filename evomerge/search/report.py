@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from rich.table import Table
 
 from evomerge.search.catalog import fmt
-from evomerge.search.runner import FrontRow
+from evomerge.search.front import FrontRow
 
 
 HASH_CHARS = 12  # of the weights hash, in every table (enough to tell trials apart)

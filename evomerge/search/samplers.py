@@ -1,5 +1,9 @@
 """optuna samplers by name, seeded, with evomerge's defaults for small, noisy merge searches.
 
+`FACTORIES` is the one table of names a space file may give as `search.sampler`: the schema
+validates against it, and adding a sampler is one factory below plus one line in the table.
+(`run_search(sampler=...)` takes any optuna sampler object instead, for what a file cannot say.)
+
 `search.sampler_options` are checked against the sampler class's constructor before anything is
 built: an option it does not take is a one-line error with a suggestion, and an option whose
 default is a number or a boolean gets a value of that kind (through the config files' one
@@ -11,49 +15,94 @@ from __future__ import annotations
 import difflib
 import inspect
 import re
-from typing import Any
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from evomerge.config.numbers import coerce_bool, coerce_number
-from evomerge.config.space import SearchSpace
 from evomerge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from optuna.samplers import BaseSampler
 
 # Set from the space file's own fields, never through sampler_options.
 _OWN_OPTIONS = {"seed": "search.seed"}
 
 
-def sampler_class(name: str):
+def _tpe(seed: int | None, options: dict[str, Any]) -> BaseSampler:
+    from optuna.samplers import TPESampler
+
+    options.setdefault("multivariate", True)
+    options.setdefault("n_startup_trials", 8)
+    return TPESampler(seed=seed, **options)
+
+
+def _cmaes(seed: int | None, options: dict[str, Any]) -> BaseSampler:
+    from optuna.samplers import CmaEsSampler, TPESampler
+
+    # CMA-ES is single-objective (the weighted sum) and cannot sample categorical genes
+    # (the method); those go to TPE, quietly.
+    options.setdefault("warn_independent_sampling", False)
+    options.setdefault("independent_sampler", TPESampler(seed=seed))
+    return CmaEsSampler(seed=seed, **options)
+
+
+def _nsga2(seed: int | None, options: dict[str, Any]) -> BaseSampler:
+    from optuna.samplers import NSGAIISampler
+
+    options.setdefault("population_size", 10)
+    return NSGAIISampler(seed=seed, **options)
+
+
+def _random(seed: int | None, options: dict[str, Any]) -> BaseSampler:
+    from optuna.samplers import RandomSampler
+
+    return RandomSampler(seed=seed, **options)
+
+
+class SamplerFactory(NamedTuple):
+    """How a named sampler is built: its optuna class (whose constructor the options are checked
+    against) and a function of the seed and the checked options that builds it."""
+
+    class_name: str  # a name in optuna.samplers
+    build: Callable[[int | None, dict[str, Any]], BaseSampler]
+
+
+FACTORIES: dict[str, SamplerFactory] = {
+    "tpe": SamplerFactory("TPESampler", _tpe),
+    "cmaes": SamplerFactory("CmaEsSampler", _cmaes),
+    "nsga2": SamplerFactory("NSGAIISampler", _nsga2),
+    "random": SamplerFactory("RandomSampler", _random),
+}
+
+
+def sampler_class(name: str) -> type[BaseSampler]:
     import optuna
 
-    return {
-        "tpe": optuna.samplers.TPESampler,
-        "cmaes": optuna.samplers.CmaEsSampler,
-        "nsga2": optuna.samplers.NSGAIISampler,
-        "random": optuna.samplers.RandomSampler,
-    }[name]
+    return getattr(optuna.samplers, FACTORIES[name].class_name)
 
 
-def checked_sampler_options(space: SearchSpace) -> dict[str, Any]:
-    """`search.sampler_options` validated against the sampler's constructor signature."""
-    spec = space.search
-    cls = sampler_class(spec.sampler)
-    parameters = inspect.signature(cls).parameters
+def checked_sampler_options(sampler: str, given: Mapping[str, Any], source: Path | None = None) -> dict[str, Any]:
+    """`search.sampler_options` (`given`) validated against the sampler's constructor signature;
+    errors name the space file `source`."""
+    parameters = inspect.signature(sampler_class(sampler)).parameters
     options: dict[str, Any] = {}
-    for name, value in spec.sampler_options.items():
+    for name, value in given.items():
         field = f"search.sampler_options.{name}"
         if name in _OWN_OPTIONS:
-            raise ConfigError(f"set the seed with {_OWN_OPTIONS[name]}, not here", file=space.source_path, field=field)
+            raise ConfigError(f"set the seed with {_OWN_OPTIONS[name]}, not here", file=source, field=field)
         if name not in parameters:
             close = difflib.get_close_matches(str(name), list(parameters), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             takes = ", ".join(p for p in parameters if p not in _OWN_OPTIONS) or "no options"
             raise ConfigError(
-                f"the {spec.sampler} sampler takes no option '{name}' (it takes: {takes}){hint}", file=space.source_path, field=field
+                f"the {sampler} sampler takes no option '{name}' (it takes: {takes}){hint}", file=source, field=field
             )
         kinds = _value_kinds(parameters[name].annotation, parameters[name].default)
         if not kinds & {bool, int, float, str, dict, list}:
             raise ConfigError(
-                f"the {spec.sampler} sampler's '{name}' takes a Python object, which a space file cannot give",
-                file=space.source_path,
+                f"the {sampler} sampler's '{name}' takes a Python object, which a space file cannot give",
+                file=source,
                 field=field,
             )
         try:
@@ -65,7 +114,7 @@ def checked_sampler_options(space: SearchSpace) -> dict[str, Any]:
                 elif float in kinds:
                     value = coerce_number(value)
         except ValueError as exc:
-            raise ConfigError(str(exc), file=space.source_path, field=field) from None
+            raise ConfigError(str(exc), file=source, field=field) from None
         options[name] = value
     return options
 
@@ -99,27 +148,15 @@ def _value_kinds(annotation: Any, default: Any) -> set[type]:
     return kinds or {object}
 
 
-def make_sampler(space: SearchSpace):
-    import optuna
-
-    spec = space.search
-    options = checked_sampler_options(space)
-    seed = spec.seed
+def make_sampler(
+    sampler: str, *, seed: int | None, options: Mapping[str, Any], source: Path | None = None
+) -> BaseSampler:
+    """The sampler the table names `sampler` (a space's search.sampler), seeded, its options
+    (search.sampler_options) checked first; errors name the space file `source`."""
+    checked = checked_sampler_options(sampler, options, source)
     try:
-        if spec.sampler == "tpe":
-            options.setdefault("multivariate", True)
-            options.setdefault("n_startup_trials", 8)
-            return optuna.samplers.TPESampler(seed=seed, **options)
-        if spec.sampler == "cmaes":
-            # CMA-ES is single-objective (the weighted sum) and cannot sample categorical genes
-            # (the method); those go to TPE, quietly.
-            options.setdefault("warn_independent_sampling", False)
-            options.setdefault("independent_sampler", optuna.samplers.TPESampler(seed=seed))
-            return optuna.samplers.CmaEsSampler(seed=seed, **options)
-        if spec.sampler == "nsga2":
-            options.setdefault("population_size", 10)
-            return optuna.samplers.NSGAIISampler(seed=seed, **options)
-        return optuna.samplers.RandomSampler(seed=seed, **options)
+        return FACTORIES[sampler].build(seed, checked)
     except (TypeError, ValueError) as exc:
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"invalid option for the {spec.sampler} sampler ({first})", file=space.source_path, field="search.sampler_options") from None
+        message = f"invalid option for the {sampler} sampler ({first})"
+        raise ConfigError(message, file=source, field="search.sampler_options") from None

@@ -1,0 +1,480 @@
+"""The search loop: ask optuna for a genome, hand it to a worker, take the outcome, store it, tell optuna.
+
+One trial's outcome goes through one failure policy (`SearchLoop.take`): a worker's error, a
+missing task or a NaN objective fails that trial with its reason and the study goes on; a
+completed trial is in the store before optuna is told. Anything outside that policy (the store,
+optuna, the pool, Ctrl-C) fails every trial this driver holds and queues its genome again
+(`abandon`), so no trial stays RUNNING. The pool is anything with the worker pool's methods, so
+the loop runs with a fake pool in tests, without Ray or lm-eval.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from evomerge.errors import EvomergeError
+from evomerge.search import annotate
+from evomerge.search.front import (
+    FrontRow,
+    Scores,
+    SearchSummary,
+    Split,
+    compute_front,
+    objective_values,
+    pick_best,
+    reference_rows,
+    scalarize,
+    told_values,
+)
+from evomerge.search.pareto import pareto_front
+
+if TYPE_CHECKING:
+    from evomerge.config.space import SearchSpace
+    from evomerge.progress import SearchProgress
+    from evomerge.store.lease import StudyLease
+    from evomerge.store.protocol import TrialRecorder
+    from evomerge.workers.protocol import WorkerPool
+
+log = logging.getLogger("evomerge.search")
+
+
+def short_error(error: BaseException) -> str:
+    """An error as one line of at most 500 characters: what a trial's failure reason holds."""
+    text = f"{type(error).__name__}: {error}".strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:500]
+
+
+@dataclass
+class RunningTrial:
+    """A trial handed to a worker: the optuna trial, its genome, and when it was asked for."""
+
+    trial: Any  # optuna.trial.Trial
+    params: dict[str, Any] | None  # None until the genome is suggested
+    asked: float  # time.perf_counter() just before study.ask()
+
+
+@dataclass
+class SearchLoop:
+    """One run of the search over an opened, prepared, leased study: references, trials, finalists."""
+
+    space: SearchSpace
+    pool: WorkerPool
+    genome: Any  # evomerge.search.genome.Genome
+    study: Any  # optuna.Study
+    store: TrialRecorder
+    lease: StudyLease
+    bar: SearchProgress
+    total: int | None  # trials that count against n_trials; None: until the timeout
+    limit: float | None  # seconds after `started` past which no trial is started
+    started: float  # time.monotonic() when run_search began
+    notes: list[str] = field(default_factory=list)
+    on_trial: Callable[[dict[str, Any]], None] | None = None
+    # What the loop holds while it runs.
+    in_flight: dict[int, RunningTrial] = field(default_factory=dict, init=False)  # pool ticket -> trial
+    asking: RunningTrial | None = field(default=None, init=False)  # asked for, not yet handed to a worker
+    reporting: RunningTrial | None = field(default=None, init=False)  # its outcome being stored and told
+    stopping: bool = field(default=False, init=False)  # the timeout passed: start no more trials
+    search_values: list[list[float]] = field(default_factory=list, init=False)  # completed trials', for the bar
+    best_score: float = field(default=-math.inf, init=False)  # best weighted search score so far, for the bar
+    selection_errors: dict[int, str] = field(default_factory=dict, init=False)  # finalist -> why its rescoring failed
+
+    def run(self) -> SearchSummary:
+        # Reference points first: a model that cannot be scored leaves no trial waiting in a fresh study.
+        unscored = self.unscored_references("search")
+        if unscored:
+            self.bar.start_phase("parents", len(unscored))
+        self.score_references(unscored, "search")
+        enqueue_seeds(self.study, self.space, self.genome)
+        self.note_dashboard(finished=False)  # the parents' scores, on the dashboard from the start
+        self.search()
+        front = self.select_finalists()
+        return self.summarise(front)
+
+    # -- references -------------------------------------------------------------------------
+
+    @property
+    def reference_models(self) -> list[str]:
+        return [*([self.genome.base] if self.genome.base else []), *self.genome.finetunes]
+
+    def unscored_references(self, split: Split) -> list[str]:
+        known = self.store.references(self.space.study_name, split)
+        return [name for name in self.reference_models if name not in known]
+
+    def score_references(self, names: Sequence[str], split: Split) -> None:
+        for name in names:
+            scores = score_reference(self.pool, name, split)
+            self.store.record_reference(self.space.study_name, name, str(self.genome.paths[name]), split, scores)
+            self.bar.advance()
+
+    # -- the search phase -------------------------------------------------------------------
+
+    def search(self) -> None:
+        """Keep the workers busy until n_trials trials have finished (or the timeout stops new ones)."""
+        self.start_search_phase()
+        try:
+            while True:
+                self.fill_workers()
+                if not self.in_flight and not self.pool.recovering():
+                    break
+                outcome = self.pool.wait_any()
+                if outcome is not None:  # None: a restarted worker is back; go and give it work
+                    self.take(outcome)
+        except BaseException as error:
+            # Outside a trial's own failure policy (the store, optuna, the pool, Ctrl-C): no trial of
+            # this driver stays RUNNING; each is failed with the reason and its genome queued again.
+            abandon(self.study, self.store, self.space, self.held(), error, self.lease)
+            raise
+        finally:
+            self.bar.close()
+
+    def start_search_phase(self) -> None:
+        self.bar.start_phase("search", self.total, done=finished_count(self.study))
+        # Values of completed trials, kept in memory for the progress bar (no database read per trial).
+        seen = compute_front(self.space, self.store)
+        self.search_values = [row.search for row in seen]
+        leader = max(seen, key=lambda row: scalarize(self.space, row.search), default=None)
+        self.best_score = scalarize(self.space, leader.search) if leader else -math.inf
+        self.bar.update(front=len(seen), failed=self.failed_count(),
+                        best=(leader.number, leader.mean()) if leader else None)
+
+    def fill_workers(self) -> None:
+        while not self.stopping and len(self.in_flight) < self.pool.size and self.pool.can_submit():
+            if not self.room_for_another():
+                break
+            self.lease.check()  # never ask for a trial of a study another driver has taken over
+            self.start_trial()
+
+    def room_for_another(self) -> bool:
+        """False once n_trials are finished or running, or (noted once) past the timeout."""
+        if self.total is not None and finished_count(self.study) + len(self.in_flight) >= self.total:
+            return False
+        if self.limit is not None and time.monotonic() - self.started > self.limit:
+            self.notes.append(f"stopped starting trials after the {self.limit:.0f}s timeout")
+            self.stopping = True
+            return False
+        return True
+
+    def start_trial(self) -> None:
+        from evomerge.search.storage import batched_params
+
+        asked = time.perf_counter()
+        self.asking = RunningTrial(self.study.ask(), None, asked)
+        with batched_params(self.study):  # one transaction for all genes, committed before the merge
+            self.asking.params = self.genome.suggest(self.asking.trial)
+        self.store.start_trial(
+            self.space.study_name, self.asking.trial.number, self.asking.params, worker=getattr(self.pool, "name", None)
+        )
+        self.in_flight[self.pool.submit(self.asking.params, "search")] = self.asking
+        self.asking = None
+        self.bar.update(in_flight=len(self.in_flight))
+
+    def take(self, outcome) -> None:
+        """One trial's outcome, through the one failure policy: any failure fails the trial, never the study."""
+        running = self.reporting = self.in_flight.pop(outcome.ticket)
+        self.bar.update(in_flight=len(self.in_flight))
+        values, error = outcome_values(self.space, outcome)
+        self.lease.check()  # the trial is another driver's now: tell optuna nothing
+        if error is not None:
+            self.fail(running, error, retry=outcome.worker_died)
+            self.reporting = None
+            self.bar.update(failed=self.failed_count())
+        else:
+            self.complete(running, outcome.result, values)
+            self.reporting = None
+            self.report(running, outcome.result, values)
+        self.bar.advance()
+
+    def fail(self, running: RunningTrial, error: BaseException, *, retry: bool) -> None:
+        """Store and tell the failure; a genome whose worker died is queued once more."""
+        from optuna.trial import TrialState
+
+        trial, reason = running.trial, short_error(error)
+        log.warning("trial %d failed: %s", trial.number, reason)
+        self.store.fail_trial(self.space.study_name, trial.number, reason)
+        trial.set_user_attr("failure", reason)
+        trial.set_user_attr("methods", annotate.methods_line(self.genome, running.params))
+        tell(self.study, trial, state=TrialState.FAIL)
+        if retry and trial.user_attrs.get("retry_of") is None:
+            self.study.enqueue_trial(running.params, user_attrs={"retry_of": trial.number})
+
+    def complete(self, running: RunningTrial, result, values: list[float]) -> None:
+        """Store the trial, then label it for the dashboard, then tell optuna (the store comes first)."""
+        trial, told = running.trial, told_values(self.space, values)
+        self.store.finish_trial(
+            self.space.study_name,
+            trial.number,
+            scores=result.scores,
+            values=told,
+            plan_yaml=result.plan_yaml,
+            merge_seconds=result.merge_seconds,
+            eval_seconds=result.eval_seconds,
+            device=result.device,
+            weights_hash=result.weights_hash,
+        )
+        annotate.set_trial_attrs(trial, annotate.search_attrs(  # what the dashboard shows of the trial
+            [o.label for o in self.space.objectives], values,
+            methods=annotate.methods_line(self.genome, running.params),
+            weights_hash=result.weights_hash, role_text=annotate.role(trial.user_attrs),
+            seconds={"merge": result.merge_seconds, "hash": result.extra.get("hash_seconds"),
+                     "eval": result.eval_seconds, "trial": time.perf_counter() - running.asked},
+        ))
+        tell(self.study, trial, told)  # every other detail is in the trial store
+
+    def report(self, running: RunningTrial, result, values: list[float]) -> None:
+        """A completed trial to the caller's on_trial and to the progress bar."""
+        number = running.trial.number
+        if self.on_trial is not None:
+            self.on_trial({
+                "number": number, "wall_seconds": time.perf_counter() - running.asked, "values": values,
+                "merge_seconds": result.merge_seconds, "eval_seconds": result.eval_seconds,
+                "hash_seconds": result.extra.get("hash_seconds", 0.0), "worker": result.worker,
+            })
+        if scalarize(self.space, values) > self.best_score:
+            self.best_score = scalarize(self.space, values)
+            self.bar.update(best=(number, annotate.mean(values)))
+        self.search_values.append(values)
+        self.bar.update(front=len(pareto_front(self.search_values, [o.direction for o in self.space.objectives])))
+
+    def held(self) -> list[tuple[Any, dict[str, Any] | None]]:
+        """The trials this driver holds and has not told optuna about: (trial, genome or None)."""
+        held = [(running.trial, running.params) for running in self.in_flight.values()]
+        if self.asking is not None:
+            held.append((self.asking.trial, None))
+        if self.reporting is not None:
+            held.append((self.reporting.trial, self.reporting.params))
+        return held
+
+    def failed_count(self) -> int:
+        return len(self.store.trials(self.space.study_name, status="failed"))
+
+    # -- selection and the summary ----------------------------------------------------------
+
+    def select_finalists(self) -> list[FrontRow]:
+        """Re-score the best front members on held-out tasks before anything is called best; the front after."""
+        front = compute_front(self.space, self.store)
+        if not self.pool.has_selection:
+            return front
+        try:
+            unscored = self.unscored_references("selection")
+            jobs = [
+                (row.number, self.store.trial(self.space.study_name, row.number).genome)
+                for row in front[: self.space.search.finalists]
+                if row.selection is None
+            ]
+            if unscored or jobs:
+                self.bar.start_phase("selection", len(unscored) + len(jobs))
+            self.score_references(unscored, "selection")
+            self.score_finalists(jobs)
+        except Exception as error:  # every trial is told already: keep the search, report the phase
+            if isinstance(error, EvomergeError) and not isinstance(error, ReferenceScoringError):
+                raise
+            reason = short_error(error)
+            self.notes.append(f"selection phase stopped ({reason}); the best is picked from what was scored")
+        finally:
+            self.bar.close()
+        return compute_front(self.space, self.store)
+
+    def score_finalists(self, jobs: Sequence[tuple[int, Mapping[str, Any]]]) -> None:
+        for number, outcome in evaluate_all(self.pool, jobs, "selection", on_done=self.bar.advance).items():
+            if outcome.error is None:
+                self.store.record_scores(self.space.study_name, number, "selection", outcome.result.scores)
+            else:
+                self.selection_errors[number] = short_error(outcome.error)
+                self.notes.append(f"trial {number}: selection scoring failed ({self.selection_errors[number]})")
+
+    def summarise(self, front: list[FrontRow]) -> SearchSummary:
+        best = pick_best(self.space, front)
+        if best is not None:
+            self.lease.check()
+            self.study.set_user_attr("evomerge_best_trial", best.number)
+        self.note_dashboard(finished=True, front=front, best=best)
+        trials = self.store.trials(self.space.study_name)
+        return SearchSummary(
+            study_name=self.space.study_name,
+            storage_url=self.space.storage_url,
+            objective_names=[o.label for o in self.space.objectives],
+            n_complete=sum(t.status == "complete" for t in trials),
+            n_failed=sum(t.status == "failed" for t in trials),
+            front=front,
+            references=reference_rows(self.space, self.store),
+            best=best,
+            seconds=time.monotonic() - self.started,
+            space_path=str(self.space.source_path) if self.space.source_path else None,
+            notes=self.notes,
+        )
+
+    def note_dashboard(
+        self, *, finished: bool, front: list[FrontRow] | None = None, best: FrontRow | None = None
+    ) -> None:
+        """What the dashboard shows of the study: its attributes and note (parents, front, best), and at
+        the end each finalist's note (held-out scores, the best marked)."""
+        space, store, study = self.space, self.store, self.study
+        try:
+            front = compute_front(space, store) if front is None else front
+            trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+            records = store.trials(space.study_name)
+            seeds = {n: annotate.role(t.user_attrs) for n, t in trials.items() if t.user_attrs.get("seed")}
+            references = reference_rows(space, store)
+            names = [o.label for o in space.objectives]
+            methods = None
+            if best is not None and best.number in trials:
+                methods = annotate.methods_line(self.genome, trials[best.number].params)
+            attrs = annotate.study_attrs(names, references, best, seeds, finished=finished, methods=methods)
+            annotate.set_study_attrs(study, attrs)
+            annotate.write_note(study, None, annotate.study_note(
+                space.study_name, space.objectives, front, references, best=best, seeds=seeds,
+                n_complete=sum(r.status == "complete" for r in records),
+                n_failed=sum(r.status == "failed" for r in records),
+                finalists=space.search.finalists, finished=finished,
+            ))
+            if finished:
+                self.note_finalists(front, best, trials, names)
+        except Exception as error:  # the notes are a view: never fail a search over them
+            log.warning("could not write the dashboard notes: %s", short_error(error))
+
+    def note_finalists(
+        self, front: list[FrontRow], best: FrontRow | None, trials: Mapping[int, Any], names: list[str]
+    ) -> None:
+        errors = self.selection_errors
+        noted = {r.number: r for r in front if r.selection or r.number in errors}
+        if best is not None:
+            noted[best.number] = best
+        for number, row in noted.items():
+            if number in trials:
+                annotate.write_note(self.study, trials[number]._trial_id, annotate.finalist_note(
+                    names, row.selection, is_best=row is best, error=errors.get(number)))
+
+
+def outcome_values(space: SearchSpace, outcome) -> tuple[list[float], BaseException | None]:
+    """A trial outcome's objective values, or why it failed: the worker's error, a task or metric
+    lm-eval did not report, or a NaN objective."""
+    if outcome.error is not None:
+        return [], outcome.error
+    try:
+        values = objective_values(space, outcome.result.scores)
+        if any(math.isnan(v) for v in values):
+            raise FloatingPointError(f"an objective is NaN: {values}")
+    except Exception as problem:
+        return [], problem
+    return values, None
+
+
+class ReferenceScoringError(EvomergeError):
+    """A reference model (the base, a parent) could not be scored: a setup problem, not a trial's."""
+
+
+def score_reference(pool, name: str, split: Split) -> Scores:
+    try:
+        return pool.score_reference(name, split)
+    except EvomergeError:
+        raise
+    except Exception as error:
+        raise ReferenceScoringError(
+            f"scoring the reference model '{name}' on the {split} tasks failed ({short_error(error)}); "
+            "check the objectives' tasks and the eval settings"
+        ) from error
+
+
+def evaluate_all(
+    pool, jobs: Sequence[tuple[Any, Mapping[str, Any]]], split: Split, on_done: Callable[[], Any] | None = None
+) -> dict[Any, Any]:
+    """Evaluate several genomes on `split`, up to pool.size at once; key -> outcome (on_done() after each)."""
+    pending = list(jobs)
+    running: dict[int, Any] = {}
+    outcomes = {}
+    while pending or running:
+        while pending and len(running) < pool.size and pool.can_submit():
+            key, params = pending.pop(0)
+            running[pool.submit(params, split)] = key
+        outcome = pool.wait_any()
+        if outcome is not None:
+            outcomes[running.pop(outcome.ticket)] = outcome
+            if on_done is not None:
+                on_done()
+    return outcomes
+
+
+def enqueue_seeds(study, space: SearchSpace, genome) -> int:
+    """Fresh studies start from each parent alone and the uniform mix (the front's reference points)."""
+    if study.get_trials(deepcopy=False):
+        return 0
+    seeds = []
+    if "parents" in space.search.enqueue:
+        for model in genome.finetunes:
+            params = genome.parent_params(model)
+            if params is not None:
+                seeds.append((params, {"seed": f"parent:{model}"}))
+    if "uniform" in space.search.enqueue:
+        params = genome.uniform_params()
+        if params is not None:
+            seeds.append((params, {"seed": "uniform"}))
+    for params, attrs in seeds:
+        study.enqueue_trial(params, user_attrs=attrs)
+    return len(seeds)
+
+
+def finished_count(study) -> int:
+    """Trials that count against n_trials: finished ones, except failures whose genome was queued
+    again (a worker died or the driver was interrupted): their retry takes their place."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs["retry_of"] for t in trials if t.user_attrs.get("retry_of") is not None}
+    return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL) and t.number not in retried)
+
+
+def queue_again(study, trial, params: Mapping[str, Any]) -> None:
+    """Enqueue a failed trial's genome once more, keeping which reference point it is."""
+    attrs = {"retry_of": trial.number}
+    if "seed" in trial.user_attrs:  # which reference point this genome is
+        attrs["seed"] = trial.user_attrs["seed"]
+    study.enqueue_trial(dict(params), user_attrs=attrs, skip_if_exists=False)
+
+
+def abandon(study, store: TrialRecorder, space: SearchSpace, held, error: BaseException, lease) -> None:
+    """Fail the trials this driver holds (store and optuna alike) and queue their genomes again.
+
+    Best effort: with the database gone, the next run's recovery does the same.
+    """
+    from optuna.trial import TrialState
+
+    if lease.lost or not held:
+        return  # a driver that lost its lease leaves the trials to the one that took over
+    cause = "interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else short_error(error)
+    reason = f"search stopped before this trial finished: {cause}"
+    for trial, params in held:
+        try:
+            genome = dict(params or trial.params or fixed_params(study, trial))
+            if store.trial(space.study_name, trial.number) is None:
+                store.start_trial(space.study_name, trial.number, genome)
+            store.fail_trial(space.study_name, trial.number, reason)
+            trial.set_user_attr("failure", reason)
+            tell(study, trial, state=TrialState.FAIL)
+            if genome and trial.user_attrs.get("retry_of") is None:
+                queue_again(study, trial, genome)
+        except Exception as problem:  # noqa: BLE001 - the original error is the one to report
+            why = short_error(problem)
+            log.warning("trial %d: could not be failed after the search stopped: %s", trial.number, why)
+
+
+def fixed_params(study, trial) -> dict[str, Any]:
+    """An enqueued trial's genome as optuna holds it before its genes are suggested."""
+    try:
+        return dict(study._storage.get_trial(trial._trial_id).system_attrs.get("fixed_params") or {})
+    except Exception:  # noqa: BLE001 - nothing to retry then
+        return {}
+
+
+def tell(study, trial, values=None, *, state=None) -> None:
+    """study.tell without reading the finished trial back (tell returns it; we never use it)."""
+    try:
+        from optuna.study._tell import _tell_with_warning
+    except ImportError:  # another optuna layout: the public call does the same, plus the read
+        study.tell(trial, values, state=state)
+        return
+    _tell_with_warning(study=study, trial=trial, value_or_values=values, state=state)
