@@ -13,13 +13,16 @@ Adding a method is one module that builds a `MethodSpec` and one `register(...)`
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from evomerge.config.numbers import ParameterRange
+
+if TYPE_CHECKING:
+    from evomerge.merge.trim import TaskVectorKind
 
 Scope = Literal["model", "global"]
 BaseRule = Literal["required", "optional", "unused"]
@@ -31,8 +34,13 @@ SeedRule = Literal["one_hot", "share", "low"] | float
 # The math of one output tensor: (tensors, resolved per-model params, resolved global params,
 # base_index, seed) -> merged tensor; implementations that write block by block also take `out=`.
 MergeFunction = Callable[..., torch.Tensor]
-# Extra validation of resolved parameters beyond each Param's range (e.g. della's density +- epsilon).
+# Extra validation of resolved parameters beyond each Param's range (e.g. della's density +- epsilon):
+# (resolved per-model params, resolved global params, base_index). Raises ValueError with the reason;
+# the caller puts "<method>: " in front.
 ParamCheck = Callable[[list[dict[str, float]], dict[str, Any], int | None], None]
+# Extra rule on the inputs beyond min/max_models: (number of tensors, base_index), checked with the
+# counts, before any parameter is read. Raises ValueError with the whole message.
+ModelsCheck = Callable[[int, int | None], None]
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,11 @@ class MethodSpec:
     writes_out: bool = False  # `merge` accepts out= and fills it block by block
     count_hint: str = ""  # appended to a wrong-model-count error, e.g. " (a base and one other)"
     check: ParamCheck | None = None
+    check_models: ModelsCheck | None = None
+    # The generalized task-arithmetic pipeline's settings (sparsifier, sign consensus) for methods
+    # that run it: their `merge` also takes histogram= (the cross-trial delta cache), and the
+    # fused C kernel can take their tensors.
+    task_vector: TaskVectorKind | None = None
     # Genome use. A method is searchable when it declares genes; `picks_by` names the per-model
     # gene whose largest value picks the one fine-tune a two-model method merges with the base.
     searchable: bool = False
@@ -117,8 +130,14 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
+def _load_catalogue() -> None:
+    """Register the built-in methods (importing the catalogue does) before the first look-up."""
+    from evomerge.merge import catalogue  # noqa: F401
+
+
 def get_method(name: str) -> MethodSpec:
     """The spec of merge method `name`; a ValueError with a suggestion for unknown names."""
+    _load_catalogue()
     spec = METHODS.get(name)
     if spec is not None:
         return spec
@@ -128,6 +147,7 @@ def get_method(name: str) -> MethodSpec:
 
 
 def searchable_methods() -> dict[str, MethodSpec]:
+    _load_catalogue()
     return {name: spec for name, spec in METHODS.items() if spec.searchable}
 
 
@@ -143,6 +163,7 @@ def gene_params() -> dict[str, Param]:
 
 def ranked(rank: str) -> list[str]:
     """Searchable methods with a `parent_rank`/`uniform_rank`, best first."""
+    _load_catalogue()
     found = [(getattr(spec, rank), name) for name, spec in METHODS.items() if getattr(spec, rank) is not None]
     return [name for _, name in sorted(found)]
 
