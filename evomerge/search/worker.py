@@ -20,6 +20,7 @@ import torch
 from evomerge.config.space import SearchSpace
 from evomerge.devices import resolve_device
 from evomerge.errors import ConfigError
+from evomerge.io.hashing import weights_hash
 from evomerge.merge.plan import DTYPE_NAMES
 from evomerge.merge.resident import (
     ResidentSources,
@@ -28,7 +29,6 @@ from evomerge.merge.resident import (
     load_into,
     materialize,
     target_parameters,
-    weights_hash,
 )
 from evomerge.search.genome import Genome
 
