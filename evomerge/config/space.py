@@ -23,9 +23,9 @@ from evomerge.config.numbers import (
     OptionalInteger,
     OptionalNumber,
     coerce_number,
-    parameter_range,
 )
 from evomerge.errors import ConfigError
+from evomerge.merge.registry import gene_params
 
 SAMPLERS = ("tpe", "cmaes", "nsga2", "random")
 # Methods a genome can choose, and the genes each one reads (per model / global).
@@ -133,7 +133,7 @@ class GenomeSpec(_Strict):
                 bounds = (coerce_number(value),)
             except ValueError as exc:
                 raise ValueError(f"{exc} (expected a number or a [low, high] range)") from None
-        declared = parameter_range(name)
+        declared = gene_params()[name].valid
         if min(bounds) < declared.low or max(bounds) > declared.high:  # a search never goes past the bounds
             raise ValueError(f"values must lie in {declared.describe()}, got {value!r}" + (f" ({declared.why})" if declared.why else ""))
         return bounds if len(bounds) == 2 else bounds[0]
