@@ -128,7 +128,8 @@ def native_task_vectors(kind, tensors, model_params, options, base_index, seed, 
         if modes[row] == native.CUT:
             cut = histogram(index, lambda s=flat: native.key_histogram(flat_base, s))
         elif modes[row] == native.MASK:
-            trim = plan_trim(kind.sparsifier, tensors[index], base, model_params[index], options["rescale"], seed, index)
+            params = model_params[index]
+            trim = plan_trim(kind.sparsifier, tensors[index], base, params, options["rescale"], seed, index)
             mask, factor = trim.mask, trim.factor
         masks.append(mask)
         factors.append(1.0 if factor is None else factor)  # x * 1.0 == x, bit for bit

@@ -55,7 +55,13 @@ from evomerge.merge import catalogue as _catalogue  # noqa: F401  (registers the
 from evomerge.merge import sparsify
 from evomerge.merge.delta_cache import DeltaCache
 from evomerge.merge.fused_dispatch import FusedMerge, fused_merge
-from evomerge.merge.params import check_inputs, check_method_params, check_parameters, resolve_globals, resolve_model_params
+from evomerge.merge.params import (
+    check_inputs,
+    check_method_params,
+    check_parameters,
+    resolve_globals,
+    resolve_model_params,
+)
 from evomerge.merge.registry import METHODS, MethodSpec, Param, get_method
 
 __all__ = [

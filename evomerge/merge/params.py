@@ -129,7 +129,9 @@ def check_inputs(spec: MethodSpec, tensors: Sequence[torch.Tensor], base_index: 
     return base_index
 
 
-def check_method_params(spec: MethodSpec, model_params: list[dict[str, float]], options: dict[str, Any], base_index: int | None) -> None:
+def check_method_params(
+    spec: MethodSpec, model_params: list[dict[str, float]], options: dict[str, Any], base_index: int | None
+) -> None:
     """The method's own cross-parameter rule (`MethodSpec.check`), worded with its name."""
     if spec.check is None:
         return

@@ -52,8 +52,8 @@ class Param:
     default: float | bool | None = None  # None: required (per-model parameters: never for the base)
     valid: ParameterRange = field(default_factory=ParameterRange)  # the values a config may give
     search: tuple[float, float] | float | None = None  # a genome's default gene range; None: not a gene
-    alone: SeedRule | None = None  # the value that reproduces one parent alone
-    uniform: SeedRule | None = None  # the value of the plain average of the fine-tunes
+    alone: SeedRule | None = None  # the value that reproduces one parent alone (None: "low")
+    uniform: SeedRule | None = None  # the value of the plain average of the fine-tunes (None: "low")
 
     @property
     def is_bool(self) -> bool:
@@ -113,6 +113,11 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
+def _gene_facts(param: Param) -> tuple:
+    """What a gene means to the genome and the space file (its default may differ per method)."""
+    return param.scope, param.valid, param.search, param.alone, param.uniform
+
+
 def register(spec: MethodSpec) -> MethodSpec:
     """Add a method to the catalogue (names are unique; a gene name means one thing everywhere)."""
     if spec.name in METHODS:
@@ -121,10 +126,10 @@ def register(spec: MethodSpec) -> MethodSpec:
         for other in METHODS.values():
             for known in other.params:
                 if known.name == param.name and known.search is not None and param.search is not None:
-                    if (known.search, known.scope) != (param.search, param.scope):
+                    if _gene_facts(known) != _gene_facts(param):
                         raise ValueError(
-                            f"gene '{param.name}' of {spec.name} differs from that of {other.name}: "
-                            "a gene name must mean the same range and scope in every method"
+                            f"gene '{param.name}' of {spec.name} differs from that of {other.name}: a gene name must "
+                            "mean the same scope, valid values, search range and seed rules in every method"
                         )
     METHODS[spec.name] = spec
     return spec
@@ -152,12 +157,14 @@ def searchable_methods() -> dict[str, MethodSpec]:
 
 
 def gene_params() -> dict[str, Param]:
-    """Every gene name any searchable method uses -> its Param (the same in every method)."""
+    """Every gene name any searchable method uses -> its Param (the same in every method):
+    per-model genes first, then global ones, each in catalogue order."""
     genes: dict[str, Param] = {}
-    for spec in searchable_methods().values():
-        for param in spec.params:
-            if param.search is not None:
-                genes.setdefault(param.name, param)
+    for scope in ("model", "global"):
+        for spec in searchable_methods().values():
+            for param in spec.params:
+                if param.scope == scope and param.search is not None:
+                    genes.setdefault(param.name, param)
     return genes
 
 

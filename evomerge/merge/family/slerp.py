@@ -96,7 +96,9 @@ def merge_nuslerp(tensors, model_params, options, base_index, seed) -> torch.Ten
 def _two_non_base(count: int, base_index: int | None) -> None:
     others = count - (base_index is not None)
     if others != 2:
-        raise ValueError(f"nuslerp needs exactly 2 non-base models, got {others} ({count} tensors, base_index={base_index})")
+        raise ValueError(
+            f"nuslerp needs exactly 2 non-base models, got {others} ({count} tensors, base_index={base_index})"
+        )
 
 
 SLERP = MethodSpec(

@@ -109,16 +109,20 @@ def _check_della(model_params: list[dict[str, float]], options: dict[str, Any], 
                 raise ValueError(f"{exc} (model {index})") from None
 
 
-_DENSITY_RANGE = ParameterRange(0.0, 1.0, lenient_high=True, why="it keeps every entry, as density 1 does (mergekit accepts it too)")
-_GAMMA = Param(
-    "gamma", "model", default=0.01, valid=ParameterRange(0.0, 1.0, why="the fraction of largest entries breadcrumbs drops"),
-    search=0.01, alone=0.0, uniform=0.0,
+_DENSITY_RANGE = ParameterRange(
+    0.0, 1.0, lenient_high=True, why="it keeps every entry, as density 1 does (mergekit accepts it too)"
 )
+_GAMMA = Param(
+    "gamma", "model", default=0.01,
+    valid=ParameterRange(0.0, 1.0, why="the fraction of largest entries breadcrumbs drops"),
+    search=0.01, alone=0.0, uniform=0.0,
+)  # fmt: skip
 # At density 1 (both seeds) epsilon does not matter: the low end of its range.
 _EPSILON = Param(
-    "epsilon", "model", default=0.15, valid=ParameterRange(0.0, 0.5, why="della keeps entries with probability density +- epsilon"),
+    "epsilon", "model", default=0.15,
+    valid=ParameterRange(0.0, 0.5, why="della keeps entries with probability density +- epsilon"),
     search=(0.01, 0.09), alone="low", uniform="low",
-)
+)  # fmt: skip
 
 
 def _spec(
