@@ -187,15 +187,23 @@ def validate(
 
 @app.command()
 def methods() -> None:
-    """List the merge methods and their parameters (defaults in brackets; * = required)."""
+    """List the merge methods, their parameters (defaults in brackets; * = required) and the values they take."""
     from evomerge.merge.methods import METHODS
 
-    for spec in METHODS.values():
-        def fmt(params):
-            return ", ".join(f"{k}*" if v is None else f"{k} [{v}]" for k, v in params.items()) or "-"
+    def fmt(params):
+        return ", ".join(f"{k}*" if v is None else f"{k} [{v}]" for k, v in params.items()) or "-"
 
+    for spec in METHODS.values():
         typer.echo(f"{spec.name:18} {spec.doc}")
-        typer.echo(f"{'':18}   base: {spec.base}; global: {fmt(spec.global_params)}; per model: {fmt(spec.model_params)}")
+        scopes = f"global: {fmt(spec.global_params)}; per model: {fmt(spec.model_params)}"
+        typer.echo(f"{'':18}   base: {spec.base}; {scopes}")
+        bounded = [p for p in spec.params if p.valid.bounded]
+        if bounded:
+            ranges = ", ".join(
+                f"{p.name} in {p.valid.describe()}" + (" (more: kept, with a warning)" if p.valid.lenient_high else "")
+                for p in bounded
+            )
+            typer.echo(f"{'':18}   values: {ranges}")
 
 
 @demo_app.command("build")

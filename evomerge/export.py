@@ -16,9 +16,9 @@ from pathlib import Path
 from evomerge.config.space import SearchSpace
 from evomerge.errors import EvomergeError
 from evomerge.io.checkpoint import describe_sources, hub_ids, relocate_recipe, write_model_card, write_recipe
+from evomerge.io.hashing import checkpoint_hash
 from evomerge.io.output_dir import staged_output
 from evomerge.merge.engine import verify_layout, write_checkpoint
-from evomerge.merge.resident import checkpoint_hash
 from evomerge.search.genome import Genome
 from evomerge.search.front import compute_front, pick_best
 from evomerge.store import display_url

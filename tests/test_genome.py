@@ -9,9 +9,10 @@ import yaml
 from evomerge.cli import main
 from evomerge.config.space import parse_space
 from evomerge.errors import ConfigError
+from evomerge.io.hashing import checkpoint_hash, weights_hash
 from evomerge.merge.engine import run_merge
 from evomerge.merge.plan import DTYPE_NAMES
-from evomerge.merge.resident import ResidentSources, checkpoint_hash, materialize, weights_hash
+from evomerge.merge.resident import ResidentSources, materialize
 from evomerge.search.genome import Genome
 from families import load_checkpoint, random_family
 

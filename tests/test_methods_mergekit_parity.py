@@ -21,7 +21,7 @@ pytest.importorskip("mergekit")
 from mergekit import sparsify as mk_sparsify  # noqa: E402
 from mergekit.merge_methods import merge_tensors as mk_merge_tensors  # noqa: E402
 
-from evomerge.merge import blocks, methods, native, sparsify  # noqa: E402
+from evomerge.merge import blocks, native, sparsify, trim  # noqa: E402
 from evomerge.merge.methods import METHODS, merge_tensors  # noqa: E402
 
 BF16 = torch.bfloat16
@@ -43,7 +43,7 @@ def block_size(request, monkeypatch):
         monkeypatch.setenv("EVOMERGE_NATIVE", "0")
     if request.param == "blocks of 97":
         monkeypatch.setattr(blocks, "CPU_BLOCK", 97)
-        monkeypatch.setattr(methods, "_RADIX_MIN", 0)
+        monkeypatch.setattr(trim, "RADIX_MIN", 0)
     yield request.param
     native.reset()
 

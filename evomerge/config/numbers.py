@@ -1,4 +1,4 @@
-"""One coercion for every number a user writes, and one declared range per merge parameter.
+"""One coercion for every number a user writes, and the type of a merge parameter's valid range.
 
 Both file kinds (a mergekit merge YAML and a search space file) send each numeric value through
 `coerce_number`: non-numbers (`abc`, `0.5x`, `50%`, `true`, a list where a scalar goes) and
@@ -6,8 +6,9 @@ non-finite values (`.nan`, `.inf`, numbers too large for a float) are refused wi
 the caller prefixes with the file and field. Numeric strings are accepted because YAML 1.1
 reads `1e-3` (no dot, no exponent sign) as a string, and mergekit takes such values.
 
-`PARAMETER_RANGES` is the one place that says which values a merge parameter may take; the
-merge YAML check, the space file's gene ranges and `evomerge methods` all read it.
+Which values a merge parameter may take is a `ParameterRange` declared with the parameter, in
+its method's spec (`evomerge.merge.registry.Param.valid`); the merge YAML check, the space
+file's gene ranges and `evomerge methods` all read it there.
 """
 
 from __future__ import annotations
@@ -127,23 +128,14 @@ class ParameterRange:
             return f"{value:g} is above {self.high:g}; {self.why}"
         raise ValueError(f"expected a value in [{self.low:g}, {self.high:g}], got {value:g}" + (f" ({self.why})" if self.why and not self.lenient_high else ""))
 
+    @property
+    def bounded(self) -> bool:
+        return not (math.isinf(self.low) and math.isinf(self.high))
+
     def describe(self) -> str:
-        if math.isinf(self.low) and math.isinf(self.high):
+        if not self.bounded:
             return "any finite number"
         return f"[{self.low:g}, {self.high:g}]"
-
-
-# Parameters not listed take any finite number (weights may be negative: task negation).
-PARAMETER_RANGES: dict[str, ParameterRange] = {
-    "density": ParameterRange(0.0, 1.0, lenient_high=True, why="it keeps every entry, as density 1 does (mergekit accepts it too)"),
-    "gamma": ParameterRange(0.0, 1.0, why="the fraction of largest entries breadcrumbs drops"),
-    "epsilon": ParameterRange(0.0, 0.5, why="della keeps entries with probability density +- epsilon"),
-    "t": ParameterRange(0.0, 1.0, why="0 is the base model, 1 the other model"),
-}
-
-
-def parameter_range(name: str) -> ParameterRange:
-    return PARAMETER_RANGES.get(name, ParameterRange())
 
 
 _WARNED: set[str] = set()  # lines already logged by this process

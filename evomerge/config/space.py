@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import keyword
 import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from evomerge.config.mergekit_yaml import format_validation_error, normalize_dtype, parse_yaml, read_config_text
 from evomerge.config.numbers import (
@@ -23,26 +33,11 @@ from evomerge.config.numbers import (
     OptionalInteger,
     OptionalNumber,
     coerce_number,
-    parameter_range,
 )
 from evomerge.errors import ConfigError
+from evomerge.merge.registry import gene_params, get_method, searchable_methods
 from evomerge.search.samplers import FACTORIES as SAMPLER_FACTORIES
 
-# Methods a genome can choose, and the genes each one reads (per model / global).
-GENOME_METHODS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "linear": (("weight",), ()),
-    "task_arithmetic": (("weight",), ("lambda",)),
-    "ties": (("weight", "density"), ("lambda",)),
-    "dare_linear": (("weight", "density"), ("lambda",)),
-    "dare_ties": (("weight", "density"), ("lambda",)),
-    "breadcrumbs": (("weight", "density", "gamma"), ("lambda",)),
-    "breadcrumbs_ties": (("weight", "density", "gamma"), ("lambda",)),
-    "della": (("weight", "density", "epsilon"), ("lambda",)),
-    "della_linear": (("weight", "density", "epsilon"), ("lambda",)),
-    "slerp": (("weight",), ("t",)),  # slerp between the base and the fine-tune with the largest weight gene
-    "model_stock": ((), ()),
-}
-GENE_PARAMS = ("weight", "density", "gamma", "epsilon", "t", "lambda")
 MAX_SEED = 2**32 - 1  # numpy's seed range, which optuna's samplers and lm-eval use
 MIN_MAX_LENGTH = 2  # eval.max_length: lm-eval keeps max_length - 1 context tokens per request
 
@@ -83,20 +78,20 @@ class ModelRef(_Strict):
 GeneRange = Union[float, tuple[float, float]]
 
 
-class GenomeSpec(_Strict):
+def _gene_field(gene: str) -> str:
+    """The GenomeSpec attribute of a gene (`lambda` is a Python keyword: `lambda_`)."""
+    return f"{gene}_" if keyword.iskeyword(gene) else gene
+
+
+class _GenomeOptions(_Strict):
+    """The genome's fields other than the gene ranges (GenomeSpec adds one per catalogue gene)."""
+
     layer_granularity: Integer = Field(0, ge=0, description="layers per group (must divide the layer count); 0 = one group")
     filters: list[str] = Field(default_factory=list, description="tensor-name substrings with their own genes")
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"])
     method_per_group: bool = True
     embeddings: bool = True  # own genes for the input embeddings (else: those of the first group)
     head: bool = True  # own genes for the final norm and lm_head (else: those of the last group)
-    weight: GeneRange = (0.0, 1.0)
-    density: GeneRange = (0.1, 1.0)
-    gamma: GeneRange = 0.01
-    epsilon: GeneRange = (0.01, 0.09)
-    t: GeneRange = (0.0, 1.0)
-    lambda_: GeneRange = Field(1.0, alias="lambda")
-    normalize: bool | None = None  # None: each method's mergekit default
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -105,19 +100,23 @@ class GenomeSpec(_Strict):
     def _methods(cls, value: list[str]) -> list[str]:
         if not value:
             raise ValueError("list at least one merge method")
+        searchable = tuple(searchable_methods())
         for method in value:
-            if method not in GENOME_METHODS:
+            if method not in searchable:
                 raise ValueError(
-                    f"'{method}' cannot be searched (choose from: {', '.join(GENOME_METHODS)}){_closest(method, tuple(GENOME_METHODS))}"
+                    f"'{method}' cannot be searched (choose from: {', '.join(searchable)}){_closest(method, searchable)}"
                 )
         if len(set(value)) != len(value):
             raise ValueError("a method is listed twice")
         return value
 
-    @field_validator("weight", "density", "gamma", "epsilon", "t", "lambda_", mode="before")
+    @field_validator("*", mode="before")
     @classmethod
     def _range(cls, value: Any, info: ValidationInfo) -> Any:
-        name = "lambda" if info.field_name == "lambda_" else info.field_name
+        """A gene's range: a fixed number or [low, high], inside the values its parameter may take."""
+        name = next((gene for gene in gene_params() if _gene_field(gene) == info.field_name), None)
+        if name is None:
+            return value
         if isinstance(value, (list, tuple)):
             if len(value) != 2:
                 raise ValueError(f"expected a number or a [low, high] range, got {value!r}")
@@ -133,24 +132,39 @@ class GenomeSpec(_Strict):
                 bounds = (coerce_number(value),)
             except ValueError as exc:
                 raise ValueError(f"{exc} (expected a number or a [low, high] range)") from None
-        declared = parameter_range(name)
+        declared = gene_params()[name].valid
         if min(bounds) < declared.low or max(bounds) > declared.high:  # a search never goes past the bounds
             raise ValueError(f"values must lie in {declared.describe()}, got {value!r}" + (f" ({declared.why})" if declared.why else ""))
         return bounds if len(bounds) == 2 else bounds[0]
 
     @model_validator(mode="after")
-    def _bounds(self) -> "GenomeSpec":
-        if isinstance(self.density, tuple) and any(m.startswith("della") for m in self.methods):
-            eps = self.epsilon[1] if isinstance(self.epsilon, tuple) else self.epsilon
-            if self.density[0] - eps <= 0 or self.density[1] + eps >= 1:
+    def _bounds(self) -> "_GenomeOptions":
+        density, epsilon = self.gene_range("density"), self.gene_range("epsilon")
+        if isinstance(density, tuple) and any(m.startswith("della") for m in self.methods):
+            eps = epsilon[1] if isinstance(epsilon, tuple) else epsilon
+            if density[0] - eps <= 0 or density[1] + eps >= 1:
                 raise ValueError(
-                    f"della needs density - epsilon > 0 and density + epsilon < 1: density {list(self.density)} "
+                    f"della needs density - epsilon > 0 and density + epsilon < 1: density {list(density)} "
                     f"with epsilon up to {eps} breaks that"
                 )
         return self
 
     def gene_range(self, name: str) -> GeneRange:
-        return self.lambda_ if name == "lambda" else getattr(self, name)
+        return getattr(self, _gene_field(name))
+
+
+# One range field per gene of the catalogue (YAML key = gene name), defaulting to the gene's search
+# range; `normalize` (None: each method's mergekit default) comes after them.
+GenomeSpec = create_model(
+    "GenomeSpec",
+    __base__=_GenomeOptions,
+    __module__=__name__,
+    **{
+        _gene_field(gene): (GeneRange, Field(param.search, alias=gene if _gene_field(gene) != gene else None))
+        for gene, param in gene_params().items()
+    },
+    normalize=(bool | None, None),
+)
 
 
 class Objective(_Strict):
@@ -274,7 +288,7 @@ class SearchSpace(_Strict):
             raise ValueError(f"model names must be unique, got {names} (use name@path)")
         if not self.models:
             raise ValueError("models: list at least one fine-tune")
-        needs_base = [m for m in self.genome.methods if m not in ("linear",)]
+        needs_base = [m for m in self.genome.methods if get_method(m).base != "unused"]
         if needs_base and self.base_model is None:
             raise ValueError(f"base_model is required by {', '.join(needs_base)}")
         if self.search.sampler == "cmaes" and len(self.objectives) > 1 and not any(o.weight for o in self.objectives):

@@ -29,11 +29,11 @@ from evomerge.config.mergekit_yaml import (
     ParameterSetting,
     dump_merge_config,
 )
-from evomerge.config.numbers import coerce_bool, coerce_number, config_warning, parameter_range
+from evomerge.config.numbers import coerce_bool, coerce_number, config_warning
 from evomerge.errors import CompatibilityError, ConfigError
 from evomerge.io.model_dir import ModelDir
 from evomerge.merge.layout import LayerLayout, split_layers
-from evomerge.merge.methods import MethodSpec, check_parameters, get_method
+from evomerge.merge.methods import MethodSpec, Param, check_parameters, get_method
 from evomerge.merge.plan import DTYPE_NAMES, MergePlan, TensorRecipe
 
 
@@ -339,27 +339,26 @@ class Planner:
                     f"{method.name} has no parameter '{name}' (it takes: {', '.join(sorted(known)) or 'none'}){hint}",
                     f"{field}.{name}",
                 )
-            is_bool = isinstance(known[name], bool)
-            coerced[name] = self._coerce_setting(setting, name, is_bool, f"{field}.{name}")
+            coerced[name] = self._coerce_setting(setting, method.param(name), f"{field}.{name}")
         return coerced
 
-    def _coerce_setting(self, setting: Any, name: str, is_bool: bool, field: str) -> Any:
+    def _coerce_setting(self, setting: Any, param: Param, field: str) -> Any:
         if isinstance(setting, list) and setting and all(isinstance(e, ConditionalParameter) for e in setting):
             self._filters.extend((f"{field}.{i}.filter", e.filter) for i, e in enumerate(setting) if e.filter not in (None, "*"))
             return [
-                entry.model_copy(update={"value": self._coerce_setting(entry.value, name, is_bool, f"{field}.{i}.value")})
+                entry.model_copy(update={"value": self._coerce_setting(entry.value, param, f"{field}.{i}.value")})
                 for i, entry in enumerate(setting)
             ]
         if isinstance(setting, list):
-            return [self._coerce_value(value, name, is_bool, f"{field}.{i}") for i, value in enumerate(setting)]
-        return self._coerce_value(setting, name, is_bool, field)
+            return [self._coerce_value(value, param, f"{field}.{i}") for i, value in enumerate(setting)]
+        return self._coerce_value(setting, param, field)
 
-    def _coerce_value(self, value: Any, name: str, is_bool: bool, field: str) -> Any:
+    def _coerce_value(self, value: Any, param: Param, field: str) -> Any:
         try:
-            if is_bool:
+            if param.is_bool:
                 return coerce_bool(value)
             number = coerce_number(value)
-            problem = parameter_range(name).check(number)
+            problem = param.valid.check(number)
         except ValueError as exc:
             raise self.error(str(exc), field) from None
         if problem:

@@ -13,13 +13,16 @@ Adding a method is one module that builds a `MethodSpec` and one `register(...)`
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 from evomerge.config.numbers import ParameterRange
+
+if TYPE_CHECKING:
+    from evomerge.merge.trim import TaskVectorKind
 
 Scope = Literal["model", "global"]
 BaseRule = Literal["required", "optional", "unused"]
@@ -31,8 +34,13 @@ SeedRule = Literal["one_hot", "share", "low"] | float
 # The math of one output tensor: (tensors, resolved per-model params, resolved global params,
 # base_index, seed) -> merged tensor; implementations that write block by block also take `out=`.
 MergeFunction = Callable[..., torch.Tensor]
-# Extra validation of resolved parameters beyond each Param's range (e.g. della's density +- epsilon).
+# Extra validation of resolved parameters beyond each Param's range (e.g. della's density +- epsilon):
+# (resolved per-model params, resolved global params, base_index). Raises ValueError with the reason;
+# the caller puts "<method>: " in front.
 ParamCheck = Callable[[list[dict[str, float]], dict[str, Any], int | None], None]
+# Extra rule on the inputs beyond min/max_models: (number of tensors, base_index), checked with the
+# counts, before any parameter is read. Raises ValueError with the whole message.
+ModelsCheck = Callable[[int, int | None], None]
 
 
 @dataclass(frozen=True)
@@ -44,8 +52,8 @@ class Param:
     default: float | bool | None = None  # None: required (per-model parameters: never for the base)
     valid: ParameterRange = field(default_factory=ParameterRange)  # the values a config may give
     search: tuple[float, float] | float | None = None  # a genome's default gene range; None: not a gene
-    alone: SeedRule | None = None  # the value that reproduces one parent alone
-    uniform: SeedRule | None = None  # the value of the plain average of the fine-tunes
+    alone: SeedRule | None = None  # the value that reproduces one parent alone (None: "low")
+    uniform: SeedRule | None = None  # the value of the plain average of the fine-tunes (None: "low")
 
     @property
     def is_bool(self) -> bool:
@@ -69,6 +77,11 @@ class MethodSpec:
     writes_out: bool = False  # `merge` accepts out= and fills it block by block
     count_hint: str = ""  # appended to a wrong-model-count error, e.g. " (a base and one other)"
     check: ParamCheck | None = None
+    check_models: ModelsCheck | None = None
+    # The generalized task-arithmetic pipeline's settings (sparsifier, sign consensus) for methods
+    # that run it: their `merge` also takes histogram= (the cross-trial delta cache), and the
+    # fused C kernel can take their tensors.
+    task_vector: TaskVectorKind | None = None
     # Genome use. A method is searchable when it declares genes; `picks_by` names the per-model
     # gene whose largest value picks the one fine-tune a two-model method merges with the base.
     searchable: bool = False
@@ -100,6 +113,11 @@ class MethodSpec:
 METHODS: dict[str, MethodSpec] = {}
 
 
+def _gene_facts(param: Param) -> tuple:
+    """What a gene means to the genome and the space file (its default may differ per method)."""
+    return param.scope, param.valid, param.search, param.alone, param.uniform
+
+
 def register(spec: MethodSpec) -> MethodSpec:
     """Add a method to the catalogue (names are unique; a gene name means one thing everywhere)."""
     if spec.name in METHODS:
@@ -108,17 +126,23 @@ def register(spec: MethodSpec) -> MethodSpec:
         for other in METHODS.values():
             for known in other.params:
                 if known.name == param.name and known.search is not None and param.search is not None:
-                    if (known.search, known.scope) != (param.search, param.scope):
+                    if _gene_facts(known) != _gene_facts(param):
                         raise ValueError(
-                            f"gene '{param.name}' of {spec.name} differs from that of {other.name}: "
-                            "a gene name must mean the same range and scope in every method"
+                            f"gene '{param.name}' of {spec.name} differs from that of {other.name}: a gene name must "
+                            "mean the same scope, valid values, search range and seed rules in every method"
                         )
     METHODS[spec.name] = spec
     return spec
 
 
+def _load_catalogue() -> None:
+    """Register the built-in methods (importing the catalogue does) before the first look-up."""
+    from evomerge.merge import catalogue  # noqa: F401
+
+
 def get_method(name: str) -> MethodSpec:
     """The spec of merge method `name`; a ValueError with a suggestion for unknown names."""
+    _load_catalogue()
     spec = METHODS.get(name)
     if spec is not None:
         return spec
@@ -128,21 +152,25 @@ def get_method(name: str) -> MethodSpec:
 
 
 def searchable_methods() -> dict[str, MethodSpec]:
+    _load_catalogue()
     return {name: spec for name, spec in METHODS.items() if spec.searchable}
 
 
 def gene_params() -> dict[str, Param]:
-    """Every gene name any searchable method uses -> its Param (the same in every method)."""
+    """Every gene name any searchable method uses -> its Param (the same in every method):
+    per-model genes first, then global ones, each in catalogue order."""
     genes: dict[str, Param] = {}
-    for spec in searchable_methods().values():
-        for param in spec.params:
-            if param.search is not None:
-                genes.setdefault(param.name, param)
+    for scope in ("model", "global"):
+        for spec in searchable_methods().values():
+            for param in spec.params:
+                if param.scope == scope and param.search is not None:
+                    genes.setdefault(param.name, param)
     return genes
 
 
 def ranked(rank: str) -> list[str]:
     """Searchable methods with a `parent_rank`/`uniform_rank`, best first."""
+    _load_catalogue()
     found = [(getattr(spec, rank), name) for name, spec in METHODS.items() if getattr(spec, rank) is not None]
     return [name for _, name in sorted(found)]
 

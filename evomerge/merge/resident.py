@@ -16,11 +16,17 @@ from pathlib import Path
 import torch
 
 from evomerge.errors import CompatibilityError, NonFiniteMergeError
+from evomerge.io.hashing import checkpoint_hash, weights_hash
 from evomerge.io.model_dir import ModelDir
 from evomerge.merge.engine import all_finite, compute_recipe, default_workers, torch_threads
 from evomerge.merge.fused_plan import merge_in_place
 from evomerge.merge.methods import DeltaCache
 from evomerge.merge.plan import MergePlan, TensorRecipe
+
+__all__ = [
+    "ResidentSources", "check_finite", "check_target", "checkpoint_hash", "load_into", "materialize",
+    "target_parameters", "weights_hash",
+]  # the hashes live in io/hashing.py; re-exported for callers of this module
 
 
 # Below this many output entries a candidate is merged on one thread (pool hand-offs dominate).
@@ -137,35 +143,3 @@ def check_finite(target: Mapping[str, torch.Tensor], names: Iterable[str]) -> No
     for name in names:
         if not all_finite(target[name]):
             raise NonFiniteMergeError(f"merged weights contain NaN or Inf (first in {name})")
-
-
-def weights_hash(tensors: Mapping[str, torch.Tensor], names: Iterable[str] | None = None) -> str:
-    """xxh3-128 of the tensors' names, dtypes, shapes and bytes, in name order.
-
-    The same weights give the same hash whether they sit in a resident model (CPU or GPU) or in
-    an exported checkpoint, which is how `export` proves it wrote the model that was scored.
-    """
-    return _hash_tensors(tensors.__getitem__, names if names is not None else tensors)
-
-
-def _hash_tensors(get, names: Iterable[str]) -> str:
-    """The hash over tensors fetched one at a time (a checkpoint is never held whole)."""
-    import xxhash
-
-    digest = xxhash.xxh3_128()
-    for name in sorted(names):
-        tensor = get(name).detach()
-        digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}\n".encode())
-        data = tensor.to("cpu").contiguous().reshape(-1)
-        if data.numel():
-            digest.update(memoryview(data.view(torch.uint8).numpy()))
-    return digest.hexdigest()
-
-
-def checkpoint_hash(path: Path, names: Iterable[str] | None = None) -> str:
-    """weights_hash of a checkpoint directory on disk."""
-    model = ModelDir(path)
-    try:
-        return _hash_tensors(model.get, list(names) if names is not None else list(model.tensors))
-    finally:
-        model.close()

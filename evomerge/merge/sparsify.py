@@ -1,6 +1,6 @@
 """Sparsifiers: which entries of a task vector (delta = model - base) survive a merge.
 
-Pure functions, one per mergekit sparsification method, composed by `methods.py`:
+Pure functions, one per mergekit sparsification method, composed by `trim.py`:
 
 * `magnitude`   (ties): keep the k = int(density * numel) largest |delta| of the whole tensor.
 * `breadcrumbs` (breadcrumbs*): drop the int(gamma * numel) largest |delta| as outliers, then

@@ -12,20 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from evomerge.config.mergekit_yaml import dump_yaml
-from evomerge.config.space import GENOME_METHODS, SearchSpace
+from evomerge.config.space import SearchSpace
 from evomerge.errors import CompatibilityError, ConfigError
 from evomerge.io.model_dir import ModelDir
 from evomerge.merge.layout import LayerLayout, split_layers
-from evomerge.merge.methods import get_method
 from evomerge.merge.plan import DTYPE_NAMES, MergePlan, TensorRecipe
 from evomerge.merge.planner import describe_name_difference, shape_mismatch_hint
+from evomerge.merge.registry import SeedRule, gene_params, get_method, ranked
 
 CATCH_ALL = "all"
-# Preference order for expressing "one parent alone" or "a uniform mix" exactly.
-_EXACT_METHODS = ("task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "della_linear", "della", "slerp")
 
 
 @dataclass(frozen=True)
@@ -74,8 +72,8 @@ class Genome:
             self._method_of_block["emb"] = self.blocks[0].method_gene
         if spec.head:
             self._method_of_block["head"] = self.blocks[-1].method_gene
-        self._per_model = sorted({p for m in self.methods for p in GENOME_METHODS[m][0]})
-        self._global = sorted({p for m in self.methods for p in GENOME_METHODS[m][1]})
+        self._per_model = sorted({p for m in self.methods for p in get_method(m).genes("model")})
+        self._global = sorted({p for m in self.methods for p in get_method(m).genes("global")})
 
     # -- the search space ---------------------------------------------------------------------
     def _gene_sets(self) -> list[tuple[str, str]]:
@@ -117,48 +115,57 @@ class Genome:
         return params
 
     # -- seeds for the study --------------------------------------------------------------------
-    def _exact_method(self) -> str | None:
-        return next((m for m in _EXACT_METHODS if m in self.methods), None)
+    def _preferred_method(self, rank: str) -> str | None:
+        """The first of this genome's methods in the catalogue's `rank` order (parent/uniform)."""
+        return next((m for m in ranked(rank) if m in self.methods), None)
 
     def _clip(self, name: str, value: float) -> float:
         bounds = self.space.genome.gene_range(name)
         return min(max(value, bounds[0]), bounds[1]) if isinstance(bounds, tuple) else value
 
-    def _fill(self, method: str, weights: Mapping[str, float], t: float) -> dict[str, Any]:
+    def _seed_value(self, rule: SeedRule | None, model: str | None, parent: str | None, low: float) -> float:
+        """A gene's value under its seed rule (registry.SeedRule; no rule: the low end)."""
+        if rule == "one_hot":
+            return 1.0 if model == parent else 0.0
+        if rule == "share":
+            return 1.0 / len(self.finetunes)
+        if rule == "low" or rule is None:
+            return low
+        return float(rule)
+
+    def _seed_params(self, method: str, seed: Literal["alone", "uniform"], parent: str | None = None) -> dict[str, Any]:
+        """Every gene set to its Param's `seed` rule ("alone" for `parent`, or "uniform"), clipped
+        to the gene's range, with `method` in every method gene."""
+        genes = gene_params()
+        owners = {  # per-model gene -> its fine-tune (model names may contain dots)
+            f"{block}.{filt}.{model}.{gene}": model
+            for block, filt in self._gene_sets()
+            for model in self.finetunes
+            for gene in self._per_model
+        }
         params: dict[str, Any] = {}
         for name, distribution in self.distributions().items():
             if hasattr(distribution, "choices"):
                 params[name] = method
                 continue
-            parts = name.split(".")
-            param = parts[-1]
-            if param == "weight":
-                value = weights[parts[-2]]
-            elif param in ("density", "lambda"):
-                value = 1.0
-            elif param == "t":
-                value = t
-            elif param == "gamma":
-                value = 0.0
-            else:  # epsilon: irrelevant at density 1
-                value = distribution.low
-            params[name] = self._clip(param, value)
+            gene = name.rsplit(".", 1)[-1]
+            rule = getattr(genes[gene], seed)
+            params[name] = self._clip(gene, self._seed_value(rule, owners.get(name), parent, distribution.low))
         return params
 
     def parent_params(self, model: str) -> dict[str, Any] | None:
         """A genome that reproduces one fine-tune alone (None if the space cannot express it)."""
-        method = self._exact_method()
+        method = self._preferred_method("parent_rank")
         if method is None:
             return None
-        return self._fill(method, {m: 1.0 if m == model else 0.0 for m in self.finetunes}, t=1.0)
+        return self._seed_params(method, "alone", parent=model)
 
     def uniform_params(self) -> dict[str, Any] | None:
         """The plain average of the fine-tunes (a model soup)."""
-        method = next((m for m in ("task_arithmetic", "linear", "ties", "dare_linear") if m in self.methods), None)
+        method = self._preferred_method("uniform_rank")
         if method is None:
             return None
-        share = 1.0 / len(self.finetunes)
-        return self._fill(method, {m: share for m in self.finetunes}, t=0.5)
+        return self._seed_params(method, "uniform")
 
     # -- decoding -------------------------------------------------------------------------------
     def _value(self, params: Mapping[str, Any], name: str, param: str) -> float:
@@ -185,29 +192,32 @@ class Genome:
     def block_params(self, params: Mapping[str, Any], block: str, filt: str) -> tuple[str, dict[str, dict[str, float]], dict[str, float]]:
         """(method, per-fine-tune params, global params) of one gene set."""
         method = self.method_of(params, block)
-        model_names, global_names = GENOME_METHODS[method]
+        spec = get_method(method)
+        model_names, global_names = spec.genes("model"), spec.genes("global")
         per_model = {
             model: {p: self._value(params, f"{block}.{filt}.{model}.{p}", p) for p in model_names}
             for model in self.finetunes
         }
         global_params = {p: self._value(params, f"{block}.{filt}.{p}", p) for p in global_names}
-        if self.space.genome.normalize is not None and "normalize" in get_method(method).global_params:
+        if self.space.genome.normalize is not None and "normalize" in spec.global_params:
             global_params["normalize"] = self.space.genome.normalize
         return method, per_model, global_params
 
     def _sources(self, params: Mapping[str, Any], method: str, block: str) -> tuple[list[str], int | None]:
         """The models a block merges, in order, and the base's index.
 
-        slerp takes two models: the base and the fine-tune with the largest catch-all weight gene
-        of the layer group (embeddings follow the first group, the head the last), because a
-        mergekit slice has one list of sources for all its tensors.
+        A method that does not use the base merges the fine-tunes alone. A method that `picks_by`
+        a gene (slerp) takes two models: the base and the fine-tune with the largest catch-all
+        value of that gene in the layer group (embeddings follow the first group, the head the
+        last), because a mergekit slice has one list of sources for all its tensors.
         """
-        if method == "linear":
+        spec = get_method(method)
+        if spec.base == "unused":
             return list(self.finetunes), None
-        if method == "slerp":
+        if spec.picks_by:
             group = "g0" if block == "emb" else f"g{self.num_groups - 1}" if block == "head" else block
-            _, weights, _ = self._as_method(params, group, "slerp")
-            chosen = max(self.finetunes, key=lambda m: (weights[m]["weight"], -self.finetunes.index(m)))
+            _, genes, _ = self._as_method(params, group, method)
+            chosen = max(self.finetunes, key=lambda m: (genes[m][spec.picks_by], -self.finetunes.index(m)))
             return [self.base, chosen], 0
         return [self.base, *self.finetunes], 0
 
@@ -225,11 +235,11 @@ class Genome:
             if gene_set not in decoded:
                 method, per_model, global_params = self.block_params(params, *gene_set)
                 sources, base_index = self._sources(params, method, block)
+                declared = get_method(method).model_params  # not a picking gene (slerp's weight)
                 model_params = tuple(
-                    {} if index == base_index else dict(per_model[name]) for index, name in enumerate(sources)
+                    {} if index == base_index else {p: v for p, v in per_model[name].items() if p in declared}
+                    for index, name in enumerate(sources)
                 )
-                if method == "slerp":
-                    model_params = ({}, {})
                 decoded[gene_set] = method, sources, base_index, model_params, global_params
             method, sources, base_index, model_params, global_params = decoded[gene_set]
             recipes.append(
@@ -313,14 +323,15 @@ class Genome:
             if index == len(self.blocks) - 1 and self.space.genome.head:
                 extras += [("head", "lm_head"), ("head", "model.norm")]
             sources, base_index = self._sources(params, method, block.name)
+            spec = get_method(method)
             source_entries = []
             for position, model in enumerate(sources):
                 entry: dict[str, Any] = {"model": str(self.paths[model]), "layer_range": [start, start + self.granularity]}
                 if position != base_index:
                     entry_params = {}
-                    for param in GENOME_METHODS[method][0]:
-                        if method == "slerp":
-                            break
+                    for param in spec.genes("model"):
+                        if param not in spec.model_params:
+                            continue  # a gene that picks the sources (slerp's weight), not a parameter
                         conditions = []
                         for block_name, filt in extras:
                             value = self._as_method(params, block_name, method, filt=CATCH_ALL)[1][model][param]
@@ -333,7 +344,7 @@ class Genome:
                         entry["parameters"] = entry_params
                 source_entries.append(entry)
             slice_params = {}
-            for param in GENOME_METHODS[method][1]:
+            for param in spec.genes("global"):
                 conditions = []
                 for block_name, filt in extras:
                     conditions.append({"filter": filt, "value": self._as_method(params, block_name, method)[2][param]})
@@ -349,7 +360,7 @@ class Genome:
         if name:
             config["name"] = name
         config["merge_method"] = method
-        if method != "linear" and self.base:
+        if get_method(method).base != "unused" and self.base:
             config["base_model"] = str(self.paths[self.base])
         config["slices"] = slices
         if self.space.genome.normalize is not None and "normalize" in get_method(method).global_params:

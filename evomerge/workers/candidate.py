@@ -21,6 +21,7 @@ from evomerge.config.space import SearchSpace
 from evomerge.devices import resolve_device
 from evomerge.evaluate.factory import make_evaluator
 from evomerge.evaluate.protocol import Evaluator, Scores
+from evomerge.io.hashing import weights_hash
 from evomerge.merge.plan import DTYPE_NAMES
 from evomerge.merge.resident import (
     ResidentSources,
@@ -29,7 +30,6 @@ from evomerge.merge.resident import (
     load_into,
     materialize,
     target_parameters,
-    weights_hash,
 )
 from evomerge.search.genome import Genome
 from evomerge.store.states import Split

@@ -1,0 +1,17 @@
+"""The built-in merge methods, registered in the order `evomerge methods` and error messages list them.
+
+A new method is one module under `family/` that builds its `MethodSpec` and one line here.
+"""
+
+from __future__ import annotations
+
+from evomerge.merge.family import linear, model_stock, passthrough, slerp, task_vectors
+from evomerge.merge.registry import register
+
+register(linear.SPEC)
+register(slerp.SLERP)
+register(slerp.NUSLERP)
+for spec in task_vectors.SPECS:  # task_arithmetic, ties, dare_*, breadcrumbs*, della*
+    register(spec)
+register(model_stock.SPEC)
+register(passthrough.SPEC)
