@@ -17,18 +17,13 @@ from evomerge.merge.family._reductions import model_sum, output_dtype, working_d
 from evomerge.merge.registry import MethodSpec, Param
 
 
-def _task_vectors(tensors: list[torch.Tensor], base_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(base, task vectors [models, entries]) in the working dtype."""
+def _merge(tensors: list[torch.Tensor], base_index: int, epsilon: float, r: float | None, alpha: float) -> torch.Tensor:
     work = working_dtype(tensors)
     base = tensors[base_index].to(work)
+    if len(tensors) == 1:
+        return base.to(output_dtype(tensors, base_index), copy=True)
     deltas = torch.stack([t.to(work) - base for i, t in enumerate(tensors) if i != base_index])
-    return base, deltas.reshape(deltas.shape[0], -1)
-
-
-def _merge(tensors: list[torch.Tensor], base_index: int, epsilon: float, r: float | None, alpha: float) -> torch.Tensor:
-    base, deltas = _task_vectors(tensors, base_index)
-    if deltas.shape[0] == 0:
-        return base.to(output_dtype(tensors, base_index))
+    deltas = deltas.reshape(deltas.shape[0], -1)  # [models, entries]
     active = deltas.abs() > epsilon  # [models, entries]
     contributors = active.sum(dim=0, keepdim=True)  # int64 [1, entries]
     shared, unique = contributors > 1, contributors == 1

@@ -67,7 +67,7 @@ def merge(
     base = tensors[base_index].to(work)
     others = [tensor.to(work) for index, tensor in enumerate(tensors) if index != base_index]
     if not others:
-        return base.to(output_dtype(tensors, base_index))
+        return base.to(output_dtype(tensors, base_index), copy=True)
     deltas = torch.stack([other - base for other in others])  # [models, *shape]
     if options["select_topk"] < 1:
         deltas = deltas * selection_mask(deltas, options["select_topk"]).to(work).unsqueeze(0)
