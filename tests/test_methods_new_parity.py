@@ -14,6 +14,8 @@ Tolerances, per method:
 * karcher: float32 to 1e-5 relative (the scalars feed an iteration); bf16 within bf16 rounding
   of mergekit's own math run in float64, and no further from it than mergekit's bf16 result.
 * float64 inputs: 1e-12 everywhere.
+One deliberate difference is tested as such: multislerp's weights summing to ~0 are not divided
+by that sum (linear's rule), where mergekit's become inf/NaN.
 """
 
 from __future__ import annotations
@@ -336,6 +338,18 @@ def test_multislerp_cancelling_directions(dtype, base_index):
     for merge in (merge_with_spec, mergekit_merge):
         with pytest.raises(ValueError, match="zero"):
             merge("multislerp", triple, params, {}, base_index)
+
+
+def test_multislerp_weights_summing_to_zero_stay_finite():
+    # Deliberate difference (as linear's): mergekit divides the weights by their ~0 sum.
+    tensors = random_inputs(2, (6, 5), F32)
+    params = [{"weight": 0.5}, {"weight": -0.5}]
+    assert not torch.isfinite(mergekit_merge("multislerp", tensors, params)).all()
+    ours = merge_with_spec("multislerp", tensors, params)
+    assert torch.isfinite(ours).all()
+    raw = merge_with_spec("multislerp", tensors, params, {"normalize_weights": False})
+    assert torch.equal(ours, raw)
+    assert_float32_close(ours, mergekit_merge("multislerp", tensors, params, {"normalize_weights": False}), 1e-6)
 
 
 # -- karcher: float32 to 1e-5, bf16 within bf16 rounding ---------------------------------------------------

@@ -6,7 +6,8 @@ averaged there with the weights, mapped back by the exponential map, and scaled 
 mean norm; the base is added back. With a single model besides the base that model is the
 result. mergekit 0.1.5's `multislerp`: its elementwise ops in the same dtype; its norms and dots
 are float64 sums here, rounded to the working dtype as mergekit's are, so results agree with
-mergekit to float rounding.
+mergekit to float rounding. One deliberate difference: with `normalize_weights` and weights
+summing to ~0 we keep the weights as given, as `linear` does, where mergekit divides by ~0.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import torch
 
 from evomerge.merge.family._reductions import model_sum, norm64, output_dtype, sum64, working_dtype
 from evomerge.merge.registry import MethodSpec, Param
+
+# normalize_weights divides by the sum of the weights unless it is below this (then by 1).
+MIN_WEIGHT_SUM = 1e-8
 
 
 def merge(
@@ -37,8 +41,10 @@ def merge(
         points -= base
     vectors = points.reshape(len(chosen), -1)
     weights = torch.tensor([model_params[index]["weight"] for index in chosen], dtype=work, device=vectors.device)
-    if options["normalize_weights"]:
-        weights = weights / weights.sum()
+    total = weights.sum()
+    # Weights summing to ~0 are not divided by that sum (mergekit: inf/NaN): linear's rule.
+    if options["normalize_weights"] and abs(float(total)) >= MIN_WEIGHT_SUM:
+        weights = weights / total
     column = weights.reshape(-1, 1)
 
     norms = torch.stack([norm64(vector) for vector in vectors]).to(work).reshape(-1, 1)
