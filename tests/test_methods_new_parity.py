@@ -400,7 +400,8 @@ def finetune_family(count, shape, dtype, seed=0):
     """A base and count-1 models that differ from it by small noise, as fine-tunes do."""
     generator = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=generator)
-    return [base.to(dtype)] + [(base + 0.02 * torch.randn(shape, generator=generator)).to(dtype) for _ in range(count - 1)]
+    finetunes = [base + 0.02 * torch.randn(shape, generator=generator) for _ in range(count - 1)]
+    return [tensor.to(dtype) for tensor in [base, *finetunes]]
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
