@@ -5,7 +5,19 @@ A new method is one module under `family/` that builds its `MethodSpec` and one 
 
 from __future__ import annotations
 
-from evomerge.merge.family import linear, model_stock, passthrough, slerp, task_vectors
+from evomerge.merge.family import (
+    arcee_fusion,
+    karcher,
+    linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    passthrough,
+    ram,
+    sce,
+    slerp,
+    task_vectors,
+)
 from evomerge.merge.registry import register
 
 register(linear.SPEC)
@@ -15,3 +27,10 @@ for spec in task_vectors.SPECS:  # task_arithmetic, ties, dare_*, breadcrumbs*, 
     register(spec)
 register(model_stock.SPEC)
 register(passthrough.SPEC)
+register(multislerp.SPEC)
+register(nearswap.SPEC)
+register(ram.SPEC)
+register(ram.SPEC_PLUS_TL)
+register(sce.SPEC)
+register(arcee_fusion.SPEC)
+register(karcher.SPEC)
