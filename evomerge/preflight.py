@@ -22,6 +22,7 @@ from evomerge.config.space import SearchSpace
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.io.model_dir import ModelDir
 from evomerge.store.database import check_storage
+from evomerge.suggest import did_you_mean
 
 SCAN_LIMIT_BYTES = 2 * 10**9
 # TaskEvaluator passes these to lm-eval's HFLM itself; eval.model_args must not repeat them.
@@ -92,10 +93,7 @@ def check_tasks(space: SearchSpace, tokenizer_dir: Path | None) -> str:
         task_dict = selection_dict if field_name.endswith("selection_task") else search_dict
         metrics = reported_metrics(task_dict, task)
         if metric not in metrics:
-            import difflib
-
-            close = [m for m in sorted(metrics) if m.split(",", 1)[0] == metric] or difflib.get_close_matches(metric, sorted(metrics), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(metric, metrics, same_as=lambda reported: reported.split(",", 1)[0])
             index = field_name.split(".")[1]
             raise ConfigError(
                 f"task '{task}' reports no metric '{metric}' (it reports: {', '.join(sorted(metrics)) or 'none'}){hint}",
