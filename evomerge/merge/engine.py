@@ -32,7 +32,9 @@ from evomerge.io.model_dir import ModelDir
 from evomerge.io.output_dir import check_free_space, staged_output
 from evomerge.io.safetensors_io import StreamingCheckpointWriter
 from evomerge.merge.methods import DeltaCache, merge_tensors
-from evomerge.merge.plan import MergePlan, TensorRecipe, dtype_name, tensor_seed
+from evomerge.dtypes import dtype_name
+from evomerge.merge.plan import MergePlan, TensorRecipe
+from evomerge.merge.seeds import tensor_seed
 from evomerge.progress import progress_bar
 
 

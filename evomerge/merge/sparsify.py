@@ -14,7 +14,7 @@ actually removed (mergekit's "generic sparsification rescaling"), not by 1/densi
 DARE paper. Every sparsifier returns its input unchanged when density >= 1.
 
 Determinism: the random masks come from `torch.rand(..., generator=g) < p` with a generator
-seeded by `derive_seed(seed, model_index)`, so a mask is a pure function of (seed, model index,
+seeded by `seeds.model_seed(seed, model_index)`, so a mask is a pure function of (seed, model index,
 shape, device type) and never of the global RNG, call order or thread count. Reductions that
 decide scalar factors (the L1 norms) accumulate in float64 for the same reason.
 
@@ -37,11 +37,12 @@ Differences from mergekit (0.1.5, and the 0.1.4 notes in the research file):
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from evomerge.merge.seeds import model_seed
 
 # Below this L1 norm (before or after masking) the rescale is skipped, as in mergekit.
 RESCALE_EPS = 1e-7
@@ -51,19 +52,10 @@ _CHUNK = 1 << 20
 
 
 # -- randomness ----------------------------------------------------------------------------------
-def derive_seed(seed: int | None, index: int) -> int:
-    """Stable 63-bit seed for model `index` of a tensor whose per-tensor seed is `seed`.
-
-    blake2b, not hash(): Python's string hashing is salted per process.
-    """
-    digest = hashlib.blake2b(f"{0 if seed is None else int(seed)}/{int(index)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 def make_generator(seed: int | None, index: int, device: torch.device | str) -> torch.Generator:
     """A fresh generator for model `index`: masks never touch (or depend on) the global RNG."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(derive_seed(seed, index))
+    generator.manual_seed(model_seed(seed, index))
     return generator
 
 
