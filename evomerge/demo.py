@@ -556,7 +556,7 @@ def build_demo_family(
     started = time.perf_counter()
     threads = torch.get_num_threads()
     # One thread: the same float summation order (so the same bits) on any machine, and for a
-    # model this small a second thread gains ~25% on an idle 2-core machine but costs ~15x when
+    # model this small a second thread gains little on an idle machine and loses much when
     # another process competes for the cores (OpenMP threads spin-wait for each other).
     torch.set_num_threads(1)
     total_steps = recipe.pretrain_steps + recipe.finetune_steps * len(SKILLS)

@@ -330,7 +330,7 @@ def dump_merge_config(config: MergeConfig) -> str:
     return dump_yaml(data)
 
 
-# libyaml's emitter when PyYAML has it (~4x faster; the search writes a recipe every trial), the
+# libyaml's emitter when PyYAML has it (C; the search writes a recipe every trial), the
 # pure-Python one otherwise: both write the same text (tests/test_genome.py compares them).
 class _FlowListDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
     pass

@@ -1,9 +1,8 @@
-"""Lazy reading and streaming writing of safetensors checkpoints.
+"""Streaming writing of safetensors checkpoints (`io/model_dir.py` reads them, tensor by tensor).
 
-Reading goes through `safe_open` (memory-mapped, tensor by tensor). Writing lays out every
-shard's header up front from the known names, shapes and dtypes, then writes each tensor at its
-offset as soon as it is computed. A merge therefore holds a few tensors in memory, never a whole
-shard, whatever the model size (mergekit buffers up to a shard, 5 GB by default).
+Every shard's header is laid out up front from the known names, shapes and dtypes, then each
+tensor is written at its offset as soon as it is computed. A merge therefore holds a few tensors
+in memory, never a whole shard, whatever the model size (mergekit buffers up to a shard, 5 GB by default).
 """
 
 from __future__ import annotations

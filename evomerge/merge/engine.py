@@ -83,8 +83,8 @@ def compute_recipe(
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf in a tensor. min/max propagate NaN, so one aminmax pass decides it: ~40x
-    faster than isfinite(t).all() on bf16 CPU tensors, which builds a full-size bool tensor."""
+    """No NaN or Inf in a tensor. min/max propagate NaN, so one aminmax pass decides it,
+    where isfinite(t).all() builds a full-size bool tensor first."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
     low, high = torch.aminmax(tensor)

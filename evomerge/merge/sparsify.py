@@ -116,7 +116,7 @@ def _ascending_band(key: torch.Tensor, low: int, high: int) -> torch.Tensor:
     """Mask of the entries of 1-D `key` whose rank in a *stable* ascending sort is in [low, high).
 
     Two order statistics (kthvalue, O(n)) bound the band; only entries equal to a bound need
-    their position to break the tie. Several times faster than the full argsort mergekit uses,
+    their position to break the tie. O(n), where the full argsort mergekit uses is O(n log n),
     and the same set whenever no tie straddles a bound (always in practice in float32). When
     equal magnitudes do straddle a bound (common in bf16), mergekit's unstable argsort keeps an
     implementation-defined subset of them; we keep them by position, deterministically.
@@ -163,7 +163,7 @@ def top_k_cut(keys, k: int, *, single_level: bool = False) -> tuple[torch.Tensor
     `keys()` yields the keys block by block (called once or twice). Non-negative floats order
     like their bit patterns, so a 32768-bucket histogram of the high 16 bits finds the bucket of
     the k-th largest and a 65536-bucket histogram of the low bits inside that bucket finds the
-    value: two streaming passes, O(n), ~10x faster than torch.kthvalue on CPU, and exact.
+    value: two streaming passes, O(n), without the full-size copy torch.kthvalue makes, and exact.
     `single_level` skips the second pass when the low 16 bits are always 0 (bfloat16 keys).
 
     Returns (cut, greater, tied): the k-th largest value (0-dim float32), how many keys exceed
