@@ -13,7 +13,7 @@ def did_you_mean(
     parenthesised: bool = False,
     same_as: Callable[[str], str] | None = None,
 ) -> str:
-    """"; did you mean 'x'?" for the option closest to `value`, or "" when none is close.
+    """The hint for the option closest to `value`: "; did you mean 'x'?", or "" when none is close.
 
     `parenthesised` gives " (did you mean 'x'?)" for messages that end with a list. `same_as`
     maps an option to a name that, when equal to `value`, wins over spelling similarity (a

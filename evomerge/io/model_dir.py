@@ -23,6 +23,7 @@ import torch
 from evomerge.dtypes import safetensors_dtypes
 from evomerge.errors import EvomergeError
 
+
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]

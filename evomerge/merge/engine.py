@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from evomerge.dtypes import dtype_name
 from evomerge.errors import EvomergeError, NonFiniteMergeError
 from evomerge.io.checkpoint import (
     copy_tokenizer,
@@ -32,7 +33,6 @@ from evomerge.io.model_dir import ModelDir
 from evomerge.io.output_dir import check_free_space, staged_output
 from evomerge.io.safetensors_io import StreamingCheckpointWriter
 from evomerge.merge.methods import DeltaCache, merge_tensors
-from evomerge.dtypes import dtype_name
 from evomerge.merge.plan import MergePlan, TensorRecipe
 from evomerge.merge.seeds import tensor_seed
 from evomerge.progress import progress_bar

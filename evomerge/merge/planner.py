@@ -29,11 +29,11 @@ from evomerge.config.mergekit_yaml import (
     dump_merge_config,
 )
 from evomerge.config.numbers import coerce_bool, coerce_number, config_warning, parameter_range
+from evomerge.dtypes import torch_dtype
 from evomerge.errors import CompatibilityError, ConfigError
 from evomerge.io.model_dir import ModelDir
 from evomerge.merge.layout import LayerLayout, split_layers
 from evomerge.merge.methods import MethodSpec, check_parameters, get_method
-from evomerge.dtypes import torch_dtype
 from evomerge.merge.plan import MergePlan, TensorRecipe
 from evomerge.suggest import did_you_mean
 
