@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--split", choices=["search", "select"], default="select")
     parser.add_argument("--results", type=Path, default=REPO / "results" / "demo_scores.md")
     args = parser.parse_args()
-    # One thread: as fast as two for this tiny model, and not ~10x slower when another process
+    # One thread: as fast as two for this tiny model, and not far slower when another process
     # competes for the cores (OpenMP spin-waiting).
     torch.set_num_threads(1)
 

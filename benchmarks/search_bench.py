@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from evomerge.config.space import load_space  # noqa: E402
 from evomerge.demo import build_demo_family  # noqa: E402
-from evomerge.merge.plan import DTYPE_NAMES  # noqa: E402
+from evomerge.dtypes import torch_dtype  # noqa: E402
 from evomerge.merge import native  # noqa: E402
 from evomerge.merge.resident import ResidentSources, materialize  # noqa: E402
 from evomerge.search.pareto import hypervolume_history  # noqa: E402
@@ -65,7 +65,7 @@ def ms(seconds: float) -> str:
 
 def remerge_vs_copy(genome, params, *, repeats: int) -> dict[str, float]:
     plan = genome.plan(params)
-    dtype = DTYPE_NAMES[genome.space.dtype]  # the search's math dtype: sources are kept resident in it
+    dtype = torch_dtype(genome.space.dtype)  # the search's math dtype: sources are kept resident in it
     sources = ResidentSources(genome.models, dtype=dtype)
     target = {r.name: torch.empty(r.shape, dtype=dtype) for r in plan.tensors}
     copies = {name: tensor.clone() for name, tensor in target.items()}

@@ -21,6 +21,7 @@ import typer
 from evomerge import cli_checks
 from evomerge.cli_checks import SEED_MAX, WORKERS_MAX
 from evomerge.errors import EvomergeError
+from evomerge.offline import set_offline_defaults
 
 try:  # typer >= 0.20 bundles its own copy of click; its commands raise that copy's exceptions
     from typer._click import exceptions as click_exceptions
@@ -169,7 +170,7 @@ def validate(
         space = load_space(config, check_paths=not schema_only)
         detail = f"{len(space.models)} models, {len(space.objectives)} objectives, sampler {space.search.sampler}"
         if not schema_only:
-            _offline_env()
+            set_offline_defaults()
             for line in preflight_space(space, scan=scan).checks:
                 typer.echo(f"  {line}")
         typer.echo(f"{config}: ok (search space: {detail}; study '{space.study_name}' in {display_url(space.storage_url)})")
@@ -217,7 +218,7 @@ def demo_build(
     """Build the tiny offline demo family: a base and fine-tunes with distinct skills (reused if present)."""
     from evomerge.demo import build_demo_family
 
-    _offline_env()
+    set_offline_defaults()
     family = build_demo_family(out_dir, seed=seed, progress=not quiet)
     typer.echo(f"demo family in {family.root}: base + {', '.join(family.finetunes)}")
 
@@ -233,13 +234,10 @@ def demo_search(
     """The main job: build the demo family if needed, then run the demo search to completion."""
     from evomerge.demo import build_demo_family
 
-    _offline_env()
+    set_offline_defaults()
     family = build_demo_family(models_dir, progress=not quiet)
     typer.echo(f"demo family in {family.root}: base + {', '.join(family.finetunes)}")
     cli_search.run(space_file, quiet=quiet)
-
-
-_offline_env = cli_search._offline_env
 
 
 # What a user's environment causes (a path missing, unwritable, on a full or read-only disk, a

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,6 +10,7 @@ import typer
 from evomerge import cli_checks
 from evomerge.cli_checks import PORT_MAX, SEED_MAX, TRIALS_MAX, WORKERS_MAX
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.offline import set_offline_defaults
 
 STUDY_HELP = "A space file (space.yml), or a study name together with --storage."
 
@@ -55,7 +55,7 @@ def run(
     from evomerge.search.runner import run_search
     from evomerge.store import display_url
 
-    _offline_env()
+    set_offline_defaults()
     space = load_space(space_file)
     updates = {}
     if storage:
@@ -229,12 +229,6 @@ def dashboard(
             run_server(url, host=host, port=port)
     except KeyboardInterrupt:
         raise SystemExit(0) from None
-
-
-def _offline_env() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def register(app: typer.Typer) -> None:

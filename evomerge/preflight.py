@@ -22,6 +22,7 @@ from evomerge.config.space import SearchSpace
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.io.model_dir import ModelDir
 from evomerge.store.database import check_storage
+from evomerge.suggest import did_you_mean
 
 SCAN_LIMIT_BYTES = 2 * 10**9
 # TaskEvaluator passes these to lm-eval's HFLM itself; eval.model_args must not repeat them.

@@ -8,70 +8,12 @@ mergekit, speed and memory benchmarks); the skill-bearing demo family lives in e
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from evomerge.io.safetensors_io import StreamingCheckpointWriter
-
-
-@dataclass(frozen=True)
-class LlamaShape:
-    vocab: int = 256
-    hidden: int = 64
-    intermediate: int = 128
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    tie_embeddings: bool = False
-
-    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
-        head_dim = self.hidden // self.heads
-        kv = self.kv_heads * head_dim
-        names: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, self.hidden))]
-        for i in range(self.layers):
-            p = f"model.layers.{i}"
-            names += [
-                (f"{p}.input_layernorm.weight", (self.hidden,)),
-                (f"{p}.self_attn.q_proj.weight", (self.hidden, self.hidden)),
-                (f"{p}.self_attn.k_proj.weight", (kv, self.hidden)),
-                (f"{p}.self_attn.v_proj.weight", (kv, self.hidden)),
-                (f"{p}.self_attn.o_proj.weight", (self.hidden, self.hidden)),
-                (f"{p}.post_attention_layernorm.weight", (self.hidden,)),
-                (f"{p}.mlp.gate_proj.weight", (self.intermediate, self.hidden)),
-                (f"{p}.mlp.up_proj.weight", (self.intermediate, self.hidden)),
-                (f"{p}.mlp.down_proj.weight", (self.hidden, self.intermediate)),
-            ]
-        names.append(("model.norm.weight", (self.hidden,)))
-        if not self.tie_embeddings:
-            names.append(("lm_head.weight", (self.vocab, self.hidden)))
-        return names
-
-    def num_params(self) -> int:
-        return sum(torch.Size(shape).numel() for _, shape in self.tensors())
-
-    def config(self, dtype: torch.dtype) -> dict:
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab,
-            "hidden_size": self.hidden,
-            "intermediate_size": self.intermediate,
-            "num_hidden_layers": self.layers,
-            "num_attention_heads": self.heads,
-            "num_key_value_heads": self.kv_heads,
-            "max_position_embeddings": 256,
-            "rms_norm_eps": 1e-6,
-            "hidden_act": "silu",
-            "tie_word_embeddings": self.tie_embeddings,
-            "bos_token_id": 1,
-            "eos_token_id": 2,
-            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
-            "dtype": str(dtype).removeprefix("torch."),
-            "attention_bias": False,
-            "mlp_bias": False,
-        }
+from evomerge.llama_shape import LlamaShape
 
 
 def _write_model(path: Path, shape: LlamaShape, tensors: dict[str, torch.Tensor], dtype: torch.dtype, shard_bytes: int) -> None:

@@ -121,7 +121,7 @@ def test_a_failing_re_export_keeps_the_earlier_export(study, tmp_path, capsys):
         db.execute("UPDATE evomerge_trials SET weights_hash = ? WHERE number = ?", (recorded, number))
     assert run(["export", space, out, "-q", "--overwrite", "--trial", number]) == 0
     again = snapshot(out)
-    assert again.pop("README.md") != earlier.pop("README.md")  # now says the trial was picked with --trial
+    assert again.pop("README.md") != earlier.pop("README.md")  # the card says the trial was picked with --trial
     assert again == earlier  # the same trial: the same weights, files and nothing else
     assert leftovers(tmp_path) == []
 

@@ -12,8 +12,9 @@ import torch
 from evomerge.merge import native, sparsify
 from evomerge.merge.fused_plan import merge_in_place
 from evomerge.merge.methods import DeltaCache, merge_tensors
-from evomerge.merge.plan import MergePlan, TensorRecipe, tensor_seed
+from evomerge.merge.plan import MergePlan, TensorRecipe
 from evomerge.merge.resident import ResidentSources, materialize
+from evomerge.merge.seeds import tensor_seed
 from families import random_family
 
 MODELS = ("base", "ft1", "ft2", "ft3")

@@ -11,7 +11,7 @@ from evomerge.config.space import parse_space
 from evomerge.errors import ConfigError
 from evomerge.io.hashing import checkpoint_hash, weights_hash
 from evomerge.merge.engine import run_merge
-from evomerge.merge.plan import DTYPE_NAMES
+from evomerge.dtypes import torch_dtype
 from evomerge.merge.resident import ResidentSources, materialize
 from evomerge.search.genome import Genome
 from families import load_checkpoint, random_family
@@ -44,7 +44,7 @@ def random_params(genome, seed):
 
 def resident_hash(genome, params):
     plan = genome.plan(params)
-    sources = ResidentSources(genome.models, dtype=DTYPE_NAMES[genome.space.dtype])
+    sources = ResidentSources(genome.models, dtype=torch_dtype(genome.space.dtype))
     target = {r.name: torch.zeros(r.shape) for r in plan.tensors}
     materialize(plan, sources, target)
     return weights_hash(target), target

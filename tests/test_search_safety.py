@@ -130,8 +130,8 @@ def test_a_space_edited_under_a_study_is_refused_before_models_load(tmp_path, de
     assert err.startswith(f"error: {space_file}: {field}: study 'e2e'") and "\n" not in err, err
     assert message in err and "search.study_name" in err, err
     assert TrialStore(load_space(space_file).storage_url).study_info("e2e").space_yaml == stored  # not replaced
-    # `front` and `export` read the study through the edited file: the same line there (export
-    # used to fail with a KeyError or a hash mismatch), and no output folder is made
+    # `front` and `export` read the study through the edited file: the same line there (not a
+    # KeyError or a hash mismatch from export), and no output folder is made
     for command in (["front", str(space_file)], ["export", str(space_file), str(tmp_path / "out"), "-q"]):
         assert run_cli(command) == 2
         err = capsys.readouterr().err.strip()

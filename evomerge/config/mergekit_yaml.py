@@ -14,18 +14,19 @@ from pathlib import Path
 from typing import Annotated, Any, Optional, Union
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, ValidationError, field_validator, model_validator
 
+from evomerge.config.base import StrictModel
 from evomerge.config.numbers import Integer, OptionalNumber
+from evomerge.dtypes import normalize_dtype
 from evomerge.errors import ConfigError
 
 Scalar = Union[bool, int, float, str]
 
 
-class ConditionalParameter(BaseModel):
+class ConditionalParameter(StrictModel):
     """`{filter: self_attn, value: 0.5}`: applies to tensors whose name contains `filter`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     filter: str | None = None
     value: Any
 
@@ -75,24 +76,20 @@ def _parse_parameters(value: Any) -> dict[str, ParameterSetting] | None:
 Parameters = Annotated[Optional[dict[str, Any]], BeforeValidator(_parse_parameters)]
 
 
-class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
 def _check_model_reference(value: str) -> str:
     if "+" in value and not Path(value).exists():
         raise ValueError(f"LoRA inputs ('{value}') are not supported yet: merge the adapter into its base first")
     return value
 
 
-class InputModel(_Frozen):
+class InputModel(StrictModel):
     model: str
     parameters: Parameters = None
 
     _ref = field_validator("model")(_check_model_reference)
 
 
-class InputSlice(_Frozen):
+class InputSlice(StrictModel):
     model: str
     layer_range: tuple[Integer, Integer]
     parameters: Parameters = None
@@ -107,7 +104,7 @@ class InputSlice(_Frozen):
         return value
 
 
-class OutputSlice(_Frozen):
+class OutputSlice(StrictModel):
     sources: list[InputSlice]
     base_model: str | None = None
     parameters: Parameters = None
@@ -123,22 +120,10 @@ class OutputSlice(_Frozen):
         return self
 
 
-DTYPES = ("float32", "bfloat16", "float16")
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
-
-
-def normalize_dtype(value: str) -> str:
-    """'bf16' -> 'bfloat16'; ValueError (a pydantic field error) for anything unsupported."""
-    value = _DTYPE_ALIASES.get(value, value)
-    if value not in DTYPES:
-        raise ValueError(f"expected one of {', '.join(DTYPES)}, got {value!r}")
-    return value
-
-
 _PART_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 
-class MergeConfig(_Frozen):
+class MergeConfig(StrictModel):
     merge_method: str
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
@@ -345,7 +330,7 @@ def dump_merge_config(config: MergeConfig) -> str:
     return dump_yaml(data)
 
 
-# libyaml's emitter when PyYAML has it (~4x faster; the search writes a recipe every trial), the
+# libyaml's emitter when PyYAML has it (C; the search writes a recipe every trial), the
 # pure-Python one otherwise: both write the same text (tests/test_genome.py compares them).
 class _FlowListDumper(getattr(yaml, "CSafeDumper", yaml.SafeDumper)):  # type: ignore[misc]
     pass

@@ -8,7 +8,6 @@ together.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import keyword
 import re
@@ -26,7 +25,8 @@ from pydantic import (
     model_validator,
 )
 
-from evomerge.config.mergekit_yaml import format_validation_error, normalize_dtype, parse_yaml, read_config_text
+from evomerge.config.mergekit_yaml import format_validation_error, parse_yaml, read_config_text
+from evomerge.dtypes import normalize_dtype
 from evomerge.config.numbers import (
     Integer,
     Number,
@@ -34,7 +34,9 @@ from evomerge.config.numbers import (
     OptionalNumber,
     coerce_number,
 )
+from evomerge.config.base import StrictModel
 from evomerge.errors import ConfigError
+from evomerge.suggest import did_you_mean
 from evomerge.merge.registry import gene_params, get_method, searchable_methods
 from evomerge.search.samplers import FACTORIES as SAMPLER_FACTORIES
 
@@ -42,16 +44,7 @@ MAX_SEED = 2**32 - 1  # numpy's seed range, which optuna's samplers and lm-eval 
 MIN_MAX_LENGTH = 2  # eval.max_length: lm-eval keeps max_length - 1 context tokens per request
 
 
-def _closest(value: str, options: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(value, list(options), n=1)
-    return f"; did you mean '{close[0]}'?" if close else ""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelRef(_Strict):
+class ModelRef(StrictModel):
     """`name@path` or a plain path (the name is then the folder name)."""
 
     name: str
@@ -83,7 +76,7 @@ def _gene_field(gene: str) -> str:
     return f"{gene}_" if keyword.iskeyword(gene) else gene
 
 
-class _GenomeOptions(_Strict):
+class _GenomeOptions(StrictModel):
     """The genome's fields other than the gene ranges (GenomeSpec adds one per catalogue gene)."""
 
     layer_granularity: Integer = Field(0, ge=0, description="layers per group (must divide the layer count); 0 = one group")
@@ -93,7 +86,7 @@ class _GenomeOptions(_Strict):
     embeddings: bool = True  # own genes for the input embeddings (else: those of the first group)
     head: bool = True  # own genes for the final norm and lm_head (else: those of the last group)
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True)
 
     @field_validator("methods")
     @classmethod
@@ -104,7 +97,7 @@ class _GenomeOptions(_Strict):
         for method in value:
             if method not in searchable:
                 raise ValueError(
-                    f"'{method}' cannot be searched (choose from: {', '.join(searchable)}){_closest(method, searchable)}"
+                    f"'{method}' cannot be searched (choose from: {', '.join(searchable)}){did_you_mean(method, searchable)}"
                 )
         if len(set(value)) != len(value):
             raise ValueError("a method is listed twice")
@@ -167,7 +160,7 @@ GenomeSpec = create_model(
 )
 
 
-class Objective(_Strict):
+class Objective(StrictModel):
     task: str
     metric: str = "acc,none"
     direction: Literal["maximize", "minimize"] = "maximize"
@@ -180,7 +173,7 @@ class Objective(_Strict):
         return self.name or self.task
 
 
-class EvalSpec(_Strict):
+class EvalSpec(StrictModel):
     kind: str = "lm_eval"  # which evaluator scores the objectives (evomerge.evaluate.factory.EVALUATORS)
     include_paths: list[Path] = Field(default_factory=list)
     limit: int | float | None = None  # items per task (a whole number), or a fraction in (0, 1)
@@ -205,7 +198,7 @@ class EvalSpec(_Strict):
         raise ValueError(f"expected a whole number of items (>= 1) or a fraction in (0, 1), got {value!r}")
 
 
-class SearchSpec(_Strict):
+class SearchSpec(StrictModel):
     sampler: str = "tpe"
     seed: Integer = Field(0, ge=0, le=MAX_SEED)
     sampler_options: dict[str, Any] = Field(default_factory=dict)
@@ -223,7 +216,7 @@ class SearchSpec(_Strict):
     def _sampler(cls, value: str) -> str:
         if value not in SAMPLER_FACTORIES:  # the sampler table, so a sampler added there is accepted here
             names = tuple(SAMPLER_FACTORIES)
-            raise ValueError(f"unknown sampler '{value}' (choose from: {', '.join(names)}){_closest(value, names)}")
+            raise ValueError(f"unknown sampler '{value}' (choose from: {', '.join(names)}){did_you_mean(value, names)}")
         return value
 
     @model_validator(mode="after")
@@ -233,7 +226,7 @@ class SearchSpec(_Strict):
         return self
 
 
-class RaySpec(_Strict):
+class RaySpec(StrictModel):
     """Where worker actors run when search.workers > 1 (or ray.address is set)."""
 
     address: str | None = None  # an existing cluster ("host:6379" or "auto"; the driver runs on a node); else RAY_ADDRESS; else local
@@ -243,7 +236,7 @@ class RaySpec(_Strict):
     namespace: str = "evomerge"
 
 
-class SearchSpace(_Strict):
+class SearchSpace(StrictModel):
     models: list[ModelRef]
     base_model: ModelRef | None = None
     dtype: str = "float32"

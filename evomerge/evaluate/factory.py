@@ -6,7 +6,6 @@ line in EVALUATORS; a space picks it with `eval.kind`.
 
 from __future__ import annotations
 
-import difflib
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
@@ -14,6 +13,7 @@ from evomerge.evaluate.harness import build_task_evaluator
 from evomerge.evaluate.harness_checks import check_tasks
 from evomerge.evaluate.protocol import Evaluator, EvaluatorKind
 from evomerge.store.states import Split
+from evomerge.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from evomerge.config.space import SearchSpace
@@ -27,8 +27,7 @@ def evaluator_kind(space: SearchSpace) -> EvaluatorKind:
     """The table entry `eval.kind` names; ConfigError on that field for an unknown name."""
     kind = EVALUATORS.get(space.eval.kind)
     if kind is None:
-        close = difflib.get_close_matches(space.eval.kind, list(EVALUATORS), n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
+        hint = did_you_mean(space.eval.kind, EVALUATORS)
         raise ConfigError(
             f"unknown evaluator '{space.eval.kind}' (choose from: {', '.join(EVALUATORS)}){hint}",
             file=space.source_path, field="eval.kind",

@@ -297,8 +297,8 @@ class TaskEvaluator:
             self._task_dict = self._load_tasks()
 
     def _load_tasks(self) -> dict[str, Any]:
-        # Indexing only the include paths takes milliseconds; adding lm-eval's ~15k built-in
-        # tasks takes seconds, so do that only when a requested name needs it (and only once
+        # Indexing only the include paths is cheap; adding lm-eval's ~15k built-in tasks is
+        # not, so do that only when a requested name needs it (and only once
         # per process for the same include paths).
         manager = _task_manager(tuple(self.include_paths), include_defaults=False)
         if not all(name in manager.all_tasks for name in self.tasks):
@@ -429,7 +429,7 @@ def evaluate_model_dir(
 
 def load_task_dict(tasks: Sequence[str], include_paths: Sequence[Path] = ()) -> dict[str, Any]:
     """lm-eval's task dict for `tasks`, as TaskEvaluator loads it; ValueError naming an unknown task."""
-    import difflib
+    from evomerge.suggest import did_you_mean
 
     include = tuple(Path(p).resolve() for p in include_paths)
     manager = _task_manager(include, include_defaults=False)
@@ -437,8 +437,7 @@ def load_task_dict(tasks: Sequence[str], include_paths: Sequence[Path] = ()) -> 
         manager = _task_manager_with_builtins(include)
     for name in tasks:
         if name not in manager.all_tasks:
-            close = difflib.get_close_matches(name, list(manager.all_tasks), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(name, manager.all_tasks)
             searched = ", ".join(str(p) for p in include) or "no include paths"
             raise ValueError(f"unknown lm-eval task '{name}' (searched: {searched} and lm-eval's built-in tasks){hint}")
     try:

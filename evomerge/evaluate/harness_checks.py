@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evomerge.suggest import did_you_mean
 from evomerge.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -38,10 +39,7 @@ def check_tasks(space: SearchSpace, tokenizer_dir: Path | None) -> str:
         task_dict = selection_dict if field_name.endswith("selection_task") else search_dict
         metrics = reported_metrics(task_dict, task)
         if metric not in metrics:
-            import difflib
-
-            close = [m for m in sorted(metrics) if m.split(",", 1)[0] == metric] or difflib.get_close_matches(metric, sorted(metrics), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(metric, metrics, same_as=lambda reported: reported.split(",", 1)[0])
             index = field_name.split(".")[1]
             raise ConfigError(
                 f"task '{task}' reports no metric '{metric}' (it reports: {', '.join(sorted(metrics)) or 'none'}){hint}",

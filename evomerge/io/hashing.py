@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from evomerge.dtypes import dtype_name
 from evomerge.io.model_dir import ModelDir
 
 
@@ -30,7 +31,7 @@ def _hash_tensors(get, names: Iterable[str]) -> str:
     digest = xxhash.xxh3_128()
     for name in sorted(names):
         tensor = get(name).detach()
-        digest.update(f"{name}|{str(tensor.dtype).removeprefix('torch.')}|{list(tensor.shape)}\n".encode())
+        digest.update(f"{name}|{dtype_name(tensor.dtype)}|{list(tensor.shape)}\n".encode())
         data = tensor.to("cpu").contiguous().reshape(-1)
         if data.numel():
             digest.update(memoryview(data.view(torch.uint8).numpy()))

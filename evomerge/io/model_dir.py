@@ -20,20 +20,8 @@ from pathlib import Path
 
 import torch
 
+from evomerge.dtypes import safetensors_dtypes
 from evomerge.errors import EvomergeError
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
 
 
 @dataclass(frozen=True)
@@ -86,7 +74,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, file_siz
     """One header entry, checked: known dtype, a shape of sizes, a byte span that fits it and the file."""
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
         raise EvomergeError(f"{path}: tensor {name}: malformed header entry (expected dtype, shape and data_offsets)")
-    dtype = _SAFETENSORS_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    dtype = safetensors_dtypes().get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
     if dtype is None:
         raise EvomergeError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
     shape, offsets = entry["shape"], entry["data_offsets"]

@@ -1,9 +1,8 @@
-"""Lazy reading and streaming writing of safetensors checkpoints.
+"""Streaming writing of safetensors checkpoints (`io/model_dir.py` reads them, tensor by tensor).
 
-Reading goes through `safe_open` (memory-mapped, tensor by tensor). Writing lays out every
-shard's header up front from the known names, shapes and dtypes, then writes each tensor at its
-offset as soon as it is computed. A merge therefore holds a few tensors in memory, never a whole
-shard, whatever the model size (mergekit buffers up to a shard, 5 GB by default).
+Every shard's header is laid out up front from the known names, shapes and dtypes, then each
+tensor is written at its offset as soon as it is computed. A merge therefore holds a few tensors
+in memory, never a whole shard, whatever the model size (mergekit buffers up to a shard, 5 GB by default).
 """
 
 from __future__ import annotations
@@ -18,24 +17,8 @@ from pathlib import Path
 
 import torch
 
+from evomerge.dtypes import safetensors_codes
 from evomerge.errors import EvomergeError
-
-# safetensors dtype codes <-> torch dtypes.
-_DTYPE_CODES: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
-if hasattr(torch, "float8_e4m3fn"):
-    _DTYPE_CODES[torch.float8_e4m3fn] = "F8_E4M3"
-    _DTYPE_CODES[torch.float8_e5m2] = "F8_E5M2"
 
 _SIZE_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
@@ -124,10 +107,11 @@ class StreamingCheckpointWriter:
             header: dict[str, object] = {"__metadata__": meta}
             cursor = 0
             for name, shape, dtype in shard:
-                if dtype not in _DTYPE_CODES:
+                code = safetensors_codes().get(dtype)
+                if code is None:
                     raise ValueError(f"unsupported dtype {dtype} for tensor {name}")
                 size = _numel(shape) * _itemsize(dtype)
-                header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [cursor, cursor + size]}
+                header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [cursor, cursor + size]}
                 cursor += size
             header_bytes = json.dumps(header, separators=(",", ":")).encode()
             header_bytes += b" " * (-len(header_bytes) % 8)

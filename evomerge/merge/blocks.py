@@ -2,9 +2,9 @@
 
 A merge is a chain of elementwise ops over tensors of millions of entries. Evaluated op by op
 on whole tensors, every op streams all entries through DRAM and allocates a full-size
-temporary (fresh pages, so page faults on CPU); a 25M-entry bf16 slerp then takes ~0.26 s.
-Evaluated over blocks of 64K entries, the whole chain runs in the CPU cache and reuses small
-buffers: ~0.02 s for the same tensor (benchmarks/merge_speed.py measures the end-to-end gain).
+temporary (fresh pages, so page faults on CPU). Evaluated over blocks of 64K entries, the whole
+chain runs in the CPU cache and reuses small buffers (benchmarks/merge_speed.py measures the
+end-to-end gain).
 
 The results are bit-identical to whole-tensor evaluation as long as every op in the chain is
 elementwise or reduces over the model axis only, which is how the methods use it. Scalar
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 
 # Entries per block on CPU: 64K float32 (256 KiB) per operand keeps a method's working set
-# (a few operands per model) inside a 2 MiB L2 cache; larger blocks measured slower here.
+# (a few operands per model) inside a 2 MiB L2 cache; larger blocks spill out of it.
 CPU_BLOCK = 1 << 16
 
 

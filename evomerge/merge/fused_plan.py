@@ -1,8 +1,7 @@
 """A re-merge's task-vector tensors in one fused-kernel call (native.JobBatch).
 
-Through merge_tensors, every tensor costs ~0.1 ms of Python (parameter validation, casts, one
-ctypes call with its argument arrays): more than the merge itself for a small model, whose
-re-merge then ran at a tenth of the speed of copying its bytes. Here a plan's parameters are
+Through merge_tensors, every tensor pays a fixed Python cost (parameter validation, casts, one
+ctypes call with its argument arrays): more than the merge itself for a small model. Here a plan's parameters are
 validated once per distinct (method, parameters), the pointers and |delta| histograms of the
 resident sources are looked up once per search, and every tensor the kernel takes on its own
 goes into one batch. The bits are merge_tensors' (the same kernel on the same inputs).

@@ -123,7 +123,7 @@ def reset() -> None:
 
 def bf16_register_election() -> bool:
     """Whether this build elects bf16 TIES signs in AVX-512 registers (fused.c's
-    elect_lanes_bf16, compiled where the CPU has AVX-512 BF16): same bits, ~1.4x faster."""
+    elect_lanes_bf16, compiled where the CPU has AVX-512 BF16): same bits, faster."""
     lib = library()
     return lib is not None and bool(lib.evm_features() & 1)
 

@@ -9,7 +9,6 @@ so a plan is refused up front for exactly what a merge would refuse half way.
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,11 +16,11 @@ import torch
 
 from evomerge.config.numbers import coerce_number
 from evomerge.merge.registry import MethodSpec, get_method
+from evomerge.suggest import did_you_mean
 
 
 def _unknown_param(method: str, name: str, known: Sequence[str], where: str) -> ValueError:
-    close = difflib.get_close_matches(str(name), list(known), n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
+    hint = did_you_mean(name, known)
     return ValueError(
         f"{method} has no {where} parameter '{name}' (it takes: {', '.join(known) or 'none'}){hint}"
     )

@@ -7,23 +7,12 @@ so it pickles to Ray workers and hashes into a run's provenance.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-
-DTYPE_NAMES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 @dataclass(frozen=True)
@@ -59,9 +48,3 @@ class MergePlan:
     def output_bytes(self) -> int:
         item = torch.empty((), dtype=self.out_dtype).element_size()
         return sum(torch.Size(r.shape).numel() * item for r in self.tensors)
-
-
-def tensor_seed(run_seed: int, tensor_name: str) -> int:
-    """A stable 63-bit seed for one tensor's random masks (independent of order and threads)."""
-    digest = hashlib.blake2b(f"{run_seed}\x00{tensor_name}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)

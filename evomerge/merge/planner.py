@@ -15,7 +15,6 @@ every parameter of every tensor. Resolution follows mergekit's rules exactly:
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,11 +29,13 @@ from evomerge.config.mergekit_yaml import (
     dump_merge_config,
 )
 from evomerge.config.numbers import coerce_bool, coerce_number, config_warning
+from evomerge.dtypes import torch_dtype
 from evomerge.errors import CompatibilityError, ConfigError
 from evomerge.io.model_dir import ModelDir
 from evomerge.merge.layout import LayerLayout, split_layers
 from evomerge.merge.methods import MethodSpec, Param, check_parameters, get_method
-from evomerge.merge.plan import DTYPE_NAMES, MergePlan, TensorRecipe
+from evomerge.merge.plan import MergePlan, TensorRecipe
+from evomerge.suggest import did_you_mean
 
 
 def evaluate_setting(setting: ParameterSetting | None, tensor_name: str, t: float) -> Any:
@@ -179,9 +180,9 @@ class Planner:
             inputs = [(s.model, self._post_tensor_name(s.model, name, layouts[s.model])) for s in last.sources]
             recipes.append(self._recipe(method, name, last, inputs, t=0.0))
         self._warn_unmatched_filters(recipes)
-        math_dtype = DTYPE_NAMES[self.config.dtype] if self.config.dtype else None
+        math_dtype = torch_dtype(self.config.dtype) if self.config.dtype else None
         out_dtype = (
-            DTYPE_NAMES[self.config.out_dtype]
+            torch_dtype(self.config.out_dtype)
             if self.config.out_dtype
             else math_dtype or self.models[donor].tensors[recipes[0].inputs[0][1]].dtype
         )
@@ -333,8 +334,7 @@ class Planner:
         coerced = {}
         for name, setting in params.items():
             if name not in known:
-                close = difflib.get_close_matches(name, sorted(known), n=1)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
+                hint = did_you_mean(name, known)
                 raise self.error(
                     f"{method.name} has no parameter '{name}' (it takes: {', '.join(sorted(known)) or 'none'}){hint}",
                     f"{field}.{name}",

@@ -12,13 +12,13 @@ Adding a method is one module that builds a `MethodSpec` and one `register(...)`
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from evomerge.suggest import did_you_mean
 from evomerge.config.numbers import ParameterRange
 
 if TYPE_CHECKING:
@@ -146,8 +146,7 @@ def get_method(name: str) -> MethodSpec:
     spec = METHODS.get(name)
     if spec is not None:
         return spec
-    close = difflib.get_close_matches(str(name), list(METHODS), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    hint = did_you_mean(name, METHODS, parenthesised=True)
     raise ValueError(f"unknown merge method '{name}'; expected one of: {', '.join(METHODS)}{hint}")
 
 

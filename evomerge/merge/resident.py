@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from evomerge.dtypes import dtype_name
 from evomerge.errors import CompatibilityError, NonFiniteMergeError
 from evomerge.io.hashing import checkpoint_hash, weights_hash
 from evomerge.io.model_dir import ModelDir

@@ -14,7 +14,7 @@ actually removed (mergekit's "generic sparsification rescaling"), not by 1/densi
 DARE paper. Every sparsifier returns its input unchanged when density >= 1.
 
 Determinism: the random masks come from `torch.rand(..., generator=g) < p` with a generator
-seeded by `derive_seed(seed, model_index)`, so a mask is a pure function of (seed, model index,
+seeded by `seeds.model_seed(seed, model_index)`, so a mask is a pure function of (seed, model index,
 shape, device type) and never of the global RNG, call order or thread count. Reductions that
 decide scalar factors (the L1 norms) accumulate in float64 for the same reason.
 
@@ -37,11 +37,12 @@ Differences from mergekit (0.1.5, and the 0.1.4 notes in the research file):
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from evomerge.merge.seeds import model_seed
 
 # Below this L1 norm (before or after masking) the rescale is skipped, as in mergekit.
 RESCALE_EPS = 1e-7
@@ -51,19 +52,10 @@ _CHUNK = 1 << 20
 
 
 # -- randomness ----------------------------------------------------------------------------------
-def derive_seed(seed: int | None, index: int) -> int:
-    """Stable 63-bit seed for model `index` of a tensor whose per-tensor seed is `seed`.
-
-    blake2b, not hash(): Python's string hashing is salted per process.
-    """
-    digest = hashlib.blake2b(f"{0 if seed is None else int(seed)}/{int(index)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 def make_generator(seed: int | None, index: int, device: torch.device | str) -> torch.Generator:
     """A fresh generator for model `index`: masks never touch (or depend on) the global RNG."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(derive_seed(seed, index))
+    generator.manual_seed(model_seed(seed, index))
     return generator
 
 
@@ -124,7 +116,7 @@ def _ascending_band(key: torch.Tensor, low: int, high: int) -> torch.Tensor:
     """Mask of the entries of 1-D `key` whose rank in a *stable* ascending sort is in [low, high).
 
     Two order statistics (kthvalue, O(n)) bound the band; only entries equal to a bound need
-    their position to break the tie. Several times faster than the full argsort mergekit uses,
+    their position to break the tie. O(n), where the full argsort mergekit uses is O(n log n),
     and the same set whenever no tie straddles a bound (always in practice in float32). When
     equal magnitudes do straddle a bound (common in bf16), mergekit's unstable argsort keeps an
     implementation-defined subset of them; we keep them by position, deterministically.
@@ -171,7 +163,7 @@ def top_k_cut(keys, k: int, *, single_level: bool = False) -> tuple[torch.Tensor
     `keys()` yields the keys block by block (called once or twice). Non-negative floats order
     like their bit patterns, so a 32768-bucket histogram of the high 16 bits finds the bucket of
     the k-th largest and a 65536-bucket histogram of the low bits inside that bucket finds the
-    value: two streaming passes, O(n), ~10x faster than torch.kthvalue on CPU, and exact.
+    value: two streaming passes, O(n), without the full-size copy torch.kthvalue makes, and exact.
     `single_level` skips the second pass when the low 16 bits are always 0 (bfloat16 keys).
 
     Returns (cut, greater, tied): the k-th largest value (0-dim float32), how many keys exceed

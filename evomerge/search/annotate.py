@@ -259,7 +259,7 @@ def set_trial_attrs(trial, attrs: Mapping[str, Any]) -> None:
     """Set a running trial's user attributes (before optuna is told: finished trials are frozen).
 
     In one transaction where the storage can (evomerge's BatchingRDBStorage): optuna commits each
-    attribute on its own, ~1 ms apiece on SQLite, and a trial has about ten.
+    attribute on its own, and a trial has about ten.
     """
     storage = getattr(trial, "storage", None)
     backend = getattr(storage, "_backend", storage)  # optuna wraps an RDBStorage in a cache that passes writes on

@@ -19,7 +19,8 @@ from evomerge.config.space import SearchSpace
 from evomerge.errors import CompatibilityError, ConfigError
 from evomerge.io.model_dir import ModelDir
 from evomerge.merge.layout import LayerLayout, split_layers
-from evomerge.merge.plan import DTYPE_NAMES, MergePlan, TensorRecipe
+from evomerge.dtypes import torch_dtype
+from evomerge.merge.plan import MergePlan, TensorRecipe
 from evomerge.merge.planner import describe_name_difference, shape_mismatch_hint
 from evomerge.merge.registry import SeedRule, gene_params, get_method, ranked
 
@@ -253,7 +254,7 @@ class Genome:
                     shape=tensors[tensor].shape,
                 )
             )
-        dtype = DTYPE_NAMES[self.space.dtype]
+        dtype = torch_dtype(self.space.dtype)
         return MergePlan(
             models=dict(self.paths),
             tensors=tuple(recipes),

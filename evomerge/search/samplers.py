@@ -12,7 +12,6 @@ coercion of numbers), so a typo or `n_startup_trials: ten` fails in `validate`, 
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import re
 from collections.abc import Callable, Mapping
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from evomerge.config.numbers import coerce_bool, coerce_number
 from evomerge.errors import ConfigError
+from evomerge.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from optuna.samplers import BaseSampler
@@ -92,8 +92,7 @@ def checked_sampler_options(sampler: str, given: Mapping[str, Any], source: Path
         if name in _OWN_OPTIONS:
             raise ConfigError(f"set the seed with {_OWN_OPTIONS[name]}, not here", file=source, field=field)
         if name not in parameters:
-            close = difflib.get_close_matches(str(name), list(parameters), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
+            hint = did_you_mean(name, parameters)
             takes = ", ".join(p for p in parameters if p not in _OWN_OPTIONS) or "no options"
             raise ConfigError(
                 f"the {sampler} sampler takes no option '{name}' (it takes: {takes}){hint}", file=source, field=field

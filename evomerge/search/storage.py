@@ -1,9 +1,9 @@
 """optuna's RDBStorage, with the parameters of one trial written in one transaction.
 
 optuna writes every `trial.suggest_*` on its own: a session, a SELECT of the trial, an INSERT and
-a COMMIT per parameter, ~0.5 ms each on SQLite, so 38 genes cost ~20 ms a trial. Inside
+a COMMIT per parameter, so a trial pays one transaction per gene. Inside
 `BatchingRDBStorage.batched_params()` the parameters are kept in memory instead (the Trial object
-and optuna's cache see each one at once, as before) and written together, in one transaction,
+and optuna's cache see each one at once, as with the plain storage) and written together, in one transaction,
 when the block ends: normally or by an exception. The search loop wraps `genome.suggest(trial)`
 in it, so every parameter is in the database before the candidate is evaluated and long before
 the trial is told; a finished trial has every parameter in optuna's tables, as optuna-dashboard
@@ -13,13 +13,12 @@ parameters, which a resumed search fails (it had not been evaluated yet).
 It leans on optuna's private storage internals, so `make_storage` uses it only on the optuna
 releases in TESTED_OPTUNA (the pinned one); any other optuna gets its own RDBStorage, slower
 per trial and otherwise the same. Outside the block, and in any other thread, it writes like the
-plain RDBStorage. The same code
-path runs on every database SQLAlchemy and optuna support (SQLite, PostgreSQL, MySQL).
+plain RDBStorage. The same code path runs on every database SQLAlchemy and optuna support (SQLite, PostgreSQL, MySQL).
 
 Reads: optuna re-reads a running trial from the database several times a trial (`ask`, the
 sampler's two syncs, `tell`), each time through ORM objects and lazy or select-in loads. Here
 `get_trial` and `_get_trials` run the same queries (same filters, one snapshot) as SQLAlchemy Core
-selects and hand the rows to optuna's own FrozenTrial builder: ~0.5 to 1.5 ms less per read, the
+selects and hand the rows to optuna's own FrozenTrial builder: no ORM objects per read, the
 same FrozenTrials (tests/test_search_storage.py compares them with RDBStorage's).
 """
 

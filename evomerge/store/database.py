@@ -189,7 +189,7 @@ def tune_sqlite(engine: Engine) -> None:
     """Write-ahead log + synchronous=NORMAL on every new connection of a SQLite engine.
 
     A study commits about ten small transactions per trial (optuna's ask, sampler and tell, the
-    trial store); with a rollback journal and full fsync each costs ~2 ms here. In WAL mode with NORMAL
+    trial store); with a rollback journal and full fsync each one waits for the disk. In WAL mode with NORMAL
     sync a commit is an append, readers (optuna-dashboard) never block the writer, and a killed
     process still loses nothing it committed: only an OS crash or power cut can drop the last
     few transactions. Used for our engine and for optuna's, which share the file.

@@ -22,7 +22,7 @@ from evomerge.devices import resolve_device
 from evomerge.evaluate.factory import make_evaluator
 from evomerge.evaluate.protocol import Evaluator, Scores
 from evomerge.io.hashing import weights_hash
-from evomerge.merge.plan import DTYPE_NAMES
+from evomerge.dtypes import torch_dtype
 from evomerge.merge.resident import (
     ResidentSources,
     check_finite,
@@ -65,7 +65,7 @@ class CandidateWorker:
         self.genome = genome or Genome(space)
         self.device = resolve_device(device or space.device, option="device")
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        dtype = DTYPE_NAMES[space.dtype]
+        dtype = torch_dtype(space.dtype)
         donor = self.genome.paths[self.genome.base or self.genome.finetunes[0]]
         # Cheap checks first (tokenizer, task names), then the heavy loads.
         self.tokenizer = AutoTokenizer.from_pretrained(donor, trust_remote_code=space.trust_remote_code)

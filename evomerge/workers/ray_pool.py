@@ -17,6 +17,7 @@ from evomerge.config.space import SearchSpace
 from evomerge.devices import resolve_device
 from evomerge.errors import EvomergeError
 from evomerge.threads import WAIT_POLICY, worker_threads
+from evomerge.offline import set_offline_defaults
 from evomerge.workers.protocol import TrialOutcome
 
 if TYPE_CHECKING:
@@ -27,9 +28,7 @@ if TYPE_CHECKING:
 def _worker_env() -> dict[str, str]:
     keep = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_DATASETS_CACHE", "HF_HOME", "TOKENIZERS_PARALLELISM", "TRANSFORMERS_OFFLINE")
     env = {key: os.environ[key] for key in keep if key in os.environ}
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    env.setdefault("HF_DATASETS_OFFLINE", "1")
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    set_offline_defaults(env)
     # The same wait policy as the in-process worker (evomerge/threads.py says why); a policy the
     # user chose for the driver goes to the actors too.
     env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", WAIT_POLICY)
