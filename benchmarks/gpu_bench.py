@@ -51,7 +51,7 @@ def main() -> None:
         sys.exit("no CUDA device: this benchmark measures the GPU path (run it where a GPU is lent)")
     from evomerge.config.space import load_space
     from evomerge.merge.resident import ResidentSources, materialize
-    from evomerge.search.genome import Genome
+    from evomerge.genome.kinds import make_genome
     from evomerge.synthetic import LlamaShape, make_random_family
 
     device_name = torch.cuda.get_device_name(0)
@@ -65,7 +65,7 @@ def main() -> None:
         "dtype": "bfloat16", "device": "cuda",
         "genome": demo_space.genome.model_copy(update={"layer_granularity": args.layers // 4}),
     })
-    genome = Genome(space)
+    genome = make_genome(space)
     loaded = time.perf_counter()
     sources = ResidentSources(genome.models, dtype=torch.bfloat16, device="cuda")
     load_seconds = time.perf_counter() - loaded

@@ -178,7 +178,7 @@ def main() -> None:
         "| family | dtype | genome | tensors | sources MB | output MB | first merge (ms) | calls | merge (ms) | copy output (ms) | copy all bytes (ms) | vs output copy | vs same-bytes copy |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    from evomerge.search.genome import Genome
+    from evomerge.genome.kinds import make_genome
     from evomerge.synthetic import LlamaShape, make_random_family
 
     big_dir = work / "big"
@@ -189,8 +189,8 @@ def main() -> None:
     })
     for label, genome in (
         ("demo", worker.genome),
-        ("random ~100M", Genome(big_space)),
-        ("random ~100M", Genome(big_space.model_copy(update={"dtype": "bfloat16"}))),
+        ("random ~100M", make_genome(big_space)),
+        ("random ~100M", make_genome(big_space.model_copy(update={"dtype": "bfloat16"}))),
     ):
         uniform = genome.uniform_params()
         ties = dict(uniform)

@@ -19,7 +19,7 @@ from evomerge.io.checkpoint import describe_sources, hub_ids, relocate_recipe, w
 from evomerge.io.hashing import checkpoint_hash
 from evomerge.io.output_dir import staged_output
 from evomerge.merge.engine import verify_layout, write_checkpoint
-from evomerge.search.genome import Genome
+from evomerge.genome.kinds import make_genome
 from evomerge.search.front import compute_front, pick_best
 from evomerge.store import display_url
 from evomerge.store.protocol import TrialReader
@@ -119,7 +119,7 @@ def export_trial(
     if record.status != TrialStatus.COMPLETE:
         raise EvomergeError(f"trial {trial} is {record.status}" + (f" ({record.failure})" if record.failure else "") + "; pick a completed trial")
     with staged_output(out_dir, overwrite=overwrite, protected=_protected(space)) as staged:
-        genome = Genome(space)
+        genome = make_genome(space)
         plan = genome.plan(record.genome, metadata={"study": space.study_name, "trial": str(trial), "storage": display_url(space.storage_url)})
         write_checkpoint(plan, staged.staging, device=device, max_shard_bytes=max_shard_bytes, progress=progress)
         names = [r.name for r in plan.tensors]

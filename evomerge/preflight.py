@@ -104,7 +104,7 @@ def check_eval_args(space: SearchSpace) -> None:
 def preflight_space(space: SearchSpace, *, scan: bool | None = None, genome: Any = None) -> PreflightReport:
     """Check everything a search of `space` needs, in the order a user can fix them; no device work."""
     from evomerge.evaluate.factory import evaluator_kind
-    from evomerge.search.genome import Genome
+    from evomerge.genome.kinds import make_genome
     from evomerge.search.samplers import make_sampler
 
     report = PreflightReport()
@@ -118,11 +118,11 @@ def preflight_space(space: SearchSpace, *, scan: bool | None = None, genome: Any
         report.checks.append(f"storage: {check_storage(space.storage_url)}")
     except EvomergeError as exc:
         raise ConfigError(str(exc), file=space.source_path, field="search.storage") from None
-    genome = genome or Genome(space)  # opens every model: headers, sizes, names, shapes, grouping
+    genome = genome or make_genome(space)  # opens every model: headers, sizes, names, shapes, grouping
     report.genome = genome
     report.checks.append(
         f"models: {len(genome.models)} compatible, every tensor header read and inside its file; "
-        f"{len(genome.distributions())} genes over {genome.num_groups} layer groups"
+        f"{genome.outline()}"
     )
     donor = genome.base or genome.finetunes[0]
     check_filters(space, genome.models[donor].tensors)

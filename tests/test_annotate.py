@@ -7,7 +7,7 @@ import pytest
 
 from evomerge.config.space import parse_space
 from evomerge.search import annotate
-from evomerge.search.genome import Genome
+from evomerge.genome.parameters import ParameterGenome as Genome
 from evomerge.search.front import FrontRow
 from families import random_family
 

@@ -13,7 +13,7 @@ from evomerge.io.hashing import checkpoint_hash, weights_hash
 from evomerge.merge.engine import run_merge
 from evomerge.dtypes import torch_dtype
 from evomerge.merge.resident import ResidentSources, materialize
-from evomerge.search.genome import Genome
+from evomerge.genome.parameters import ParameterGenome as Genome
 from families import load_checkpoint, random_family
 
 
@@ -142,7 +142,7 @@ def test_recipe_yaml_is_the_same_from_libyaml_and_pure_python(family, tmp_path, 
     assert issubclass(mergekit_yaml._FlowListDumper, yaml.CSafeDumper)
     documents = []
     original = mergekit_yaml.dump_yaml
-    monkeypatch.setattr("evomerge.search.genome.dump_yaml", lambda doc: documents.append(doc) or original(doc))
+    monkeypatch.setattr("evomerge.genome.parameters.dump_yaml", lambda doc: documents.append(doc) or original(doc))
     for methods in (["ties", "dare_ties", "slerp"], ["task_arithmetic", "linear", "breadcrumbs_ties"]):
         genome = Genome(make_space(family, tmp_path, methods=methods, weight=[-0.5, 1.0]))
         for seed in range(20):

@@ -18,7 +18,7 @@ import pytest
 
 from evomerge.config.space import load_space
 from evomerge.errors import EvomergeError
-from evomerge.search.genome import Genome
+from evomerge.genome.parameters import ParameterGenome as Genome
 from evomerge.search.runner import run_search
 from evomerge.store.trial_store import TrialStore
 from test_search_e2e import write_space

@@ -109,7 +109,7 @@ def test_a_space_edited_under_a_study_is_refused_before_models_load(tmp_path, de
     space_file = write_space(tmp_path, demo_family, n_trials=1, sampler="random", limit=5, enqueue=[], finalists=0)
     assert run_cli(["run", str(space_file), "-q"]) == 0
     from evomerge.errors import ConfigError
-    from evomerge.search.genome import Genome
+    from evomerge.genome.parameters import ParameterGenome as Genome
     from evomerge.search.study_setup import check_space_against_database
 
     space = load_space(space_file)

@@ -9,6 +9,7 @@ templates, LoRA inputs) fail validation with a one-line message saying so.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 import re
 from pathlib import Path
 from typing import Annotated, Any, Optional, Union
@@ -191,12 +192,16 @@ class MergeConfig(StrictModel):
         return list(dict.fromkeys(refs))
 
 
-def format_validation_error(exc: ValidationError, file: object) -> ConfigError:
-    """The first pydantic error as one line: `file: field.path: message`."""
+def format_validation_error(exc: ValidationError, file: object, *, tags: Collection[str] = ()) -> ConfigError:
+    """The first pydantic error as one line: `file: field.path: message`.
+
+    `tags` are the names of tagged-union members, which pydantic puts in the location but a user
+    never writes (a space file's `genome.kind`).
+    """
     errors = exc.errors()
     # An unknown key usually explains a "missing" one (a typo), so report it first.
     first = min(errors, key=lambda e: e["type"] != "extra_forbidden")
-    location = ".".join(str(part) for part in first["loc"])
+    location = ".".join(str(part) for part in first["loc"] if part not in tags)
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown field (check the spelling)"

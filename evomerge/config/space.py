@@ -37,7 +37,9 @@ from evomerge.config.numbers import (
 from evomerge.config.base import StrictModel
 from evomerge.errors import ConfigError
 from evomerge.suggest import did_you_mean
-from evomerge.merge.registry import gene_params, get_method, searchable_methods
+from evomerge.genome.kinds import GenomeSpecField, default_genome_spec, genome_tags
+from evomerge.genome.spec import GeneRange, GenomeSpec  # noqa: F401  (the parameters genome's spec, re-exported)
+from evomerge.merge.registry import get_method
 from evomerge.search.samplers import FACTORIES as SAMPLER_FACTORIES
 
 MAX_SEED = 2**32 - 1  # numpy's seed range, which optuna's samplers and lm-eval use
@@ -66,98 +68,6 @@ class ModelRef(StrictModel):
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
             raise ValueError(f"model name {name!r} may only use letters, digits, '_', '-' and '.'")
         return cls(name=name, path=(base_dir / Path(path).expanduser()).resolve())
-
-
-GeneRange = Union[float, tuple[float, float]]
-
-
-def _gene_field(gene: str) -> str:
-    """The GenomeSpec attribute of a gene (`lambda` is a Python keyword: `lambda_`)."""
-    return f"{gene}_" if keyword.iskeyword(gene) else gene
-
-
-class _GenomeOptions(StrictModel):
-    """The genome's fields other than the gene ranges (GenomeSpec adds one per catalogue gene)."""
-
-    layer_granularity: Integer = Field(0, ge=0, description="layers per group (must divide the layer count); 0 = one group")
-    filters: list[str] = Field(default_factory=list, description="tensor-name substrings with their own genes")
-    methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"])
-    method_per_group: bool = True
-    embeddings: bool = True  # own genes for the input embeddings (else: those of the first group)
-    head: bool = True  # own genes for the final norm and lm_head (else: those of the last group)
-
-    model_config = ConfigDict(populate_by_name=True)
-
-    @field_validator("methods")
-    @classmethod
-    def _methods(cls, value: list[str]) -> list[str]:
-        if not value:
-            raise ValueError("list at least one merge method")
-        searchable = tuple(searchable_methods())
-        for method in value:
-            if method not in searchable:
-                raise ValueError(
-                    f"'{method}' cannot be searched (choose from: {', '.join(searchable)}){did_you_mean(method, searchable)}"
-                )
-        if len(set(value)) != len(value):
-            raise ValueError("a method is listed twice")
-        return value
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _range(cls, value: Any, info: ValidationInfo) -> Any:
-        """A gene's range: a fixed number or [low, high], inside the values its parameter may take."""
-        name = next((gene for gene in gene_params() if _gene_field(gene) == info.field_name), None)
-        if name is None:
-            return value
-        if isinstance(value, (list, tuple)):
-            if len(value) != 2:
-                raise ValueError(f"expected a number or a [low, high] range, got {value!r}")
-            try:
-                low, high = (coerce_number(v) for v in value)
-            except ValueError as exc:
-                raise ValueError(f"{exc} in the range {list(value)!r}") from None
-            if low >= high:
-                raise ValueError(f"expected low < high, got {list(value)}")
-            bounds = (low, high)
-        else:
-            try:
-                bounds = (coerce_number(value),)
-            except ValueError as exc:
-                raise ValueError(f"{exc} (expected a number or a [low, high] range)") from None
-        declared = gene_params()[name].valid
-        if min(bounds) < declared.low or max(bounds) > declared.high:  # a search never goes past the bounds
-            raise ValueError(f"values must lie in {declared.describe()}, got {value!r}" + (f" ({declared.why})" if declared.why else ""))
-        return bounds if len(bounds) == 2 else bounds[0]
-
-    @model_validator(mode="after")
-    def _bounds(self) -> "_GenomeOptions":
-        density, epsilon = self.gene_range("density"), self.gene_range("epsilon")
-        if isinstance(density, tuple) and any(m.startswith("della") for m in self.methods):
-            eps = epsilon[1] if isinstance(epsilon, tuple) else epsilon
-            if density[0] - eps <= 0 or density[1] + eps >= 1:
-                raise ValueError(
-                    f"della needs density - epsilon > 0 and density + epsilon < 1: density {list(density)} "
-                    f"with epsilon up to {eps} breaks that"
-                )
-        return self
-
-    def gene_range(self, name: str) -> GeneRange:
-        return getattr(self, _gene_field(name))
-
-
-# One range field per gene of the catalogue (YAML key = gene name), defaulting to the gene's search
-# range; `normalize` (None: each method's mergekit default) comes after them.
-GenomeSpec = create_model(
-    "GenomeSpec",
-    __base__=_GenomeOptions,
-    __module__=__name__,
-    **{
-        _gene_field(gene): (GeneRange, Field(param.search, alias=gene if _gene_field(gene) != gene else None))
-        for gene, param in gene_params().items()
-    },
-    normalize=(bool | None, None),
-)
 
 
 class Objective(StrictModel):
@@ -243,7 +153,7 @@ class SearchSpace(StrictModel):
     device: str = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
-    genome: GenomeSpec = Field(default_factory=GenomeSpec)
+    genome: GenomeSpecField = Field(default_factory=default_genome_spec)
     objectives: list[Objective]
     eval: EvalSpec = Field(default_factory=EvalSpec)
     search: SearchSpec
@@ -281,7 +191,7 @@ class SearchSpace(StrictModel):
             raise ValueError(f"model names must be unique, got {names} (use name@path)")
         if not self.models:
             raise ValueError("models: list at least one fine-tune")
-        needs_base = [m for m in self.genome.methods if get_method(m).base != "unused"]
+        needs_base = [m for m in self.genome.merge_methods() if get_method(m).base != "unused"]
         if needs_base and self.base_model is None:
             raise ValueError(f"base_model is required by {', '.join(needs_base)}")
         if self.search.sampler == "cmaes" and len(self.objectives) > 1 and not any(o.weight for o in self.objectives):
@@ -353,7 +263,7 @@ def parse_space(
             data["eval"] = evaluation
         space = SearchSpace.model_validate(data)
     except ValidationError as exc:
-        raise format_validation_error(exc, source) from None
+        raise format_validation_error(exc, source, tags=genome_tags()) from None
     if not check_paths:
         return space.model_copy(update={"source_text": text})
     for i, model in enumerate(space.models):

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from evomerge.search.report import HASH_CHARS, front_cells, front_columns, has_selection
+
+if TYPE_CHECKING:
+    from evomerge.genome.protocol import Genome
 
 SECTION_START = "## evomerge"  # a note's evomerge section starts with a heading that begins so ...
 SECTION_END = "_written by evomerge"  # ... and ends with the line that begins so
@@ -42,37 +45,9 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def methods_line(genome, params: Mapping[str, Any]) -> str:
-    """The merge method of each layer group in one line, runs of equal groups joined.
-
-    E.g. "layers 0-3 ties, layers 4-7 task_arithmetic, embeddings ties, head ties".
-    """
-    layers = genome.layout.num_layers
-
-    def method_of(block: str) -> str:  # "?" where the genome lacks the gene (a trial failed before it was drawn)
-        try:
-            return genome.method_of(params, block)
-        except KeyError:
-            return "?"
-
-    runs: list[list[Any]] = []  # [first layer, last layer, method]
-    for index, block in enumerate(genome.blocks):
-        method = method_of(block.name)
-        first, last = index * genome.granularity, (index + 1) * genome.granularity - 1
-        if runs and runs[-1][2] == method:
-            runs[-1][1] = last
-        else:
-            runs.append([first, last, method])
-    parts = [
-        (f"layers {first}-{last} {method}" if first != last else f"layer {first} {method}") if layers else f"all tensors {method}"
-        for first, last, method in runs
-    ]
-    spec = genome.space.genome
-    if spec.embeddings:
-        parts.append(f"embeddings {method_of('emb')}")
-    if spec.head:
-        parts.append(f"head {method_of('head')}")
-    return ", ".join(parts)
+def methods_line(genome: Genome, params: Mapping[str, Any]) -> str:
+    """The merge methods of a trial in one line (the genome says how)."""
+    return genome.describe(params)
 
 
 def role(user_attrs: Mapping[str, Any]) -> str | None:

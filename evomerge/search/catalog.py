@@ -61,10 +61,10 @@ def load_study_space(study_or_space: str | Path, storage: str | None = None) -> 
 def _genome_or_none(space: SearchSpace):
     """The space's genome for checking it against its study, or None when the models it names
     cannot be read here (reading the front needs none)."""
-    from evomerge.search.genome import Genome
+    from evomerge.genome.kinds import make_genome
 
     try:
-        return Genome(space)
+        return make_genome(space)
     except EvomergeError:
         return None
 

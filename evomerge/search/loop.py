@@ -35,6 +35,7 @@ from evomerge.search.pareto import pareto_front
 
 if TYPE_CHECKING:
     from evomerge.config.space import SearchSpace
+    from evomerge.genome.protocol import Genome
     from evomerge.progress import SearchProgress
     from evomerge.store.lease import StudyLease
     from evomerge.store.protocol import TrialRecorder
@@ -64,7 +65,7 @@ class SearchLoop:
 
     space: SearchSpace
     pool: WorkerPool
-    genome: Any  # evomerge.search.genome.Genome
+    genome: Genome
     study: Any  # optuna.Study
     store: TrialRecorder
     lease: StudyLease

@@ -31,7 +31,8 @@ from evomerge.merge.resident import (
     materialize,
     target_parameters,
 )
-from evomerge.search.genome import Genome
+from evomerge.genome.kinds import make_genome
+from evomerge.genome.protocol import Genome
 from evomerge.store.states import Split
 
 
@@ -62,7 +63,7 @@ class CandidateWorker:
             transformers_logging.disable_progress_bar()  # "Loading weights" bars; ours are enough
             transformers_logging.set_verbosity_error()
         self.space = space
-        self.genome = genome or Genome(space)
+        self.genome = genome or make_genome(space)
         self.device = resolve_device(device or space.device, option="device")
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         dtype = torch_dtype(space.dtype)

@@ -9,7 +9,7 @@ from evomerge.workers.protocol import TrialOutcome
 
 if TYPE_CHECKING:
     from evomerge.evaluate.protocol import Scores
-    from evomerge.search.genome import Genome
+    from evomerge.genome.protocol import Genome
     from evomerge.workers.candidate import CandidateWorker
 
 

@@ -13,7 +13,7 @@ from evomerge.workers.protocol import TrialOutcome, WorkerPool
 from evomerge.workers.ray_pool import RayPool
 
 if TYPE_CHECKING:
-    from evomerge.search.genome import Genome
+    from evomerge.genome.protocol import Genome
 
 __all__ = ["InProcessPool", "RayPool", "TrialOutcome", "WorkerPool", "make_pool"]
 

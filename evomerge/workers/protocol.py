@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from evomerge.evaluate.protocol import Scores
-    from evomerge.search.genome import Genome
+    from evomerge.genome.protocol import Genome
     from evomerge.workers.candidate import CandidateResult
 
 

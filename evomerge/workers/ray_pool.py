@@ -22,7 +22,7 @@ from evomerge.workers.protocol import TrialOutcome
 
 if TYPE_CHECKING:
     from evomerge.evaluate.protocol import Scores
-    from evomerge.search.genome import Genome
+    from evomerge.genome.protocol import Genome
 
 
 def _worker_env() -> dict[str, str]:
@@ -108,10 +108,10 @@ class RayPool:
 
             ray_constants.ENABLE_RAY_CLUSTER = False
 
-        from evomerge.search.genome import Genome
+        from evomerge.genome.kinds import make_genome
 
         self.space = space
-        self._genome = genome or Genome(space)
+        self._genome = genome or make_genome(space)
         self._started_ray = False
         if not ray.is_initialized():
             init_kwargs: dict[str, Any] = dict(

@@ -1,4 +1,4 @@
-"""Genome <-> MergePlan: what the optuna study searches and how a trial becomes a merge.
+"""The `parameters` genome: per-layer-group merge methods and parameters, as optuna genes.
 
 The genome is a *static* set of named parameters (every trial suggests all of them), which is
 what CMA-ES and NSGA-II need. Layers are cut into contiguous groups (`layer_granularity`); each
@@ -35,7 +35,9 @@ class Block:
     method_gene: str | None  # the gene holding this block's method (None: fixed)
 
 
-class Genome:
+class ParameterGenome:
+    """Genome kind `parameters` (see evomerge.genome.protocol.Genome for what callers use)."""
+
     def __init__(self, space: SearchSpace, models: Mapping[str, ModelDir] | None = None):
         self.space = space
         spec = space.genome
@@ -167,6 +169,41 @@ class Genome:
         if method is None:
             return None
         return self._seed_params(method, "uniform")
+
+    # -- one-line descriptions ---------------------------------------------------------------------
+    def outline(self) -> str:
+        return f"{len(self.distributions())} genes over {self.num_groups} layer groups"
+
+    def describe(self, params: Mapping[str, Any]) -> str:
+        """The merge method of each layer group in one line, runs of equal groups joined.
+
+        E.g. "layers 0-3 ties, layers 4-7 task_arithmetic, embeddings ties, head ties".
+        """
+
+        def method_of(block: str) -> str:  # "?" where a gene is missing (a trial failed before it was drawn)
+            try:
+                return self.method_of(params, block)
+            except KeyError:
+                return "?"
+
+        runs: list[list[Any]] = []  # [first layer, last layer, method]
+        for index, block in enumerate(self.blocks):
+            method = method_of(block.name)
+            first, last = index * self.granularity, (index + 1) * self.granularity - 1
+            if runs and runs[-1][2] == method:
+                runs[-1][1] = last
+            else:
+                runs.append([first, last, method])
+        layers = self.layout.num_layers
+        parts = [
+            (f"layers {first}-{last} {method}" if first != last else f"layer {first} {method}") if layers else f"all tensors {method}"
+            for first, last, method in runs
+        ]
+        if self.space.genome.embeddings:
+            parts.append(f"embeddings {method_of('emb')}")
+        if self.space.genome.head:
+            parts.append(f"head {method_of('head')}")
+        return ", ".join(parts)
 
     # -- decoding -------------------------------------------------------------------------------
     def _value(self, params: Mapping[str, Any], name: str, param: str) -> float:
