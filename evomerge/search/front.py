@@ -11,14 +11,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from evomerge.search.pareto import pareto_front, weighted_score
+from evomerge.store.protocol import Scores
+from evomerge.store.states import Split
 
 if TYPE_CHECKING:
     from evomerge.config.space import SearchSpace
     from evomerge.store.protocol import TrialReader
 
-Scores = Mapping[str, Mapping[str, float]]
-# Which tasks a score belongs to: the ones the search optimises, or the held-out ones that pick the best.
-Split = Literal["search", "selection"]
 
 
 def metric_value(scores: Scores, task: str, metric: str) -> float:
@@ -32,7 +31,7 @@ def metric_value(scores: Scores, task: str, metric: str) -> float:
     return float(metrics[metric])
 
 
-def objective_values(space: SearchSpace, scores: Scores, *, split: Split = "search") -> list[float]:
+def objective_values(space: SearchSpace, scores: Scores, *, split: Split | str = Split.SEARCH) -> list[float]:
     """Per-objective raw values (search tasks, or selection tasks when split='selection')."""
     values = []
     for objective in space.objectives:
@@ -63,7 +62,7 @@ class FrontRow:
     selection: list[float] | None
     weights_hash: str | None = None
 
-    def mean(self, which: Split = "search") -> float:
+    def mean(self, which: Split | str = Split.SEARCH) -> float:
         values = self.search if which == "search" else self.selection
         if not values:
             return math.nan
