@@ -5,14 +5,17 @@ gene brings its space-file key with it.
 
 from __future__ import annotations
 
+import itertools
 import keyword
+import re
 from typing import Any, Literal, Union
 
 from pydantic import ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
 from evomerge.config.base import StrictModel
 from evomerge.config.numbers import Integer, coerce_number
-from evomerge.merge.registry import gene_params, searchable_methods
+from evomerge.merge.params import resolve_globals, resolve_model_params
+from evomerge.merge.registry import MethodSpec, gene_params, get_method, searchable_methods
 from evomerge.suggest import did_you_mean
 
 GeneRange = Union[float, tuple[float, float]]
@@ -80,15 +83,35 @@ class _GenomeOptions(StrictModel):
 
     @model_validator(mode="after")
     def _bounds(self) -> "_GenomeOptions":
-        density, epsilon = self.gene_range("density"), self.gene_range("epsilon")
-        if isinstance(density, tuple) and any(m.startswith("della") for m in self.methods):
-            eps = epsilon[1] if isinstance(epsilon, tuple) else epsilon
-            if density[0] - eps <= 0 or density[1] + eps >= 1:
-                raise ValueError(
-                    f"della needs density - epsilon > 0 and density + epsilon < 1: density {list(density)} "
-                    f"with epsilon up to {eps} breaks that"
-                )
+        """Each method must accept every corner of the ranges it searches (della: density - epsilon > 0
+        and density + epsilon < 1), so no trial can fail on values the file allowed."""
+        for method in self.methods:
+            problem = self._corner_problem(get_method(method))
+            if problem:
+                raise ValueError(problem)
         return self
+
+    def _corner_problem(self, spec: MethodSpec) -> str | None:
+        if spec.check is None:
+            return None
+        genes = [(gene, "model") for gene in spec.genes("model")] + [(gene, "global") for gene in spec.genes("global")]
+        ends = [self._ends(gene) for gene, _ in genes]
+        base_index = None if spec.base == "unused" else 0
+        for values in itertools.product(*ends):
+            per_model = {gene: value for (gene, scope), value in zip(genes, values) if scope == "model" and gene in spec.model_params}
+            options = {gene: value for (gene, scope), value in zip(genes, values) if scope == "global"}
+            given = [per_model] if base_index is None else [{}, per_model]
+            try:
+                resolved = resolve_model_params(spec, given, len(given), base_index)
+                spec.check(resolved, resolve_globals(spec, options), base_index)
+            except ValueError as exc:
+                reason = re.sub(r" \(model \d+\)$", "", str(exc))
+                return f"{spec.name} cannot take every value the genome searches: {reason}"
+        return None
+
+    def _ends(self, gene: str) -> tuple[float, ...]:
+        bounds = self.gene_range(gene)
+        return bounds if isinstance(bounds, tuple) else (bounds,)
 
     def gene_range(self, name: str) -> GeneRange:
         return getattr(self, _gene_field(name))
