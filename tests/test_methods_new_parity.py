@@ -1,10 +1,11 @@
 """Parity with mergekit 0.1.5 of the seven methods in evomerge/merge/family that it added.
 
 mergekit runs through its in-memory API (`mergekit.merge_methods.merge_tensors`, the kernels
-`mergekit-yaml` runs); our modules run through `merge_with_spec`, which resolves parameters from
-each module's SPEC the way the catalogue does. mergekit returns bf16 merges of arcee_fusion and
-ramplus_tl as float32 (a float32 mask or boost promotes them); we cast every result to the base
-dtype, so those are compared after the same cast.
+`mergekit-yaml` runs); ours through the public entry every method takes,
+`evomerge.merge.methods.merge_tensors` (validation, parameter resolution, the specs' checks, the
+cast to the base dtype). mergekit returns bf16 merges of arcee_fusion and ramplus_tl as float32
+(a float32 mask or boost promotes them); we return the base dtype, so those are compared after
+the same cast.
 
 Tolerances, per method:
 * nearswap, ram, ramplus_tl, arcee_fusion: bit for bit (the same ops in the same dtypes; for
@@ -35,23 +36,20 @@ from mergekit import merge_methods as mk_methods  # noqa: E402
 from mergekit.merge_methods import merge_tensors as mk_merge_tensors  # noqa: E402
 
 from evomerge.merge import registry  # noqa: E402
-from evomerge.merge.family import arcee_fusion, karcher, multislerp, nearswap, ram, sce  # noqa: E402
+from evomerge.merge.family import arcee_fusion, multislerp, sce  # noqa: E402
+from evomerge.merge.family.common import WEIGHT  # noqa: E402
+from evomerge.merge.methods import METHODS, check_parameters, merge_tensors  # noqa: E402
 from evomerge.merge.registry import MethodSpec  # noqa: E402
 from evomerge.merge.sparsify import make_generator  # noqa: E402
 
 BF16 = torch.bfloat16
 F32 = torch.float32
 # mergekit's registry order.
-SPECS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (
-        multislerp.SPEC, nearswap.SPEC, ram.SPEC, ram.SPEC_PLUS_TL, sce.SPEC, arcee_fusion.SPEC, karcher.SPEC
-    )
-}
+NEW_METHODS = ["multislerp", "nearswap", "ram", "ramplus_tl", "sce", "arcee_fusion", "karcher"]
+SPECS: dict[str, MethodSpec] = {name: METHODS[name] for name in NEW_METHODS}
 SHAPES = [(24, 40), (97,), (3,)]  # a matrix, a bias, a tiny tensor of < 4 entries
 
 
-# -- the catalogue's resolution, driven by SPEC ------------------------------------------------------
 def merge_with_spec(
     name: str,
     tensors: list[torch.Tensor],
@@ -59,44 +57,11 @@ def merge_with_spec(
     options: dict[str, Any] | None = None,
     base_index: int | None = None,
     seed: int = 0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Check the inputs against SPEC, fill defaults, run SPEC.merge."""
-    spec = SPECS[name]
-    options, model_params = dict(options or {}), model_params or [{} for _ in tensors]
-    if spec.base == "unused":
-        base_index = None
-    if spec.base == "required" and base_index is None:
-        raise ValueError(f"{name} needs a base model (base_index is None)")
-    count = len(tensors)
-    if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
-        raise ValueError(f"{name} needs {spec.min_models} to {spec.max_models} models{spec.count_hint}, got {count}")
-    resolved_options = {}
-    for param in spec.params:
-        if param.scope != "global":
-            continue
-        value = options.pop(param.name, param.default)
-        if value is None:
-            raise ValueError(f"{name} needs global parameter '{param.name}'")
-        if not param.is_bool:
-            param.valid.check(float(value))
-        resolved_options[param.name] = value
-    if options:
-        raise ValueError(f"{name} has no global parameter '{next(iter(options))}'")
-    resolved_models = []
-    for index, given in enumerate(model_params):
-        values = {}
-        for param in spec.params:
-            if param.scope == "model":
-                value = given.get(param.name, param.default)
-                if value is None:
-                    if index == base_index:
-                        continue
-                    raise ValueError(f"{name} needs parameter '{param.name}' for model {index}")
-                values[param.name] = float(value)
-        resolved_models.append(values)
-    if spec.check is not None:
-        spec.check(resolved_models, resolved_options, base_index)
-    return spec.merge(tensors, resolved_models, resolved_options, base_index, seed)
+    """Our merge through the public entry point, as the engine calls it."""
+    params = model_params or [{} for _ in tensors]
+    return merge_tensors(name, tensors, params, options or {}, base_index, seed=seed, out=out)
 
 
 def mergekit_merge(name, tensors, model_params=None, options=None, base_index=None) -> torch.Tensor:
@@ -169,6 +134,7 @@ def test_spec_declares_mergekit_parameters_and_inputs(name):
 def test_only_multislerp_searches_per_model_weights():
     assert [name for name, spec in SPECS.items() if spec.searchable] == ["multislerp"]
     weight = multislerp.SPEC.param("weight")
+    assert weight is WEIGHT  # the one per-model weight gene every searchable method shares
     assert (weight.scope, weight.search, weight.alone, weight.uniform) == ("model", (0.0, 1.0), "one_hot", "share")
     assert multislerp.SPEC.genes("model") == ("weight",) and multislerp.SPEC.genes("global") == ()
     for spec in SPECS.values():  # ram's epsilon is no gene: della's per-model epsilon gene means another thing
@@ -181,7 +147,7 @@ def test_all_seven_register_in_mergekit_order(monkeypatch):
         registry.register(spec)
     assert list(registry.METHODS) == [m.spec.name for m in mk_methods.registered_methods() if m.spec.name in SPECS]
     assert registry.searchable_methods() == {"multislerp": multislerp.SPEC}
-    assert registry.get_method("karcher") is karcher.SPEC
+    assert registry.get_method("karcher") is SPECS["karcher"]
 
 
 # -- nearswap: bit for bit ----------------------------------------------------------------------------
@@ -509,12 +475,31 @@ def test_float64_inputs_match_and_inputs_are_untouched(name, count, base_index, 
     assert all(torch.equal(a, b) for a, b in zip(tensors, before))
 
 
-def test_mixed_dtypes_compute_promoted_and_return_the_base_dtype():
+def test_mixed_dtypes_are_cast_to_the_base_dtype_first():
+    # merge_tensors' rule for every method (mergekit-yaml likewise casts every input to `dtype`).
     base, other = random_inputs(2, (6, 7), F32)
-    tensors = [base.to(BF16), other]
-    ours = merge_with_spec("nearswap", tensors, options={"t": 0.5}, base_index=0)
-    theirs = mergekit_merge("nearswap", tensors, options={"t": 0.5}, base_index=0)  # float32, promoted
+    ours = merge_with_spec("nearswap", [base.to(BF16), other], options={"t": 0.5}, base_index=0)
+    theirs = mergekit_merge("nearswap", [base.to(BF16), other.to(BF16)], options={"t": 0.5}, base_index=0)
     assert_same(ours, theirs, BF16)
+
+
+OUT_CASES = [
+    ("multislerp", 3, None, {}), ("multislerp", 3, 0, {}), ("nearswap", 2, 1, {"t": 0.3}), ("ram", 3, 0, {}),
+    ("ramplus_tl", 3, 0, {}), ("sce", 3, 0, {"select_topk": 0.5}), ("arcee_fusion", 2, 0, {}), ("karcher", 3, None, {}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,count,base_index,options", OUT_CASES, ids=[f"{c[0]}-{c[2]}" for c in OUT_CASES])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_out_receives_the_result_and_plans_check_the_same(name, count, base_index, options, dtype):
+    tensors = sparse_task_vectors(count, (12, 10), dtype)
+    params = multislerp_params(count, base_index) if name == "multislerp" else None
+    merged = merge_with_spec(name, tensors, params, options, base_index, seed=3)
+    assert merged.dtype == dtype and all(merged.data_ptr() != t.data_ptr() for t in tensors)
+    out = torch.full_like(tensors[0], float("nan"))
+    assert merge_with_spec(name, tensors, params, options, base_index, seed=3, out=out) is out
+    assert torch.equal(out, merged)
+    check_parameters(name, params or [{} for _ in tensors], options, base_index)  # what the planner runs
 
 
 # -- the errors SPEC-driven resolution raises -------------------------------------------------------------
@@ -529,13 +514,15 @@ ERROR_CASES = [
     ("arcee_fusion", lambda: (random_inputs(1, (4,), F32), None, {}, 0), "a base and one other"),
     ("arcee_fusion", lambda: (random_inputs(3, (4,), F32), None, {}, 0), "a base and one other"),
     ("multislerp", lambda: (_two(), [{}, {"weight": 1.0}], {}, None), "needs parameter 'weight' for model 0"),
-    ("multislerp", lambda: (random_inputs(1, (4,), F32), [{}], {}, 0), "at least one model besides the base"),
-    ("karcher", lambda: (_two(), None, {"max_iter": 2.5}, None), "whole number"),
+    ("multislerp", lambda: (random_inputs(1, (4,), F32), [{}], {}, 0),
+     r"^multislerp needs at least one model besides the base, got only the base$"),
+    ("karcher", lambda: (_two(), None, {"max_iter": 2.5}, None),
+     r"^karcher: parameter 'max_iter' must be a whole number, got 2.5$"),
     ("karcher", lambda: (_two(), None, {"iterations": 2}, None), "no global parameter 'iterations'"),
     ("ram", lambda: (_two(), None, {}, None), "needs a base model"),
     ("ramplus_tl", lambda: (_two(), None, {"lambda": 1.0}, 0), "no global parameter 'lambda'"),
     ("sce", lambda: (_two(), None, {}, None), "needs a base model"),
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("name,inputs,message", ERROR_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(ERROR_CASES)])
@@ -543,3 +530,12 @@ def test_spec_driven_errors(name, inputs, message):
     tensors, params, options, base_index = inputs()
     with pytest.raises(ValueError, match=message):
         merge_with_spec(name, tensors, params, options, base_index)
+
+
+@pytest.mark.parametrize("name,model_params,options,base_index,message", [
+    ("multislerp", [{}], {}, 0, r"^multislerp needs at least one model besides the base, got only the base$"),
+    ("karcher", [{}, {}], {"max_iter": 2.5}, None, r"^karcher: parameter 'max_iter' must be a whole number, got 2.5$"),
+])  # fmt: skip
+def test_check_parameters_refuses_what_a_merge_would(name, model_params, options, base_index, message):
+    with pytest.raises(ValueError, match=message):
+        check_parameters(name, model_params, options, base_index)
