@@ -50,7 +50,7 @@ SPECS: dict[str, MethodSpec] = {name: METHODS[name] for name in NEW_METHODS}
 SHAPES = [(24, 40), (97,), (3,)]  # a matrix, a bias, a tiny tensor of < 4 entries
 
 
-def merge_with_spec(
+def evomerge_merge(
     name: str,
     tensors: list[torch.Tensor],
     model_params: list[dict[str, Any]] | None = None,
@@ -158,7 +158,7 @@ def test_nearswap_bit_exact(dtype, shape, t):
     a, b = random_inputs(2, shape, dtype)
     b = torch.where(torch.arange(b.numel()).reshape(shape) % 3 == 0, a, b)  # some zero gaps
     for base_index in (0, 1):
-        ours = merge_with_spec("nearswap", [a, b], options={"t": t}, base_index=base_index)
+        ours = evomerge_merge("nearswap", [a, b], options={"t": t}, base_index=base_index)
         assert_same(ours, mergekit_merge("nearswap", [a, b], options={"t": t}, base_index=base_index), dtype)
         if t <= 0:
             assert torch.equal(ours, [a, b][base_index])
@@ -166,7 +166,7 @@ def test_nearswap_bit_exact(dtype, shape, t):
 
 def test_nearswap_swaps_entries_within_t():
     base, other = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.1, 0.4, 2.0])
-    ours = merge_with_spec("nearswap", [base, other], options={"t": 0.2}, base_index=0)
+    ours = evomerge_merge("nearswap", [base, other], options={"t": 0.2}, base_index=0)
     torch.testing.assert_close(ours, torch.tensor([0.1, 0.2, 0.2]))  # weight 1, 0.5, 0.1
 
 
@@ -181,7 +181,7 @@ def test_ram_bit_exact(dtype, shape, count):
     tensors = sparse_task_vectors(count, shape, dtype)
     for options in ({}, {"epsilon": 0.3}, {"epsilon": 0.0}):
         for base_index in (0, count - 1):
-            ours = merge_with_spec("ram", tensors, options=options, base_index=base_index)
+            ours = evomerge_merge("ram", tensors, options=options, base_index=base_index)
             assert_same(ours, mergekit_merge("ram", tensors, options=options, base_index=base_index), dtype)
 
 
@@ -191,7 +191,7 @@ def test_ram_bit_exact(dtype, shape, count):
 @pytest.mark.parametrize("options", RAMPLUS_OPTIONS, ids=["defaults", "r-alpha", "negative-r-epsilon"])
 def test_ramplus_tl_bit_exact(dtype, shape, count, options):
     tensors = sparse_task_vectors(count, shape, dtype, keep=0.7)
-    ours = merge_with_spec("ramplus_tl", tensors, options=options, base_index=0)
+    ours = evomerge_merge("ramplus_tl", tensors, options=options, base_index=0)
     theirs = mergekit_merge("ramplus_tl", tensors, options=options, base_index=0)
     assert theirs.dtype == F32  # mergekit: the float32 boost promotes bf16 results
     assert_same(ours, theirs, dtype)
@@ -200,14 +200,14 @@ def test_ramplus_tl_bit_exact(dtype, shape, count, options):
 def test_ram_sums_unique_and_averages_shared_entries():
     base = torch.zeros(4)
     first, second = torch.tensor([1.0, 2.0, 0.0, 0.0]), torch.tensor([3.0, 0.0, 5.0, 0.0])
-    merged = merge_with_spec("ram", [base, first, second], base_index=0)
+    merged = evomerge_merge("ram", [base, first, second], base_index=0)
     assert torch.equal(merged, torch.tensor([2.0, 2.0, 5.0, 0.0]))
 
 
 @pytest.mark.parametrize("name", ["ram", "ramplus_tl", "sce"])
 def test_lone_base_is_returned_unchanged(name):
     (base,) = random_inputs(1, (5, 6), BF16)
-    ours = merge_with_spec(name, [base], base_index=0)
+    ours = evomerge_merge(name, [base], base_index=0)
     assert_same(ours, mergekit_merge(name, [base], base_index=0), BF16)
     assert torch.equal(ours, base) and ours.data_ptr() != base.data_ptr()
 
@@ -224,7 +224,7 @@ SCE_IDS = ["defaults", "topk-0.3", "topk-0.01", "topk-0", "topk-negative", "topk
 @pytest.mark.parametrize("options", SCE_OPTIONS, ids=SCE_IDS)
 def test_sce_matches(dtype, shape, count, options):
     tensors = random_inputs(count, shape, dtype, seed=count)
-    ours = merge_with_spec("sce", tensors, options=options, base_index=0)
+    ours = evomerge_merge("sce", tensors, options=options, base_index=0)
     theirs = mergekit_merge("sce", tensors, options=options, base_index=0)
     if dtype == BF16:
         assert_same(ours, theirs, dtype)
@@ -239,8 +239,8 @@ def test_sce_selection_keeps_the_top_variance_entries_and_ignores_int8_mask():
     # Variances 1, 0, 1, 0, 0.0025, 0: 3 nonzero, int(3 * 0.7) = 2 kept (entries 0 and 2).
     kept = sce.selection_mask(torch.stack([first, second]), 0.7)
     assert kept.tolist() == [True, False, True, False, False, False]
-    plain = merge_with_spec("sce", [base, first, second], options={"select_topk": 0.7}, base_index=0)
-    int8 = merge_with_spec("sce", [base, first, second], options={"select_topk": 0.7, "int8_mask": True}, base_index=0)
+    plain = evomerge_merge("sce", [base, first, second], options={"select_topk": 0.7}, base_index=0)
+    int8 = evomerge_merge("sce", [base, first, second], options={"select_topk": 0.7, "int8_mask": True}, base_index=0)
     assert torch.equal(plain, int8)
     assert plain[[1, 3, 4, 5]].eq(0).all() and plain[0] != 0
 
@@ -249,9 +249,9 @@ def test_sce_zero_task_vectors_weigh_uniformly():
     base, other = random_inputs(2, (7, 3), F32)
     tensors = [base, base.clone(), other]
     assert_float32_close(
-        merge_with_spec("sce", tensors, base_index=0), mergekit_merge("sce", tensors, base_index=0), rtol=1e-6
+        evomerge_merge("sce", tensors, base_index=0), mergekit_merge("sce", tensors, base_index=0), rtol=1e-6
     )
-    same = merge_with_spec("sce", [base, base.clone(), base.clone()], base_index=0)
+    same = evomerge_merge("sce", [base, base.clone(), base.clone()], base_index=0)
     assert torch.equal(same, base)
 
 
@@ -268,7 +268,7 @@ def multislerp_params(count, base_index, weights=(0.2, 0.5, 0.3, 0.9, 0.1)):
 def test_multislerp_matches(dtype, shape, count, base_index, options):
     tensors = random_inputs(count, shape, dtype, seed=count)
     params = multislerp_params(count, base_index)
-    ours = merge_with_spec("multislerp", tensors, params, options, base_index)
+    ours = evomerge_merge("multislerp", tensors, params, options, base_index)
     theirs = mergekit_merge("multislerp", tensors, params, options, base_index)
     if dtype == BF16:
         assert_same(ours, theirs, dtype)
@@ -281,7 +281,7 @@ def test_multislerp_matches(dtype, shape, count, base_index, options):
 def test_multislerp_one_model_besides_the_base_is_that_model(dtype, base_index):
     tensors = random_inputs(2 if base_index is not None else 1, (9, 4), dtype)
     params = multislerp_params(len(tensors), base_index)
-    ours = merge_with_spec("multislerp", tensors, params, {}, base_index)
+    ours = evomerge_merge("multislerp", tensors, params, {}, base_index)
     assert_same(ours, mergekit_merge("multislerp", tensors, params, {}, base_index), dtype)
     assert torch.equal(ours, tensors[0]) and ours.data_ptr() != tensors[0].data_ptr()
 
@@ -296,14 +296,14 @@ def test_multislerp_cancelling_directions(dtype, base_index):
     pair = [offset + point, offset - point]
     tensors = ([base] if base_index is not None else []) + pair
     params = multislerp_params(len(tensors), base_index, weights=(0.5, 0.5, 0.5))
-    ours = merge_with_spec("multislerp", tensors, params, {}, base_index)
+    ours = evomerge_merge("multislerp", tensors, params, {}, base_index)
     assert_same(ours, mergekit_merge("multislerp", tensors, params, {}, base_index), dtype)
     assert torch.equal(ours, offset)  # the lerp midpoint of +point and -point
     # ... more than two are refused, as in mergekit (a third model of weight 0 changes nothing).
     triple = tensors + [offset + 2 * point]
     params = [{} if index == base_index else {"weight": 0.5} for index in range(len(triple))]
     params[-1]["weight"] = 0.0
-    for merge in (merge_with_spec, mergekit_merge):
+    for merge in (evomerge_merge, mergekit_merge):
         with pytest.raises(ValueError, match="zero"):
             merge("multislerp", triple, params, {}, base_index)
 
@@ -313,9 +313,9 @@ def test_multislerp_weights_summing_to_zero_stay_finite():
     tensors = random_inputs(2, (6, 5), F32)
     params = [{"weight": 0.5}, {"weight": -0.5}]
     assert not torch.isfinite(mergekit_merge("multislerp", tensors, params)).all()
-    ours = merge_with_spec("multislerp", tensors, params)
+    ours = evomerge_merge("multislerp", tensors, params)
     assert torch.isfinite(ours).all()
-    raw = merge_with_spec("multislerp", tensors, params, {"normalize_weights": False})
+    raw = evomerge_merge("multislerp", tensors, params, {"normalize_weights": False})
     assert torch.equal(ours, raw)
     assert_float32_close(ours, mergekit_merge("multislerp", tensors, params, {"normalize_weights": False}), 1e-6)
 
@@ -332,7 +332,7 @@ KARCHER_IDS = ["defaults", "3-steps", "no-steps", "tight"]
 def test_karcher_matches(dtype, shape, count, options):
     tensors = random_inputs(count, shape, dtype, seed=count)
     for base_index in (None, 0):  # a listed base is one more input
-        ours = merge_with_spec("karcher", tensors, options=options, base_index=base_index)
+        ours = evomerge_merge("karcher", tensors, options=options, base_index=base_index)
         theirs = mergekit_merge("karcher", tensors, options=options, base_index=base_index)
         if dtype == F32:
             assert_float32_close(ours, theirs, rtol=1e-5)
@@ -346,18 +346,18 @@ def test_karcher_zero_norm_tensors(dtype):
     first, second = random_inputs(2, (8, 6), dtype)
     zero = torch.zeros_like(first)
     for tensors in ([first, zero], [first, second, zero], [zero, zero], [zero, first * 1e-7, zero]):
-        ours = merge_with_spec("karcher", tensors)
+        ours = evomerge_merge("karcher", tensors)
         theirs = mergekit_merge("karcher", tensors)
         assert ours.dtype == dtype
         # A zero tensor has no direction, and counts as norm 0 in the mean norm.
         torch.testing.assert_close(ours, theirs, rtol=1e-6 if dtype == F32 else 2**-7, atol=0)
-    assert torch.equal(merge_with_spec("karcher", [zero, zero]), zero)
-    torch.testing.assert_close(merge_with_spec("karcher", [first.float(), zero.float()]), first.float() / 2)
+    assert torch.equal(evomerge_merge("karcher", [zero, zero]), zero)
+    torch.testing.assert_close(evomerge_merge("karcher", [first.float(), zero.float()]), first.float() / 2)
 
 
 def test_karcher_single_tensor_is_a_copy():
     (only,) = random_inputs(1, (4, 4), BF16)
-    ours = merge_with_spec("karcher", [only])
+    ours = evomerge_merge("karcher", [only])
     assert torch.equal(ours, only) and ours.data_ptr() != only.data_ptr()
 
 
@@ -375,7 +375,7 @@ def finetune_family(count, shape, dtype, seed=0):
 def test_large_tensors_float64_sums_stay_closer_to_exact_math(dtype, name, base_index):
     tensors = finetune_family(4, (512, 1024), dtype)
     params = multislerp_params(4, base_index) if name == "multislerp" else None
-    ours = merge_with_spec(name, tensors, params, {}, base_index)
+    ours = evomerge_merge(name, tensors, params, {}, base_index)
     theirs = mergekit_merge(name, tensors, params, {}, base_index)
     reference = mergekit_merge(name, [t.double() for t in tensors], params, {}, base_index)
     if dtype == F32:
@@ -397,7 +397,7 @@ def test_large_tensors_float64_sums_stay_closer_to_exact_math(dtype, name, base_
 def test_arcee_fusion_bit_exact(dtype, shape):
     tensors = random_inputs(2, shape, dtype)
     for base_index in (0, 1):
-        ours = merge_with_spec("arcee_fusion", tensors, base_index=base_index)
+        ours = evomerge_merge("arcee_fusion", tensors, base_index=base_index)
         theirs = mergekit_merge("arcee_fusion", tensors, base_index=base_index)
         assert theirs.dtype == F32  # mergekit: its float32 mask promotes bf16 results
         assert_same(ours, theirs, dtype)
@@ -422,7 +422,7 @@ def test_arcee_fusion_sampled_quartiles_bit_exact_given_our_sample(monkeypatch, 
     monkeypatch.setattr(arcee_fusion, "SAMPLE_SIZE", sample_size)
     monkeypatch.setattr(mk_arcee_fusion, "_QUANTILE_SAMPLE_SIZE", sample_size)
     tensors = random_inputs(2, shape, dtype, seed=5)
-    ours = merge_with_spec("arcee_fusion", tensors, base_index=0, seed=7)
+    ours = evomerge_merge("arcee_fusion", tensors, base_index=0, seed=7)
     sample = OurSample(7)
     monkeypatch.setattr(torch, "randint", sample)
     theirs = mergekit_merge("arcee_fusion", tensors, base_index=0)
@@ -441,12 +441,12 @@ def test_arcee_fusion_sample_is_reproducible_from_the_seed(monkeypatch):
     assert torch.equal(arcee_fusion.quantile_sample(scores, 11), first)
     assert not torch.equal(arcee_fusion.quantile_sample(scores, 12), first)
     tensors = random_inputs(2, (50, 100), F32, seed=1)
-    merged = [merge_with_spec("arcee_fusion", tensors, base_index=0, seed=seed) for seed in (11, 11, 12)]
+    merged = [evomerge_merge("arcee_fusion", tensors, base_index=0, seed=seed) for seed in (11, 11, 12)]
     assert torch.equal(merged[0], merged[1])
     small = random_inputs(2, (5, 20), F32)  # 100 entries: no sample, the seed does not matter
     assert torch.equal(
-        merge_with_spec("arcee_fusion", small, base_index=0, seed=1),
-        merge_with_spec("arcee_fusion", small, base_index=0, seed=2),
+        evomerge_merge("arcee_fusion", small, base_index=0, seed=1),
+        evomerge_merge("arcee_fusion", small, base_index=0, seed=2),
     )
 
 
@@ -468,7 +468,7 @@ def test_float64_inputs_match_and_inputs_are_untouched(name, count, base_index, 
     tensors = sparse_task_vectors(count, (16, 24), torch.float64)
     before = [tensor.clone() for tensor in tensors]
     params = multislerp_params(count, base_index) if name == "multislerp" else None
-    ours = merge_with_spec(name, tensors, params, options, base_index)
+    ours = evomerge_merge(name, tensors, params, options, base_index)
     theirs = mergekit_merge(name, tensors, params, options, base_index)
     assert ours.dtype == theirs.dtype == torch.float64
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
@@ -478,7 +478,7 @@ def test_float64_inputs_match_and_inputs_are_untouched(name, count, base_index, 
 def test_mixed_dtypes_are_cast_to_the_base_dtype_first():
     # merge_tensors' rule for every method (mergekit-yaml likewise casts every input to `dtype`).
     base, other = random_inputs(2, (6, 7), F32)
-    ours = merge_with_spec("nearswap", [base.to(BF16), other], options={"t": 0.5}, base_index=0)
+    ours = evomerge_merge("nearswap", [base.to(BF16), other], options={"t": 0.5}, base_index=0)
     theirs = mergekit_merge("nearswap", [base.to(BF16), other.to(BF16)], options={"t": 0.5}, base_index=0)
     assert_same(ours, theirs, BF16)
 
@@ -494,15 +494,15 @@ OUT_CASES = [
 def test_out_receives_the_result_and_plans_check_the_same(name, count, base_index, options, dtype):
     tensors = sparse_task_vectors(count, (12, 10), dtype)
     params = multislerp_params(count, base_index) if name == "multislerp" else None
-    merged = merge_with_spec(name, tensors, params, options, base_index, seed=3)
+    merged = evomerge_merge(name, tensors, params, options, base_index, seed=3)
     assert merged.dtype == dtype and all(merged.data_ptr() != t.data_ptr() for t in tensors)
     out = torch.full_like(tensors[0], float("nan"))
-    assert merge_with_spec(name, tensors, params, options, base_index, seed=3, out=out) is out
+    assert evomerge_merge(name, tensors, params, options, base_index, seed=3, out=out) is out
     assert torch.equal(out, merged)
     check_parameters(name, params or [{} for _ in tensors], options, base_index)  # what the planner runs
 
 
-# -- the errors SPEC-driven resolution raises -------------------------------------------------------------
+# -- the errors merge_tensors and the planner raise -------------------------------------------------------
 def _two(dtype=F32):
     return random_inputs(2, (4,), dtype)
 
@@ -529,7 +529,7 @@ ERROR_CASES = [
 def test_spec_driven_errors(name, inputs, message):
     tensors, params, options, base_index = inputs()
     with pytest.raises(ValueError, match=message):
-        merge_with_spec(name, tensors, params, options, base_index)
+        evomerge_merge(name, tensors, params, options, base_index)
 
 
 @pytest.mark.parametrize("name,model_params,options,base_index,message", [
