@@ -23,8 +23,11 @@ def test_searchable_methods_and_their_genes():
         "della": (("weight", "density", "epsilon"), ("lambda",)),
         "della_linear": (("weight", "density", "epsilon"), ("lambda",)),
         "model_stock": ((), ()),
+        "multislerp": (("weight",), ()),
     }
     assert "nuslerp" not in genes and "passthrough" not in genes
+    for name in ("nearswap", "ram", "ramplus_tl", "sce", "arcee_fusion", "karcher"):  # no per-model weights
+        assert name not in genes
 
 
 def test_gene_ranges_and_seed_preferences():

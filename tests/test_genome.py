@@ -155,3 +155,51 @@ def test_recipe_yaml_is_the_same_from_libyaml_and_pure_python(family, tmp_path, 
     assert len(documents) > 40
     for document in documents:
         assert original(document) == yaml.dump(document, Dumper=mergekit_yaml._PyFlowListDumper, sort_keys=False)
+
+
+def test_multislerp_searches_beside_ties_and_its_yaml_re_merges(family, tmp_path):
+    """multislerp is a genome method (per-model weight genes): a space mixing it with ties builds,
+    suggests, plans and merges, and the trial's YAML re-merges to the same weights."""
+    optuna = pytest.importorskip("optuna")
+    genome = Genome(make_space(family, tmp_path, methods=["multislerp", "ties"]))
+    genes = genome.distributions()
+    assert genes["g0.method"].choices == ("multislerp", "ties")
+    assert {"g0.self_attn.a.weight", "g1.all.c.weight", "g0.all.b.density"} <= set(genes)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    mixed = only_multislerp = None
+    for _ in range(40):
+        params = genome.suggest(study.ask())
+        methods = {params["g0.method"], params["g1.method"]}
+        if methods == {"multislerp", "ties"}:
+            mixed = mixed or params
+        elif methods == {"multislerp"}:
+            only_multislerp = only_multislerp or params
+    assert mixed and only_multislerp
+    for name, params in (("mixed", mixed), ("multislerp", only_multislerp)):
+        digest, merged = resident_hash(genome, params)
+        assert all(torch.isfinite(tensor).all() for tensor in merged.values())
+        config = tmp_path / f"{name}.yml"
+        config.write_text(genome.plan(params).recipe_yaml)
+        documents = list(yaml.safe_load_all(config.read_text()))
+        assert "multislerp" in {document["merge_method"] for document in documents}
+        assert main_ok(["merge", str(config), str(tmp_path / name), "-q"])
+        assert checkpoint_hash(tmp_path / name) == digest
+
+
+def test_multislerp_genome_yaml_matches_mergekit(family, tmp_path):
+    mergekit_merge = pytest.importorskip("mergekit.merge")
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    genome = Genome(make_space(family, tmp_path, methods=["multislerp"]))
+    params = random_params(genome, 2)
+    _, ours = resident_hash(genome, params)
+    text = genome.plan(params).recipe_yaml
+    mergekit_merge.run_merge(
+        MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mk"),
+        options=MergeOptions(device="cpu", copy_tokenizer=False, quiet=True),
+    )
+    theirs = load_checkpoint(tmp_path / "mk")
+    assert theirs.keys() == ours.keys()
+    for name in ours:  # float32: norms and dots summed in float64 here, float32 in mergekit
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-6, msg=name)

@@ -187,3 +187,17 @@ dtype: float32
     assert "density" in err and len(err.strip().splitlines()) == 1
     assert written == [], "the first document was merged before the second was checked"
     assert not (tmp_path / "out").exists()
+
+
+def test_methods_lists_all_twenty_and_an_input_rule_is_a_config_error(tmp_path, family, capsys):
+    from evomerge.merge.methods import METHODS
+
+    assert _run(["methods"]) == 0
+    listing = capsys.readouterr().out
+    assert len(METHODS) == 20 and all(f"\n{name} " in f"\n{listing}" for name in METHODS)
+    # The spec's input-count rule (check_models) refuses the plan up front, naming the field.
+    lone = write_yaml(tmp_path / "lone.yml", f"merge_method: multislerp\nbase_model: {family['base']}\nmodels: [{{model: {family['base']}}}]\n")
+    assert _run(["merge", str(lone), str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "multislerp needs at least one model besides the base, got only the base" in err
+    assert "internal error" not in err and len(err.splitlines()) == 1

@@ -159,3 +159,142 @@ dtype: float32
         # same sparsity pattern statistics and the same L1 mass after rescaling
         assert (ours_delta != 0).float().mean().item() == pytest.approx((theirs_delta != 0).float().mean().item(), abs=0.05), name
         assert ours_delta.abs().sum() == pytest.approx(theirs_delta.abs().sum().item(), rel=0.1), name
+
+
+# -- the seven methods mergekit 0.1.5 added, on the demo family ------------------------------------
+# {base}, {reverse}, {sort}, {shift}, {close}: the demo family's base and fine-tunes.
+NEW_METHOD_CONFIGS = {
+    "multislerp": """
+merge_method: multislerp
+base_model: {base}
+models:
+  - {{model: {reverse}, parameters: {{weight: 0.5}}}}
+  - {{model: {sort}, parameters: {{weight: [0.2, 0.7]}}}}
+  - {{model: {shift}, parameters: {{weight: 0.3}}}}
+""",
+    "multislerp-no-base": """
+merge_method: multislerp
+models:
+  - {{model: {reverse}, parameters: {{weight: 0.6}}}}
+  - {{model: {sort}, parameters: {{weight: 0.4}}}}
+  - {{model: {close}, parameters: {{weight: 0.2}}}}
+parameters: {{normalize_weights: false}}
+""",
+    "nearswap": """
+merge_method: nearswap
+base_model: {base}
+models: [{{model: {base}}}, {{model: {reverse}}}]
+parameters: {{t: [{{filter: mlp, value: 0.02}}, {{value: 0.005}}]}}
+""",
+    "ram": """
+merge_method: ram
+base_model: {base}
+models: [{{model: {base}}}, {{model: {reverse}}}, {{model: {sort}}}, {{model: {shift}}}]
+parameters: {{epsilon: 0.003}}
+""",
+    "ramplus_tl": """
+merge_method: ramplus_tl
+base_model: {base}
+models: [{{model: {base}}}, {{model: {reverse}}}, {{model: {sort}}}, {{model: {close}}}]
+parameters: {{r: 0.5, alpha: 1.5, epsilon: 0.003}}
+""",
+    "sce": """
+merge_method: sce
+base_model: {base}
+models: [{{model: {base}}}, {{model: {reverse}}}, {{model: {sort}}}, {{model: {shift}}}]
+parameters: {{select_topk: [{{filter: self_attn, value: 0.3}}, {{value: 0.6}}]}}
+""",
+    "arcee_fusion": """
+merge_method: arcee_fusion
+base_model: {base}
+models: [{{model: {base}}}, {{model: {sort}}}]
+""",
+    "karcher": """
+merge_method: karcher
+models: [{{model: {reverse}}}, {{model: {sort}}}, {{model: {shift}}}]
+parameters: {{max_iter: 20, tol: 1e-7}}
+""",
+    "karcher-listed-base": """
+merge_method: karcher
+base_model: {base}
+models: [{{model: {reverse}}}, {{model: {close}}}]
+""",
+}
+# Tolerances as tests/test_methods_new_parity.py states them: the same ops in the same dtypes give
+# the same bits; sce and multislerp sum their norms, dots and mean squares in float64 (mergekit in
+# float32), which rounds to the same bf16 scalars and agrees to 1e-6 in float32; karcher iterates
+# on those scalars: 1e-5 in float32, one bf16 step in bf16.
+BIT_EXACT = {"nearswap", "ram", "ramplus_tl", "arcee_fusion"}
+# With `dtype: bfloat16` and no `out_dtype`, mergekit-yaml writes these two methods' tensors as
+# float32 (a float32 mask or boost promotes them); we write the config's dtype: one rounding of
+# the same float32 values (README, deliberate differences).
+WRITTEN_AS_FLOAT32 = {"ramplus_tl", "arcee_fusion"}
+
+
+def assert_new_method_agrees(method: str, ours: dict, theirs: dict, dtype: torch.dtype) -> None:
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        a, b = ours[name], theirs[name]
+        if dtype == torch.bfloat16 and method in WRITTEN_AS_FLOAT32:
+            assert b.dtype == torch.float32, name
+            b = b.to(dtype)
+        assert a.dtype == b.dtype == dtype, name
+        if method in BIT_EXACT or (dtype == torch.bfloat16 and method != "karcher"):
+            assert torch.equal(a, b), name
+        else:
+            rtol = 1e-6 if method != "karcher" else 1e-5 if dtype == torch.float32 else 2**-7
+            scale = max(1.0, b.abs().max().item()) if dtype == torch.float32 else b.abs().max().item()
+            torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=rtol * scale, msg=name)
+
+
+@pytest.fixture(scope="module")
+def demo_paths(demo_family):
+    return {name: str(path) for name, path in demo_family.models.items()}
+
+
+@pytest.mark.parametrize("case", list(NEW_METHOD_CONFIGS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_new_methods_same_result_as_mergekit(tmp_path, demo_paths, case, dtype):
+    text = NEW_METHOD_CONFIGS[case].format(**demo_paths) + f"dtype: {dtype}\n"
+    ours, theirs = _both(tmp_path, text)
+    assert_new_method_agrees(case.split("-")[0], ours, theirs, getattr(torch, dtype))
+    base = load_checkpoint(demo_paths["base"])
+    assert any(not torch.equal(ours[name], base[name].to(ours[name].dtype)) for name in ours)  # it merged
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_arcee_fusion_sampled_quartiles_same_as_mergekit_given_our_draw(tmp_path, demo_paths, dtype, monkeypatch):
+    """Tensors above the sample size: our quartiles come from a sample drawn with the tensor's seed
+    (plan seed, tensor name); mergekit draws from the global RNG. Make mergekit draw ours (its
+    torch.randint answered by our generator for the tensor it merges) and every bit must agree."""
+    import mergekit.merge_methods.arcee_fusion as mk_arcee_fusion
+
+    from evomerge.merge.family import arcee_fusion
+    from evomerge.merge.plan import tensor_seed
+    from evomerge.merge.sparsify import make_generator
+
+    sample_size = 500  # below most demo tensors (89 x 64 and up), above the norms (64)
+    monkeypatch.setattr(arcee_fusion, "SAMPLE_SIZE", sample_size)
+    monkeypatch.setattr(mk_arcee_fusion, "_QUANTILE_SAMPLE_SIZE", sample_size)
+    method = mk_arcee_fusion.arcee_fusion_merge_method
+    merge_group, draws, current = method.implementation, [], {}
+    randint = torch.randint
+
+    def our_randint(high, size, *, device=None, generator=None):
+        if generator is not None:  # our own draw (the same torch module)
+            return randint(high, size, generator=generator)
+        draws.append(current["name"])
+        generator = make_generator(tensor_seed(0, current["name"]), 0, "cpu")  # plan seed 0, as _both plans
+        return randint(high, size, generator=generator).to(device)
+
+    def named_merge(group, **parameters):
+        current["name"] = group.metadata.name
+        return merge_group(group, **parameters)
+
+    monkeypatch.setattr(method, "implementation", named_merge)
+    monkeypatch.setattr(mk_arcee_fusion.torch, "randint", our_randint)
+    text = NEW_METHOD_CONFIGS["arcee_fusion"].format(**demo_paths) + f"dtype: {dtype}\n"
+    ours, theirs = _both(tmp_path, text)
+    sampled = {name for name, tensor in ours.items() if tensor.numel() > sample_size}
+    assert sampled and set(draws) == sampled
+    assert_new_method_agrees("arcee_fusion", ours, theirs, getattr(torch, dtype))

@@ -14,6 +14,8 @@ ALL_METHODS = (
     "linear slerp nuslerp task_arithmetic ties dare_linear dare_ties breadcrumbs "
     "breadcrumbs_ties della della_linear model_stock passthrough"
 ).split()
+# mergekit 0.1.5's other seven, registered after those in its registry order.
+NEW_METHODS = "multislerp nearswap ram ramplus_tl sce arcee_fusion karcher".split()
 TASK_VECTOR_METHODS = [m for m in ALL_METHODS if METHODS[m].base == "required" and "density" in METHODS[m].model_params]
 R2 = math.sqrt(0.5)
 
@@ -41,7 +43,7 @@ def task_merge(method, base, deltas, weights, *, dtype=torch.float64, seed=None,
 
 # -- registry ------------------------------------------------------------------------------------
 def test_registry_names_params_and_defaults_match_mergekit_table():
-    assert list(METHODS) == ALL_METHODS
+    assert list(METHODS) == ALL_METHODS + NEW_METHODS
     assert all(isinstance(spec, MethodSpec) and spec.name == name for name, spec in METHODS.items())
     defaults = {  # (normalize, rescale) from the reference table
         "task_arithmetic": (False, False), "ties": (True, False), "dare_ties": (False, True),
@@ -63,6 +65,20 @@ def test_registry_names_params_and_defaults_match_mergekit_table():
     assert METHODS["model_stock"].min_models == 3 and METHODS["model_stock"].global_params == {"filter_wise": False}
     assert METHODS["passthrough"].max_models == 1
     assert all(spec.doc and "\n" not in spec.doc for spec in METHODS.values())
+    # mergekit 0.1.5's names, parameters, defaults (None: required), base use and input counts.
+    new_methods = {
+        "multislerp": ({"weight": None}, {"normalize_weights": True, "eps": 1e-8}, "optional", (1, None)),
+        "nearswap": ({}, {"t": None}, "required", (2, 2)),
+        "ram": ({}, {"epsilon": 1e-5}, "required", (1, None)),
+        "ramplus_tl": ({}, {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5}, "required", (1, None)),
+        "sce": ({}, {"int8_mask": False, "select_topk": 1.0}, "required", (1, None)),
+        "arcee_fusion": ({}, {}, "required", (2, 2)),
+        "karcher": ({}, {"max_iter": 10, "tol": 1e-5}, "unused", (1, None)),
+    }
+    for name, (model_params, global_params, base, counts) in new_methods.items():
+        spec = METHODS[name]
+        assert (spec.model_params, spec.global_params, spec.base) == (model_params, global_params, base), name
+        assert (spec.min_models, spec.max_models) == counts and spec.random == (name == "arcee_fusion"), name
 
 
 def test_get_method_unknown_name_suggests_close_match():

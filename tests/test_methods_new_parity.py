@@ -1,10 +1,11 @@
 """Parity with mergekit 0.1.5 of the seven methods in evomerge/merge/family that it added.
 
 mergekit runs through its in-memory API (`mergekit.merge_methods.merge_tensors`, the kernels
-`mergekit-yaml` runs); our modules run through `merge_with_spec`, which resolves parameters from
-each module's SPEC the way the catalogue does. mergekit returns bf16 merges of arcee_fusion and
-ramplus_tl as float32 (a float32 mask or boost promotes them); we cast every result to the base
-dtype, so those are compared after the same cast.
+`mergekit-yaml` runs); ours through the public entry every method takes,
+`evomerge.merge.methods.merge_tensors` (validation, parameter resolution, the specs' checks, the
+cast to the base dtype). mergekit returns bf16 merges of arcee_fusion and ramplus_tl as float32
+(a float32 mask or boost promotes them); we return the base dtype, so those are compared after
+the same cast.
 
 Tolerances, per method:
 * nearswap, ram, ramplus_tl, arcee_fusion: bit for bit (the same ops in the same dtypes; for
@@ -35,68 +36,32 @@ from mergekit import merge_methods as mk_methods  # noqa: E402
 from mergekit.merge_methods import merge_tensors as mk_merge_tensors  # noqa: E402
 
 from evomerge.merge import registry  # noqa: E402
-from evomerge.merge.family import arcee_fusion, karcher, multislerp, nearswap, ram, sce  # noqa: E402
+from evomerge.merge.family import arcee_fusion, multislerp, sce  # noqa: E402
+from evomerge.merge.family.common import WEIGHT  # noqa: E402
+from evomerge.merge.methods import METHODS, check_parameters, merge_tensors  # noqa: E402
 from evomerge.merge.registry import MethodSpec  # noqa: E402
 from evomerge.merge.sparsify import make_generator  # noqa: E402
 
 BF16 = torch.bfloat16
 F32 = torch.float32
 # mergekit's registry order.
-SPECS: dict[str, MethodSpec] = {
-    spec.name: spec
-    for spec in (
-        multislerp.SPEC, nearswap.SPEC, ram.SPEC, ram.SPEC_PLUS_TL, sce.SPEC, arcee_fusion.SPEC, karcher.SPEC
-    )
-}
+NEW_METHODS = ["multislerp", "nearswap", "ram", "ramplus_tl", "sce", "arcee_fusion", "karcher"]
+SPECS: dict[str, MethodSpec] = {name: METHODS[name] for name in NEW_METHODS}
 SHAPES = [(24, 40), (97,), (3,)]  # a matrix, a bias, a tiny tensor of < 4 entries
 
 
-# -- the catalogue's resolution, driven by SPEC ------------------------------------------------------
-def merge_with_spec(
+def evomerge_merge(
     name: str,
     tensors: list[torch.Tensor],
     model_params: list[dict[str, Any]] | None = None,
     options: dict[str, Any] | None = None,
     base_index: int | None = None,
     seed: int = 0,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Check the inputs against SPEC, fill defaults, run SPEC.merge."""
-    spec = SPECS[name]
-    options, model_params = dict(options or {}), model_params or [{} for _ in tensors]
-    if spec.base == "unused":
-        base_index = None
-    if spec.base == "required" and base_index is None:
-        raise ValueError(f"{name} needs a base model (base_index is None)")
-    count = len(tensors)
-    if count < spec.min_models or (spec.max_models is not None and count > spec.max_models):
-        raise ValueError(f"{name} needs {spec.min_models} to {spec.max_models} models{spec.count_hint}, got {count}")
-    resolved_options = {}
-    for param in spec.params:
-        if param.scope != "global":
-            continue
-        value = options.pop(param.name, param.default)
-        if value is None:
-            raise ValueError(f"{name} needs global parameter '{param.name}'")
-        if not param.is_bool:
-            param.valid.check(float(value))
-        resolved_options[param.name] = value
-    if options:
-        raise ValueError(f"{name} has no global parameter '{next(iter(options))}'")
-    resolved_models = []
-    for index, given in enumerate(model_params):
-        values = {}
-        for param in spec.params:
-            if param.scope == "model":
-                value = given.get(param.name, param.default)
-                if value is None:
-                    if index == base_index:
-                        continue
-                    raise ValueError(f"{name} needs parameter '{param.name}' for model {index}")
-                values[param.name] = float(value)
-        resolved_models.append(values)
-    if spec.check is not None:
-        spec.check(resolved_models, resolved_options, base_index)
-    return spec.merge(tensors, resolved_models, resolved_options, base_index, seed)
+    """Our merge through the public entry point, as the engine calls it."""
+    params = model_params or [{} for _ in tensors]
+    return merge_tensors(name, tensors, params, options or {}, base_index, seed=seed, out=out)
 
 
 def mergekit_merge(name, tensors, model_params=None, options=None, base_index=None) -> torch.Tensor:
@@ -169,6 +134,7 @@ def test_spec_declares_mergekit_parameters_and_inputs(name):
 def test_only_multislerp_searches_per_model_weights():
     assert [name for name, spec in SPECS.items() if spec.searchable] == ["multislerp"]
     weight = multislerp.SPEC.param("weight")
+    assert weight is WEIGHT  # the one per-model weight gene every searchable method shares
     assert (weight.scope, weight.search, weight.alone, weight.uniform) == ("model", (0.0, 1.0), "one_hot", "share")
     assert multislerp.SPEC.genes("model") == ("weight",) and multislerp.SPEC.genes("global") == ()
     for spec in SPECS.values():  # ram's epsilon is no gene: della's per-model epsilon gene means another thing
@@ -181,7 +147,7 @@ def test_all_seven_register_in_mergekit_order(monkeypatch):
         registry.register(spec)
     assert list(registry.METHODS) == [m.spec.name for m in mk_methods.registered_methods() if m.spec.name in SPECS]
     assert registry.searchable_methods() == {"multislerp": multislerp.SPEC}
-    assert registry.get_method("karcher") is karcher.SPEC
+    assert registry.get_method("karcher") is SPECS["karcher"]
 
 
 # -- nearswap: bit for bit ----------------------------------------------------------------------------
@@ -192,7 +158,7 @@ def test_nearswap_bit_exact(dtype, shape, t):
     a, b = random_inputs(2, shape, dtype)
     b = torch.where(torch.arange(b.numel()).reshape(shape) % 3 == 0, a, b)  # some zero gaps
     for base_index in (0, 1):
-        ours = merge_with_spec("nearswap", [a, b], options={"t": t}, base_index=base_index)
+        ours = evomerge_merge("nearswap", [a, b], options={"t": t}, base_index=base_index)
         assert_same(ours, mergekit_merge("nearswap", [a, b], options={"t": t}, base_index=base_index), dtype)
         if t <= 0:
             assert torch.equal(ours, [a, b][base_index])
@@ -200,7 +166,7 @@ def test_nearswap_bit_exact(dtype, shape, t):
 
 def test_nearswap_swaps_entries_within_t():
     base, other = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.1, 0.4, 2.0])
-    ours = merge_with_spec("nearswap", [base, other], options={"t": 0.2}, base_index=0)
+    ours = evomerge_merge("nearswap", [base, other], options={"t": 0.2}, base_index=0)
     torch.testing.assert_close(ours, torch.tensor([0.1, 0.2, 0.2]))  # weight 1, 0.5, 0.1
 
 
@@ -215,7 +181,7 @@ def test_ram_bit_exact(dtype, shape, count):
     tensors = sparse_task_vectors(count, shape, dtype)
     for options in ({}, {"epsilon": 0.3}, {"epsilon": 0.0}):
         for base_index in (0, count - 1):
-            ours = merge_with_spec("ram", tensors, options=options, base_index=base_index)
+            ours = evomerge_merge("ram", tensors, options=options, base_index=base_index)
             assert_same(ours, mergekit_merge("ram", tensors, options=options, base_index=base_index), dtype)
 
 
@@ -225,7 +191,7 @@ def test_ram_bit_exact(dtype, shape, count):
 @pytest.mark.parametrize("options", RAMPLUS_OPTIONS, ids=["defaults", "r-alpha", "negative-r-epsilon"])
 def test_ramplus_tl_bit_exact(dtype, shape, count, options):
     tensors = sparse_task_vectors(count, shape, dtype, keep=0.7)
-    ours = merge_with_spec("ramplus_tl", tensors, options=options, base_index=0)
+    ours = evomerge_merge("ramplus_tl", tensors, options=options, base_index=0)
     theirs = mergekit_merge("ramplus_tl", tensors, options=options, base_index=0)
     assert theirs.dtype == F32  # mergekit: the float32 boost promotes bf16 results
     assert_same(ours, theirs, dtype)
@@ -234,14 +200,14 @@ def test_ramplus_tl_bit_exact(dtype, shape, count, options):
 def test_ram_sums_unique_and_averages_shared_entries():
     base = torch.zeros(4)
     first, second = torch.tensor([1.0, 2.0, 0.0, 0.0]), torch.tensor([3.0, 0.0, 5.0, 0.0])
-    merged = merge_with_spec("ram", [base, first, second], base_index=0)
+    merged = evomerge_merge("ram", [base, first, second], base_index=0)
     assert torch.equal(merged, torch.tensor([2.0, 2.0, 5.0, 0.0]))
 
 
 @pytest.mark.parametrize("name", ["ram", "ramplus_tl", "sce"])
 def test_lone_base_is_returned_unchanged(name):
     (base,) = random_inputs(1, (5, 6), BF16)
-    ours = merge_with_spec(name, [base], base_index=0)
+    ours = evomerge_merge(name, [base], base_index=0)
     assert_same(ours, mergekit_merge(name, [base], base_index=0), BF16)
     assert torch.equal(ours, base) and ours.data_ptr() != base.data_ptr()
 
@@ -258,7 +224,7 @@ SCE_IDS = ["defaults", "topk-0.3", "topk-0.01", "topk-0", "topk-negative", "topk
 @pytest.mark.parametrize("options", SCE_OPTIONS, ids=SCE_IDS)
 def test_sce_matches(dtype, shape, count, options):
     tensors = random_inputs(count, shape, dtype, seed=count)
-    ours = merge_with_spec("sce", tensors, options=options, base_index=0)
+    ours = evomerge_merge("sce", tensors, options=options, base_index=0)
     theirs = mergekit_merge("sce", tensors, options=options, base_index=0)
     if dtype == BF16:
         assert_same(ours, theirs, dtype)
@@ -273,8 +239,8 @@ def test_sce_selection_keeps_the_top_variance_entries_and_ignores_int8_mask():
     # Variances 1, 0, 1, 0, 0.0025, 0: 3 nonzero, int(3 * 0.7) = 2 kept (entries 0 and 2).
     kept = sce.selection_mask(torch.stack([first, second]), 0.7)
     assert kept.tolist() == [True, False, True, False, False, False]
-    plain = merge_with_spec("sce", [base, first, second], options={"select_topk": 0.7}, base_index=0)
-    int8 = merge_with_spec("sce", [base, first, second], options={"select_topk": 0.7, "int8_mask": True}, base_index=0)
+    plain = evomerge_merge("sce", [base, first, second], options={"select_topk": 0.7}, base_index=0)
+    int8 = evomerge_merge("sce", [base, first, second], options={"select_topk": 0.7, "int8_mask": True}, base_index=0)
     assert torch.equal(plain, int8)
     assert plain[[1, 3, 4, 5]].eq(0).all() and plain[0] != 0
 
@@ -283,9 +249,9 @@ def test_sce_zero_task_vectors_weigh_uniformly():
     base, other = random_inputs(2, (7, 3), F32)
     tensors = [base, base.clone(), other]
     assert_float32_close(
-        merge_with_spec("sce", tensors, base_index=0), mergekit_merge("sce", tensors, base_index=0), rtol=1e-6
+        evomerge_merge("sce", tensors, base_index=0), mergekit_merge("sce", tensors, base_index=0), rtol=1e-6
     )
-    same = merge_with_spec("sce", [base, base.clone(), base.clone()], base_index=0)
+    same = evomerge_merge("sce", [base, base.clone(), base.clone()], base_index=0)
     assert torch.equal(same, base)
 
 
@@ -302,7 +268,7 @@ def multislerp_params(count, base_index, weights=(0.2, 0.5, 0.3, 0.9, 0.1)):
 def test_multislerp_matches(dtype, shape, count, base_index, options):
     tensors = random_inputs(count, shape, dtype, seed=count)
     params = multislerp_params(count, base_index)
-    ours = merge_with_spec("multislerp", tensors, params, options, base_index)
+    ours = evomerge_merge("multislerp", tensors, params, options, base_index)
     theirs = mergekit_merge("multislerp", tensors, params, options, base_index)
     if dtype == BF16:
         assert_same(ours, theirs, dtype)
@@ -315,7 +281,7 @@ def test_multislerp_matches(dtype, shape, count, base_index, options):
 def test_multislerp_one_model_besides_the_base_is_that_model(dtype, base_index):
     tensors = random_inputs(2 if base_index is not None else 1, (9, 4), dtype)
     params = multislerp_params(len(tensors), base_index)
-    ours = merge_with_spec("multislerp", tensors, params, {}, base_index)
+    ours = evomerge_merge("multislerp", tensors, params, {}, base_index)
     assert_same(ours, mergekit_merge("multislerp", tensors, params, {}, base_index), dtype)
     assert torch.equal(ours, tensors[0]) and ours.data_ptr() != tensors[0].data_ptr()
 
@@ -330,14 +296,14 @@ def test_multislerp_cancelling_directions(dtype, base_index):
     pair = [offset + point, offset - point]
     tensors = ([base] if base_index is not None else []) + pair
     params = multislerp_params(len(tensors), base_index, weights=(0.5, 0.5, 0.5))
-    ours = merge_with_spec("multislerp", tensors, params, {}, base_index)
+    ours = evomerge_merge("multislerp", tensors, params, {}, base_index)
     assert_same(ours, mergekit_merge("multislerp", tensors, params, {}, base_index), dtype)
     assert torch.equal(ours, offset)  # the lerp midpoint of +point and -point
     # ... more than two are refused, as in mergekit (a third model of weight 0 changes nothing).
     triple = tensors + [offset + 2 * point]
     params = [{} if index == base_index else {"weight": 0.5} for index in range(len(triple))]
     params[-1]["weight"] = 0.0
-    for merge in (merge_with_spec, mergekit_merge):
+    for merge in (evomerge_merge, mergekit_merge):
         with pytest.raises(ValueError, match="zero"):
             merge("multislerp", triple, params, {}, base_index)
 
@@ -347,9 +313,9 @@ def test_multislerp_weights_summing_to_zero_stay_finite():
     tensors = random_inputs(2, (6, 5), F32)
     params = [{"weight": 0.5}, {"weight": -0.5}]
     assert not torch.isfinite(mergekit_merge("multislerp", tensors, params)).all()
-    ours = merge_with_spec("multislerp", tensors, params)
+    ours = evomerge_merge("multislerp", tensors, params)
     assert torch.isfinite(ours).all()
-    raw = merge_with_spec("multislerp", tensors, params, {"normalize_weights": False})
+    raw = evomerge_merge("multislerp", tensors, params, {"normalize_weights": False})
     assert torch.equal(ours, raw)
     assert_float32_close(ours, mergekit_merge("multislerp", tensors, params, {"normalize_weights": False}), 1e-6)
 
@@ -366,7 +332,7 @@ KARCHER_IDS = ["defaults", "3-steps", "no-steps", "tight"]
 def test_karcher_matches(dtype, shape, count, options):
     tensors = random_inputs(count, shape, dtype, seed=count)
     for base_index in (None, 0):  # a listed base is one more input
-        ours = merge_with_spec("karcher", tensors, options=options, base_index=base_index)
+        ours = evomerge_merge("karcher", tensors, options=options, base_index=base_index)
         theirs = mergekit_merge("karcher", tensors, options=options, base_index=base_index)
         if dtype == F32:
             assert_float32_close(ours, theirs, rtol=1e-5)
@@ -380,18 +346,18 @@ def test_karcher_zero_norm_tensors(dtype):
     first, second = random_inputs(2, (8, 6), dtype)
     zero = torch.zeros_like(first)
     for tensors in ([first, zero], [first, second, zero], [zero, zero], [zero, first * 1e-7, zero]):
-        ours = merge_with_spec("karcher", tensors)
+        ours = evomerge_merge("karcher", tensors)
         theirs = mergekit_merge("karcher", tensors)
         assert ours.dtype == dtype
         # A zero tensor has no direction, and counts as norm 0 in the mean norm.
         torch.testing.assert_close(ours, theirs, rtol=1e-6 if dtype == F32 else 2**-7, atol=0)
-    assert torch.equal(merge_with_spec("karcher", [zero, zero]), zero)
-    torch.testing.assert_close(merge_with_spec("karcher", [first.float(), zero.float()]), first.float() / 2)
+    assert torch.equal(evomerge_merge("karcher", [zero, zero]), zero)
+    torch.testing.assert_close(evomerge_merge("karcher", [first.float(), zero.float()]), first.float() / 2)
 
 
 def test_karcher_single_tensor_is_a_copy():
     (only,) = random_inputs(1, (4, 4), BF16)
-    ours = merge_with_spec("karcher", [only])
+    ours = evomerge_merge("karcher", [only])
     assert torch.equal(ours, only) and ours.data_ptr() != only.data_ptr()
 
 
@@ -409,7 +375,7 @@ def finetune_family(count, shape, dtype, seed=0):
 def test_large_tensors_float64_sums_stay_closer_to_exact_math(dtype, name, base_index):
     tensors = finetune_family(4, (512, 1024), dtype)
     params = multislerp_params(4, base_index) if name == "multislerp" else None
-    ours = merge_with_spec(name, tensors, params, {}, base_index)
+    ours = evomerge_merge(name, tensors, params, {}, base_index)
     theirs = mergekit_merge(name, tensors, params, {}, base_index)
     reference = mergekit_merge(name, [t.double() for t in tensors], params, {}, base_index)
     if dtype == F32:
@@ -431,7 +397,7 @@ def test_large_tensors_float64_sums_stay_closer_to_exact_math(dtype, name, base_
 def test_arcee_fusion_bit_exact(dtype, shape):
     tensors = random_inputs(2, shape, dtype)
     for base_index in (0, 1):
-        ours = merge_with_spec("arcee_fusion", tensors, base_index=base_index)
+        ours = evomerge_merge("arcee_fusion", tensors, base_index=base_index)
         theirs = mergekit_merge("arcee_fusion", tensors, base_index=base_index)
         assert theirs.dtype == F32  # mergekit: its float32 mask promotes bf16 results
         assert_same(ours, theirs, dtype)
@@ -456,7 +422,7 @@ def test_arcee_fusion_sampled_quartiles_bit_exact_given_our_sample(monkeypatch, 
     monkeypatch.setattr(arcee_fusion, "SAMPLE_SIZE", sample_size)
     monkeypatch.setattr(mk_arcee_fusion, "_QUANTILE_SAMPLE_SIZE", sample_size)
     tensors = random_inputs(2, shape, dtype, seed=5)
-    ours = merge_with_spec("arcee_fusion", tensors, base_index=0, seed=7)
+    ours = evomerge_merge("arcee_fusion", tensors, base_index=0, seed=7)
     sample = OurSample(7)
     monkeypatch.setattr(torch, "randint", sample)
     theirs = mergekit_merge("arcee_fusion", tensors, base_index=0)
@@ -475,12 +441,12 @@ def test_arcee_fusion_sample_is_reproducible_from_the_seed(monkeypatch):
     assert torch.equal(arcee_fusion.quantile_sample(scores, 11), first)
     assert not torch.equal(arcee_fusion.quantile_sample(scores, 12), first)
     tensors = random_inputs(2, (50, 100), F32, seed=1)
-    merged = [merge_with_spec("arcee_fusion", tensors, base_index=0, seed=seed) for seed in (11, 11, 12)]
+    merged = [evomerge_merge("arcee_fusion", tensors, base_index=0, seed=seed) for seed in (11, 11, 12)]
     assert torch.equal(merged[0], merged[1])
     small = random_inputs(2, (5, 20), F32)  # 100 entries: no sample, the seed does not matter
     assert torch.equal(
-        merge_with_spec("arcee_fusion", small, base_index=0, seed=1),
-        merge_with_spec("arcee_fusion", small, base_index=0, seed=2),
+        evomerge_merge("arcee_fusion", small, base_index=0, seed=1),
+        evomerge_merge("arcee_fusion", small, base_index=0, seed=2),
     )
 
 
@@ -502,22 +468,41 @@ def test_float64_inputs_match_and_inputs_are_untouched(name, count, base_index, 
     tensors = sparse_task_vectors(count, (16, 24), torch.float64)
     before = [tensor.clone() for tensor in tensors]
     params = multislerp_params(count, base_index) if name == "multislerp" else None
-    ours = merge_with_spec(name, tensors, params, options, base_index)
+    ours = evomerge_merge(name, tensors, params, options, base_index)
     theirs = mergekit_merge(name, tensors, params, options, base_index)
     assert ours.dtype == theirs.dtype == torch.float64
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     assert all(torch.equal(a, b) for a, b in zip(tensors, before))
 
 
-def test_mixed_dtypes_compute_promoted_and_return_the_base_dtype():
+def test_mixed_dtypes_are_cast_to_the_base_dtype_first():
+    # merge_tensors' rule for every method (mergekit-yaml likewise casts every input to `dtype`).
     base, other = random_inputs(2, (6, 7), F32)
-    tensors = [base.to(BF16), other]
-    ours = merge_with_spec("nearswap", tensors, options={"t": 0.5}, base_index=0)
-    theirs = mergekit_merge("nearswap", tensors, options={"t": 0.5}, base_index=0)  # float32, promoted
+    ours = evomerge_merge("nearswap", [base.to(BF16), other], options={"t": 0.5}, base_index=0)
+    theirs = mergekit_merge("nearswap", [base.to(BF16), other.to(BF16)], options={"t": 0.5}, base_index=0)
     assert_same(ours, theirs, BF16)
 
 
-# -- the errors SPEC-driven resolution raises -------------------------------------------------------------
+OUT_CASES = [
+    ("multislerp", 3, None, {}), ("multislerp", 3, 0, {}), ("nearswap", 2, 1, {"t": 0.3}), ("ram", 3, 0, {}),
+    ("ramplus_tl", 3, 0, {}), ("sce", 3, 0, {"select_topk": 0.5}), ("arcee_fusion", 2, 0, {}), ("karcher", 3, None, {}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,count,base_index,options", OUT_CASES, ids=[f"{c[0]}-{c[2]}" for c in OUT_CASES])
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_out_receives_the_result_and_plans_check_the_same(name, count, base_index, options, dtype):
+    tensors = sparse_task_vectors(count, (12, 10), dtype)
+    params = multislerp_params(count, base_index) if name == "multislerp" else None
+    merged = evomerge_merge(name, tensors, params, options, base_index, seed=3)
+    assert merged.dtype == dtype and all(merged.data_ptr() != t.data_ptr() for t in tensors)
+    out = torch.full_like(tensors[0], float("nan"))
+    assert evomerge_merge(name, tensors, params, options, base_index, seed=3, out=out) is out
+    assert torch.equal(out, merged)
+    check_parameters(name, params or [{} for _ in tensors], options, base_index)  # what the planner runs
+
+
+# -- the errors merge_tensors and the planner raise -------------------------------------------------------
 def _two(dtype=F32):
     return random_inputs(2, (4,), dtype)
 
@@ -529,17 +514,28 @@ ERROR_CASES = [
     ("arcee_fusion", lambda: (random_inputs(1, (4,), F32), None, {}, 0), "a base and one other"),
     ("arcee_fusion", lambda: (random_inputs(3, (4,), F32), None, {}, 0), "a base and one other"),
     ("multislerp", lambda: (_two(), [{}, {"weight": 1.0}], {}, None), "needs parameter 'weight' for model 0"),
-    ("multislerp", lambda: (random_inputs(1, (4,), F32), [{}], {}, 0), "at least one model besides the base"),
-    ("karcher", lambda: (_two(), None, {"max_iter": 2.5}, None), "whole number"),
+    ("multislerp", lambda: (random_inputs(1, (4,), F32), [{}], {}, 0),
+     r"^multislerp needs at least one model besides the base, got only the base$"),
+    ("karcher", lambda: (_two(), None, {"max_iter": 2.5}, None),
+     r"^karcher: parameter 'max_iter' must be a whole number, got 2.5$"),
     ("karcher", lambda: (_two(), None, {"iterations": 2}, None), "no global parameter 'iterations'"),
     ("ram", lambda: (_two(), None, {}, None), "needs a base model"),
     ("ramplus_tl", lambda: (_two(), None, {"lambda": 1.0}, 0), "no global parameter 'lambda'"),
     ("sce", lambda: (_two(), None, {}, None), "needs a base model"),
-]
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("name,inputs,message", ERROR_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(ERROR_CASES)])
 def test_spec_driven_errors(name, inputs, message):
     tensors, params, options, base_index = inputs()
     with pytest.raises(ValueError, match=message):
-        merge_with_spec(name, tensors, params, options, base_index)
+        evomerge_merge(name, tensors, params, options, base_index)
+
+
+@pytest.mark.parametrize("name,model_params,options,base_index,message", [
+    ("multislerp", [{}], {}, 0, r"^multislerp needs at least one model besides the base, got only the base$"),
+    ("karcher", [{}, {}], {"max_iter": 2.5}, None, r"^karcher: parameter 'max_iter' must be a whole number, got 2.5$"),
+])  # fmt: skip
+def test_check_parameters_refuses_what_a_merge_would(name, model_params, options, base_index, message):
+    with pytest.raises(ValueError, match=message):
+        check_parameters(name, model_params, options, base_index)

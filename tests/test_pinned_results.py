@@ -131,6 +131,69 @@ MERGED_SHA256 = {
     ("passthrough", "float32"): "a8d979ebfb41d2f5022b4bf38c544a2b6e902a9c1a99638523ea561157937869",
     ("passthrough", "bfloat16"): "bb71bf321ad5694f9871d0eabbd9f6486bae6638cfbbd06a2a3f2e68afda3390",
 }
+# The seven methods mergekit 0.1.5 added (pinned after they joined the catalogue). The demo
+# tensors are below arcee_fusion's sample size, so its quartiles are exact and need no seed.
+NEW_METHOD_RECIPES = {
+    "multislerp": """
+merge_method: multislerp
+base_model: "{base}"
+models:
+  - {{model: "{reverse}", parameters: {{weight: 0.5}}}}
+  - {{model: "{sort}", parameters: {{weight: 0.3}}}}
+  - {{model: "{shift}", parameters: {{weight: 0.2}}}}
+""",
+    "nearswap": """
+merge_method: nearswap
+base_model: "{base}"
+models: [{{model: "{base}"}}, {{model: "{close}"}}]
+parameters: {{t: 0.01}}
+""",
+    "ram": """
+merge_method: ram
+base_model: "{base}"
+models: [{{model: "{base}"}}, {{model: "{reverse}"}}, {{model: "{sort}"}}, {{model: "{shift}"}}]
+parameters: {{epsilon: 0.003}}
+""",
+    "ramplus_tl": """
+merge_method: ramplus_tl
+base_model: "{base}"
+models: [{{model: "{base}"}}, {{model: "{reverse}"}}, {{model: "{sort}"}}, {{model: "{shift}"}}]
+parameters: {{r: 0.3, alpha: 0.5, epsilon: 0.003}}
+""",
+    "sce": """
+merge_method: sce
+base_model: "{base}"
+models: [{{model: "{base}"}}, {{model: "{reverse}"}}, {{model: "{sort}"}}, {{model: "{shift}"}}]
+parameters: {{select_topk: 0.5}}
+""",
+    "arcee_fusion": """
+merge_method: arcee_fusion
+base_model: "{base}"
+models: [{{model: "{base}"}}, {{model: "{shift}"}}]
+""",
+    "karcher": """
+merge_method: karcher
+models: [{{model: "{reverse}"}}, {{model: "{sort}"}}, {{model: "{shift}"}}]
+""",
+}
+# sha256 as MERGED_SHA256 (eager path; these methods have no fused kernel), held on 1 and 4 threads.
+NEW_METHOD_SHA256 = {
+    ("multislerp", "float32"): "e0b555b079feffa9736fb1bc96fed3f8554d99ac23c2d07a166821e1d66b223b",
+    ("multislerp", "bfloat16"): "f57c71cbe1ea1d7cfa5a2c07ec040ec1e6248fda97210fc5895737b39b481fe8",
+    ("nearswap", "float32"): "0bd138f313b0b8f8de21c29ba6b1da8836b60de5b8ee2730afcc4ad88c80c62f",
+    ("nearswap", "bfloat16"): "a2f1486ed8e0b0cd79fb75a3d073e9c6f9688ba5fd7959f98353b48bf453694f",
+    ("ram", "float32"): "8dd18d927092dec611ea947143424d703713d60e3eb4a93346e8103f47b25e3c",
+    ("ram", "bfloat16"): "04d7d3311b00c361f2b0d4314a40611d66a4ccd0ca4cb36c5529a7077ff5d1ef",
+    ("ramplus_tl", "float32"): "644d9f69b96046e9568cad0b3b0d71a64318efbb1e3982b728259428ae6e57be",
+    ("ramplus_tl", "bfloat16"): "54a6876b2f47a56ae49f6dd1cb53b49eb63495bac022116c76ab6841752605e9",
+    ("sce", "float32"): "a44c025d68eaa3785e6af1e10bd8f97051e7cf8e9848f9c346d4dea145380f08",
+    ("sce", "bfloat16"): "93a80c7605fa9d4eed83b30eaf033da88dcaf58b79c4298504aa1c5cca370cab",
+    ("arcee_fusion", "float32"): "1f3b7d34f3ca1c2564c7a76fdca8e35c4ae531c22b04bfe2621ce8c7cec2fae5",
+    ("arcee_fusion", "bfloat16"): "d476b60cc3249976e3e5b9380fd085e803a93977e63ac413c7d5d41cb8cf06a9",
+    ("karcher", "float32"): "657fc7f0749e975ecad25eecc7dc2f1783c891ea42ed8b24c9387e08eda70d10",
+    ("karcher", "bfloat16"): "1ab0e9a6974ae5b810b63433dbbeb6f7a993bed0b5533996a593f43c854aad8e",
+}
+
 # The library's own weight hash (what the trial store records) of two of those merges.
 MERGED_WEIGHTS_HASH = {
     ("linear", "float32"): "4dc49f7a5c1a0286b9af66a53142165f",
@@ -209,7 +272,8 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 def merge_in_memory(method: str, dtype: str, family) -> dict[str, torch.Tensor]:
     """Plan one recipe against the demo family and merge it into fresh tensors (no files)."""
-    text = RECIPES[method].format(extra=EXTRA_PARAMS.get(method, ""), **family_paths(family))
+    recipe = RECIPES[method] if method in RECIPES else NEW_METHOD_RECIPES[method]
+    text = recipe.format(extra=EXTRA_PARAMS.get(method, ""), **family_paths(family))
     config = MergeConfig.model_validate({**yaml.safe_load(text), "dtype": dtype})
     plan = plan_merge(config, seed=MERGE_SEED)
     sources = ResidentSources(plan.models, dtype=plan.math_dtype)
@@ -261,6 +325,19 @@ def test_merged_weights_are_pinned(pinned_family, native_switch, method, dtype):
     if native_switch(True) is None:
         pytest.skip("no C compiler here: the fused kernel cannot be built (the eager path is checked)")
     assert tensors_sha256(merge_in_memory(method, dtype, pinned_family)) == MERGED_SHA256[method, dtype]
+
+
+def test_every_method_of_the_catalogue_is_pinned():
+    from evomerge.merge.methods import METHODS
+
+    assert set(RECIPES) | set(NEW_METHOD_RECIPES) == set(METHODS)
+    assert {method for method, _ in NEW_METHOD_SHA256} == set(NEW_METHOD_RECIPES)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("method", list(NEW_METHOD_RECIPES))
+def test_new_methods_merged_weights_are_pinned(pinned_family, method, dtype):
+    assert tensors_sha256(merge_in_memory(method, dtype, pinned_family)) == NEW_METHOD_SHA256[method, dtype]
 
 
 def write_space(tmp_path: Path, family, *, methods: list[str], density: list[float], n_trials: int) -> Path:

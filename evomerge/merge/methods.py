@@ -38,7 +38,7 @@ Differences from mergekit (deliberate; each is also commented where it happens):
    probability), and della keep probabilities stay float32 for bf16 deltas. See `sparsify.py`.
 5. Masks come from our own seeded generators, so dare/della masks differ from mergekit's
    (which draw from the global RNG); their distribution and everything else is the same.
-6. Sums over the models add in model order into a float32 accumulator (`_model_sum`). That is
+6. Sums over the models add in model order into a float32 accumulator (`family.common.model_sum`). That is
    torch.sum(dim=0), mergekit's, for up to 4 models; with 5+ models torch adds the last columns
    of a tensor in another order, so those entries can differ from mergekit in the last bit.
    A fixed order of our own keeps weight hashes independent of torch's reduction internals.

@@ -150,6 +150,8 @@ def check_parameters(
     it could have refused up front. ValueError with a one-line reason.
     """
     spec = get_method(method)
+    if spec.check_models is not None:
+        spec.check_models(len(model_params), base_index)
     options = resolve_globals(spec, global_params or {})
     resolved = resolve_model_params(spec, list(model_params), len(model_params), base_index)
     for name, value in options.items():

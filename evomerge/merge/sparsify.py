@@ -42,13 +42,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from evomerge.merge.family.common import sum64
 from evomerge.merge.seeds import model_seed
 
 # Below this L1 norm (before or after masking) the rescale is skipped, as in mergekit.
 RESCALE_EPS = 1e-7
-
-# Elements per float64 reduction chunk: bounds the float64 scratch for huge tensors.
-_CHUNK = 1 << 20
 
 
 # -- randomness ----------------------------------------------------------------------------------
@@ -67,11 +65,7 @@ def _uniform(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 # -- rescaling -----------------------------------------------------------------------------------
 def l1_norm(tensor: torch.Tensor) -> float:
     """Sum of |x| accumulated in float64, in fixed-size chunks (bounded scratch memory)."""
-    flat = tensor.reshape(-1)
-    total = torch.zeros((), dtype=torch.float64, device=tensor.device)
-    for start in range(0, flat.numel(), _CHUNK):
-        total += flat[start : start + _CHUNK].to(torch.float64).abs().sum()
-    return float(total)
+    return float(sum64(tensor, absolute=True))
 
 
 def apply_mask(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:

@@ -12,12 +12,9 @@ from a CPU generator seeded by `seed`: the same seed gives the same weights on a
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 
-from evomerge.merge.family._reductions import output_dtype, working_dtype
 from evomerge.merge.registry import MethodSpec
 from evomerge.merge.sparsify import make_generator
 
@@ -52,18 +49,11 @@ def threshold(scores: torch.Tensor, seed: int) -> torch.Tensor:
     return median + 1.5 * (third_quartile - first_quartile)
 
 
-def merge(
-    tensors: list[torch.Tensor],
-    model_params: list[dict[str, float]],
-    options: dict[str, Any],
-    base_index: int | None,
-    seed: int,
-) -> torch.Tensor:
-    work = working_dtype(tensors)
-    base, other = tensors[base_index].to(work), tensors[1 - base_index].to(work)
+def merge(tensors, model_params, options, base_index, seed) -> torch.Tensor:
+    base, other = tensors[base_index], tensors[1 - base_index]
     scores = importance(other, base)
     taken = (scores >= threshold(scores, seed)).to(torch.float32)  # float32, as mergekit's mask
-    return (base + (other - base) * taken).to(output_dtype(tensors, base_index))
+    return (base + (other - base) * taken).to(base.dtype)
 
 
 SPEC = MethodSpec(

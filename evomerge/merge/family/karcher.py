@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from evomerge.merge.family._reductions import dot64, norm64, output_dtype, working_dtype
+from evomerge.merge.family.common import dot64, norm64
 from evomerge.merge.registry import MethodSpec, Param
 
 
@@ -58,24 +58,15 @@ def karcher_mean(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torc
     return mean_length * mean
 
 
-def merge(
-    tensors: list[torch.Tensor],
-    model_params: list[dict[str, float]],
-    options: dict[str, Any],
-    base_index: int | None,
-    seed: int,
-) -> torch.Tensor:
-    work = working_dtype(tensors)
-    inputs = [tensor.to(work) for tensor in tensors]
-    if len(inputs) == 1:
-        return inputs[0].to(output_dtype(tensors, None), copy=True)
-    merged = karcher_mean(inputs, int(options["max_iter"]), options["tol"])
-    return merged.to(output_dtype(tensors, None))
+def merge(tensors, model_params, options, base_index, seed) -> torch.Tensor:
+    if len(tensors) == 1:
+        return tensors[0].clone()
+    return karcher_mean(tensors, int(options["max_iter"]), options["tol"]).to(tensors[0].dtype)
 
 
 def _check(model_params: list[dict[str, float]], options: dict[str, Any], base_index: int | None) -> None:
     if not float(options["max_iter"]).is_integer():
-        raise ValueError(f"karcher: parameter 'max_iter' must be a whole number, got {options['max_iter']:g}")
+        raise ValueError(f"parameter 'max_iter' must be a whole number, got {options['max_iter']:g}")
 
 
 SPEC = MethodSpec(

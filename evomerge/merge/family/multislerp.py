@@ -12,31 +12,23 @@ summing to ~0 we keep the weights as given, as `linear` does, where mergekit div
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from evomerge.merge.family._reductions import model_sum, norm64, output_dtype, sum64, working_dtype
+from evomerge.merge.family.common import WEIGHT, model_sum, norm64, sum64
 from evomerge.merge.registry import MethodSpec, Param
 
 # normalize_weights divides by the sum of the weights unless it is below this (then by 1).
 MIN_WEIGHT_SUM = 1e-8
 
 
-def merge(
-    tensors: list[torch.Tensor],
-    model_params: list[dict[str, float]],
-    options: dict[str, Any],
-    base_index: int | None,
-    seed: int,
-) -> torch.Tensor:
-    work, result_dtype = working_dtype(tensors), output_dtype(tensors, base_index)
+def merge(tensors, model_params, options, base_index, seed) -> torch.Tensor:
     chosen = [index for index in range(len(tensors)) if index != base_index]
     if len(chosen) == 1:
-        return tensors[chosen[0]].to(work).to(result_dtype, copy=True)
+        return tensors[chosen[0]].clone()
+    work = tensors[0].dtype
     eps = options["eps"]
-    base = None if base_index is None else tensors[base_index].to(work)
-    points = torch.stack([tensors[index].to(work) for index in chosen])  # [models, *shape]
+    base = None if base_index is None else tensors[base_index]
+    points = torch.stack([tensors[index] for index in chosen])  # [models, *shape]
     if base is not None:
         points -= base
     vectors = points.reshape(len(chosen), -1)
@@ -58,7 +50,7 @@ def merge(
                 "weights balance out); use other weights"
             )
         merged = (points[0] * weights[0] + points[1] * weights[1]).reshape(points.shape[1:])  # plain lerp
-        return (merged if base is None else merged + base).to(result_dtype)
+        return merged if base is None else merged + base
     mean = mean / mean_norm
 
     # Products rounded to the working dtype (as mergekit multiplies), summed in float64.
@@ -69,18 +61,18 @@ def merge(
     direction = mean * torch.cos(length) + tangent * (torch.sin(length) / length)
     mean_norm_of_models = (norms.squeeze(-1) * weights).sum()
     merged = (direction * mean_norm_of_models).reshape(points.shape[1:])
-    return (merged if base is None else merged + base).to(result_dtype)
+    return merged if base is None else merged + base
 
 
-def _check(model_params: list[dict[str, float]], options: dict[str, Any], base_index: int | None) -> None:
-    if len(model_params) - (base_index is not None) < 1:
+def _check_models(count: int, base_index: int | None) -> None:
+    if count - (base_index is not None) < 1:
         raise ValueError("multislerp needs at least one model besides the base, got only the base")
 
 
 SPEC = MethodSpec(
     name="multislerp",
     params=(
-        Param("weight", "model", search=(0.0, 1.0), alone="one_hot", uniform="share"),
+        WEIGHT,
         Param("normalize_weights", "global", True),
         Param("eps", "global", 1e-8),
     ),
@@ -91,6 +83,6 @@ SPEC = MethodSpec(
     doc="Multi-SLERP: weighted spherical mean of any number of models (or their deltas from a base)",
     merge=merge,
     count_hint=" (at least one besides an optional base)",
-    check=_check,
+    check_models=_check_models,
     searchable=True,
 )

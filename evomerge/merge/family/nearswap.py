@@ -7,31 +7,20 @@ the same elementwise ops in the same dtype, so the bits equal mergekit's.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from evomerge.config.numbers import ParameterRange
-from evomerge.merge.family._reductions import output_dtype, working_dtype
 from evomerge.merge.registry import MethodSpec, Param
 
 # Gaps below this count as this (mergekit's clamp): t / 0 never happens.
 MIN_GAP = 1e-6
 
 
-def merge(
-    tensors: list[torch.Tensor],
-    model_params: list[dict[str, float]],
-    options: dict[str, Any],
-    base_index: int | None,
-    seed: int,
-) -> torch.Tensor:
-    work = working_dtype(tensors)
-    base, other = tensors[base_index].to(work), tensors[1 - base_index].to(work)
+def merge(tensors, model_params, options, base_index, seed) -> torch.Tensor:
+    base, other = tensors[base_index], tensors[1 - base_index]
     gap = (base - other).abs().clamp(min=MIN_GAP)
     other_weight = (options["t"] / gap).clamp(min=0, max=1)
-    merged = other_weight * other + (1 - other_weight) * base
-    return merged.to(output_dtype(tensors, base_index))
+    return other_weight * other + (1 - other_weight) * base
 
 
 SPEC = MethodSpec(

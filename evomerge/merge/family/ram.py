@@ -9,20 +9,17 @@ tensor. mergekit 0.1.5's `ram` and `ramplus_tl`, op for op in the same dtypes: e
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
-from evomerge.merge.family._reductions import model_sum, output_dtype, working_dtype
+from evomerge.merge.family.common import model_sum
 from evomerge.merge.registry import MethodSpec, Param
 
 
 def _merge(tensors: list[torch.Tensor], base_index: int, epsilon: float, r: float | None, alpha: float) -> torch.Tensor:
-    work = working_dtype(tensors)
-    base = tensors[base_index].to(work)
+    base = tensors[base_index]
     if len(tensors) == 1:
-        return base.to(output_dtype(tensors, base_index), copy=True)
-    deltas = torch.stack([t.to(work) - base for i, t in enumerate(tensors) if i != base_index])
+        return base.clone()
+    deltas = torch.stack([t - base for i, t in enumerate(tensors) if i != base_index])
     deltas = deltas.reshape(deltas.shape[0], -1)  # [models, entries]
     active = deltas.abs() > epsilon  # [models, entries]
     contributors = active.sum(dim=0, keepdim=True)  # int64 [1, entries]
@@ -38,26 +35,14 @@ def _merge(tensors: list[torch.Tensor], base_index: int, epsilon: float, r: floa
         boost = 1 + r * ratio.clamp(min=0, max=alpha)
         owned = owned * boost.unsqueeze(-1)  # float32 for bf16 inputs, as in mergekit
     merged = base + model_sum(owned + averaged).reshape(base.shape)
-    return merged.to(output_dtype(tensors, base_index))
+    return merged.to(base.dtype)
 
 
-def merge_ram(
-    tensors: list[torch.Tensor],
-    model_params: list[dict[str, float]],
-    options: dict[str, Any],
-    base_index: int | None,
-    seed: int,
-) -> torch.Tensor:
+def merge_ram(tensors, model_params, options, base_index, seed) -> torch.Tensor:
     return _merge(tensors, base_index, options["epsilon"], None, 0.0)
 
 
-def merge_ramplus_tl(
-    tensors: list[torch.Tensor],
-    model_params: list[dict[str, float]],
-    options: dict[str, Any],
-    base_index: int | None,
-    seed: int,
-) -> torch.Tensor:
+def merge_ramplus_tl(tensors, model_params, options, base_index, seed) -> torch.Tensor:
     return _merge(tensors, base_index, options["epsilon"], options["r"], options["alpha"])
 
 

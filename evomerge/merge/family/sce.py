@@ -14,12 +14,10 @@ without effect on the result, there and here.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
-from evomerge.merge.family._reductions import model_sum, output_dtype, sum64, working_dtype
+from evomerge.merge.family.common import model_sum, sum64
 from evomerge.merge.registry import MethodSpec, Param
 
 # Below this total of the mean squares every model gets weight 1/n (mergekit's cut).
@@ -56,28 +54,21 @@ def model_weights(deltas: torch.Tensor) -> torch.Tensor:
     return weights / total
 
 
-def merge(
-    tensors: list[torch.Tensor],
-    model_params: list[dict[str, float]],
-    options: dict[str, Any],
-    base_index: int | None,
-    seed: int,
-) -> torch.Tensor:
-    work = working_dtype(tensors)
-    base = tensors[base_index].to(work)
-    others = [tensor.to(work) for index, tensor in enumerate(tensors) if index != base_index]
+def merge(tensors, model_params, options, base_index, seed) -> torch.Tensor:
+    base = tensors[base_index]
+    others = [tensor for index, tensor in enumerate(tensors) if index != base_index]
     if not others:
-        return base.to(output_dtype(tensors, base_index), copy=True)
+        return base.clone()
     deltas = torch.stack([other - base for other in others])  # [models, *shape]
     if options["select_topk"] < 1:
-        deltas = deltas * selection_mask(deltas, options["select_topk"]).to(work).unsqueeze(0)
+        deltas = deltas * selection_mask(deltas, options["select_topk"]).to(base.dtype).unsqueeze(0)
     # Erase: an entry survives where its sign equals the sign of the models' sum (0 counts as +).
-    majority = torch.where(model_sum(deltas) >= 0, 1, -1).to(work)
+    majority = torch.where(model_sum(deltas) >= 0, 1, -1).to(base.dtype)
     survives = deltas.sign() == majority
     weights = model_weights(deltas).reshape(-1, *([1] * base.dim()))
     surviving_weights = weights * survives
     merged = model_sum(deltas * surviving_weights) / model_sum(surviving_weights).clamp(min=MIN_DIVISOR)
-    return (base + merged).to(output_dtype(tensors, base_index))
+    return base + merged
 
 
 SPEC = MethodSpec(

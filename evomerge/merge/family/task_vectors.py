@@ -16,7 +16,7 @@ import torch
 
 from evomerge.config.numbers import ParameterRange
 from evomerge.merge import blocks, sparsify
-from evomerge.merge.family.common import WEIGHT, result_tensor
+from evomerge.merge.family.common import WEIGHT, model_sum, result_tensor
 from evomerge.merge.fused_dispatch import native_eligible, native_task_vectors
 from evomerge.merge.registry import MethodSpec, Param
 from evomerge.merge.trim import TaskVectorKind, mix_weights, plan_trim
@@ -41,30 +41,19 @@ def _combine(flat_base, flat_sources, trims, weights, kind: TaskVectorKind, opti
             # has sign 0 and never agrees, so it neither contributes nor counts in the divisor.
             # sign(delta) == majority sign <=> where(majority >= 0, delta > 0, delta < 0),
             # in two ops instead of three (0 and NaN never agree either way).
-            majority = torch.where(_model_sum(deltas, sums[0]) >= 0, 1.0, -1.0).to(deltas.dtype)
+            majority = torch.where(model_sum(deltas, sums[0]) >= 0, 1.0, -1.0).to(deltas.dtype)
             agrees = torch.sign(deltas) == majority
-            mixed = _model_sum(deltas.mul_(agrees), sums[1])
+            mixed = model_sum(deltas.mul_(agrees), sums[1])
             if options["normalize"]:  # the per-element divisor costs a pass over all deltas
-                divisor = _model_sum(weights * agrees, sums[2])
+                divisor = model_sum(weights * agrees, sums[2])
                 divisor.masked_fill_(divisor == 0, 1)
         else:
-            mixed = _model_sum(deltas, sums[1])
+            mixed = model_sum(deltas, sums[1])
         if options["normalize"]:
             mixed /= divisor
         if options["lambda"] != 1:
             mixed *= options["lambda"]
         torch.add(base_block, mixed, out=target[start:stop])
-
-
-def _model_sum(rows: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
-    """Sum over the model axis in model order, accumulated in float32 (float64 for float64) from
-    +0 and rounded to the rows' dtype once: torch.sum(dim=0)'s result for up to 4 models, but an
-    order of our own, so the fused kernel can match it bit for bit (torch adds 5+ rows in another
-    order on the last columns, which would also tie our hashes to torch's reduction internals)."""
-    acc = scratch[: rows.shape[1]].zero_()
-    for row in rows:
-        acc.add_(row)
-    return acc if acc.dtype == rows.dtype else acc.to(rows.dtype)
 
 
 def _no_cache(index: int, compute: Callable[[], torch.Tensor]) -> sparsify.KeyHistogram:
