@@ -50,9 +50,10 @@ def task_arithmetic(base, finetunes, lam: float, only=lambda name: True) -> dict
 def merged_states(base: dict[str, torch.Tensor], finetunes: dict[str, dict[str, torch.Tensor]], num_layers: int):
     """(name, state dict) of each merge in the table."""
     n = len(finetunes)
-    yield "linear: uniform average of the fine-tunes", {
-        name: sum(ft[name] for ft in finetunes.values()) / n for name in base
-    }
+    yield (
+        "linear: uniform average of the fine-tunes",
+        {name: sum(ft[name] for ft in finetunes.values()) / n for name in base},
+    )
     for lam in TASK_ARITHMETIC_LAMBDAS:
         yield f"task arithmetic, lambda={lam}", task_arithmetic(base, finetunes, lam)
 
@@ -62,11 +63,13 @@ def merged_states(base: dict[str, torch.Tensor], finetunes: dict[str, dict[str, 
     def lower_half(name: str) -> bool:
         return "embed_tokens" in name or any(f"layers.{i}." in name for i in range(half))
 
-    yield f"task arithmetic 0.75 on embeddings + layers 0-{half - 1} only", task_arithmetic(
-        base, finetunes, 0.75, lower_half
+    yield (
+        f"task arithmetic 0.75 on embeddings + layers 0-{half - 1} only",
+        task_arithmetic(base, finetunes, 0.75, lower_half),
     )
-    yield f"task arithmetic 0.75 on layers {half}-{num_layers - 1} + final norm + lm_head only", task_arithmetic(
-        base, finetunes, 0.75, lambda name: not lower_half(name)
+    yield (
+        f"task arithmetic 0.75 on layers {half}-{num_layers - 1} + final norm + lm_head only",
+        task_arithmetic(base, finetunes, 0.75, lambda name: not lower_half(name)),
     )
 
 

@@ -50,8 +50,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("no CUDA device: this benchmark measures the GPU path (run it where a GPU is lent)")
     from evomerge.config.space import load_space
-    from evomerge.merge.resident import ResidentSources, materialize
     from evomerge.genome.kinds import make_genome
+    from evomerge.merge.resident import ResidentSources, materialize
     from evomerge.synthetic import LlamaShape, make_random_family
 
     device_name = torch.cuda.get_device_name(0)
@@ -59,12 +59,15 @@ def main() -> None:
     shape = LlamaShape(vocab=32000, hidden=2048, intermediate=5632, layers=args.layers, heads=16, kv_heads=4)
     family = make_random_family(work / "family", shape=shape, finetunes=4, dtype=torch.bfloat16)
     demo_space = load_space(REPO / "search_spaces" / "demo.yml", check_paths=False)
-    space = demo_space.model_copy(update={
-        "models": [m.model_copy(update={"path": family[f"ft{i + 1}"]}) for i, m in enumerate(demo_space.models)],
-        "base_model": demo_space.base_model.model_copy(update={"path": family["base"]}),
-        "dtype": "bfloat16", "device": "cuda",
-        "genome": demo_space.genome.model_copy(update={"layer_granularity": args.layers // 4}),
-    })
+    space = demo_space.model_copy(
+        update={
+            "models": [m.model_copy(update={"path": family[f"ft{i + 1}"]}) for i, m in enumerate(demo_space.models)],
+            "base_model": demo_space.base_model.model_copy(update={"path": family["base"]}),
+            "dtype": "bfloat16",
+            "device": "cuda",
+            "genome": demo_space.genome.model_copy(update={"layer_granularity": args.layers // 4}),
+        }
+    )
     genome = make_genome(space)
     loaded = time.perf_counter()
     sources = ResidentSources(genome.models, dtype=torch.bfloat16, device="cuda")
@@ -77,8 +80,8 @@ def main() -> None:
         target = {r.name: torch.empty(r.shape, dtype=torch.bfloat16, device="cuda") for r in plan.tensors}
         copies = {n: t.clone() for n, t in target.items()}
         out_bytes = sum(t.numel() * t.element_size() for t in target.values())
-        merge = cuda_time(lambda: materialize(plan, sources, target))
-        copy = cuda_time(lambda: [t.copy_(copies[n]) for n, t in target.items()])
+        merge = cuda_time(lambda plan=plan, target=target: materialize(plan, sources, target))
+        copy = cuda_time(lambda target=target, copies=copies: [t.copy_(copies[n]) for n, t in target.items()])
         rows.append((label, out_bytes, merge, copy))
     lines = [
         f"# GPU path ({device_name})",
@@ -90,8 +93,14 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for label, out_bytes, merge, copy in rows:
-        lines.append(f"| {label} | {out_bytes / 1e9:.2f} | {merge:.3f} | {copy:.4f} | {2 * out_bytes / copy / 1e9:.0f} | {copy / merge:.0%} |")
-    lines += ["", f"Command: `.venv/bin/python benchmarks/gpu_bench.py --layers {args.layers}`; {datetime.date.today().isoformat()}.", ""]
+        lines.append(
+            f"| {label} | {out_bytes / 1e9:.2f} | {merge:.3f} | {copy:.4f} | {2 * out_bytes / copy / 1e9:.0f} | {copy / merge:.0%} |"
+        )
+    lines += [
+        "",
+        f"Command: `.venv/bin/python benchmarks/gpu_bench.py --layers {args.layers}`; {datetime.date.today().isoformat()}.",
+        "",
+    ]
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -19,9 +19,8 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
-
 from importlib.metadata import version
+from pathlib import Path
 
 # This process stays small on purpose: Linux carries a parent's peak RSS into the rusage of
 # the children it forks, so the family is built, and torch imported, only in child processes.
@@ -96,8 +95,13 @@ def main() -> None:
     if action == "build":
         print(f"building a bf16 family in {family_dir} ...", flush=True)
     num_params = int(
-        subprocess.run([sys.executable, "-c", BUILD_FAMILY, str(family_dir), action], check=True, env=env,
-                       capture_output=True, text=True).stdout.split()[0]
+        subprocess.run(
+            [sys.executable, "-c", BUILD_FAMILY, str(family_dir), action],
+            check=True,
+            env=env,
+            capture_output=True,
+            text=True,
+        ).stdout.split()[0]
     )
     paths = {name: family_dir / name for name in ("base", "ft1", "ft2")}
     source_mib = sum(p.stat().st_size for p in family_dir.rglob("*.safetensors")) / 2**20
@@ -121,8 +125,11 @@ def main() -> None:
         ours_rss = statistics.median(s[1] for s in samples["evomerge"])
         theirs_rss = statistics.median(s[1] for s in samples["mergekit"])
         rows.append((method, ours_wall, theirs_wall, ours_rss, theirs_rss))
-        print(f"{method:10} evomerge {ours_wall:6.2f}s {ours_rss:7.0f} MiB | mergekit {theirs_wall:6.2f}s {theirs_rss:7.0f} MiB"
-              f" | time x{ours_wall / theirs_wall:.2f} rss x{ours_rss / theirs_rss:.2f}", flush=True)
+        print(
+            f"{method:10} evomerge {ours_wall:6.2f}s {ours_rss:7.0f} MiB | mergekit {theirs_wall:6.2f}s {theirs_rss:7.0f} MiB"
+            f" | time x{ours_wall / theirs_wall:.2f} rss x{ours_rss / theirs_rss:.2f}",
+            flush=True,
+        )
 
     lines = [
         "# Merge speed: `evomerge merge` vs `mergekit-yaml`",
@@ -136,7 +143,9 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for method, ow, tw, orss, trss in rows:
-        lines.append(f"| {method} | {ow:.2f} | {tw:.2f} | {ow / tw:.2f} | {orss:.0f} | {trss:.0f} | {orss / trss:.2f} |")
+        lines.append(
+            f"| {method} | {ow:.2f} | {tw:.2f} | {ow / tw:.2f} | {orss:.0f} | {trss:.0f} | {orss / trss:.2f} |"
+        )
     lines += [
         "",
         "Targets (issue: merge engine): wall ratio <= 0.5, RSS ratio <= 1.0.",

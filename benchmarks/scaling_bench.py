@@ -39,12 +39,30 @@ REPO = Path(__file__).resolve().parents[1]
 CORES = str(os.cpu_count() or 1)
 # name -> (label, workers, kind, environment changes)
 CONFIGS = {
-    "inprocess-default": ("1 worker, in process, OpenMP default wait, 1 thread per core (before)", 1, "inprocess-torch-first",
-                          {"OMP_WAIT_POLICY": None, "OMP_NUM_THREADS": CORES}),
-    "inprocess-passive-1": ("1 worker, in process, passive wait, 1 thread", 1, "inprocess", {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}),
-    "inprocess-passive-all": ("1 worker, in process, passive wait, 1 thread per core", 1, "inprocess",
-                              {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": CORES}),
-    "inprocess-passive-idle": ("1 worker, in process, passive wait, 1 thread per idle core (now the default)", 1, "inprocess", {}),
+    "inprocess-default": (
+        "1 worker, in process, OpenMP default wait, 1 thread per core (before)",
+        1,
+        "inprocess-torch-first",
+        {"OMP_WAIT_POLICY": None, "OMP_NUM_THREADS": CORES},
+    ),
+    "inprocess-passive-1": (
+        "1 worker, in process, passive wait, 1 thread",
+        1,
+        "inprocess",
+        {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"},
+    ),
+    "inprocess-passive-all": (
+        "1 worker, in process, passive wait, 1 thread per core",
+        1,
+        "inprocess",
+        {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": CORES},
+    ),
+    "inprocess-passive-idle": (
+        "1 worker, in process, passive wait, 1 thread per idle core (now the default)",
+        1,
+        "inprocess",
+        {},
+    ),
     "ray-1": ("1 worker, Ray actor (1 CPU, passive)", 1, "ray", {"OMP_WAIT_POLICY": "PASSIVE"}),
     "ray-2": ("2 workers, Ray actors (1 CPU each, passive)", 2, "ray", {"OMP_WAIT_POLICY": "PASSIVE"}),
 }
@@ -54,8 +72,12 @@ SINGLE = ("inprocess-default", "inprocess-passive-1", "inprocess-passive-all", "
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=24)
-    parser.add_argument("--rounds", type=int, default=2, help="runs of every configuration, the order reversed each round")
-    parser.add_argument("--demo-dir", type=Path, default=REPO / "demo_models", help="the demo family (built if missing)")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="runs of every configuration, the order reversed each round"
+    )
+    parser.add_argument(
+        "--demo-dir", type=Path, default=REPO / "demo_models", help="the demo family (built if missing)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "results" / "scaling.md")
     parser.add_argument("--only", help=argparse.SUPPRESS)  # child mode: run one configuration, print JSON
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -70,8 +92,18 @@ def main() -> None:
         for name in order:
             work = Path(tempfile.mkdtemp(prefix="evomerge-scaling-"))
             env = _child_env(CONFIGS[name][3])
-            command = [sys.executable, __file__, "--only", name, "--trials", str(args.trials),
-                       "--demo-dir", str(args.demo_dir.resolve()), "--work", str(work)]
+            command = [
+                sys.executable,
+                __file__,
+                "--only",
+                name,
+                "--trials",
+                str(args.trials),
+                "--demo-dir",
+                str(args.demo_dir.resolve()),
+                "--work",
+                str(work),
+            ]
             load_before = os.getloadavg()[0]
             done = subprocess.run(command, env=env, capture_output=True, text=True)
             load_after = os.getloadavg()[0]
@@ -81,17 +113,27 @@ def main() -> None:
             result = json.loads(done.stdout.strip().splitlines()[-1])
             result.update(name=name, load=(load_before, load_after))
             runs[name].append(result)
-            print(f"round {round_number + 1}, {CONFIGS[name][0]}: {result['trials']} trials in {result['loop']:.1f}s = "
-                  f"{result['trials'] / result['loop'] * 3600:.0f} trials/hour (start-up {result['startup']:.1f}s, "
-                  f"load {load_before:.1f} -> {load_after:.1f})", flush=True)
+            print(
+                f"round {round_number + 1}, {CONFIGS[name][0]}: {result['trials']} trials in {result['loop']:.1f}s = "
+                f"{result['trials'] / result['loop'] * 3600:.0f} trials/hour (start-up {result['startup']:.1f}s, "
+                f"load {load_before:.1f} -> {load_after:.1f})",
+                flush=True,
+            )
     args.out.write_text(_report(runs, args.trials, args.rounds))
     print(f"wrote {args.out}")
 
 
 def _child_env(changes: dict) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        RAY_AUTH_MODE="disabled",
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
     env.pop("OMP_NUM_THREADS", None)
     for key, value in changes.items():
         if value is None:
@@ -105,23 +147,29 @@ def measure(name: str, trials: int, demo_dir: Path, work: Path) -> dict:
     label, workers, kind, _ = CONFIGS[name]
     if kind == "inprocess-torch-first":
         import torch  # noqa: F401  (before evomerge: OpenMP starts with its default wait policy)
+    import psutil
+    import torch
+
     from evomerge.config.space import load_space
     from evomerge.demo import build_demo_family
     from evomerge.search.runner import run_search
     from evomerge.workers.pool import RayPool, make_pool
-
-    import psutil
-    import torch
 
     build_demo_family(demo_dir, progress=False)
     space_file = work / f"{name}.yml"
     text = (REPO / "search_spaces" / "demo.yml").read_text()
     space_file.write_text(text.replace("../demo_models/", f"{demo_dir}/").replace("../tasks", str(REPO / "tasks")))
     base = load_space(space_file)
-    search = base.search.model_copy(update={
-        "sampler": "random", "storage": f"sqlite:///{work / (name + '.db')}", "study_name": name,
-        "finalists": 0, "workers": workers, "enqueue": [],
-    })
+    search = base.search.model_copy(
+        update={
+            "sampler": "random",
+            "storage": f"sqlite:///{work / (name + '.db')}",
+            "study_name": name,
+            "finalists": 0,
+            "workers": workers,
+            "enqueue": [],
+        }
+    )
     space = base.model_copy(update={"search": search, "device": "cpu"})
     started = time.perf_counter()
     pool = make_pool(space) if kind.startswith("inprocess") else RayPool(space, workers)
@@ -139,9 +187,17 @@ def measure(name: str, trials: int, demo_dir: Path, work: Path) -> dict:
         memory = [(f"{label}: {info['name']}", info["rss"], info["sources_bytes"]) for info in pool.worker_infos]
         threads = 1
     pool.close()
-    return {"label": label, "workers": workers, "trials": trials, "loop": loop, "startup": startup + warmup,
-            "threads": threads, "wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), "memory": memory,
-            "torch": torch.__version__}
+    return {
+        "label": label,
+        "workers": workers,
+        "trials": trials,
+        "loop": loop,
+        "startup": startup + warmup,
+        "threads": threads,
+        "wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
+        "memory": memory,
+        "torch": torch.__version__,
+    }
 
 
 def _report(runs: dict[str, list[dict]], trials: int, rounds: int) -> str:
@@ -175,15 +231,17 @@ def _report(runs: dict[str, list[dict]], trials: int, rounds: int) -> str:
             f"{first['wait_policy']} | "
             + ", ".join(f"{r['loop'] / r['trials']:.2f}" for r in rs)
             + f" | {rate[name] * 3600:.0f} | {rate[name] / baseline:.2f}x | "
-            + ", ".join(f"{r['startup']:.0f}" for r in rs) + " | "
-            + ", ".join(f"{r['load'][0]:.1f}-{r['load'][1]:.1f}" for r in rs) + " |"
+            + ", ".join(f"{r['startup']:.0f}" for r in rs)
+            + " | "
+            + ", ".join(f"{r['load'][0]:.1f}-{r['load'][1]:.1f}" for r in rs)
+            + " |"
         )
     every_core, old, default = rate["inprocess-passive-all"], rate["inprocess-default"], rate["inprocess-passive-idle"]
     one_thread, ray_one, two = rate["inprocess-passive-1"], rate["ray-1"], rate["ray-2"]
     lines += [
         "",
         "What the ratios mean:",
-        f"- The baseline is the fastest way found to run one worker ({CONFIGS[best_single][0]}); \"vs best single "
+        f'- The baseline is the fastest way found to run one worker ({CONFIGS[best_single][0]}); "vs best single '
         "worker\" divides each configuration's throughput by it. So the 2-worker row says what a second worker adds "
         "over one worker at its best, not over a badly configured one.",
         f"- Passive waiting against OpenMP's default, same in-process worker and thread count: {every_core / old:.1f}x "
@@ -192,9 +250,12 @@ def _report(runs: dict[str, list[dict]], trials: int, rounds: int) -> str:
         "the working thread needs. evomerge now sets OMP_WAIT_POLICY=PASSIVE before torch loads (evomerge/threads.py).",
         f"- Thread count, all passive, in process: one per core {every_core / baseline:.2f}x, one {one_thread / baseline:.2f}x, "
         f"one per idle core (the default) {default / baseline:.2f}x; a single Ray actor with one CPU {ray_one / baseline:.2f}x. "
-        + ("Here one thread beat one per core: on a loaded machine a thread that waits for a busy core holds up "
-           "the others at every parallel step. " if one_thread > every_core else
-           "Here one per core beat one thread. ")
+        + (
+            "Here one thread beat one per core: on a loaded machine a thread that waits for a busy core holds up "
+            "the others at every parallel step. "
+            if one_thread > every_core
+            else "Here one per core beat one thread. "
+        )
         + "The default takes the cores the load average leaves idle when the worker starts: all of them on an "
         "idle machine.",
         f"- Against what a single in-process worker got before (OpenMP's default wait, one thread per core), the "

@@ -100,7 +100,10 @@ def remerge_vs_copy(genome, params, *, repeats: int) -> dict[str, float]:
         return (time.perf_counter() - started) / calls
 
     # Interleaved (merge, copy, copy per round), so drift on a shared machine hits all three alike.
-    rounds = [[per_call(f) for f in (lambda: materialize(plan, sources, target), copy_output, copy_all)] for _ in range(repeats)]
+    rounds = [
+        [per_call(f) for f in (lambda: materialize(plan, sources, target), copy_output, copy_all)]
+        for _ in range(repeats)
+    ]
     merge, copy_out, copy_in_and_out = (statistics.median(column) for column in zip(*rounds))
     return {
         "first_s": first,
@@ -182,11 +185,17 @@ def main() -> None:
     from evomerge.synthetic import LlamaShape, make_random_family
 
     big_dir = work / "big"
-    big = make_random_family(big_dir, shape=LlamaShape(vocab=32000, hidden=768, intermediate=2048, layers=8, heads=12, kv_heads=4), finetunes=4)
-    big_space = base_space.model_copy(update={
-        "models": [m.model_copy(update={"path": big[f"ft{i + 1}"]}) for i, m in enumerate(base_space.models)],
-        "base_model": base_space.base_model.model_copy(update={"path": big["base"]}),
-    })
+    big = make_random_family(
+        big_dir,
+        shape=LlamaShape(vocab=32000, hidden=768, intermediate=2048, layers=8, heads=12, kv_heads=4),
+        finetunes=4,
+    )
+    big_space = base_space.model_copy(
+        update={
+            "models": [m.model_copy(update={"path": big[f"ft{i + 1}"]}) for i, m in enumerate(base_space.models)],
+            "base_model": base_space.base_model.model_copy(update={"path": big["base"]}),
+        }
+    )
     for label, genome in (
         ("demo", worker.genome),
         ("random ~100M", make_genome(big_space)),
@@ -215,7 +224,11 @@ def main() -> None:
     for sampler in args.samplers:
         events = []
         space = with_search(
-            base_space, sampler=sampler, storage=f"sqlite:///{work / f'{sampler}.db'}", study_name=f"eff-{sampler}", finalists=0
+            base_space,
+            sampler=sampler,
+            storage=f"sqlite:///{work / f'{sampler}.db'}",
+            study_name=f"eff-{sampler}",
+            finalists=0,
         )
         t0 = time.perf_counter()
         run_search(space, n_trials=args.trials, progress=False, worker=worker, on_trial=events.append)
@@ -230,8 +243,18 @@ def main() -> None:
         marks = [max(1, len(values) // 4), max(1, len(values) // 2), len(values)]
         table.append((sampler, [best[m - 1] for m in marks], [hv[m - 1] for m in marks], seconds, marks))
         print(sampler, f"best {best[-1]:.3f} hv {hv[-1]:.4f} {seconds:.0f}s", flush=True)
-    png_best = plot_search_efficiency(args.out.with_name("search_efficiency_best.png"), curves_best, ylabel="best mean accuracy (search split)", title="Best mean skill vs trials")
-    png_hv = plot_search_efficiency(args.out.with_name("search_efficiency_hypervolume.png"), curves_hv, ylabel="hypervolume (ref 0)", title="Front hypervolume vs trials")
+    png_best = plot_search_efficiency(
+        args.out.with_name("search_efficiency_best.png"),
+        curves_best,
+        ylabel="best mean accuracy (search split)",
+        title="Best mean skill vs trials",
+    )
+    png_hv = plot_search_efficiency(
+        args.out.with_name("search_efficiency_hypervolume.png"),
+        curves_hv,
+        ylabel="hypervolume (ref 0)",
+        title="Front hypervolume vs trials",
+    )
     marks = table[0][4] if table else []
     lines += [
         "## (c) Search efficiency",
@@ -241,12 +264,28 @@ def main() -> None:
         "and hypervolume of the 4-objective front (reference point 0), after n trials. cmaes optimises the "
         "weighted sum; the others the 4 objectives.",
         "",
-        "| sampler | " + " | ".join(f"best mean @{m}" for m in marks) + " | " + " | ".join(f"hypervolume @{m}" for m in marks) + " | wall (s) |",
+        "| sampler | "
+        + " | ".join(f"best mean @{m}" for m in marks)
+        + " | "
+        + " | ".join(f"hypervolume @{m}" for m in marks)
+        + " | wall (s) |",
         "|---|" + "---|" * (2 * len(marks) + 1),
     ]
     for sampler, bests, hvs, seconds, _ in table:
-        lines.append(f"| {sampler} | " + " | ".join(f"{b:.3f}" for b in bests) + " | " + " | ".join(f"{h:.4f}" for h in hvs) + f" | {seconds:.0f} |")
-    lines += ["", f"![best]({png_best.name}) ![hypervolume]({png_hv.name})", "", f"Total benchmark time {time.perf_counter() - started:.0f}s.", ""]
+        lines.append(
+            f"| {sampler} | "
+            + " | ".join(f"{b:.3f}" for b in bests)
+            + " | "
+            + " | ".join(f"{h:.4f}" for h in hvs)
+            + f" | {seconds:.0f} |"
+        )
+    lines += [
+        "",
+        f"![best]({png_best.name}) ![hypervolume]({png_hv.name})",
+        "",
+        f"Total benchmark time {time.perf_counter() - started:.0f}s.",
+        "",
+    ]
     args.out.write_text("\n".join(lines))
     print(f"wrote {args.out}")
 

@@ -14,7 +14,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -42,7 +42,9 @@ cli_search.register(app)
 from evomerge import cli_studies  # noqa: E402
 
 cli_studies.register(app)
-demo_app = typer.Typer(help="The built-in offline demo: a tiny model family with distinct skills.", no_args_is_help=True)
+demo_app = typer.Typer(
+    help="The built-in offline demo: a tiny model family with distinct skills.", no_args_is_help=True
+)
 app.add_typer(demo_app, name="demo")
 
 _DEBUG = False
@@ -56,7 +58,9 @@ def _stderr(message: str) -> None:
 def _root(
     debug: Annotated[
         bool,
-        typer.Option("--debug", help="Show the full traceback of an error instead of one line (or set EVOMERGE_DEBUG=1)."),
+        typer.Option(
+            "--debug", help="Show the full traceback of an error instead of one line (or set EVOMERGE_DEBUG=1)."
+        ),
     ] = False,
 ) -> None:
     global _DEBUG
@@ -85,7 +89,7 @@ def merge(
         ),
     ] = "5B",
     workers: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(min=1, max=WORKERS_MAX, help="Tensors merged in parallel (default: min(4, CPU cores))."),
     ] = None,
     allow_pickle: Annotated[
@@ -97,13 +101,18 @@ def merge(
     copy_tokenizer: Annotated[
         bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer", help="Copy tokenizer and generation config.")
     ] = True,
-    model_card: Annotated[bool, typer.Option("--model-card/--no-model-card", help="Write a README.md model card.")] = True,
+    model_card: Annotated[
+        bool, typer.Option("--model-card/--no-model-card", help="Write a README.md model card.")
+    ] = True,
     overwrite: Annotated[
         bool,
-        typer.Option("--overwrite", help="Replace an earlier evomerge output in OUT_DIR (never other files; swapped in only once complete)."),
+        typer.Option(
+            "--overwrite",
+            help="Replace an earlier evomerge output in OUT_DIR (never other files; swapped in only once complete).",
+        ),
     ] = False,
     intermediate_dir: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(
             help="Multi-document (mergekit-multi) files: keep each named part in DIR/NAME (default: staged under OUT_DIR's staging folder, deleted after).",
             callback=cli_checks.output_dir,
@@ -151,8 +160,10 @@ def validate(
         bool, typer.Option("--schema-only", help="Space files: check fields only, not models, tasks or storage.")
     ] = False,
     scan: Annotated[
-        Optional[bool],
-        typer.Option("--scan/--no-scan", help="Read every source tensor for NaN/Inf (default: when the sources total <= 2 GB)."),
+        bool | None,
+        typer.Option(
+            "--scan/--no-scan", help="Read every source tensor for NaN/Inf (default: when the sources total <= 2 GB)."
+        ),
     ] = None,
 ) -> None:
     """Check a merge YAML or a space file and everything a merge or `run` will need, without doing either.
@@ -173,10 +184,14 @@ def validate(
             set_offline_defaults()
             for line in preflight_space(space, scan=scan).checks:
                 typer.echo(f"  {line}")
-        typer.echo(f"{config}: ok (search space: {detail}; study '{space.study_name}' in {display_url(space.storage_url)})")
+        typer.echo(
+            f"{config}: ok (search space: {detail}; study '{space.study_name}' in {display_url(space.storage_url)})"
+        )
         return
 
-    plans = plan_documents(load_merge_documents(config), config_path=config, allow_pickle=allow_pickle, allow_crimes=allow_crimes)
+    plans = plan_documents(
+        load_merge_documents(config), config_path=config, allow_pickle=allow_pickle, allow_crimes=allow_crimes
+    )
     for line in preflight_merge(plans, scan=scan, allow_pickle=allow_pickle, file=config).checks:
         typer.echo(f"  {line}")
     plan = plans[-1]  # the output; in a mergekit-multi file later documents were planned against the earlier parts
@@ -228,7 +243,9 @@ def demo_search(
     models_dir: Annotated[
         Path, typer.Option(help="Demo family directory (built first if missing).", callback=cli_checks.output_dir)
     ] = Path("demo_models"),
-    space_file: Annotated[Path, typer.Option("--space", help="The demo search space.")] = Path("search_spaces/demo.yml"),
+    space_file: Annotated[Path, typer.Option("--space", help="The demo search space.")] = Path(
+        "search_spaces/demo.yml"
+    ),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")] = False,
 ) -> None:
     """The main job: build the demo family if needed, then run the demo search to completion."""
@@ -244,9 +261,23 @@ def demo_search(
 # taken port), as opposed to an OSError from a bug: one line naming the path, exit status 2.
 USER_ERRNOS = frozenset(
     {
-        errno.ENOENT, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ENOSPC, errno.EROFS,
-        errno.EDQUOT, errno.ENAMETOOLONG, errno.EEXIST, errno.ENOTEMPTY, errno.ELOOP, errno.EFBIG,
-        errno.EADDRINUSE, errno.EADDRNOTAVAIL, errno.EMFILE, errno.EXDEV,
+        errno.ENOENT,
+        errno.EACCES,
+        errno.EPERM,
+        errno.EISDIR,
+        errno.ENOTDIR,
+        errno.ENOSPC,
+        errno.EROFS,
+        errno.EDQUOT,
+        errno.ENAMETOOLONG,
+        errno.EEXIST,
+        errno.ENOTEMPTY,
+        errno.ELOOP,
+        errno.EFBIG,
+        errno.EADDRINUSE,
+        errno.EADDRNOTAVAIL,
+        errno.EMFILE,
+        errno.EXDEV,
     }
 )
 
@@ -323,7 +354,9 @@ def main(argv: list[str] | None = None) -> None:
     except UnicodeDecodeError as exc:
         if _DEBUG:
             raise
-        _stderr(f"error: a file given to evomerge is not UTF-8 text ({exc.reason} at byte {exc.start}); pass a text YAML file")
+        _stderr(
+            f"error: a file given to evomerge is not UTF-8 text ({exc.reason} at byte {exc.start}); pass a text YAML file"
+        )
         sys.exit(2)
     except Exception as exc:
         if _DEBUG:

@@ -45,7 +45,9 @@ def _check_creatable(path: Path, what: str) -> None:
     if not ancestor.is_dir():
         raise EvomergeError(f"{path}: cannot create the {what}: {ancestor} is a file, not a folder")
     if ancestor != path.absolute() and not os.access(ancestor, os.W_OK | os.X_OK):
-        raise EvomergeError(f"{path}: cannot create the {what}: {ancestor} is not writable (permissions or a read-only file system)")
+        raise EvomergeError(
+            f"{path}: cannot create the {what}: {ancestor} is not writable (permissions or a read-only file system)"
+        )
 
 
 def output_dir(path: Path | None) -> Path | None:
@@ -128,5 +130,9 @@ def check_port_free(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is fine
             probe.bind(address)
     except OSError as exc:
-        reason = "is taken by another program; choose another --port" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+        reason = (
+            "is taken by another program; choose another --port"
+            if exc.errno == errno.EADDRINUSE
+            else f"cannot be used ({exc.strerror})"
+        )
         raise EvomergeError(f"--port {port}: {host}:{port} {reason}") from None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,30 +18,32 @@ STUDY_HELP = "A space file (space.yml), or a study name together with --storage.
 def run(
     space_file: Annotated[Path, typer.Argument(help="The search space YAML (models, genome, objectives, search).")],
     n_trials: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(min=1, max=TRIALS_MAX, help="Total finished trials for the study (overrides search.n_trials)."),
     ] = None,
     timeout: Annotated[
-        Optional[float],
+        float | None,
         typer.Option(
             min=0, help="Stop starting new trials after this many seconds (> 0).", callback=cli_checks.positive_seconds
         ),
     ] = None,
-    storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the study database (overrides search.storage).")] = None,
+    storage: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL of the study database (overrides search.storage).")
+    ] = None,
     device: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             help="Where candidates are merged and scored: auto, cpu, cuda, cuda:N (overrides device:).",
             callback=cli_checks.device_spelling,
         ),
     ] = None,
-    seed: Annotated[
-        Optional[int], typer.Option(min=0, max=SEED_MAX, help="Sampler seed (overrides search.seed).")
-    ] = None,
+    seed: Annotated[int | None, typer.Option(min=0, max=SEED_MAX, help="Sampler seed (overrides search.seed).")] = None,
     workers: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(
-            min=1, max=WORKERS_MAX, help="Candidates evaluated at once, by Ray actors when > 1 (overrides search.workers)."
+            min=1,
+            max=WORKERS_MAX,
+            help="Candidates evaluated at once, by Ray actors when > 1 (overrides search.workers).",
         ),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -68,11 +70,20 @@ def run(
         space = space.model_copy(update={"device": device})
     console = Console()
     console.print(f"study [bold]{space.study_name}[/] in {display_url(space.storage_url)}")
-    summary = run_search(space, n_trials=n_trials, timeout=timeout, progress=not quiet, verbose=verbose, workers=workers)
+    summary = run_search(
+        space, n_trials=n_trials, timeout=timeout, progress=not quiet, verbose=verbose, workers=workers
+    )
     for note in summary.notes:
         console.print(f"[yellow]{note}[/]")
-    console.print(front_table(summary.objective_names, summary.front, summary.references, best=summary.best,
-                              title=f"Pareto front of {summary.study_name} ({summary.n_complete} complete, {summary.n_failed} failed, {summary.seconds:.0f}s)"))
+    console.print(
+        front_table(
+            summary.objective_names,
+            summary.front,
+            summary.references,
+            best=summary.best,
+            title=f"Pareto front of {summary.study_name} ({summary.n_complete} complete, {summary.n_failed} failed, {summary.seconds:.0f}s)",
+        )
+    )
     parents = [m.name for m in space.models]
     winners = parents_beaten(summary.front, summary.references, parents)
     if winners:
@@ -81,18 +92,20 @@ def run(
         target = f"{space.source_path or space_file}"
         console.print("\nnext:")
         console.print(f"  evomerge front {target} --plot results/{space.study_name}_front.png")
-        console.print(f"  evomerge export {target} exports/{space.study_name}-best        # trial {summary.best.number}, hash-verified")
+        console.print(
+            f"  evomerge export {target} exports/{space.study_name}-best        # trial {summary.best.number}, hash-verified"
+        )
         console.print(f"  evomerge dashboard {target}")
 
 
 def front(
     study: Annotated[str, typer.Argument(help=STUDY_HELP)],
-    storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the study database.")] = None,
+    storage: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the study database.")] = None,
     top: Annotated[
         int, typer.Option(min=0, max=TRIALS_MAX, help="Also list the N best trials by weighted search score (0: none).")
     ] = 10,
     plot: Annotated[
-        Optional[Path],
+        Path | None,
         typer.Option(help="Write a PNG (and an HTML page beside it) of the front.", callback=cli_checks.png_file),
     ] = None,
 ) -> None:
@@ -100,8 +113,8 @@ def front(
     from rich.console import Console
 
     from evomerge.search.catalog import load_study_space
-    from evomerge.search.report import front_table
     from evomerge.search.front import FrontRow, compute_front, objective_values, pick_best, reference_rows, scalarize
+    from evomerge.search.report import front_table
     from evomerge.store.protocol import TrialReader
     from evomerge.store.states import Split, TrialStatus
     from evomerge.store.trial_store import TrialStore, display_url
@@ -109,7 +122,9 @@ def front(
     space = load_study_space(study, storage)
     store: TrialReader = TrialStore(space.storage_url)
     if store.study_info(space.study_name) is None:
-        raise EvomergeError(f"no study '{space.study_name}' in {display_url(space.storage_url)} yet: run `evomerge run` first")
+        raise EvomergeError(
+            f"no study '{space.study_name}' in {display_url(space.storage_url)} yet: run `evomerge run` first"
+        )
     rows = compute_front(space, store)
     refs = reference_rows(space, store)
     best = pick_best(space, rows)
@@ -126,7 +141,9 @@ def front(
         ranked.append(FrontRow(f"trial {record.number}", record.number, values, None, record.weights_hash))
     ranked.sort(key=lambda r: scalarize(space, r.search), reverse=True)
     if top and ranked:
-        console.print(front_table(names, ranked[:top], [], title=f"Top {min(top, len(ranked))} trials by weighted search score"))
+        console.print(
+            front_table(names, ranked[:top], [], title=f"Top {min(top, len(ranked))} trials by weighted search score")
+        )
     failed = store.trials(space.study_name, status=TrialStatus.FAILED)
     if failed:
         console.print(f"{len(failed)} failed trial(s), e.g. trial {failed[-1].number}: {failed[-1].failure}")
@@ -135,16 +152,22 @@ def front(
         from evomerge.search.report import front_cells, front_columns, has_selection
 
         held_out = has_selection([*rows, *refs])
-        tables = [PageTable(  # the terminal's tables, cell for cell
-            f"Pareto front of {space.study_name}", front_columns(names, held_out),
-            [front_cells(r, held_out, best=best) for r in [*refs, *rows]],
-            ["reference"] * len(refs) + ["best" if r is best else "" for r in rows],
-        )]
+        tables = [
+            PageTable(  # the terminal's tables, cell for cell
+                f"Pareto front of {space.study_name}",
+                front_columns(names, held_out),
+                [front_cells(r, held_out, best=best) for r in [*refs, *rows]],
+                ["reference"] * len(refs) + ["best" if r is best else "" for r in rows],
+            )
+        ]
         if top and ranked:
-            tables.append(PageTable(
-                f"Top {min(top, len(ranked))} trials by weighted search score", front_columns(names, False),
-                [front_cells(r, False) for r in ranked[:top]],
-            ))
+            tables.append(
+                PageTable(
+                    f"Top {min(top, len(ranked))} trials by weighted search score",
+                    front_columns(names, False),
+                    [front_cells(r, False) for r in ranked[:top]],
+                )
+            )
         try:
             written = plot_front(
                 plot,
@@ -152,9 +175,12 @@ def front(
                 trials=[(r.number, r.search) for r in ranked],
                 front=[r.number for r in rows],
                 references={r.label: r.search for r in refs},
-                title=f"{space.study_name}: Pareto front" + (f" (best: trial {best.number})" if best is not None else ""),
+                title=f"{space.study_name}: Pareto front"
+                + (f" (best: trial {best.number})" if best is not None else ""),
                 best=best.number if best is not None else None,
-                base=space.base_model.name if space.base_model and space.base_model.name in {r.label for r in refs} else None,
+                base=space.base_model.name
+                if space.base_model and space.base_model.name in {r.label for r in refs}
+                else None,
                 tables=tables,
             )
         except OSError as error:
@@ -167,10 +193,10 @@ def export(
     study: Annotated[str, typer.Argument(help=STUDY_HELP)],
     out_dir: Annotated[Path, typer.Argument(help="Where to write the checkpoint.", callback=cli_checks.output_dir)],
     trial: Annotated[
-        Optional[int],
+        int | None,
         typer.Option(min=0, max=2**31 - 1, help="Trial number (default: the best by held-out weighted score)."),
     ] = None,
-    storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the study database.")] = None,
+    storage: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the study database.")] = None,
     device: Annotated[
         str,
         typer.Option(
@@ -185,7 +211,9 @@ def export(
             callback=cli_checks.shard_size,
         ),
     ] = "5B",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an earlier evomerge output in OUT_DIR (never other files).")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier evomerge output in OUT_DIR (never other files).")
+    ] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the weights-hash check.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -196,8 +224,14 @@ def export(
 
     space = load_study_space(study, storage)
     report = export_trial(
-        space, out_dir, trial=trial, device=device, max_shard_bytes=parse_size(out_shard_size),
-        verify=not no_verify, overwrite=overwrite, progress=not quiet,
+        space,
+        out_dir,
+        trial=trial,
+        device=device,
+        max_shard_bytes=parse_size(out_shard_size),
+        verify=not no_verify,
+        overwrite=overwrite,
+        progress=not quiet,
     )
     check = f"weights hash {report.weights_hash[:16]} matches the scored model" if report.verified else "not verified"
     typer.echo(f"exported trial {report.trial} to {report.out_dir} ({check})")
@@ -205,16 +239,18 @@ def export(
 
 def dashboard(
     study: Annotated[str, typer.Argument(help=STUDY_HELP)],
-    storage: Annotated[Optional[str], typer.Option(help="SQLAlchemy URL of the study database.")] = None,
+    storage: Annotated[str | None, typer.Option(help="SQLAlchemy URL of the study database.")] = None,
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default; 0.0.0.0 exposes it).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=PORT_MAX, help="Port to serve on (refused if another program holds it).")] = 8080,
+    port: Annotated[
+        int, typer.Option(min=1, max=PORT_MAX, help="Port to serve on (refused if another program holds it).")
+    ] = 8080,
 ) -> None:
     """Serve optuna-dashboard over the study's database (Ctrl-C to stop)."""
     cli_checks.check_port_free(host, port)  # before the database is opened: a taken port is one line
+    from optuna_dashboard import run_server
+
     from evomerge.search.catalog import load_study_space
     from evomerge.store.database import check_storage, database_errors
-
-    from optuna_dashboard import run_server
 
     if storage and not (study.endswith((".yml", ".yaml")) or Path(study).is_file()):
         url, label = storage, study  # any optuna study in that database, evomerge's or not

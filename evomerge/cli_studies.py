@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -17,15 +17,23 @@ from evomerge.errors import EvomergeError
 
 
 def studies(
-    target: Annotated[str, typer.Argument(help="A space file (its study database) or a storage URL (sqlite:///x.db, postgresql+psycopg://...).")],
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="A space file (its study database) or a storage URL (sqlite:///x.db, postgresql+psycopg://...)."
+        ),
+    ],
     delete: Annotated[
-        Optional[str], typer.Option("--delete", metavar="NAME", help="Delete this study: optuna's study and evomerge's rows.")
+        str | None,
+        typer.Option("--delete", metavar="NAME", help="Delete this study: optuna's study and evomerge's rows."),
     ] = None,
     rename: Annotated[
-        Optional[tuple[str, str]], typer.Option("--rename", metavar="OLD NEW", help="Rename a study (optuna's and evomerge's rows).")
+        tuple[str, str] | None,
+        typer.Option("--rename", metavar="OLD NEW", help="Rename a study (optuna's and evomerge's rows)."),
     ] = None,
     copy: Annotated[
-        Optional[tuple[str, str]], typer.Option("--copy", metavar="OLD NEW", help="Copy a study under a new name (both sides).")
+        tuple[str, str] | None,
+        typer.Option("--copy", metavar="OLD NEW", help="Copy a study under a new name (both sides)."),
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
 ) -> None:
@@ -83,7 +91,9 @@ def _overview(store) -> list[tuple[str, str, str, str]]:
         holder = live_holder(store, name)
         if holder is not None:
             state += f"; running: pid {holder.pid} on {holder.host}"
-        optuna_text = ", ".join(f"{n} {s.lower()}" for s, n in sorted(optuna_study.states.items())) if optuna_study else "-"
+        optuna_text = (
+            ", ".join(f"{n} {s.lower()}" for s, n in sorted(optuna_study.states.items())) if optuna_study else "-"
+        )
         ours_text = ", ".join(f"{n} {s}" for s, n in sorted(ours.items())) or "-"
         rows.append((name, optuna_text or "0", ours_text, state))
     return rows

@@ -15,11 +15,11 @@ from pathlib import Path
 
 from evomerge.config.space import SearchSpace
 from evomerge.errors import EvomergeError
+from evomerge.genome.kinds import make_genome
 from evomerge.io.checkpoint import describe_sources, hub_ids, relocate_recipe, write_model_card, write_recipe
 from evomerge.io.hashing import checkpoint_hash
 from evomerge.io.output_dir import staged_output
 from evomerge.merge.engine import verify_layout, write_checkpoint
-from evomerge.genome.kinds import make_genome
 from evomerge.search.front import compute_front, pick_best
 from evomerge.store import display_url
 from evomerge.store.protocol import TrialReader
@@ -57,10 +57,24 @@ def score_table(
     columns = ["this merge", *sorted({name for split in parents.values() for name in split})]
     keys: dict[tuple[str, str, str], None] = {}  # (split, task, metric): the merge's first, then the parents'
     for split, tasks in merge.items():
-        keys.update({(split, task, metric): None for task, metrics in tasks.items() for metric, value in metrics.items() if reported_metric(metric, value)})
+        keys.update(
+            {
+                (split, task, metric): None
+                for task, metrics in tasks.items()
+                for metric, value in metrics.items()
+                if reported_metric(metric, value)
+            }
+        )
     for split, by_parent in parents.items():
         for tasks in by_parent.values():
-            keys.update({(split, task, metric): None for task, metrics in tasks.items() for metric, value in metrics.items() if reported_metric(metric, value)})
+            keys.update(
+                {
+                    (split, task, metric): None
+                    for task, metrics in tasks.items()
+                    for metric, value in metrics.items()
+                    if reported_metric(metric, value)
+                }
+            )
     rows = []
     for split, task, metric in keys:
         values = [merge.get(split, {}).get(task, {}).get(metric)]
@@ -79,7 +93,9 @@ def _protected(space: SearchSpace) -> dict[str, Sequence[Path]]:
     url = make_url(space.storage_url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         protected["the study database"] = [Path(url.database)]
-    protected["a source model"] = [Path(m.path) for m in space.models] + ([Path(space.base_model.path)] if space.base_model else [])
+    protected["a source model"] = [Path(m.path) for m in space.models] + (
+        [Path(space.base_model.path)] if space.base_model else []
+    )
     return protected
 
 
@@ -117,22 +133,35 @@ def export_trial(
     if record is None:
         raise EvomergeError(f"study '{space.study_name}' has no trial {trial}")
     if record.status != TrialStatus.COMPLETE:
-        raise EvomergeError(f"trial {trial} is {record.status}" + (f" ({record.failure})" if record.failure else "") + "; pick a completed trial")
+        raise EvomergeError(
+            f"trial {trial} is {record.status}"
+            + (f" ({record.failure})" if record.failure else "")
+            + "; pick a completed trial"
+        )
     with staged_output(out_dir, overwrite=overwrite, protected=_protected(space)) as staged:
         genome = make_genome(space)
-        plan = genome.plan(record.genome, metadata={"study": space.study_name, "trial": str(trial), "storage": display_url(space.storage_url)})
+        plan = genome.plan(
+            record.genome,
+            metadata={"study": space.study_name, "trial": str(trial), "storage": display_url(space.storage_url)},
+        )
         write_checkpoint(plan, staged.staging, device=device, max_shard_bytes=max_shard_bytes, progress=progress)
         names = [r.name for r in plan.tensors]
         digest = checkpoint_hash(staged.staging, names) if verify else ""
         if verify and digest != record.weights_hash:
-            where = f" It was scored on {record.device}; export with --device set to the same kind of device." if record.device and not record.device.startswith("cpu") else ""
+            where = (
+                f" It was scored on {record.device}; export with --device set to the same kind of device."
+                if record.device and not record.device.startswith("cpu")
+                else ""
+            )
             raise EvomergeError(
                 f"exported weights hash {digest} differs from the hash recorded for trial {trial} ({record.weights_hash}): "
                 f"it is not the model that was scored, so {out_dir} was left as it was.{where}"
             )
         recipe = relocate_recipe(plan.recipe_yaml, final_dir=staged.target, paths=plan.models)
         write_recipe(staged.staging, recipe)
-        merge_scores = {split: store.scores(space.study_name, split).get(trial, {}) for split in ("search", "selection")}
+        merge_scores = {
+            split: store.scores(space.study_name, split).get(trial, {}) for split in ("search", "selection")
+        }
         parent_scores = {split: store.references(space.study_name, split) for split in ("search", "selection")}
         columns, rows = score_table(merge_scores, parent_scores)
         complete = len(store.trials(space.study_name, status=TrialStatus.COMPLETE))
@@ -165,4 +194,3 @@ def export_trial(
         )
         staged.commit(verify=lambda directory: verify_layout(plan, directory))
     return ExportReport(Path(out_dir), trial, digest, verify, time.perf_counter() - started)
-

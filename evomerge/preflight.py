@@ -22,7 +22,6 @@ from evomerge.config.space import SearchSpace
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.io.model_dir import ModelDir
 from evomerge.store.database import check_storage
-from evomerge.suggest import did_you_mean
 
 SCAN_LIMIT_BYTES = 2 * 10**9
 # TaskEvaluator passes these to lm-eval's HFLM itself; eval.model_args must not repeat them.
@@ -41,7 +40,9 @@ def should_scan(total_bytes: int, scan: bool | None) -> bool:
     return scan if scan is not None else total_bytes <= SCAN_LIMIT_BYTES
 
 
-def scan_models(models: Mapping[str, ModelDir], scan: bool | None, *, fields: Mapping[str, str] | None = None, file: object = None) -> str:
+def scan_models(
+    models: Mapping[str, ModelDir], scan: bool | None, *, fields: Mapping[str, str] | None = None, file: object = None
+) -> str:
     """NaN/Inf in any source tensor is an error naming the model and tensor; returns the check's line."""
     total = sum(model.total_bytes for model in models.values())
     if not should_scan(total, scan):
@@ -77,7 +78,9 @@ def check_device(space: SearchSpace) -> str:
     try:
         resolve_device(space.device, on_this_machine=False)
     except EvomergeError:  # a --device override skips the space file's own check
-        raise ConfigError(f"expected {DEVICE_FORMS}, got {space.device!r}", file=space.source_path, field="device") from None
+        raise ConfigError(
+            f"expected {DEVICE_FORMS}, got {space.device!r}", file=space.source_path, field="device"
+        ) from None
     if space.ray.address or space.search.workers > 1:
         return f"device {space.device}"
     try:
@@ -87,7 +90,9 @@ def check_device(space: SearchSpace) -> str:
 
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         have = f"{count} CUDA device(s)" if count else "no CUDA device"
-        raise ConfigError(f"{space.device} is not on this machine ({have}); use cpu or auto", file=space.source_path, field="device") from None
+        raise ConfigError(
+            f"{space.device} is not on this machine ({have}); use cpu or auto", file=space.source_path, field="device"
+        ) from None
     return f"device {space.device}"
 
 
@@ -121,8 +126,7 @@ def preflight_space(space: SearchSpace, *, scan: bool | None = None, genome: Any
     genome = genome or make_genome(space)  # opens every model: headers, sizes, names, shapes, grouping
     report.genome = genome
     report.checks.append(
-        f"models: {len(genome.models)} compatible, every tensor header read and inside its file; "
-        f"{genome.outline()}"
+        f"models: {len(genome.models)} compatible, every tensor header read and inside its file; {genome.outline()}"
     )
     donor = genome.base or genome.finetunes[0]
     check_filters(space, genome.models[donor].tensors)
@@ -146,7 +150,7 @@ class PlannedModel:
     config: dict[str, Any]
 
     @classmethod
-    def from_plan(cls, name: str, plan: Any, donor: ModelDir | Any) -> "PlannedModel":
+    def from_plan(cls, name: str, plan: Any, donor: ModelDir | Any) -> PlannedModel:
         from evomerge.io.model_dir import TensorInfo
 
         tensors = {r.name: TensorInfo(tuple(r.shape), plan.out_dtype, f"{name}.safetensors") for r in plan.tensors}
@@ -161,7 +165,9 @@ def plan_documents(documents: list[Any], *, config_path: Path, allow_pickle: boo
     planned: dict[str, Any] = {}
     plans = []
     for document in documents:
-        planner = Planner(document, config_path=config_path, allow_pickle=allow_pickle, allow_crimes=allow_crimes, model_dirs=planned)
+        planner = Planner(
+            document, config_path=config_path, allow_pickle=allow_pickle, allow_crimes=allow_crimes, model_dirs=planned
+        )
         plan = planner.plan()
         plans.append(plan)
         if document.name:
@@ -169,11 +175,14 @@ def plan_documents(documents: list[Any], *, config_path: Path, allow_pickle: boo
     return plans
 
 
-def preflight_merge(plans: list[Any], *, scan: bool | None = None, allow_pickle: bool = False, file: object = None) -> PreflightReport:
+def preflight_merge(
+    plans: list[Any], *, scan: bool | None = None, allow_pickle: bool = False, file: object = None
+) -> PreflightReport:
     """Planned merges (the documents of one file): the planner read the headers; scan each source once for NaN/Inf."""
-    paths = {Path(path) for plan in plans for path in plan.models.values() if Path(path).is_dir()}  # not the planned parts
+    paths = {
+        Path(path) for plan in plans for path in plan.models.values() if Path(path).is_dir()
+    }  # not the planned parts
     models = {str(path): ModelDir(path, allow_pickle=allow_pickle) for path in sorted(paths)}
     report = PreflightReport()
     report.checks.append(scan_models(models, scan, file=file))
     return report
-

@@ -37,7 +37,14 @@ def progress_bar(total: float | None, description: str, *, enabled: bool = True,
         yield _Bar(None, None)
         return
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
     if unit:
@@ -144,8 +151,14 @@ class SearchProgress:
         elif self.phase_total is not None and self.done >= self.phase_total:
             self._line(f"{PHASES[self.phase]}: {self.done}/{self.phase_total} done")
 
-    def update(self, *, in_flight: int | None = None, failed: int | None = None, front: int | None = None,
-               best: tuple[int, float] | None = None) -> None:
+    def update(
+        self,
+        *,
+        in_flight: int | None = None,
+        failed: int | None = None,
+        front: int | None = None,
+        best: tuple[int, float] | None = None,
+    ) -> None:
         """New counts (no step finished): trials in flight, failed, front size, best (trial, mean)."""
         if in_flight is not None:
             self.in_flight = in_flight

@@ -16,7 +16,9 @@ from evomerge.io.safetensors_io import StreamingCheckpointWriter
 from evomerge.llama_shape import LlamaShape
 
 
-def _write_model(path: Path, shape: LlamaShape, tensors: dict[str, torch.Tensor], dtype: torch.dtype, shard_bytes: int) -> None:
+def _write_model(
+    path: Path, shape: LlamaShape, tensors: dict[str, torch.Tensor], dtype: torch.dtype, shard_bytes: int
+) -> None:
     path.mkdir(parents=True, exist_ok=True)
     layout = [(name, dims, dtype) for name, dims in shape.tensors()]
     with StreamingCheckpointWriter(path, layout, max_shard_bytes=shard_bytes) as writer:

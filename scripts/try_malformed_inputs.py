@@ -128,15 +128,27 @@ class Corpus:
             "base_model": f"base@{self.family['base']}",
             "dtype": "float32",
             "device": "cpu",
-            "genome": {"layer_granularity": 2, "methods": ["task_arithmetic", "ties"], "weight": [0.0, 1.0],
-                       "density": [0.3, 1.0], "lambda": [0.5, 2.0]},
+            "genome": {
+                "layer_granularity": 2,
+                "methods": ["task_arithmetic", "ties"],
+                "weight": [0.0, 1.0],
+                "density": [0.3, 1.0],
+                "lambda": [0.5, 2.0],
+            },
             "objectives": [
                 {"task": "demo_close", "metric": "acc,none", "selection_task": "demo_close_select", "name": "close"},
                 {"task": "demo_sort", "metric": "acc,none", "selection_task": "demo_sort_select", "name": "sort"},
             ],
             "eval": {"include_paths": [str(REPO / "tasks")], "limit": 4, "selection_limit": 4, "batch_size": 16},
-            "search": {"sampler": "random", "seed": 0, "n_trials": 2, "study_name": "s", "finalists": 1,
-                       "enqueue": [], "storage": f"sqlite:///{self.root / 'db' / self.unique('study')}.db"},
+            "search": {
+                "sampler": "random",
+                "seed": 0,
+                "n_trials": 2,
+                "study_name": "s",
+                "finalists": 1,
+                "enqueue": [],
+                "storage": f"sqlite:///{self.root / 'db' / self.unique('study')}.db",
+            },
         }
         for dotted, value in changes.items():
             node = space
@@ -163,12 +175,19 @@ class Corpus:
     # -- the controls (must succeed) -----------------------------------------------------------
     def controls(self) -> list[Case]:
         merge_yml = self.yaml_file("merge", self.merge_config())
-        self.control_space = self.yaml_file("space", self.space(**{"search.storage": f"sqlite:///{self.root / 'study.db'}"}))
+        self.control_space = self.yaml_file(
+            "space", self.space(**{"search.storage": f"sqlite:///{self.root / 'study.db'}"})
+        )
         return [
             Case("control", "a valid merge YAML", ("validate", merge_yml)),
             Case("control", "a valid merge", ("merge", merge_yml, self.unique(str(self.root / "out/ok")), "-q")),
             Case("control", "a valid space file", ("validate", self.control_space)),
-            Case("control", "a valid search (makes the study the study cases use)", ("run", self.control_space, "-q"), timeout=300),
+            Case(
+                "control",
+                "a valid search (makes the study the study cases use)",
+                ("run", self.control_space, "-q"),
+                timeout=300,
+            ),
         ]
 
     # -- 1. command lines -------------------------------------------------------------------------
@@ -256,8 +275,12 @@ class Corpus:
             Case("devices", "run --device npu", ("run", space, "--device", "npu")),
             Case("devices", "run --device cuda:99", ("run", space, "--device", "cuda:99", "-q"), timeout=120),
             Case("devices", "space file device: tpu", ("validate", self.yaml_file("space", self.space(device="tpu")))),
-            Case("devices", "space file device: cuda:99 (run)",
-                 ("run", self.yaml_file("space", self.space(device="cuda:99")), "-q"), timeout=120),
+            Case(
+                "devices",
+                "space file device: cuda:99 (run)",
+                ("run", self.yaml_file("space", self.space(device="cuda:99")), "-q"),
+                timeout=120,
+            ),
         ]
         return cases
 
@@ -270,8 +293,11 @@ class Corpus:
             Case("ports", "a host name that does not resolve", ("dashboard", space, "--host", "nohost.invalid")),
             Case("ports", "a host that is not this machine", ("dashboard", space, "--host", "203.0.113.7")),
             Case("ports", "a malformed host", ("dashboard", space, "--host", "300.1.1.1")),
-            Case("ports", "a taken port, a study name with --storage", ("dashboard", "nostudy", "--storage",
-                 f"sqlite:///{self.root / 'db' / 'nothing.db'}", "--port", port)),
+            Case(
+                "ports",
+                "a taken port, a study name with --storage",
+                ("dashboard", "nostudy", "--storage", f"sqlite:///{self.root / 'db' / 'nothing.db'}", "--port", port),
+            ),
         ]
 
     # -- 5. output paths --------------------------------------------------------------------------
@@ -285,19 +311,32 @@ class Corpus:
         long_name = str(self.root / "outputs" / ("x" * 300))
         cases = [
             Case("output paths", "merge OUT_DIR under a file", ("merge", cfg, f"{a_file}/out")),
-            Case("output paths", "merge OUT_DIR is a file", ("merge", cfg, a_file), must_survive=("outputs/a_file.txt",)),
+            Case(
+                "output paths", "merge OUT_DIR is a file", ("merge", cfg, a_file), must_survive=("outputs/a_file.txt",)
+            ),
             Case("output paths", "merge OUT_DIR name longer than 255 bytes", ("merge", cfg, long_name)),
             Case("output paths", "merge OUT_DIR in /proc", ("merge", cfg, "/proc/evomerge-out")),
             Case("output paths", "merge OUT_DIR in /sys", ("merge", cfg, "/sys/evomerge-out")),
             Case("output paths", "merge OUT_DIR is the config file", ("merge", cfg, cfg)),
-            Case("output paths", "merge into a folder with the user's README.md and config.json",
-                 ("merge", cfg, str(user_dir), "-q"), must_survive=("outputs/user_folder/README.md", "outputs/user_folder/config.json")),
-            Case("output paths", "merge --intermediate-dir under a file", ("merge", cfg, self.unique(str(self.path("out/o"))),
-                 "--intermediate-dir", f"{a_file}/parts")),
+            Case(
+                "output paths",
+                "merge into a folder with the user's README.md and config.json",
+                ("merge", cfg, str(user_dir), "-q"),
+                must_survive=("outputs/user_folder/README.md", "outputs/user_folder/config.json"),
+            ),
+            Case(
+                "output paths",
+                "merge --intermediate-dir under a file",
+                ("merge", cfg, self.unique(str(self.path("out/o"))), "--intermediate-dir", f"{a_file}/parts"),
+            ),
             Case("output paths", "front --plot is a folder", ("front", space, "--plot", str(self.root / "outputs"))),
             Case("output paths", "front --plot under a file", ("front", space, "--plot", f"{a_file}/front.png")),
             Case("output paths", "front --plot in /proc", ("front", space, "--plot", "/proc/front.png")),
-            Case("output paths", "front --plot with an unknown suffix", ("front", space, "--plot", str(self.root / "outputs/front.xyz"))),
+            Case(
+                "output paths",
+                "front --plot with an unknown suffix",
+                ("front", space, "--plot", str(self.root / "outputs/front.xyz")),
+            ),
             Case("output paths", "export OUT_DIR under a file", ("export", space, f"{a_file}/out")),
             Case("output paths", "export OUT_DIR in /sys", ("export", space, "/sys/evomerge-export")),
             Case("output paths", "demo build under a file", ("demo", "build", f"{a_file}/demo")),
@@ -315,20 +354,44 @@ class Corpus:
             "weight: abc": (self.merge_config(models=models({"weight": "abc", "density": 0.5})), None),
             "weight: .nan": (self.merge_config(models=models({"weight": float("nan"), "density": 0.5})), None),
             "weight: .inf": (self.merge_config(models=models({"weight": float("inf"), "density": 0.5})), None),
-            "weight gradient holding a string": (self.merge_config(models=models({"weight": [0.1, "x", 0.5], "density": 0.5})), None),
+            "weight gradient holding a string": (
+                self.merge_config(models=models({"weight": [0.1, "x", 0.5], "density": 0.5})),
+                None,
+            ),
             "weight gradient empty": (self.merge_config(models=models({"weight": [], "density": 0.5})), None),
             "weight: a mapping": (self.merge_config(models=models({"weight": {"a": 1}, "density": 0.5})), None),
             "weight: true": (self.merge_config(models=models({"weight": True, "density": 0.5})), None),
             "density: 1.5": (self.merge_config(models=models({"weight": 0.5, "density": 1.5})), "density"),
             "density: -0.1": (self.merge_config(models=models({"weight": 0.5, "density": -0.1})), "density"),
             "density: .nan": (self.merge_config(models=models({"weight": 0.5, "density": float("nan")})), None),
-            "slerp t: -0.5": (self.merge_config(merge_method="slerp", base_model=ft1, models=[{"model": ft1}, {"model": ft2}],
-                                                parameters={"t": -0.5}), "t"),
-            "slerp t: 1.5": (self.merge_config(merge_method="slerp", base_model=ft1, models=[{"model": ft1}, {"model": ft2}],
-                                               parameters={"t": 1.5}), "t"),
-            "slerp t gradient with .nan": (self.merge_config(merge_method="slerp", base_model=ft1, models=[{"model": ft1}, {"model": ft2}],
-                                                             parameters={"t": [0, float("nan"), 1]}), None),
-            "task_arithmetic lambda: abc": (self.merge_config(merge_method="task_arithmetic", parameters={"lambda": "abc"}), None),
+            "slerp t: -0.5": (
+                self.merge_config(
+                    merge_method="slerp",
+                    base_model=ft1,
+                    models=[{"model": ft1}, {"model": ft2}],
+                    parameters={"t": -0.5},
+                ),
+                "t",
+            ),
+            "slerp t: 1.5": (
+                self.merge_config(
+                    merge_method="slerp", base_model=ft1, models=[{"model": ft1}, {"model": ft2}], parameters={"t": 1.5}
+                ),
+                "t",
+            ),
+            "slerp t gradient with .nan": (
+                self.merge_config(
+                    merge_method="slerp",
+                    base_model=ft1,
+                    models=[{"model": ft1}, {"model": ft2}],
+                    parameters={"t": [0, float("nan"), 1]},
+                ),
+                None,
+            ),
+            "task_arithmetic lambda: abc": (
+                self.merge_config(merge_method="task_arithmetic", parameters={"lambda": "abc"}),
+                None,
+            ),
             "breadcrumbs gamma: -1": (self.merge_config(merge_method="breadcrumbs", parameters={"gamma": -1.0}), None),
             "misspelled parameter wieght": (self.merge_config(models=models({"wieght": 0.5, "density": 0.5})), None),
             "unknown merge_method": (self.merge_config(merge_method="super_merge"), None),
@@ -337,9 +400,18 @@ class Corpus:
             "models: a string": (self.merge_config(models="ft1, ft2"), None),
             "models: empty": (self.merge_config(models=[]), None),
             "model entry without model:": (self.merge_config(models=[{"parameters": {"weight": 1}}]), None),
-            "model path that does not exist": (self.merge_config(models=[{"model": "/no/such/model", "parameters": {"weight": 1, "density": 1}}]), None),
-            "model path is a file": (self.merge_config(models=[{"model": str(self.family["ft1"] / "config.json"),
-                                                                "parameters": {"weight": 1, "density": 1}}]), None),
+            "model path that does not exist": (
+                self.merge_config(models=[{"model": "/no/such/model", "parameters": {"weight": 1, "density": 1}}]),
+                None,
+            ),
+            "model path is a file": (
+                self.merge_config(
+                    models=[
+                        {"model": str(self.family["ft1"] / "config.json"), "parameters": {"weight": 1, "density": 1}}
+                    ]
+                ),
+                None,
+            ),
             "ties without base_model": (self.merge_config(base_model=None), None),
             "base_model does not exist": (self.merge_config(base_model="/no/such/base"), None),
             "dtype: float33": (self.merge_config(dtype="float33"), None),
@@ -348,12 +420,33 @@ class Corpus:
             "slices layer_range past the last layer": (self._slices([0, 99]), None),
             "slices layer_range reversed": (self._slices([3, 1]), None),
             "slices layer_range of strings": (self._slices(["a", "b"]), None),
-            "slices of different lengths": ({"merge_method": "linear", "dtype": "float32", "slices": [{"sources": [
-                {"model": ft1, "layer_range": [0, 4], "parameters": {"weight": 1}},
-                {"model": ft2, "layer_range": [0, 2], "parameters": {"weight": 1}}]}]}, None),
-            "a filter list without value": (self.merge_config(models=models({"weight": [{"filter": "mlp"}], "density": 0.5})), None),
-            "a filter that matches no tensor": (self.merge_config(models=models({"weight": [{"filter": "no_such_proj", "value": 0.2},
-                                                                                             {"value": 0.5}], "density": 0.5})), "matches no tensor"),
+            "slices of different lengths": (
+                {
+                    "merge_method": "linear",
+                    "dtype": "float32",
+                    "slices": [
+                        {
+                            "sources": [
+                                {"model": ft1, "layer_range": [0, 4], "parameters": {"weight": 1}},
+                                {"model": ft2, "layer_range": [0, 2], "parameters": {"weight": 1}},
+                            ]
+                        }
+                    ],
+                },
+                None,
+            ),
+            "a filter list without value": (
+                self.merge_config(models=models({"weight": [{"filter": "mlp"}], "density": 0.5})),
+                None,
+            ),
+            "a filter that matches no tensor": (
+                self.merge_config(
+                    models=models(
+                        {"weight": [{"filter": "no_such_proj", "value": 0.2}, {"value": 0.5}], "density": 0.5}
+                    )
+                ),
+                "matches no tensor",
+            ),
         }
         cases = []
         for label, (data, warn) in variants.items():
@@ -372,35 +465,58 @@ class Corpus:
         binary = {
             "a binary file (safetensors) as config": (self.family["ft1"] / "model.safetensors").read_bytes()[:4096],
             "latin-1 bytes in a model path": f"merge_method: linear\nmodels:\n  - model: {ft1}\xe9\n".encode("latin-1"),
-            "a NUL byte in a model path": f"merge_method: linear\nmodels:\n  - model: \"{ft1}\\0x\"\n    parameters: {{weight: 1}}\n".encode(),
+            "a NUL byte in a model path": f'merge_method: linear\nmodels:\n  - model: "{ft1}\\0x"\n    parameters: {{weight: 1}}\n'.encode(),
         }
         for label, data in binary.items():
             cases.append(Case("merge YAML", label, ("validate", self.write(f"merge/{self.unique('bin')}.yml", data))))
         cases += [
             Case("merge YAML", "the config is a folder", ("validate", str(self.root / "merge"))),
             Case("merge YAML", "the config is /dev/null", ("validate", "/dev/null")),
-            Case("merge YAML", "the config does not exist", ("merge", str(self.root / "merge/missing.yml"), str(self.root / "out/m"))),
+            Case(
+                "merge YAML",
+                "the config does not exist",
+                ("merge", str(self.root / "merge/missing.yml"), str(self.root / "out/m")),
+            ),
         ]
         # what `merge` itself does with values validate may accept
         for label, data in {
             "merge with weight: .nan": self.merge_config(models=models({"weight": float("nan"), "density": 0.5})),
-            "merge with a weight gradient holding a string": self.merge_config(models=models({"weight": [0.1, "x"], "density": 0.5})),
+            "merge with a weight gradient holding a string": self.merge_config(
+                models=models({"weight": [0.1, "x"], "density": 0.5})
+            ),
             "merge with density: 1.5": self.merge_config(models=models({"weight": 0.5, "density": 1.5})),
         }.items():
-            cases.append(Case("merge YAML", label, ("merge", self.yaml_file("merge", data), self.unique(str(self.path("out/y"))), "-q"),
-                              warn_ok="density" if "density" in label else None))
+            cases.append(
+                Case(
+                    "merge YAML",
+                    label,
+                    ("merge", self.yaml_file("merge", data), self.unique(str(self.path("out/y"))), "-q"),
+                    warn_ok="density" if "density" in label else None,
+                )
+            )
         cases += self._multi_document_cases()
         return cases
 
     def _slices(self, layer_range) -> dict:
-        return {"merge_method": "linear", "dtype": "float32", "slices": [{"sources": [
-            {"model": str(self.family["ft1"]), "layer_range": layer_range, "parameters": {"weight": 1}},
-            {"model": str(self.family["ft2"]), "layer_range": layer_range, "parameters": {"weight": 1}}]}]}
+        return {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "slices": [
+                {
+                    "sources": [
+                        {"model": str(self.family["ft1"]), "layer_range": layer_range, "parameters": {"weight": 1}},
+                        {"model": str(self.family["ft2"]), "layer_range": layer_range, "parameters": {"weight": 1}},
+                    ]
+                }
+            ],
+        }
 
     def _raw_ties(self, weight: str) -> str:
-        return (f"merge_method: ties\nbase_model: {self.family['base']}\ndtype: float32\nmodels:\n"
-                f"  - {{model: {self.family['ft1']}, parameters: {{density: 0.5, weight: {weight}}}}}\n"
-                f"  - {{model: {self.family['ft2']}, parameters: {{density: 0.5, weight: 0.5}}}}\n")
+        return (
+            f"merge_method: ties\nbase_model: {self.family['base']}\ndtype: float32\nmodels:\n"
+            f"  - {{model: {self.family['ft1']}, parameters: {{density: 0.5, weight: {weight}}}}}\n"
+            f"  - {{model: {self.family['ft2']}, parameters: {{density: 0.5, weight: 0.5}}}}\n"
+        )
 
     def _multi_document_cases(self) -> list[Case]:
         """Named documents of a mergekit-multi file: names must stay inside the output folder."""
@@ -408,25 +524,40 @@ class Corpus:
 
         def doc(name, a=ft1, b=ft2):
             head = f"name: {name}\n" if name else ""
-            return (f"{head}merge_method: linear\ndtype: float32\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.5}}}}\n"
-                    f"  - {{model: {b}, parameters: {{weight: 0.5}}}}\n")
+            return (
+                f"{head}merge_method: linear\ndtype: float32\nmodels:\n  - {{model: {a}, parameters: {{weight: 0.5}}}}\n"
+                f"  - {{model: {b}, parameters: {{weight: 0.5}}}}\n"
+            )
 
         cases = []
-        for label in ["a document named ../../VICTIM", "a document with an absolute name", "two documents with one name",
-                      "the last document named", "a document name with a slash"]:
+        for label in [
+            "a document named ../../VICTIM",
+            "a document with an absolute name",
+            "two documents with one name",
+            "the last document named",
+            "a document name with a slash",
+        ]:
             out = Path(self.unique(str(self.path("out/multi"))))
             victim = out.parent / self.unique("victim")  # ../../victim from OUT/.evomerge-parts
             self.write(str((victim / "model.safetensors").relative_to(self.root)), b"the user's earlier checkpoint")
             texts = {
-                "a document named ../../VICTIM": doc(f"../../{victim.name}") + "---\n" + doc(None, f"../../{victim.name}", ft2),
+                "a document named ../../VICTIM": doc(f"../../{victim.name}")
+                + "---\n"
+                + doc(None, f"../../{victim.name}", ft2),
                 "a document with an absolute name": doc(str(victim)) + "---\n" + doc(None, str(victim), ft2),
                 "two documents with one name": doc("part") + "---\n" + doc("part") + "---\n" + doc(None, "part", ft2),
                 "the last document named": doc("part") + "---\n" + doc("final", "part", ft2),
                 "a document name with a slash": doc("a/b") + "---\n" + doc(None, "a/b", ft2),
             }
             config = self.write(f"merge/{self.unique('multi')}.yml", texts[label])
-            cases.append(Case("merge YAML", label, ("merge", config, str(out), "-q"),
-                              must_survive=(str((victim / "model.safetensors").relative_to(self.root)),)))
+            cases.append(
+                Case(
+                    "merge YAML",
+                    label,
+                    ("merge", config, str(out), "-q"),
+                    must_survive=(str((victim / "model.safetensors").relative_to(self.root)),),
+                )
+            )
         return cases
 
     # -- 7. space-file fields ---------------------------------------------------------------------
@@ -448,7 +579,9 @@ class Corpus:
             "an unknown metric": {"objectives": [{"task": "demo_close", "metric": "bleu,none"}]},
             "direction: up": {"objectives": [{"task": "demo_close", "metric": "acc,none", "direction": "up"}]},
             "objective weight: abc": {"objectives": [{"task": "demo_close", "metric": "acc,none", "weight": "abc"}]},
-            "an unknown selection_task": {"objectives": [{"task": "demo_close", "metric": "acc,none", "selection_task": "no_such"}]},
+            "an unknown selection_task": {
+                "objectives": [{"task": "demo_close", "metric": "acc,none", "selection_task": "no_such"}]
+            },
             "eval.limit: -1": {"eval.limit": -1},
             "eval.limit: 0": {"eval.limit": 0},
             "eval.num_fewshot: -1": {"eval.num_fewshot": -1},
@@ -471,8 +604,13 @@ class Corpus:
             "an unknown top-level key": {"surprise": 1},
             "dtype: float33": {"dtype": "float33"},
         }
-        cases = [Case("space file", label, ("validate", self.yaml_file("space", self.space(**c)))) for label, c in changes.items()]
-        duplicate = yaml.safe_dump(self.space(), sort_keys=False).replace("dtype: float32\n", "dtype: float32\ndtype: bfloat16\n", 1)
+        cases = [
+            Case("space file", label, ("validate", self.yaml_file("space", self.space(**c))))
+            for label, c in changes.items()
+        ]
+        duplicate = yaml.safe_dump(self.space(), sort_keys=False).replace(
+            "dtype: float32\n", "dtype: float32\ndtype: bfloat16\n", 1
+        )
         cases.append(Case("space file", "duplicate keys", ("validate", self.write("space/dup.yml", duplicate))))
         # what `run` does with values validate may accept (cheap when refused up front)
         for label, c in {
@@ -480,7 +618,9 @@ class Corpus:
             "run with sampler_options the sampler does not take": {"search.sampler_options": {"population": 10}},
             "run with an unknown metric": {"objectives": [{"task": "demo_close", "metric": "bleu,none"}]},
         }.items():
-            cases.append(Case("space file", label, ("run", self.yaml_file("space", self.space(**c)), "-q"), timeout=180))
+            cases.append(
+                Case("space file", label, ("run", self.yaml_file("space", self.space(**c)), "-q"), timeout=180)
+            )
         return cases
 
     # -- 8. model folders -------------------------------------------------------------------------
@@ -511,6 +651,7 @@ class Corpus:
                 tensors = load_file(folder / "model.safetensors")
                 tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = value
                 save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
             return apply
 
         def drop_tensor(folder):
@@ -533,6 +674,7 @@ class Corpus:
                 config = json.loads((folder / "config.json").read_text())
                 config.update(changes)
                 (folder / "config.json").write_text(json.dumps(config))
+
             return apply
 
         def no_config(folder):
@@ -558,8 +700,9 @@ class Corpus:
             (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"x": Path("/etc")}))
 
         def missing_shard(folder):
-            (folder / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}))
+            (folder / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {}, "weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}})
+            )
 
         def garbage_index(folder):
             (folder / "model.safetensors.index.json").write_text("[not an index")
@@ -575,7 +718,9 @@ class Corpus:
             "a tensor of another shape": wrong_shape,
             "an integer tensor": int_tensor,
             "hidden_size differs in config.json": edit_config(hidden_size=48),
-            "another architecture in config.json": edit_config(architectures=["MistralForCausalLM"], model_type="mistral"),
+            "another architecture in config.json": edit_config(
+                architectures=["MistralForCausalLM"], model_type="mistral"
+            ),
             "num_hidden_layers: 8 in config.json": edit_config(num_hidden_layers=8),
             "config.json missing": no_config,
             "config.json not JSON": garbage_config,
@@ -589,16 +734,45 @@ class Corpus:
         ft2 = str(self.family["ft2"])
         for index, (label, damage) in enumerate(damages.items()):
             folder = self.broken_model(f"m{index:02d}", damage)
-            config = self.yaml_file("merge", {"merge_method": "linear", "dtype": "float32", "models": [
-                {"model": folder, "parameters": {"weight": 0.5}}, {"model": ft2, "parameters": {"weight": 0.5}}]})
+            config = self.yaml_file(
+                "merge",
+                {
+                    "merge_method": "linear",
+                    "dtype": "float32",
+                    "models": [
+                        {"model": folder, "parameters": {"weight": 0.5}},
+                        {"model": ft2, "parameters": {"weight": 0.5}},
+                    ],
+                },
+            )
             cases.append(Case("model folders", f"validate: {label}", ("validate", config)))
             if "config.json" not in label:  # merge reads the same config the same way
-                cases.append(Case("model folders", f"merge: {label}", ("merge", config, self.unique(str(self.path("out/model"))), "-q")))
+                cases.append(
+                    Case(
+                        "model folders",
+                        f"merge: {label}",
+                        ("merge", config, self.unique(str(self.path("out/model"))), "-q"),
+                    )
+                )
         blocked = self.broken_model("blocked", blocked_pickle)
-        config = self.yaml_file("merge", {"merge_method": "linear", "dtype": "float32", "models": [
-            {"model": blocked, "parameters": {"weight": 0.5}}, {"model": ft2, "parameters": {"weight": 0.5}}]})
-        cases.append(Case("model folders", "merge --allow-pickle: a blocked pickle", ("merge", config, self.unique(str(self.path("out/model"))),
-                                                                                      "--allow-pickle", "-q")))
+        config = self.yaml_file(
+            "merge",
+            {
+                "merge_method": "linear",
+                "dtype": "float32",
+                "models": [
+                    {"model": blocked, "parameters": {"weight": 0.5}},
+                    {"model": ft2, "parameters": {"weight": 0.5}},
+                ],
+            },
+        )
+        cases.append(
+            Case(
+                "model folders",
+                "merge --allow-pickle: a blocked pickle",
+                ("merge", config, self.unique(str(self.path("out/model"))), "--allow-pickle", "-q"),
+            )
+        )
         for label, name in [("space file: a truncated model", "m00"), ("space file: NaN in a model", "m04")]:
             space = self.space(models=[f"bad@{self.root / 'broken' / name}", f"ft2@{ft2}"])
             cases.append(Case("model folders", label, ("validate", self.yaml_file("space", space))))
@@ -622,20 +796,53 @@ class Corpus:
         cases = []
         for label, url in urls.items():
             cases.append(Case("storage URLs", f"front --storage: {label}", ("front", "s", "--storage", url)))
-            cases.append(Case("storage URLs", f"space file storage: {label}",
-                              ("validate", self.yaml_file("space", self.space(**{"search.storage": url})))))
-            if label in ("not a URL", "sqlite on a garbage file", "postgresql on a closed port", "sqlite in a folder that does not exist"):
-                cases.append(Case("storage URLs", f"export --storage: {label}",
-                                  ("export", "s", self.unique(str(self.path("out/st"))), "--storage", url)))
+            cases.append(
+                Case(
+                    "storage URLs",
+                    f"space file storage: {label}",
+                    ("validate", self.yaml_file("space", self.space(**{"search.storage": url}))),
+                )
+            )
+            if label in (
+                "not a URL",
+                "sqlite on a garbage file",
+                "postgresql on a closed port",
+                "sqlite in a folder that does not exist",
+            ):
+                cases.append(
+                    Case(
+                        "storage URLs",
+                        f"export --storage: {label}",
+                        ("export", "s", self.unique(str(self.path("out/st"))), "--storage", url),
+                    )
+                )
             if label in ("not a URL", "postgresql on a closed port"):
-                cases.append(Case("storage URLs", f"run --storage: {label}", ("run", self.control_space, "--storage", url, "-q"), timeout=120))
+                cases.append(
+                    Case(
+                        "storage URLs",
+                        f"run --storage: {label}",
+                        ("run", self.control_space, "--storage", url, "-q"),
+                        timeout=120,
+                    )
+                )
         missing = self.root / "db" / "never_created.db"
-        cases.append(Case("storage URLs", "front on a database that does not exist (must not create it)",
-                          ("front", "s", "--storage", f"sqlite:///{missing}"), must_not_create=(str(missing.relative_to(self.root)),)))
+        cases.append(
+            Case(
+                "storage URLs",
+                "front on a database that does not exist (must not create it)",
+                ("front", "s", "--storage", f"sqlite:///{missing}"),
+                must_not_create=(str(missing.relative_to(self.root)),),
+            )
+        )
         missing2 = self.root / "db" / "never_created_2.db"
-        cases.append(Case("storage URLs", "export from a database that does not exist (must not create it)",
-                          ("export", "s", self.unique(str(self.path("out/st"))), "--storage", f"sqlite:///{missing2}"),
-                          must_not_create=(str(missing2.relative_to(self.root)),)))
+        cases.append(
+            Case(
+                "storage URLs",
+                "export from a database that does not exist (must not create it)",
+                ("export", "s", self.unique(str(self.path("out/st"))), "--storage", f"sqlite:///{missing2}"),
+                must_not_create=(str(missing2.relative_to(self.root)),),
+            )
+        )
         return cases
 
     # -- 10. an existing study ----------------------------------------------------------------------
@@ -656,13 +863,30 @@ class Corpus:
         return [
             Case("existing study", "export --trial 999 (no such trial)", ("export", space, out(), "--trial", "999")),
             Case("existing study", "front of a study name that is not there", ("front", "nope", "--storage", storage)),
-            Case("existing study", "export of a study name that is not there", ("export", "nope", out(), "--storage", storage)),
+            Case(
+                "existing study",
+                "export of a study name that is not there",
+                ("export", "nope", out(), "--storage", storage),
+            ),
             Case("existing study", "front with a space file edited under the study", ("front", edited_path)),
-            Case("existing study", "run with a space file edited under the study", ("run", edited_path, "-q", "--n-trials", "3"), timeout=180),
-            Case("existing study", "export --overwrite into the folder holding the space file and the database",
-                 ("export", str(victim_dir / "space.yml"), str(victim_dir), "--overwrite", "-q"),
-                 must_survive=("victim_study/space.yml", "victim_study/study.db"), timeout=120),
-            Case("existing study", "dashboard of a study on a taken port", ("dashboard", space, "--port", str(self.taken_port))),
+            Case(
+                "existing study",
+                "run with a space file edited under the study",
+                ("run", edited_path, "-q", "--n-trials", "3"),
+                timeout=180,
+            ),
+            Case(
+                "existing study",
+                "export --overwrite into the folder holding the space file and the database",
+                ("export", str(victim_dir / "space.yml"), str(victim_dir), "--overwrite", "-q"),
+                must_survive=("victim_study/space.yml", "victim_study/study.db"),
+                timeout=120,
+            ),
+            Case(
+                "existing study",
+                "dashboard of a study on a taken port",
+                ("dashboard", space, "--port", str(self.taken_port)),
+            ),
         ]
 
     def prepare_victim_study(self) -> None:
@@ -694,8 +918,16 @@ def run_case(case: Case, root: Path, command: list[str], env: dict[str, str]) ->
     before = {name: _digest(root / name) for name in case.must_survive}
     started = time.perf_counter()
     try:
-        completed = subprocess.run([*command, *case.argv], cwd=root, env=env, capture_output=True, text=True,
-                                   errors="replace", timeout=case.timeout, stdin=subprocess.DEVNULL)
+        completed = subprocess.run(
+            [*command, *case.argv],
+            cwd=root,
+            env=env,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=case.timeout,
+            stdin=subprocess.DEVNULL,
+        )
         status, stdout, stderr = completed.returncode, completed.stdout, completed.stderr
     except subprocess.TimeoutExpired as exc:
         status, stdout, stderr = None, _text(exc.stdout), _text(exc.stderr)
@@ -737,9 +969,16 @@ def child_env(root: Path) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in ("EVOMERGE_DEBUG", "RAY_ADDRESS")}
     env.update(
         PYTHONPATH=str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1",
-        HF_DATASETS_CACHE=str(root / "hf_datasets_cache"), COLUMNS="120", NO_COLOR="1",
-        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        HF_DATASETS_CACHE=str(root / "hf_datasets_cache"),
+        COLUMNS="120",
+        NO_COLOR="1",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
     )
     return env
 
@@ -772,16 +1011,26 @@ def counts_table(outcomes: list[Outcome]) -> list[str]:
 def machine_line() -> str:
     import torch
 
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    branch = subprocess.run(["git", "-C", str(REPO), "branch", "--show-current"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, "
-            f"CUDA {'available' if torch.cuda.is_available() else 'not available'}; "
-            f"evomerge at {commit} ({branch}{', with uncommitted changes' if dirty else ''})")
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    branch = subprocess.run(
+        ["git", "-C", str(REPO), "branch", "--show-current"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip()
+    return (
+        f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"CUDA {'available' if torch.cuda.is_available() else 'not available'}; "
+        f"evomerge at {commit} ({branch}{', with uncommitted changes' if dirty else ''})"
+    )
 
 
-def write_report(path: Path, outcomes: list[Outcome], controls: list[Outcome], root: Path, argv: list[str], seconds: float) -> None:
+def write_report(
+    path: Path, outcomes: list[Outcome], controls: list[Outcome], root: Path, argv: list[str], seconds: float
+) -> None:
     failing = [o for o in outcomes if o.verdict != "error"]
     tally = Counter(o.verdict for o in outcomes)
     lines = [
@@ -818,8 +1067,10 @@ def write_report(path: Path, outcomes: list[Outcome], controls: list[Outcome], r
         "",
         "| class | input | verdict | command | last line |",
         "|---|---|---|---|---|",
-        *[f"| {o.case.kind} | {o.case.label} | {o.verdict} | `{_command_line(o.case, root)}` | {_shorten(o.last_line, root)} |"
-          for o in failing],
+        *[
+            f"| {o.case.kind} | {o.case.label} | {o.verdict} | `{_command_line(o.case, root)}` | {_shorten(o.last_line, root)} |"
+            for o in failing
+        ],
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -849,7 +1100,10 @@ def main() -> None:
         control_cases = corpus.controls()
         controls = [run_case(case, root, command, env) for case in control_cases]
         for outcome in controls:
-            print(f"control: {outcome.case.label}: exit {outcome.status} ({outcome.seconds:.1f}s) {outcome.last_line[:100]}", flush=True)
+            print(
+                f"control: {outcome.case.label}: exit {outcome.status} ({outcome.seconds:.1f}s) {outcome.last_line[:100]}",
+                flush=True,
+            )
         cases: list[Case] = []
         for name in args.only or CLASSES:
             cases += getattr(corpus, f"{name}_cases")()
@@ -863,8 +1117,11 @@ def main() -> None:
                 outcome = future.result()
                 outcomes.append(outcome)
                 marker = "" if outcome.verdict == "error" else "  <--"
-                print(f"[{index:3d}/{len(cases)}] {outcome.verdict:9} {outcome.case.kind:15} {outcome.case.label[:60]:60} "
-                      f"{outcome.seconds:5.1f}s{marker}", flush=True)
+                print(
+                    f"[{index:3d}/{len(cases)}] {outcome.verdict:9} {outcome.case.kind:15} {outcome.case.label[:60]:60} "
+                    f"{outcome.seconds:5.1f}s{marker}",
+                    flush=True,
+                )
         corpus.taken_port_socket.close()
         outcomes.sort(key=lambda o: cases.index(o.case))
         seconds = time.perf_counter() - started

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import yaml
 import pytest
+import yaml
+from families import random_family
 
 from evomerge.config.space import parse_space
-from evomerge.search import annotate
 from evomerge.genome.parameters import ParameterGenome as Genome
+from evomerge.search import annotate
 from evomerge.search.front import FrontRow
-from families import random_family
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +42,20 @@ def test_methods_line_joins_equal_neighbouring_groups(family, tmp_path):
 
 def test_search_attrs_name_every_objective():
     attrs = annotate.search_attrs(
-        ["close", "sort"], [0.96, 0.5], methods="layers 0-3 ties", weights_hash="ab" * 16,
-        seconds={"merge": 0.125, "hash": 0.01, "eval": 1.5, "trial": 1.7}, role_text="parent close alone",
+        ["close", "sort"],
+        [0.96, 0.5],
+        methods="layers 0-3 ties",
+        weights_hash="ab" * 16,
+        seconds={"merge": 0.125, "hash": 0.01, "eval": 1.5, "trial": 1.7},
+        role_text="parent close alone",
     )
     assert attrs == {
-        "score: close": 0.96, "score: sort": 0.5, "mean": 0.73, "methods": "layers 0-3 ties",
-        "weights hash": "ab" * 16, "seconds": "merge 0.12 · hash 0.01 · eval 1.50 · trial 1.70",
+        "score: close": 0.96,
+        "score: sort": 0.5,
+        "mean": 0.73,
+        "methods": "layers 0-3 ties",
+        "weights hash": "ab" * 16,
+        "seconds": "merge 0.12 · hash 0.01 · eval 1.50 · trial 1.70",
         "role": "parent close alone",
     }
     assert annotate.search_attrs(["x"], [float("nan")], methods="m", weights_hash=None, seconds={})["score: x"] is None
@@ -77,15 +85,31 @@ def test_a_note_keeps_the_users_text_around_the_evomerge_section():
 def test_study_note_and_attrs_mark_the_best_and_the_parents():
     class Objective:
         def __init__(self, label):
-            self.label, self.task, self.metric, self.direction, self.weight = label, f"demo_{label}", "acc,none", "maximize", 1.0
+            self.label, self.task, self.metric, self.direction, self.weight = (
+                label,
+                f"demo_{label}",
+                "acc,none",
+                "maximize",
+                1.0,
+            )
             self.selection_task = f"demo_{label}_select"
 
     names = ["close", "sort"]
     best = FrontRow("trial 7", 7, [0.9, 1.0], [1.0, 0.8], "0123456789abcdef")
     other = FrontRow("trial 3", 3, [1.0, 0.2], None, "fedcba9876543210")
     parents = [FrontRow("base", None, [0.0, 0.0], [0.0, 0.0]), FrontRow("close", None, [1.0, 0.0], [1.0, 0.0])]
-    note = annotate.study_note("demo", [Objective(n) for n in names], [best, other], parents, best=best,
-                               seeds={0: "parent close alone"}, n_complete=8, n_failed=1, finalists=2, finished=True)
+    note = annotate.study_note(
+        "demo",
+        [Objective(n) for n in names],
+        [best, other],
+        parents,
+        best=best,
+        seeds={0: "parent close alone"},
+        n_complete=8,
+        n_failed=1,
+        finalists=2,
+        finished=True,
+    )
     assert "**Best: trial 7** (mean 0.950, held-out mean 0.900)" in note
     assert "| model | close | sort | mean | held-out mean | weights |" in note
     assert "| **trial 7 (best)** | **0.900** | **1.000** | **0.950** | **0.900** | **0123456789ab** |" in note
@@ -94,7 +118,9 @@ def test_study_note_and_attrs_mark_the_best_and_the_parents():
     assert "trial 0: parent close alone" in note and "8 trials complete, 1 failed" in note
     assert note.splitlines()[-1].startswith(annotate.SECTION_END)
 
-    attrs = annotate.study_attrs(names, parents, best, {0: "parent close alone"}, finished=True, methods="layers 0-3 ties")
+    attrs = annotate.study_attrs(
+        names, parents, best, {0: "parent close alone"}, finished=True, methods="layers 0-3 ties"
+    )
     assert list(attrs)[:3] == ["evomerge: best", "evomerge: objectives", "evomerge: enqueued trials"]
     assert attrs["evomerge: objectives"] == "values are, in order: close, sort"
     assert attrs["evomerge: reference close"] == "mean 0.500 · held-out mean 0.500 · close 1.000 · sort 0.000"

@@ -35,7 +35,14 @@ def test_gene_ranges_and_seed_preferences():
         "weight": (0.0, 1.0), "density": (0.1, 1.0), "gamma": 0.01, "epsilon": (0.01, 0.09), "t": (0.0, 1.0), "lambda": 1.0,
     }  # fmt: skip
     spec = GenomeSpec()
-    assert [spec.gene_range(name) for name in gene_params()] == [(0.0, 1.0), (0.1, 1.0), 0.01, (0.01, 0.09), (0.0, 1.0), 1.0]
+    assert [spec.gene_range(name) for name in gene_params()] == [
+        (0.0, 1.0),
+        (0.1, 1.0),
+        0.01,
+        (0.01, 0.09),
+        (0.0, 1.0),
+        1.0,
+    ]
     assert ranked("parent_rank") == [
         "task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "della_linear", "della", "slerp",
     ]  # fmt: skip

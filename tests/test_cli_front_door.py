@@ -118,7 +118,10 @@ def test_bugs_say_so_in_one_line_and_debug_keeps_the_traceback(workdir):
     assert "internal error" in line and "ZeroDivisionError" in line and "--debug" in line
     debug = evomerge("--debug", "crash", "bug", cwd=workdir, script=script)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "ZeroDivisionError" in debug.stderr
-    assert error_line(evomerge("crash", "user", cwd=workdir, script=script)) == "error: /data/models/base: Permission denied"
+    assert (
+        error_line(evomerge("crash", "user", cwd=workdir, script=script))
+        == "error: /data/models/base: Permission denied"
+    )
 
 
 def _declared_parameters():
@@ -129,11 +132,15 @@ def _declared_parameters():
 
     from evomerge.cli import app, demo_app
 
-    commands = [(c.name or c.callback.__name__, c.callback) for c in [*app.registered_commands, *demo_app.registered_commands]]
+    commands = [
+        (c.name or c.callback.__name__, c.callback) for c in [*app.registered_commands, *demo_app.registered_commands]
+    ]
     commands.append(("(root)", app.registered_callback.callback))
     for name, callback in commands:
         for parameter, hint in typing.get_type_hints(callback, include_extras=True).items():
-            info = next((m for m in getattr(hint, "__metadata__", ()) if isinstance(m, typer.models.ParameterInfo)), None)
+            info = next(
+                (m for m in getattr(hint, "__metadata__", ()) if isinstance(m, typer.models.ParameterInfo)), None
+            )
             if info is not None:
                 kinds = set(typing.get_args(hint.__origin__)) or {hint.__origin__}
                 yield name, parameter, kinds, info

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from families import random_family
 from safetensors.torch import load_file, save_file
 
 from evomerge.cli import main
 from evomerge.synthetic import LlamaShape
-from families import SMALL, random_family
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS = REPO / "tasks"
@@ -83,13 +83,19 @@ def models(tmp_path_factory) -> dict[str, Path]:
     out["missing"] = _copy(ft2, root / "missing")
     _rewrite(out["missing"], lambda t: t.pop("model.layers.2.self_attn.k_proj.weight"))
 
-    wide = random_family(root / "wide", finetunes=1, shape=LlamaShape(vocab=96, hidden=48, intermediate=64, layers=4, heads=4, kv_heads=2))
+    wide = random_family(
+        root / "wide",
+        finetunes=1,
+        shape=LlamaShape(vocab=96, hidden=48, intermediate=64, layers=4, heads=4, kv_heads=2),
+    )
     out["hidden48"] = Path(wide["ft1"])
 
     out["pickle_blocked"] = root / "pickle_blocked"
     out["pickle_blocked"].mkdir()
     shutil.copy(ft2 / "config.json", out["pickle_blocked"] / "config.json")
-    torch.save({"model.embed_tokens.weight": torch.zeros(2, 2), "x": _Pickled()}, out["pickle_blocked"] / "pytorch_model.bin")
+    torch.save(
+        {"model.embed_tokens.weight": torch.zeros(2, 2), "x": _Pickled()}, out["pickle_blocked"] / "pytorch_model.bin"
+    )
 
     out["no_config"] = _copy(ft2, root / "no_config")
     (out["no_config"] / "config.json").unlink()
@@ -183,32 +189,44 @@ MERGE_CASES = [
     ("duplicate-top-key", lambda m: _ties()(m) + "merge_method: linear\n", "duplicate key 'merge_method'"),
     (
         "slerp-negative-t",
-        _text("merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {ft1}}}]\nparameters: {{t: -0.5}}\n"),
+        _text(
+            "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {ft1}}}]\nparameters: {{t: -0.5}}\n"
+        ),
         "parameters.t: expected a value in [0, 1], got -0.5",
     ),
     (
         "slerp-t-word",
-        _text("merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {ft1}}}]\nparameters: {{t: abc}}\n"),
+        _text(
+            "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {ft1}}}]\nparameters: {{t: abc}}\n"
+        ),
         "parameters.t: expected a number",
     ),
     (
         "slerp-t-gradient-inf",
-        _text("merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {ft1}}}]\nparameters: {{t: [0, .inf]}}\n"),
+        _text(
+            "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {ft1}}}]\nparameters: {{t: [0, .inf]}}\n"
+        ),
         "parameters.t.1: expected a finite number",
     ),
     (
         "breadcrumbs-gamma-2",
-        _text("merge_method: breadcrumbs\nbase_model: {base}\nmodels: [{{model: {ft1}, parameters: {{weight: 1, gamma: 2}}}}]\n"),
+        _text(
+            "merge_method: breadcrumbs\nbase_model: {base}\nmodels: [{{model: {ft1}, parameters: {{weight: 1, gamma: 2}}}}]\n"
+        ),
         "models.0.parameters.gamma: expected a value in [0, 1]",
     ),
     (
         "della-negative-epsilon",
-        _text("merge_method: della\nbase_model: {base}\nmodels: [{{model: {ft1}, parameters: {{weight: 1, density: 0.5, epsilon: -0.1}}}}]\n"),
+        _text(
+            "merge_method: della\nbase_model: {base}\nmodels: [{{model: {ft1}, parameters: {{weight: 1, density: 0.5, epsilon: -0.1}}}}]\n"
+        ),
         "models.0.parameters.epsilon: expected a value in [0, 0.5]",
     ),
     (
         "della-epsilon-too-wide-for-density",
-        _text("merge_method: della\nbase_model: {base}\nmodels: [{{model: {ft1}, parameters: {{weight: 1, density: 0.1, epsilon: 0.15}}}}]\n"),
+        _text(
+            "merge_method: della\nbase_model: {base}\nmodels: [{{model: {ft1}, parameters: {{weight: 1, density: 0.1, epsilon: 0.15}}}}]\n"
+        ),
         "keep probabilities",
     ),
     (
@@ -216,8 +234,16 @@ MERGE_CASES = [
         lambda m: _ties()(m) + "parameters: {normalize: maybe}\n",
         "parameters.normalize: expected true or false, got 'maybe'",
     ),
-    ("lambda-inf", lambda m: _ties()(m) + "parameters: {lambda: .inf}\n", "parameters.lambda: expected a finite number"),
-    ("int8-mask-2", lambda m: _ties()(m) + "parameters: {int8_mask: 2}\n", "parameters.int8_mask: expected true or false"),
+    (
+        "lambda-inf",
+        lambda m: _ties()(m) + "parameters: {lambda: .inf}\n",
+        "parameters.lambda: expected a finite number",
+    ),
+    (
+        "int8-mask-2",
+        lambda m: _ties()(m) + "parameters: {int8_mask: 2}\n",
+        "parameters.int8_mask: expected true or false",
+    ),
     ("parameters-list", lambda m: _ties()(m) + "parameters: [1, 2]\n", "parameters"),
     ("unknown-parameter", _ties(w1="0.5, wieght: 1"), "did you mean 'weight'"),
     ("unknown-top-key", lambda m: _ties()(m) + "merge_methdo: ties\n", "merge_methdo: unknown field"),
@@ -249,7 +275,9 @@ MERGE_CASES = [
     ),
     (
         "layer-range-huge",
-        _text("merge_method: passthrough\nslices: [{{sources: [{{model: {ft1}, layer_range: [0, 100000000000000000000000]}}]}}]\n"),
+        _text(
+            "merge_method: passthrough\nslices: [{{sources: [{{model: {ft1}, layer_range: [0, 100000000000000000000000]}}]}}]\n"
+        ),
         "slices.0.sources.0.layer_range.1: expected a whole number of at most",
     ),
     (
@@ -259,8 +287,18 @@ MERGE_CASES = [
     ),
     ("dtype-unknown", lambda m: _ties()(m) + "dtype: float8\n", "dtype: expected one of"),
     ("dtype-number", lambda m: _ties()(m) + "dtype: 5\n", "dtype"),
-    ("residual-weight-word", _text("merge_method: passthrough\nslices: [{{sources: [{{model: {ft1}, layer_range: [0, 4]}}], residual_weight: abc}}]\n"), "slices.0.residual_weight"),
-    ("base-model-number", _text("merge_method: ties\nbase_model: 5\nmodels: [{{model: {ft1}, parameters: {{weight: 1}}}}]\n"), "base_model"),
+    (
+        "residual-weight-word",
+        _text(
+            "merge_method: passthrough\nslices: [{{sources: [{{model: {ft1}, layer_range: [0, 4]}}], residual_weight: abc}}]\n"
+        ),
+        "slices.0.residual_weight",
+    ),
+    (
+        "base-model-number",
+        _text("merge_method: ties\nbase_model: 5\nmodels: [{{model: {ft1}, parameters: {{weight: 1}}}}]\n"),
+        "base_model",
+    ),
     ("tokenizer-source-missing", lambda m: _ties()(m) + "tokenizer_source: /nonexistent/model\n", "tokenizer_source"),
     ("top-level-list", _text("- merge_method: ties\n"), "expected a mapping"),
     ("top-level-scalar", _text("just text\n"), "expected a mapping"),
@@ -269,7 +307,11 @@ MERGE_CASES = [
     ("bad-indentation", _text("merge_method: ties\n models:\n- a\n"), "invalid YAML"),
     ("tab-indentation", _text("merge_method: ties\nmodels:\n\t- model: x\n"), "invalid YAML"),
     ("python-tag", _text("merge_method: !!python/object/apply:os.getcwd []\nmodels: []\n"), "invalid YAML"),
-    ("multi-doc-duplicate-key", lambda m: "name: a\nname: b\nmerge_method: ties\n---\n" + _ties()(m), "duplicate key 'name'"),
+    (
+        "multi-doc-duplicate-key",
+        lambda m: "name: a\nname: b\nmerge_method: ties\n---\n" + _ties()(m),
+        "duplicate key 'name'",
+    ),
     # input models
     ("model-truncated", _ties(ft2="truncated"), "truncated file"),
     ("model-garbage-header", _ties(ft2="garbage_header"), "not a safetensors file"),
@@ -287,29 +329,129 @@ MERGE_CASES = [
     ("model-bad-index", _ties(ft2="bad_index"), "expected a 'weight_map'"),
     ("model-pickle-without-flag", _ties(ft2="pickle_blocked"), "only pickle weights"),
     # more classes: models and methods that do not fit, parameters of other methods, document rules
-    ("hub-id", _marked("merge_method: linear\nmodels: [{model: org/name, parameters: {weight: 1}}]\n"), "looks like a hub id"),
-    ("slice-no-sources", _marked("merge_method: passthrough\nslices: [{sources: []}]\n"), "slices.0: a slice needs at least one source"),
-    ("layer-range-reversed", _marked("merge_method: passthrough\nslices: [{sources: [{model: <ft1>, layer_range: [2, 1]}]}]\n"), "0 <= start < end"),
-    ("same-model-twice", _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}, {model: <ft1>, parameters: {weight: 1}}]\n"), "listed twice"),
-    ("tokenizer-union", _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\ntokenizer_source: union\n"), "tokenizer_source"),
-    ("slerp-three-models", _marked("merge_method: slerp\nbase_model: <base>\nmodels: [{model: <base>}, {model: <ft1>}, {model: <ft2>}]\nparameters: {t: 0.5}\n"), "slerp takes exactly 2 models"),
-    ("model-stock-one", _marked("merge_method: model_stock\nbase_model: <base>\nmodels: [{model: <ft1>}]\n"), "at least 3 models"),
-    ("passthrough-weight", _marked("merge_method: passthrough\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\n"), "passthrough has no parameter 'weight'"),
-    ("nuslerp-weight-word", _marked("merge_method: nuslerp\nmodels: [{model: <ft1>, parameters: {weight: abc}}, {model: <ft2>, parameters: {weight: 1}}]\n"), "models.0.parameters.weight: expected a number"),
-    ("nuslerp-row-wise-word", _marked("merge_method: nuslerp\nmodels: [{model: <ft1>, parameters: {weight: 1}}, {model: <ft2>, parameters: {weight: 1}}]\nparameters: {nuslerp_row_wise: sometimes}\n"), "parameters.nuslerp_row_wise: expected true or false"),
-    ("passthrough-scale-inf", _marked("merge_method: passthrough\nmodels: [{model: <ft1>, parameters: {scale: .inf}}]\n"), "models.0.parameters.scale: expected a finite number"),
-    ("filter-star-gradient-word", _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: [{filter: '*', value: [0, abc]}]}}]\n"), "models.0.parameters.weight.0.value.1"),
-    ("chat-template", _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\nchat_template: x\n"), "chat_template"),
-    ("model-unknown-key", _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}, extra: 2}]\n"), "models.0.extra: unknown field"),
-    ("parameter-key-number", _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {1: 0.5}}]\n"), "models.0.parameters.1"),
+    (
+        "hub-id",
+        _marked("merge_method: linear\nmodels: [{model: org/name, parameters: {weight: 1}}]\n"),
+        "looks like a hub id",
+    ),
+    (
+        "slice-no-sources",
+        _marked("merge_method: passthrough\nslices: [{sources: []}]\n"),
+        "slices.0: a slice needs at least one source",
+    ),
+    (
+        "layer-range-reversed",
+        _marked("merge_method: passthrough\nslices: [{sources: [{model: <ft1>, layer_range: [2, 1]}]}]\n"),
+        "0 <= start < end",
+    ),
+    (
+        "same-model-twice",
+        _marked(
+            "merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}, {model: <ft1>, parameters: {weight: 1}}]\n"
+        ),
+        "listed twice",
+    ),
+    (
+        "tokenizer-union",
+        _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\ntokenizer_source: union\n"),
+        "tokenizer_source",
+    ),
+    (
+        "slerp-three-models",
+        _marked(
+            "merge_method: slerp\nbase_model: <base>\nmodels: [{model: <base>}, {model: <ft1>}, {model: <ft2>}]\nparameters: {t: 0.5}\n"
+        ),
+        "slerp takes exactly 2 models",
+    ),
+    (
+        "model-stock-one",
+        _marked("merge_method: model_stock\nbase_model: <base>\nmodels: [{model: <ft1>}]\n"),
+        "at least 3 models",
+    ),
+    (
+        "passthrough-weight",
+        _marked("merge_method: passthrough\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\n"),
+        "passthrough has no parameter 'weight'",
+    ),
+    (
+        "nuslerp-weight-word",
+        _marked(
+            "merge_method: nuslerp\nmodels: [{model: <ft1>, parameters: {weight: abc}}, {model: <ft2>, parameters: {weight: 1}}]\n"
+        ),
+        "models.0.parameters.weight: expected a number",
+    ),
+    (
+        "nuslerp-row-wise-word",
+        _marked(
+            "merge_method: nuslerp\nmodels: [{model: <ft1>, parameters: {weight: 1}}, {model: <ft2>, parameters: {weight: 1}}]\nparameters: {nuslerp_row_wise: sometimes}\n"
+        ),
+        "parameters.nuslerp_row_wise: expected true or false",
+    ),
+    (
+        "passthrough-scale-inf",
+        _marked("merge_method: passthrough\nmodels: [{model: <ft1>, parameters: {scale: .inf}}]\n"),
+        "models.0.parameters.scale: expected a finite number",
+    ),
+    (
+        "filter-star-gradient-word",
+        _marked(
+            "merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: [{filter: '*', value: [0, abc]}]}}]\n"
+        ),
+        "models.0.parameters.weight.0.value.1",
+    ),
+    (
+        "chat-template",
+        _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\nchat_template: x\n"),
+        "chat_template",
+    ),
+    (
+        "model-unknown-key",
+        _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}, extra: 2}]\n"),
+        "models.0.extra: unknown field",
+    ),
+    (
+        "parameter-key-number",
+        _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {1: 0.5}}]\n"),
+        "models.0.parameters.1",
+    ),
     ("deep-nesting", _marked("merge_method: linear\nmodels: " + "[" * 5000 + "]" * 5000 + "\n"), "models.0"),
-    ("anchor-unknown-key", _marked("merge_method: linear\np: &p {weight: 1}\nmodels: [{model: <ft1>, parameters: *p}]\n"), "p: unknown field"),
+    (
+        "anchor-unknown-key",
+        _marked("merge_method: linear\np: &p {weight: 1}\nmodels: [{model: <ft1>, parameters: *p}]\n"),
+        "p: unknown field",
+    ),
     ("weight-missing", _marked("merge_method: linear\nmodels: [{model: <ft1>}]\n"), "linear needs parameter 'weight'"),
-    ("slerp-without-t", _marked("merge_method: slerp\nbase_model: <base>\nmodels: [{model: <base>}, {model: <ft1>}]\n"), "slerp needs parameter 't'"),
-    ("ties-without-base", _marked("merge_method: ties\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\n"), "ties needs a base_model"),
-    ("multi-last-named", _marked("name: a\nmerge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\n---\nname: b\nmerge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n"), "document 2: the last document is the output"),
-    ("multi-nan-in-second", _marked("name: a\nmerge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\n---\nmerge_method: linear\nmodels: [{model: a, parameters: {weight: .nan}}]\n"), "models.0.parameters.weight: expected a finite number"),
-    ("multi-unnamed-first", _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\n---\nmerge_method: linear\nmodels: [{model: <ft2>, parameters: {weight: 1}}]\n"), "document 1: every document but the last needs a 'name'"),
+    (
+        "slerp-without-t",
+        _marked("merge_method: slerp\nbase_model: <base>\nmodels: [{model: <base>}, {model: <ft1>}]\n"),
+        "slerp needs parameter 't'",
+    ),
+    (
+        "ties-without-base",
+        _marked("merge_method: ties\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\n"),
+        "ties needs a base_model",
+    ),
+    (
+        "multi-last-named",
+        _marked(
+            "name: a\nmerge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\n---\nname: b\nmerge_method: linear\nmodels: [{model: a, parameters: {weight: 1}}]\n"
+        ),
+        "document 2: the last document is the output",
+    ),
+    (
+        "multi-nan-in-second",
+        _marked(
+            "name: a\nmerge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\n---\nmerge_method: linear\nmodels: [{model: a, parameters: {weight: .nan}}]\n"
+        ),
+        "models.0.parameters.weight: expected a finite number",
+    ),
+    (
+        "multi-unnamed-first",
+        _marked(
+            "merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\n---\nmerge_method: linear\nmodels: [{model: <ft2>, parameters: {weight: 1}}]\n"
+        ),
+        "document 1: every document but the last needs a 'name'",
+    ),
 ]
 
 
@@ -388,72 +530,202 @@ def _fill(text: str, names: dict[str, str]) -> str:
 
 
 SPACE_CASES = [
-    ("objective-weight-nan", {"objectives": "objectives: [{task: demo_close, weight: .nan}]\n"}, "objectives.0.weight: expected a finite number"),
-    ("objective-weight-word", {"objectives": "objectives: [{task: demo_close, weight: heavy}]\n"}, "objectives.0.weight: expected a number"),
-    ("objective-direction", {"objectives": "objectives: [{task: demo_close, direction: max}]\n"}, "objectives.0.direction"),
-    ("unknown-task", {"objectives": "objectives: [{task: demo_clsoe}]\n"}, "objectives.0.task: unknown lm-eval task 'demo_clsoe'"),
-    ("unknown-selection-task", {"objectives": "objectives: [{task: demo_close, selection_task: demo_nope}]\n"}, "objectives.0.selection_task: unknown lm-eval task"),
-    ("unknown-metric", {"objectives": "objectives: [{task: demo_close, metric: 'accuracy,none'}]\n"}, "objectives.0.metric: task 'demo_close' reports no metric 'accuracy,none'"),
-    ("metric-without-filter", {"objectives": "objectives: [{task: demo_close, metric: acc}]\n"}, "did you mean 'acc,none'"),
-    ("task-and-its-group", {"objectives": "objectives: [{task: demo_close, name: a}, {task: demo, name: b}]\n"}, "objectives"),
-    ("eval-limit-negative", {"eval": f"eval: {{include_paths: [{TASKS}], limit: -1}}\n"}, "eval.limit: expected a whole number of items"),
+    (
+        "objective-weight-nan",
+        {"objectives": "objectives: [{task: demo_close, weight: .nan}]\n"},
+        "objectives.0.weight: expected a finite number",
+    ),
+    (
+        "objective-weight-word",
+        {"objectives": "objectives: [{task: demo_close, weight: heavy}]\n"},
+        "objectives.0.weight: expected a number",
+    ),
+    (
+        "objective-direction",
+        {"objectives": "objectives: [{task: demo_close, direction: max}]\n"},
+        "objectives.0.direction",
+    ),
+    (
+        "unknown-task",
+        {"objectives": "objectives: [{task: demo_clsoe}]\n"},
+        "objectives.0.task: unknown lm-eval task 'demo_clsoe'",
+    ),
+    (
+        "unknown-selection-task",
+        {"objectives": "objectives: [{task: demo_close, selection_task: demo_nope}]\n"},
+        "objectives.0.selection_task: unknown lm-eval task",
+    ),
+    (
+        "unknown-metric",
+        {"objectives": "objectives: [{task: demo_close, metric: 'accuracy,none'}]\n"},
+        "objectives.0.metric: task 'demo_close' reports no metric 'accuracy,none'",
+    ),
+    (
+        "metric-without-filter",
+        {"objectives": "objectives: [{task: demo_close, metric: acc}]\n"},
+        "did you mean 'acc,none'",
+    ),
+    (
+        "task-and-its-group",
+        {"objectives": "objectives: [{task: demo_close, name: a}, {task: demo, name: b}]\n"},
+        "objectives",
+    ),
+    (
+        "eval-limit-negative",
+        {"eval": f"eval: {{include_paths: [{TASKS}], limit: -1}}\n"},
+        "eval.limit: expected a whole number of items",
+    ),
     ("eval-limit-zero", {"eval": f"eval: {{include_paths: [{TASKS}], limit: 0}}\n"}, "eval.limit"),
     ("eval-limit-fraction-above-one", {"eval": f"eval: {{include_paths: [{TASKS}], limit: 2.5}}\n"}, "eval.limit"),
     ("eval-limit-word", {"eval": f"eval: {{include_paths: [{TASKS}], limit: all}}\n"}, "eval.limit: expected a number"),
-    ("eval-selection-limit-nan", {"eval": f"eval: {{include_paths: [{TASKS}], selection_limit: .nan}}\n"}, "eval.selection_limit"),
+    (
+        "eval-selection-limit-nan",
+        {"eval": f"eval: {{include_paths: [{TASKS}], selection_limit: .nan}}\n"},
+        "eval.selection_limit",
+    ),
     ("eval-fewshot-negative", {"eval": f"eval: {{include_paths: [{TASKS}], num_fewshot: -1}}\n"}, "eval.num_fewshot"),
-    ("eval-fewshot-word", {"eval": f"eval: {{include_paths: [{TASKS}], num_fewshot: two}}\n"}, "eval.num_fewshot: expected a whole number"),
+    (
+        "eval-fewshot-word",
+        {"eval": f"eval: {{include_paths: [{TASKS}], num_fewshot: two}}\n"},
+        "eval.num_fewshot: expected a whole number",
+    ),
     ("eval-batch-size-zero", {"eval": f"eval: {{include_paths: [{TASKS}], batch_size: 0}}\n"}, "eval.batch_size"),
-    ("eval-batch-size-bool", {"eval": f"eval: {{include_paths: [{TASKS}], batch_size: true}}\n"}, "eval.batch_size: expected a whole number"),
+    (
+        "eval-batch-size-bool",
+        {"eval": f"eval: {{include_paths: [{TASKS}], batch_size: true}}\n"},
+        "eval.batch_size: expected a whole number",
+    ),
     ("eval-max-length-zero", {"eval": f"eval: {{include_paths: [{TASKS}], max_length: 0}}\n"}, "eval.max_length"),
-    ("eval-seed-fraction", {"eval": f"eval: {{include_paths: [{TASKS}], seed: 1.5}}\n"}, "eval.seed: expected a whole number"),
+    (
+        "eval-seed-fraction",
+        {"eval": f"eval: {{include_paths: [{TASKS}], seed: 1.5}}\n"},
+        "eval.seed: expected a whole number",
+    ),
     ("eval-include-string", {"eval": f"eval: {{include_paths: {TASKS}}}\n"}, "eval.include_paths"),
-    ("eval-model-args-own", {"eval": f"eval: {{include_paths: [{TASKS}], model_args: {{batch_size: 4}}}}\n"}, "eval.model_args.batch_size"),
+    (
+        "eval-model-args-own",
+        {"eval": f"eval: {{include_paths: [{TASKS}], model_args: {{batch_size: 4}}}}\n"},
+        "eval.model_args.batch_size",
+    ),
     ("gene-infinite-bound", {"genome": "genome: {weight: [0, .inf]}\n"}, "genome.weight: expected a finite number"),
     ("gene-nan-bound", {"genome": "genome: {weight: [.nan, 1]}\n"}, "genome.weight: expected a finite number"),
     ("gene-word-bound", {"genome": "genome: {density: [0.2, high]}\n"}, "genome.density: expected a number"),
     ("gene-bool", {"genome": "genome: {weight: true}\n"}, "genome.weight: expected a number"),
     ("gene-three-bounds", {"genome": "genome: {weight: [0, 0.5, 1]}\n"}, "genome.weight"),
-    ("gene-density-above-one", {"genome": "genome: {density: [0.2, 1.5]}\n"}, "genome.density: values must lie in [0, 1]"),
-    ("gene-t-negative", {"genome": "genome: {methods: [slerp], t: [-0.5, 1]}\n"}, "genome.t: values must lie in [0, 1]"),
+    (
+        "gene-density-above-one",
+        {"genome": "genome: {density: [0.2, 1.5]}\n"},
+        "genome.density: values must lie in [0, 1]",
+    ),
+    (
+        "gene-t-negative",
+        {"genome": "genome: {methods: [slerp], t: [-0.5, 1]}\n"},
+        "genome.t: values must lie in [0, 1]",
+    ),
     ("gene-lambda-unit", {"genome": "genome: {lambda: 1.0x}\n"}, "genome.lambda"),
-    ("granularity-word", {"genome": "genome: {layer_granularity: two}\n"}, "genome.layer_granularity: expected a whole number"),
+    (
+        "granularity-word",
+        {"genome": "genome: {layer_granularity: two}\n"},
+        "genome.layer_granularity: expected a whole number",
+    ),
     ("granularity-not-dividing", {"genome": "genome: {layer_granularity: 3}\n"}, "genome.layer_granularity"),
-    ("filter-matches-nothing", {"genome": "genome: {filters: [self_atention]}\n"}, "genome.filters.0: filter 'self_atention' matches no tensor"),
+    (
+        "filter-matches-nothing",
+        {"genome": "genome: {filters: [self_atention]}\n"},
+        "genome.filters.0: filter 'self_atention' matches no tensor",
+    ),
     ("methods-string", {"genome": "genome: {methods: ties}\n"}, "genome.methods"),
     ("n-trials-word", {"search": "search: {n_trials: many}\n"}, "search.n_trials: expected a whole number"),
     ("n-trials-negative", {"search": "search: {n_trials: -3}\n"}, "search.n_trials"),
     ("n-trials-bool", {"search": "search: {n_trials: true}\n"}, "search.n_trials: expected a whole number"),
     ("n-trials-fraction", {"search": "search: {n_trials: 2.5}\n"}, "search.n_trials"),
-    ("n-trials-huge", {"search": "search: {n_trials: 100000000000000000000000}\n"}, "search.n_trials: expected a whole number of at most"),
+    (
+        "n-trials-huge",
+        {"search": "search: {n_trials: 100000000000000000000000}\n"},
+        "search.n_trials: expected a whole number of at most",
+    ),
     ("timeout-inf", {"search": "search: {timeout: .inf}\n"}, "search.timeout: expected a finite number"),
     ("timeout-units", {"search": "search: {timeout: 10min}\n"}, "search.timeout: expected a number"),
     ("seed-too-large", {"search": "search: {n_trials: 2, seed: 99999999999}\n"}, "search.seed"),
     ("workers-word", {"search": "search: {n_trials: 2, workers: two}\n"}, "search.workers"),
-    ("sampler-option-unknown", {"search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>/s.db', sampler_options: {n_startup_trails: 3}}\n"}, "search.sampler_options.n_startup_trails: the tpe sampler takes no option 'n_startup_trails'"),
-    ("sampler-option-type", {"search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>/s.db', sampler_options: {n_startup_trials: ten}}\n"}, "search.sampler_options.n_startup_trials: expected a whole number"),
-    ("sampler-option-seed", {"search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>/s.db', sampler_options: {seed: 3}}\n"}, "search.seed"),
+    (
+        "sampler-option-unknown",
+        {"search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>/s.db', sampler_options: {n_startup_trails: 3}}\n"},
+        "search.sampler_options.n_startup_trails: the tpe sampler takes no option 'n_startup_trails'",
+    ),
+    (
+        "sampler-option-type",
+        {
+            "search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>/s.db', sampler_options: {n_startup_trials: ten}}\n"
+        },
+        "search.sampler_options.n_startup_trials: expected a whole number",
+    ),
+    (
+        "sampler-option-seed",
+        {"search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>/s.db', sampler_options: {seed: 3}}\n"},
+        "search.seed",
+    ),
     ("sampler-options-list", {"search": "search: {n_trials: 2, sampler_options: [1]}\n"}, "search.sampler_options"),
-    ("storage-not-url", {"search": "search: {n_trials: 2, storage: not a url}\n"}, "search.storage: storage not a url: not a database URL"),
+    (
+        "storage-not-url",
+        {"search": "search: {n_trials: 2, storage: not a url}\n"},
+        "search.storage: storage not a url: not a database URL",
+    ),
     ("storage-unknown-dialect", {"search": "search: {n_trials: 2, storage: 'nosuchdb://x/y'}\n"}, "search.storage"),
-    ("storage-missing-folder", {"search": "search: {n_trials: 2, storage: 'sqlite:////nonexistent/dir/x.db'}\n"}, "search.storage: storage sqlite:////nonexistent/dir/x.db: the folder /nonexistent/dir does not exist"),
-    ("storage-garbage-file", {"search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>/garbage.db'}\n"}, "is not a SQLite database"),
-    ("storage-unreachable-server", {"search": "search: {n_trials: 2, storage: 'postgresql+psycopg://u@127.0.0.1:9/db'}\n"}, "cannot connect"),
-    ("ray-cpus-nan", {"search": "search: {n_trials: 2}\nray: {num_cpus_per_worker: .nan}\n"}, "ray.num_cpus_per_worker: expected a finite number"),
+    (
+        "storage-missing-folder",
+        {"search": "search: {n_trials: 2, storage: 'sqlite:////nonexistent/dir/x.db'}\n"},
+        "search.storage: storage sqlite:////nonexistent/dir/x.db: the folder /nonexistent/dir does not exist",
+    ),
+    (
+        "storage-garbage-file",
+        {"search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>/garbage.db'}\n"},
+        "is not a SQLite database",
+    ),
+    (
+        "storage-unreachable-server",
+        {"search": "search: {n_trials: 2, storage: 'postgresql+psycopg://u@127.0.0.1:9/db'}\n"},
+        "cannot connect",
+    ),
+    (
+        "ray-cpus-nan",
+        {"search": "search: {n_trials: 2}\nray: {num_cpus_per_worker: .nan}\n"},
+        "ray.num_cpus_per_worker: expected a finite number",
+    ),
     ("models-number", {"models": "models: [5]\nbase_model: base@<base>\n"}, "models.0"),
     ("models-string", {"models": "models: ft1\n"}, "models"),
     ("model-nan-source", {"models": "models: [ft1@<ft1>, ft2@<nan>]\nbase_model: base@<base>\n"}, "models.1: "),
-    ("model-truncated-source", {"models": "models: [ft1@<ft1>, ft2@<truncated>]\nbase_model: base@<base>\n"}, "truncated file"),
-    ("model-hidden-size-source", {"models": "models: [ft1@<ft1>, ft2@<hidden48>]\nbase_model: base@<base>\n"}, "different model sizes"),
-    ("model-missing-tensor-source", {"models": "models: [ft1@<ft1>, ft2@<missing>]\nbase_model: base@<base>\n"}, "/missing: lacks ['model.layers.2.self_attn.k_proj.weight']"),
+    (
+        "model-truncated-source",
+        {"models": "models: [ft1@<ft1>, ft2@<truncated>]\nbase_model: base@<base>\n"},
+        "truncated file",
+    ),
+    (
+        "model-hidden-size-source",
+        {"models": "models: [ft1@<ft1>, ft2@<hidden48>]\nbase_model: base@<base>\n"},
+        "different model sizes",
+    ),
+    (
+        "model-missing-tensor-source",
+        {"models": "models: [ft1@<ft1>, ft2@<missing>]\nbase_model: base@<base>\n"},
+        "/missing: lacks ['model.layers.2.self_attn.k_proj.weight']",
+    ),
     ("duplicate-key", {"search": "search: {n_trials: 2, n_trials: 3}\n"}, "duplicate key 'n_trials'"),
     ("unknown-key", {"search": "search: {n_trials: 2, n_trails: 3}\n"}, "search.n_trails: unknown field"),
     ("dtype-unknown", {"search": "search: {n_trials: 2}\ndtype: fp8\n"}, "dtype: expected one of"),
     ("eval-null", {"eval": "eval: null\n"}, "eval: Input should be a valid dictionary"),
     ("objectives-strings", {"objectives": "objectives: [demo_close]\n"}, "objectives.0"),
-    ("objectives-mapping", {"objectives": "objectives: {task: demo_close}\n"}, "objectives: Input should be a valid list"),
+    (
+        "objectives-mapping",
+        {"objectives": "objectives: {task: demo_close}\n"},
+        "objectives: Input should be a valid list",
+    ),
     ("genome-list", {"genome": "genome: []\n"}, "genome: Input should be a valid dictionary"),
-    ("model-dict-without-path", {"models": "models: [{name: a}]\nbase_model: base@<base>\n"}, "models.0: expected 'name@path'"),
+    (
+        "model-dict-without-path",
+        {"models": "models: [{name: a}]\nbase_model: base@<base>\n"},
+        "models.0: expected 'name@path'",
+    ),
     ("model-dict-path-number", {"models": "models: [{name: a, path: 5}]\nbase_model: base@<base>\n"}, "models.0"),
     ("base-model-list", {"models": "models: [ft1@<ft1>]\nbase_model: [x]\n"}, "base_model"),
     ("enqueue-unknown", {"search": "search: {n_trials: 2, enqueue: [all]}\n"}, "search.enqueue.0"),
@@ -464,18 +736,58 @@ SPACE_CASES = [
     ("filter-empty", {"genome": "genome: {filters: ['']}\n"}, "genome.filters.0: filter '' matches no tensor"),
     ("genome-normalize-word", {"genome": "genome: {normalize: maybe}\n"}, "genome.normalize"),
     ("device-number", {"search": "search: {n_trials: 2}\ndevice: 5\n"}, "device"),
-    ("device-cuda-absent", {"search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>/s.db'}\ndevice: 'cuda:99'\n"}, "device: cuda:99 is not on this machine"),
+    (
+        "device-cuda-absent",
+        {"search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>/s.db'}\ndevice: 'cuda:99'\n"},
+        "device: cuda:99 is not on this machine",
+    ),
     ("metric-empty", {"objectives": "objectives: [{task: demo_close, metric: ''}]\n"}, "objectives.0.metric"),
     ("eval-limit-overflow", {"eval": "eval: {limit: 1.0e+400}\n"}, "eval.limit: expected a finite number"),
     ("timeout-negative", {"search": "search: {timeout: -5}\n"}, "search.timeout"),
-    ("cmaes-sigma-word", {"search": "search: {n_trials: 2, sampler: cmaes, storage: 'sqlite:///<tmp>/s.db', sampler_options: {sigma0: abc}}\n"}, "search.sampler_options.sigma0: expected a number"),
-    ("nsga-mutation-prob-word", {"search": "search: {n_trials: 2, sampler: nsga2, storage: 'sqlite:///<tmp>/s.db', sampler_options: {mutation_prob: lots}}\n"}, "search.sampler_options.mutation_prob: expected a number"),
-    ("nsga-population-one", {"search": "search: {n_trials: 2, sampler: nsga2, storage: 'sqlite:///<tmp>/s.db', sampler_options: {population_size: 1}}\n"}, "search.sampler_options: invalid option for the nsga2 sampler"),
-    ("tpe-callable-option", {"search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>/s.db', sampler_options: {constraints_func: abc}}\n"}, "takes a Python object"),
-    ("storage-folder", {"search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>'}\n"}, "is a folder; name a database file"),
+    (
+        "cmaes-sigma-word",
+        {
+            "search": "search: {n_trials: 2, sampler: cmaes, storage: 'sqlite:///<tmp>/s.db', sampler_options: {sigma0: abc}}\n"
+        },
+        "search.sampler_options.sigma0: expected a number",
+    ),
+    (
+        "nsga-mutation-prob-word",
+        {
+            "search": "search: {n_trials: 2, sampler: nsga2, storage: 'sqlite:///<tmp>/s.db', sampler_options: {mutation_prob: lots}}\n"
+        },
+        "search.sampler_options.mutation_prob: expected a number",
+    ),
+    (
+        "nsga-population-one",
+        {
+            "search": "search: {n_trials: 2, sampler: nsga2, storage: 'sqlite:///<tmp>/s.db', sampler_options: {population_size: 1}}\n"
+        },
+        "search.sampler_options: invalid option for the nsga2 sampler",
+    ),
+    (
+        "tpe-callable-option",
+        {
+            "search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>/s.db', sampler_options: {constraints_func: abc}}\n"
+        },
+        "takes a Python object",
+    ),
+    (
+        "storage-folder",
+        {"search": "search: {n_trials: 2, storage: 'sqlite:///<tmp>'}\n"},
+        "is a folder; name a database file",
+    ),
     ("storage-number", {"search": "search: {n_trials: 2, storage: 5}\n"}, "search.storage"),
-    ("include-path-missing", {"eval": "eval: {include_paths: [/nonexistent/tasks]}\n"}, "eval.include_paths.0: /nonexistent/tasks does not exist"),
-    ("include-path-file", {"eval": "eval: {include_paths: [<tmp>/garbage.db]}\n"}, "eval.include_paths.0: <tmp>/garbage.db is not a folder"),
+    (
+        "include-path-missing",
+        {"eval": "eval: {include_paths: [/nonexistent/tasks]}\n"},
+        "eval.include_paths.0: /nonexistent/tasks does not exist",
+    ),
+    (
+        "include-path-file",
+        {"eval": "eval: {include_paths: [<tmp>/garbage.db]}\n"},
+        "eval.include_paths.0: <tmp>/garbage.db is not a folder",
+    ),
 ]
 
 
@@ -563,7 +875,13 @@ def test_console_script_prints_one_line_and_exits_2(models, tmp_path):
     # accepted on purpose, with one warning line naming the field, and the merge is written
     lenient = tmp_path / "lenient.yml"
     lenient.write_text(_ties(d1="1.5")(models))
-    result = subprocess.run([*script, "merge", str(lenient), str(tmp_path / "out"), "-q"], capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run(
+        [*script, "merge", str(lenient), str(tmp_path / "out"), "-q"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip().splitlines() == [
         f"warning: {lenient}: models.0.parameters.density: 1.5 is above 1; it keeps every entry, as density 1 does (mergekit accepts it too)"
@@ -593,13 +911,29 @@ def test_allow_pickle_with_a_safetensors_donor_loads(demo_family, tmp_path):
 @pytest.mark.parametrize(
     "value, integer, expected",
     [
-        (0.5, False, 0.5), (3, False, 3.0), ("1e-3", False, 1e-3), (" -2.5 ", False, -2.5), ("1_000", True, 1000),
-        (4.0, True, 4), ("7", True, 7), (-3, True, -3),
-        (True, False, "got true (a boolean)"), (None, False, "got nothing (null)"), ([1], False, "got a list [1]"),
-        ({"a": 1}, False, "got a mapping"), ("abc", False, "got 'abc'"), ("0.5x", False, "got '0.5x'"),
-        ("nan", False, "finite"), ("-inf", False, "finite"), (float("nan"), False, "finite"), (float("-inf"), False, "finite"),
-        (10**400, False, "401 digits"), (2.5, True, "a whole number, got 2.5"), ("2.5", True, "whole number"),
-        (2**64, True, "at most"), (1e300, True, "at most"),
+        (0.5, False, 0.5),
+        (3, False, 3.0),
+        ("1e-3", False, 1e-3),
+        (" -2.5 ", False, -2.5),
+        ("1_000", True, 1000),
+        (4.0, True, 4),
+        ("7", True, 7),
+        (-3, True, -3),
+        (True, False, "got true (a boolean)"),
+        (None, False, "got nothing (null)"),
+        ([1], False, "got a list [1]"),
+        ({"a": 1}, False, "got a mapping"),
+        ("abc", False, "got 'abc'"),
+        ("0.5x", False, "got '0.5x'"),
+        ("nan", False, "finite"),
+        ("-inf", False, "finite"),
+        (float("nan"), False, "finite"),
+        (float("-inf"), False, "finite"),
+        (10**400, False, "401 digits"),
+        (2.5, True, "a whole number, got 2.5"),
+        ("2.5", True, "whole number"),
+        (2**64, True, "at most"),
+        (1e300, True, "at most"),
     ],
 )
 def test_one_coercion_of_numbers(value, integer, expected):
@@ -616,10 +950,14 @@ def test_one_coercion_of_numbers(value, integer, expected):
 def test_one_declared_range_serves_both_file_kinds(models, tmp_path, capsys):
     """epsilon's declared range [0, 0.5] refuses 0.6 in a merge YAML and in a space file's gene range."""
     merge = tmp_path / "merge.yml"
-    merge.write_text(f"merge_method: della\nbase_model: {models['base']}\nmodels: [{{model: {models['ft1']}, parameters: {{weight: 1, epsilon: 0.6}}}}]\n")
+    merge.write_text(
+        f"merge_method: della\nbase_model: {models['base']}\nmodels: [{{model: {models['ft1']}, parameters: {{weight: 1, epsilon: 0.6}}}}]\n"
+    )
     space = tmp_path / "space.yml"
     space.write_text(_space(models, tmp_path, genome="genome: {methods: [della], epsilon: [0.1, 0.6]}\n"))
-    merge_line = _one_line_error(*_validate([str(merge)], capsys)[::2], "models.0.parameters.epsilon: expected a value in [0, 0.5]")
+    merge_line = _one_line_error(
+        *_validate([str(merge)], capsys)[::2], "models.0.parameters.epsilon: expected a value in [0, 0.5]"
+    )
     space_line = _one_line_error(*_validate([str(space)], capsys)[::2], "genome.epsilon: values must lie in [0, 0.5]")
     assert "della keeps entries with probability density +- epsilon" in merge_line + space_line
 
@@ -631,7 +969,10 @@ def test_a_group_task_reports_its_aggregate_metric(models, tmp_path, capsys):
     code, out, err = _validate([str(path)], capsys)
     assert code == 0, err
     path.write_text(_space(models, tmp_path, objectives="objectives: [{task: demo_select, metric: 'acc_norm,none'}]\n"))
-    _one_line_error(*_validate([str(path)], capsys)[::2], "objectives.0.metric: task 'demo_select' reports no metric 'acc_norm,none' (it reports: acc,none)")
+    _one_line_error(
+        *_validate([str(path)], capsys)[::2],
+        "objectives.0.metric: task 'demo_select' reports no metric 'acc_norm,none' (it reports: acc,none)",
+    )
 
 
 def test_validate_plans_a_multi_document_file_against_the_parts_it_makes(models, tmp_path, capsys):

@@ -233,7 +233,7 @@ class Dockerfile:
                 continue
             paths = [t for t in tokens if not t.startswith("--")]
             if paths and paths[0].startswith("["):
-                paths = json.loads(rest[rest.index("["):])
+                paths = json.loads(rest[rest.index("[") :])
             result.append((paths[:-1], paths[-1], workdir))
         return result
 
@@ -294,7 +294,9 @@ def _optuna_dashboard_help() -> str | None:
 
 
 def _option_names(command) -> set[str]:
-    return {name for param in command.params for name in (*param.opts, *param.secondary_opts) if name.startswith("-")} | {"--help"}
+    return {
+        name for param in command.params for name in (*param.opts, *param.secondary_opts) if name.startswith("-")
+    } | {"--help"}
 
 
 def _check_click_argv(root, argv: list[str], where: str) -> None:
@@ -312,7 +314,9 @@ def _check_click_argv(root, argv: list[str], where: str) -> None:
         if i == len(argv):
             return
         name = argv[i]
-        assert name in command.commands, f"{where}: no subcommand {' '.join([*path, name])!r} (have: {sorted(command.commands)})"
+        assert name in command.commands, (
+            f"{where}: no subcommand {' '.join([*path, name])!r} (have: {sorted(command.commands)})"
+        )
         command, path, i = command.commands[name], [*path, name], i + 1
     allowed = _option_names(command)
     for token in argv[i:]:
@@ -420,7 +424,9 @@ def test_build_contexts_and_dockerfiles_exist(compose):
 def test_gpu_override_switches_every_evomerge_service_to_cuda_together():
     gpu = _config(COMPOSE, COMPOSE_GPU)
     built = {name: _dockerfile_for(s) for name, s in gpu["services"].items() if "build" in s}
-    assert set(built.values()) == {DOCKERFILES["cuda"].resolve()}, "mixed images: Ray needs the same Python on every node"
+    assert set(built.values()) == {DOCKERFILES["cuda"].resolve()}, (
+        "mixed images: Ray needs the same Python on every node"
+    )
     assert len({gpu["services"][name]["image"] for name in built}) == 1
     devices = gpu["services"]["ray-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert any("gpu" in d.get("capabilities", []) for d in devices)
@@ -445,7 +451,12 @@ def _bind_mounts(compose: dict):
             else:
                 if volume.get("type") != "bind":
                     continue
-                source, target, read_only, raw_source = volume["source"], volume["target"], volume.get("read_only", False), raw["source"]
+                source, target, read_only, raw_source = (
+                    volume["source"],
+                    volume["target"],
+                    volume.get("read_only", False),
+                    raw["source"],
+                )
             yield name, raw_source, source, target, read_only, volume
 
 
@@ -458,7 +469,9 @@ def test_bind_mount_sources(compose):
         variables = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", raw_source)
         if variables or target in USER_MOUNTS:  # yours (models, space file, exports): documented, not in the repo
             for text in (*variables, source, target):
-                assert text in readme, f"{service}: user-provided mount {raw_source}:{target}: README.md does not mention {text!r}"
+                assert text in readme, (
+                    f"{service}: user-provided mount {raw_source}:{target}: README.md does not mention {text!r}"
+                )
             assert isinstance(volume, dict) and volume.get("bind", {}).get("create_host_path") is False, (
                 f"{service}: {raw_source} should be long syntax with create_host_path: false, so a missing path "
                 "is an error rather than an empty folder Docker creates"
@@ -505,7 +518,9 @@ def test_postgres_urls_match_the_postgres_service(compose):
     env = _environment(postgres)
     assert postgres["image"].startswith("postgres:16")
     assert postgres.get("healthcheck"), "postgres needs a healthcheck for depends_on: service_healthy"
-    assert any(str(v).split(":")[0] in (compose.get("volumes") or {}) for v in postgres.get("volumes", [])), "postgres data in a named volume"
+    assert any(str(v).split(":")[0] in (compose.get("volumes") or {}) for v in postgres.get("volumes", [])), (
+        "postgres data in a named volume"
+    )
     urls = _postgres_urls(compose)
     assert {"search", "dashboard"} <= set(urls), f"search and dashboard should both name the database: {urls}"
     assert _option(_service_argv(compose["services"]["search"]), "--storage") == urls["search"]
@@ -513,7 +528,9 @@ def test_postgres_urls_match_the_postgres_service(compose):
     for where, url in {**urls, "space.example.yml": example}.items():
         parsed = make_url(url)
         assert parsed.drivername == "postgresql+psycopg", f"{where}: {url}"
-        assert parsed.host == "postgres" and parsed.port in (None, 5432), f"{where}: {url} should reach the postgres service"
+        assert parsed.host == "postgres" and parsed.port in (None, 5432), (
+            f"{where}: {url} should reach the postgres service"
+        )
         assert parsed.username == env["POSTGRES_USER"], f"{where}: user {parsed.username} != POSTGRES_USER"
         assert parsed.password == env["POSTGRES_PASSWORD"], f"{where}: password differs from POSTGRES_PASSWORD"
         assert parsed.database == env["POSTGRES_DB"], f"{where}: database {parsed.database} != POSTGRES_DB"
@@ -543,7 +560,9 @@ def test_every_ray_process_sets_the_same_auth_mode(compose):
     assert set(modes.values()) <= {"disabled", "token"}
     if "token" in modes.values():
         for name, service in ray_services.items():
-            assert _environment(service).get("RAY_AUTH_TOKEN"), f"{name}: token mode needs the same RAY_AUTH_TOKEN everywhere"
+            assert _environment(service).get("RAY_AUTH_TOKEN"), (
+                f"{name}: token mode needs the same RAY_AUTH_TOKEN everywhere"
+            )
 
 
 def test_ray_topology(compose):
@@ -634,11 +653,17 @@ def _pip_installs(dockerfile: Dockerfile) -> list[str]:
 
 def test_dockerfile_pins_torch_and_uses_constraints(dockerfile):
     constraints = (REPO / "constraints.txt").read_text()
-    assert re.search(rf"^torch=={re.escape(TORCH_VERSION)}$", constraints, re.M), "constraints.txt and the Dockerfiles disagree on torch"
+    assert re.search(rf"^torch=={re.escape(TORCH_VERSION)}$", constraints, re.M), (
+        "constraints.txt and the Dockerfiles disagree on torch"
+    )
     installs = _pip_installs(dockerfile)
     torch_installs = [c for c in installs if f"torch=={TORCH_VERSION}" in c.split()]
     assert torch_installs, f"{dockerfile.path.name}: no `pip install torch=={TORCH_VERSION}`"
-    index = dockerfile.expand(_option(shlex.split(torch_installs[0]), "--extra-index-url") or _option(shlex.split(torch_installs[0]), "--index-url") or "")
+    index = dockerfile.expand(
+        _option(shlex.split(torch_installs[0]), "--extra-index-url")
+        or _option(shlex.split(torch_installs[0]), "--index-url")
+        or ""
+    )
     expected = "/whl/cpu" if dockerfile.path.name == "Dockerfile" else "/whl/cu12"
     assert expected in index, f"{dockerfile.path.name}: torch from {index!r}"
     for command in installs:
@@ -654,7 +679,9 @@ def test_dockerfile_entrypoint_user_and_environment(dockerfile):
     users = dockerfile.all("USER")
     assert users, f"{dockerfile.path.name}: runs as root (no USER)"
     user = dockerfile.expand(users[-1]).split(":")[0]
-    assert user.isdigit() and user != "0", f"USER {user}: numeric and non-root (Kubernetes runAsNonRoot checks the number)"
+    assert user.isdigit() and user != "0", (
+        f"USER {user}: numeric and non-root (Kubernetes runAsNonRoot checks the number)"
+    )
     env = dockerfile.env()
     for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
         assert env.get(key) == value, f"{dockerfile.path.name}: ENV {key}={value} missing"
@@ -680,8 +707,14 @@ def test_driver_script_is_valid_sh():
     assert text.startswith("#!/bin/sh\n")
     assert 'exec evomerge "$@"' in text
     starts = _script_commands(DRIVER_SCRIPT, "ray")
-    assert starts and all("--num-cpus=0" in argv and "--num-gpus=0" in argv for argv in starts), "the driver node must offer no resources"
-    copied = [dest for sources, dest, _ in _parse_dockerfile(DOCKERFILES["cpu"]).copies() if "docker/evomerge-driver.sh" in sources]
+    assert starts and all("--num-cpus=0" in argv and "--num-gpus=0" in argv for argv in starts), (
+        "the driver node must offer no resources"
+    )
+    copied = [
+        dest
+        for sources, dest, _ in _parse_dockerfile(DOCKERFILES["cpu"]).copies()
+        if "docker/evomerge-driver.sh" in sources
+    ]
     assert copied and Path(copied[0]).name == "evomerge-driver", "the image installs the script as evomerge-driver"
 
 
@@ -695,7 +728,7 @@ def _evomerge_argvs() -> list[tuple[str, list[str]]]:
             argv = _service_argv(service)
             if argv and argv[0] in ("evomerge", "evomerge-driver"):
                 found.append((f"compose[{label}] {name}", argv[1:]))
-    for label, path in DOCKERFILES.items():
+    for path in DOCKERFILES.values():
         found.append((f"{path.name} CMD", _parse_dockerfile(path).cmd))
     found += [("evomerge-driver.sh", argv) for argv in _script_commands(DRIVER_SCRIPT, "evomerge")]
     found += [("docker/README.md", argv) for argv in readme_evomerge_commands()]
@@ -751,7 +784,9 @@ def test_optuna_dashboard_flags_exist(compose):
     assert {"--host", "--port"} <= set(flags)
     for flag in flags:
         assert re.search(rf"(^|[\s,\[]){re.escape(flag)}\b", help_text), f"optuna-dashboard has no option {flag}"
-    assert _option(argv, "--host") == "0.0.0.0" and _option(argv, "--port") == "8080", "inside the container; published on 127.0.0.1"
+    assert _option(argv, "--host") == "0.0.0.0" and _option(argv, "--port") == "8080", (
+        "inside the container; published on 127.0.0.1"
+    )
 
 
 # ============================================================================================
@@ -790,7 +825,7 @@ def _image_path_to_repo(container_path: str) -> Path | None:
             continue  # folders only: `COPY tasks/ tasks/` puts tasks/'s content at WORKDIR/tasks
         target = str(Path(workdir) / dest)
         if container_path == target or container_path.startswith(target + "/"):
-            return REPO / sources[0] / container_path[len(target):].lstrip("/")
+            return REPO / sources[0] / container_path[len(target) :].lstrip("/")
     return None
 
 
@@ -805,6 +840,8 @@ def test_example_space_file_is_valid_for_the_stack():
     tasks = {o.task for o in space.objectives} | {o.selection_task for o in space.objectives if o.selection_task}
     for include in space.eval.include_paths:
         repo_dir = _image_path_to_repo(str(include))
-        assert repo_dir is not None and repo_dir.is_dir(), f"{include} is not a folder the image copies from the repository"
+        assert repo_dir is not None and repo_dir.is_dir(), (
+            f"{include} is not a folder the image copies from the repository"
+        )
         defined = set(re.findall(r"^task:\s*(\S+)", "\n".join(p.read_text() for p in repo_dir.glob("*.yaml")), re.M))
         assert tasks <= defined, f"tasks {sorted(tasks - defined)} are not defined under {include}"

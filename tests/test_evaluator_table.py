@@ -36,7 +36,11 @@ def build_weight_mean(space, tasks, *, limit, tokenizer, device, verbose) -> Wei
 def check_weight_mean(space, tokenizer_dir) -> str:
     for index, objective in enumerate(space.objectives):
         if objective.metric != "mean":
-            raise ConfigError(f"weight_mean reports no metric '{objective.metric}'", file=space.source_path, field=f"objectives.{index}.metric")
+            raise ConfigError(
+                f"weight_mean reports no metric '{objective.metric}'",
+                file=space.source_path,
+                field=f"objectives.{index}.metric",
+            )
     return "weights: every objective's metric is reported"
 
 
@@ -71,7 +75,9 @@ def test_the_factory_builds_the_evaluator_eval_kind_names(demo_family, tmp_path,
     misspelt = parse_space(space_data(demo_family, tmp_path, kind="weight_means"), base_dir=tmp_path)
     with pytest.raises(ConfigError) as refused:
         make_evaluator(misspelt, "search", tokenizer=None, device="cpu")
-    assert "eval.kind: unknown evaluator 'weight_means'" in str(refused.value) and "did you mean 'weight_mean'?" in str(refused.value)
+    assert "eval.kind: unknown evaluator 'weight_means'" in str(refused.value) and "did you mean 'weight_mean'?" in str(
+        refused.value
+    )
 
 
 def test_an_objective_on_the_second_evaluators_metric_drives_the_search(demo_family, tmp_path, weight_mean_kind):

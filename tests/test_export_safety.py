@@ -53,8 +53,15 @@ def study(tmp_path_factory, demo_family):
         "base_model": f"base@{demo_family.base}",
         "dtype": "float32",
         "device": "cpu",
-        "genome": {"layer_granularity": 2, "methods": ["task_arithmetic", "ties"], "lambda": [0.5, 2.0], "density": [0.3, 1.0]},
-        "objectives": [{"task": f"demo_{s}", "metric": "acc,none", "selection_task": f"demo_{s}_select", "name": s} for s in skills],
+        "genome": {
+            "layer_granularity": 2,
+            "methods": ["task_arithmetic", "ties"],
+            "lambda": [0.5, 2.0],
+            "density": [0.3, 1.0],
+        },
+        "objectives": [
+            {"task": f"demo_{s}", "metric": "acc,none", "selection_task": f"demo_{s}_select", "name": s} for s in skills
+        ],
         "eval": {"include_paths": [str(REPO / "tasks")], "limit": 5, "selection_limit": 5, "batch_size": 64},
         "search": {"sampler": "random", "seed": 0, "n_trials": 3, "study_name": "tiny", "finalists": 1, "enqueue": []},
     }
@@ -69,7 +76,9 @@ def trials_by_shape(space_file: Path) -> dict[str, int]:
     store = TrialStore(f"sqlite:///{space_file.parent / 'tiny.db'}")
     shapes = {}
     for record in store.trials("tiny", status="complete"):
-        shapes.setdefault("single" if record.genome["g0.method"] == record.genome["g1.method"] else "multi", record.number)
+        shapes.setdefault(
+            "single" if record.genome["g0.method"] == record.genome["g1.method"] else "multi", record.number
+        )
     assert set(shapes) == {"single", "multi"}, shapes  # fixed seed: the sampler draws both kinds
     return shapes
 
@@ -110,7 +119,10 @@ def test_a_failing_re_export_keeps_the_earlier_export(study, tmp_path, capsys):
     number = int((out / "README.md").read_text().split("- trial: ")[1].split()[0])
     with sqlite3.connect(copy / "tiny.db") as db:  # the recorded hash no longer matches what the merge gives
         (recorded,) = db.execute("SELECT weights_hash FROM evomerge_trials WHERE number = ?", (number,)).fetchone()
-        assert db.execute("UPDATE evomerge_trials SET weights_hash = 'not-the-hash' WHERE number = ?", (number,)).rowcount == 1
+        assert (
+            db.execute("UPDATE evomerge_trials SET weights_hash = 'not-the-hash' WHERE number = ?", (number,)).rowcount
+            == 1
+        )
     assert run(["export", space, out, "-q", "--overwrite", "--trial", number]) == 2
     err = capsys.readouterr().err
     assert "differs from the hash recorded" in err and "left as it was" in err
@@ -154,7 +166,10 @@ def test_the_card_and_recipe_reproduce_the_exported_model(study, tmp_path):
         # the command the card gives, run from the model folder, gives the same weights
         subprocess.run(
             [sys.executable, "-m", "evomerge.cli", "merge", "mergekit_config.yml", "../reproduced-" + shape, "-q"],
-            cwd=out, check=True, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}, timeout=120,
+            cwd=out,
+            check=True,
+            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+            timeout=120,
         )
         reproduced = tmp_path / f"reproduced-{shape}"
         assert (reproduced / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()

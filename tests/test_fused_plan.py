@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from families import random_family
 
 from evomerge.merge import native, sparsify
 from evomerge.merge.fused_plan import merge_in_place
@@ -15,7 +16,6 @@ from evomerge.merge.methods import DeltaCache, merge_tensors
 from evomerge.merge.plan import MergePlan, TensorRecipe
 from evomerge.merge.resident import ResidentSources, materialize
 from evomerge.merge.seeds import tensor_seed
-from families import random_family
 
 MODELS = ("base", "ft1", "ft2", "ft3")
 # (method, per-model params, global params, whether the batch takes it)
@@ -69,7 +69,8 @@ def mixed_plan(family, sources):
     """Every tensor of the family, the recipes dealt round-robin."""
     names = sorted(sources.tensors["base"])
     recipes = tuple(
-        recipe_for(name, sources.get("base", name).shape, *RECIPES[i % len(RECIPES)][:3]) for i, name in enumerate(names)
+        recipe_for(name, sources.get("base", name).shape, *RECIPES[i % len(RECIPES)][:3])
+        for i, name in enumerate(names)
     )
     taken = {r.name for i, r in enumerate(recipes) if RECIPES[i % len(RECIPES)][3]}
     plan = MergePlan(
@@ -126,7 +127,9 @@ def test_materialize_equals_the_eager_path_on_two_threads(kernel, family, monkey
 def test_targets_the_kernel_cannot_write_go_to_merge_tensors(kernel, family):
     sources = ResidentSources({m: family[m] for m in MODELS}, dtype=torch.float32)
     names = [n for n, t in sorted(sources.tensors["base"].items()) if t.dim() == 2][:2]
-    recipes = tuple(recipe_for(n, sources.get("base", n).shape, "ties", {"weight": 0.5, "density": 0.3}, {}) for n in names)
+    recipes = tuple(
+        recipe_for(n, sources.get("base", n).shape, "ties", {"weight": 0.5, "density": 0.3}, {}) for n in names
+    )
     plan = MergePlan(
         models={m: family[m] for m in MODELS}, tensors=recipes, math_dtype=None, out_dtype=torch.float32,
         config_donor="base", tokenizer_donor="base", num_hidden_layers=2,
@@ -143,7 +146,11 @@ def test_bad_parameters_fail_as_merge_tensors_fails(kernel, family):
     sources = ResidentSources({m: family[m] for m in MODELS}, dtype=torch.float32)
     name = min(sources.tensors["base"])
     shape = sources.get("base", name).shape
-    for params, global_params in (({"density": 0.5}, {}), ({"weight": 1, "dens": 0.5}, {}), ({"weight": 1}, {"lamda": 2})):
+    for params, global_params in (
+        ({"density": 0.5}, {}),
+        ({"weight": 1, "dens": 0.5}, {}),
+        ({"weight": 1}, {"lamda": 2}),
+    ):
         recipe = recipe_for(name, shape, "ties", params, global_params)
         plan = MergePlan(
             models={m: family[m] for m in MODELS}, tensors=(recipe,), math_dtype=None, out_dtype=torch.float32,

@@ -5,16 +5,16 @@ import random
 import pytest
 import torch
 import yaml
+from families import load_checkpoint, random_family
 
 from evomerge.cli import main
 from evomerge.config.space import parse_space
+from evomerge.dtypes import torch_dtype
 from evomerge.errors import ConfigError
+from evomerge.genome.parameters import ParameterGenome as Genome
 from evomerge.io.hashing import checkpoint_hash, weights_hash
 from evomerge.merge.engine import run_merge
-from evomerge.dtypes import torch_dtype
 from evomerge.merge.resident import ResidentSources, materialize
-from evomerge.genome.parameters import ParameterGenome as Genome
-from families import load_checkpoint, random_family
 
 
 @pytest.fixture(scope="module")
@@ -67,14 +67,17 @@ def test_single_method_yaml_matches_mergekit(family, tmp_path, methods):
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    genome = Genome(make_space(family, tmp_path, methods=methods, **({"lambda": [0.5, 1.5]} if methods != ["linear"] else {})))
+    genome = Genome(
+        make_space(family, tmp_path, methods=methods, **({"lambda": [0.5, 1.5]} if methods != ["linear"] else {}))
+    )
     params = random_params(genome, 1)
     digest, _ = resident_hash(genome, params)
     text = genome.plan(params).recipe_yaml
     config = tmp_path / "recipe.yml"
     config.write_text(text)
     mergekit_merge.run_merge(
-        MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mk"),
+        MergeConfiguration.model_validate(yaml.safe_load(text)),
+        str(tmp_path / "mk"),
         options=MergeOptions(device="cpu", copy_tokenizer=False, quiet=True),
     )
     theirs = load_checkpoint(tmp_path / "mk")
@@ -148,10 +151,21 @@ def test_recipe_yaml_is_the_same_from_libyaml_and_pure_python(family, tmp_path, 
         for seed in range(20):
             genome.to_yaml(random_params(genome, seed))
         genome.to_yaml(genome.uniform_params())
-    documents.append({
-        "path": "/models/ünï cöde/x: y", "long": "word " * 40, "multi": "a\nb", "empty": "", "yes": "yes", "null": None,
-        "numbers": [1, 2.5, 1e-20, float("inf"), -0.0, 10**30], "flag": True, "hash": "#x", "dash": "-x", "lead": "  x",
-    })
+    documents.append(
+        {
+            "path": "/models/ünï cöde/x: y",
+            "long": "word " * 40,
+            "multi": "a\nb",
+            "empty": "",
+            "yes": "yes",
+            "null": None,
+            "numbers": [1, 2.5, 1e-20, float("inf"), -0.0, 10**30],
+            "flag": True,
+            "hash": "#x",
+            "dash": "-x",
+            "lead": "  x",
+        }
+    )
     assert len(documents) > 40
     for document in documents:
         assert original(document) == yaml.dump(document, Dumper=mergekit_yaml._PyFlowListDumper, sort_keys=False)
@@ -196,7 +210,8 @@ def test_multislerp_genome_yaml_matches_mergekit(family, tmp_path):
     _, ours = resident_hash(genome, params)
     text = genome.plan(params).recipe_yaml
     mergekit_merge.run_merge(
-        MergeConfiguration.model_validate(yaml.safe_load(text)), str(tmp_path / "mk"),
+        MergeConfiguration.model_validate(yaml.safe_load(text)),
+        str(tmp_path / "mk"),
         options=MergeOptions(device="cpu", copy_tokenizer=False, quiet=True),
     )
     theirs = load_checkpoint(tmp_path / "mk")

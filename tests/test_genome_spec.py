@@ -21,4 +21,7 @@ def test_a_range_a_method_refuses_at_one_end_is_refused(method):
 
 def test_ranges_inside_every_rule_pass():
     assert GenomeSpec(methods=["della", "ties"], density=(0.3, 0.9)).gene_range("density") == (0.3, 0.9)
-    assert GenomeSpec(methods=["ties", "breadcrumbs"], density=(0.01, 1.0), gamma=(0.0, 0.2)).methods == ["ties", "breadcrumbs"]
+    assert GenomeSpec(methods=["ties", "breadcrumbs"], density=(0.01, 1.0), gamma=(0.0, 0.2)).methods == [
+        "ties",
+        "breadcrumbs",
+    ]

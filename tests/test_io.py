@@ -22,7 +22,9 @@ def _tensors():
 @pytest.mark.parametrize("shard_bytes", [10**9, 100, 1])
 def test_writer_roundtrip_any_order(tmp_path, shard_bytes):
     tensors = _tensors()
-    with StreamingCheckpointWriter(tmp_path, [(k, v.shape, v.dtype) for k, v in tensors.items()], max_shard_bytes=shard_bytes) as w:
+    with StreamingCheckpointWriter(
+        tmp_path, [(k, v.shape, v.dtype) for k, v in tensors.items()], max_shard_bytes=shard_bytes
+    ) as w:
         for name in reversed(list(tensors)):  # out of layout order
             w.write(name, tensors[name])
     loaded = {}

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from families import load_checkpoint, random_family, write_yaml
 
 from evomerge.cli import main
-from families import load_checkpoint, random_family, write_yaml
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,8 @@ def test_linear_merge_writes_a_loadable_checkpoint(tmp_path, family):
         f"""
 merge_method: linear
 models:
-  - {{model: {family['ft1']}, parameters: {{weight: 0.75}}}}
-  - {{model: {family['ft2']}, parameters: {{weight: 0.25}}}}
+  - {{model: {family["ft1"]}, parameters: {{weight: 0.75}}}}
+  - {{model: {family["ft2"]}, parameters: {{weight: 0.25}}}}
 dtype: float32
 out_dtype: bfloat16
 """,
@@ -37,7 +37,9 @@ out_dtype: bfloat16
     out = tmp_path / "out"
     assert _run(["merge", str(config), str(out), "--quiet"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert {"model.safetensors", "config.json", "README.md", "mergekit_config.yml", "generation_config.json"} <= set(names)
+    assert {"model.safetensors", "config.json", "README.md", "mergekit_config.yml", "generation_config.json"} <= set(
+        names
+    )
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     merged = load_checkpoint(out)
     a, b = load_checkpoint(family["ft1"]), load_checkpoint(family["ft2"])
@@ -60,8 +62,8 @@ def test_sharded_output_and_frankenmerge_loads(tmp_path, family):
         f"""
 merge_method: passthrough
 slices:
-  - sources: [{{model: {family['ft1']}, layer_range: [0, 3]}}]
-  - sources: [{{model: {family['ft2']}, layer_range: [1, 4]}}]
+  - sources: [{{model: {family["ft1"]}, layer_range: [0, 3]}}]
+  - sources: [{{model: {family["ft2"]}, layer_range: [1, 4]}}]
 """,
     )
     out = tmp_path / "out"
@@ -73,7 +75,9 @@ slices:
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 6
     merged = load_checkpoint(out)
-    assert torch.equal(merged["model.layers.5.mlp.up_proj.weight"], load_checkpoint(family["ft2"])["model.layers.3.mlp.up_proj.weight"])
+    assert torch.equal(
+        merged["model.layers.5.mlp.up_proj.weight"], load_checkpoint(family["ft2"])["model.layers.3.mlp.up_proj.weight"]
+    )
 
 
 def test_random_masks_are_a_function_of_seed_only(tmp_path, family):
@@ -81,10 +85,10 @@ def test_random_masks_are_a_function_of_seed_only(tmp_path, family):
         tmp_path / "dare.yml",
         f"""
 merge_method: dare_ties
-base_model: {family['base']}
+base_model: {family["base"]}
 models:
-  - {{model: {family['ft1']}, parameters: {{weight: 0.6, density: 0.4}}}}
-  - {{model: {family['ft2']}, parameters: {{weight: 0.6, density: 0.6}}}}
+  - {{model: {family["ft1"]}, parameters: {{weight: 0.6, density: 0.4}}}}
+  - {{model: {family["ft2"]}, parameters: {{weight: 0.6, density: 0.6}}}}
 """,
     )
     outputs = {}
@@ -102,20 +106,36 @@ def test_user_mistakes_are_one_line_errors(tmp_path, family, capsys):
     assert err.startswith("error: ") and "\n" not in err and "base_model" in err and "Traceback" not in err
     assert _run(["merge", str(tmp_path / "missing.yml"), str(tmp_path / "o")]) == 2
     assert "file not found" in capsys.readouterr().err
-    good = write_yaml(tmp_path / "ok.yml", f"merge_method: linear\nmodels: [{{model: {family['ft1']}, parameters: {{weight: 1}}}}]\n")
+    good = write_yaml(
+        tmp_path / "ok.yml", f"merge_method: linear\nmodels: [{{model: {family['ft1']}, parameters: {{weight: 1}}}}]\n"
+    )
     assert _run(["merge", str(good), str(tmp_path / "o2"), "-q"]) == 0
     assert _run(["merge", str(good), str(tmp_path / "o2"), "-q"]) == 2  # refuses to overwrite silently
     assert "--overwrite" in capsys.readouterr().err
-    assert _run(["merge", str(good), str(tmp_path / "o3"), "--device", "cuda:0"]) == (0 if torch.cuda.is_available() else 2)
+    assert _run(["merge", str(good), str(tmp_path / "o3"), "--device", "cuda:0"]) == (
+        0 if torch.cuda.is_available() else 2
+    )
 
 
 def test_validate_and_methods_commands(tmp_path, family, capsys):
-    good = write_yaml(tmp_path / "ok.yml", f"merge_method: linear\nmodels: [{{model: {family['ft1']}, parameters: {{weight: 1}}}}]\n")
+    good = write_yaml(
+        tmp_path / "ok.yml", f"merge_method: linear\nmodels: [{{model: {family['ft1']}, parameters: {{weight: 1}}}}]\n"
+    )
     assert _run(["validate", str(good)]) == 0
     assert ": ok (linear" in capsys.readouterr().out
     assert _run(["methods"]) == 0
     listing = capsys.readouterr().out
-    for name in ("linear", "slerp", "ties", "dare_ties", "della", "model_stock", "breadcrumbs_ties", "nuslerp", "passthrough"):
+    for name in (
+        "linear",
+        "slerp",
+        "ties",
+        "dare_ties",
+        "della",
+        "model_stock",
+        "breadcrumbs_ties",
+        "nuslerp",
+        "passthrough",
+    ):
         assert name in listing
 
 
@@ -125,8 +145,8 @@ def test_a_merge_that_overflows_fails_with_the_tensor_named(tmp_path, family, ca
         f"""
 merge_method: linear
 models:
-  - {{model: {family['ft1']}, parameters: {{weight: 1.0e+39}}}}
-  - {{model: {family['ft2']}, parameters: {{weight: 1.0}}}}
+  - {{model: {family["ft1"]}, parameters: {{weight: 1.0e+39}}}}
+  - {{model: {family["ft2"]}, parameters: {{weight: 1.0}}}}
 parameters: {{normalize: false}}
 dtype: float32
 """,
@@ -143,10 +163,10 @@ def test_the_card_gives_the_command_that_reproduces_the_merge(tmp_path, family, 
         tmp_path / "recipes" / "dare.yml",
         f"""
 merge_method: dare_ties
-base_model: {family['base']}
+base_model: {family["base"]}
 models:
-  - {{model: {family['ft1']}, parameters: {{weight: 0.6, density: 0.4}}}}
-  - {{model: {family['ft2']}, parameters: {{weight: 0.6, density: 0.6}}}}
+  - {{model: {family["ft1"]}, parameters: {{weight: 0.6, density: 0.4}}}}
+  - {{model: {family["ft2"]}, parameters: {{weight: 0.6, density: 0.6}}}}
 """,
     )
     out = tmp_path / "out"
@@ -167,12 +187,12 @@ def test_a_mistake_in_a_later_document_is_found_before_any_merging(tmp_path, fam
 name: part
 merge_method: linear
 models:
-  - {{model: {family['ft1']}, parameters: {{weight: 0.5}}}}
-  - {{model: {family['ft2']}, parameters: {{weight: 0.5}}}}
+  - {{model: {family["ft1"]}, parameters: {{weight: 0.5}}}}
+  - {{model: {family["ft2"]}, parameters: {{weight: 0.5}}}}
 dtype: float32
 ---
 merge_method: ties
-base_model: {family['base']}
+base_model: {family["base"]}
 models:
   - {{model: part, parameters: {{weight: 1.0, density: abc}}}}
 dtype: float32
@@ -196,7 +216,10 @@ def test_methods_lists_all_twenty_and_an_input_rule_is_a_config_error(tmp_path, 
     listing = capsys.readouterr().out
     assert len(METHODS) == 20 and all(f"\n{name} " in f"\n{listing}" for name in METHODS)
     # The spec's input-count rule (check_models) refuses the plan up front, naming the field.
-    lone = write_yaml(tmp_path / "lone.yml", f"merge_method: multislerp\nbase_model: {family['base']}\nmodels: [{{model: {family['base']}}}]\n")
+    lone = write_yaml(
+        tmp_path / "lone.yml",
+        f"merge_method: multislerp\nbase_model: {family['base']}\nmodels: [{{model: {family['base']}}}]\n",
+    )
     assert _run(["merge", str(lone), str(tmp_path / "out"), "-q"]) == 2
     err = capsys.readouterr().err.strip()
     assert "multislerp needs at least one model besides the base, got only the base" in err

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 mergekit_merge = pytest.importorskip("mergekit.merge")
+from families import load_checkpoint, random_family, write_yaml  # noqa: E402
 from mergekit.config import MergeConfiguration  # noqa: E402
 from mergekit.options import MergeOptions  # noqa: E402
 
 from evomerge.config.mergekit_yaml import load_merge_config, load_yaml_file  # noqa: E402
 from evomerge.merge.engine import run_merge  # noqa: E402
 from evomerge.merge.planner import plan_merge  # noqa: E402
-from families import load_checkpoint, random_family, write_yaml  # noqa: E402
 
 # {base}, {a}, {b}, {c}: the base and three fine-tunes.
 CONFIGS = {
@@ -144,10 +144,10 @@ def test_same_result_as_mergekit(tmp_path, family, method, dtype, monkeypatch):
 def test_random_methods_match_mergekit_statistically(tmp_path, family, method):
     text = f"""
 merge_method: {method}
-base_model: {family['base']}
+base_model: {family["base"]}
 models:
-  - {{model: {family['a']}, parameters: {{weight: 0.7, density: 0.5}}}}
-  - {{model: {family['b']}, parameters: {{weight: 0.5, density: 0.5}}}}
+  - {{model: {family["a"]}, parameters: {{weight: 0.7, density: 0.5}}}}
+  - {{model: {family["b"]}, parameters: {{weight: 0.5, density: 0.5}}}}
 dtype: float32
 """
     ours, theirs = _both(tmp_path, text)
@@ -157,7 +157,9 @@ dtype: float32
             continue
         ours_delta, theirs_delta = ours[name] - base[name], theirs[name] - base[name]
         # same sparsity pattern statistics and the same L1 mass after rescaling
-        assert (ours_delta != 0).float().mean().item() == pytest.approx((theirs_delta != 0).float().mean().item(), abs=0.05), name
+        assert (ours_delta != 0).float().mean().item() == pytest.approx(
+            (theirs_delta != 0).float().mean().item(), abs=0.05
+        ), name
         assert ours_delta.abs().sum() == pytest.approx(theirs_delta.abs().sum().item(), rel=0.1), name
 
 

@@ -10,12 +10,23 @@ import torch
 from evomerge.merge import sparsify
 from evomerge.merge.methods import METHODS, MethodSpec, get_method, merge_tensors
 
-ALL_METHODS = (
-    "linear slerp nuslerp task_arithmetic ties dare_linear dare_ties breadcrumbs "
-    "breadcrumbs_ties della della_linear model_stock passthrough"
-).split()
+ALL_METHODS = [
+    "linear",
+    "slerp",
+    "nuslerp",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "model_stock",
+    "passthrough",
+]
 # mergekit 0.1.5's other seven, registered after those in its registry order.
-NEW_METHODS = "multislerp nearswap ram ramplus_tl sce arcee_fusion karcher".split()
+NEW_METHODS = ["multislerp", "nearswap", "ram", "ramplus_tl", "sce", "arcee_fusion", "karcher"]
 TASK_VECTOR_METHODS = [m for m in ALL_METHODS if METHODS[m].base == "required" and "density" in METHODS[m].model_params]
 R2 = math.sqrt(0.5)
 
@@ -46,9 +57,14 @@ def test_registry_names_params_and_defaults_match_mergekit_table():
     assert list(METHODS) == ALL_METHODS + NEW_METHODS
     assert all(isinstance(spec, MethodSpec) and spec.name == name for name, spec in METHODS.items())
     defaults = {  # (normalize, rescale) from the reference table
-        "task_arithmetic": (False, False), "ties": (True, False), "dare_ties": (False, True),
-        "dare_linear": (False, True), "breadcrumbs": (False, False), "breadcrumbs_ties": (False, False),
-        "della": (True, True), "della_linear": (False, True),
+        "task_arithmetic": (False, False),
+        "ties": (True, False),
+        "dare_ties": (False, True),
+        "dare_linear": (False, True),
+        "breadcrumbs": (False, False),
+        "breadcrumbs_ties": (False, False),
+        "della": (True, True),
+        "della_linear": (False, True),
     }
     for name, (normalize, rescale) in defaults.items():
         spec = METHODS[name]
@@ -277,8 +293,12 @@ def test_breadcrumbs_ties_elects_signs_after_the_band():
     # numel 3, density 1/3 -> keep 1, gamma 1/3 -> drop the largest: each model keeps its middle
     # magnitude: [0, 3, 0] and [-2, 0, 0]. Signs: [-, +, + (0)], no conflicts left.
     out = task_merge(
-        "breadcrumbs_ties", [0.0] * 3, [[1.0, 3.0, 5.0], [-2.0, -1.0, 4.0]], [1.0, 1.0],
-        density=[1 / 3, 1 / 3], gamma=[1 / 3, 1 / 3],
+        "breadcrumbs_ties",
+        [0.0] * 3,
+        [[1.0, 3.0, 5.0], [-2.0, -1.0, 4.0]],
+        [1.0, 1.0],
+        density=[1 / 3, 1 / 3],
+        gamma=[1 / 3, 1 / 3],
     )
     close(out, [-2, 3, 0])
 
@@ -312,8 +332,10 @@ def test_dare_density_edges():
         assert torch.equal(out, base)
 
 
-@pytest.mark.parametrize("random_method,plain_method", [("dare_linear", "task_arithmetic"), ("dare_ties", "ties"),
-                                                       ("della_linear", "task_arithmetic"), ("della", "ties")])
+@pytest.mark.parametrize(
+    "random_method,plain_method",
+    [("dare_linear", "task_arithmetic"), ("dare_ties", "ties"), ("della_linear", "task_arithmetic"), ("della", "ties")],
+)
 def test_random_methods_at_density_one_are_their_deterministic_counterparts(random_method, plain_method):
     torch.manual_seed(2)
     base, deltas = torch.randn(8, 9), [torch.randn(8, 9) for _ in range(3)]
@@ -463,7 +485,7 @@ def test_seed_of_one_model_does_not_depend_on_the_others():
 
 
 # -- bad inputs ------------------------------------------------------------------------------------
-Z, O = torch.zeros(3), torch.ones(3)
+Z, O = torch.zeros(3), torch.ones(3)  # noqa: E741 (short names keep the table below one call a line)
 W1 = {"weight": 1.0}
 BAD_CALLS = [  # (method, tensors, model_params, global_params, base_index), expected message
     (("slerp", [Z, O, O], [{}] * 3, {"t": 0.5}, 0), r"slerp needs exactly 2 models \(a base and one other\), got 3"),

@@ -213,8 +213,15 @@ def test_lone_base_is_returned_unchanged(name):
 
 
 # -- sce: bf16 bit for bit, float32 to 1e-6 -------------------------------------------------------------
-SCE_OPTIONS = [{}, {"select_topk": 0.3}, {"select_topk": 0.01}, {"select_topk": 0.0}, {"select_topk": -0.5},
-               {"select_topk": 1.5}, {"select_topk": 0.5, "int8_mask": True}]
+SCE_OPTIONS = [
+    {},
+    {"select_topk": 0.3},
+    {"select_topk": 0.01},
+    {"select_topk": 0.0},
+    {"select_topk": -0.5},
+    {"select_topk": 1.5},
+    {"select_topk": 0.5, "int8_mask": True},
+]
 SCE_IDS = ["defaults", "topk-0.3", "topk-0.01", "topk-0", "topk-negative", "topk-above-1", "topk-int8"]
 
 

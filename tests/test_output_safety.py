@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from families import random_family, write_yaml
 
 from evomerge.cli import main
 from evomerge.io.output_dir import MARKER
-from families import random_family, write_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 EVOMERGE = Path(sys.executable).with_name("evomerge")
@@ -48,7 +48,11 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 def leftovers(folder: Path) -> list[str]:
     """Anything a run may leave behind by mistake: staging, set-aside and parts folders."""
-    return [str(p) for p in folder.rglob("*") if "evomerge-staging" in p.name or "evomerge-old" in p.name or p.name == ".evomerge-parts"]
+    return [
+        str(p)
+        for p in folder.rglob("*")
+        if "evomerge-staging" in p.name or "evomerge-old" in p.name or p.name == ".evomerge-parts"
+    ]
 
 
 def linear(tmp_path: Path, family, name="linear.yml", weight=0.5) -> Path:
@@ -151,14 +155,14 @@ def multi_document(tmp_path: Path, family, first_name: str = "part-a") -> Path:
         f"""name: {first_name}
 merge_method: linear
 models:
-  - {{model: {family['ft1']}, parameters: {{weight: 0.5}}}}
-  - {{model: {family['ft2']}, parameters: {{weight: 0.5}}}}
+  - {{model: {family["ft1"]}, parameters: {{weight: 0.5}}}}
+  - {{model: {family["ft2"]}, parameters: {{weight: 0.5}}}}
 ---
 name: part-b
 merge_method: task_arithmetic
-base_model: {family['base']}
+base_model: {family["base"]}
 models:
-  - {{model: {family['ft2']}, parameters: {{weight: 0.7}}}}
+  - {{model: {family["ft2"]}, parameters: {{weight: 0.7}}}}
 ---
 merge_method: linear
 models:
@@ -190,7 +194,10 @@ def test_intermediate_merges_stay_under_the_output_or_the_intermediate_dir(tmp_p
     config = multi_document(tmp_path, family)
     out = tmp_path / "out"
     assert run(["merge", config, out, "-q"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["multi.yml", "out"]  # parts staged under the output, then gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "multi.yml",
+        "out",
+    ]  # parts staged under the output, then gone
     assert not (out / ".evomerge-parts").exists()
     # the recipe the output carries is the whole multi-document file, its paths relative to the folder
     card = (out / "README.md").read_text()
@@ -204,7 +211,9 @@ def test_intermediate_merges_stay_under_the_output_or_the_intermediate_dir(tmp_p
     other = tmp_path / "out2"
     assert run(["merge", config, other, "-q", "--intermediate-dir", parts]) == 0
     assert sorted(p.name for p in parts.iterdir()) == ["part-a", "part-b"]
-    assert all((parts / n / MARKER).is_file() and (parts / n / "model.safetensors").is_file() for n in ("part-a", "part-b"))
+    assert all(
+        (parts / n / MARKER).is_file() and (parts / n / "model.safetensors").is_file() for n in ("part-a", "part-b")
+    )
     # the parts are outputs like any other: not replaced without --overwrite, checked before merging
     kept = snapshot(parts)
     assert run(["merge", config, tmp_path / "out3", "-q", "--intermediate-dir", parts]) == 2

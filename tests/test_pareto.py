@@ -257,15 +257,15 @@ def test_plot_front_wants_trial_numbers(tmp_path):
 
     trials, _ = sample_trials(5, 2)
     with pytest.raises(ValueError, match="not trial numbers"):
-        plot_front(tmp_path / "f.png", objective_names=["a", "b"], trials=trials, front=[0, 1],
-                   references={}, title="t")
+        plot_front(
+            tmp_path / "f.png", objective_names=["a", "b"], trials=trials, front=[0, 1], references={}, title="t"
+        )
 
 
 def test_plot_search_efficiency(tmp_path):
     from evomerge.search.plot import plot_search_efficiency
 
     curves = {"tpe": [0.1, 0.3, 0.35, 0.5], "random": np.array([0.1, 0.2, 0.2, 0.25])}
-    path = plot_search_efficiency(tmp_path / "efficiency.png", curves, ylabel="hypervolume",
-                                  title="samplers")
+    path = plot_search_efficiency(tmp_path / "efficiency.png", curves, ylabel="hypervolume", title="samplers")
     assert path == tmp_path / "efficiency.png"
     assert path.read_bytes().startswith(PNG_MAGIC)

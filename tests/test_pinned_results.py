@@ -208,8 +208,17 @@ SEARCHES = {
     "e2e": {"methods": ["task_arithmetic", "ties"], "density": [0.3, 1.0], "n_trials": 10},
     "all_methods": {
         "methods": [
-            "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties",
-            "della", "della_linear", "slerp", "model_stock",
+            "linear",
+            "task_arithmetic",
+            "ties",
+            "dare_linear",
+            "dare_ties",
+            "breadcrumbs",
+            "breadcrumbs_ties",
+            "della",
+            "della_linear",
+            "slerp",
+            "model_stock",
         ],
         "density": [0.3, 0.9],  # della needs density + epsilon < 1
         "n_trials": 10,

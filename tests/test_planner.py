@@ -2,12 +2,11 @@
 
 import pytest
 import torch
+from families import SMALL, random_family, write_yaml
 
-from evomerge.config.mergekit_yaml import load_merge_config
+from evomerge.config.mergekit_yaml import load_merge_config, parse_setting
 from evomerge.errors import CompatibilityError, ConfigError
 from evomerge.merge.planner import evaluate_setting, plan_merge
-from evomerge.config.mergekit_yaml import parse_setting
-from families import SMALL, random_family, write_yaml
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +41,11 @@ def test_models_syntax_gradients_per_layer(tmp_path, family):
         tmp_path,
         f"""
 merge_method: ties
-base_model: {family['base']}
+base_model: {family["base"]}
 models:
-  - model: {family['ft1']}
+  - model: {family["ft1"]}
     parameters: {{weight: [0, 1], density: [{{filter: mlp, value: 0.5}}, {{value: 0.9}}]}}
-  - model: {family['ft2']}
+  - model: {family["ft2"]}
     parameters: {{weight: 0.4}}
 parameters: {{density: 0.7, normalize: false}}
 dtype: bfloat16
@@ -76,15 +75,15 @@ def test_slices_remap_layers_and_take_post_from_last_slice(tmp_path, family):
         tmp_path,
         f"""
 merge_method: slerp
-base_model: {family['base']}
+base_model: {family["base"]}
 slices:
   - sources:
-      - {{model: {family['base']}, layer_range: [0, 2]}}
-      - {{model: {family['ft1']}, layer_range: [0, 2]}}
+      - {{model: {family["base"]}, layer_range: [0, 2]}}
+      - {{model: {family["ft1"]}, layer_range: [0, 2]}}
     parameters: {{t: 0.25}}
   - sources:
-      - {{model: {family['base']}, layer_range: [1, 4]}}
-      - {{model: {family['ft2']}, layer_range: [1, 4]}}
+      - {{model: {family["base"]}, layer_range: [1, 4]}}
+      - {{model: {family["ft2"]}, layer_range: [1, 4]}}
     parameters: {{t: [0, 1]}}
 dtype: float32
 """,
@@ -110,13 +109,37 @@ dtype: float32
     "body, field, message",
     [
         ("merge_method: tiez\nmodels: [{{model: {ft1}}}]", "merge_method", "did you mean 'ties'"),
-        ("merge_method: linear\nmodels: [{{model: {ft1}}}, {{model: /nope/model}}]", "models.1.model", "not a local directory"),
-        ("merge_method: linear\nmodels: [{{model: {ft1}}}, {{model: {ft2}, parameters: {{weight: 1}}}}]", "models.0.parameters", "needs parameter 'weight'"),
-        ("merge_method: linear\nmodels: [{{model: {ft1}, parameters: {{wieght: 1}}}}]", "models.0.parameters.wieght", "did you mean 'weight'"),
-        ("merge_method: ties\nmodels: [{{model: {ft1}, parameters: {{weight: 1}}}}]", "base_model", "needs a base_model"),
-        ("merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {ft1}}}, {{model: {ft2}}}]\nparameters: {{t: 0.5}}", "models", "exactly 2 models"),
+        (
+            "merge_method: linear\nmodels: [{{model: {ft1}}}, {{model: /nope/model}}]",
+            "models.1.model",
+            "not a local directory",
+        ),
+        (
+            "merge_method: linear\nmodels: [{{model: {ft1}}}, {{model: {ft2}, parameters: {{weight: 1}}}}]",
+            "models.0.parameters",
+            "needs parameter 'weight'",
+        ),
+        (
+            "merge_method: linear\nmodels: [{{model: {ft1}, parameters: {{wieght: 1}}}}]",
+            "models.0.parameters.wieght",
+            "did you mean 'weight'",
+        ),
+        (
+            "merge_method: ties\nmodels: [{{model: {ft1}, parameters: {{weight: 1}}}}]",
+            "base_model",
+            "needs a base_model",
+        ),
+        (
+            "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {ft1}}}, {{model: {ft2}}}]\nparameters: {{t: 0.5}}",
+            "models",
+            "exactly 2 models",
+        ),
         ("merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {ft1}}}]", "parameters", "needs parameter 't'"),
-        ("merge_method: linear\nslices:\n  - sources:\n      - {{model: {ft1}, layer_range: [0, 9]}}", "slices.0.sources.0.layer_range", "outside the model's 4 layers"),
+        (
+            "merge_method: linear\nslices:\n  - sources:\n      - {{model: {ft1}, layer_range: [0, 9]}}",
+            "slices.0.sources.0.layer_range",
+            "outside the model's 4 layers",
+        ),
         ("merge_method: linear\nmodels: [{{model: {ft1}}}]\ndtype: int4", "dtype", "expected one of"),
     ],
 )
@@ -131,18 +154,33 @@ def test_config_errors_name_the_field(tmp_path, family, body, field, message):
 
 
 def test_incompatible_models_fail_before_merging(tmp_path, family):
-    other = random_family(tmp_path / "wide", finetunes=0, shape=SMALL.__class__(vocab=100, hidden=32, intermediate=64, layers=4))
+    other = random_family(
+        tmp_path / "wide", finetunes=0, shape=SMALL.__class__(vocab=100, hidden=32, intermediate=64, layers=4)
+    )
     with pytest.raises(CompatibilityError, match="different shapes .*different vocabularies"):
-        _plan(tmp_path, f"merge_method: linear\nmodels: [{{model: {family['ft1']}}}, {{model: {other['base']}}}]\nparameters: {{weight: 1}}")
-    deep = random_family(tmp_path / "deep", finetunes=0, shape=SMALL.__class__(vocab=96, hidden=32, intermediate=64, layers=6))
+        _plan(
+            tmp_path,
+            f"merge_method: linear\nmodels: [{{model: {family['ft1']}}}, {{model: {other['base']}}}]\nparameters: {{weight: 1}}",
+        )
+    deep = random_family(
+        tmp_path / "deep", finetunes=0, shape=SMALL.__class__(vocab=96, hidden=32, intermediate=64, layers=6)
+    )
     with pytest.raises(ConfigError, match="different layer counts"):
-        _plan(tmp_path, f"merge_method: linear\nmodels: [{{model: {family['ft1']}}}, {{model: {deep['base']}}}]\nparameters: {{weight: 1}}")
+        _plan(
+            tmp_path,
+            f"merge_method: linear\nmodels: [{{model: {family['ft1']}}}, {{model: {deep['base']}}}]\nparameters: {{weight: 1}}",
+        )
 
 
 def test_hidden_size_mismatch_is_not_called_a_vocabulary_difference(tmp_path, family):
-    wide = random_family(tmp_path / "wide", finetunes=0, shape=SMALL.__class__(vocab=96, hidden=48, intermediate=64, layers=4))
+    wide = random_family(
+        tmp_path / "wide", finetunes=0, shape=SMALL.__class__(vocab=96, hidden=48, intermediate=64, layers=4)
+    )
     with pytest.raises(CompatibilityError) as info:
-        _plan(tmp_path, f"merge_method: linear\nmodels: [{{model: {family['ft1']}}}, {{model: {wide['base']}}}]\nparameters: {{weight: 1}}")
+        _plan(
+            tmp_path,
+            f"merge_method: linear\nmodels: [{{model: {family['ft1']}}}, {{model: {wide['base']}}}]\nparameters: {{weight: 1}}",
+        )
     message = str(info.value)
     assert "different model sizes" in message and "vocabular" not in message, message
     assert f"{family['ft1']}: [96, 32]" in message and f"{wide['base']}: [96, 48]" in message, message
@@ -159,19 +197,24 @@ def test_a_missing_tensor_names_the_model_that_lacks_it(tmp_path, family):
     del tensors["model.layers.1.mlp.down_proj.weight"]
     save_file(tensors, lacking / "model.safetensors")
     with pytest.raises(CompatibilityError) as info:
-        _plan(tmp_path, f"merge_method: linear\nmodels: [{{model: {family['ft1']}}}, {{model: {lacking}}}]\nparameters: {{weight: 1}}")
+        _plan(
+            tmp_path,
+            f"merge_method: linear\nmodels: [{{model: {family['ft1']}}}, {{model: {lacking}}}]\nparameters: {{weight: 1}}",
+        )
     message = str(info.value)
-    assert message.startswith(f"{lacking}: layer 1 lacks ['mlp.down_proj.weight'] that {family['ft1']} layer 1 has"), message
+    assert message.startswith(f"{lacking}: layer 1 lacks ['mlp.down_proj.weight'] that {family['ft1']} layer 1 has"), (
+        message
+    )
 
 
 def test_a_filter_that_matches_no_tensor_is_one_warning_naming_the_field(tmp_path, family, caplog):
     text = f"""
 merge_method: ties
-base_model: {family['base']}
+base_model: {family["base"]}
 models:
-  - model: {family['ft1']}
+  - model: {family["ft1"]}
     parameters: {{weight: [{{filter: no_such_proj, value: 0.2}}, {{value: 0.5}}], density: 0.5}}
-  - model: {family['ft2']}
+  - model: {family["ft2"]}
     parameters: {{weight: 0.5, density: [{{filter: mlp, value: 0.3}}, {{value: 0.5}}]}}
 """
     with caplog.at_level("WARNING"):

@@ -41,7 +41,9 @@ def test_plain_lines_follow_every_phase_and_every_n_trials():
     ]
     search = [line for line in lines if line.startswith("evomerge: search: ") and "trials" in line]
     assert [line.split(" trials")[0] for line in search] == [
-        "evomerge: search: 4/9", "evomerge: search: 7/9", "evomerge: search: 9/9",
+        "evomerge: search: 4/9",
+        "evomerge: search: 7/9",
+        "evomerge: search: 9/9",
     ]
     assert search[0].startswith("evomerge: search: 4/9 trials, in flight 1, best 0.812 (trial 4), front 3, failed 0, ")
     assert "failed 1" in search[1] and "eta" in search[1] and "eta" not in search[2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import optuna
 import pytest
+from test_search_e2e import write_space
 
 from evomerge.config.space import load_space
 from evomerge.errors import ConfigError
@@ -15,7 +16,6 @@ from evomerge.search.samplers import FACTORIES, SamplerFactory, make_sampler
 def space_sampler(space):
     spec = space.search
     return make_sampler(spec.sampler, seed=spec.seed, options=spec.sampler_options, source=space.source_path)
-from test_search_e2e import write_space
 
 
 def test_an_unknown_sampler_is_refused_with_the_table_names(tmp_path, demo_family):

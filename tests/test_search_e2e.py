@@ -27,9 +27,15 @@ def write_space(tmp_path: Path, family, *, n_trials=6, sampler="tpe", limit=25, 
         "base_model": f"base@{family.base}",
         "dtype": "float32",
         "device": "cpu",
-        "genome": {"layer_granularity": 2, "methods": ["task_arithmetic", "ties"], "lambda": [0.5, 2.0], "density": [0.3, 1.0]},
+        "genome": {
+            "layer_granularity": 2,
+            "methods": ["task_arithmetic", "ties"],
+            "lambda": [0.5, 2.0],
+            "density": [0.3, 1.0],
+        },
         "objectives": [
-            {"task": f"demo_{s}", "metric": "acc,none", "selection_task": f"demo_{s}_select", "name": s} for s in family.skills
+            {"task": f"demo_{s}", "metric": "acc,none", "selection_task": f"demo_{s}_select", "name": s}
+            for s in family.skills
         ],
         "eval": {"include_paths": [str(REPO / "tasks")], "limit": limit, "selection_limit": limit, "batch_size": 64},
         "search": {"sampler": sampler, "seed": 0, "n_trials": n_trials, "study_name": "e2e", "finalists": 2, **search},
@@ -66,7 +72,9 @@ def test_run_resume_export_rescore(tmp_path, demo_family, capsys, monkeypatch):
         references[first_parent][f"demo_{first_parent}"]["acc,none"]
     )
     assert store.scores("e2e", "selection")  # finalists were re-scored on held-out items
-    assert all(t.weights_hash and t.merge_seconds is not None and t.plan_yaml.startswith("# Made by evomerge") for t in trials)
+    assert all(
+        t.weights_hash and t.merge_seconds is not None and t.plan_yaml.startswith("# Made by evomerge") for t in trials
+    )
 
     # resume: the same command with a larger budget adds trials, keeps the old ones
     assert run_cli(["run", str(space_file), "-q", "--n-trials", "8"]) == 0
@@ -76,7 +84,9 @@ def test_run_resume_export_rescore(tmp_path, demo_family, capsys, monkeypatch):
     export_dir = tmp_path / "export"
     assert run_cli(["export", str(space_file), str(export_dir), "-q"]) == 0
     assert "matches the scored model" in capsys.readouterr().out
-    assert {"config.json", "mergekit_config.yml", "README.md", "tokenizer.json"} <= {p.name for p in export_dir.iterdir()}
+    assert {"config.json", "mergekit_config.yml", "README.md", "tokenizer.json"} <= {
+        p.name for p in export_dir.iterdir()
+    }
     number = int((export_dir / "README.md").read_text().split("- trial: ")[1].split()[0])
     # the same trial exported where the fused C kernel is off (no compiler): the same weights
     from evomerge.merge import native
@@ -95,7 +105,9 @@ def test_run_resume_export_rescore(tmp_path, demo_family, capsys, monkeypatch):
         export_dir, [f"demo_{s}" for s in demo_family.skills], include_paths=[REPO / "tasks"], limit=25, batch_size=64
     )
     for skill in demo_family.skills:
-        assert rescored[f"demo_{skill}"]["acc,none"] == pytest.approx(search_scores.get(number, store.scores("e2e", "search")[number])[f"demo_{skill}"]["acc,none"])
+        assert rescored[f"demo_{skill}"]["acc,none"] == pytest.approx(
+            search_scores.get(number, store.scores("e2e", "search")[number])[f"demo_{skill}"]["acc,none"]
+        )
 
     # front with a plot, then a trial that is not there
     assert run_cli(["front", str(space_file), "--plot", str(tmp_path / "front.png")]) == 0
@@ -130,8 +142,9 @@ def test_an_enqueued_genome_killed_before_its_genes_were_written_is_queued_again
     """Between optuna handing out an enqueued trial (a parent, the uniform mix) and its genes
     reaching the database, the trial has no params: its genome is only in optuna's fixed params.
     SIGKILL there must not drop that reference point from the study."""
-    import optuna
     from types import SimpleNamespace
+
+    import optuna
 
     from evomerge.search.runner import recover_interrupted
 
@@ -160,7 +173,10 @@ def test_sigkill_loses_no_completed_trial_and_resumes(tmp_path, demo_family):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "evomerge.cli", "run", str(space_file), "-q"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
 
     def completed() -> int:
@@ -241,14 +257,18 @@ def test_dashboard_serves_the_study_on_loopback(tmp_path):
         port = probe.getsockname()[1]
     process = subprocess.Popen(
         [sys.executable, "-m", "evomerge.cli", "dashboard", "dash-study", "--storage", url, "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 60
         body = None
         while time.monotonic() < deadline and process.poll() is None:
             try:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/api/studies", headers={"Accept-Encoding": "identity"})
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/studies", headers={"Accept-Encoding": "identity"}
+                )
                 with urllib.request.urlopen(request, timeout=2) as response:
                     body = json.loads(response.read())
                 break

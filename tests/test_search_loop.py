@@ -15,13 +15,13 @@ from typing import Any
 
 import optuna
 import pytest
+from test_search_e2e import write_space
 
 from evomerge.config.space import load_space
 from evomerge.errors import EvomergeError
 from evomerge.genome.parameters import ParameterGenome as Genome
 from evomerge.search.runner import run_search
 from evomerge.store.trial_store import TrialStore
-from test_search_e2e import write_space
 
 STATES = {"COMPLETE": "complete", "FAIL": "failed"}
 
@@ -136,7 +136,7 @@ def test_a_failed_trial_is_stored_and_told_and_the_search_goes_on(make_space):
     assert (summary.n_complete, summary.n_failed, len(study.trials)) == (2, 3, 5)  # failures are not retried
     assert records[1].failure == "RuntimeError: CUDA out of memory"
     assert records[2].failure.startswith("FloatingPointError: an objective is NaN")
-    assert records[3].failure.startswith("KeyError: \"lm-eval returned no results for task")
+    assert records[3].failure.startswith('KeyError: "lm-eval returned no results for task')
     assert study.trials[1].user_attrs["failure"] == "RuntimeError: CUDA out of memory"
     assert "methods" in study.trials[1].user_attrs
     assert {row.number for row in summary.front} <= {0, 4}

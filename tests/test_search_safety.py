@@ -14,11 +14,11 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from test_search_e2e import run_cli, write_space
 
 from evomerge.config.space import load_space
 from evomerge.errors import EvomergeError
 from evomerge.store.trial_store import TrialStore
-from test_search_e2e import run_cli, write_space
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -31,10 +31,16 @@ def assert_store_agrees_with_optuna(space, *, n_complete: int | None = None) -> 
     study = optuna.load_study(study_name=space.study_name, storage=space.storage_url)
     trials = study.get_trials(deepcopy=False)
     records = {r.number: r for r in TrialStore(space.storage_url).trials(space.study_name)}
-    assert not [t.number for t in trials if t.state.name in ("RUNNING", "WAITING")], [(t.number, t.state.name) for t in trials]
+    assert not [t.number for t in trials if t.state.name in ("RUNNING", "WAITING")], [
+        (t.number, t.state.name) for t in trials
+    ]
     assert set(records) == {t.number for t in trials}
     for trial in trials:
-        assert records[trial.number].status == STATES[trial.state.name], (trial.number, trial.state, records[trial.number])
+        assert records[trial.number].status == STATES[trial.state.name], (
+            trial.number,
+            trial.state,
+            records[trial.number],
+        )
         if trial.state.name == "COMPLETE":
             assert records[trial.number].values == pytest.approx(trial.values)
     if n_complete is not None:
@@ -101,11 +107,17 @@ def test_a_study_deleted_with_optuna_leaves_nothing_in_its_namesake(tmp_path, de
     [
         (lambda d: d["genome"].update(methods=["ties", "dare_ties"]), "genome", "gene 'g0.method' as a choice of"),
         (lambda d: d["objectives"].pop(), "objectives", "was created with directions"),
-        (lambda d: [o.update(name=f"{o['name']}-renamed") for o in d["objectives"]], "objectives", "was run with objectives"),
+        (
+            lambda d: [o.update(name=f"{o['name']}-renamed") for o in d["objectives"]],
+            "objectives",
+            "was run with objectives",
+        ),
         (lambda d: d["genome"].update(layer_granularity=1), "genome", "this space adds genes its trials lack"),
     ],
 )
-def test_a_space_edited_under_a_study_is_refused_before_models_load(tmp_path, demo_family, capsys, monkeypatch, edit, field, message):
+def test_a_space_edited_under_a_study_is_refused_before_models_load(
+    tmp_path, demo_family, capsys, monkeypatch, edit, field, message
+):
     space_file = write_space(tmp_path, demo_family, n_trials=1, sampler="random", limit=5, enqueue=[], finalists=0)
     assert run_cli(["run", str(space_file), "-q"]) == 0
     from evomerge.errors import ConfigError
@@ -123,7 +135,9 @@ def test_a_space_edited_under_a_study_is_refused_before_models_load(tmp_path, de
         check_space_against_database(edited, Genome(edited))
     from evomerge.workers import pool
 
-    monkeypatch.setattr(pool, "make_pool", lambda *a, **k: pytest.fail("models were loaded before the mistake was found"))
+    monkeypatch.setattr(
+        pool, "make_pool", lambda *a, **k: pytest.fail("models were loaded before the mistake was found")
+    )
     capsys.readouterr()
     assert run_cli(["run", str(space_file), "-q", "--n-trials", "2"]) == 2
     err = capsys.readouterr().err.strip()
@@ -141,9 +155,15 @@ def test_a_space_edited_under_a_study_is_refused_before_models_load(tmp_path, de
 
 @pytest.mark.parametrize(
     "storage, message",
-    [("GARBAGE", "the file is not a SQLite database"), ("sqlite:////no/such/dir/x.db", "does not exist"), ("sqlit:///x.db", "unknown database kind")],
+    [
+        ("GARBAGE", "the file is not a SQLite database"),
+        ("sqlite:////no/such/dir/x.db", "does not exist"),
+        ("sqlit:///x.db", "unknown database kind"),
+    ],
 )
-def test_run_with_a_bad_storage_stops_before_models_load(tmp_path, demo_family, capsys, no_model_loading, storage, message):
+def test_run_with_a_bad_storage_stops_before_models_load(
+    tmp_path, demo_family, capsys, no_model_loading, storage, message
+):
     garbage = tmp_path / "garbage.db"
     garbage.write_text("not a database\n" * 100)
     space_file = write_space(tmp_path, demo_family, n_trials=1)
@@ -181,17 +201,24 @@ def test_a_failure_outside_a_trial_fails_and_requeues_what_was_in_flight(tmp_pat
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(TrialStore, "finish_trial", database_hiccup)
-    space = load_space(write_space(tmp_path, demo_family, n_trials=4, sampler="random", limit=5, enqueue=[], finalists=0))
+    space = load_space(
+        write_space(tmp_path, demo_family, n_trials=4, sampler="random", limit=5, enqueue=[], finalists=0)
+    )
     with pytest.raises(RuntimeError, match="disk went away"):
         run_search(space, progress=False)
     study = optuna.load_study(study_name="e2e", storage=space.storage_url)
     failed = [t for t in study.trials if t.state.name == "FAIL"]
     assert [t.number for t in failed] == [1]
-    assert failed[0].user_attrs["failure"] == "search stopped before this trial finished: RuntimeError: the disk went away (simulated)"
+    assert (
+        failed[0].user_attrs["failure"]
+        == "search stopped before this trial finished: RuntimeError: the disk went away (simulated)"
+    )
     record = TrialStore(space.storage_url).trial("e2e", 1)
     assert record.status == "failed" and record.failure == failed[0].user_attrs["failure"]
     waiting = [t for t in study.trials if t.state.name == "WAITING"]
-    assert [t.user_attrs["retry_of"] for t in waiting] == [1] and waiting[0].system_attrs["fixed_params"] == failed[0].params
+    assert [t.user_attrs["retry_of"] for t in waiting] == [1] and waiting[0].system_attrs["fixed_params"] == failed[
+        0
+    ].params
 
     monkeypatch.setattr(TrialStore, "finish_trial", original)
     summary = run_search(space, progress=False)  # the retry runs first; the budget counts it once
@@ -208,11 +235,17 @@ def test_the_sigkill_resume_still_needs_no_wait(tmp_path, demo_family):
     space_file = write_space(tmp_path, demo_family, n_trials=1, sampler="random", limit=5, enqueue=[], finalists=0)
     space = load_space(space_file)
     killed = subprocess.run(
-        [sys.executable, "-c", (
-            "import os, signal, sys; from evomerge.store import TrialStore; from evomerge.store.lease import StudyLease;"
-            "lease = StudyLease(TrialStore(sys.argv[1]), 'e2e'); lease.acquire(); os.kill(os.getpid(), signal.SIGKILL)"
-        ), space.storage_url],
-        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+        [
+            sys.executable,
+            "-c",
+            (
+                "import os, signal, sys; from evomerge.store import TrialStore; from evomerge.store.lease import StudyLease;"
+                "lease = StudyLease(TrialStore(sys.argv[1]), 'e2e'); lease.acquire(); os.kill(os.getpid(), signal.SIGKILL)"
+            ),
+            space.storage_url,
+        ],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
     )
     assert killed.returncode == -9
     assert read_holder(TrialStore(space.storage_url), "e2e") is not None
@@ -233,13 +266,17 @@ def test_a_lost_lease_stops_the_driver_without_telling_optuna(tmp_path, demo_fam
 
     def taken_over(self, study, number, genome, **kwargs):
         original(self, study, number, genome, **kwargs)
-        self.write(lambda conn: conn.execute(
-            leases_table.update().where(leases_table.c.study == study).values(driver="another-driver")
-        ))
+        self.write(
+            lambda conn: conn.execute(
+                leases_table.update().where(leases_table.c.study == study).values(driver="another-driver")
+            )
+        )
 
     monkeypatch.setattr(TrialStore, "start_trial", taken_over)
     monkeypatch.setattr(runner, "StudyLease", functools.partial(StudyLease, heartbeat_seconds=0.05))
-    space = load_space(write_space(tmp_path, demo_family, n_trials=2, sampler="random", limit=5, enqueue=[], finalists=0))
+    space = load_space(
+        write_space(tmp_path, demo_family, n_trials=2, sampler="random", limit=5, enqueue=[], finalists=0)
+    )
     with pytest.raises(EvomergeError, match="lease was taken over by another driver"):
         run_search(space, progress=False)
     study = optuna.load_study(study_name="e2e", storage=space.storage_url)
@@ -280,6 +317,9 @@ def test_ctrl_c_fails_the_trial_in_flight_and_frees_the_study(tmp_path, demo_fam
     assert len(failed) <= 1  # none when the signal landed between two trials
     for trial in failed:
         record = TrialStore(space.storage_url).trial("e2e", trial.number)
-        assert record.status == "failed" and record.failure == "search stopped before this trial finished: interrupted (Ctrl-C)"
+        assert (
+            record.status == "failed"
+            and record.failure == "search stopped before this trial finished: interrupted (Ctrl-C)"
+        )
         assert [t.user_attrs["retry_of"] for t in study.trials if t.state.name == "WAITING"] == [trial.number]
     assert read_holder(TrialStore(space.storage_url), "e2e") is None

@@ -87,7 +87,9 @@ def test_params_are_written_together_when_the_block_ends(url, name):
     assert stored_params(url, name)[trial.number] == params
     study.tell(trial, 0.5)
     frozen = study.get_trials()[0]
-    assert frozen.params == params and frozen.distributions["method"] == CategoricalDistribution(["ties", "task_arithmetic"])
+    assert frozen.params == params and frozen.distributions["method"] == CategoricalDistribution(
+        ["ties", "task_arithmetic"]
+    )
 
 
 def test_outside_the_block_every_param_is_its_own_transaction(url, name):
@@ -105,10 +107,9 @@ def test_params_are_written_when_the_block_raises(url, name):
     storage = BatchingRDBStorage(url)
     study = optuna.create_study(study_name=name, storage=storage)
     trial = study.ask()
-    with pytest.raises(RuntimeError, match="sampler broke"):
-        with batched_params(study):
-            x = trial.suggest_float("x", 0.0, 1.0)
-            raise RuntimeError("sampler broke")
+    with pytest.raises(RuntimeError, match="sampler broke"), batched_params(study):
+        x = trial.suggest_float("x", 0.0, 1.0)
+        raise RuntimeError("sampler broke")
     assert stored_params(url, name)[trial.number] == {"x": x}
 
 
@@ -119,7 +120,12 @@ def test_same_samples_and_stored_params_as_plain_storage(url, tmp_path):
         study_name = f"same-{kind}-{uuid.uuid4().hex[:8]}"
         study_url = f"sqlite:///{tmp_path / (kind + '.db')}" if url.startswith("sqlite") else url
         sampler = optuna.samplers.TPESampler(seed=3, n_startup_trials=3, multivariate=True)
-        study = optuna.create_study(study_name=study_name, storage=storage_class(study_url), sampler=sampler, directions=["maximize", "maximize"])
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=storage_class(study_url),
+            sampler=sampler,
+            directions=["maximize", "maximize"],
+        )
         study.enqueue_trial({"method": "ties", **{f"w{i}": 0.5 for i in range(6)}})
         for _ in range(8):
             trial = study.ask()
@@ -142,9 +148,8 @@ def test_an_incompatible_distribution_still_fails(url, name):
     # A second process (no cached distribution) that asks for "x" as a categorical gene:
     other = optuna.load_study(study_name=name, storage=BatchingRDBStorage(url))
     trial = other.ask()
-    with pytest.raises(ValueError, match="different distribution kind"):
-        with batched_params(other):
-            trial.suggest_categorical("x", ["a", "b"])
+    with pytest.raises(ValueError, match="different distribution kind"), batched_params(other):
+        trial.suggest_categorical("x", ["a", "b"])
     assert stored_params(url, name)[trial.number] == {}
 
 
@@ -178,7 +183,9 @@ def test_sigkill_inside_the_block_loses_nothing_finished(url, name):
             study.tell(trial, 1.0)
     """
     env = os.environ | {"PYTHONPATH": str(REPO)}
-    process = subprocess.run([sys.executable, "-c", textwrap.dedent(code), url, name], env=env, capture_output=True, timeout=120)
+    process = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), url, name], env=env, capture_output=True, timeout=120
+    )
     assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
     storage = optuna.storages.RDBStorage(url)
     trials = optuna.load_study(study_name=name, storage=storage).trials
@@ -207,14 +214,22 @@ def test_runner_tell_finishes_trials_like_study_tell(url, name):
 
     outcomes = {}
     for kind in ("study.tell", "_tell"):
-        study = optuna.create_study(study_name=f"{name}-{kind}", storage=BatchingRDBStorage(url), directions=["maximize"] * 2)
-        tell = study.tell if kind == "study.tell" else lambda trial, values=None, state=None: _tell(study, trial, values, state=state)
+        study = optuna.create_study(
+            study_name=f"{name}-{kind}", storage=BatchingRDBStorage(url), directions=["maximize"] * 2
+        )
+        tell = (
+            study.tell
+            if kind == "study.tell"
+            else lambda trial, values=None, state=None, study=study: _tell(study, trial, values, state=state)
+        )
         good, bad = study.ask(), study.ask()
         tell(good, [0.25, 0.5])
         tell(bad, state=TrialState.FAIL)
         with pytest.raises(ValueError, match="Cannot tell a COMPLETE trial"):
             tell(good, [0.1, 0.1])
-        outcomes[kind] = [(t.state, t.values) for t in optuna.load_study(study_name=f"{name}-{kind}", storage=url).trials]
+        outcomes[kind] = [
+            (t.state, t.values) for t in optuna.load_study(study_name=f"{name}-{kind}", storage=url).trials
+        ]
     assert outcomes["_tell"] == outcomes["study.tell"] == [(TrialState.COMPLETE, [0.25, 0.5]), (TrialState.FAIL, None)]
 
 
@@ -250,11 +265,19 @@ def test_reads_give_the_same_frozen_trials_as_rdbstorage(url, name):
     assert len(ids) == 7
     for trial_id in ids:
         assert same(storage.get_trial(trial_id), plain.get_trial(trial_id))
-    for states in (None, (TrialState.COMPLETE,), (TrialState.RUNNING, TrialState.WAITING), (TrialState.PRUNED, TrialState.FAIL)):
+    for states in (
+        None,
+        (TrialState.COMPLETE,),
+        (TrialState.RUNNING, TrialState.WAITING),
+        (TrialState.PRUNED, TrialState.FAIL),
+    ):
         ours, theirs = storage.get_all_trials(study_id, states=states), plain.get_all_trials(study_id, states=states)
         assert ours and same(ours, theirs)
     for included, greater in ((set(), -1), ({ids[1], ids[5]}, ids[3]), (set(), ids[4]), ({ids[6]}, ids[2])):
-        ours, theirs = storage._get_trials(study_id, None, included, greater), plain._get_trials(study_id, None, included, greater)
+        ours, theirs = (
+            storage._get_trials(study_id, None, included, greater),
+            plain._get_trials(study_id, None, included, greater),
+        )
         assert ours and same(ours, theirs)
     complete = [t for t in storage.get_all_trials(study_id) if t.state == TrialState.COMPLETE]
     assert complete[0].values[0] == float("inf") and complete[0].user_attrs["seed"] == {"parent": 0, "ok": True}

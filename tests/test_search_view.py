@@ -35,7 +35,9 @@ def cli_env() -> dict[str, str]:
         os.environ,
         PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         COLUMNS="200",  # rich tables at full width: every cell whole
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
     )
 
 
@@ -47,21 +49,39 @@ def finished_study(tmp_path_factory, demo_family):
         "base_model": f"base@{demo_family.base}",
         "dtype": "float32",
         "device": "cpu",
-        "genome": {"layer_granularity": 2, "methods": ["task_arithmetic", "ties"], "lambda": [0.5, 2.0],
-                   "density": [0.3, 1.0]},
-        "objectives": [{"task": f"demo_{s}", "metric": "acc,none", "selection_task": f"demo_{s}_select", "name": s}
-                       for s in demo_family.skills],
+        "genome": {
+            "layer_granularity": 2,
+            "methods": ["task_arithmetic", "ties"],
+            "lambda": [0.5, 2.0],
+            "density": [0.3, 1.0],
+        },
+        "objectives": [
+            {"task": f"demo_{s}", "metric": "acc,none", "selection_task": f"demo_{s}_select", "name": s}
+            for s in demo_family.skills
+        ],
         "eval": {"include_paths": [str(REPO / "tasks")], "limit": 10, "selection_limit": 10, "batch_size": 64},
         "search": {"sampler": "tpe", "seed": 0, "n_trials": 7, "study_name": "view", "finalists": 2},
     }
     space_file = root / "space.yml"
     space_file.write_text(yaml.safe_dump(data, sort_keys=False))
     # stderr is a pipe here, as in a log file, CI or a Ray job: progress comes as plain lines
-    done = subprocess.run([*evomerge_command(), "run", str(space_file)], capture_output=True, text=True,
-                          env=cli_env(), timeout=900, cwd=root)
+    done = subprocess.run(
+        [*evomerge_command(), "run", str(space_file)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=900,
+        cwd=root,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    return SimpleNamespace(space_file=space_file, root=root, stdout=done.stdout, stderr=done.stderr,
-                           storage_url=f"sqlite:///{root / 'view.db'}", names=list(demo_family.skills))
+    return SimpleNamespace(
+        space_file=space_file,
+        root=root,
+        stdout=done.stdout,
+        stderr=done.stderr,
+        storage_url=f"sqlite:///{root / 'view.db'}",
+        names=list(demo_family.skills),
+    )
 
 
 def table_rows(text: str, first_column: str = "model") -> list[list[str]]:
@@ -98,8 +118,13 @@ def test_progress_shows_every_phase_and_the_best_as_the_final_table_does(finishe
 
 def test_front_plot_page_shows_the_terminal_table(finished_study, tmp_path):
     png = tmp_path / "plots" / "front.png"
-    done = subprocess.run([*evomerge_command(), "front", str(finished_study.space_file), "--plot", str(png)],
-                          capture_output=True, text=True, env=cli_env(), timeout=300)
+    done = subprocess.run(
+        [*evomerge_command(), "front", str(finished_study.space_file), "--plot", str(png)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     terminal = table_rows(done.stdout)
     page = png.with_suffix(".html").read_text(encoding="utf-8")
@@ -116,8 +141,13 @@ def test_front_plot_page_shows_the_terminal_table(finished_study, tmp_path):
     assert f"best: trial {best[0][0].split()[1]}" in page
     # the command `run` suggests, run again: the earlier plot is replaced, not refused
     png.write_bytes(b"an older plot")
-    again = subprocess.run([*evomerge_command(), "front", str(finished_study.space_file), "--plot", str(png), "--top", "0"],
-                           capture_output=True, text=True, env=cli_env(), timeout=300)
+    again = subprocess.run(
+        [*evomerge_command(), "front", str(finished_study.space_file), "--plot", str(png), "--top", "0"],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=300,
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -134,8 +164,17 @@ def find_chromium() -> str | None:
 
 def page_text(chromium: str, url: str, profile: Path, expect: str) -> str:
     """The rendered page's text (Chromium's DOM after the scripts ran), waiting for `expect` to show."""
-    command = [chromium, "--headless", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-               f"--user-data-dir={profile}", "--virtual-time-budget=20000", "--dump-dom", url]
+    command = [
+        chromium,
+        "--headless",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=20000",
+        "--dump-dom",
+        url,
+    ]
     if os.geteuid() == 0:
         command.insert(1, "--no-sandbox")  # Chromium refuses to run as root with its sandbox
     text = ""
@@ -173,8 +212,10 @@ def dashboard_url(finished_study):
 def test_dashboard_shows_the_merge_in_a_real_browser(finished_study, dashboard_url, tmp_path):
     chromium = find_chromium()
     if chromium is None:
-        pytest.skip("Chromium not found: run the tests under scripts/with-chromium.sh (installs Debian's "
-                    "chromium) or set EVOMERGE_TEST_CHROMIUM")
+        pytest.skip(
+            "Chromium not found: run the tests under scripts/with-chromium.sh (installs Debian's "
+            "chromium) or set EVOMERGE_TEST_CHROMIUM"
+        )
     import optuna
 
     from evomerge.store.trial_store import TrialStore
@@ -208,8 +249,9 @@ def test_dashboard_shows_the_merge_in_a_real_browser(finished_study, dashboard_u
         assert f"score: {name} {round(value, 6)}" in text
         assert f"{name} {held_out[f'demo_{name}_select']['acc,none']:.3f}" in text  # the note's held-out table
     assert f"mean {round(sum(values) / len(values), 6)}" in text
-    assert re.search(r"methods layers 0-1 (ties|task_arithmetic), layers 2-3 (ties|task_arithmetic)", text) or \
-        re.search(r"methods layers 0-3 (ties|task_arithmetic)", text)
+    assert re.search(
+        r"methods layers 0-1 (ties|task_arithmetic), layers 2-3 (ties|task_arithmetic)", text
+    ) or re.search(r"methods layers 0-3 (ties|task_arithmetic)", text)
     assert f"weights hash {record.weights_hash}" in text
     assert re.search(r"seconds merge \d+\.\d\d · hash \d+\.\d\d · eval \d+\.\d\d · trial \d+\.\d\d", text)
     assert "Best trial of the study" in text

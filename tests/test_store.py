@@ -14,7 +14,7 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +40,7 @@ OUR_TABLES = {
         "sqlite",
         pytest.param(
             "postgresql",
-            marks=pytest.mark.skipif(
-                not POSTGRES_URL, reason="set EVOMERGE_TEST_POSTGRES_URL to test PostgreSQL"
-            ),
+            marks=pytest.mark.skipif(not POSTGRES_URL, reason="set EVOMERGE_TEST_POSTGRES_URL to test PostgreSQL"),
         ),
     ]
 )
@@ -111,7 +109,7 @@ def test_save_study_round_trip_and_upsert(store, study):
     assert info.directions == ["maximize", "minimize"]
     assert info.objective_names == ["arc_easy/acc", "wikitext/word_perplexity"]
     assert info.objective_weights == [1.0, 0.5]
-    assert info.created_at.tzinfo == timezone.utc
+    assert info.created_at.tzinfo == UTC
 
     store.save_study(
         study,
@@ -131,16 +129,29 @@ def test_save_study_round_trip_and_upsert(store, study):
 
 def test_save_study_rejects_mismatched_objectives(store, study):
     with pytest.raises(ValueError, match="one of each per objective"):
-        store.save_study(study, space_yaml="", space_path="", directions=["maximize"],
-                         objective_names=["a", "b"], objective_weights=[1.0])
+        store.save_study(
+            study,
+            space_yaml="",
+            space_path="",
+            directions=["maximize"],
+            objective_names=["a", "b"],
+            objective_weights=[1.0],
+        )
     with pytest.raises(ValueError, match="'maximize' or 'minimize'"):
-        store.save_study(study, space_yaml="", space_path="", directions=["up"],
-                         objective_names=["a"], objective_weights=[1.0])
+        store.save_study(
+            study, space_yaml="", space_path="", directions=["up"], objective_names=["a"], objective_weights=[1.0]
+        )
 
 
 def test_studies_lists_described_studies_and_studies_with_trials(store, study):
-    store.save_study(study + "-a", space_yaml="", space_path="", directions=["maximize"],
-                     objective_names=["a"], objective_weights=[1.0])
+    store.save_study(
+        study + "-a",
+        space_yaml="",
+        space_path="",
+        directions=["maximize"],
+        objective_names=["a"],
+        objective_weights=[1.0],
+    )
     store.start_trial(study + "-b", 0, {})
     names = store.studies()
     assert {study + "-a", study + "-b"} <= set(names)
@@ -151,7 +162,7 @@ def test_studies_lists_described_studies_and_studies_with_trials(store, study):
 
 
 def test_trial_lifecycle_round_trip(store, study):
-    before = datetime.now(timezone.utc) - timedelta(seconds=1)
+    before = datetime.now(UTC) - timedelta(seconds=1)
     genome = {"t": np.float64(0.25), "layers": np.int64(3), "method": "ties", "w": (0.5, 0.5)}
     store.start_trial(study, 3, genome, worker="gpu-0")
     running = store.trial(study, 3)
@@ -162,7 +173,8 @@ def test_trial_lifecycle_round_trip(store, study):
     assert running.worker == "gpu-0"
 
     store.finish_trial(
-        study, 3,
+        study,
+        3,
         values=[np.float32(0.5), float("nan"), float("inf"), -float("inf")],
         plan_yaml="merge_method: ties\n",
         merge_seconds=np.float64(1.25),
@@ -182,8 +194,8 @@ def test_trial_lifecycle_round_trip(store, study):
     # What start_trial wrote survives finish_trial.
     assert (done.genome, done.worker) == (running.genome, "gpu-0")
     assert done.started_at == running.started_at
-    assert done.started_at.tzinfo == timezone.utc and done.finished_at.tzinfo == timezone.utc
-    assert before <= done.started_at <= done.finished_at <= datetime.now(timezone.utc)
+    assert done.started_at.tzinfo == UTC and done.finished_at.tzinfo == UTC
+    assert before <= done.started_at <= done.finished_at <= datetime.now(UTC)
 
 
 def test_trials_are_ordered_and_filtered(store, study):
@@ -205,14 +217,16 @@ def test_trials_are_ordered_and_filtered(store, study):
 def test_fail_trial_keeps_one_line_and_no_values(store, study):
     store.start_trial(study, 0, {"t": 0.5}, worker="w")
     store.fail_trial(
-        study, 0, "Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory\n",
-        plan_yaml="merge_method: dare_ties\n", merge_seconds=2.0, device="cuda:0",
+        study,
+        0,
+        "Traceback (most recent call last):\n  ...\nRuntimeError: CUDA out of memory\n",
+        plan_yaml="merge_method: dare_ties\n",
+        merge_seconds=2.0,
+        device="cuda:0",
     )
     failed = store.trial(study, 0)
     assert failed.status == "failed"
-    assert failed.failure == (
-        "Traceback (most recent call last): ... RuntimeError: CUDA out of memory"
-    )
+    assert failed.failure == ("Traceback (most recent call last): ... RuntimeError: CUDA out of memory")
     assert failed.values is None
     assert failed.plan_yaml == "merge_method: dare_ties\n"
     assert (failed.merge_seconds, failed.eval_seconds) == (2.0, None)
@@ -255,10 +269,15 @@ def test_fail_running(store, study):
 
 
 def test_scores_round_trip_and_rescoring_replaces(store, study):
-    store.record_scores(study, 2, "search", {
-        "arc_easy": {"acc": np.float64(0.625), "acc_norm": 0.5},
-        "wikitext": {"word_perplexity": float("nan")},
-    })
+    store.record_scores(
+        study,
+        2,
+        "search",
+        {
+            "arc_easy": {"acc": np.float64(0.625), "acc_norm": 0.5},
+            "wikitext": {"word_perplexity": float("nan")},
+        },
+    )
     store.record_scores(study, 0, "search", {"arc_easy": {"acc": 0.25}})
     store.record_scores(study, 2, "selection", {"arc_easy": {"acc": 0.75}})
     store.record_scores(study, 2, "search", {"arc_easy": {"acc": 0.875}})  # re-scored
@@ -279,11 +298,15 @@ def test_scores_round_trip_and_rescoring_replaces(store, study):
 
 def test_finish_trial_writes_its_search_scores_in_the_same_transaction(store, study):
     store.start_trial(study, 4, {"t": 0.5})
-    common = dict(values=[0.5], plan_yaml="x: 1\n", merge_seconds=1.0, eval_seconds=2.0, device="cpu", weights_hash="cd" * 32)
+    common = dict(
+        values=[0.5], plan_yaml="x: 1\n", merge_seconds=1.0, eval_seconds=2.0, device="cpu", weights_hash="cd" * 32
+    )
     with pytest.raises(ValueError, match="is not a number"):  # a bad score: nothing is written
         store.finish_trial(study, 4, scores={"arc_easy": {"acc": 0.5, "alias": "arc_easy"}}, **common)
     assert store.trial(study, 4).status == "running" and store.scores(study, "search") == {}
-    store.finish_trial(study, 4, scores={"arc_easy": {"acc": np.float64(0.625)}, "wikitext": {"ppl": float("nan")}}, **common)
+    store.finish_trial(
+        study, 4, scores={"arc_easy": {"acc": np.float64(0.625)}, "wikitext": {"ppl": float("nan")}}, **common
+    )
     assert store.trial(study, 4).status == "complete" and store.trial(study, 4).values == [0.5]
     search = store.scores(study, "search")
     assert search[4]["arc_easy"] == {"acc": 0.625} and math.isnan(search[4]["wikitext"]["ppl"])
@@ -292,10 +315,10 @@ def test_finish_trial_writes_its_search_scores_in_the_same_transaction(store, st
 
 def test_references_round_trip(store, study):
     store.record_reference(study, "base", "/models/base", "search", {"arc_easy": {"acc": 0.25}})
-    store.record_reference(study, "math", "/models/math", "search",
-                           {"arc_easy": {"acc": 0.5}, "gsm8k": {"exact_match": float("nan")}})
-    store.record_reference(study, "math", "/models/math-v2", "selection",
-                           {"arc_easy": {"acc": 0.375}})
+    store.record_reference(
+        study, "math", "/models/math", "search", {"arc_easy": {"acc": 0.5}, "gsm8k": {"exact_match": float("nan")}}
+    )
+    store.record_reference(study, "math", "/models/math-v2", "selection", {"arc_easy": {"acc": 0.375}})
     store.record_reference(study, "base", "/models/base", "search", {"arc_easy": {"acc": 0.3}})
 
     search = store.references(study, "search")
@@ -324,7 +347,7 @@ def test_reopening_is_idempotent_and_tables_are_prefixed(url, study):
         tables = set(inspect(engine).get_table_names())
     finally:
         engine.dispose()
-    assert OUR_TABLES <= tables
+    assert tables >= OUR_TABLES
 
 
 def test_trial_survives_sigkill_right_after_finish(url, study):
@@ -339,7 +362,8 @@ def test_trial_survives_sigkill_right_after_finish(url, study):
                            eval_seconds=2.0, device="cpu", weights_hash="ff")
         os.kill(os.getpid(), signal.SIGKILL)  # no close, no atexit, no flush
         """,
-        url, study,
+        url,
+        study,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr.read()
     with TrialStore(url) as reopened:
@@ -365,8 +389,7 @@ def test_concurrent_writers_lose_nothing(url, study, tmp_path):
                                merge_seconds=0.1, eval_seconds=0.2, device="cpu",
                                weights_hash=f"{number:x}")
         """
-    writers = [run_child(writer, url, study, f"w{i}", str(50 * i), str(go), wait=False)
-               for i in range(2)]
+    writers = [run_child(writer, url, study, f"w{i}", str(50 * i), str(go), wait=False) for i in range(2)]
     go.touch()
     for process in writers:
         assert process.wait(timeout=60) == 0, process.stderr.read()
@@ -387,8 +410,7 @@ def test_coexists_with_an_optuna_study(url, study):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     engine = create_engine(url)
     try:
-        optuna_study = optuna.create_study(storage=url, study_name=study,
-                                           directions=["maximize", "minimize"])
+        optuna_study = optuna.create_study(storage=url, study_name=study, directions=["maximize", "minimize"])
         optuna_tables = set(inspect(engine).get_table_names()) - OUR_TABLES
         with TrialStore(url) as store:
             trial = optuna_study.ask()
@@ -403,7 +425,7 @@ def test_coexists_with_an_optuna_study(url, study):
             assert store.trial(study, trial.number).values == [t, 1 - t]
         # Ours were added; optuna's are all still there and none of ours lacks the prefix.
         tables = set(inspect(engine).get_table_names())
-        assert optuna_tables <= tables and OUR_TABLES <= tables
+        assert optuna_tables <= tables and tables >= OUR_TABLES
         assert all(name.startswith("evomerge_") for name in tables - optuna_tables)
     finally:
         engine.dispose()
@@ -412,5 +434,8 @@ def test_coexists_with_an_optuna_study(url, study):
 def test_display_url_hides_passwords():
     from evomerge.store import display_url
 
-    assert display_url("postgresql+psycopg://evo:s3cret@db.internal:5432/runs") == "postgresql+psycopg://evo:***@db.internal:5432/runs"
+    assert (
+        display_url("postgresql+psycopg://evo:s3cret@db.internal:5432/runs")
+        == "postgresql+psycopg://evo:***@db.internal:5432/runs"
+    )
     assert display_url("sqlite:////tmp/demo.db") == "sqlite:////tmp/demo.db"

@@ -14,7 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -33,7 +33,10 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 @pytest.fixture(
     params=[
         "sqlite",
-        pytest.param("postgresql", marks=pytest.mark.skipif(not POSTGRES_URL, reason="set EVOMERGE_TEST_POSTGRES_URL to test PostgreSQL")),
+        pytest.param(
+            "postgresql",
+            marks=pytest.mark.skipif(not POSTGRES_URL, reason="set EVOMERGE_TEST_POSTGRES_URL to test PostgreSQL"),
+        ),
     ]
 )
 def url(request, tmp_path) -> str:
@@ -67,13 +70,22 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 
 
 def age(seconds: float) -> datetime:
-    return datetime.now(timezone.utc) - timedelta(seconds=seconds)
+    return datetime.now(UTC) - timedelta(seconds=seconds)
 
 
 def put_lease(store: TrialStore, study: str, *, host: str, pid: int, heartbeat_age: float) -> None:
-    store.write(lambda conn: conn.execute(leases_table.insert().values(
-        study=study, driver=uuid.uuid4().hex, host=host, pid=pid, acquired_at=age(3600), heartbeat_at=age(heartbeat_age),
-    )))
+    store.write(
+        lambda conn: conn.execute(
+            leases_table.insert().values(
+                study=study,
+                driver=uuid.uuid4().hex,
+                host=host,
+                pid=pid,
+                acquired_at=age(3600),
+                heartbeat_at=age(heartbeat_age),
+            )
+        )
+    )
 
 
 # ------------------------------------------------------------------ storage errors
@@ -87,7 +99,10 @@ def put_lease(store: TrialStore, study: str, *, host: str, pid: int, heartbeat_a
         ("mysql+nosuchdriver://u@127.0.0.1/x", "unknown database kind"),
         ("mysql://u@127.0.0.1/x", "driver 'MySQLdb' is not installed"),
         ("postgresql+psycopg://u@127.0.0.1:1/x", "cannot connect to the database server"),
-        ("sqlite:////no/such/folder/x.db", "the folder /no/such/folder does not exist|no database file at /no/such/folder"),
+        (
+            "sqlite:////no/such/folder/x.db",
+            "the folder /no/such/folder does not exist|no database file at /no/such/folder",
+        ),
         ("GARBAGE_FILE", "the file is not a SQLite database"),
         ("FOLDER", "is a folder"),
         ("TRUNCATED", "the SQLite file is damaged"),
@@ -99,7 +114,9 @@ def test_bad_storage_is_one_line_for_every_command(tmp_path, storage, expected):
     garbage.write_bytes(b"this is a spreadsheet, not a database\n" * 200)
     if storage == "TRUNCATED":  # a study database cut short (a full disk, a partial copy)
         whole = tmp_path / "whole.db"
-        optuna.create_study(study_name="s", storage=f"sqlite:///{whole}").optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+        optuna.create_study(study_name="s", storage=f"sqlite:///{whole}").optimize(
+            lambda t: t.suggest_float("x", 0, 1), n_trials=3
+        )
         (tmp_path / "cut.db").write_bytes(whole.read_bytes()[:3000])
         whole.unlink()
         storage = f"sqlite:///{tmp_path / 'cut.db'}"
@@ -165,8 +182,14 @@ def test_a_database_from_before_study_uids_opens_and_is_migrated(tmp_path):
     path = tmp_path / "old.db"
     url = f"sqlite:///{path}"
     with TrialStore(url) as store:
-        store.save_study("s", space_yaml="x: 1\n", space_path="", directions=["maximize"], objective_names=["a"],
-                         objective_weights=[1.0])
+        store.save_study(
+            "s",
+            space_yaml="x: 1\n",
+            space_path="",
+            directions=["maximize"],
+            objective_names=["a"],
+            objective_weights=[1.0],
+        )
     with sqlite3.connect(path) as connection:  # what an older evomerge wrote
         connection.execute("ALTER TABLE evomerge_studies DROP COLUMN study_uid")
         connection.execute("DROP TABLE evomerge_leases")
@@ -176,8 +199,15 @@ def test_a_database_from_before_study_uids_opens_and_is_migrated(tmp_path):
     with sqlite3.connect(path) as connection:
         assert "study_uid" not in {row[1] for row in connection.execute("PRAGMA table_info(evomerge_studies)")}
     with TrialStore(url) as store:
-        store.save_study("s", space_yaml="x: 1\n", space_path="", directions=["maximize"], objective_names=["a"],
-                         objective_weights=[1.0], uid="u1")
+        store.save_study(
+            "s",
+            space_yaml="x: 1\n",
+            space_path="",
+            directions=["maximize"],
+            objective_names=["a"],
+            objective_weights=[1.0],
+            uid="u1",
+        )
         assert store.study_info("s").uid == "u1"
         StudyLease(store, "s").acquire()  # the lease table was created too
 
@@ -222,9 +252,11 @@ def test_a_driver_on_another_host_holds_until_its_heartbeat_is_stale(url, study)
 def test_a_driver_whose_lease_was_taken_over_notices_and_stops(url, study):
     with TrialStore(url) as store:
         with StudyLease(store, study, heartbeat_seconds=0.05) as lease:
-            store.write(lambda conn: conn.execute(
-                leases_table.update().where(leases_table.c.study == study).values(driver="someone-else")
-            ))
+            store.write(
+                lambda conn: conn.execute(
+                    leases_table.update().where(leases_table.c.study == study).values(driver="someone-else")
+                )
+            )
             for _ in range(100):
                 if lease.lost:
                     break
@@ -246,8 +278,15 @@ def test_studies_lists_deletes_and_renames_both_sides(tmp_path):
         optuna_study = optuna.create_study(study_name=name, storage=url)
         optuna_study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
         with TrialStore(url) as store:
-            store.save_study(name, space_yaml="", space_path="", directions=["maximize"], objective_names=["x"],
-                             objective_weights=[1.0], uid=None)
+            store.save_study(
+                name,
+                space_yaml="",
+                space_path="",
+                directions=["maximize"],
+                objective_names=["x"],
+                objective_weights=[1.0],
+                uid=None,
+            )
             for number in range(2):
                 store.start_trial(name, number, {"x": 0.5})
     optuna.create_study(study_name="plain", storage=url)
@@ -277,7 +316,9 @@ def test_studies_lists_deletes_and_renames_both_sides(tmp_path):
     assert copied.returncode == 0, copied.stderr
     with TrialStore(url) as store:
         assert store.studies() == ["copy", "kept"]
-        assert [(t.number, t.genome) for t in store.trials("copy")] == [(t.number, t.genome) for t in store.trials("kept")]
+        assert [(t.number, t.genome) for t in store.trials("copy")] == [
+            (t.number, t.genome) for t in store.trials("kept")
+        ]
         studies = store.optuna_studies()
         assert store.study_info("copy").uid == studies["copy"].uid != studies["kept"].uid
     assert [t.params for t in optuna.load_study(study_name="copy", storage=url).trials] == [
@@ -301,8 +342,15 @@ def test_read_commands_refuse_rows_of_a_study_deleted_with_optuna(tmp_path):
     optuna_study = optuna.create_study(study_name="s", storage=url)
     optuna_study._storage.set_study_system_attr(optuna_study._study_id, "evomerge_study_uid", "u-old")
     with TrialStore(url) as store:
-        store.save_study("s", space_yaml="models: []\n", space_path="", directions=["minimize"], objective_names=["x"],
-                         objective_weights=[1.0], uid="u-old")
+        store.save_study(
+            "s",
+            space_yaml="models: []\n",
+            space_path="",
+            directions=["minimize"],
+            objective_names=["x"],
+            objective_weights=[1.0],
+            uid="u-old",
+        )
     optuna.delete_study(study_name="s", storage=url)
     assert "was deleted from optuna" in one_line_error(evomerge("front", "s", "--storage", url))
     optuna.create_study(study_name="s", storage=url)  # a new study under the same name
@@ -327,7 +375,10 @@ def test_a_database_file_where_a_space_file_or_url_was_expected(tmp_path):
     optuna.create_study(study_name="s", storage=url)
     listing = evomerge("studies", str(tmp_path / "study.db"))  # the file itself is accepted there
     assert listing.returncode == 0 and "│ s " in listing.stdout, listing.stderr
-    for command in (["front", str(tmp_path / "study.db")], ["export", str(tmp_path / "study.db"), str(tmp_path / "out")]):
+    for command in (
+        ["front", str(tmp_path / "study.db")],
+        ["export", str(tmp_path / "study.db"), str(tmp_path / "out")],
+    ):
         err = one_line_error(evomerge(*command))
         assert "is a study database, not a space file" in err and f"--storage {url}" in err, err
     assert not (tmp_path / "out").exists()

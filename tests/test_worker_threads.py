@@ -19,7 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 def openmp_spin_count(code: list[str], **extra_env: str) -> str:
     """GOMP_SPINCOUNT as libgomp reports it at start-up (0: passive; 300000: its default spinning)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "GOMP_"))}
-    env.update(extra_env, OMP_DISPLAY_ENV="VERBOSE", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    env.update(
+        extra_env,
+        OMP_DISPLAY_ENV="VERBOSE",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])),
+    )
     done = subprocess.run(code, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     counts = [line.split("=", 1)[1].strip(" '") for line in done.stderr.splitlines() if "GOMP_SPINCOUNT" in line]
@@ -34,14 +38,20 @@ def test_the_console_script_starts_openmp_with_passive_waiting():
 
 
 def test_torch_imported_before_evomerge_keeps_spinning_and_is_detected():
-    probe = ("import torch, evomerge.threads as t; torch.ones(2).sum(); "
-             "assert not t.passive_openmp_in_effect() and t.torch_loaded_without_policy()")
+    probe = (
+        "import torch, evomerge.threads as t; torch.ones(2).sum(); "
+        "assert not t.passive_openmp_in_effect() and t.torch_loaded_without_policy()"
+    )
     assert openmp_spin_count([sys.executable, "-c", probe]) == "300000"
-    probe = ("import evomerge.threads as t, torch; torch.ones(2).sum(); "
-             "assert t.passive_openmp_in_effect() and not t.torch_loaded_without_policy()")
+    probe = (
+        "import evomerge.threads as t, torch; torch.ones(2).sum(); "
+        "assert t.passive_openmp_in_effect() and not t.torch_loaded_without_policy()"
+    )
     assert openmp_spin_count([sys.executable, "-c", probe]) == "0"
-    probe = ("import torch, evomerge.threads as t; torch.ones(2).sum(); "  # the user's own choice: no warning
-             "assert not t.passive_openmp_in_effect() and not t.torch_loaded_without_policy()")
+    probe = (
+        "import torch, evomerge.threads as t; torch.ones(2).sum(); "  # the user's own choice: no warning
+        "assert not t.passive_openmp_in_effect() and not t.torch_loaded_without_policy()"
+    )
     assert openmp_spin_count([sys.executable, "-c", probe], OMP_WAIT_POLICY="ACTIVE") not in ("0", "300000")
 
 
@@ -70,7 +80,8 @@ def test_in_process_pool_uses_the_chosen_threads_and_restores_them(tmp_path, dem
     data = {
         "models": [f"{skill}@{demo_family.finetunes[skill]}"],
         "base_model": f"base@{demo_family.base}",
-        "dtype": "float32", "device": "cpu",
+        "dtype": "float32",
+        "device": "cpu",
         "genome": {"methods": ["task_arithmetic"]},
         "objectives": [{"task": f"demo_{skill}"}],
         "eval": {"include_paths": [str(REPO / "tasks")], "limit": 2},

@@ -13,11 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from test_search_e2e import write_space
 
 from evomerge.config.space import load_space
 from evomerge.search.runner import run_search
 from evomerge.store.trial_store import TrialStore
-from test_search_e2e import write_space
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -90,8 +90,13 @@ def test_driver_killed_with_two_workers_resumes(tmp_path, demo_family):
     space_file = write_space(tmp_path, demo_family, n_trials=30, sampler="random", limit=10, workers=2)
     space = load_space(space_file)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    driver = subprocess.Popen([sys.executable, "-m", "evomerge.cli", "run", str(space_file), "-q"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "evomerge.cli", "run", str(space_file), "-q"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and driver.poll() is None:
         if Path(space.storage_url.removeprefix("sqlite:///")).exists():
@@ -152,7 +157,9 @@ PY
         {bin_dir}/evomerge run {space_file} -q >/dev/null || exit 13
     """)
     env = {**os.environ, "EVR_TEMP": str(temp)}
-    completed = subprocess.run(["unshare", "-n", "bash", "-c", script], capture_output=True, text=True, timeout=540, env=env)
+    completed = subprocess.run(
+        ["unshare", "-n", "bash", "-c", script], capture_output=True, text=True, timeout=540, env=env
+    )
     shutil.rmtree(temp, ignore_errors=True)
     assert completed.returncode == 0, completed.stdout[-1500:] + completed.stderr[-3000:]
     assert "NODES 2 ['127.0.0.1']" in completed.stdout

@@ -9,10 +9,10 @@ templates, LoRA inputs) fail validation with a one-line message saying so.
 
 from __future__ import annotations
 
-from collections.abc import Collection
 import re
+from collections.abc import Collection
 from pathlib import Path
-from typing import Annotated, Any, Optional, Union
+from typing import Annotated, Any
 
 import yaml
 from pydantic import BeforeValidator, ValidationError, field_validator, model_validator
@@ -22,7 +22,7 @@ from evomerge.config.numbers import Integer, OptionalNumber
 from evomerge.dtypes import normalize_dtype
 from evomerge.errors import ConfigError
 
-Scalar = Union[bool, int, float, str]
+Scalar = bool | int | float | str
 
 
 class ConditionalParameter(StrictModel):
@@ -32,7 +32,7 @@ class ConditionalParameter(StrictModel):
     value: Any
 
 
-ParameterSetting = Union[Scalar, list[ConditionalParameter], list[Scalar]]
+ParameterSetting = Scalar | list[ConditionalParameter] | list[Scalar]
 _SETTING_HELP = "expected a number, a list of numbers (a gradient across layers) or a list of {filter, value} entries"
 
 
@@ -51,7 +51,9 @@ def parse_setting(value: Any) -> ParameterSetting:
                 if isinstance(entry, dict):
                     unknown = set(entry) - {"filter", "value"}
                     if unknown or "value" not in entry:
-                        raise ValueError(f"filter entries need 'value' and an optional 'filter', got keys {sorted(entry)}")
+                        raise ValueError(
+                            f"filter entries need 'value' and an optional 'filter', got keys {sorted(entry)}"
+                        )
                     entry = ConditionalParameter(filter=entry.get("filter"), value=parse_setting(entry["value"]))
                 conditions.append(entry)
             return conditions
@@ -74,7 +76,7 @@ def _parse_parameters(value: Any) -> dict[str, ParameterSetting] | None:
     return parsed
 
 
-Parameters = Annotated[Optional[dict[str, Any]], BeforeValidator(_parse_parameters)]
+Parameters = Annotated[dict[str, Any] | None, BeforeValidator(_parse_parameters)]
 
 
 def _check_model_reference(value: str) -> str:
@@ -112,7 +114,7 @@ class OutputSlice(StrictModel):
     residual_weight: OptionalNumber = None  # parsed for compatibility; mergekit ignores it too
 
     @model_validator(mode="after")
-    def _same_length(self) -> "OutputSlice":
+    def _same_length(self) -> OutputSlice:
         if not self.sources:
             raise ValueError("a slice needs at least one source")
         lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
@@ -161,11 +163,13 @@ class MergeConfig(StrictModel):
         return None if value is None else _check_model_reference(value)
 
     @model_validator(mode="after")
-    def _shape(self) -> "MergeConfig":
+    def _shape(self) -> MergeConfig:
         if self.modules is not None:
             raise ValueError("'modules:' (multi-module architectures) is not supported yet; use 'models:' or 'slices:'")
         if self.tokenizer is not None:
-            raise ValueError("'tokenizer:' (vocabulary merging) is not supported yet; use tokenizer_source: base or a model")
+            raise ValueError(
+                "'tokenizer:' (vocabulary merging) is not supported yet; use tokenizer_source: base or a model"
+            )
         if self.chat_template is not None:
             raise ValueError("'chat_template' is not supported yet; the tokenizer donor's template is copied as is")
         if (self.models is None) == (self.slices is None):
@@ -320,7 +324,11 @@ def load_merge_documents(path: Path) -> list[MergeConfig]:
         if config.name is None and index != len(raw) - 1:
             raise ConfigError("every document but the last needs a 'name'", file=path, field=where)
         if config.name is not None and index == len(raw) - 1:
-            raise ConfigError(f"the last document is the output: leave it unnamed (it is named '{config.name}')", file=path, field=where)
+            raise ConfigError(
+                f"the last document is the output: leave it unnamed (it is named '{config.name}')",
+                file=path,
+                field=where,
+            )
         if config.name in names:
             raise ConfigError(f"name '{config.name}' is used twice", file=path, field=where)
         if config.name:

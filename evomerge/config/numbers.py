@@ -62,7 +62,9 @@ def coerce_number(value: Any, *, integer: bool = False) -> float | int:
     if isinstance(value, int):
         if integer:
             if abs(value) > MAX_INTEGER:
-                raise ValueError(f"expected a whole number of at most {MAX_INTEGER}, got one with {len(str(abs(value)))} digits")
+                raise ValueError(
+                    f"expected a whole number of at most {MAX_INTEGER}, got one with {len(str(abs(value)))} digits"
+                )
             return value
         try:
             return float(value)
@@ -126,7 +128,10 @@ class ParameterRange:
             return None
         if value > self.high and self.lenient_high:
             return f"{value:g} is above {self.high:g}; {self.why}"
-        raise ValueError(f"expected a value in [{self.low:g}, {self.high:g}], got {value:g}" + (f" ({self.why})" if self.why and not self.lenient_high else ""))
+        raise ValueError(
+            f"expected a value in [{self.low:g}, {self.high:g}], got {value:g}"
+            + (f" ({self.why})" if self.why and not self.lenient_high else "")
+        )
 
     @property
     def bounded(self) -> bool:

@@ -9,24 +9,19 @@ together.
 from __future__ import annotations
 
 import hashlib
-import keyword
 import re
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
-    create_model,
     field_validator,
     model_validator,
 )
 
+from evomerge.config.base import StrictModel
 from evomerge.config.mergekit_yaml import format_validation_error, parse_yaml, read_config_text
-from evomerge.dtypes import normalize_dtype
 from evomerge.config.numbers import (
     Integer,
     Number,
@@ -34,13 +29,13 @@ from evomerge.config.numbers import (
     OptionalNumber,
     coerce_number,
 )
-from evomerge.config.base import StrictModel
+from evomerge.dtypes import normalize_dtype
 from evomerge.errors import ConfigError
-from evomerge.suggest import did_you_mean
 from evomerge.genome.kinds import GenomeSpecField, default_genome_spec, genome_tags
 from evomerge.genome.spec import GeneRange, GenomeSpec  # noqa: F401  (the parameters genome's spec, re-exported)
 from evomerge.merge.registry import get_method
 from evomerge.search.samplers import FACTORIES as SAMPLER_FACTORIES
+from evomerge.suggest import did_you_mean
 
 MAX_SEED = 2**32 - 1  # numpy's seed range, which optuna's samplers and lm-eval use
 MIN_MAX_LENGTH = 2  # eval.max_length: lm-eval keeps max_length - 1 context tokens per request
@@ -53,7 +48,7 @@ class ModelRef(StrictModel):
     path: Path
 
     @classmethod
-    def parse(cls, value: Any, base_dir: Path) -> "ModelRef":
+    def parse(cls, value: Any, base_dir: Path) -> ModelRef:
         if isinstance(value, ModelRef):
             return value
         if isinstance(value, dict):
@@ -130,7 +125,7 @@ class SearchSpec(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _budget(self) -> "SearchSpec":
+    def _budget(self) -> SearchSpec:
         if self.n_trials is None and self.timeout is None:
             raise ValueError("set n_trials and/or timeout (seconds) so the search ends")
         return self
@@ -139,7 +134,9 @@ class SearchSpec(StrictModel):
 class RaySpec(StrictModel):
     """Where worker actors run when search.workers > 1 (or ray.address is set)."""
 
-    address: str | None = None  # an existing cluster ("host:6379" or "auto"; the driver runs on a node); else RAY_ADDRESS; else local
+    address: str | None = (
+        None  # an existing cluster ("host:6379" or "auto"; the driver runs on a node); else RAY_ADDRESS; else local
+    )
     num_cpus_per_worker: Number = Field(1.0, gt=0)
     num_gpus_per_worker: OptionalNumber = Field(None, ge=0)  # default: 1 when device is cuda, else 0
     max_restarts: Integer = Field(3, ge=0)  # a dead actor (killed, out of memory) is restarted this many times
@@ -185,7 +182,7 @@ class SearchSpace(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> "SearchSpace":
+    def _consistent(self) -> SearchSpace:
         names = [m.name for m in self.models] + ([self.base_model.name] if self.base_model else [])
         if len(set(names)) != len(names):
             raise ValueError(f"model names must be unique, got {names} (use name@path)")
@@ -214,8 +211,12 @@ class SearchSpace(StrictModel):
         if not url:
             return f"sqlite:///{(folder / f'{self.study_name}.db').resolve()}"
         prefix = "sqlite:///"
-        if url.startswith(prefix) and not url[len(prefix):].startswith("/") and url[len(prefix):] not in ("", ":memory:"):
-            return f"{prefix}{(folder / url[len(prefix):]).resolve()}"
+        if (
+            url.startswith(prefix)
+            and not url[len(prefix) :].startswith("/")
+            and url[len(prefix) :] not in ("", ":memory:")
+        ):
+            return f"{prefix}{(folder / url[len(prefix) :]).resolve()}"
         return url
 
     @property
@@ -275,7 +276,11 @@ def parse_space(
         if not path.exists():
             raise ConfigError(f"{path} does not exist", file=source, field=f"eval.include_paths.{i}")
         if not path.is_dir():
-            raise ConfigError(f"{path} is not a folder (expected a folder of lm-eval task YAMLs)", file=source, field=f"eval.include_paths.{i}")
+            raise ConfigError(
+                f"{path} is not a folder (expected a folder of lm-eval task YAMLs)",
+                file=source,
+                field=f"eval.include_paths.{i}",
+            )
     return space.model_copy(update={"source_text": text})
 
 
@@ -287,5 +292,7 @@ def load_space(path: Path, *, check_paths: bool = True) -> SearchSpace:
     """Load and validate a space file; check_paths=False validates a space whose models live elsewhere."""
     path = Path(path)
     text = read_config_text(path)
-    space = parse_space(parse_yaml(text, path), base_dir=path.parent.resolve(), source=path, text=text, check_paths=check_paths)
+    space = parse_space(
+        parse_yaml(text, path), base_dir=path.parent.resolve(), source=path, text=text, check_paths=check_paths
+    )
     return space.model_copy(update={"source_path": path.resolve()})

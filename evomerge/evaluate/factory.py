@@ -30,7 +30,8 @@ def evaluator_kind(space: SearchSpace) -> EvaluatorKind:
         hint = did_you_mean(space.eval.kind, EVALUATORS)
         raise ConfigError(
             f"unknown evaluator '{space.eval.kind}' (choose from: {', '.join(EVALUATORS)}){hint}",
-            file=space.source_path, field="eval.kind",
+            file=space.source_path,
+            field="eval.kind",
         )
     return kind
 
@@ -43,7 +44,9 @@ def selection_tasks(space: SearchSpace) -> list[str]:
     return list(dict.fromkeys(o.selection_task for o in space.objectives if o.selection_task))
 
 
-def make_evaluator(space: SearchSpace, split: Split | str, *, tokenizer: Any, device: str, verbose: bool = False) -> Evaluator | None:
+def make_evaluator(
+    space: SearchSpace, split: Split | str, *, tokenizer: Any, device: str, verbose: bool = False
+) -> Evaluator | None:
     """The evaluator of the objectives' tasks on `split` (None: no objective has a selection_task).
 
     A task or setting the evaluator refuses is a ConfigError on `objectives`.

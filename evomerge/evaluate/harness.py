@@ -306,9 +306,7 @@ class TaskEvaluator:
         unknown = [name for name in self.tasks if name not in manager.all_tasks]
         if unknown:
             searched = ", ".join(str(p) for p in self.include_paths) or "no include paths"
-            raise ValueError(
-                f"unknown lm-eval task {unknown[0]!r} (searched: {searched} and lm-eval's built-in tasks)"
-            )
+            raise ValueError(f"unknown lm-eval task {unknown[0]!r} (searched: {searched} and lm-eval's built-in tasks)")
         task_dict = manager.load(self.tasks)
         for task in task_dict["tasks"].values():
             # What simple_evaluate would otherwise do on every call.
@@ -413,9 +411,7 @@ def evaluate_model_dir(
     if not path.is_dir():
         raise FileNotFoundError(f"no model directory at {path}")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, use_safetensors=True, trust_remote_code=False, dtype=dtype
-    )
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False, dtype=dtype)
     evaluator = TaskEvaluator(
         tasks, include_paths=include_paths, tokenizer=tokenizer, device=device, **evaluator_kwargs
     )
@@ -459,7 +455,9 @@ def reported_metrics(task_dict: Mapping[str, Any], name: str) -> set[str]:
     if group is None:
         return set()
     leaves = [t.task_name for t in group.get_all_tasks()] if hasattr(group, "get_all_tasks") else []
-    leaf_filters = {key.split(",", 1)[1] for leaf in leaves if leaf in tasks for key in reported_metrics(task_dict, leaf)}
+    leaf_filters = {
+        key.split(",", 1)[1] for leaf in leaves if leaf in tasks for key in reported_metrics(task_dict, leaf)
+    }
     keys = set()
     for aggregate in group.aggregate_metric_list or ():
         for flt in aggregate.filter_list or sorted(leaf_filters):

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from evomerge.suggest import did_you_mean
 from evomerge.errors import ConfigError
+from evomerge.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from evomerge.config.space import SearchSpace
@@ -29,12 +29,16 @@ def check_tasks(space: SearchSpace, tokenizer_dir: Path | None) -> str:
     try:
         search_dict = load_task_dict(search_tasks, space.eval.include_paths)
     except ValueError as exc:  # an unknown task (named in the message), or e.g. a task also inside a group
-        raise ConfigError(str(exc), file=space.source_path, field=_field_named(wanted, str(exc), "objectives")) from None
+        raise ConfigError(
+            str(exc), file=space.source_path, field=_field_named(wanted, str(exc), "objectives")
+        ) from None
     selection_tasks = [o.selection_task for o in space.objectives if o.selection_task]
     try:
         selection_dict = load_task_dict(selection_tasks, space.eval.include_paths) if selection_tasks else None
     except ValueError as exc:
-        raise ConfigError(str(exc), file=space.source_path, field=_field_named(wanted, str(exc), "objectives")) from None
+        raise ConfigError(
+            str(exc), file=space.source_path, field=_field_named(wanted, str(exc), "objectives")
+        ) from None
     for field_name, task, metric in wanted:
         task_dict = selection_dict if field_name.endswith("selection_task") else search_dict
         metrics = reported_metrics(task_dict, task)

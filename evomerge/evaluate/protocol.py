@@ -27,7 +27,14 @@ class Evaluator(Protocol):
 
 class EvaluatorBuilder(Protocol):
     def __call__(
-        self, space: SearchSpace, tasks: list[str], *, limit: int | float | None, tokenizer: Any, device: str, verbose: bool
+        self,
+        space: SearchSpace,
+        tasks: list[str],
+        *,
+        limit: int | float | None,
+        tokenizer: Any,
+        device: str,
+        verbose: bool,
     ) -> Evaluator:
         """An evaluator of `tasks` (the objectives' tasks of one split), `limit` items each; ValueError
         naming an unknown task or a bad setting."""

@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 from evomerge.config.mergekit_yaml import dump_yaml
 from evomerge.config.space import SearchSpace
+from evomerge.dtypes import torch_dtype
 from evomerge.errors import CompatibilityError, ConfigError
 from evomerge.io.model_dir import ModelDir
 from evomerge.merge.layout import LayerLayout, split_layers
-from evomerge.dtypes import torch_dtype
 from evomerge.merge.plan import MergePlan, TensorRecipe
 from evomerge.merge.planner import describe_name_difference, shape_mismatch_hint
 from evomerge.merge.registry import SeedRule, gene_params, get_method, ranked
@@ -47,7 +47,11 @@ class ParameterGenome:
         if space.base_model:
             paths[space.base_model.name] = space.base_model.path
         self.paths = paths
-        self.models = dict(models) if models else {name: ModelDir(path, allow_pickle=space.allow_pickle) for name, path in paths.items()}
+        self.models = (
+            dict(models)
+            if models
+            else {name: ModelDir(path, allow_pickle=space.allow_pickle) for name, path in paths.items()}
+        )
         self._check_compatible()
         donor = self.base or self.finetunes[0]
         self.layout: LayerLayout = split_layers(self.models[donor].tensors, source=str(paths[donor]))
@@ -196,7 +200,9 @@ class ParameterGenome:
                 runs.append([first, last, method])
         layers = self.layout.num_layers
         parts = [
-            (f"layers {first}-{last} {method}" if first != last else f"layer {first} {method}") if layers else f"all tensors {method}"
+            (f"layers {first}-{last} {method}" if first != last else f"layer {first} {method}")
+            if layers
+            else f"all tensors {method}"
             for first, last, method in runs
         ]
         if self.space.genome.embeddings:
@@ -227,7 +233,9 @@ class ParameterGenome:
         gene = self._method_of_block.get(block)
         return params[gene] if gene else self.methods[0]
 
-    def block_params(self, params: Mapping[str, Any], block: str, filt: str) -> tuple[str, dict[str, dict[str, float]], dict[str, float]]:
+    def block_params(
+        self, params: Mapping[str, Any], block: str, filt: str
+    ) -> tuple[str, dict[str, dict[str, float]], dict[str, float]]:
         """(method, per-fine-tune params, global params) of one gene set."""
         method = self.method_of(params, block)
         spec = get_method(method)
@@ -259,7 +267,9 @@ class ParameterGenome:
             return [self.base, chosen], 0
         return [self.base, *self.finetunes], 0
 
-    def plan(self, params: Mapping[str, Any], *, seed: int | None = None, metadata: Mapping[str, Any] | None = None) -> MergePlan:
+    def plan(
+        self, params: Mapping[str, Any], *, seed: int | None = None, metadata: Mapping[str, Any] | None = None
+    ) -> MergePlan:
         """The MergePlan of one trial's genome."""
         donor = self.base or self.finetunes[0]
         tensors = self.models[donor].tensors
@@ -335,7 +345,11 @@ class ParameterGenome:
             # the methods of the first and last groups: the same as the plan.
         header = (
             "# Made by evomerge from a search genome. "
-            + ("Run with mergekit-yaml or evomerge merge.\n" if len(documents) == 1 else "Run with mergekit-multi or evomerge merge.\n")
+            + (
+                "Run with mergekit-yaml or evomerge merge.\n"
+                if len(documents) == 1
+                else "Run with mergekit-multi or evomerge merge.\n"
+            )
             + f"# DARE/DELLA masks: evomerge seed {self.space.search.merge_seed} (mergekit draws its own).\n"
         )
         return header + "---\n".join(dump_yaml(doc) for doc in documents)
@@ -364,7 +378,10 @@ class ParameterGenome:
             spec = get_method(method)
             source_entries = []
             for position, model in enumerate(sources):
-                entry: dict[str, Any] = {"model": str(self.paths[model]), "layer_range": [start, start + self.granularity]}
+                entry: dict[str, Any] = {
+                    "model": str(self.paths[model]),
+                    "layer_range": [start, start + self.granularity],
+                }
                 if position != base_index:
                     entry_params = {}
                     for param in spec.genes("model"):
@@ -419,14 +436,16 @@ class ParameterGenome:
     def _check_compatible(self) -> None:
         reference_name = self.base or self.finetunes[0]
         reference = self.models[reference_name]
-        for name, model in self.models.items():
+        for model in self.models.values():
             if model.architecture != reference.architecture:
                 raise CompatibilityError(
                     f"{model.path}: architecture {model.architecture} differs from {reference_name}'s {reference.architecture}"
                 )
             if model.tensors.keys() != reference.tensors.keys():
                 raise CompatibilityError(
-                    describe_name_difference(model.path, "", set(model.tensors), reference.path, "", set(reference.tensors))
+                    describe_name_difference(
+                        model.path, "", set(model.tensors), reference.path, "", set(reference.tensors)
+                    )
                 )
             for tensor, info in model.tensors.items():
                 if info.shape != reference.tensors[tensor].shape:

@@ -35,7 +35,9 @@ class Genome(Protocol):
         """Genes of the plain average of the fine-tunes (None: not expressible)."""
         ...
 
-    def plan(self, params: Mapping[str, Any], *, seed: int | None = None, metadata: Mapping[str, Any] | None = None) -> MergePlan:
+    def plan(
+        self, params: Mapping[str, Any], *, seed: int | None = None, metadata: Mapping[str, Any] | None = None
+    ) -> MergePlan:
         """The merge plan of one trial's genes."""
         ...
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 import keyword
 import re
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationInfo, create_model, field_validator, model_validator
 
@@ -18,7 +18,7 @@ from evomerge.merge.params import resolve_globals, resolve_model_params
 from evomerge.merge.registry import MethodSpec, gene_params, get_method, searchable_methods
 from evomerge.suggest import did_you_mean
 
-GeneRange = Union[float, tuple[float, float]]
+GeneRange = float | tuple[float, float]
 
 
 def _gene_field(gene: str) -> str:
@@ -30,7 +30,9 @@ class _GenomeOptions(StrictModel):
     """The genome's fields other than the gene ranges (GenomeSpec adds one per catalogue gene)."""
 
     kind: Literal["parameters"] = "parameters"
-    layer_granularity: Integer = Field(0, ge=0, description="layers per group (must divide the layer count); 0 = one group")
+    layer_granularity: Integer = Field(
+        0, ge=0, description="layers per group (must divide the layer count); 0 = one group"
+    )
     filters: list[str] = Field(default_factory=list, description="tensor-name substrings with their own genes")
     methods: list[str] = Field(default_factory=lambda: ["task_arithmetic"])
     method_per_group: bool = True
@@ -78,11 +80,14 @@ class _GenomeOptions(StrictModel):
                 raise ValueError(f"{exc} (expected a number or a [low, high] range)") from None
         declared = gene_params()[name].valid
         if min(bounds) < declared.low or max(bounds) > declared.high:  # a search never goes past the bounds
-            raise ValueError(f"values must lie in {declared.describe()}, got {value!r}" + (f" ({declared.why})" if declared.why else ""))
+            raise ValueError(
+                f"values must lie in {declared.describe()}, got {value!r}"
+                + (f" ({declared.why})" if declared.why else "")
+            )
         return bounds if len(bounds) == 2 else bounds[0]
 
     @model_validator(mode="after")
-    def _bounds(self) -> "_GenomeOptions":
+    def _bounds(self) -> _GenomeOptions:
         """Each method must accept every corner of the ranges it searches (della: density - epsilon > 0
         and density + epsilon < 1), so no trial can fail on values the file allowed."""
         for method in self.methods:
@@ -98,7 +103,11 @@ class _GenomeOptions(StrictModel):
         ends = [self._ends(gene) for gene, _ in genes]
         base_index = None if spec.base == "unused" else 0
         for values in itertools.product(*ends):
-            per_model = {gene: value for (gene, scope), value in zip(genes, values) if scope == "model" and gene in spec.model_params}
+            per_model = {
+                gene: value
+                for (gene, scope), value in zip(genes, values)
+                if scope == "model" and gene in spec.model_params
+            }
             options = {gene: value for (gene, scope), value in zip(genes, values) if scope == "global"}
             given = [per_model] if base_index is None else [{}, per_model]
             try:

@@ -100,7 +100,9 @@ def describe_sources(models: Mapping[str, Path], *, final_dir: Path, names: Mapp
         found = hub_id(Path(path))
         label = Path(path).name if ("/" in ref or os.sep in ref) else ref  # a path is named by its folder
         where = f"local folder `{_relative(Path(path), final_dir)}` (relative to this folder)"
-        lines.append(f"`{label}`: " + (f"Hub model [{found}](https://huggingface.co/{found}), {where}" if found else where))
+        lines.append(
+            f"`{label}`: " + (f"Hub model [{found}](https://huggingface.co/{found}), {where}" if found else where)
+        )
     return lines
 
 
@@ -120,7 +122,9 @@ def _model_fields(document: dict) -> list[tuple[dict, str]]:
             fields.append((out_slice, "base_model"))
     if isinstance(document.get("base_model"), str):
         fields.append((document, "base_model"))
-    if document.get("tokenizer_source") not in (None, "base", "union") and isinstance(document["tokenizer_source"], str):
+    if document.get("tokenizer_source") not in (None, "base", "union") and isinstance(
+        document["tokenizer_source"], str
+    ):
         fields.append((document, "tokenizer_source"))
     return fields
 
@@ -136,7 +140,9 @@ def relocate_recipe(recipe_yaml: str, *, final_dir: Path, paths: Mapping[str, Pa
     from evomerge.config.mergekit_yaml import dump_yaml
 
     lines = recipe_yaml.splitlines(keepends=True)
-    header = "".join(line for line in lines[: next((i for i, l in enumerate(lines) if not l.startswith("#")), len(lines))])
+    header = "".join(
+        line for line in lines[: next((i for i, line in enumerate(lines) if not line.startswith("#")), len(lines))]
+    )
     documents = [doc for doc in yaml.safe_load_all(recipe_yaml) if doc is not None]
     keep = set(names)
     for document in documents:
@@ -207,7 +213,10 @@ def write_model_card(
             "| task | metric | " + " | ".join(score_columns) + " |",
             "|---|---|" + "---:|" * len(score_columns),
         ]
-        lines += [f"| {task} | {metric} | " + " | ".join(_number(v) for v in values) + " |" for task, metric, values in score_rows]
+        lines += [
+            f"| {task} | {metric} | " + " | ".join(_number(v) for v in values) + " |"
+            for task, metric, values in score_rows
+        ]
         if any(v is None for _, _, values in score_rows for v in values):
             lines += ["", "`-`: not scored (held-out tasks are scored for the search's finalists only)."]
         lines.append("")

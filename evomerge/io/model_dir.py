@@ -51,7 +51,9 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             if header_len > 100 * 2**20:
                 raise EvomergeError(f"{path}: not a safetensors file (header length {header_len})")
             if 8 + header_len > file_size:
-                raise EvomergeError(f"{path}: truncated file (the header alone needs {8 + header_len} bytes, the file has {file_size})")
+                raise EvomergeError(
+                    f"{path}: truncated file (the header alone needs {8 + header_len} bytes, the file has {file_size})"
+                )
             raw_header = handle.read(header_len)
     except OSError as exc:
         raise EvomergeError(f"{path}: cannot read ({exc.strerror or exc})") from None
@@ -80,12 +82,19 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, file_siz
     shape, offsets = entry["shape"], entry["data_offsets"]
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise EvomergeError(f"{path}: tensor {name}: malformed shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+    if not (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(o) is int for o in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    ):
         raise EvomergeError(f"{path}: tensor {name}: malformed data_offsets {offsets!r}")
     begin, end = offsets
     needed = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if end - begin != needed:
-        raise EvomergeError(f"{path}: tensor {name}: the header gives {end - begin} bytes, its shape {shape} needs {needed}")
+        raise EvomergeError(
+            f"{path}: tensor {name}: the header gives {end - begin} bytes, its shape {shape} needs {needed}"
+        )
     if data_start + end > file_size:
         raise EvomergeError(
             f"{path}: truncated file (tensor {name} ends at byte {data_start + end}, the file has {file_size}); download it again"

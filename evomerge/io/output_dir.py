@@ -57,7 +57,11 @@ def written_files(directory: Path) -> set[str] | None:
     if not legacy:
         return None
     names = {p.name for p in directory.iterdir()}
-    ours = {n for n in names if n in _LEGACY_NAMES or n in TOKENIZER_FILES or (n.startswith("model") and n.endswith(".safetensors"))}
+    ours = {
+        n
+        for n in names
+        if n in _LEGACY_NAMES or n in TOKENIZER_FILES or (n.startswith("model") and n.endswith(".safetensors"))
+    }
     has_weights = any(n.endswith(".safetensors") for n in ours)
     return ours if has_weights and "mergekit_config.yml" in ours else None
 
@@ -114,7 +118,9 @@ def _classify(target: Path, overwrite: bool) -> str:
         raise EvomergeError(f"{target}: {where}; choose another output directory")
     writable_dir = anchor if anchor != target else (target.parent if str(target.parent) else Path("."))
     if not os.access(writable_dir, os.W_OK | os.X_OK):
-        raise EvomergeError(f"{target}: cannot write to {writable_dir} (permission denied); choose another output directory")
+        raise EvomergeError(
+            f"{target}: cannot write to {writable_dir} (permission denied); choose another output directory"
+        )
     if anchor != target:
         return "new"
     present = {p.name for p in target.iterdir()}
@@ -135,7 +141,9 @@ def _classify(target: Path, overwrite: bool) -> str:
             "--overwrite never deletes them: move them away or choose another directory"
         )
     if not overwrite:
-        raise EvomergeError(f"{target}: already holds a checkpoint evomerge wrote; pass --overwrite to replace it, or choose another directory")
+        raise EvomergeError(
+            f"{target}: already holds a checkpoint evomerge wrote; pass --overwrite to replace it, or choose another directory"
+        )
     return "replace"
 
 
@@ -167,7 +175,9 @@ class StagedOutput:
         except OSError as exc:
             if aside is not None and not self.target.exists():
                 os.rename(aside, self.target)
-            raise EvomergeError(f"{self.target}: could not move the finished output into place ({exc.strerror})") from None
+            raise EvomergeError(
+                f"{self.target}: could not move the finished output into place ({exc.strerror})"
+            ) from None
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
         return self.target
@@ -222,7 +232,9 @@ def recover_killed_run(target: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def prepare_output(target: Path, *, overwrite: bool = False, protected: Mapping[str, Iterable[Path]] | None = None) -> StagedOutput:
+def prepare_output(
+    target: Path, *, overwrite: bool = False, protected: Mapping[str, Iterable[Path]] | None = None
+) -> StagedOutput:
     """Check `target` and create its staging folder (and any missing parents), before heavy work."""
     try:
         recover_killed_run(_resolved(Path(target)))

@@ -173,7 +173,7 @@ class StreamingCheckpointWriter:
         for tmp in self._tmp_paths:
             tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> "StreamingCheckpointWriter":
+    def __enter__(self) -> StreamingCheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -162,7 +162,9 @@ def describe_merge(
     `recipe_yaml` and `paths` (reference -> checkpoint folder) default to the plan's own; `names`
     maps the intermediate merges of a multi-document recipe to what they are."""
     sources = dict(plan.models if paths is None else paths)
-    recipe = relocate_recipe(plan.recipe_yaml if recipe_yaml is None else recipe_yaml, final_dir=final_dir, paths=sources, names=names or {})
+    recipe = relocate_recipe(
+        plan.recipe_yaml if recipe_yaml is None else recipe_yaml, final_dir=final_dir, paths=sources, names=names or {}
+    )
     if recipe:
         write_recipe(out_dir, recipe)
     if write_card:
@@ -170,7 +172,9 @@ def describe_merge(
         write_model_card(
             out_dir,
             methods=plan.method_names if methods is None else methods,
-            sources=describe_sources({**sources, **{name: Path(name) for name in names or {}}}, final_dir=final_dir, names=names or {}),
+            sources=describe_sources(
+                {**sources, **{name: Path(name) for name in names or {}}}, final_dir=final_dir, names=names or {}
+            ),
             base_model_ids=hub_ids(sources.values()),
             base_model=next(iter(bases)) if len(bases) == 1 else None,
             recipe_yaml=recipe,
@@ -190,7 +194,9 @@ def verify_layout(plan: MergePlan, directory: Path) -> None:
         written.close()
     if found != expected:
         wrong = sorted(set(found.items()) ^ set(expected.items()))[:3]
-        raise EvomergeError(f"{directory}: the written checkpoint does not match the plan (e.g. {wrong}); nothing was replaced")
+        raise EvomergeError(
+            f"{directory}: the written checkpoint does not match the plan (e.g. {wrong}); nothing was replaced"
+        )
 
 
 def write_checkpoint(
@@ -219,9 +225,7 @@ def write_checkpoint(
     writer = StreamingCheckpointWriter(out_dir, layout, max_shard_bytes=max_shard_bytes)
 
     def produce(recipe: TensorRecipe) -> None:
-        merged = compute_recipe(
-            recipe, _load(sources, recipe, math_device), math_dtype=plan.math_dtype, seed=plan.seed
-        )
+        merged = compute_recipe(recipe, _load(sources, recipe, math_device), math_dtype=plan.math_dtype, seed=plan.seed)
         if not all_finite(merged):
             raise NonFiniteMergeError(
                 f"{recipe.name}: the merge produced NaN or Inf values (check the weights, and the sources for NaN/Inf)"
@@ -230,9 +234,11 @@ def write_checkpoint(
 
     intra_threads = max(1, (os.cpu_count() or 1) // workers)
     try:
-        with progress_bar(len(plan.tensors), "merging", enabled=progress, unit="tensors") as bar, torch_threads(
-            intra_threads
-        ), ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evomerge-merge") as pool:
+        with (
+            progress_bar(len(plan.tensors), "merging", enabled=progress, unit="tensors") as bar,
+            torch_threads(intra_threads),
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evomerge-merge") as pool,
+        ):
             pending: set[Future] = set()
             for recipe in plan.tensors:
                 if len(pending) >= 2 * workers:

@@ -62,9 +62,13 @@ def resident_inputs(
     if base_index is not None and 0 <= base_index < len(tensors) and len(tensors) > 1:
         base = tensors[base_index]
         dtype = math_dtype or base.dtype
-        if base.numel() > 0 and dtype in native.DTYPE_CODES and all(
-            t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() and t.shape == base.shape
-            for t in tensors
+        if (
+            base.numel() > 0
+            and dtype in native.DTYPE_CODES
+            and all(
+                t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() and t.shape == base.shape
+                for t in tensors
+            )
         ):
             rows = [index for index in range(len(tensors)) if index != base_index]
             sources = [tensors[index] for index in rows]
@@ -138,7 +142,9 @@ def merge_in_place(
             rest.append(recipe)
             continue
         if None in inputs.held:
-            unknown = [(inputs, row) for row, mode in enumerate(modes) if mode == native.CUT and inputs.held[row] is None]
+            unknown = [
+                (inputs, row) for row, mode in enumerate(modes) if mode == native.CUT and inputs.held[row] is None
+            ]
             if unknown:
                 missing += unknown
                 waiting.append((recipe, inputs, merge, trims, out.data_ptr()))

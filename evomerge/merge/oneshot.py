@@ -46,7 +46,9 @@ def merge_file(
         raise EvomergeError(f"--workers: expected at least 1 tensor merged at a time, got {workers}")
     documents = load_merge_documents(config_path)
     if len(documents) > 1 and documents[-1].name:
-        raise EvomergeError(f"{config_path}: the last document is named '{documents[-1].name}'; leave the final merge unnamed")
+        raise EvomergeError(
+            f"{config_path}: the last document is named '{documents[-1].name}'; leave the final merge unnamed"
+        )
     if len(documents) == 1 and documents[0].name:
         documents = [documents[0].model_copy(update={"name": None})]  # a lone document is the output
     protected: dict[str, list[Path]] = {"the merge config": [config_path]}
@@ -63,7 +65,13 @@ def merge_file(
     if intermediate_dir is not None:
         for name in named_parts:  # every part's folder is checked before any merging
             check_target(Path(intermediate_dir) / name, overwrite=overwrite, protected=part_protected)
-    common = dict(device=device, max_shard_bytes=max_shard_bytes, workers=workers, allow_pickle=allow_pickle, copy_tokenizer_files=copy_tokenizer)
+    common = dict(
+        device=device,
+        max_shard_bytes=max_shard_bytes,
+        workers=workers,
+        allow_pickle=allow_pickle,
+        copy_tokenizer_files=copy_tokenizer,
+    )
     with staged_output(out_dir, overwrite=overwrite, protected=protected) as final:
         parts_root = final.staging / PARTS_FOLDER
         named: dict[str, Path] = {}
@@ -71,7 +79,12 @@ def merge_file(
         methods: set[str] = set()
         for document in documents:
             plan = plan_merge(
-                document, config_path=config_path, seed=seed, allow_pickle=allow_pickle, allow_crimes=allow_crimes, named_models=named
+                document,
+                config_path=config_path,
+                seed=seed,
+                allow_pickle=allow_pickle,
+                allow_crimes=allow_crimes,
+                named_models=named,
             )
             all_paths.update({ref: path for ref, path in plan.models.items() if ref not in named})
             methods.update(plan.method_names)
@@ -82,9 +95,18 @@ def merge_file(
                 write_checkpoint(plan, named[document.name], progress=progress, **common)
             else:
                 named[document.name] = Path(intermediate_dir) / document.name
-                _merge_part(plan, named[document.name], overwrite=overwrite, protected=part_protected, progress=progress, common=common)
+                _merge_part(
+                    plan,
+                    named[document.name],
+                    overwrite=overwrite,
+                    protected=part_protected,
+                    progress=progress,
+                    common=common,
+                )
         shutil.rmtree(parts_root, ignore_errors=True)
-        descriptions = {name: f"intermediate merge (document {named_parts.index(name) + 1} of the recipe)" for name in named}
+        descriptions = {
+            name: f"intermediate merge (document {named_parts.index(name) + 1} of the recipe)" for name in named
+        }
         multi = len(documents) > 1
         describe_merge(
             plan,
@@ -119,7 +141,9 @@ def source_folders(documents: Sequence[MergeConfig], config_path: Path, names: s
     return list(dict.fromkeys(folders))
 
 
-def _merge_part(plan: MergePlan, target: Path, *, overwrite: bool, protected: Mapping, progress: bool, common: dict) -> None:
+def _merge_part(
+    plan: MergePlan, target: Path, *, overwrite: bool, protected: Mapping, progress: bool, common: dict
+) -> None:
     """One named document into `intermediate_dir/NAME`, staged and swapped in like the output."""
     with staged_output(target, overwrite=overwrite, protected=protected) as part:
         write_checkpoint(plan, part.staging, progress=progress, **common)

@@ -21,9 +21,7 @@ from evomerge.suggest import did_you_mean
 
 def _unknown_param(method: str, name: str, known: Sequence[str], where: str) -> ValueError:
     hint = did_you_mean(name, known)
-    return ValueError(
-        f"{method} has no {where} parameter '{name}' (it takes: {', '.join(known) or 'none'}){hint}"
-    )
+    return ValueError(f"{method} has no {where} parameter '{name}' (it takes: {', '.join(known) or 'none'}){hint}")
 
 
 def _as_bool(method: str, name: str, value: Any) -> bool:

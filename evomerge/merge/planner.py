@@ -68,7 +68,11 @@ def resolve_model_path(reference: str, config_dir: Path | None) -> Path:
     for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve()
-    hint = " (looks like a hub id; evomerge reads local directories only: download it first)" if "/" in reference and not path.is_absolute() and reference.count("/") == 1 else ""
+    hint = (
+        " (looks like a hub id; evomerge reads local directories only: download it first)"
+        if "/" in reference and not path.is_absolute() and reference.count("/") == 1
+        else ""
+    )
     raise FileNotFoundError(f"model '{reference}' is not a local directory{hint}")
 
 
@@ -81,7 +85,9 @@ def shape_mismatch_hint(tensor_name: str, shapes: Sequence[Sequence[int]]) -> st
     return " (different model sizes: compare hidden_size, intermediate_size and the head counts in their config.json)"
 
 
-def describe_name_difference(path: Path, where: str, names: set[str], reference_path: Path, reference_where: str, reference: set[str]) -> str:
+def describe_name_difference(
+    path: Path, where: str, names: set[str], reference_path: Path, reference_where: str, reference: set[str]
+) -> str:
     """Which model lacks which tensors (and which has extra ones), naming each side correctly."""
     missing = sorted(reference - names)
     extra = sorted(names - reference)
@@ -228,7 +234,9 @@ class Planner:
         archs = {ref: model.architecture for ref, model in self.models.items()}
         if len(set(archs.values())) > 1 and not self.allow_crimes:
             listing = ", ".join(f"{ref}: {arch}" for ref, arch in archs.items())
-            raise CompatibilityError(f"models have different architectures ({listing}); pass --allow-crimes to try anyway")
+            raise CompatibilityError(
+                f"models have different architectures ({listing}); pass --allow-crimes to try anyway"
+            )
 
     def _normalise_slices(self, method: MethodSpec) -> list[_Slice]:
         config = self.config
@@ -291,7 +299,8 @@ class Planner:
             expected = (
                 f"exactly {method.min_models}"
                 if method.max_models == method.min_models
-                else f"at least {method.min_models}" if method.max_models is None
+                else f"at least {method.min_models}"
+                if method.max_models is None
                 else f"{method.min_models} to {method.max_models}"
             )
             raise self.error(f"{method.name} takes {expected} models (base included), got {count}", out_slice.field)
@@ -307,7 +316,9 @@ class Planner:
         update: dict[str, Any] = {"parameters": self._coerce_scope(method, config.parameters, "parameters")}
         if config.models is not None:
             update["models"] = [
-                model.model_copy(update={"parameters": self._coerce_scope(method, model.parameters, f"models.{i}.parameters")})
+                model.model_copy(
+                    update={"parameters": self._coerce_scope(method, model.parameters, f"models.{i}.parameters")}
+                )
                 for i, model in enumerate(config.models)
             ]
         if config.slices is not None:
@@ -315,13 +326,20 @@ class Planner:
             for i, out_slice in enumerate(config.slices):
                 sources = [
                     source.model_copy(
-                        update={"parameters": self._coerce_scope(method, source.parameters, f"slices.{i}.sources.{j}.parameters")}
+                        update={
+                            "parameters": self._coerce_scope(
+                                method, source.parameters, f"slices.{i}.sources.{j}.parameters"
+                            )
+                        }
                     )
                     for j, source in enumerate(out_slice.sources)
                 ]
                 slices.append(
                     out_slice.model_copy(
-                        update={"sources": sources, "parameters": self._coerce_scope(method, out_slice.parameters, f"slices.{i}.parameters")}
+                        update={
+                            "sources": sources,
+                            "parameters": self._coerce_scope(method, out_slice.parameters, f"slices.{i}.parameters"),
+                        }
                     )
                 )
             update["slices"] = slices
@@ -344,7 +362,9 @@ class Planner:
 
     def _coerce_setting(self, setting: Any, param: Param, field: str) -> Any:
         if isinstance(setting, list) and setting and all(isinstance(e, ConditionalParameter) for e in setting):
-            self._filters.extend((f"{field}.{i}.filter", e.filter) for i, e in enumerate(setting) if e.filter not in (None, "*"))
+            self._filters.extend(
+                (f"{field}.{i}.filter", e.filter) for i, e in enumerate(setting) if e.filter not in (None, "*")
+            )
             return [
                 entry.model_copy(update={"value": self._coerce_setting(entry.value, param, f"{field}.{i}.value")})
                 for i, entry in enumerate(setting)
@@ -371,9 +391,13 @@ class Planner:
         names = {r.name for r in recipes} | {name for r in recipes for _, name in r.inputs}
         for field, substring in self._filters:
             if not any(substring in name for name in names):
-                self.warnings.append(config_warning(
-                    f"filter '{substring}' matches no tensor of this merge, so its value is never used", file=self.file, field=field
-                ))
+                self.warnings.append(
+                    config_warning(
+                        f"filter '{substring}' matches no tensor of this merge, so its value is never used",
+                        file=self.file,
+                        field=field,
+                    )
+                )
 
     def _donor(self) -> str:
         if self.config.base_model:
@@ -395,7 +419,9 @@ class Planner:
             for pre in layout.pre:
                 if pre.endswith("embed_tokens.weight") or pre.endswith("wte.weight"):
                     return pre
-        raise CompatibilityError(f"{self.models[ref].path}: has no tensor {name} ({self.models[self._donor()].path} has it)")
+        raise CompatibilityError(
+            f"{self.models[ref].path}: has no tensor {name} ({self.models[self._donor()].path} has it)"
+        )
 
     # -- one tensor ---------------------------------------------------------------------------
     def _recipe(
@@ -409,7 +435,9 @@ class Planner:
             shapes[ref] = info.shape
         if len(set(shapes.values())) > 1:
             listing = ", ".join(f"{r}: {list(s)}" for r, s in shapes.items())
-            raise CompatibilityError(f"tensor {out_name} has different shapes ({listing}){shape_mismatch_hint(out_name, list(shapes.values()))}")
+            raise CompatibilityError(
+                f"tensor {out_name} has different shapes ({listing}){shape_mismatch_hint(out_name, list(shapes.values()))}"
+            )
         refs = [ref for ref, _ in inputs]
         base_index = refs.index(out_slice.base) if out_slice.base in refs and method.base != "unused" else None
         global_params = {}
@@ -434,7 +462,9 @@ class Planner:
                             raise self.error(
                                 f"{method.name} needs parameter '{name}' for model '{ref}' "
                                 "(set it on the model or under top-level parameters)",
-                                f"{out_slice.field}.{index}.parameters" if out_slice.field != "models" else f"models.{index}.parameters",
+                                f"{out_slice.field}.{index}.parameters"
+                                if out_slice.field != "models"
+                                else f"models.{index}.parameters",
                             )
                         continue
                     params[name] = value

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from evomerge.suggest import did_you_mean
 from evomerge.config.numbers import ParameterRange
+from evomerge.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from evomerge.merge.trim import TaskVectorKind
@@ -125,12 +125,12 @@ def register(spec: MethodSpec) -> MethodSpec:
     for param in spec.params:
         for other in METHODS.values():
             for known in other.params:
-                if known.name == param.name and known.search is not None and param.search is not None:
-                    if _gene_facts(known) != _gene_facts(param):
-                        raise ValueError(
-                            f"gene '{param.name}' of {spec.name} differs from that of {other.name}: a gene name must "
-                            "mean the same scope, valid values, search range and seed rules in every method"
-                        )
+                searched = known.search is not None and param.search is not None
+                if known.name == param.name and searched and _gene_facts(known) != _gene_facts(param):
+                    raise ValueError(
+                        f"gene '{param.name}' of {spec.name} differs from that of {other.name}: a gene name must "
+                        "mean the same scope, valid values, search range and seed rules in every method"
+                    )
     METHODS[spec.name] = spec
     return spec
 
@@ -172,4 +172,3 @@ def ranked(rank: str) -> list[str]:
     _load_catalogue()
     found = [(getattr(spec, rank), name) for name, spec in METHODS.items() if getattr(spec, rank) is not None]
     return [name for _, name in sorted(found)]
-

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from evomerge.dtypes import dtype_name
 from evomerge.errors import CompatibilityError, NonFiniteMergeError
 from evomerge.io.hashing import checkpoint_hash, weights_hash
 from evomerge.io.model_dir import ModelDir
@@ -25,8 +24,14 @@ from evomerge.merge.methods import DeltaCache
 from evomerge.merge.plan import MergePlan, TensorRecipe
 
 __all__ = [
-    "ResidentSources", "check_finite", "check_target", "checkpoint_hash", "load_into", "materialize",
-    "target_parameters", "weights_hash",
+    "ResidentSources",
+    "check_finite",
+    "check_target",
+    "checkpoint_hash",
+    "load_into",
+    "materialize",
+    "target_parameters",
+    "weights_hash",
 ]  # the hashes live in io/hashing.py; re-exported for callers of this module
 
 

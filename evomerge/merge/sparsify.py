@@ -305,7 +305,9 @@ def dare_mask(delta: torch.Tensor, density: float, generator: torch.Generator) -
     return _uniform(delta, generator) < density
 
 
-def dare_mask_blocks(count: int, density: float, generator: torch.Generator, device: torch.device, spans) -> torch.Tensor:
+def dare_mask_blocks(
+    count: int, density: float, generator: torch.Generator, device: torch.device, spans
+) -> torch.Tensor:
     """`dare_mask` of a flat tensor of `count` entries, drawn block by block (same bits).
 
     A CPU generator yields the same stream whether it fills one tensor or consecutive pieces

@@ -100,8 +100,15 @@ def _row_summary(row, names: Sequence[str]) -> str:
     return " · ".join(parts)
 
 
-def study_attrs(objective_names: Sequence[str], references: Sequence[Any], best: Any | None,
-                seeds: Mapping[int, str], *, finished: bool, methods: str | None = None) -> dict[str, Any]:
+def study_attrs(
+    objective_names: Sequence[str],
+    references: Sequence[Any],
+    best: Any | None,
+    seeds: Mapping[int, str],
+    *,
+    finished: bool,
+    methods: str | None = None,
+) -> dict[str, Any]:
     """The study's user attributes (shown on the dashboard's study page): the best trial, the
     objectives in the order of a trial's values, the enqueued trials and each parent as it is.
 
@@ -127,8 +134,10 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> lis
     def escape(cell: str) -> str:
         return str(cell).replace("|", "\\|")
 
-    lines = ["| " + " | ".join(escape(h) for h in header) + " |",
-             "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|"]
+    lines = [
+        "| " + " | ".join(escape(h) for h in header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 2) + ["---"]) + "|",
+    ]
     lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
     return lines
 
@@ -155,8 +164,11 @@ def study_note(
     held_out = has_selection([*front, *references])
     lines = [f"{SECTION_START}: study {study_name}", ""]
     if best is not None:
-        how = (f"the highest weighted score on the held-out tasks among the front's best {finalists} members"
-               if best.selection else "the highest weighted search score (no held-out tasks were scored)")
+        how = (
+            f"the highest weighted score on the held-out tasks among the front's best {finalists} members"
+            if best.selection
+            else "the highest weighted search score (no held-out tasks were scored)"
+        )
         held = f", held-out mean {mean(best.selection):.3f}" if best.selection else ""
         lines.append(f"**Best: trial {best.number}** (mean {best.mean():.3f}{held}), chosen by {how}.")
     elif finished:
@@ -169,22 +181,33 @@ def study_note(
     shown = list(front[:NOTE_ROWS])
     if best is not None and best not in shown:
         shown.append(best)
-    rows += [[f"**{c}**" if best is not None and r is best else c for c in front_cells(r, held_out, best=best)]
-             for r in shown]
+    rows += [
+        [f"**{c}**" if best is not None and r is best else c for c in front_cells(r, held_out, best=best)]
+        for r in shown
+    ]
     lines += _markdown_table(front_columns(names, held_out), rows)
     if len(front) > len(shown):
         lines.append(f"\n{len(front) - len(shown)} more front members: `evomerge front`.")
     if seeds:
         lines += ["", "Enqueued trials: " + "; ".join(f"trial {n}: {text}" for n, text in sorted(seeds.items())) + "."]
-    lines += ["", "Objectives: " + "; ".join(
-        f"{o.label} = {o.task} `{o.metric}` ({o.direction}, weight {o.weight:g}"
-        + (f", held-out {o.selection_task})" if o.selection_task else ")") for o in objectives
-    ) + ".", "", _END_LINE]
+    lines += [
+        "",
+        "Objectives: "
+        + "; ".join(
+            f"{o.label} = {o.task} `{o.metric}` ({o.direction}, weight {o.weight:g}"
+            + (f", held-out {o.selection_task})" if o.selection_task else ")")
+            for o in objectives
+        )
+        + ".",
+        "",
+        _END_LINE,
+    ]
     return "\n".join(lines)
 
 
-def finalist_note(objective_names: Sequence[str], selection: Sequence[float] | None, *, is_best: bool,
-                  error: str | None = None) -> str:
+def finalist_note(
+    objective_names: Sequence[str], selection: Sequence[float] | None, *, is_best: bool, error: str | None = None
+) -> str:
     """A finalist's note section: its held-out scores by objective name, and whether it is the best."""
     lines = [f"{SECTION_START}: held-out scores", ""]
     if is_best:

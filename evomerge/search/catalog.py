@@ -53,9 +53,16 @@ def load_study_space(study_or_space: str | Path, storage: str | None = None) -> 
     import yaml
 
     base_dir = Path(info.space_path).parent if info.space_path else Path.cwd()
-    space = parse_space(yaml.safe_load(info.space_yaml), base_dir=base_dir, source=info.space_path or "stored space", text=info.space_yaml)
+    space = parse_space(
+        yaml.safe_load(info.space_yaml),
+        base_dir=base_dir,
+        source=info.space_path or "stored space",
+        text=info.space_yaml,
+    )
     search = space.search.model_copy(update={"storage": storage, "study_name": str(study_or_space)})
-    return space.model_copy(update={"search": search, "source_path": Path(info.space_path) if info.space_path else None})
+    return space.model_copy(
+        update={"search": search, "source_path": Path(info.space_path) if info.space_path else None}
+    )
 
 
 def _genome_or_none(space: SearchSpace):

@@ -6,9 +6,9 @@ export, the report, the plot and the CLI use them without the search loop.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from evomerge.search.pareto import pareto_front, weighted_score
 from evomerge.store.protocol import Scores
@@ -17,7 +17,6 @@ from evomerge.store.states import Split
 if TYPE_CHECKING:
     from evomerge.config.space import SearchSpace
     from evomerge.store.protocol import TrialReader
-
 
 
 def metric_value(scores: Scores, task: str, metric: str) -> float:
@@ -38,8 +37,6 @@ def objective_values(space: SearchSpace, scores: Scores, *, split: Split | str =
         task = objective.task if split == "search" else objective.selection_task
         values.append(metric_value(scores, task, objective.metric) if task else math.nan)
     return values
-
-
 
 
 def scalarize(space: SearchSpace, values: Sequence[float]) -> float:
@@ -148,5 +145,3 @@ def pick_best(space: SearchSpace, front: Sequence[FrontRow]) -> FrontRow | None:
     if scored:
         return max(scored, key=lambda r: scalarize(space, r.selection))
     return max(front, key=lambda r: scalarize(space, r.search))
-
-

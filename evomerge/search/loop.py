@@ -140,8 +140,9 @@ class SearchLoop:
         self.search_values = [row.search for row in seen]
         leader = max(seen, key=lambda row: scalarize(self.space, row.search), default=None)
         self.best_score = scalarize(self.space, leader.search) if leader else -math.inf
-        self.bar.update(front=len(seen), failed=self.failed_count(),
-                        best=(leader.number, leader.mean()) if leader else None)
+        self.bar.update(
+            front=len(seen), failed=self.failed_count(), best=(leader.number, leader.mean()) if leader else None
+        )
 
     def fill_workers(self) -> None:
         while not self.stopping and len(self.in_flight) < self.pool.size and self.pool.can_submit():
@@ -217,24 +218,39 @@ class SearchLoop:
             device=result.device,
             weights_hash=result.weights_hash,
         )
-        annotate.set_trial_attrs(trial, annotate.search_attrs(  # what the dashboard shows of the trial
-            [o.label for o in self.space.objectives], values,
-            methods=annotate.methods_line(self.genome, running.params),
-            weights_hash=result.weights_hash, role_text=annotate.role(trial.user_attrs),
-            seconds={"merge": result.merge_seconds, "hash": result.extra.get("hash_seconds"),
-                     "eval": result.eval_seconds, "trial": time.perf_counter() - running.asked},
-        ))
+        annotate.set_trial_attrs(
+            trial,
+            annotate.search_attrs(  # what the dashboard shows of the trial
+                [o.label for o in self.space.objectives],
+                values,
+                methods=annotate.methods_line(self.genome, running.params),
+                weights_hash=result.weights_hash,
+                role_text=annotate.role(trial.user_attrs),
+                seconds={
+                    "merge": result.merge_seconds,
+                    "hash": result.extra.get("hash_seconds"),
+                    "eval": result.eval_seconds,
+                    "trial": time.perf_counter() - running.asked,
+                },
+            ),
+        )
         tell(self.study, trial, told)  # every other detail is in the trial store
 
     def report(self, running: RunningTrial, result, values: list[float]) -> None:
         """A completed trial to the caller's on_trial and to the progress bar."""
         number = running.trial.number
         if self.on_trial is not None:
-            self.on_trial({
-                "number": number, "wall_seconds": time.perf_counter() - running.asked, "values": values,
-                "merge_seconds": result.merge_seconds, "eval_seconds": result.eval_seconds,
-                "hash_seconds": result.extra.get("hash_seconds", 0.0), "worker": result.worker,
-            })
+            self.on_trial(
+                {
+                    "number": number,
+                    "wall_seconds": time.perf_counter() - running.asked,
+                    "values": values,
+                    "merge_seconds": result.merge_seconds,
+                    "eval_seconds": result.eval_seconds,
+                    "hash_seconds": result.extra.get("hash_seconds", 0.0),
+                    "worker": result.worker,
+                }
+            )
         if scalarize(self.space, values) > self.best_score:
             self.best_score = scalarize(self.space, values)
             self.bar.update(best=(number, annotate.mean(values)))
@@ -327,12 +343,22 @@ class SearchLoop:
                 methods = annotate.methods_line(self.genome, trials[best.number].params)
             attrs = annotate.study_attrs(names, references, best, seeds, finished=finished, methods=methods)
             annotate.set_study_attrs(study, attrs)
-            annotate.write_note(study, None, annotate.study_note(
-                space.study_name, space.objectives, front, references, best=best, seeds=seeds,
-                n_complete=sum(r.status == "complete" for r in records),
-                n_failed=sum(r.status == "failed" for r in records),
-                finalists=space.search.finalists, finished=finished,
-            ))
+            annotate.write_note(
+                study,
+                None,
+                annotate.study_note(
+                    space.study_name,
+                    space.objectives,
+                    front,
+                    references,
+                    best=best,
+                    seeds=seeds,
+                    n_complete=sum(r.status == "complete" for r in records),
+                    n_failed=sum(r.status == "failed" for r in records),
+                    finalists=space.search.finalists,
+                    finished=finished,
+                ),
+            )
             if finished:
                 self.note_finalists(front, best, trials, names)
         except Exception as error:  # the notes are a view: never fail a search over them
@@ -347,8 +373,11 @@ class SearchLoop:
             noted[best.number] = best
         for number, row in noted.items():
             if number in trials:
-                annotate.write_note(self.study, trials[number]._trial_id, annotate.finalist_note(
-                    names, row.selection, is_best=row is best, error=errors.get(number)))
+                annotate.write_note(
+                    self.study,
+                    trials[number]._trial_id,
+                    annotate.finalist_note(names, row.selection, is_best=row is best, error=errors.get(number)),
+                )
 
 
 def outcome_values(space: SearchSpace, outcome) -> tuple[list[float], BaseException | None]:

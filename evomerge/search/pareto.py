@@ -39,9 +39,7 @@ def pareto_front(points: Sequence[Sequence[float]], directions: Sequence[str]) -
     return [int(i) for i in usable[keep]]
 
 
-def hypervolume(
-    points: Sequence[Sequence[float]], directions: Sequence[str], reference: Sequence[float]
-) -> float:
+def hypervolume(points: Sequence[Sequence[float]], directions: Sequence[str], reference: Sequence[float]) -> float:
     """The volume dominated by `points` and bounded by `reference` (exact, any dimension).
 
     `reference` is a point in the objectives' own units and directions, normally worse than
@@ -53,15 +51,12 @@ def hypervolume(
     return _volume(_front_inside(costs, ref), ref)
 
 
-def weighted_score(
-    values: Sequence[float], directions: Sequence[str], weights: Sequence[float]
-) -> float:
+def weighted_score(values: Sequence[float], directions: Sequence[str], weights: Sequence[float]) -> float:
     """Σ wᵢ·vᵢ with minimised objectives negated, so that larger is always better."""
     signs = _signs(directions)
     if not len(values) == len(weights) == len(signs):
         raise ValueError(
-            f"{len(values)} values, {len(weights)} weights and {len(signs)} directions: "
-            "give one of each per objective"
+            f"{len(values)} values, {len(weights)} weights and {len(signs)} directions: give one of each per objective"
         )
     return float(sum(-s * float(w) * float(v) for v, s, w in zip(values, signs, weights)))
 
@@ -127,9 +122,7 @@ def _reference(reference: Sequence[float], directions: Sequence[str]) -> np.ndar
     signs = _signs(directions)
     ref = np.asarray(reference, dtype=float).reshape(-1)
     if ref.size != signs.size or not np.isfinite(ref).all():
-        raise ValueError(
-            f"reference {list(reference)!r}: give one finite value per objective ({signs.size})"
-        )
+        raise ValueError(f"reference {list(reference)!r}: give one finite value per objective ({signs.size})")
     return ref * signs
 
 

@@ -57,8 +57,15 @@ def plot_front(
     fetched). Returns [png, html].
     """
     path_png = Path(path_png)
-    figure = draw_front(objective_names=objective_names, trials=trials, front=front, references=references,
-                        title=title, best=best, base=base)
+    figure = draw_front(
+        objective_names=objective_names,
+        trials=trials,
+        front=front,
+        references=references,
+        title=title,
+        best=best,
+        base=base,
+    )
     _save(figure, path_png)
     names = [str(n) for n in objective_names]
     by_number = {int(number): [float(v) for v in values] for number, values in trials}
@@ -126,9 +133,7 @@ def draw_front(
     return figure
 
 
-def plot_search_efficiency(
-    path_png: Path, curves: Mapping[str, Sequence[float]], *, ylabel: str, title: str
-) -> Path:
+def plot_search_efficiency(path_png: Path, curves: Mapping[str, Sequence[float]], *, ylabel: str, title: str) -> Path:
     """One line per sampler: a quality measure (e.g. hypervolume) after k trials, k = 1..n."""
     from matplotlib.figure import Figure
 
@@ -170,16 +175,35 @@ def _label_front(axes, points: Sequence[tuple[float, float, int]]) -> None:
     if len(points) > _LABELLED_FRONT:
         return
     for x, y, number in points:
-        axes.annotate(f"#{number}", (x, y), textcoords="offset points", xytext=(4, 4),
-                      fontsize="x-small", color=_FRONT_RED)
+        axes.annotate(
+            f"#{number}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small", color=_FRONT_RED
+        )
 
 
 def _mark_best(axes, x: float, y: float, number: int, *, label: bool = True) -> Any:
-    handle = axes.scatter([x], [y], marker="D", s=90, c=_BEST_GOLD, edgecolors="black", linewidths=0.9,
-                          zorder=6, label=f"best (trial {number})")
+    handle = axes.scatter(
+        [x],
+        [y],
+        marker="D",
+        s=90,
+        c=_BEST_GOLD,
+        edgecolors="black",
+        linewidths=0.9,
+        zorder=6,
+        label=f"best (trial {number})",
+    )
     if label:  # towards the inside of the axes, where a best point (near a maximum) leaves room
-        axes.annotate(f"best #{number}", (x, y), textcoords="offset points", xytext=(-8, -5), ha="right",
-                      va="top", fontsize="small", fontweight="bold", color="black")
+        axes.annotate(
+            f"best #{number}",
+            (x, y),
+            textcoords="offset points",
+            xytext=(-8, -5),
+            ha="right",
+            va="top",
+            fontsize="small",
+            fontweight="bold",
+            color="black",
+        )
     return handle
 
 
@@ -199,8 +223,9 @@ def _draw_one(figure, names, by_number, front_numbers, references, marks) -> Non
     axes = figure.add_subplot()
     numbers = list(by_number)
     axes.scatter(numbers, [by_number[n][0] for n in numbers], s=14, c=_TRIAL_GREY, label="trials")
-    axes.scatter(front_numbers, [by_number[n][0] for n in front_numbers], s=40, c=_FRONT_RED,
-                 label="best value", zorder=3)
+    axes.scatter(
+        front_numbers, [by_number[n][0] for n in front_numbers], s=40, c=_FRONT_RED, label="best value", zorder=3
+    )
     _label_front(axes, [(n, by_number[n][0], n) for n in front_numbers])
     if marks.best is not None:
         _mark_best(axes, marks.best, by_number[marks.best][0], marks.best)
@@ -218,20 +243,34 @@ def _draw_one(figure, names, by_number, front_numbers, references, marks) -> Non
 def _draw_two(figure, names, by_number, front_numbers, references, marks) -> None:
     axes = figure.add_subplot()
     everything = list(by_number.values())
-    axes.scatter([v[0] for v in everything], [v[1] for v in everything], s=14, c=_TRIAL_GREY,
-                 label=f"trials ({len(everything)})")
+    axes.scatter(
+        [v[0] for v in everything], [v[1] for v in everything], s=14, c=_TRIAL_GREY, label=f"trials ({len(everything)})"
+    )
     front_points = sorted((by_number[n][0], by_number[n][1], n) for n in front_numbers)
-    axes.plot([p[0] for p in front_points], [p[1] for p in front_points], "-o", color=_FRONT_RED,
-              markersize=6, linewidth=1.5, label=f"Pareto front ({len(front_points)})", zorder=3)
+    axes.plot(
+        [p[0] for p in front_points],
+        [p[1] for p in front_points],
+        "-o",
+        color=_FRONT_RED,
+        markersize=6,
+        linewidth=1.5,
+        label=f"Pareto front ({len(front_points)})",
+        zorder=3,
+    )
     _label_front(axes, front_points)
     if marks.best is not None:
         _mark_best(axes, *by_number[marks.best][:2], marks.best)
     for colour, (name, values) in zip(_colours(), references.items()):
         style = _reference_style(name, colour, marks, 220)
         axes.scatter([values[0]], [values[1]], label=_base_label(name) if name == marks.base else name, **style)
-        axes.annotate(name, (values[0], values[1]), textcoords="offset points",
-                      xytext=(7, 6) if name == marks.base else (7, -10), fontsize="small",
-                      color=_BASE_BLACK if name == marks.base else colour)
+        axes.annotate(
+            name,
+            (values[0], values[1]),
+            textcoords="offset points",
+            xytext=(7, 6) if name == marks.base else (7, -10),
+            fontsize="small",
+            color=_BASE_BLACK if name == marks.base else colour,
+        )
     axes.set_xlabel(names[0])
     axes.set_ylabel(names[1])
     axes.grid(alpha=0.3)
@@ -262,28 +301,38 @@ def _draw_matrix(figure, names, by_number, front_numbers, references, marks) -> 
                 if marks.best is not None:
                     axes.axvline(by_number[marks.best][col], color=_BEST_GOLD, linewidth=2.0)
             else:
-                handles["trials"] = axes.scatter([v[col] for v in everything],
-                                                 [v[row] for v in everything], s=6, c=_TRIAL_GREY)
-                handles["Pareto front"] = axes.scatter([v[col] for v in on_front],
-                                                       [v[row] for v in on_front], s=14,
-                                                       c=_FRONT_RED, zorder=3)
-                _label_front(axes, [(by_number[n][col], by_number[n][row], n) for n in front_numbers
-                                    if n != marks.best and len(front_numbers) <= 10])
+                handles["trials"] = axes.scatter(
+                    [v[col] for v in everything], [v[row] for v in everything], s=6, c=_TRIAL_GREY
+                )
+                handles["Pareto front"] = axes.scatter(
+                    [v[col] for v in on_front], [v[row] for v in on_front], s=14, c=_FRONT_RED, zorder=3
+                )
+                _label_front(
+                    axes,
+                    [
+                        (by_number[n][col], by_number[n][row], n)
+                        for n in front_numbers
+                        if n != marks.best and len(front_numbers) <= 10
+                    ],
+                )
                 for colour, (name, values) in zip(_colours(), references.items()):
                     label = _base_label(name) if name == marks.base else name
-                    handles[label] = axes.scatter([values[col]], [values[row]],
-                                                  **_reference_style(name, colour, marks, 120))
+                    handles[label] = axes.scatter(
+                        [values[col]], [values[row]], **_reference_style(name, colour, marks, 120)
+                    )
                 if marks.best is not None:
                     best = by_number[marks.best]
-                    handles[f"best (trial {marks.best})"] = _mark_best(axes, best[col], best[row], marks.best,
-                                                                       label=row == 0 and col == 1)
+                    handles[f"best (trial {marks.best})"] = _mark_best(
+                        axes, best[col], best[row], marks.best, label=row == 0 and col == 1
+                    )
             axes.tick_params(labelsize="x-small")
             if row == k - 1:
                 axes.set_xlabel(names[col], fontsize="small")
             if col == 0:
                 axes.set_ylabel(names[row], fontsize="small")
-    figure.legend(list(handles.values()), list(handles), loc="outside lower center",
-                  ncols=min(len(handles), 5), fontsize="small")
+    figure.legend(
+        list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 5), fontsize="small"
+    )
 
 
 def _colours():
@@ -319,11 +368,11 @@ tr.reference td { color: #1f5f8b; }
 
 
 def _default_tables(names, by_number, front_numbers, references) -> list[PageTable]:
-    tables = [PageTable("Pareto front", ["trial", *names],
-                        [[str(n), *_cells(by_number[n])] for n in front_numbers])]
+    tables = [PageTable("Pareto front", ["trial", *names], [[str(n), *_cells(by_number[n])] for n in front_numbers])]
     if references:
-        tables.append(PageTable("References", ["model", *names],
-                                [[name, *_cells(values)] for name, values in references.items()]))
+        tables.append(
+            PageTable("References", ["model", *names], [[name, *_cells(values)] for name, values in references.items()])
+        )
     return tables
 
 
@@ -344,7 +393,8 @@ def _front_page(path_png, title, front_size, trial_count, tables: Sequence[PageT
         classes = list(table.row_classes) + [""] * (len(table.rows) - len(table.row_classes))
         rows = "".join(
             (f'<tr class="{html.escape(css)}">' if css else "<tr>")
-            + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>\n"
+            + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row)
+            + "</tr>\n"
             for row, css in zip(table.rows, classes)
         )
         parts += [

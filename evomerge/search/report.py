@@ -9,7 +9,6 @@ from rich.table import Table
 from evomerge.search.catalog import fmt
 from evomerge.search.front import FrontRow
 
-
 HASH_CHARS = 12  # of the weights hash, in every table (enough to tell trials apart)
 
 

@@ -42,16 +42,28 @@ if TYPE_CHECKING:
 
 # What library users import from here: the search, the study's opening, and the front it reports.
 __all__ = [
-    "FrontRow", "Scores", "SearchLoop", "SearchSummary", "compute_front", "enqueue_seeds", "metric_value",
-    "objective_values", "open_study", "pick_best", "prepare_study", "recover_interrupted", "reference_rows",
-    "run_search", "scalarize", "told_values",
+    "FrontRow",
+    "Scores",
+    "SearchLoop",
+    "SearchSummary",
+    "compute_front",
+    "enqueue_seeds",
+    "metric_value",
+    "objective_values",
+    "open_study",
+    "pick_best",
+    "prepare_study",
+    "recover_interrupted",
+    "reference_rows",
+    "run_search",
+    "scalarize",
+    "told_values",
 ]
 
 
 def _optuna_storage(url: str):
     from evomerge.search.storage import make_storage
-    from evomerge.store.database import StorageError, check_storage, database_errors
-    from evomerge.store.trial_store import tune_sqlite
+    from evomerge.store.database import StorageError, check_storage, database_errors, tune_sqlite
 
     check_storage(url)  # a bad URL, a missing folder, a garbage file: one line, nothing created
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
@@ -101,7 +113,8 @@ def open_study(space: SearchSpace, *, sampler: BaseSampler | None = None):
             f"study '{space.study_name}' in {display_url(space.storage_url)} was created with directions "
             f"{[d.name.lower() for d in study.directions]}, this space needs {space.directions}: "
             "set search.study_name to start a new study",
-            file=space.source_path, field="objectives",
+            file=space.source_path,
+            field="objectives",
         )
     return study
 
@@ -133,7 +146,6 @@ def recover_interrupted(study, store: TrialRecorder, space: SearchSpace) -> list
         else:
             notes.append(f"trial {trial.number}: interrupted before its genome was drawn, failed")
     return notes
-
 
 
 def prepare_study(study, store: TrialStore, space: SearchSpace, genome) -> list[str]:
@@ -218,8 +230,20 @@ def run_search(
                 pool = make_pool(space, workers=workers, verbose=verbose, genome=genome)  # checks tasks, loads sources
                 bar.advance()
             try:
-                loop = SearchLoop(space, pool, genome, study, store, lease, bar, total=total, limit=limit,
-                                  started=started, notes=notes, on_trial=on_trial)
+                loop = SearchLoop(
+                    space,
+                    pool,
+                    genome,
+                    study,
+                    store,
+                    lease,
+                    bar,
+                    total=total,
+                    limit=limit,
+                    started=started,
+                    notes=notes,
+                    on_trial=on_trial,
+                )
                 return loop.run()
             finally:
                 if own_pool:
@@ -227,5 +251,3 @@ def run_search(
     finally:
         bar.close()
         store.close()
-
-

@@ -118,7 +118,16 @@ def checked_sampler_options(sampler: str, given: Mapping[str, Any], source: Path
     return options
 
 
-_PLAIN = {"bool": bool, "int": int, "float": float, "str": str, "dict": dict, "list": list, "Sequence": list, "Mapping": dict}
+_PLAIN = {
+    "bool": bool,
+    "int": int,
+    "float": float,
+    "str": str,
+    "dict": dict,
+    "list": list,
+    "Sequence": list,
+    "Mapping": dict,
+}
 
 
 def _value_kinds(annotation: Any, default: Any) -> set[type]:
@@ -142,8 +151,14 @@ def _value_kinds(annotation: Any, default: Any) -> set[type]:
         if part in ("None", "NoneType"):
             continue
         outer, _, inner = part.partition("[")
-        plain_inner = all(name in ("str", "int", "float", "bool", "Any") for name in re.findall(r"[A-Za-z_][\w.]*", inner))
-        kinds.add(_PLAIN.get(outer.removeprefix("typing.").removeprefix("collections.abc."), object) if plain_inner else object)
+        plain_inner = all(
+            name in ("str", "int", "float", "bool", "Any") for name in re.findall(r"[A-Za-z_][\w.]*", inner)
+        )
+        kinds.add(
+            _PLAIN.get(outer.removeprefix("typing.").removeprefix("collections.abc."), object)
+            if plain_inner
+            else object
+        )
     return kinds or {object}
 
 

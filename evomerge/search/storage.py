@@ -85,8 +85,10 @@ class BatchingRDBStorage(RDBStorage):
             self.check_trial_is_updatable(trial_id, trial.state)
             # replace: delete the keys that are there, insert all (dialect-independent upsert)
             session.execute(sqlalchemy.delete(table).where(table.c.trial_id == trial_id, table.c.key.in_(list(attrs))))
-            session.execute(sqlalchemy.insert(table),
-                            [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()])
+            session.execute(
+                sqlalchemy.insert(table),
+                [{"trial_id": trial_id, "key": key, "value_json": json.dumps(value)} for key, value in attrs.items()],
+            )
 
     def _set_trial_param(
         self,
@@ -132,7 +134,9 @@ class BatchingRDBStorage(RDBStorage):
                             .filter(models.TrialParamModel.param_name == name)
                             .first()
                         )
-                        known[key] = None if record is None else distributions.json_to_distribution(record.distribution_json)
+                        known[key] = (
+                            None if record is None else distributions.json_to_distribution(record.distribution_json)
+                        )
                     previous = known[key]
                 if previous is not None:
                     distributions.check_distribution_compatibility(previous, distribution)
@@ -145,7 +149,6 @@ class BatchingRDBStorage(RDBStorage):
                     }
                 )
             session.execute(sqlalchemy.insert(models.TrialParamModel), rows)  # one executemany
-
 
     # -- reads ------------------------------------------------------------------------------
     def get_trial(self, trial_id: int) -> FrozenTrial:
@@ -178,7 +181,8 @@ class BatchingRDBStorage(RDBStorage):
         except OperationalError:
             # Likely more ids than the database allows in one IN (as RDBStorage): filter here.
             return [
-                t for t in self._read_trials(*where, study_id=study_id)
+                t
+                for t in self._read_trials(*where, study_id=study_id)
                 if t._trial_id in included or t._trial_id > trial_id_greater_than
             ]
 
@@ -188,7 +192,10 @@ class BatchingRDBStorage(RDBStorage):
         with self.engine.connect() as conn:
             if study_id is not None:
                 study = models.StudyModel.__table__
-                if conn.execute(sqlalchemy.select(study.c.study_id).where(study.c.study_id == study_id)).first() is None:
+                if (
+                    conn.execute(sqlalchemy.select(study.c.study_id).where(study.c.study_id == study_id)).first()
+                    is None
+                ):
                     raise KeyError(models.NOT_FOUND_MSG)
             rows = conn.execute(sqlalchemy.select(trial).where(*where).order_by(trial.c.trial_id)).all()
             if not rows:
@@ -197,7 +204,10 @@ class BatchingRDBStorage(RDBStorage):
             for row in rows:
                 record = SimpleNamespace(trial_id=row.trial_id, number=row.number, state=row.state)
                 if _UTC_COLUMNS:
-                    record._datetime_start_utc, record._datetime_complete_utc = row.datetime_start, row.datetime_complete
+                    record._datetime_start_utc, record._datetime_complete_utc = (
+                        row.datetime_start,
+                        row.datetime_complete,
+                    )
                     record.datetime_start = models.TrialModel.datetime_start.fget(record)  # type: ignore[attr-defined]
                     record.datetime_complete = models.TrialModel.datetime_complete.fget(record)  # type: ignore[attr-defined]
                 else:

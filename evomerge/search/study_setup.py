@@ -33,7 +33,9 @@ def ensure_study_uid(study) -> str:
     return uid
 
 
-def rows_belong(stored_uid: str | None, uid: str | None, stored_numbers: Iterable[int], optuna_numbers: Iterable[int]) -> bool:
+def rows_belong(
+    stored_uid: str | None, uid: str | None, stored_numbers: Iterable[int], optuna_numbers: Iterable[int]
+) -> bool:
     """Whether evomerge's rows of a study name belong to the optuna study of that name now.
 
     With a uid on both sides they must match. Rows written before uids existed are kept when
@@ -75,7 +77,8 @@ def check_space_fits_study(space: SearchSpace, info: StudyInfo | None, recorded:
     if info is not None and info.objective_names and info.objective_names != names:
         raise ConfigError(
             f"{where} was run with objectives {info.objective_names}, this space has {names}; {advice}",
-            file=space.source_path, field="objectives",
+            file=space.source_path,
+            field="objectives",
         )
     if info is not None and not space.multi_objective and info.objective_weights:
         weights = [float(o.weight) for o in space.objectives]
@@ -83,18 +86,24 @@ def check_space_fits_study(space: SearchSpace, info: StudyInfo | None, recorded:
             raise ConfigError(
                 f"{where} optimises the weighted score with weights {info.objective_weights}, this space has "
                 f"{weights} (the scores already told would mean something else); {advice}",
-                file=space.source_path, field="objectives",
+                file=space.source_path,
+                field="objectives",
             )
     if recorded and genes and set(recorded) != set(genes):
         dropped, added = sorted(set(recorded) - set(genes)), sorted(set(genes) - set(recorded))
-        change = "; ".join(part for part in (
-            f"its trials have genes this space no longer has ({_some(dropped)})" if dropped else "",
-            f"this space adds genes its trials lack ({_some(added)})" if added else "",
-        ) if part)
+        change = "; ".join(
+            part
+            for part in (
+                f"its trials have genes this space no longer has ({_some(dropped)})" if dropped else "",
+                f"this space adds genes its trials lack ({_some(added)})" if added else "",
+            )
+            if part
+        )
         raise ConfigError(
             f"{where}: {change} (models, layer_granularity, filters or methods changed: its trials could no longer "
             f"be compared or exported); {advice}",
-            file=space.source_path, field="genome",
+            file=space.source_path,
+            field="genome",
         )
     for name, distribution in genes.items():
         earlier = recorded.get(name)
@@ -106,7 +115,8 @@ def check_space_fits_study(space: SearchSpace, info: StudyInfo | None, recorded:
             raise ConfigError(
                 f"{where} has trials with gene '{name}' as {_describe(earlier)}, this space gives "
                 f"{_describe(distribution)} (optuna cannot change a gene's kind or choices within a study); {advice}",
-                file=space.source_path, field="genome",
+                file=space.source_path,
+                field="genome",
             ) from None
 
 
@@ -177,7 +187,8 @@ def check_space_against_database(space: SearchSpace, genome=None) -> str:
         raise ConfigError(
             f"study '{space.study_name}' in {display_url(space.storage_url)} was created with directions {directions}, "
             f"this space needs {space.directions}: set search.study_name to start a new study",
-            file=space.source_path, field="objectives",
+            file=space.source_path,
+            field="objectives",
         )
     from optuna.distributions import json_to_distribution
 

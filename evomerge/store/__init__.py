@@ -14,8 +14,16 @@ from evomerge.store.trial_store import (
 )
 
 __all__ = [
-    "COMPLETE", "FAILED", "RUNNING", "SPLITS", "Split", "StorageError", "StudyInfo", "TrialRecord", "TrialStatus",
+    "COMPLETE",
+    "FAILED",
+    "RUNNING",
+    "SPLITS",
+    "Split",
+    "StorageError",
+    "StudyInfo",
+    "TrialRecord",
+    "TrialStatus",
     "TrialStore",
-    "check_storage", "display_url",
+    "check_storage",
+    "display_url",
 ]
-

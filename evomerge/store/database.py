@@ -72,7 +72,7 @@ def sqlite_path(url: str | URL) -> Path | None:
         return None
     database = parsed.database
     if database.startswith("file:"):  # a SQLite URI filename
-        database = database[len("file:"):].split("?", 1)[0]
+        database = database[len("file:") :].split("?", 1)[0]
     return Path(database)
 
 
@@ -127,9 +127,19 @@ def storage_message(url: str, error: BaseException, doing: str = "") -> str:
         return f"{where}: cannot open the database file (is its folder writable?)"
     if "readonly database" in lowered or "read-only" in lowered:
         return f"{where}: the database is read-only here; this command needs to write to it"
-    if any(word in lowered for word in ("connection refused", "could not connect", "connection failed", "connection is bad",
-                                         "could not translate host", "name or service not known",
-                                         "timeout expired", "no route to host")):
+    if any(
+        word in lowered
+        for word in (
+            "connection refused",
+            "could not connect",
+            "connection failed",
+            "connection is bad",
+            "could not translate host",
+            "name or service not known",
+            "timeout expired",
+            "no route to host",
+        )
+    ):
         return f"{where}: cannot connect to the database server ({_first_clause(detail)})"
     if "password authentication failed" in lowered or "authentication failed" in lowered:
         return f"{where}: the server refused the login ({_first_clause(detail)})"
@@ -239,9 +249,13 @@ def check_storage(url: str, *, must_exist: bool = False) -> str:
             raise StorageError(f"storage {display_url(url)}: no database file at {path}; run `evomerge run` first")
         folder = path.parent
         if not folder.is_dir():
-            raise StorageError(f"storage {display_url(url)}: the folder {folder} does not exist; create it or choose another path")
+            raise StorageError(
+                f"storage {display_url(url)}: the folder {folder} does not exist; create it or choose another path"
+            )
         if not os.access(folder, os.W_OK | os.X_OK):
-            raise StorageError(f"storage {display_url(url)}: the folder {folder} is not writable; a new database cannot be created there")
+            raise StorageError(
+                f"storage {display_url(url)}: the folder {folder} is not writable; a new database cannot be created there"
+            )
         return "a new SQLite database (created on the first run)"
     if path is not None and path.is_dir():
         raise StorageError(f"storage {display_url(url)}: {path} is a folder; name a database file inside it")

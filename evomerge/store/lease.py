@@ -24,7 +24,7 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, delete, select, update
 from sqlalchemy.exc import IntegrityError
@@ -115,7 +115,9 @@ class StudyLease:
                 except (IntegrityError, _Raced):
                     continue
         holder = self.holder()
-        raise StudyBusyError(self._busy_message(holder) if holder else f"study '{self.study}': could not take its lease")
+        raise StudyBusyError(
+            self._busy_message(holder) if holder else f"study '{self.study}': could not take its lease"
+        )
 
     def holder(self) -> LeaseHolder | None:
         return read_holder(self.store, self.study)
@@ -168,7 +170,11 @@ class StudyLease:
         t = leases_table
         now = _utcnow()
         mine = {
-            "driver": self.driver, "host": self.host, "pid": self.pid, "acquired_at": now, "heartbeat_at": now,
+            "driver": self.driver,
+            "host": self.host,
+            "pid": self.pid,
+            "acquired_at": now,
+            "heartbeat_at": now,
         }
         row = conn.execute(select(t).where(t.c.study == self.study)).mappings().first()
         if row is None:
@@ -231,8 +237,12 @@ def live_holder(store: TrialStore, study: str, *, stale_seconds: float = STALE_S
 
 def _holder(row) -> LeaseHolder:
     return LeaseHolder(
-        study=row["study"], driver=row["driver"], host=row["host"], pid=int(row["pid"]),
-        acquired_at=_as_utc(row["acquired_at"]), heartbeat_at=_as_utc(row["heartbeat_at"]),
+        study=row["study"],
+        driver=row["driver"],
+        host=row["host"],
+        pid=int(row["pid"]),
+        acquired_at=_as_utc(row["acquired_at"]),
+        heartbeat_at=_as_utc(row["heartbeat_at"]),
     )
 
 
@@ -247,8 +257,8 @@ def _process_exists(pid: int) -> bool:
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _as_utc(moment: datetime) -> datetime:
-    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)

@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Table, delete, func, inspect, select, text, update
@@ -36,7 +36,6 @@ from evomerge.store.database import (  # display_url and tune_sqlite are importe
     display_url,
     make_engine,
     sqlite_path,
-    tune_sqlite,
     use_wal,
 )
 from evomerge.store.states import Split, TrialStatus
@@ -199,7 +198,11 @@ class TrialStore:
     @_database_call
     def study_info(self, study: str) -> StudyInfo | None:
         def read(conn: Connection) -> Any:
-            return conn.execute(select(*self._study_columns(conn)).where(studies_table.c.study == study)).mappings().first()
+            return (
+                conn.execute(select(*self._study_columns(conn)).where(studies_table.c.study == study))
+                .mappings()
+                .first()
+            )
 
         row = self._read((studies_table,), read, None)
         if row is None:
@@ -234,7 +237,9 @@ class TrialStore:
         def read(conn: Connection) -> dict[str, dict[str, int]]:
             t = trials_table
             counts: dict[str, dict[str, int]] = {}
-            for study, status, count in conn.execute(select(t.c.study, t.c.status, func.count()).group_by(t.c.study, t.c.status)):
+            for study, status, count in conn.execute(
+                select(t.c.study, t.c.status, func.count()).group_by(t.c.study, t.c.status)
+            ):
                 counts.setdefault(study, {})[status] = int(count)
             return counts
 
@@ -249,7 +254,9 @@ class TrialStore:
         """
 
         def remove(conn: Connection) -> int:
-            trials = conn.execute(select(func.count()).select_from(trials_table).where(trials_table.c.study == study)).scalar_one()
+            trials = conn.execute(
+                select(func.count()).select_from(trials_table).where(trials_table.c.study == study)
+            ).scalar_one()
             for table in STUDY_TABLES:
                 if not (keep_lease and table is leases_table):
                     conn.execute(delete(table).where(table.c.study == study))
@@ -287,11 +294,16 @@ class TrialStore:
             if not {"studies", "trials", "study_system_attributes"} <= tables:
                 return {}
             studies = conn.execute(text("SELECT study_id, study_name FROM studies")).all()
-            uids = dict(conn.execute(
-                text("SELECT study_id, value_json FROM study_system_attributes WHERE key = :key"), {"key": STUDY_UID_ATTR}
-            ).all())
+            uids = dict(
+                conn.execute(
+                    text("SELECT study_id, value_json FROM study_system_attributes WHERE key = :key"),
+                    {"key": STUDY_UID_ATTR},
+                ).all()
+            )
             states: dict[int, dict[str, int]] = {}
-            for study_id, state, count in conn.execute(text("SELECT study_id, state, COUNT(*) FROM trials GROUP BY study_id, state")):
+            for study_id, state, count in conn.execute(
+                text("SELECT study_id, state, COUNT(*) FROM trials GROUP BY study_id, state")
+            ):
                 states.setdefault(study_id, {})[_state_name(state)] = int(count)
             return {
                 name: OptunaStudy(name, int(study_id), _json_string(uids.get(study_id)), states.get(study_id, {}))
@@ -309,16 +321,19 @@ class TrialStore:
             directions = [
                 str(getattr(d, "name", d)).lower()
                 for (d,) in conn.execute(
-                    text("SELECT direction FROM study_directions WHERE study_id = :id ORDER BY objective"), {"id": study_id}
+                    text("SELECT direction FROM study_directions WHERE study_id = :id ORDER BY objective"),
+                    {"id": study_id},
                 )
             ]
-            genes = dict(conn.execute(
-                text(
-                    "SELECT p.param_name, p.distribution_json FROM trial_params p JOIN trials t ON p.trial_id = t.trial_id "
-                    "WHERE t.study_id = :id ORDER BY p.param_id"
-                ),
-                {"id": study_id},
-            ).all())
+            genes = dict(
+                conn.execute(
+                    text(
+                        "SELECT p.param_name, p.distribution_json FROM trial_params p JOIN trials t ON p.trial_id = t.trial_id "
+                        "WHERE t.study_id = :id ORDER BY p.param_id"
+                    ),
+                    {"id": study_id},
+                ).all()
+            )
             return directions, genes
 
         return self._read((), read, ([], {}))
@@ -326,9 +341,7 @@ class TrialStore:
     # ----------------------------------------------------------------- trials
 
     @_database_call
-    def start_trial(
-        self, study: str, number: int, genome: dict, *, worker: str | None = None
-    ) -> None:
+    def start_trial(self, study: str, number: int, genome: dict, *, worker: str | None = None) -> None:
         """Record a trial as running. Starting a number again resets its row."""
         row = _blank_trial(study, number) | {
             "status": RUNNING,
@@ -413,8 +426,10 @@ class TrialStore:
         where = [t.c.study == study, t.c.status == RUNNING]
         if worker is not None:
             where.append(t.c.worker == worker)
-        stmt = update(t).where(*where).values(
-            status=FAILED, failure=_one_line(reason), finished_at=_utcnow(), objective_values=None
+        stmt = (
+            update(t)
+            .where(*where)
+            .values(status=FAILED, failure=_one_line(reason), finished_at=_utcnow(), objective_values=None)
         )
 
         def mark(conn: Connection) -> list[int]:
@@ -445,16 +460,16 @@ class TrialStore:
     # ----------------------------------------------------------------- scores
 
     @_database_call
-    def record_scores(
-        self, study: str, number: int, split: str, scores: Mapping[str, Mapping[str, float]]
-    ) -> None:
+    def record_scores(self, study: str, number: int, split: str, scores: Mapping[str, Mapping[str, float]]) -> None:
         """One row per (task, metric); scoring the same trial and split again replaces them."""
         rows = self._score_rows(study, number, split, scores)
         if rows:
             self._write(lambda conn: _upsert(conn, scores_table, rows))
 
     @staticmethod
-    def _score_rows(study: str, number: int, split: str, scores: Mapping[str, Mapping[str, float]]) -> list[dict[str, Any]]:
+    def _score_rows(
+        study: str, number: int, split: str, scores: Mapping[str, Mapping[str, float]]
+    ) -> list[dict[str, Any]]:
         base = {"study": study, "number": number, "split": _split(split), "recorded_at": _utcnow()}
         return [base | {"task": task, "metric": metric, "value": value} for task, metric, value in _score_rows(scores)]
 
@@ -486,8 +501,7 @@ class TrialStore:
         now = _utcnow()
         model = {"study": study, "name": name, "path": str(path), "recorded_at": now}
         base = {"study": study, "name": name, "split": _split(split), "recorded_at": now}
-        rows = [base | {"task": task, "metric": metric, "value": value}
-                for task, metric, value in _score_rows(scores)]
+        rows = [base | {"task": task, "metric": metric, "value": value} for task, metric, value in _score_rows(scores)]
 
         def write(conn: Connection) -> None:
             _upsert(conn, references_table, [model])
@@ -585,9 +599,7 @@ def _is_contention(error: OperationalError) -> bool:
     return any(word in text for word in ("locked", "busy", "deadlock", "serializ"))
 
 
-def _upsert(
-    conn: Connection, table: Table, rows: list[dict[str, Any]], keep: Iterable[str] = ()
-) -> None:
+def _upsert(conn: Connection, table: Table, rows: list[dict[str, Any]], keep: Iterable[str] = ()) -> None:
     """Insert `rows`; where the primary key exists, overwrite every column except `keep`."""
     key = [c.name for c in table.primary_key.columns]
     rows = sorted(rows, key=lambda r: tuple(r[k] for k in key))  # one lock order: no deadlocks
@@ -599,9 +611,7 @@ def _upsert(
         else:
             from sqlalchemy.dialects.postgresql import insert
         stmt = insert(table)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=key, set_={c: stmt.excluded[c] for c in replace}
-        )
+        stmt = stmt.on_conflict_do_update(index_elements=key, set_={c: stmt.excluded[c] for c in replace})
         conn.execute(stmt, rows)
         return
     # Any other database: update, and insert what was not there (same transaction).
@@ -616,15 +626,15 @@ def _upsert(
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _as_utc(moment: datetime | None) -> datetime | None:
     if moment is None:
         return None
     if moment.tzinfo is None:  # SQLite keeps no zone; we only ever write UTC
-        return moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
 
 
 def _float(value: Any) -> float:
@@ -672,9 +682,7 @@ def _score_rows(scores: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str,
 def _nest(rows: Iterable[tuple[Any, str, str, float | None]]) -> dict:
     nested: dict = {}
     for outer, task, metric, value in rows:
-        nested.setdefault(outer, {}).setdefault(task, {})[metric] = (
-            math.nan if value is None else float(value)
-        )
+        nested.setdefault(outer, {}).setdefault(task, {})[metric] = math.nan if value is None else float(value)
     return nested
 
 

@@ -19,10 +19,12 @@ import torch
 
 from evomerge.config.space import SearchSpace
 from evomerge.devices import resolve_device
+from evomerge.dtypes import torch_dtype
 from evomerge.evaluate.factory import make_evaluator
 from evomerge.evaluate.protocol import Evaluator, Scores
+from evomerge.genome.kinds import make_genome
+from evomerge.genome.protocol import Genome
 from evomerge.io.hashing import weights_hash
-from evomerge.dtypes import torch_dtype
 from evomerge.merge.resident import (
     ResidentSources,
     check_finite,
@@ -31,8 +33,6 @@ from evomerge.merge.resident import (
     materialize,
     target_parameters,
 )
-from evomerge.genome.kinds import make_genome
-from evomerge.genome.protocol import Genome
 from evomerge.store.states import Split
 
 
@@ -55,7 +55,9 @@ def describe_device(device: str) -> str:
 
 
 class CandidateWorker:
-    def __init__(self, space: SearchSpace, *, device: str | None = None, verbose: bool = False, genome: Genome | None = None):
+    def __init__(
+        self, space: SearchSpace, *, device: str | None = None, verbose: bool = False, genome: Genome | None = None
+    ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
@@ -74,7 +76,10 @@ class CandidateWorker:
         self.sources = ResidentSources(self.genome.models, dtype=dtype, device=self.device)
         self.model = AutoModelForCausalLM.from_pretrained(
             # allow_pickle adds *.bin as a fallback; a safetensors donor is still read as safetensors
-            donor, dtype=dtype, trust_remote_code=space.trust_remote_code, use_safetensors=None if space.allow_pickle else True
+            donor,
+            dtype=dtype,
+            trust_remote_code=space.trust_remote_code,
+            use_safetensors=None if space.allow_pickle else True,
         ).to(self.device)
         self.model.eval()
         self.target = target_parameters(self.model)

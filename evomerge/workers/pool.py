@@ -20,7 +20,9 @@ __all__ = ["InProcessPool", "RayPool", "TrialOutcome", "WorkerPool", "make_pool"
 log = logging.getLogger("evomerge.workers")
 
 
-def make_pool(space: SearchSpace, *, workers: int | None = None, verbose: bool = False, genome: Genome | None = None) -> WorkerPool:
+def make_pool(
+    space: SearchSpace, *, workers: int | None = None, verbose: bool = False, genome: Genome | None = None
+) -> WorkerPool:
     """In-process for one worker on a local machine; Ray actors otherwise.
 
     The in-process worker gets the thread settings of a Ray actor that has the machine to itself:
@@ -35,7 +37,8 @@ def make_pool(space: SearchSpace, *, workers: int | None = None, verbose: bool =
         if torch_loaded_without_policy():
             log.warning(
                 "torch was imported before evomerge, without OMP_WAIT_POLICY=%s: on a busy machine each trial "
-                "can be several times slower; set it in the environment (or import evomerge first)", WAIT_POLICY,
+                "can be several times slower; set it in the environment (or import evomerge first)",
+                WAIT_POLICY,
             )
         previous = torch.get_num_threads()
         torch.set_num_threads(worker_threads())

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 from evomerge.config.space import SearchSpace
 from evomerge.devices import resolve_device
 from evomerge.errors import EvomergeError
-from evomerge.threads import WAIT_POLICY, worker_threads
 from evomerge.offline import set_offline_defaults
+from evomerge.threads import WAIT_POLICY, worker_threads
 from evomerge.workers.protocol import TrialOutcome
 
 if TYPE_CHECKING:
@@ -26,7 +26,14 @@ if TYPE_CHECKING:
 
 
 def _worker_env() -> dict[str, str]:
-    keep = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_DATASETS_CACHE", "HF_HOME", "TOKENIZERS_PARALLELISM", "TRANSFORMERS_OFFLINE")
+    keep = (
+        "HF_HUB_OFFLINE",
+        "HF_DATASETS_OFFLINE",
+        "HF_DATASETS_CACHE",
+        "HF_HOME",
+        "TOKENIZERS_PARALLELISM",
+        "TRANSFORMERS_OFFLINE",
+    )
     env = {key: os.environ[key] for key in keep if key in os.environ}
     set_offline_defaults(env)
     # The same wait policy as the in-process worker (evomerge/threads.py says why); a policy the
@@ -62,7 +69,11 @@ def _actor_class():
         def info(self):
             import psutil
 
-            return {"name": self.worker.name, "rss": psutil.Process().memory_info().rss, "sources_bytes": self.worker.sources.nbytes}
+            return {
+                "name": self.worker.name,
+                "rss": psutil.Process().memory_info().rss,
+                "sources_bytes": self.worker.sources.nbytes,
+            }
 
         def pid(self):
             return os.getpid()
@@ -73,7 +84,9 @@ def _actor_class():
 def _check_paths_on_this_node(space: SearchSpace) -> None:
     import socket
 
-    missing = [str(m.path) for m in [*space.models, *([space.base_model] if space.base_model else [])] if not m.path.is_dir()]
+    missing = [
+        str(m.path) for m in [*space.models, *([space.base_model] if space.base_model else [])] if not m.path.is_dir()
+    ]
     missing += [str(p) for p in space.eval.include_paths if not p.exists()]
     if missing:
         raise EvomergeError(
@@ -128,7 +141,11 @@ class RayPool:
                 init_kwargs["num_cpus"] = max(os.cpu_count() or 1, int(workers * space.ray.num_cpus_per_worker + 0.999))
             ray.init(**init_kwargs)
             self._started_ray = True
-        device = resolve_device(space.device) if not space.ray.address and not os.environ.get("RAY_ADDRESS") else space.device
+        device = (
+            resolve_device(space.device)
+            if not space.ray.address and not os.environ.get("RAY_ADDRESS")
+            else space.device
+        )
         gpus = space.ray.num_gpus_per_worker
         if gpus is None:
             gpus = 1.0 if device.startswith("cuda") else 0.0
@@ -159,7 +176,10 @@ class RayPool:
         except ray.exceptions.RayActorError as error:
             cause = getattr(error, "cause", None) or error
             message = str(cause).strip().splitlines()
-            detail = next((line for line in reversed(message) if "Error" in line or "error" in line), message[-1] if message else "")
+            detail = next(
+                (line for line in reversed(message) if "Error" in line or "error" in line),
+                message[-1] if message else "",
+            )
             raise EvomergeError(f"a Ray worker failed to start: {detail.strip()}") from None
 
     @property
@@ -242,7 +262,9 @@ class RayPool:
             return TrialOutcome(ticket, error=RuntimeError(f"worker died: {_first_line(error)}"), worker_died=True)
         except ray.exceptions.RayTaskError as error:
             cause = getattr(error, "cause", None)
-            outcome = TrialOutcome(ticket, error=cause if isinstance(cause, BaseException) else RuntimeError(_first_line(error)))
+            outcome = TrialOutcome(
+                ticket, error=cause if isinstance(cause, BaseException) else RuntimeError(_first_line(error))
+            )
         except Exception as error:  # object lost, worker crashed...
             self._recover(index)
             return TrialOutcome(ticket, error=RuntimeError(f"worker failed: {_first_line(error)}"), worker_died=True)

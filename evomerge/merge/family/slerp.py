@@ -104,8 +104,14 @@ def _two_non_base(count: int, base_index: int | None) -> None:
 SLERP = MethodSpec(
     name="slerp",
     params=(
-        Param("t", "global", valid=ParameterRange(0.0, 1.0, why="0 is the base model, 1 the other model"),
-              search=(0.0, 1.0), alone=1.0, uniform=0.5),
+        Param(
+            "t",
+            "global",
+            valid=ParameterRange(0.0, 1.0, why="0 is the base model, 1 the other model"),
+            search=(0.0, 1.0),
+            alone=1.0,
+            uniform=0.5,
+        ),
     ),
     base="required",
     min_models=2,
