@@ -272,7 +272,7 @@ def test_arcee_fusion_sampled_quartiles_same_as_mergekit_given_our_draw(tmp_path
     import mergekit.merge_methods.arcee_fusion as mk_arcee_fusion
 
     from evomerge.merge.family import arcee_fusion
-    from evomerge.merge.plan import tensor_seed
+    from evomerge.merge.seeds import tensor_seed
     from evomerge.merge.sparsify import make_generator
 
     sample_size = 500  # below most demo tensors (89 x 64 and up), above the norms (64)
