@@ -171,6 +171,31 @@ def test_an_error_outside_a_trial_fails_the_trial_in_flight_and_queues_it_again(
     assert (summary.n_complete, summary.n_failed) == (4, 1)
 
 
+def test_an_interrupt_inside_study_ask_leaves_no_trial_running(make_space, monkeypatch):
+    """Ctrl-C can land after optuna created the trial but before ask() returned it to the loop."""
+    space = make_space(n_trials=4)
+    asks = []
+    real_ask = optuna.Study.ask
+
+    def ask(study, *args, **kwargs):
+        trial = real_ask(study, *args, **kwargs)
+        asks.append(trial.number)
+        if len(asks) == 2:
+            raise KeyboardInterrupt
+        return trial
+
+    monkeypatch.setattr(optuna.Study, "ask", ask)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(space, pool=ScriptedPool(space), progress=False)
+    monkeypatch.undo()
+    study, records = study_and_store(space)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]  # no genome drawn: nothing to queue
+    assert records[1].failure == "search stopped before this trial finished: interrupted (Ctrl-C)"
+
+    summary = run_search(space, pool=ScriptedPool(space), progress=False)
+    assert (summary.n_complete, summary.n_failed) == (3, 1)  # as after a SIGKILL there: failed, not retried
+
+
 def test_finalists_are_rescored_on_held_out_tasks_and_a_failed_one_is_noted(make_space):
     space = make_space(n_trials=4, finalists=2)
     pool = ScriptedPool(space, selection_script=["ok", "error"])

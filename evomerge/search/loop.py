@@ -473,11 +473,11 @@ def abandon(study, store: TrialRecorder, space: SearchSpace, held, error: BaseEx
     """
     from optuna.trial import TrialState
 
-    if lease.lost or not held:
+    if lease.lost:
         return  # a driver that lost its lease leaves the trials to the one that took over
     cause = "interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else short_error(error)
     reason = f"search stopped before this trial finished: {cause}"
-    for trial, params in held:
+    for trial, params in [*held, *unheld_running(study, held)]:
         try:
             genome = dict(params or trial.params or fixed_params(study, trial))
             if store.trial(space.study_name, trial.number) is None:
@@ -490,6 +490,19 @@ def abandon(study, store: TrialRecorder, space: SearchSpace, held, error: BaseEx
         except Exception as problem:  # noqa: BLE001 - the original error is the one to report
             why = short_error(problem)
             log.warning("trial %d: could not be failed after the search stopped: %s", trial.number, why)
+
+
+def unheld_running(study, held) -> list[tuple[Any, None]]:
+    """RUNNING trials of the study that the driver does not hold: one `study.ask()` created before
+    an interrupt arrived inside it. The lease makes every RUNNING trial this driver's own."""
+    from optuna.trial import Trial, TrialState
+
+    try:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    except Exception:  # noqa: BLE001 - best effort, as for the held ones; the next run recovers them
+        return []
+    numbers = {trial.number for trial, _ in held}
+    return [(Trial(study, frozen._trial_id), None) for frozen in running if frozen.number not in numbers]
 
 
 def fixed_params(study, trial) -> dict[str, Any]:
