@@ -46,6 +46,7 @@ from evomerge.dataflow.path import LayerPath, PathStep
 from evomerge.errors import CompatibilityError, ConfigError, EvomergeError, InvalidPathError
 from evomerge.io.model_dir import ModelDir
 from evomerge.merge.layout import split_layers
+from evomerge.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from evomerge.config.space import SearchSpace
@@ -171,7 +172,8 @@ class DataflowGenome:
         for index, name in enumerate(self.spec.models):
             if name not in self.paths:
                 raise self._error(
-                    f"'{name}' is not a model of this space (choose from: {', '.join(self.paths)})",
+                    f"'{name}' is not a model of this space (choose from: {', '.join(self.paths)})"
+                    + did_you_mean(name, self.paths),
                     f"genome.models.{index}",
                 )
         return list(self.spec.models)
