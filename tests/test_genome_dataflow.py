@@ -288,3 +288,56 @@ def test_to_yaml_is_a_passthrough_with_folded_scales(demo_family, tmp_path):
     # step k's o_proj and down_proj are divided by the product of the scales up to step k
     assert folded[2] == [{"filter": "o_proj", "value": 1.5}, {"filter": "down_proj", "value": 1.5}, {"value": 1.0}]
     assert folded[3] == [{"filter": "o_proj", "value": 3.0}, {"filter": "down_proj", "value": 3.0}, {"value": 1.0}]
+
+
+def path_model(family, path: LayerPath):
+    """The path run by hand: the anchor's model holding copies of the path's layers, each scaling the
+    hidden state that enters it (a reference for the folded YAML; no cache, so layer indices do not matter)."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sources = {
+        name: AutoModelForCausalLM.from_pretrained(family.models[name], dtype=torch.float32)
+        for name in {path.embed_from, *(s.model for s in path.steps)}
+    }
+    model = copy.deepcopy(sources[path.embed_from]).eval()
+    layers = []
+    for step in path.steps:
+        layer = copy.deepcopy(sources[step.model].model.layers[step.layer])
+
+        def scale_input(module, args, kwargs, scale=step.scale):
+            if args:
+                return (args[0] * scale, *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * scale}
+
+        layer.register_forward_pre_hook(scale_input, with_kwargs=True)
+        layers.append(layer)
+    model.model.layers = torch.nn.ModuleList(layers)
+    model.config.num_hidden_layers = len(layers)
+    return model
+
+
+def test_the_folded_yaml_merges_into_the_path_models_logits(demo_family, tmp_path, one_torch_thread):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.config.mergekit_yaml import load_merge_config
+    from evomerge.merge.engine import run_merge
+    from evomerge.merge.planner import plan_merge
+
+    genome = genome_of(demo_family, tmp_path, models=["sort", "close"])
+    scales = {"scale.base.0->sort.1": 1.3, "scale.sort.2->close.3": 0.6, "scale.close.3->base.3": 1.45}
+    params = genes(genome, on={1, 2, 7}, scales=scales)
+    recipe = tmp_path / "path.yml"
+    recipe.write_text(genome.to_yaml(params))
+    run_merge(plan_merge(load_merge_config(recipe), config_path=recipe), tmp_path / "merged", progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    tokens = torch.randint(3, 80, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = path_model(demo_family, genome.path(params))(tokens, use_cache=False).logits
+        unscaled = path_model(demo_family, genome.path(genes(genome, on={1, 2, 7})))(tokens, use_cache=False).logits
+        logits = merged(tokens, use_cache=False).logits
+    assert torch.allclose(logits, expected, atol=1e-3)  # equal up to the norms' epsilon
+    assert (unscaled - expected).abs().max() > 0.1  # the scales do change the model
