@@ -341,3 +341,10 @@ def test_the_folded_yaml_merges_into_the_path_models_logits(demo_family, tmp_pat
         logits = merged(tokens, use_cache=False).logits
     assert torch.allclose(logits, expected, atol=1e-3)  # equal up to the norms' epsilon
     assert (unscaled - expected).abs().max() > 0.1  # the scales do change the model
+
+
+def test_preflight_has_no_tensor_filters_to_check(demo_family, tmp_path):
+    from evomerge.preflight import check_filters
+
+    space = parse_space(space_data(demo_family, {}), base_dir=tmp_path, source="space.yml")
+    check_filters(space, ["model.embed_tokens.weight"])  # a dataflow genome has no genome.filters
