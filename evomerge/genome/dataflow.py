@@ -233,11 +233,11 @@ class DataflowGenome:
     def _layer_of(self, position: Position) -> Layer:
         return (position.model, position.layer) if isinstance(position, Slot) else self.fixed[position]
 
-    def _positions(self) -> list[Position]:
-        """Every step a path may take, in path order."""
-        ends_first = [FIRST] if FIRST in self.fixed else []
-        ends_last = [LAST] if LAST in self.fixed else []
-        return [*ends_first, *self.slots, *ends_last]
+    def _with_ends(self, slots: list[Slot]) -> list[Position]:
+        """`slots` between the fixed ends (if any), in path order."""
+        first = [FIRST] if FIRST in self.fixed else []
+        last = [LAST] if LAST in self.fixed else []
+        return [*first, *slots, *last]
 
     def _name_scale_genes(self) -> dict[Any, str]:
         """Scale gene names by key: a (from layer, to layer) pair, a Slot, or LAST."""
@@ -249,7 +249,7 @@ class DataflowGenome:
             if LAST in self.fixed:
                 genes[LAST] = "last.scale"
             return genes
-        positions = self._positions()
+        positions = self._with_ends(self.slots)  # every step a path may take
         layers = [self._layer_of(position) for position in positions]
         pairs: dict[Any, str] = {}
         for i, source in enumerate(layers):  # any earlier step can precede any later one
@@ -283,12 +283,6 @@ class DataflowGenome:
         }
 
     # -- decoding -------------------------------------------------------------------------------
-    def _chosen(self, params: Mapping[str, Any]) -> list[Position]:
-        chosen = [slot for slot in self.slots if float(params[slot.use_gene]) >= USE_THRESHOLD]
-        ends_first = [FIRST] if FIRST in self.fixed else []
-        ends_last = [LAST] if LAST in self.fixed else []
-        return [*ends_first, *chosen, *ends_last]
-
     def _check_depth(self, depth: int) -> None:
         if depth == 0:
             raise InvalidPathError(f"the path is empty: no slot's use gene is {USE_THRESHOLD} or more")
@@ -299,7 +293,7 @@ class DataflowGenome:
 
     def path(self, params: Mapping[str, Any]) -> LayerPath:
         """The layer path of one trial's genes; InvalidPathError when it breaks the depth limits."""
-        positions = self._chosen(params)
+        positions = self._with_ends([slot for slot in self.slots if float(params[slot.use_gene]) >= USE_THRESHOLD])
         self._check_depth(len(positions))
         steps = []
         previous: Position | None = None
