@@ -26,3 +26,8 @@ class CompatibilityError(EvomergeError):
 
 class NonFiniteMergeError(EvomergeError, FloatingPointError):
     """A merge produced NaN or Inf (an overflowing weight, or NaN/Inf in a source tensor)."""
+
+
+class InvalidPathError(EvomergeError):
+    """A dataflow trial's genes decode to a layer path the space forbids (empty, too short, too
+    deep): the trial fails with this one-line reason, the search goes on."""

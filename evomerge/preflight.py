@@ -61,7 +61,7 @@ def scan_models(
 def check_filters(space: SearchSpace, tensor_names: Iterable[str]) -> None:
     """Every genome filter must match at least one tensor name, or its genes would do nothing."""
     names = list(tensor_names)
-    for index, substring in enumerate(space.genome.filters):
+    for index, substring in enumerate(getattr(space.genome, "filters", ())):  # a kind may have no filters
         if not substring or not any(substring in name for name in names):
             example = next(iter(names), "")
             raise ConfigError(

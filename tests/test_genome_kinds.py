@@ -43,7 +43,7 @@ def test_parameters_is_the_default_kind(tmp_path):
 
 def test_an_unknown_kind_is_one_line_on_the_field(tmp_path):
     with pytest.raises(ConfigError) as error:
-        parse_space(space_data(tmp_path, {"kind": "dataflow"}), base_dir=tmp_path, source="space.yml")
+        parse_space(space_data(tmp_path, {"kind": "stacking"}), base_dir=tmp_path, source="space.yml")
     assert "genome.kind" in str(error.value) and "\n" not in str(error.value)
 
 
@@ -87,8 +87,10 @@ def test_a_registered_kind_is_validated_and_built(tmp_path, loop_kind):
         parse_space(space_data(tmp_path, {"kind": "loops", "repeats": "many"}), base_dir=tmp_path, source="space.yml")
     with pytest.raises(ConfigError, match=r"genome\.weight: "):
         parse_space(space_data(tmp_path, {"weight": [1, 0]}), base_dir=tmp_path, source="space.yml")
-    with pytest.raises(ConfigError, match=r"genome: unknown genome kind \(choose from: parameters, loops\)"):
-        parse_space(space_data(tmp_path, {"kind": "dataflow"}), base_dir=tmp_path, source="space.yml")
+    with pytest.raises(
+        ConfigError, match=r"genome\.kind: unknown genome kind \(choose from: parameters, dataflow, loops\)"
+    ):
+        parse_space(space_data(tmp_path, {"kind": "stacking"}), base_dir=tmp_path, source="space.yml")
 
 
 def test_the_table_names_the_parameters_genome():

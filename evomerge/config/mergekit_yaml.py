@@ -206,6 +206,11 @@ def format_validation_error(exc: ValidationError, file: object, *, tags: Collect
     # An unknown key usually explains a "missing" one (a typo), so report it first.
     first = min(errors, key=lambda e: e["type"] != "extra_forbidden")
     location = ".".join(str(part) for part in first["loc"] if part not in tags)
+    inner_field = (first.get("ctx") or {}).get(
+        "evomerge_field"
+    )  # a union's error may name the key that picks the member
+    if inner_field:
+        location = f"{location}.{inner_field}" if location else str(inner_field)
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown field (check the spelling)"

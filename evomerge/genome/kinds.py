@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NamedTuple, Union
 
 from pydantic import BaseModel, Discriminator, Tag
 
+from evomerge.genome.dataflow import DataflowGenomeSpec
 from evomerge.genome.spec import GenomeSpec
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ class GenomeKind(NamedTuple):
 
 GENOME_KINDS: dict[str, GenomeKind] = {
     "parameters": GenomeKind(GenomeSpec, "evomerge.genome.parameters:ParameterGenome"),
+    "dataflow": GenomeKind(DataflowGenomeSpec, "evomerge.genome.dataflow:DataflowGenome"),
 }
 
 
@@ -47,7 +49,10 @@ def _spec_field() -> Any:
         return GENOME_KINDS[DEFAULT_KIND].spec
     choices = ", ".join(GENOME_KINDS)
     discriminator = Discriminator(
-        _kind_of, custom_error_type="genome_kind", custom_error_message=f"unknown genome kind (choose from: {choices})"
+        _kind_of,
+        custom_error_type="genome_kind",
+        custom_error_message=f"unknown genome kind (choose from: {choices})",
+        custom_error_context={"evomerge_field": "kind"},  # reported on genome.kind, the key the user wrote
     )
     return Annotated[Union[tuple(specs)], discriminator]  # noqa: UP007 (a runtime tuple of members)
 

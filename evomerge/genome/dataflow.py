@@ -1,0 +1,437 @@
+"""The `dataflow` genome: which source layers the hidden state passes through, in what order, and
+with what scale (Sakana's data-flow-space search).
+
+The slots are the layers of the eligible models laid end to end (`genome.models`, default: every
+fine-tune), that stack repeated `repeats` times; a path is the slots whose use gene is set, in slot
+order. With `fix_ends` (the default, as in auto-merge-llm's layer-stacking space) every path starts
+with the anchor's layer 0 and ends with its last layer; the anchor (the base, else the first
+eligible model) also gives the embeddings and the final norm + lm_head. The genes are a static set
+of floats, so CMA-ES, TPE, NSGA-II and random sampling all work on them:
+
+- `slot17.use` in [0, 1]: the slot is on the path when the value is 0.5 or more. A float, not a
+  categorical: optuna's CMA-ES samples categorical genes independently of its distribution, and a
+  thresholded float is Sakana's own encoding (their indicator genes are CMA-ES reals cut at 0).
+- a scale on the residual stream entering each step after the first (the step entering from the
+  embeddings is unscaled), by `genome.scale`:
+  - `pairs` (default, Sakana's W): one gene per pair of consecutive layers a path can realise,
+    `scale.sort.2->reverse.3`; a layer pair shares its gene wherever it occurs on the path.
+    Sakana's ablation without W loses over 20%, hence the default.
+  - `per_slot`: one gene per slot, `slot17.scale` (and `last.scale` for the fixed last layer).
+  - `none`: every scale is 1.
+  The default range [0.5, 1.5] is centred on 1 (the unscaled stream), so a sampler that starts in
+  the middle of the box (CMA-ES) starts from plain layer stacking; it stays clear of 0, which would
+  erase the stream.
+
+`min_depth` / `max_depth` bound the path's steps, the fixed ends included (default: no upper bound
+beyond what the slots allow). A path outside them is not clipped into shape: `path()` raises
+`InvalidPathError`, and the search records the trial as failed with that reason.
+
+A dataflow genome merges no weights, so `plan()` raises: its candidates are built from
+`path(params)` (a `LayerPath`) by the path builder in `evomerge.dataflow`. Raising, rather than
+returning None, names that builder at the caller that took the wrong branch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from evomerge.config.base import StrictModel
+from evomerge.config.mergekit_yaml import dump_yaml
+from evomerge.config.numbers import Integer, Number, OptionalInteger
+from evomerge.dataflow.path import LayerPath, PathStep
+from evomerge.errors import CompatibilityError, ConfigError, EvomergeError, InvalidPathError
+from evomerge.io.model_dir import ModelDir
+from evomerge.merge.layout import split_layers
+from evomerge.suggest import did_you_mean
+
+if TYPE_CHECKING:
+    from evomerge.config.space import SearchSpace
+
+USE_THRESHOLD = 0.5  # a slot's use gene at or above this puts the slot on the path
+# Config facts two layers must share to run one after the other in one model (a missing key must
+# be missing in both). head_dim and num_key_value_heads are compared after their defaults.
+CHAIN_KEYS = (
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "rope_theta",
+    "rope_scaling",
+    "rope_parameters",
+    "partial_rotary_factor",
+    "sliding_window",
+)
+# The tensors that write into the residual stream in a pre-norm decoder layer: where a step scale is
+# folded (see DataflowGenome.to_yaml).
+OUTPUT_PROJECTIONS = ("o_proj", "down_proj")
+
+Layer = tuple[str, int]  # (model name, layer index)
+
+
+class DataflowGenomeSpec(StrictModel):
+    """The space file's `genome:` section for `kind: dataflow` (see the module docstring)."""
+
+    kind: Literal["dataflow"] = "dataflow"
+    models: list[str] | None = Field(None, description="models whose layers fill the slots (default: the fine-tunes)")
+    repeats: Integer = Field(1, ge=1, description="times the stack of eligible layers is repeated (Sakana's r)")
+    fix_ends: bool = True  # every path starts with the anchor's layer 0 and ends with its last layer
+    min_depth: Integer = Field(1, ge=1)
+    max_depth: OptionalInteger = Field(None, ge=1)  # None: as deep as the slots allow
+    scale: Literal["pairs", "per_slot", "none"] = "pairs"
+    scale_range: tuple[Number, Number] = (0.5, 1.5)
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise ValueError("list at least one model (or leave it out: every fine-tune)")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"a model is listed twice in {value}")
+        return value
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not 0 < low < high:
+            raise ValueError(f"expected 0 < low < high, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _depths(self) -> DataflowGenomeSpec:
+        if self.max_depth is not None and self.min_depth > self.max_depth:
+            raise ValueError(f"min_depth {self.min_depth} is more than max_depth {self.max_depth}")
+        return self
+
+    def merge_methods(self) -> list[str]:
+        """A path merges no tensors: no merge method, so the space needs no base for one."""
+        return []
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One place in the repeated stack of eligible layers."""
+
+    index: int
+    model: str
+    layer: int
+
+    @property
+    def use_gene(self) -> str:
+        return f"slot{self.index}.use"
+
+
+FIRST, LAST = "first", "last"  # the fixed ends' positions (slots are positions by their Slot)
+Position = Slot | str
+
+
+class DataflowGenome:
+    """Genome kind `dataflow` (see evomerge.genome.protocol.Genome for what callers use)."""
+
+    def __init__(self, space: SearchSpace, models: Mapping[str, ModelDir] | None = None):
+        self.space = space
+        self.spec: DataflowGenomeSpec = space.genome
+        self.finetunes = [m.name for m in space.models]
+        self.base = space.base_model.name if space.base_model else None
+        paths = {m.name: m.path for m in space.models}
+        if space.base_model:
+            paths[space.base_model.name] = space.base_model.path
+        self.paths = paths
+        self.models = (
+            dict(models)
+            if models
+            else {name: ModelDir(path, allow_pickle=space.allow_pickle) for name, path in paths.items()}
+        )
+        self.eligible = self._eligible_models()
+        self.anchor = self.base or self.eligible[0]
+        self.layer_counts = {name: self._count_layers(name) for name in dict.fromkeys([self.anchor, *self.eligible])}
+        self._check_chainable()
+        stack = [(model, layer) for model in self.eligible for layer in range(self.layer_counts[model])]
+        self.slots = [Slot(index, *stack[index % len(stack)]) for index in range(len(stack) * self.spec.repeats)]
+        anchor_last = self.layer_counts[self.anchor] - 1
+        self.fixed: dict[str, Layer] = {}
+        if self.spec.fix_ends:
+            self.fixed[FIRST] = (self.anchor, 0)
+            if anchor_last > 0:  # a one-layer anchor's first layer is also its last
+                self.fixed[LAST] = (self.anchor, anchor_last)
+        self.max_depth = self.spec.max_depth or len(self.slots) + len(self.fixed)
+        self._check_depths()
+        self._scale_genes = self._name_scale_genes()
+
+    # -- validation ---------------------------------------------------------------------------
+    def _error(self, message: str, field: str) -> ConfigError:
+        return ConfigError(message, file=self.space.source_path, field=field)
+
+    def _eligible_models(self) -> list[str]:
+        if self.spec.models is None:
+            return list(self.finetunes)
+        for index, name in enumerate(self.spec.models):
+            if name not in self.paths:
+                raise self._error(
+                    f"'{name}' is not a model of this space (choose from: {', '.join(self.paths)})"
+                    + did_you_mean(name, self.paths),
+                    f"genome.models.{index}",
+                )
+        return list(self.spec.models)
+
+    def _count_layers(self, name: str) -> int:
+        layout = split_layers(self.models[name].tensors, source=str(self.paths[name]))
+        if not layout.num_layers:
+            raise CompatibilityError(f"{self.paths[name]}: no decoder layers found, so none can join a layer path")
+        return layout.num_layers
+
+    def _chain_facts(self, name: str) -> dict[str, Any]:
+        config = self.models[name].config
+        text_config = config.get("text_config")
+        if isinstance(text_config, dict):  # a multimodal wrapper: the decoder's settings are nested
+            config = {**config, **text_config}
+        facts = {key: config.get(key) for key in CHAIN_KEYS}
+        if facts["num_key_value_heads"] is None:
+            facts["num_key_value_heads"] = facts["num_attention_heads"]
+        if facts["head_dim"] is None and facts["hidden_size"] and facts["num_attention_heads"]:
+            facts["head_dim"] = facts["hidden_size"] // facts["num_attention_heads"]
+        return facts
+
+    def _check_chainable(self) -> None:
+        """Every eligible model's layers must run after any other's: one architecture, and the same
+        hidden size, attention heads, head size and rotary settings."""
+        reference = self.models[self.anchor]
+        reference_facts = self._chain_facts(self.anchor)
+        for name in self.layer_counts:
+            model = self.models[name]
+            if model.architecture != reference.architecture:
+                raise CompatibilityError(
+                    f"{model.path}: architecture {model.architecture} differs from {self.anchor}'s "
+                    f"{reference.architecture}: their layers cannot be chained"
+                )
+            facts = self._chain_facts(name)
+            for key in CHAIN_KEYS:
+                if facts[key] != reference_facts[key]:
+                    raise CompatibilityError(
+                        f"{model.path}: {key} {facts[key]!r} differs from {self.anchor}'s {reference_facts[key]!r}: "
+                        "their layers cannot be chained"
+                    )
+
+    def _check_depths(self) -> None:
+        deepest = len(self.slots) + len(self.fixed)
+        if len(self.fixed) > self.max_depth:
+            raise self._error(
+                f"{self.max_depth} is less than the {len(self.fixed)} layers fix_ends puts on every path",
+                "genome.max_depth",
+            )
+        if self.spec.min_depth > deepest:
+            raise self._error(
+                f"{self.spec.min_depth} is more than the {deepest} steps the slots allow (raise genome.repeats?)",
+                "genome.min_depth",
+            )
+
+    # -- the genes ------------------------------------------------------------------------------
+    def _layer_of(self, position: Position) -> Layer:
+        return (position.model, position.layer) if isinstance(position, Slot) else self.fixed[position]
+
+    def _with_ends(self, slots: list[Slot]) -> list[Position]:
+        """`slots` between the fixed ends (if any), in path order."""
+        first = [FIRST] if FIRST in self.fixed else []
+        last = [LAST] if LAST in self.fixed else []
+        return [*first, *slots, *last]
+
+    def _name_scale_genes(self) -> dict[Any, str]:
+        """Scale gene names by key: a (from layer, to layer) pair, a Slot, or LAST."""
+        mode = self.spec.scale
+        if mode == "none":
+            return {}
+        if mode == "per_slot":
+            genes: dict[Any, str] = {slot: f"slot{slot.index}.scale" for slot in self.slots}
+            if LAST in self.fixed:
+                genes[LAST] = "last.scale"
+            return genes
+        positions = self._with_ends(self.slots)  # every step a path may take
+        layers = [self._layer_of(position) for position in positions]
+        pairs: dict[Any, str] = {}
+        for i, source in enumerate(layers):  # any earlier step can precede any later one
+            for target in layers[i + 1 :]:
+                if (source, target) not in pairs:
+                    pairs[(source, target)] = f"scale.{source[0]}.{source[1]}->{target[0]}.{target[1]}"
+        return pairs
+
+    def _scale_gene(self, previous: Position | None, position: Position) -> str | None:
+        """The gene scaling the stream that enters `position` from `previous` (None: unscaled)."""
+        if previous is None or not self._scale_genes:
+            return None
+        if self.spec.scale == "per_slot":
+            return self._scale_genes[position]
+        return self._scale_genes[(self._layer_of(previous), self._layer_of(position))]
+
+    def distributions(self) -> dict[str, Any]:
+        """optuna distributions of every gene, in a stable order: the use genes, then the scales."""
+        from optuna.distributions import FloatDistribution
+
+        genes: dict[str, Any] = {slot.use_gene: FloatDistribution(0.0, 1.0) for slot in self.slots}
+        for name in self._scale_genes.values():
+            genes[name] = FloatDistribution(*self.spec.scale_range)
+        return genes
+
+    def suggest(self, trial) -> dict[str, Any]:
+        """Ask an optuna trial for every gene (optuna records them as the trial's params)."""
+        return {
+            name: trial.suggest_float(name, distribution.low, distribution.high)
+            for name, distribution in self.distributions().items()
+        }
+
+    # -- decoding -------------------------------------------------------------------------------
+    def _check_depth(self, depth: int) -> None:
+        if depth == 0:
+            raise InvalidPathError(f"the path is empty: no slot's use gene is {USE_THRESHOLD} or more")
+        if depth < self.spec.min_depth:
+            raise InvalidPathError(f"the path has {depth} steps, fewer than genome.min_depth {self.spec.min_depth}")
+        if depth > self.max_depth:
+            raise InvalidPathError(f"the path has {depth} steps, more than genome.max_depth {self.max_depth}")
+
+    def path(self, params: Mapping[str, Any]) -> LayerPath:
+        """The layer path of one trial's genes; InvalidPathError when it breaks the depth limits."""
+        positions = self._with_ends([slot for slot in self.slots if float(params[slot.use_gene]) >= USE_THRESHOLD])
+        self._check_depth(len(positions))
+        steps = []
+        previous: Position | None = None
+        for position in positions:
+            gene = self._scale_gene(previous, position)
+            model, layer = self._layer_of(position)
+            steps.append(PathStep(model=model, layer=layer, scale=float(params[gene]) if gene else 1.0))
+            previous = position
+        return LayerPath(steps=tuple(steps), embed_from=self.anchor, head_from=self.anchor)
+
+    def plan(self, params: Mapping[str, Any], *, seed: int | None = None, metadata: Mapping[str, Any] | None = None):
+        raise EvomergeError(
+            "a dataflow genome merges no weights: its candidates are built from genome.path(params) "
+            "by the path builder in evomerge.dataflow"
+        )
+
+    # -- seeds for the study --------------------------------------------------------------------
+    def parent_params(self, model: str) -> dict[str, Any] | None:
+        """Genes whose path is `model`'s own layers in order, every scale 1 (None: not expressible).
+
+        Expressible when the model's layers are slots and, with fix_ends, the model is the anchor
+        (whose first and last layers are the fixed ends). The embeddings and head stay the
+        anchor's, so for a model other than the anchor this is its layer stack on the anchor's
+        embeddings and head.
+        """
+        if model not in self.layer_counts:  # neither eligible nor the anchor
+            return None
+        layers = [(model, index) for index in range(self.layer_counts[model])]
+        if self.fixed:
+            if model != self.anchor:
+                return None
+            layers = [layer for layer in layers if layer not in self.fixed.values()]
+        first_repeat = {(slot.model, slot.layer): slot for slot in self.slots[: len(self.slots) // self.spec.repeats]}
+        if any(layer not in first_repeat for layer in layers):
+            return None
+        if not self.spec.min_depth <= len(layers) + len(self.fixed) <= self.max_depth:
+            return None
+        low, high = self.spec.scale_range
+        if self._scale_genes and not low <= 1.0 <= high:
+            return None
+        on = {first_repeat[layer].use_gene for layer in layers}
+        params: dict[str, Any] = {slot.use_gene: 1.0 if slot.use_gene in on else 0.0 for slot in self.slots}
+        params.update({name: 1.0 for name in self._scale_genes.values()})
+        return params
+
+    def uniform_params(self) -> dict[str, Any] | None:
+        """None: a layer path has no average of the fine-tunes."""
+        return None
+
+    # -- one-line descriptions ---------------------------------------------------------------------
+    def outline(self) -> str:
+        stack = len(self.slots) // self.spec.repeats
+        return (
+            f"{len(self.distributions())} genes: {len(self.slots)} layer slots ({stack} layers x {self.spec.repeats}) "
+            f"and {len(self._scale_genes)} scales; paths of {self.spec.min_depth}-{self.max_depth} steps"
+        )
+
+    def describe(self, params: Mapping[str, Any]) -> str:
+        """The path in one line, runs of consecutive layers joined: "9 steps: base 0, sort 1-3, ..."."""
+        try:
+            path = self.path(params)
+        except KeyError:  # a trial failed before all its genes were drawn
+            return "path ?"
+        except InvalidPathError as error:
+            return f"invalid path ({error})"
+        runs = _runs(path.steps)
+        parts = [
+            f"{steps[0].model} {steps[0].layer}-{steps[-1].layer}"
+            if len(steps) > 1
+            else f"{steps[0].model} {steps[0].layer}"
+            for steps in runs
+        ]
+        scaled = sum(step.scale != 1.0 for step in path.steps)
+        return f"{len(path.steps)} steps: {', '.join(parts)}" + (f" ({scaled} scaled)" if scaled else "")
+
+    # -- mergekit YAML ----------------------------------------------------------------------------
+    def to_yaml(self, params: Mapping[str, Any]) -> str:
+        """A mergekit `passthrough` YAML of the path: one slice per run of consecutive layers.
+
+        A scale s_k on the stream entering step k is folded into the weights: a pre-norm layer
+        ignores the overall scale of its input (every RMSNorm does), so layer(s * x) equals
+        s * layer'(x) where layer' has its output projections (o_proj, down_proj) divided by s.
+        Carried through the path, step k's output projections are divided by P_k, the product of
+        the scales up to and including step k; the final stream is P_n times the unscaled one,
+        which the final norm ignores. Equal up to the norms' epsilon. A run is cut where P
+        changes, so each slice carries one `scale` per filter.
+        """
+        path = self.path(params)
+        slices = []
+        for run in _runs(path.steps, cut_at_scale=True):
+            factor = run[0].cumulative
+            source: dict[str, Any] = {
+                "model": str(self.paths[run[0].model]),
+                "layer_range": [run[0].layer, run[-1].layer + 1],
+            }
+            if factor != 1.0:
+                source["parameters"] = {
+                    "scale": [{"filter": name, "value": 1.0 / factor} for name in OUTPUT_PROJECTIONS] + [{"value": 1.0}]
+                }
+            slices.append({"sources": [source]})
+        document = {"merge_method": "passthrough", "slices": slices, "dtype": self.space.dtype}
+        header = [
+            "# Made by evomerge from a dataflow genome. Run with mergekit-yaml or evomerge merge.",
+            "# Step scales are folded into o_proj/down_proj (the `scale` filters); exact up to the norms' epsilon.",
+        ]
+        first_model, last_model = path.steps[0].model, path.steps[-1].model
+        if first_model != path.embed_from or last_model != path.head_from:
+            header.append(
+                f"# The path takes its embeddings and head from {path.embed_from}; this passthrough takes them from "
+                f"{first_model} (first slice) and {last_model} (last slice)."
+            )
+        return "\n".join(header) + "\n" + dump_yaml(document)
+
+
+@dataclass(frozen=True)
+class _ScaledStep:
+    model: str
+    layer: int
+    scale: float
+    cumulative: float  # the product of the scales up to and including this step
+
+
+def _runs(steps: tuple[PathStep, ...], *, cut_at_scale: bool = False) -> list[list[_ScaledStep]]:
+    """Steps grouped into runs of consecutive layers of one model (and, if asked, one cumulative scale)."""
+    runs: list[list[_ScaledStep]] = []
+    cumulative = 1.0
+    for step in steps:
+        cumulative *= step.scale
+        scaled = _ScaledStep(step.model, step.layer, step.scale, cumulative)
+        previous = runs[-1][-1] if runs else None
+        joins = (
+            previous is not None
+            and previous.model == step.model
+            and previous.layer + 1 == step.layer
+            and not (cut_at_scale and previous.cumulative != cumulative)
+        )
+        if joins:
+            runs[-1].append(scaled)
+        else:
+            runs.append([scaled])
+    return runs
