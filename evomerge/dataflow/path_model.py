@@ -17,6 +17,8 @@ What a repeated layer breaks, and how it is handled:
 - Per-layer attributes the model level reads: `config.layer_types` (mask and cache type per
   layer) is rebuilt per step from each step's source; other attributes are read through the
   wrapper from the wrapped layer.
+Because every module is shared, moving or casting a path model (`.to`, `.half`) moves its sources:
+place the sources once with `load_sources(device=, dtype=)` instead.
 """
 
 from __future__ import annotations
