@@ -1,1 +1,6 @@
-"""Data-flow-space candidates: models that route the hidden state through a path of source layers."""
+"""Data-flow-space candidates: a path through the decoder layers of several resident source models.
+
+`path` describes a path (pure data), `path_model` runs it in memory on the sources' own layers
+(no weight copies), `export` writes it as a standard checkpoint with the step scales folded in.
+The package imports nothing itself, so reading a space file with a dataflow genome stays light.
+"""
