@@ -52,3 +52,8 @@ class Genome(Protocol):
     def outline(self) -> str:
         """One line for `validate`: the size of the search ("40 genes over 4 layer groups")."""
         ...
+
+
+def builds_paths(genome: Any) -> bool:
+    """A genome whose candidates are layer paths (`path(params)`, the dataflow kind), not merge plans."""
+    return callable(getattr(genome, "path", None))

@@ -24,16 +24,8 @@ from evomerge.evaluate.factory import make_evaluator
 from evomerge.evaluate.protocol import Evaluator, Scores
 from evomerge.genome.kinds import make_genome
 from evomerge.genome.protocol import Genome
-from evomerge.io.hashing import weights_hash
-from evomerge.merge.resident import (
-    ResidentSources,
-    check_finite,
-    check_target,
-    load_into,
-    materialize,
-    target_parameters,
-)
 from evomerge.store.states import Split
+from evomerge.workers.builders import donor_name, make_builder
 
 
 @dataclass
@@ -58,7 +50,7 @@ class CandidateWorker:
     def __init__(
         self, space: SearchSpace, *, device: str | None = None, verbose: bool = False, genome: Genome | None = None
     ):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers.utils import logging as transformers_logging
 
         if not verbose:
@@ -69,31 +61,21 @@ class CandidateWorker:
         self.device = resolve_device(device or space.device, option="device")
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         dtype = torch_dtype(space.dtype)
-        donor = self.genome.paths[self.genome.base or self.genome.finetunes[0]]
+        donor = self.genome.paths[donor_name(self.genome)]
         # Cheap checks first (tokenizer, task names), then the heavy loads.
         self.tokenizer = AutoTokenizer.from_pretrained(donor, trust_remote_code=space.trust_remote_code)
         self._make_evaluators(verbose)
-        self.sources = ResidentSources(self.genome.models, dtype=dtype, device=self.device)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            # allow_pickle adds *.bin as a fallback; a safetensors donor is still read as safetensors
-            donor,
-            dtype=dtype,
-            trust_remote_code=space.trust_remote_code,
-            use_safetensors=None if space.allow_pickle else True,
-        ).to(self.device)
-        self.model.eval()
-        self.target = target_parameters(self.model)
-        check_target(self.genome.plan(self.genome.uniform_params() or self._any_params()), self.target)
+        self.builder = make_builder(self.genome, space, dtype=dtype, device=self.device)
+
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The resident model a merge writes into (None for a dataflow genome: each trial builds its own)."""
+        return getattr(self.builder, "model", None)
 
     def _make_evaluators(self, verbose: bool) -> None:
         common = dict(tokenizer=self.tokenizer, device=self.device, verbose=verbose)
         self.search_evaluator = make_evaluator(self.space, Split.SEARCH, **common)
         self.selection_evaluator = make_evaluator(self.space, Split.SELECTION, **common)
-
-    def _any_params(self) -> dict[str, Any]:
-        return {
-            name: (d.choices[0] if hasattr(d, "choices") else d.low) for name, d in self.genome.distributions().items()
-        }
 
     def _evaluator(self, split: str) -> Evaluator:
         if split == Split.SEARCH:
@@ -103,30 +85,22 @@ class CandidateWorker:
         return self.selection_evaluator
 
     def evaluate(self, params: Mapping[str, Any], split: str = "search") -> CandidateResult:
-        """Merge the genome in place, hash it, score it. Raises on any failure (the caller fails the trial)."""
-        plan = self.genome.plan(params)
+        """Build the genome's candidate, hash it, score it. Raises on any failure (the caller fails the trial)."""
+        candidate = self.builder.build(params)
         started = time.perf_counter()
-        materialize(plan, self.sources, self.target)
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        merged = time.perf_counter()
-        check_finite(self.target, (r.name for r in plan.tensors))
-        digest = weights_hash(self.target, (r.name for r in plan.tensors))
-        hashed = time.perf_counter()
-        scores = self._evaluator(split).evaluate(self.model)
+        scores = self._evaluator(split).evaluate(candidate.model)
         evaluated = time.perf_counter()
         return CandidateResult(
             scores=scores,
-            merge_seconds=merged - started,
-            eval_seconds=evaluated - hashed,
-            weights_hash=digest,
+            merge_seconds=candidate.build_seconds,
+            eval_seconds=evaluated - started,
+            weights_hash=candidate.weights_hash,
             device=describe_device(self.device),
-            plan_yaml=plan.recipe_yaml,
+            plan_yaml=candidate.recipe_yaml,
             worker=self.name,
-            extra={"hash_seconds": hashed - merged},
+            extra={"hash_seconds": candidate.hash_seconds},
         )
 
     def score_reference(self, model: str, split: str = "search") -> Scores:
         """Scores of one source model as it is (a parent or the base), via the resident copy."""
-        load_into(self.target, self.sources, model)
-        return self._evaluator(split).evaluate(self.model)
+        return self._evaluator(split).evaluate(self.builder.reference(model))

@@ -72,7 +72,7 @@ def _actor_class():
             return {
                 "name": self.worker.name,
                 "rss": psutil.Process().memory_info().rss,
-                "sources_bytes": self.worker.sources.nbytes,
+                "sources_bytes": self.worker.builder.sources_bytes,
             }
 
         def pid(self):

@@ -1,0 +1,145 @@
+"""Candidate builders: how a worker turns one trial's genes into a model object to score.
+
+The worker (evomerge.workers.candidate) owns the tokenizer, the evaluators and the timing report;
+a builder owns the resident sources and the model object. Two genome kinds, two builders:
+
+- `MergedCandidates` (parameters genome): one resident model whose weights are overwritten in
+  place by each trial's merge plan.
+- `PathCandidates` (dataflow genome): the sources loaded once as models; each trial's layer path
+  becomes a path model whose layers are the sources' own modules (no weights copied). Its hash is
+  `path_hash`, the hash of exactly the tensors `evomerge export` writes for that path.
+
+`make_builder` is the one place a worker picks the builder, by the genome's capability
+(`evomerge.genome.protocol.builds_paths`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from evomerge.config.space import SearchSpace
+from evomerge.genome.protocol import Genome, builds_paths
+from evomerge.io.hashing import weights_hash
+from evomerge.merge.resident import (
+    ResidentSources,
+    check_finite,
+    check_target,
+    load_into,
+    materialize,
+    target_parameters,
+)
+
+
+@dataclass
+class Candidate:
+    model: torch.nn.Module  # what the evaluator scores
+    weights_hash: str  # the hash export checks its written weights against
+    recipe_yaml: str
+    build_seconds: float  # merge (or path build) time
+    hash_seconds: float
+
+
+class CandidateBuilder(Protocol):
+    @property
+    def sources_bytes(self) -> int:
+        """Memory the resident sources take."""
+        ...
+
+    def build(self, params: Mapping[str, Any]) -> Candidate:
+        """The candidate of one trial's genes; raises on any failure (the caller fails the trial)."""
+        ...
+
+    def reference(self, model: str) -> torch.nn.Module:
+        """One source model as it is, ready to score."""
+        ...
+
+
+def donor_name(genome: Genome) -> str:
+    """The model whose tokenizer (and, for a merge, config and class) the candidates share."""
+    return getattr(genome, "anchor", None) or genome.base or genome.finetunes[0]
+
+
+def make_builder(genome: Genome, space: SearchSpace, *, dtype: torch.dtype, device: str) -> CandidateBuilder:
+    if builds_paths(genome):
+        return PathCandidates(genome, dtype=dtype, device=device)
+    return MergedCandidates(genome, space, dtype=dtype, device=device)
+
+
+def _any_params(genome: Genome) -> dict[str, Any]:
+    return {name: (d.choices[0] if hasattr(d, "choices") else d.low) for name, d in genome.distributions().items()}
+
+
+class MergedCandidates:
+    """Parameters genome: every trial merges in place into one resident model."""
+
+    def __init__(self, genome: Genome, space: SearchSpace, *, dtype: torch.dtype, device: str):
+        from transformers import AutoModelForCausalLM
+
+        self.genome = genome
+        self.device = device
+        self.sources = ResidentSources(genome.models, dtype=dtype, device=device)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            # allow_pickle adds *.bin as a fallback; a safetensors donor is still read as safetensors
+            genome.paths[donor_name(genome)],
+            dtype=dtype,
+            trust_remote_code=space.trust_remote_code,
+            use_safetensors=None if space.allow_pickle else True,
+        ).to(device)
+        self.model.eval()
+        self.target = target_parameters(self.model)
+        check_target(genome.plan(genome.uniform_params() or _any_params(genome)), self.target)
+
+    @property
+    def sources_bytes(self) -> int:
+        return self.sources.nbytes
+
+    def build(self, params: Mapping[str, Any]) -> Candidate:
+        plan = self.genome.plan(params)
+        started = time.perf_counter()
+        materialize(plan, self.sources, self.target)
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        merged = time.perf_counter()
+        check_finite(self.target, (r.name for r in plan.tensors))
+        digest = weights_hash(self.target, (r.name for r in plan.tensors))
+        hashed = time.perf_counter()
+        return Candidate(self.model, digest, plan.recipe_yaml, merged - started, hashed - merged)
+
+    def reference(self, model: str) -> torch.nn.Module:
+        load_into(self.target, self.sources, model)
+        return self.model
+
+
+class PathCandidates:
+    """Dataflow genome: every trial is a path model over the resident source models."""
+
+    def __init__(self, genome: Any, *, dtype: torch.dtype, device: str):
+        from evomerge.dataflow.path_model import check_chainable, load_sources
+
+        self.genome = genome
+        self.sources = load_sources(genome.paths, dtype=dtype, device=device)
+        check_chainable({name: self.sources[name] for name in genome.layer_counts})
+
+    @property
+    def sources_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for m in self.sources.values() for t in m.state_dict().values())
+
+    def build(self, params: Mapping[str, Any]) -> Candidate:
+        from evomerge.dataflow.export import path_hash
+        from evomerge.dataflow.path_model import build_path_model
+
+        path = self.genome.path(params)  # InvalidPathError: this trial fails with its reason
+        started = time.perf_counter()
+        model = build_path_model(path, self.sources)
+        built = time.perf_counter()
+        digest = path_hash(path, self.sources)
+        hashed = time.perf_counter()
+        return Candidate(model, digest, self.genome.to_yaml(params), built - started, hashed - built)
+
+    def reference(self, model: str) -> torch.nn.Module:
+        return self.sources[model]
