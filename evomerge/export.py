@@ -9,15 +9,18 @@ instead of shipping a model nobody measured, and whatever OUT_DIR held before is
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from evomerge.config.space import SearchSpace
 from evomerge.errors import EvomergeError
 from evomerge.genome.kinds import make_genome
+from evomerge.genome.protocol import Genome, builds_paths
 from evomerge.io.checkpoint import describe_sources, hub_ids, relocate_recipe, write_model_card, write_recipe
 from evomerge.io.hashing import checkpoint_hash
+from evomerge.io.model_dir import ModelDir
 from evomerge.io.output_dir import staged_output
 from evomerge.merge.engine import verify_layout, write_checkpoint
 from evomerge.search.front import compute_front, pick_best
@@ -28,6 +31,82 @@ from evomerge.store.trial_store import TrialStore
 
 # lm-eval result keys that are bookkeeping, not scores.
 _BOOKKEEPING = ("stderr", "sample_len", "sample_count", "alias", "samples", "n-shot", "higher_is_better")
+
+
+@dataclass(frozen=True)
+class Written:
+    """What one genome kind wrote into the staging folder, for the hash check, the recipe and the card."""
+
+    digest: str  # the written weights' hash ("" when not verified)
+    recipe_yaml: str  # before its model paths are made relative to the output folder
+    models: Mapping[str, Path]  # the sources by name
+    methods: Sequence[str]
+    seed: int | None
+    verify_layout: Callable[[Path], None]  # raises when a folder does not hold exactly these tensors
+
+
+def _write_merge(
+    genome: Genome,
+    params: Mapping[str, Any],
+    staging: Path,
+    metadata: Mapping[str, str],
+    device: str,
+    max_shard_bytes: int,
+    verify: bool,
+    progress: bool,
+) -> Written:
+    """A parameters genome: its merge plan, merged into `staging`."""
+    plan = genome.plan(params, metadata=metadata)
+    write_checkpoint(plan, staging, device=device, max_shard_bytes=max_shard_bytes, progress=progress)
+    digest = checkpoint_hash(staging, [r.name for r in plan.tensors]) if verify else ""
+    return Written(
+        digest, plan.recipe_yaml, plan.models, plan.method_names, plan.seed, lambda d: verify_layout(plan, d)
+    )
+
+
+def _write_path(
+    genome: Any,
+    params: Mapping[str, Any],
+    staging: Path,
+    metadata: Mapping[str, str],
+    device: str,
+    max_shard_bytes: int,
+    verify: bool,
+    progress: bool,
+) -> Written:
+    """A dataflow genome: its layer path's layers copied in order, the step scales folded in (export_path)."""
+    from transformers.utils import logging as transformers_logging
+
+    from evomerge.dataflow.export import export_path, path_state_dict
+    from evomerge.dataflow.path_model import load_sources
+    from evomerge.dtypes import torch_dtype
+
+    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per source; the export line is enough
+    path = genome.path(params)
+    models = {name: Path(genome.paths[name]) for name in path.models}
+    sources = load_sources(models, dtype=torch_dtype(genome.space.dtype), device=device)
+    digest = export_path(path, sources, staging, tokenizer_dir=models[path.embed_from])
+    tensors = path_state_dict(path, sources)
+    expected = {name: (tuple(tensors.source_tensor(name).shape), tensors.source_tensor(name).dtype) for name in tensors}
+
+    def check(directory: Path) -> None:
+        found = torch_layout(directory)
+        if found != expected:
+            wrong = sorted(set(found.items()) ^ set(expected.items()), key=str)[:3]
+            raise EvomergeError(
+                f"{directory}: the written checkpoint does not match the layer path (e.g. {wrong}); nothing was replaced"
+            )
+
+    return Written(digest if verify else "", genome.to_yaml(params), models, ["passthrough"], None, check)
+
+
+def torch_layout(directory: Path) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """A checkpoint folder's tensors: name -> (shape, torch dtype)."""
+    written = ModelDir(directory)
+    try:
+        return {name: (tuple(info.shape), info.dtype) for name, info in written.tensors.items()}
+    finally:
+        written.close()
 
 
 @dataclass(frozen=True)
@@ -140,13 +219,10 @@ def export_trial(
         )
     with staged_output(out_dir, overwrite=overwrite, protected=_protected(space)) as staged:
         genome = make_genome(space)
-        plan = genome.plan(
-            record.genome,
-            metadata={"study": space.study_name, "trial": str(trial), "storage": display_url(space.storage_url)},
-        )
-        write_checkpoint(plan, staged.staging, device=device, max_shard_bytes=max_shard_bytes, progress=progress)
-        names = [r.name for r in plan.tensors]
-        digest = checkpoint_hash(staged.staging, names) if verify else ""
+        metadata = {"study": space.study_name, "trial": str(trial), "storage": display_url(space.storage_url)}
+        write = _write_path if builds_paths(genome) else _write_merge
+        written = write(genome, record.genome, staged.staging, metadata, device, max_shard_bytes, verify, progress)
+        digest = written.digest
         if verify and digest != record.weights_hash:
             where = (
                 f" It was scored on {record.device}; export with --device set to the same kind of device."
@@ -157,7 +233,7 @@ def export_trial(
                 f"exported weights hash {digest} differs from the hash recorded for trial {trial} ({record.weights_hash}): "
                 f"it is not the model that was scored, so {out_dir} was left as it was.{where}"
             )
-        recipe = relocate_recipe(plan.recipe_yaml, final_dir=staged.target, paths=plan.models)
+        recipe = relocate_recipe(written.recipe_yaml, final_dir=staged.target, paths=written.models)
         write_recipe(staged.staging, recipe)
         merge_scores = {
             split: store.scores(space.study_name, split).get(trial, {}) for split in ("search", "selection")
@@ -168,13 +244,13 @@ def export_trial(
         failed = len(store.trials(space.study_name, status=TrialStatus.FAILED))
         write_model_card(
             staged.staging,
-            methods=plan.method_names,
-            sources=describe_sources(plan.models, final_dir=staged.target, names={}),
+            methods=written.methods,
+            sources=describe_sources(written.models, final_dir=staged.target, names={}),
             base_model=genome.base,
-            base_model_ids=hub_ids(plan.models.values()),
+            base_model_ids=hub_ids(written.models.values()),
             recipe_yaml=recipe,
             multi_document=recipe.count("\n---\n") > 0,
-            seed=plan.seed,
+            seed=written.seed,
             score_columns=columns,
             score_rows=rows,
             search={
@@ -192,5 +268,5 @@ def export_trial(
                 "storage": display_url(space.storage_url),
             },
         )
-        staged.commit(verify=lambda directory: verify_layout(plan, directory))
+        staged.commit(verify=written.verify_layout)
     return ExportReport(Path(out_dir), trial, digest, verify, time.perf_counter() - started)
