@@ -35,6 +35,7 @@ class TrialSource:
     trial: int
     params: dict[str, Any]  # the genome the study recorded for the trial
     weights_hash: str  # the hash recorded when the trial was scored
+    device: str | None = None  # where it was scored (a merge on another kind of device may differ in the last bit)
 
     @property
     def donor(self) -> str:
@@ -95,7 +96,9 @@ def resolve_trial(space: SearchSpace, index: int, study: str, trial: int | str, 
             raise EvomergeError(f"study '{study}' is not a parameter-space study: only its merges can join a path")
     except EvomergeError as error:
         raise ConfigError(str(error), file=space.source_path, field=f"genome.trials.{index}") from None
-    return TrialSource(f"{study}#{number}", study_space, genome, number, dict(record.genome), record.weights_hash)
+    return TrialSource(
+        f"{study}#{number}", study_space, genome, number, dict(record.genome), record.weights_hash, record.device
+    )
 
 
 def resolve_trials(space: SearchSpace) -> dict[str, TrialSource]:
@@ -117,9 +120,15 @@ def build_trial_model(source: TrialSource, *, dtype: torch.dtype, device: str) -
     builder = MergedCandidates(source.genome, source.space, dtype=torch_dtype(source.space.dtype), device=device)
     candidate = builder.build(source.params)
     if candidate.weights_hash != source.weights_hash:
+        where = (
+            f" (or it was scored on {source.device}: run on the same kind of device)"
+            if source.device and source.device.split(":")[0] != device.split(":")[0]
+            else ""
+        )
         raise EvomergeError(
             f"{source.name}: the re-merged weights hash {candidate.weights_hash} differs from the one its study recorded "
-            f"({source.weights_hash}): the PS study's models changed, so its layers are not the ones that were scored"
+            f"({source.weights_hash}): the PS study's models changed{where}, so its layers are not the ones that were "
+            "scored"
         )
     return candidate.model.to(dtype).eval()
 

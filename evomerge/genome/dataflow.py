@@ -22,6 +22,10 @@ of floats, so CMA-ES, TPE, NSGA-II and random sampling all work on them:
   the middle of the box (CMA-ES) starts from plain layer stacking; it stays clear of 0, which would
   erase the stream.
 
+PS+DFS: `genome.trials` lists completed trials of parameter-space studies; each is one more source,
+`<study>#<trial>`, with the layer layout of its study's donor model (its layers are re-merged in
+memory: evomerge.dataflow.sources). The anchor is always a model read from a folder.
+
 `min_depth` / `max_depth` bound the path's steps, the fixed ends included (default: no upper bound
 beyond what the slots allow). A path outside them is not clipped into shape: `path()` raises
 `InvalidPathError`, and the search records the trial as failed with that reason.
@@ -76,6 +80,8 @@ class TrialRef(StrictModel):
     """A trial of a parameter-space study whose merged model joins the slot pool (PS+DFS)."""
 
     study: str
+    # `best`: the study's pick as export picks it, resolved whenever the genome is built, so name a
+    # number while the PS study still runs (a new best renames the source and its genes).
     trial: Integer | Literal["best"] = Field(..., description="the trial number, or `best` (the study's pick)")
     storage: str | None = None  # None: this space's own search.storage; a relative SQLite path resolves like it
 
