@@ -78,14 +78,14 @@ def _write_path(
     from transformers.utils import logging as transformers_logging
 
     from evomerge.dataflow.export import export_path, path_state_dict
-    from evomerge.dataflow.path_model import load_sources
+    from evomerge.dataflow.sources import build_sources
     from evomerge.dtypes import torch_dtype
 
     transformers_logging.disable_progress_bar()  # a "Loading weights" bar per source; the export line is enough
     path = genome.path(params)
-    models = {name: Path(genome.paths[name]) for name in path.models}
-    sources = load_sources(models, dtype=torch_dtype(genome.space.dtype), device=device)
-    digest = export_path(path, sources, staging, tokenizer_dir=models[path.embed_from])
+    models = {name: Path(genome.paths[name]) for name in path.models if name in genome.paths}  # PS trials: no folder
+    sources = build_sources(genome, path.models, dtype=torch_dtype(genome.space.dtype), device=device)
+    digest = export_path(path, sources, staging, tokenizer_dir=Path(genome.paths[path.embed_from]))
     tensors = path_state_dict(path, sources)
     expected = {name: (tuple(tensors.source_tensor(name).shape), tensors.source_tensor(name).dtype) for name in tensors}
 

@@ -22,6 +22,10 @@ of floats, so CMA-ES, TPE, NSGA-II and random sampling all work on them:
   the middle of the box (CMA-ES) starts from plain layer stacking; it stays clear of 0, which would
   erase the stream.
 
+PS+DFS: `genome.trials` lists completed trials of parameter-space studies; each is one more source,
+`<study>#<trial>`, with the layer layout of its study's donor model (its layers are re-merged in
+memory: evomerge.dataflow.sources). The anchor is always a model read from a folder.
+
 `min_depth` / `max_depth` bound the path's steps, the fixed ends included (default: no upper bound
 beyond what the slots allow). A path outside them is not clipped into shape: `path()` raises
 `InvalidPathError`, and the search records the trial as failed with that reason.
@@ -72,11 +76,24 @@ OUTPUT_PROJECTIONS = ("o_proj", "down_proj")
 Layer = tuple[str, int]  # (model name, layer index)
 
 
+class TrialRef(StrictModel):
+    """A trial of a parameter-space study whose merged model joins the slot pool (PS+DFS)."""
+
+    study: str
+    # `best`: the study's pick as export picks it, resolved whenever the genome is built, so name a
+    # number while the PS study still runs (a new best renames the source and its genes).
+    trial: Integer | Literal["best"] = Field(..., description="the trial number, or `best` (the study's pick)")
+    storage: str | None = None  # None: this space's own search.storage; a relative SQLite path resolves like it
+
+
 class DataflowGenomeSpec(StrictModel):
     """The space file's `genome:` section for `kind: dataflow` (see the module docstring)."""
 
     kind: Literal["dataflow"] = "dataflow"
-    models: list[str] | None = Field(None, description="models whose layers fill the slots (default: the fine-tunes)")
+    models: list[str] | None = Field(
+        None, description="models whose layers fill the slots (default: the fine-tunes and the trials)"
+    )
+    trials: list[TrialRef] = Field(default_factory=list, description="PS trials as sources, named `<study>#<trial>`")
     repeats: Integer = Field(1, ge=1, description="times the stack of eligible layers is repeated (Sakana's r)")
     fix_ends: bool = True  # every path starts with the anchor's layer 0 and ends with its last layer
     min_depth: Integer = Field(1, ge=1)
@@ -140,14 +157,19 @@ class DataflowGenome:
         paths = {m.name: m.path for m in space.models}
         if space.base_model:
             paths[space.base_model.name] = space.base_model.path
-        self.paths = paths
+        self.paths = paths  # the sources read from folders
         self.models = (
             dict(models)
             if models
             else {name: ModelDir(path, allow_pickle=space.allow_pickle) for name, path in paths.items()}
         )
+        from evomerge.dataflow.sources import resolve_trials
+
+        self.trials = resolve_trials(space)  # the sources merged from PS trials (their donor's layout)
+        for name, trial in self.trials.items():
+            self.models.setdefault(name, trial.donor_dir)
         self.eligible = self._eligible_models()
-        self.anchor = self.base or self.eligible[0]
+        self.anchor = self.base or self._first_folder_model()
         self.layer_counts = {name: self._count_layers(name) for name in dict.fromkeys([self.anchor, *self.eligible])}
         self._check_chainable()
         stack = [(model, layer) for model in self.eligible for layer in range(self.layer_counts[model])]
@@ -168,20 +190,32 @@ class DataflowGenome:
 
     def _eligible_models(self) -> list[str]:
         if self.spec.models is None:
-            return list(self.finetunes)
+            return [*self.finetunes, *self.trials]
+        known = [*self.paths, *self.trials]
         for index, name in enumerate(self.spec.models):
-            if name not in self.paths:
+            if name not in known:
                 raise self._error(
-                    f"'{name}' is not a model of this space (choose from: {', '.join(self.paths)})"
-                    + did_you_mean(name, self.paths),
+                    f"'{name}' is not a model of this space (choose from: {', '.join(known)})"
+                    + did_you_mean(name, known),
                     f"genome.models.{index}",
                 )
         return list(self.spec.models)
 
+    def _first_folder_model(self) -> str:
+        """The anchor without a base: the first eligible model read from a folder (it gives the tokenizer)."""
+        for name in self.eligible:
+            if name in self.paths:
+                return name
+        raise self._error("list a model from a folder too, or a base_model: it gives the embeddings", "genome.models")
+
+    def source_ref(self, name: str) -> str:
+        """A source as a recipe names it: its folder, or `<study>#<trial>` for a PS trial."""
+        return str(self.paths[name]) if name in self.paths else name
+
     def _count_layers(self, name: str) -> int:
-        layout = split_layers(self.models[name].tensors, source=str(self.paths[name]))
+        layout = split_layers(self.models[name].tensors, source=self.source_ref(name))
         if not layout.num_layers:
-            raise CompatibilityError(f"{self.paths[name]}: no decoder layers found, so none can join a layer path")
+            raise CompatibilityError(f"{self.source_ref(name)}: no decoder layers found, so none can join a layer path")
         return layout.num_layers
 
     def _chain_facts(self, name: str) -> dict[str, Any]:
@@ -386,7 +420,7 @@ class DataflowGenome:
         for run in _runs(path.steps, cut_at_scale=True):
             factor = run[0].cumulative
             source: dict[str, Any] = {
-                "model": str(self.paths[run[0].model]),
+                "model": self.source_ref(run[0].model),
                 "layer_range": [run[0].layer, run[-1].layer + 1],
             }
             if factor != 1.0:
@@ -400,6 +434,12 @@ class DataflowGenome:
             "# Step scales are folded into o_proj/down_proj (the `scale` filters); exact up to the norms' epsilon.",
         ]
         first_model, last_model = path.steps[0].model, path.steps[-1].model
+        merged = [name for name in path.models if name in self.trials]
+        if merged:
+            header.append(
+                f"# {', '.join(merged)}: trials of a parameter-space study; export each (evomerge export) and put its "
+                "folder in their place to run this recipe."
+            )
         if first_model != path.embed_from or last_model != path.head_from:
             header.append(
                 f"# The path takes its embeddings and head from {path.embed_from}; this passthrough takes them from "

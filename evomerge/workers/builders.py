@@ -119,10 +119,12 @@ class PathCandidates:
     """Dataflow genome: every trial is a path model over the resident source models."""
 
     def __init__(self, genome: Any, *, dtype: torch.dtype, device: str):
-        from evomerge.dataflow.path_model import check_chainable, load_sources
+        from evomerge.dataflow.path_model import check_chainable
+        from evomerge.dataflow.sources import build_sources
 
         self.genome = genome
-        self.sources = load_sources(genome.paths, dtype=dtype, device=device)
+        names = [*genome.paths, *getattr(genome, "trials", {})]
+        self.sources = build_sources(genome, names, dtype=dtype, device=device)
         check_chainable({name: self.sources[name] for name in genome.layer_counts})
 
     @property
