@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_dataflow_search import _logits, write_dataflow_space
+from test_search_e2e import write_space
 
 from evomerge.config.space import load_space
 from evomerge.store.trial_store import TrialStore
-from tests.test_dataflow_search import _logits, write_dataflow_space
-from tests.test_search_e2e import write_space
 
 pytestmark = pytest.mark.slow
 
