@@ -185,6 +185,8 @@ def main() -> None:
     else:
         data = space_file(DFS_SPACE, family, work, study="psdfs", **common)
         data["genome"]["trials"] = [{"study": ps.study, "trial": ps.best_number, "storage": ps.storage}]
+        if data["genome"].get("models"):  # a listed pool takes the PS trial only when named in it
+            data["genome"]["models"] = [*data["genome"]["models"], f"{ps.study}#{ps.best_number}"]
         try:
             both = run_arm("PS+DFS", write_space(data, work, "psdfs"), args.trials)
         except Exception as error:  # the table says why, the other arms still count
