@@ -145,3 +145,28 @@ def test_hub_dataset_file_names_are_left_alone(tmp_path):
     local = {"dataset_path": "json", "dataset_kwargs": {"data_files": ["a.jsonl", "/abs/b.jsonl"]}}
     resolved = _absolutise(dict(local), yaml_path)["dataset_kwargs"]["data_files"]
     assert resolved == [str(tmp_path / "a.jsonl"), "/abs/b.jsonl"]
+
+
+def test_item_ids_and_per_item_scores(demo_family, reverse_evaluator):
+    """Per-item values average to lm-eval's task score; a subset scores exactly those items."""
+    from evomerge.evaluate.protocol import ItemEvaluator
+
+    assert isinstance(reverse_evaluator, ItemEvaluator)
+    model = AutoModelForCausalLM.from_pretrained(demo_family.finetunes["reverse"])
+    ids = reverse_evaluator.item_ids()
+    assert ids == {"demo_reverse": list(range(40)), "demo_sort": list(range(40))}  # the first `limit` docs
+    scores, per_item = reverse_evaluator.evaluate_items(model)
+    values = per_item["demo_reverse"]["acc,none"]
+    assert sorted(values) == ids["demo_reverse"]
+    assert scores["demo_reverse"]["acc,none"] == pytest.approx(sum(values.values()) / len(values))
+
+    chosen = [7, 2, 11]
+    sub_scores, sub_items = reverse_evaluator.evaluate_items(model, {"demo_reverse": chosen})
+    assert sorted(sub_items["demo_reverse"]["acc,none"]) == sorted(chosen)
+    assert all(sub_items["demo_reverse"]["acc,none"][i] == values[i] for i in chosen)
+    expected = sum(values[i] for i in chosen) / len(chosen)
+    assert sub_scores["demo_reverse"]["acc,none"] == pytest.approx(expected)
+    assert reverse_evaluator.evaluate(model, {"demo_reverse": chosen}) == sub_scores
+    assert len(sub_items["demo_sort"]["acc,none"]) == 40  # a task not named keeps its full budget
+    with pytest.raises(ValueError, match="demo_shift"):
+        reverse_evaluator.evaluate(model, {"demo_shift": [0]})

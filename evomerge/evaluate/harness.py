@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evomerge.evaluate.protocol import ItemIds, ItemScores, Scores
+
 if TYPE_CHECKING:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -292,6 +294,7 @@ class TaskEvaluator:
         self.verbose = verbose
         self._lm: HFLM | None = None
         self._lm_model: Any = None
+        self._item_ids: ItemIds | None = None
 
         with _quiet_lm_eval(verbose):
             self._task_dict = self._load_tasks()
@@ -338,15 +341,43 @@ class TaskEvaluator:
             self._lm_model = model
         return self._lm
 
-    def evaluate(self, model: Any) -> dict[str, dict[str, float]]:
+    def item_ids(self) -> ItemIds:
+        """Every doc id each leaf task scores at full budget (the first `limit` documents)."""
+        from lm_eval.evaluator_utils import get_sample_size
+
+        if self._item_ids is None:
+            ids = {}
+            for name, task in self._task_dict["tasks"].items():
+                total = len(task.eval_docs)
+                size = get_sample_size(task, self.limit)
+                ids[name] = list(range(total if size is None else min(size, total)))
+            self._item_ids = ids
+        return {name: list(ids) for name, ids in self._item_ids.items()}
+
+    def evaluate(self, model: Any, items: ItemIds | None = None) -> Scores:
         """Score `model` (a `transformers` causal LM) on every task.
 
         Returns `{task_or_group: {"acc,none": 0.83, "acc_stderr,none": nan, ...}}` with every
         metric lm-eval reports, as plain floats (NaN where lm-eval gives no number).  The model
-        is put in eval mode for the call and its training flag restored afterwards.
+        is put in eval mode for the call and its training flag restored afterwards.  `items`
+        limits a leaf task to those doc ids (tasks it does not name keep the full budget).
         """
+        return self._run(model, items, log_samples=False)[0]
+
+    def evaluate_items(self, model: Any, items: ItemIds | None = None) -> tuple[Scores, ItemScores]:
+        """`evaluate`'s scores and, per leaf task and metric, each scored doc's value."""
+        return self._run(model, items, log_samples=True)
+
+    def _run(self, model: Any, items: ItemIds | None, *, log_samples: bool) -> tuple[Scores, ItemScores]:
         from lm_eval import evaluator
 
+        samples = None
+        if items is not None:
+            unknown = sorted(set(items) - set(self.task_names))
+            if unknown:
+                raise ValueError(f"items name a task this evaluator does not score: {unknown[0]!r}")
+            full = self.item_ids()
+            samples = {name: list(items.get(name, full[name])) for name in self.task_names}
         was_training = bool(getattr(model, "training", False))
         with _quiet_lm_eval(self.verbose):
             lm = self._wrap(model)
@@ -355,20 +386,29 @@ class TaskEvaluator:
                 output = evaluator.evaluate(
                     lm=lm,
                     task_dict=self._task_dict,
-                    limit=self.limit,
+                    limit=None if samples is not None else self.limit,
+                    samples=samples,
                     bootstrap_iters=0,
-                    log_samples=False,
+                    log_samples=log_samples,
                     apply_chat_template=self.apply_chat_template,
                 )
             finally:
                 if was_training:
                     model.train()
         if output is None:  # only non-zero ranks of a distributed run get None
-            return {}
-        return {
+            return {}, {}
+        scores = {
             name: {metric: _plain_float(value) for metric, value in metrics.items() if metric not in _NOT_METRICS}
             for name, metrics in output["results"].items()
         }
+        per_item: ItemScores = {}
+        for name, logged in (output.get("samples") or {}).items() if log_samples else ():
+            by_metric = per_item.setdefault(name, {})
+            for example in logged:
+                for metric in example["metrics"]:
+                    key = f"{metric},{example['filter']}"
+                    by_metric.setdefault(key, {})[int(example["doc_id"])] = _plain_float(example[metric])
+        return scores, per_item
 
 
 def build_task_evaluator(

@@ -11,17 +11,40 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from evomerge.config.space import SearchSpace
 
 Scores = dict[str, dict[str, float]]  # task -> metric -> value (NaN where there is no number)
+ItemIds = dict[str, list[int]]  # leaf task -> the lm-eval doc ids to score, in order
+ItemScores = dict[str, dict[str, dict[int, float]]]  # leaf task -> metric -> doc id -> the item's value
 
 
 class Evaluator(Protocol):
-    def evaluate(self, model: Any) -> Scores:
-        """Score `model` (a `transformers` causal LM) on every task this evaluator was built for."""
+    def evaluate(self, model: Any, items: ItemIds | None = None) -> Scores:
+        """Score `model` (a `transformers` causal LM) on every task this evaluator was built for.
+
+        `items`: score only these documents of each named leaf task (the evaluator's `limit` is
+        then ignored for them); None scores every item the evaluator was built for.
+        """
+        ...
+
+
+@runtime_checkable
+class ItemEvaluator(Evaluator, Protocol):
+    """An evaluator that can also say which items it scores and what each item scored.
+
+    Cheap-fitness schemes (item budgets, IRT estimates) need both; an evaluator without them
+    can still run a full-fidelity search.
+    """
+
+    def item_ids(self) -> ItemIds:
+        """Every doc id each leaf task scores at full budget (after `limit`), in lm-eval's order."""
+        ...
+
+    def evaluate_items(self, model: Any, items: ItemIds | None = None) -> tuple[Scores, ItemScores]:
+        """`evaluate`'s scores plus each scored item's per-item metric values."""
         ...
 
 
