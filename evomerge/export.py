@@ -97,7 +97,8 @@ def _write_path(
                 f"{directory}: the written checkpoint does not match the layer path (e.g. {wrong}); nothing was replaced"
             )
 
-    return Written(digest if verify else "", genome.to_yaml(params), models, ["passthrough"], None, check)
+    recipe = genome.to_yaml(params, folds=tensors.folds)
+    return Written(digest if verify else "", recipe, models, ["passthrough"], None, check)
 
 
 def torch_layout(directory: Path) -> dict[str, tuple[tuple[int, ...], Any]]:

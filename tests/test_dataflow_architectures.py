@@ -1,6 +1,6 @@
 """Path models and their export on the decoder architectures beside Llama: Mistral, Qwen2 (q/k/v
-biases), Qwen3 (q/k norms), Gemma (scaled embeddings, (1 + w) norms) and Phi-3 (fused qkv and
-gate_up). Tiny random models: a path with a repeated layer and scales generates the same tokens
+biases), Qwen3 (q/k norms), Gemma (scaled embeddings, (1 + w) norms), Gemma 2 and 3 (sandwich norms: the
+fold goes into the output norms) and Phi-3 (fused qkv and gate_up). Tiny random models: a path with a repeated layer and scales generates the same tokens
 with and without a KV cache, and its export loads with `from_pretrained` and gives its logits."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def tiny_sources(model_type: str, root) -> dict:
     return load_sources(folders, dtype=torch.float32, device="cpu")
 
 
-@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "gemma", "phi3"])
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"])
 def test_a_path_runs_caches_and_exports_on(model_type, tmp_path, one_torch_thread):
     from transformers import AutoModelForCausalLM
 
@@ -52,3 +52,22 @@ def test_a_path_runs_caches_and_exports_on(model_type, tmp_path, one_torch_threa
     with torch.no_grad():
         difference = (exported(IDS).logits - logits).abs().max()
     assert difference <= 1e-3 * logits.abs().max()  # the norms' epsilon, as in test_dataflow_model.py
+    recipe = (tmp_path / "out" / "mergekit_config.yml").read_text()
+    if model_type.startswith("gemma") and model_type != "gemma":  # the fold is in (1 + w) output norms
+        assert "cannot express" in recipe and "filter:" not in recipe
+    else:
+        assert "filter: o_proj" in recipe and "filter: down_proj" in recipe and "cannot express" not in recipe
+
+
+def test_a_sandwich_layer_folds_into_its_output_norms_not_o_proj(tmp_path):
+    from evomerge.dataflow.export import path_state_dict
+
+    sources = tiny_sources("gemma2", tmp_path)
+    tensors = path_state_dict(PATH, sources)
+    assert [fold is None for fold in tensors.folds] == [True, False, False, False]
+    factor = PATH.fold_factors()[1]
+    source = tensors.source_tensor("model.layers.1.post_feedforward_layernorm.weight")
+    folded = tensors["model.layers.1.post_feedforward_layernorm.weight"]
+    torch.testing.assert_close(folded, (1 + source) * factor - 1)  # Gemma's gain is 1 + w
+    o_proj = "model.layers.1.self_attn.o_proj.weight"
+    assert torch.equal(tensors[o_proj], tensors.source_tensor(o_proj))

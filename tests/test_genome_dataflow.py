@@ -272,7 +272,7 @@ def test_to_yaml_is_a_passthrough_with_folded_scales(demo_family, tmp_path):
     # slots 0-3 sort 0-3, 4-7 close 0-3; path: base 0, sort 1, sort 2, close 3, base 3
     params = genes(genome, on={1, 2, 7}, scales={"scale.sort.2->close.3": 2.0 / 3.0, "scale.close.3->base.3": 0.5})
     text = genome.to_yaml(params)
-    assert text.startswith("# Made by evomerge from a dataflow genome.")
+    assert text.startswith("# Made by evomerge from a layer path")
     document = yaml.safe_load(text)
     assert document["merge_method"] == "passthrough" and document["dtype"] == "float32"
     ranges = [(s["sources"][0]["model"], s["sources"][0]["layer_range"]) for s in document["slices"]]

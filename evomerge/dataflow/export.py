@@ -16,8 +16,15 @@ the logits are the same. Epsilon: RMSNorm(x/P) = x / sqrt(mean(x^2) + eps*P^2), 
 x / sqrt(mean(x^2) + eps), a relative change of about eps*|P^2 - 1| / (2*mean(x^2)).
 
 This needs the layer to be pre-norm with nothing between o_proj/down_proj and the residual add
-(Llama, Mistral, Qwen2/3: children self_attn, mlp, input_layernorm, post_attention_layernorm).
-A layer with post-norms (Gemma 2/3) is refused when its factor is not 1.
+(Llama, Mistral, Qwen2/3, Gemma, Phi-3: children self_attn, mlp, input_layernorm,
+post_attention_layernorm).
+
+Sandwich layers (Gemma 2/3) normalise each sub-block's output before the residual add:
+m_k = u_k + N1'(A_k(N1(u_k))), and N1' ignores any scale of its input, so scaling o_proj does
+nothing. The division by P_k goes into N1' (and N2', after the MLP) instead: the norm's output is
+normalised(a) * g(w), with g(w) = w or 1 + w (Gemma's parametrisation, probed from the module),
+so the folded weight is w' = g^-1(g(w) / P_k). The induction above is otherwise unchanged.
+Any other layer structure is refused when its factor is not 1.
 
 `path_state_dict` is the one description of the exported tensors: export writes it and the
 search hashes it, so the hash recorded for a scored candidate is the exported checkpoint's.
@@ -25,14 +32,15 @@ search hashes it, so the hash recorded for a scored candidate is the exported ch
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from evomerge.dataflow.path import LayerPath
-from evomerge.dataflow.path_model import check_path, path_config
+from evomerge.dataflow.path_model import check_path, decoder_layers, path_config
 from evomerge.io.hashing import checkpoint_hash, weights_hash
 from evomerge.merge.layout import LayerLayout, split_layers
 
@@ -41,6 +49,37 @@ FOLDED_SUFFIXES = frozenset(
     {"self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias"}
 )
 _PRE_NORM_CHILDREN = frozenset({"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"})
+# A sandwich layer's children; its output norms (applied before each residual add) take the fold.
+_SANDWICH_CHILDREN = _PRE_NORM_CHILDREN | {"pre_feedforward_layernorm", "post_feedforward_layernorm"}
+_OUTPUT_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+
+
+@dataclass(frozen=True)
+class LayerFold:
+    """How a step's fold factor enters its tensors: `scaled` suffixes map t to (t + offset) * f - offset."""
+
+    scaled: frozenset[str]
+    offset: float = 0.0  # 1.0 for norms whose gain is 1 + w
+
+    def apply(self, tensor: torch.Tensor, factor: float) -> torch.Tensor:
+        """One of the `scaled` tensors with fold factor `factor` carried into it."""
+        folded = (tensor.to(torch.float32) + self.offset) * factor - self.offset
+        return folded.to(tensor.dtype)
+
+
+def _gain_offset(norm: nn.Module) -> float:
+    """0 when the norm's gain is its weight w, 1 when it is 1 + w (Gemma): probed on a unit input."""
+    weight = norm.weight.detach()
+    probe = torch.ones(1, weight.shape[-1], dtype=weight.dtype, device=weight.device)
+    with torch.no_grad():
+        out = norm(probe).to(torch.float32).reshape(-1)
+    gain = weight.to(torch.float32).reshape(-1)
+    for offset in (0.0, 1.0):
+        if torch.allclose(out, gain + offset, rtol=1e-3, atol=1e-3):
+            return offset
+    raise ValueError(
+        f"{type(norm).__name__}: its gain is neither w nor 1 + w, so a step scale cannot be folded into it"
+    )
 
 
 def _saved_names(model: nn.Module) -> list[str]:
@@ -52,13 +91,22 @@ def _saved_names(model: nn.Module) -> list[str]:
     return names
 
 
-def _check_foldable(source: str, layer: int, suffixes: tuple[str, ...]) -> None:
+def layer_fold(model: nn.Module, source: str, layer: int, suffixes: tuple[str, ...]) -> LayerFold:
+    """Where a step scale folds into layer `layer` of `source` (ValueError naming it where it cannot)."""
     children = {suffix.split(".", 1)[0] for suffix in suffixes}
-    if not children <= _PRE_NORM_CHILDREN or not {"self_attn.o_proj.weight", "mlp.down_proj.weight"} <= set(suffixes):
-        raise ValueError(
-            f"{source} layer {layer}: its step scale cannot be folded into the weights (the fold needs a pre-norm "
-            f"layer of {sorted(_PRE_NORM_CHILDREN)} ending in o_proj and down_proj; it has {sorted(children)})"
-        )
+    names = set(suffixes)
+    if children <= _PRE_NORM_CHILDREN and {"self_attn.o_proj.weight", "mlp.down_proj.weight"} <= names:
+        return LayerFold(FOLDED_SUFFIXES & names)
+    if children == _SANDWICH_CHILDREN:
+        module = decoder_layers(model)[layer]
+        offsets = {_gain_offset(getattr(module, norm)) for norm in _OUTPUT_NORMS}
+        if len(offsets) == 1:
+            return LayerFold(frozenset(f"{norm}.weight" for norm in _OUTPUT_NORMS), offset=offsets.pop())
+    raise ValueError(
+        f"{source} layer {layer}: its step scale cannot be folded into the weights (the fold needs a pre-norm "
+        f"layer of {sorted(_PRE_NORM_CHILDREN)} ending in o_proj and down_proj, or a sandwich layer of "
+        f"{sorted(_SANDWICH_CHILDREN)}; it has {sorted(children)})"
+    )
 
 
 class PathStateDict(Mapping[str, torch.Tensor]):
@@ -75,37 +123,37 @@ class PathStateDict(Mapping[str, torch.Tensor]):
             name: split_layers(_saved_names(sources[name]), source=name) for name in path.models
         }
         factors = path.fold_factors()
-        # output name -> (source model, source tensor name, fold factor)
-        self._origin: dict[str, tuple[str, str, float]] = {}
+        self.folds: list[LayerFold | None] = []  # per step: the rule its fold factor follows (None: factor 1)
+        # output name -> (source model, source tensor name, fold factor, the rule folding it or None)
+        self._origin: dict[str, tuple[str, str, float, LayerFold | None]] = {}
         for name in layouts[path.embed_from].pre:
-            self._origin[name] = (path.embed_from, name, 1.0)
+            self._origin[name] = (path.embed_from, name, 1.0, None)
         prefix = layouts[path.embed_from].prefix
         for index, (step, factor) in enumerate(zip(path.steps, factors)):
             layout = layouts[step.model]
             suffixes = layout.layers[step.layer]
-            if factor != 1.0:
-                _check_foldable(step.model, step.layer, suffixes)
+            fold = layer_fold(sources[step.model], step.model, step.layer, suffixes) if factor != 1.0 else None
+            self.folds.append(fold)
             for suffix in suffixes:
-                folded = factor if suffix in FOLDED_SUFFIXES else 1.0
+                folds = fold is not None and suffix in fold.scaled
                 self._origin[f"{prefix}.{index}.{suffix}"] = (
                     step.model,
                     layout.layer_tensor(step.layer, suffix),
-                    folded,
+                    factor if folds else 1.0,
+                    fold if folds else None,
                 )
         for name in layouts[path.head_from].post:
-            self._origin[name] = (path.head_from, name, 1.0)
+            self._origin[name] = (path.head_from, name, 1.0, None)
 
     def source_tensor(self, name: str) -> torch.Tensor:
         """The unfolded source tensor behind `name` (its shape and dtype are the output's)."""
-        model, source_name, _ = self._origin[name]
+        model, source_name, _, _ = self._origin[name]
         return self._states[model][source_name].detach()
 
     def __getitem__(self, name: str) -> torch.Tensor:
         tensor = self.source_tensor(name)
-        factor = self._origin[name][2]
-        if factor == 1.0:
-            return tensor
-        return (tensor.to(torch.float32) * factor).to(tensor.dtype)
+        _, _, factor, fold = self._origin[name]
+        return tensor if fold is None else fold.apply(tensor, factor)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._origin)
@@ -124,44 +172,69 @@ def path_hash(path: LayerPath, sources: Mapping[str, nn.Module]) -> str:
     return weights_hash(path_state_dict(path, sources))
 
 
-def _slices(path: LayerPath) -> list[tuple[str, int, int, float]]:
-    """(model, first layer, end layer, fold factor) per run of consecutive layers of one model with one factor."""
-    runs: list[tuple[str, int, int, float]] = []
-    for step, factor in zip(path.steps, path.fold_factors()):
-        if runs and runs[-1][0] == step.model and runs[-1][2] == step.layer and runs[-1][3] == factor:
-            model, start, _, _ = runs[-1]
-            runs[-1] = (model, start, step.layer + 1, factor)
+def _slices(path: LayerPath, folds: Sequence[LayerFold | None]) -> list[tuple[str, int, int, float, LayerFold | None]]:
+    """(model, first layer, end layer, fold factor, fold) per run of consecutive layers of one model with one factor."""
+    runs: list[tuple[str, int, int, float, LayerFold | None]] = []
+    for step, factor, fold in zip(path.steps, path.fold_factors(), folds):
+        last = runs[-1] if runs else None
+        if last is not None and (last[0], last[2], last[3]) == (step.model, step.layer, factor):
+            runs[-1] = (last[0], last[1], step.layer + 1, factor, last[4] or fold)
         else:
-            runs.append((step.model, step.layer, step.layer + 1, factor))
+            runs.append((step.model, step.layer, step.layer + 1, factor, fold))
     return runs
 
 
-def path_recipe(path: LayerPath, *, dtype: str) -> str:
-    """The path as a mergekit `passthrough` YAML: one slice per run, the fold as `scale` on o_proj/down_proj."""
+def _scale_filters(fold: LayerFold | None) -> tuple[str, ...]:
+    """The mergekit `scale` filters (module names) a fold's tensors match."""
+    scaled = fold.scaled if fold is not None else FOLDED_SUFFIXES
+    in_layer_order = sorted(scaled, key=lambda suffix: ("attn" not in suffix and "attention" not in suffix, suffix))
+    return tuple(dict.fromkeys(suffix.rsplit(".", 2)[-2] for suffix in in_layer_order))
+
+
+def path_recipe(
+    path: LayerPath,
+    *,
+    dtype: str,
+    folds: Sequence[LayerFold | None] | None = None,
+    refs: Mapping[str, str] | None = None,
+    notes: Sequence[str] = (),
+) -> str:
+    """The path as a mergekit `passthrough` YAML: one slice per run, each fold as a `scale` on its tensors.
+
+    `folds` (PathStateDict.folds: the rule per step) picks the filters; without it a scaled step is
+    taken to be pre-norm (o_proj, down_proj). A fold mergekit's `scale` cannot write (a 1 + w norm
+    gain) is left out of the recipe and named in its header. `refs` maps a model name to how the
+    recipe names it (default: the name); `notes` are extra header lines.
+    """
     from evomerge.config.mergekit_yaml import dump_yaml
 
-    slices = []
-    for model, start, end, factor in _slices(path):
-        source: dict = {"model": model, "layer_range": [start, end]}
-        if factor != 1.0:
-            source["parameters"] = {
-                "scale": [
-                    {"filter": "o_proj", "value": factor},
-                    {"filter": "down_proj", "value": factor},
-                    {"value": 1.0},
-                ]
-            }
+    folds = list(folds) if folds is not None else [None] * len(path.steps)
+    refs = refs or {}
+    slices, unwritable = [], []
+    for model, start, end, factor, fold in _slices(path, folds):
+        source: dict = {"model": refs.get(model, model), "layer_range": [start, end]}
+        if factor != 1.0 and fold is not None and fold.offset != 0.0:
+            unwritable.append(f"{model} {start}-{end - 1}")
+        elif factor != 1.0:
+            scales = [{"filter": name, "value": factor} for name in _scale_filters(fold)]
+            source["parameters"] = {"scale": [*scales, {"value": 1.0}]}
         slices.append({"sources": [source]})
-    header = (
-        "# Made by evomerge from a layer path (data-flow search). Run with mergekit-yaml or evomerge merge.\n"
-        "# The step scales are folded into o_proj and down_proj as `scale` (exact for pre-norm layers).\n"
-    )
-    if path.embed_from != path.steps[0].model or path.head_from != path.steps[-1].model:
-        header += (
-            f"# Note: the path takes embeddings from {path.embed_from} and the head from {path.head_from}; "
-            "passthrough takes them from the first and last slice's model, so this recipe differs there.\n"
+    header = [
+        "# Made by evomerge from a layer path (data-flow search). Run with mergekit-yaml or evomerge merge.",
+        "# The step scales are folded into each layer's output projections or output norms as `scale`.",
+        *(f"# {note}" for note in notes),
+    ]
+    if unwritable:
+        header.append(
+            f"# Note: the scales of {', '.join(unwritable)} fold into norms whose gain is 1 + w, which a passthrough "
+            "`scale` cannot express: this recipe leaves them out (the exported checkpoint has them)."
         )
-    return header + dump_yaml({"merge_method": "passthrough", "slices": slices, "dtype": dtype})
+    if path.embed_from != path.steps[0].model or path.head_from != path.steps[-1].model:
+        header.append(
+            f"# Note: the path takes embeddings from {path.embed_from} and the head from {path.head_from}; "
+            "passthrough takes them from the first and last slice's model, so this recipe differs there."
+        )
+    return "\n".join(header) + "\n" + dump_yaml({"merge_method": "passthrough", "slices": slices, "dtype": dtype})
 
 
 def export_path(
@@ -194,7 +267,7 @@ def export_path(
         copy_tokenizer(donor, out_dir)
     dtype = dtype_name(next(iter(layout))[2])
     folders = {name: Path(sources[name].name_or_path) for name in path.models}
-    recipe = path_recipe(path, dtype=dtype)
+    recipe = path_recipe(path, dtype=dtype, folds=tensors.folds)
     if all(folder.is_dir() for folder in folders.values()):
         recipe = relocate_recipe(recipe, final_dir=out_dir, paths=folders)
     write_recipe(out_dir, recipe)

@@ -37,14 +37,13 @@ returning None, names that builder at the caller that took the wrong branch.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from evomerge.config.base import StrictModel
-from evomerge.config.mergekit_yaml import dump_yaml
 from evomerge.config.numbers import Integer, Number, OptionalInteger
 from evomerge.dataflow.path import LayerPath, PathStep
 from evomerge.errors import CompatibilityError, ConfigError, EvomergeError, InvalidPathError
@@ -54,6 +53,7 @@ from evomerge.suggest import did_you_mean
 
 if TYPE_CHECKING:
     from evomerge.config.space import SearchSpace
+    from evomerge.dataflow.export import LayerFold
 
 USE_THRESHOLD = 0.5  # a slot's use gene at or above this puts the slot on the path
 # Config facts two layers must share to run one after the other in one model (a missing key must
@@ -69,9 +69,6 @@ CHAIN_KEYS = (
     "partial_rotary_factor",
     "sliding_window",
 )
-# The tensors that write into the residual stream in a pre-norm decoder layer: where a step scale is
-# folded (see DataflowGenome.to_yaml).
-OUTPUT_PROJECTIONS = ("o_proj", "down_proj")
 
 Layer = tuple[str, int]  # (model name, layer index)
 
@@ -404,74 +401,33 @@ class DataflowGenome:
         return f"{len(path.steps)} steps: {', '.join(parts)}" + (f" ({scaled} scaled)" if scaled else "")
 
     # -- mergekit YAML ----------------------------------------------------------------------------
-    def to_yaml(self, params: Mapping[str, Any]) -> str:
-        """A mergekit `passthrough` YAML of the path: one slice per run of consecutive layers.
+    def to_yaml(self, params: Mapping[str, Any], *, folds: Sequence[LayerFold | None] | None = None) -> str:
+        """A mergekit `passthrough` YAML of the path (evomerge.dataflow.export.path_recipe, models as folders).
 
-        A scale s_k on the stream entering step k is folded into the weights: a pre-norm layer
-        ignores the overall scale of its input (every RMSNorm does), so layer(s * x) equals
-        s * layer'(x) where layer' has its output projections (o_proj, down_proj) divided by s.
-        Carried through the path, step k's output projections are divided by P_k, the product of
-        the scales up to and including step k; the final stream is P_n times the unscaled one,
-        which the final norm ignores. Equal up to the norms' epsilon. A run is cut where P
-        changes, so each slice carries one `scale` per filter.
+        `folds`: the fold rule per step, known once the sources are loaded (the candidate builder
+        and export pass it); without it a scaled step is taken to be a pre-norm layer.
         """
+        from evomerge.dataflow.export import path_recipe
+
         path = self.path(params)
-        slices = []
-        for run in _runs(path.steps, cut_at_scale=True):
-            factor = run[0].cumulative
-            source: dict[str, Any] = {
-                "model": self.source_ref(run[0].model),
-                "layer_range": [run[0].layer, run[-1].layer + 1],
-            }
-            if factor != 1.0:
-                source["parameters"] = {
-                    "scale": [{"filter": name, "value": 1.0 / factor} for name in OUTPUT_PROJECTIONS] + [{"value": 1.0}]
-                }
-            slices.append({"sources": [source]})
-        document = {"merge_method": "passthrough", "slices": slices, "dtype": self.space.dtype}
-        header = [
-            "# Made by evomerge from a dataflow genome. Run with mergekit-yaml or evomerge merge.",
-            "# Step scales are folded into o_proj/down_proj (the `scale` filters); exact up to the norms' epsilon.",
-        ]
-        first_model, last_model = path.steps[0].model, path.steps[-1].model
+        notes = []
         merged = [name for name in path.models if name in self.trials]
         if merged:
-            header.append(
-                f"# {', '.join(merged)}: trials of a parameter-space study; export each (evomerge export) and put its "
+            notes.append(
+                f"{', '.join(merged)}: trials of a parameter-space study; export each (evomerge export) and put its "
                 "folder in their place to run this recipe."
             )
-        if first_model != path.embed_from or last_model != path.head_from:
-            header.append(
-                f"# The path takes its embeddings and head from {path.embed_from}; this passthrough takes them from "
-                f"{first_model} (first slice) and {last_model} (last slice)."
-            )
-        return "\n".join(header) + "\n" + dump_yaml(document)
+        refs = {name: self.source_ref(name) for name in path.models}
+        return path_recipe(path, dtype=self.space.dtype, folds=folds, refs=refs, notes=notes)
 
 
-@dataclass(frozen=True)
-class _ScaledStep:
-    model: str
-    layer: int
-    scale: float
-    cumulative: float  # the product of the scales up to and including this step
-
-
-def _runs(steps: tuple[PathStep, ...], *, cut_at_scale: bool = False) -> list[list[_ScaledStep]]:
-    """Steps grouped into runs of consecutive layers of one model (and, if asked, one cumulative scale)."""
-    runs: list[list[_ScaledStep]] = []
-    cumulative = 1.0
+def _runs(steps: tuple[PathStep, ...]) -> list[list[PathStep]]:
+    """Steps grouped into runs of consecutive layers of one model."""
+    runs: list[list[PathStep]] = []
     for step in steps:
-        cumulative *= step.scale
-        scaled = _ScaledStep(step.model, step.layer, step.scale, cumulative)
         previous = runs[-1][-1] if runs else None
-        joins = (
-            previous is not None
-            and previous.model == step.model
-            and previous.layer + 1 == step.layer
-            and not (cut_at_scale and previous.cumulative != cumulative)
-        )
-        if joins:
-            runs[-1].append(scaled)
+        if previous is not None and previous.model == step.model and previous.layer + 1 == step.layer:
+            runs[-1].append(step)
         else:
-            runs.append([scaled])
+            runs.append([step])
     return runs

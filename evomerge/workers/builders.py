@@ -132,16 +132,19 @@ class PathCandidates:
         return sum(t.numel() * t.element_size() for m in self.sources.values() for t in m.state_dict().values())
 
     def build(self, params: Mapping[str, Any]) -> Candidate:
-        from evomerge.dataflow.export import path_hash
+        from evomerge.dataflow.export import path_state_dict
         from evomerge.dataflow.path_model import build_path_model
+        from evomerge.io.hashing import weights_hash
 
         path = self.genome.path(params)  # InvalidPathError: this trial fails with its reason
         started = time.perf_counter()
         model = build_path_model(path, self.sources)
         built = time.perf_counter()
-        digest = path_hash(path, self.sources)
+        exported = path_state_dict(path, self.sources)  # what export writes: its hash is the candidate's
+        digest = weights_hash(exported)
         hashed = time.perf_counter()
-        return Candidate(model, digest, self.genome.to_yaml(params), built - started, hashed - built)
+        recipe = self.genome.to_yaml(params, folds=exported.folds)
+        return Candidate(model, digest, recipe, built - started, hashed - built)
 
     def reference(self, model: str) -> torch.nn.Module:
         return self.sources[model]
