@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from test_search_e2e import write_space
 
 from evomerge.config.space import load_space
@@ -44,6 +45,32 @@ def test_two_workers_share_the_search(tmp_path, demo_family):
     assert len({e["worker"] for e in events}) == 2  # both actors evaluated candidates
     assert summary.front and summary.best is not None
     assert not ray.is_initialized()  # the pool shut down the Ray it started
+
+
+def test_two_workers_run_a_dataflow_search(tmp_path, demo_family):
+    """Each actor loads the sources and builds path models itself; the hashes match a local build."""
+    from test_dataflow_search import write_dataflow_space
+
+    from evomerge.dataflow.export import path_hash
+    from evomerge.dataflow.sources import build_sources
+    from evomerge.genome.kinds import make_genome
+
+    space_file = write_dataflow_space(tmp_path, demo_family, n_trials=4)
+    space_file.write_text(space_file.read_text().replace("finalists: 1", "finalists: 1\n  workers: 2"))
+    space = load_space(space_file)
+    events = []
+    summary = run_search(space, progress=False, on_trial=events.append)
+    assert summary.n_complete + summary.n_failed == 4 and summary.n_complete >= 2
+    assert len({e["worker"] for e in events}) == 2
+    genome = make_genome(space)
+    store = TrialStore(space.storage_url)
+    try:
+        trials = store.trials(space.search.study_name, status="complete")
+    finally:
+        store.close()
+    sources = build_sources(genome, list(genome.paths), dtype=torch.float32, device="cpu")
+    for trial in trials:
+        assert trial.weights_hash == path_hash(genome.path(trial.genome), sources)
 
 
 def test_a_worker_killed_mid_trial_is_restarted_and_its_trial_retried(tmp_path, demo_family):
