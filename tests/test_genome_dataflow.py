@@ -65,6 +65,8 @@ def steps(*triples) -> tuple[PathStep, ...]:
         ({"models": ["sort", "sort"]}, r"genome\.models: a model is listed twice"),
         ({"min_depth": 5, "max_depth": 4}, r"genome: min_depth 5 is more than max_depth 4"),
         ({"layers": 3}, r"genome\.layers: unknown field"),
+        ({"use_rate": 1}, r"genome\.use_rate: "),
+        ({"use_rate": 0}, r"genome\.use_rate: "),
         ({"kind": "stacking"}, r"genome\.kind: unknown genome kind \(choose from: parameters, dataflow\)"),
     ],
 )
@@ -72,6 +74,16 @@ def test_spec_errors_name_the_genome_field(demo_family, tmp_path, genome, messag
     with pytest.raises(ConfigError, match=message) as error:
         parse_space(space_data(demo_family, genome), base_dir=tmp_path, source="space.yml")
     assert "\n" not in str(error.value) and "dataflow." not in str(error.value)
+
+
+def test_use_rate_sets_the_share_of_slots_a_uniform_genome_turns_on(demo_family, tmp_path):
+    genome = genome_of(demo_family, tmp_path, models=["sort", "close"], use_rate=0.25)
+    assert genome.use_threshold == 0.75
+    params = genes(genome, on={1, 2})
+    params["slot1.use"], params["slot2.use"], params["slot5.use"] = 0.75, 0.9, 0.7  # 0.7: under the threshold
+    assert [(step.model, step.layer) for step in genome.path(params).steps] == [
+        ("base", 0), ("sort", 1), ("sort", 2), ("base", 3)
+    ]  # fmt: skip
 
 
 def test_defaults_and_no_merge_methods(demo_family, tmp_path):

@@ -8,7 +8,9 @@ with the anchor's layer 0 and ends with its last layer; the anchor (the base, el
 eligible model) also gives the embeddings and the final norm + lm_head. The genes are a static set
 of floats, so CMA-ES, TPE, NSGA-II and random sampling all work on them:
 
-- `slot17.use` in [0, 1]: the slot is on the path when the value is 0.5 or more. A float, not a
+- `slot17.use` in [0, 1]: the slot is on the path when the value is 1 - `use_rate` or more
+  (default 0.5), so a genome drawn uniformly turns on a `use_rate` share of the slots: with many
+  slots and a small `max_depth`, lower it to keep most random paths within depth. A float, not a
   categorical: optuna's CMA-ES samples categorical genes independently of its distribution, and a
   thresholded float is Sakana's own encoding (their indicator genes are CMA-ES reals cut at 0).
 - a scale on the residual stream entering each step after the first (the step entering from the
@@ -55,7 +57,6 @@ if TYPE_CHECKING:
     from evomerge.config.space import SearchSpace
     from evomerge.dataflow.export import LayerFold
 
-USE_THRESHOLD = 0.5  # a slot's use gene at or above this puts the slot on the path
 # Config facts two layers must share to run one after the other in one model (a missing key must
 # be missing in both). head_dim and num_key_value_heads are compared after their defaults.
 CHAIN_KEYS = (
@@ -97,6 +98,9 @@ class DataflowGenomeSpec(StrictModel):
     max_depth: OptionalInteger = Field(None, ge=1)  # None: as deep as the slots allow
     scale: Literal["pairs", "per_slot", "none"] = "pairs"
     scale_range: tuple[Number, Number] = (0.5, 1.5)
+    use_rate: Number = Field(
+        0.5, gt=0, lt=1, description="share of slots a uniformly drawn genome puts on the path (use gene >= 1 - it)"
+    )
 
     @field_validator("models")
     @classmethod
@@ -148,6 +152,7 @@ class DataflowGenome:
 
     def __init__(self, space: SearchSpace, models: Mapping[str, ModelDir] | None = None):
         self.space = space
+        self.use_threshold = 1.0 - float(space.genome.use_rate)  # a use gene at or above it: the slot is on
         self.spec: DataflowGenomeSpec = space.genome
         self.finetunes = [m.name for m in space.models]
         self.base = space.base_model.name if space.base_model else None
@@ -316,7 +321,7 @@ class DataflowGenome:
     # -- decoding -------------------------------------------------------------------------------
     def _check_depth(self, depth: int) -> None:
         if depth == 0:
-            raise InvalidPathError(f"the path is empty: no slot's use gene is {USE_THRESHOLD} or more")
+            raise InvalidPathError(f"the path is empty: no slot's use gene is {self.use_threshold:g} or more")
         if depth < self.spec.min_depth:
             raise InvalidPathError(f"the path has {depth} steps, fewer than genome.min_depth {self.spec.min_depth}")
         if depth > self.max_depth:
@@ -324,7 +329,8 @@ class DataflowGenome:
 
     def path(self, params: Mapping[str, Any]) -> LayerPath:
         """The layer path of one trial's genes; InvalidPathError when it breaks the depth limits."""
-        positions = self._with_ends([slot for slot in self.slots if float(params[slot.use_gene]) >= USE_THRESHOLD])
+        on = [slot for slot in self.slots if float(params[slot.use_gene]) >= self.use_threshold]
+        positions = self._with_ends(on)
         self._check_depth(len(positions))
         steps = []
         previous: Position | None = None
