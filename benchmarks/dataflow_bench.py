@@ -210,7 +210,7 @@ def main() -> None:
         "(whole search split, no item limit), no finalists. PS is `search_spaces/demo.yml`'s genome "
         f"(sampler {ps.sampler}); DFS is `search_spaces/dataflow.yml`'s (sampler {dfs.sampler}: "
         f"models {genome['models']}, repeats {genome['repeats']}, depth {genome['min_depth']}-{genome['max_depth']}, "
-        f"scale {genome['scale']}); PS+DFS is DFS with the PS arm's best trial"
+        f"use_rate {genome.get('use_rate', 0.5)}, scale {genome['scale']}); PS+DFS is DFS with the PS arm's best trial"
         f"{'' if ps.best_number is None else f' (trial {ps.best_number})'} in the slot pool (genome `trials:`).",
         "",
         "Best mean: the highest mean over the four objectives (search split) of a completed trial. Hypervolume: "

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import sqlite3
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from test_search_e2e import assert_none_lost, sigkill_a_run_after
 
 from evomerge.config.space import load_space
 from evomerge.store.trial_store import TrialStore
@@ -106,34 +101,7 @@ def test_sigkill_of_a_dataflow_search_resumes_to_n_trials(tmp_path, demo_family)
     n_trials = 8
     space_file = write_dataflow_space(tmp_path, demo_family, n_trials=n_trials, limit=5)
     space = load_space(space_file)
-    db = space.storage_url.removeprefix("sqlite:///")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "evomerge.cli", "run", str(space_file), "-q"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
-
-    def finished() -> int:
-        if not Path(db).exists():
-            return 0
-        try:
-            with sqlite3.connect(db, timeout=30) as connection:
-                return connection.execute(
-                    "select count(*) from evomerge_trials where study='df' and status in ('complete', 'failed')"
-                ).fetchone()[0]
-        except sqlite3.OperationalError:
-            return 0
-
-    deadline = time.monotonic() + 120
-    while finished() < 2 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.2)
-    assert process.poll() is None, process.stderr.read().decode()[-2000:]
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
-    before = {t.number: t for t in TrialStore(space.storage_url).trials("df", status="complete")}
+    before = sigkill_a_run_after(space_file, "df", finished=2, statuses=("complete", "failed"), timeout=120)
 
     from evomerge.cli import main
 
@@ -142,13 +110,11 @@ def test_sigkill_of_a_dataflow_search_resumes_to_n_trials(tmp_path, demo_family)
     except SystemExit as exc:
         assert not exc.code
     store = TrialStore(space.storage_url)
-    after = {t.number: t for t in store.trials("df", status="complete")}
-    for number, record in before.items():  # nothing that finished was lost or changed
-        assert after[number].weights_hash == record.weights_hash and after[number].values == record.values
+    assert_none_lost(before, store, "df")
     failed = store.trials("df", status="failed")
     assert all(t.failure.startswith(("interrupted", "InvalidPathError: ")) for t in failed)
     counted = [t for t in failed if not t.failure.startswith("interrupted")]
-    assert len(after) + len(counted) >= n_trials
+    assert len(store.trials("df", status="complete")) + len(counted) >= n_trials
     import optuna
 
     study = optuna.load_study(study_name="df", storage=space.storage_url)

@@ -166,11 +166,12 @@ def test_an_enqueued_genome_killed_before_its_genes_were_written_is_queued_again
     assert record.status == "failed" and record.failure.startswith("interrupted")
 
 
-def test_sigkill_loses_no_completed_trial_and_resumes(tmp_path, demo_family):
-    space_file = write_space(tmp_path, demo_family, n_trials=40, sampler="random", limit=10)
+def sigkill_a_run_after(space_file: Path, study: str, *, finished: int, statuses=("complete",), timeout=240.0) -> dict:
+    """Start `evomerge run` in a process of its own, SIGKILL it once `finished` trials of `study` have
+    one of `statuses`, and return the completed trials' records as the store held them then."""
     space = load_space(space_file)
     db = space.storage_url.removeprefix("sqlite:///")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(
         [sys.executable, "-m", "evomerge.cli", "run", str(space_file), "-q"],
         env=env,
@@ -178,32 +179,44 @@ def test_sigkill_loses_no_completed_trial_and_resumes(tmp_path, demo_family):
         stderr=subprocess.PIPE,
         start_new_session=True,
     )
+    marks = ", ".join("?" for _ in statuses)
 
-    def completed() -> int:
+    def count() -> int:
         if not Path(db).exists():
             return 0
         try:
             with sqlite3.connect(db, timeout=30) as connection:
                 return connection.execute(
-                    "select count(*) from evomerge_trials where study='e2e' and status='complete'"
+                    f"select count(*) from evomerge_trials where study=? and status in ({marks})", (study, *statuses)
                 ).fetchone()[0]
         except sqlite3.OperationalError:
             return 0
 
-    deadline = time.monotonic() + 240
-    while completed() < 3 and time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.5)
+    deadline = time.monotonic() + timeout
+    while count() < finished and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.3)
     assert process.poll() is None, process.stderr.read().decode()[-2000:]
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    before = {t.number: t for t in TrialStore(space.storage_url).trials("e2e", status="complete")}
+    return {t.number: t for t in TrialStore(space.storage_url).trials(study, status="complete")}
+
+
+def assert_none_lost(before: dict, store: TrialStore, study: str) -> None:
+    """Every trial completed before the kill is still there, with the same weights and values."""
+    after = {t.number: t for t in store.trials(study, status="complete")}
+    for number, record in before.items():
+        assert after[number].weights_hash == record.weights_hash and after[number].values == record.values
+
+
+def test_sigkill_loses_no_completed_trial_and_resumes(tmp_path, demo_family):
+    space_file = write_space(tmp_path, demo_family, n_trials=40, sampler="random", limit=10)
+    space = load_space(space_file)
+    before = sigkill_a_run_after(space_file, "e2e", finished=3)
     assert len(before) >= 3
 
     assert run_cli(["run", str(space_file), "-q", "--n-trials", str(len(before) + 3)]) == 0
     store = TrialStore(space.storage_url)
-    after = {t.number: t for t in store.trials("e2e", status="complete")}
-    for number, record in before.items():  # nothing that finished was lost or changed
-        assert after[number].weights_hash == record.weights_hash and after[number].values == record.values
+    assert_none_lost(before, store, "e2e")
     interrupted = [t for t in store.trials("e2e", status="failed") if t.failure.startswith("interrupted")]
     assert len(interrupted) <= 1
     import optuna
