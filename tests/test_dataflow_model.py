@@ -149,7 +149,7 @@ def test_recipe_reproduces_the_export(sources, tmp_path):
 
     path = LayerPath(MIXED.steps, embed_from="base", head_from="base")  # passthrough: head from the last slice
     recipe = path_recipe(path, dtype="float32")
-    assert "merge_method: passthrough" in recipe and "filter: o_proj" in recipe and "Note:" not in recipe
+    assert "merge_method: passthrough" in recipe and "filter: self_attn.o_proj" in recipe and "Note:" not in recipe
     assert "Note:" in path_recipe(MIXED, dtype="float32")
     written = export_path(path, sources, tmp_path / "out")
     merge_file(tmp_path / "out" / "mergekit_config.yml", tmp_path / "merged", progress=False)

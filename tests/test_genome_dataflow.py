@@ -298,8 +298,16 @@ def test_to_yaml_is_a_passthrough_with_folded_scales(demo_family, tmp_path):
     folded = [s["sources"][0].get("parameters", {}).get("scale") for s in document["slices"]]
     assert folded[:2] == [None, None]
     # step k's o_proj and down_proj are divided by the product of the scales up to step k
-    assert folded[2] == [{"filter": "o_proj", "value": 1.5}, {"filter": "down_proj", "value": 1.5}, {"value": 1.0}]
-    assert folded[3] == [{"filter": "o_proj", "value": 3.0}, {"filter": "down_proj", "value": 3.0}, {"value": 1.0}]
+    assert folded[2] == [
+        {"filter": "self_attn.o_proj", "value": 1.5},
+        {"filter": "mlp.down_proj", "value": 1.5},
+        {"value": 1.0},
+    ]
+    assert folded[3] == [
+        {"filter": "self_attn.o_proj", "value": 3.0},
+        {"filter": "mlp.down_proj", "value": 3.0},
+        {"value": 1.0},
+    ]
 
 
 def path_model(family, path: LayerPath):

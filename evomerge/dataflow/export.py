@@ -15,9 +15,11 @@ down_proj adds M_k(N2(m_k)) / P_k, giving h_k / P_k. The final norm is scale inv
 the logits are the same. Epsilon: RMSNorm(x/P) = x / sqrt(mean(x^2) + eps*P^2), against
 x / sqrt(mean(x^2) + eps), a relative change of about eps*|P^2 - 1| / (2*mean(x^2)).
 
-This needs the layer to be pre-norm with nothing between o_proj/down_proj and the residual add
-(Llama, Mistral, Qwen2/3, Gemma, Phi-3: children self_attn, mlp, input_layernorm,
-post_attention_layernorm).
+This needs the layer to be pre-norm with nothing between its output projections and the residual
+add: every child with weights is a norm (RMSNorm or LayerNorm, both scale invariant) or a block
+ending in one of RESIDUAL_WRITERS (o_proj/down_proj in Llama, Mistral, Qwen, Gemma, Phi-3,
+StableLM, the MoE experts of Mixtral and Qwen-MoE; c_proj in GPT-2; dense/dense_4h_to_h in GPT-NeoX
+and Falcon; dense/fc2 in Phi). Parallel blocks (GPT-NeoX, Falcon, Phi) fold the same way.
 
 Sandwich layers (Gemma 2/3) normalise each sub-block's output before the residual add:
 m_k = u_k + N1'(A_k(N1(u_k))), and N1' ignores any scale of its input, so scaling o_proj does
@@ -44,14 +46,45 @@ from evomerge.dataflow.path_model import check_path, decoder_layers, path_config
 from evomerge.io.hashing import checkpoint_hash, weights_hash
 from evomerge.merge.layout import LayerLayout, split_layers
 
-# The output projections of a pre-norm layer's two sub-blocks: the tensors a fold factor scales.
-FOLDED_SUFFIXES = frozenset(
-    {"self_attn.o_proj.weight", "self_attn.o_proj.bias", "mlp.down_proj.weight", "mlp.down_proj.bias"}
+# The modules that write a pre-norm layer's sub-blocks into the residual stream, by their path in
+# the layer as transformers 5 names them: each sub-block's output is linear in these (an MoE block's
+# experts and shared expert alike), so scaling them scales what the layer adds.
+RESIDUAL_WRITERS = frozenset(
+    {
+        "self_attn.o_proj",  # Llama, Mistral, Qwen, Gemma, Phi-3, StableLM, Mixtral, ...
+        "mlp.down_proj",
+        "mlp.experts.down_proj",  # fused experts (Mixtral, Qwen-MoE)
+        "mlp.shared_expert.down_proj",  # Qwen2-MoE's shared expert
+        "attn.c_proj",  # GPT-2
+        "mlp.c_proj",
+        "attention.dense",  # GPT-NeoX
+        "self_attention.dense",  # Falcon
+        "mlp.dense_4h_to_h",  # GPT-NeoX, Falcon
+        "self_attn.dense",  # Phi
+        "mlp.fc2",
+    }
 )
-_PRE_NORM_CHILDREN = frozenset({"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"})
-# A sandwich layer's children; its output norms (applied before each residual add) take the fold.
-_SANDWICH_CHILDREN = _PRE_NORM_CHILDREN | {"pre_feedforward_layernorm", "post_feedforward_layernorm"}
+# A sandwich layer's children (Gemma 2/3): its output norms, applied before each residual add, take the fold.
+_SANDWICH_CHILDREN = frozenset(
+    {
+        "self_attn",
+        "mlp",
+        "input_layernorm",
+        "post_attention_layernorm",
+        "pre_feedforward_layernorm",
+        "post_feedforward_layernorm",
+    }
+)
 _OUTPUT_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")
+
+
+def _writer(suffix: str) -> bool:
+    """Whether a layer tensor (`self_attn.o_proj.weight`, `mlp.experts.down_proj`) belongs to a residual writer."""
+    return suffix in RESIDUAL_WRITERS or suffix.rsplit(".", 1)[0] in RESIDUAL_WRITERS
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
 
 
 @dataclass(frozen=True)
@@ -92,21 +125,44 @@ def _saved_names(model: nn.Module) -> list[str]:
 
 
 def layer_fold(model: nn.Module, source: str, layer: int, suffixes: tuple[str, ...]) -> LayerFold:
-    """Where a step scale folds into layer `layer` of `source` (ValueError naming it where it cannot)."""
-    children = {suffix.split(".", 1)[0] for suffix in suffixes}
-    names = set(suffixes)
-    if children <= _PRE_NORM_CHILDREN and {"self_attn.o_proj.weight", "mlp.down_proj.weight"} <= names:
-        return LayerFold(FOLDED_SUFFIXES & names)
-    if children == _SANDWICH_CHILDREN:
-        module = decoder_layers(model)[layer]
-        offsets = {_gain_offset(getattr(module, norm)) for norm in _OUTPUT_NORMS}
-        if len(offsets) == 1:
-            return LayerFold(frozenset(f"{norm}.weight" for norm in _OUTPUT_NORMS), offset=offsets.pop())
+    """Where a step scale folds into layer `layer` of `source` (ValueError naming it where it cannot).
+
+    Pre-norm: every child with weights is a norm or a sub-block holding a residual writer, so the
+    blocks read the stream only through norms. Sandwich: Gemma 2/3's six children. Anything else
+    (a post-norm layer such as OLMo 2's, whose blocks read the raw stream) cannot carry a scale.
+    """
+    module = decoder_layers(model)[layer]
+    children = {name: child for name, child in module.named_children() if any(True for _ in child.parameters())}
+    if "post_feedforward_layernorm" in children:
+        if set(children) == _SANDWICH_CHILDREN:
+            offsets = {_gain_offset(children[norm]) for norm in _OUTPUT_NORMS}
+            if len(offsets) == 1:
+                return LayerFold(frozenset(f"{norm}.weight" for norm in _OUTPUT_NORMS), offset=offsets.pop())
+    else:
+        writers = frozenset(suffix for suffix in suffixes if _writer(suffix))
+        blocks = {suffix.split(".", 1)[0] for suffix in writers}
+        others = [name for name, child in children.items() if name not in blocks and not _is_norm(child)]
+        if writers and not others and len(blocks) < len(children):
+            return LayerFold(writers)
     raise ValueError(
-        f"{source} layer {layer}: its step scale cannot be folded into the weights (the fold needs a pre-norm "
-        f"layer of {sorted(_PRE_NORM_CHILDREN)} ending in o_proj and down_proj, or a sandwich layer of "
-        f"{sorted(_SANDWICH_CHILDREN)}; it has {sorted(children)})"
+        f"{source} layer {layer}: its step scale cannot be folded into the weights (a {type(module).__name__} is "
+        "neither a pre-norm layer whose blocks end in a known output projection nor a Gemma-style sandwich "
+        "layer); use genome.scale: none for these models"
     )
+
+
+def check_foldable(sources: Mapping[str, nn.Module]) -> None:
+    """Before a search whose paths carry scales: every layer of `sources` can take one at export
+    (CompatibilityError naming the first that cannot)."""
+    from evomerge.errors import CompatibilityError
+
+    for name, model in sources.items():
+        layout = split_layers(_saved_names(model), source=name)
+        for layer, suffixes in layout.layers.items():
+            try:
+                layer_fold(model, name, layer, suffixes)
+            except ValueError as error:
+                raise CompatibilityError(str(error)) from None
 
 
 class PathStateDict(Mapping[str, torch.Tensor]):
@@ -185,10 +241,10 @@ def _slices(path: LayerPath, folds: Sequence[LayerFold | None]) -> list[tuple[st
 
 
 def _scale_filters(fold: LayerFold | None) -> tuple[str, ...]:
-    """The mergekit `scale` filters (module names) a fold's tensors match."""
-    scaled = fold.scaled if fold is not None else FOLDED_SUFFIXES
-    in_layer_order = sorted(scaled, key=lambda suffix: ("attn" not in suffix and "attention" not in suffix, suffix))
-    return tuple(dict.fromkeys(suffix.rsplit(".", 2)[-2] for suffix in in_layer_order))
+    """The mergekit `scale` filters of a fold: its modules' paths in the layer (a filter matches by substring)."""
+    scaled = fold.scaled if fold is not None else {"self_attn.o_proj.weight", "mlp.down_proj.weight"}
+    modules = {suffix if suffix in RESIDUAL_WRITERS else suffix.rsplit(".", 1)[0] for suffix in scaled}
+    return tuple(sorted(modules, key=lambda name: ("attn" not in name and "attention" not in name, name)))
 
 
 def path_recipe(

@@ -125,7 +125,12 @@ class PathCandidates:
         self.genome = genome
         names = [*genome.paths, *getattr(genome, "trials", {})]
         self.sources = build_sources(genome, names, dtype=dtype, device=device)
-        check_chainable({name: self.sources[name] for name in genome.layer_counts})
+        pool = {name: self.sources[name] for name in genome.layer_counts}
+        check_chainable(pool)
+        if genome.spec.scale != "none":  # a scaled path must export: refuse before the first trial
+            from evomerge.dataflow.export import check_foldable
+
+            check_foldable(pool)
 
     @property
     def sources_bytes(self) -> int:
