@@ -14,7 +14,7 @@ from evomerge.dataflow.path_model import build_path_model, load_sources
 from evomerge.errors import CompatibilityError
 
 # Every decoder architecture a path folds its scales on (pre-norm layers with known output
-# projections, or Gemma's sandwich norms). OLMo 2 (post-norm: its blocks read the raw stream) cannot.
+# projections, or Gemma's sandwich norms). OLMo 2 and OPT run paths, but without scales.
 FOLDABLE = [
     "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox", "falcon", "phi",
     "stablelm", "mixtral", "qwen2_moe",
@@ -32,6 +32,8 @@ def tiny_sources(model_type: str, root) -> dict:
     )  # fmt: skip
     if model_type == "falcon":  # head_dim is derived there, and cannot be set
         del settings["head_dim"]
+    if model_type == "opt":
+        settings.update(ffn_dim=64, word_embed_proj_dim=32)
     config = AutoConfig.for_model(model_type, **settings)
     generator = torch.Generator().manual_seed(0)
     folders = {}
@@ -68,10 +70,12 @@ def test_a_path_runs_caches_and_exports_on(model_type, tmp_path, one_torch_threa
         assert recipe.count("filter:") >= 2 and "cannot express" not in recipe
 
 
-def test_a_post_norm_layer_runs_unscaled_and_refuses_a_scale(tmp_path):
+@pytest.mark.parametrize("model_type", ["olmo2", "opt"])
+def test_a_layer_without_a_known_fold_runs_unscaled_and_refuses_a_scale(model_type, tmp_path):
+    """OLMo 2 is post-norm (its blocks read the raw stream); OPT's MLP is not a block of its own."""
     from transformers import AutoModelForCausalLM
 
-    sources = tiny_sources("olmo2", tmp_path)
+    sources = tiny_sources(model_type, tmp_path)
     plain = LayerPath(tuple(PathStep(step.model, step.layer) for step in PATH.steps), "a", "a")
     export_path(plain, sources, tmp_path / "out", expected_hash=path_hash(plain, sources))
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out")

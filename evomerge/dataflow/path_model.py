@@ -103,14 +103,22 @@ def check_chainable(sources: Mapping[str, nn.Module]) -> None:
             )
 
 
+def layer_container(model: nn.Module) -> tuple[str, nn.Module, str]:
+    """(path in the base model, module, child name) of the module holding the decoder-layer list:
+    the base model itself in most models (`model.layers`), its `decoder` in OPT."""
+    for path, module in model.base_model.named_modules():
+        if path.count(".") > 1:
+            continue
+        for name in _LAYER_LISTS:
+            if isinstance(getattr(module, name, None), nn.ModuleList):
+                return path, module, name
+    raise ValueError(f"{type(model).__name__}: no decoder-layer list found (looked for {', '.join(_LAYER_LISTS)})")
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder-layer list of a causal LM (`model.layers` in Llama-style models)."""
-    inner = model.base_model
-    for name in _LAYER_LISTS:
-        layers = getattr(inner, name, None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise ValueError(f"{type(model).__name__}: no decoder-layer list found (looked for {', '.join(_LAYER_LISTS)})")
+    _, container, name = layer_container(model)
+    return getattr(container, name)
 
 
 def check_path(path: LayerPath, sources: Mapping[str, nn.Module]) -> None:
@@ -188,8 +196,8 @@ def build_path_model(path: LayerPath, sources: Mapping[str, nn.Module]) -> nn.Mo
         model = AutoModelForCausalLM.from_config(
             path_config(path, sources), attn_implementation=embed_source.config._attn_implementation
         )
-    inner, embed_inner, head_inner = model.base_model, embed_source.base_model, head_source.base_model
-    layer_list = next(name for name in _LAYER_LISTS if isinstance(getattr(inner, name, None), nn.ModuleList))
+    where, inner, layer_list = layer_container(model)
+    embed_inner, head_inner = (source.base_model.get_submodule(where) for source in (embed_source, head_source))
     for name, _ in list(inner.named_children()):
         if name == layer_list:
             steps = [
@@ -199,10 +207,13 @@ def build_path_model(path: LayerPath, sources: Mapping[str, nn.Module]) -> nn.Mo
             setattr(inner, name, nn.ModuleList(steps))
         else:
             setattr(inner, name, getattr(head_inner if name in _HEAD_CHILDREN else embed_inner, name))
-    inner_name = model.base_model_prefix
-    for name, _ in list(model.named_children()):
-        if name != inner_name:
-            setattr(model, name, getattr(head_source, name))
+    outer = [(model, head_source, model.base_model_prefix)]  # the head; and OPT's decoder beside its base model
+    if where:
+        outer.append((model.base_model, embed_source.base_model, where))
+    for module, source, kept in outer:
+        for name, _ in list(module.named_children()):
+            if name != kept:
+                setattr(module, name, getattr(source, name))
     left_on_meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
     if left_on_meta:
         raise ValueError(f"{type(model).__name__}: path model has tensors no source provides: {left_on_meta[:5]}")
