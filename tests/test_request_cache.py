@@ -203,3 +203,35 @@ def test_eval_request_cache_picks_the_evaluator(demo_family, tasks_dir, tmp_path
     assert type(make_evaluator(space(), "search", tokenizer=None, device="cpu")) is RequestCacheEvaluator
     off = make_evaluator(space(request_cache=False), "search", tokenizer=None, device="cpu")
     assert type(off) is TaskEvaluator
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_packed_choices_score_as_lm_eval(demo_family, tasks_dir, tokenizer, attention):
+    """Choices sharing a context run as one row; left-truncated ones (max_length 18) one row each."""
+    model = _mixed_model(demo_family)
+    model.set_attn_implementation(attention)
+    for max_length in (None, 18):
+        plain, cached = _both(["demo"], [tasks_dir], tokenizer, limit=12, batch_size=8, max_length=max_length)
+        expected, expected_items = plain.evaluate_items(model)
+        got, got_items = cached.evaluate_items(model)
+        _same(expected, got)
+        _same(expected_items, got_items)
+        rows = cached._table.rows
+        assert any(row.packed for row in rows)
+        assert any(not row.packed for row in rows) == (max_length == 18)
+
+
+def test_a_model_that_ignores_the_mask_is_not_packed(demo_family, tasks_dir, tokenizer, caplog):
+    model = _mixed_model(demo_family)
+    forward = model.forward
+
+    def mask_blind(input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        return forward(input_ids, **kwargs)
+
+    model.forward = mask_blind
+    plain, cached = _both(["demo_sort", "demo_close"], [tasks_dir], tokenizer, limit=12)
+    with caplog.at_level("WARNING", logger="evomerge.evaluate"):
+        got = cached.evaluate(model)
+    assert "not packing" in caplog.text
+    assert not any(row.packed for row in cached._table.rows)
+    _same(plain.evaluate(model), got)

@@ -22,7 +22,6 @@ candidate (what a comparison between candidates wants).
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
@@ -31,6 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from evomerge.evaluate.harness import _NOT_METRICS, TaskEvaluator, _plain_float, _quiet_lm_eval
+from evomerge.evaluate.loglikelihood_rows import (
+    Request,
+    RowTable,
+    forward_context,
+    packing_supported,
+    score_rows,
+)
 from evomerge.evaluate.protocol import ItemIds, ItemScores, Scores
 
 __all__ = ["RequestCacheEvaluator"]
@@ -42,22 +48,13 @@ _CACHED_TYPES = frozenset({"loglikelihood", "generate_until"})
 
 
 @dataclass
-class _Scored:
-    """One loglikelihood request: the model input row it reads and the continuation it scores."""
-
-    instance: Any  # lm-eval's Instance; its resps are refilled on every call
-    row: int  # index into RequestCacheEvaluator._rows
-    continuation: list[int]
-
-
-@dataclass
 class _CachedTask:
     """One leaf task's instances, built once, by (true) doc id."""
 
     task: Any
     budget: list[int] = field(default_factory=list)  # the full budget's doc ids (docs added later are not in it)
     by_doc: dict[int, list[Any]] = field(default_factory=dict)  # doc id -> instances in idx order
-    scored: dict[int, list[_Scored]] = field(default_factory=dict)  # doc id -> its loglikelihood requests
+    scored: dict[int, list[Request]] = field(default_factory=dict)  # doc id -> its loglikelihood requests
     # doc_to_choice / doc_to_target / doc_to_text per doc, as lm-eval computed them (see _per_doc_memo)
     memo: dict[str, dict[int, tuple[Any, Any]]] = field(default_factory=dict)
 
@@ -74,11 +71,8 @@ class RequestCacheEvaluator(TaskEvaluator):
         super().__init__(*args, **kwargs)
         self._cached: dict[str, _CachedTask] | None = None
         self._plain_tasks: list[str] = []  # tasks scored the plain lm-eval way on every call
-        self._rows: list[tuple[int, ...]] = []  # distinct model input rows
-        self._row_index: dict[tuple[int, ...], int] = {}
-        self._row_rank: list[int] = []  # each row's place in lm-eval's order (longest first)
-        self._max_length: int | None = None
-        self._keeps_logits: bool | None = None  # the model's forward takes `logits_to_keep`
+        self._table: RowTable | None = None  # the model input rows of every prepared request
+        self._pack = True  # pack the choices that share a context (off when the model cannot)
 
     # ----------------------------------------------------------------------------------------
     # Once per evaluator
@@ -100,8 +94,8 @@ class RequestCacheEvaluator(TaskEvaluator):
         from lm_eval.evaluator_utils import get_sample_size
 
         self._cached, self._plain_tasks = {}, []
-        self._rows, self._row_index, self._row_rank = [], {}, []
-        self._max_length = lm.max_length
+        self._pack = self._pack and packing_supported(lm.model)
+        self._table = RowTable(lm.max_length, pack=self._pack)
         for name, task in self._task_dict["tasks"].items():
             task.build_all_requests(limit=get_sample_size(task, self.limit), **self._build_kwargs(lm))
             kinds = {instance.request_type for instance in task.instances}
@@ -112,38 +106,67 @@ class RequestCacheEvaluator(TaskEvaluator):
             self._add(cached, task.instances, lm)
             cached.budget = sorted(cached.by_doc)
             self._cached[name] = cached
+        if self._pack and not self._packing_agrees(lm):
+            log.warning(
+                "request cache: this model does not score packed choices as it scores them one by one; not packing"
+            )
+            self._pack = False
+            self._prepare(lm)
+            return
         if self._plain_tasks:
             log.warning(
                 "request cache: scoring %s the plain lm-eval way (request types or model it does not cache)",
                 ", ".join(self._plain_tasks),
             )
-        self._rank_rows()
 
     def _add(self, cached: _CachedTask, instances: list[Any], lm: Any) -> None:
         """Index `instances` by doc id and tokenise their loglikelihood requests as HFLM does."""
+        assert self._table is not None
         for instance in instances:
             cached.by_doc.setdefault(instance.doc_id, []).append(instance)
         for doc_instances in cached.by_doc.values():
             doc_instances.sort(key=lambda instance: instance.idx)
         scored = [instance for instance in instances if instance.request_type == "loglikelihood"]
+        by_doc: dict[int, list[tuple[Any, list[int], list[int]]]] = defaultdict(list)
         for instance, (context, continuation) in zip(scored, _tokenise(lm, scored), strict=True):
             if not context or not continuation or len(continuation) > lm.max_length:
                 raise ValueError(
                     f"task '{instance.task_name}' doc {instance.doc_id}: a continuation of {len(continuation)} "
                     f"tokens after {len(context)} context tokens does not fit max_length {lm.max_length}"
                 )
-            # As HFLM: the last max_length+1 tokens, less the last one (its logits are never read).
-            row = tuple((context + continuation)[-(lm.max_length + 1) :][:-1])
-            index = self._row_index.setdefault(row, len(self._rows))
-            if index == len(self._rows):
-                self._rows.append(row)
-            cached.scored.setdefault(instance.doc_id, []).append(_Scored(instance, index, continuation))
+            by_doc[instance.doc_id].append((instance, context, continuation))
+        for doc_id, tokenised in by_doc.items():
+            cached.scored.setdefault(doc_id, []).extend(self._table.add(tokenised))
 
-    def _rank_rows(self) -> None:
-        order = sorted(range(len(self._rows)), key=lambda i: (-len(self._rows[i]), self._rows[i]))
-        self._row_rank = [0] * len(order)
-        for rank, index in enumerate(order):
-            self._row_rank[index] = rank
+    def _packing_agrees(self, lm: Any) -> bool:
+        """Whether a few packed rows score as their requests do one row each (else the model ignores the mask)."""
+        assert self._cached is not None and self._table is not None
+        requests = [
+            request
+            for cached in self._cached.values()
+            for doc_requests in cached.scored.values()
+            for request in doc_requests
+            if self._table.rows[request.row].packed
+        ][:16]
+        if not requests:
+            return True
+        alone = RowTable(lm.max_length, pack=False)
+        singles = [alone.add([(None, request.context, request.continuation)])[0] for request in requests]
+        packed: dict[int, tuple[float, bool]] = {}
+        try:
+            with forward_context(lm):
+                for rows, readers in self._table.batches(requests, len(requests)):
+                    for row_readers, results in zip(readers, score_rows(lm, lm.model, rows, readers), strict=True):
+                        packed.update(
+                            (id(request), result) for request, result in zip(row_readers, results, strict=True)
+                        )
+                plain = [score_rows(lm, lm.model, [alone.rows[single.row]], [[single]])[0][0] for single in singles]
+        except (TypeError, ValueError, RuntimeError):  # a model that refuses a 4D mask or position ids
+            return False
+        return all(
+            abs(packed[id(request)][0] - logprob) <= 1e-4 * max(1.0, abs(logprob)) and packed[id(request)][1] == greedy
+            for request, (logprob, greedy) in zip(requests, plain, strict=True)
+        )
 
     def _add_docs(self, name: str, doc_ids: list[int], lm: Any) -> None:
         """Build and tokenise docs beyond the prepared budget (an `items` subset may name them)."""
@@ -153,7 +176,6 @@ class RequestCacheEvaluator(TaskEvaluator):
         for instance in instances:  # with `samples`, lm-eval numbers the docs 0.. in dataset order
             instance.doc_id = doc_ids[instance.doc_id]
         self._add(cached, instances, lm)
-        self._rank_rows()
 
     # ----------------------------------------------------------------------------------------
     # Per candidate
@@ -168,7 +190,7 @@ class RequestCacheEvaluator(TaskEvaluator):
             lm = self._wrap(model)
             model.eval()
             try:
-                if self._cached is None or lm.max_length != self._max_length:
+                if self._cached is None or self._table is None or lm.max_length != self._table.max_length:
                     self._prepare(lm)
                 chosen = self._chosen_docs(selected, lm)
                 self._run_loglikelihood(lm, model, chosen)
@@ -228,8 +250,6 @@ class RequestCacheEvaluator(TaskEvaluator):
 
     def _run_loglikelihood(self, lm: Any, model: Any, chosen: dict[str, tuple[list[int], dict]]) -> None:
         """Every chosen loglikelihood request's (logprob, is_greedy), from one batched pass over distinct rows."""
-        import torch
-
         assert self._cached is not None
         requests = [
             request
@@ -239,69 +259,13 @@ class RequestCacheEvaluator(TaskEvaluator):
         ]
         if not requests:
             return
-        rows = sorted({request.row for request in requests}, key=self._row_rank.__getitem__)
-        by_row: dict[int, list[_Scored]] = defaultdict(list)
-        for request in requests:
-            by_row[request.row].append(request)
+        assert self._table is not None
         batch_size = int(lm.batch_size) if str(lm.batch_size).isdigit() else self.batch_size
-        if self._keeps_logits is None:
-            self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
-        with (
-            torch.inference_mode(),
-            torch.autocast(
-                device_type=lm.device.type,
-                dtype=lm.mixed_precision_dtype,
-                enabled=lm.mixed_precision_dtype is not None,
-            ),
-        ):
-            for start in range(0, len(rows), batch_size):
-                batch_rows = rows[start : start + batch_size]
-                batch_requests = [(slot, request) for slot, row in enumerate(batch_rows) for request in by_row[row]]
-                results = self._score_batch(lm, model, batch_rows, batch_requests)
-                for (_, request), result in zip(batch_requests, results, strict=True):
-                    request.instance.resps = [result] * (request.instance.repeats or 1)
-
-    def _score_batch(
-        self, lm: Any, model: Any, batch_rows: list[int], batch_requests: list
-    ) -> list[tuple[float, bool]]:
-        import torch
-        import torch.nn.functional as F
-
-        tokens = [self._rows[row] for row in batch_rows]
-        width = len(tokens[0])  # longest first
-        inputs = torch.zeros((len(tokens), width), dtype=torch.long)  # right padding with 0, as HFLM
-        for slot, row in enumerate(tokens):
-            inputs[slot, : len(row)] = torch.tensor(row, dtype=torch.long)
-        # Where each continuation token's logits sit: (slot, position, token, request, offset).
-        slots, positions, targets, owners, offsets = [], [], [], [], []
-        for owner, (slot, request) in enumerate(batch_requests):
-            length, count = len(tokens[slot]), len(request.continuation)
-            slots += [slot] * count
-            positions += range(length - count, length)
-            targets += request.continuation
-            owners += [owner] * count
-            offsets += range(count)
-        first = min(positions)
-        inputs = inputs.to(lm.device)
-        if self._keeps_logits:  # only the positions read: the head and softmax skip the context
-            keep = torch.arange(first, width, device=lm.device)
-            logits = model(inputs, logits_to_keep=keep).logits
-        else:
-            logits = model(inputs).logits[:, first:]
-        device = logits.device
-        slots_t = torch.tensor(slots, device=device)
-        positions_t = torch.tensor(positions, device=device) - first
-        targets_t = torch.tensor(targets, device=device)
-        logprobs = F.log_softmax(logits[slots_t, positions_t], dim=-1, dtype=lm.softmax_dtype)
-        token_logprobs = logprobs.gather(1, targets_t.unsqueeze(1)).squeeze(1)
-        greedy = logprobs.argmax(dim=-1) == targets_t
-        longest = max(offsets) + 1
-        owners_t, offsets_t = torch.tensor(owners, device=device), torch.tensor(offsets, device=device)
-        sums = torch.zeros((len(batch_requests), longest), dtype=token_logprobs.dtype, device=device)
-        sums[owners_t, offsets_t] = token_logprobs
-        all_greedy = torch.ones((len(batch_requests), longest), dtype=torch.bool, device=device)
-        all_greedy[owners_t, offsets_t] = greedy
-        return list(zip(sums.sum(dim=1).tolist(), all_greedy.all(dim=1).tolist(), strict=True))
+        with forward_context(lm):
+            for rows, readers in self._table.batches(requests, batch_size):
+                for row_readers, results in zip(readers, score_rows(lm, model, rows, readers), strict=True):
+                    for request, result in zip(row_readers, results, strict=True):
+                        request.instance.resps = [result] * (request.instance.repeats or 1)
 
     def _run_generation(self, lm: Any, chosen: dict[str, tuple[list[int], dict]]) -> None:
         """generate_until through HFLM itself, all tasks in one call as lm-eval sends them."""
