@@ -222,6 +222,12 @@ def test_packed_choices_score_as_lm_eval(demo_family, tasks_dir, tokenizer, atte
 
 
 def test_a_model_that_ignores_the_mask_is_not_packed(demo_family, tasks_dir, tokenizer, caplog):
+    """Checked on each new model object: one that ignores the block mask gets one row per choice."""
+    plain, cached = _both(["demo_sort", "demo_close"], [tasks_dir], tokenizer, limit=12)
+    first = _mixed_model(demo_family)
+    _same(plain.evaluate(first), cached.evaluate(first))
+    assert any(row.packed for row in cached._table.rows)
+
     model = _mixed_model(demo_family)
     forward = model.forward
 
@@ -229,7 +235,6 @@ def test_a_model_that_ignores_the_mask_is_not_packed(demo_family, tasks_dir, tok
         return forward(input_ids, **kwargs)
 
     model.forward = mask_blind
-    plain, cached = _both(["demo_sort", "demo_close"], [tasks_dir], tokenizer, limit=12)
     with caplog.at_level("WARNING", logger="evomerge.evaluate"):
         got = cached.evaluate(model)
     assert "not packing" in caplog.text

@@ -73,6 +73,7 @@ class RequestCacheEvaluator(TaskEvaluator):
         self._plain_tasks: list[str] = []  # tasks scored the plain lm-eval way on every call
         self._table: RowTable | None = None  # the model input rows of every prepared request
         self._pack = True  # pack the choices that share a context (off when the model cannot)
+        self._packing_checked: Any = None  # the model object packing was last checked on
 
     # ----------------------------------------------------------------------------------------
     # Once per evaluator
@@ -94,7 +95,8 @@ class RequestCacheEvaluator(TaskEvaluator):
         from lm_eval.evaluator_utils import get_sample_size
 
         self._cached, self._plain_tasks = {}, []
-        self._pack = self._pack and packing_supported(lm.model)
+        if self._pack and not packing_supported(lm.model):
+            self._stop_packing()
         self._table = RowTable(lm.max_length, pack=self._pack)
         for name, task in self._task_dict["tasks"].items():
             task.build_all_requests(limit=get_sample_size(task, self.limit), **self._build_kwargs(lm))
@@ -106,11 +108,7 @@ class RequestCacheEvaluator(TaskEvaluator):
             self._add(cached, task.instances, lm)
             cached.budget = sorted(cached.by_doc)
             self._cached[name] = cached
-        if self._pack and not self._packing_agrees(lm):
-            log.warning(
-                "request cache: this model does not score packed choices as it scores them one by one; not packing"
-            )
-            self._pack = False
+        if not self._packing_holds(lm):
             self._prepare(lm)
             return
         if self._plain_tasks:
@@ -137,6 +135,26 @@ class RequestCacheEvaluator(TaskEvaluator):
             by_doc[instance.doc_id].append((instance, context, continuation))
         for doc_id, tokenised in by_doc.items():
             cached.scored.setdefault(doc_id, []).extend(self._table.add(tokenised))
+
+    def _needs_preparing(self, lm: Any) -> bool:
+        """No requests yet, another max_length, or a new model object that cannot take packed rows."""
+        if self._cached is None or self._table is None or lm.max_length != self._table.max_length:
+            return True
+        return not self._packing_holds(lm)
+
+    def _packing_holds(self, lm: Any) -> bool:
+        """Whether packing, if on, scores `lm`'s model right (checked once per model object); else turns it off."""
+        if not self._pack or self._packing_checked is lm.model:
+            return True
+        if packing_supported(lm.model) and self._packing_agrees(lm):
+            self._packing_checked = lm.model
+            return True
+        self._stop_packing()
+        return False
+
+    def _stop_packing(self) -> None:
+        log.warning("request cache: this model does not score packed choices as it scores them one by one; not packing")
+        self._pack = False
 
     def _packing_agrees(self, lm: Any) -> bool:
         """Whether a few packed rows score as their requests do one row each (else the model ignores the mask)."""
@@ -190,7 +208,7 @@ class RequestCacheEvaluator(TaskEvaluator):
             lm = self._wrap(model)
             model.eval()
             try:
-                if self._cached is None or self._table is None or lm.max_length != self._table.max_length:
+                if self._needs_preparing(lm):
                     self._prepare(lm)
                 chosen = self._chosen_docs(selected, lm)
                 self._run_loglikelihood(lm, model, chosen)
@@ -260,7 +278,7 @@ class RequestCacheEvaluator(TaskEvaluator):
         if not requests:
             return
         assert self._table is not None
-        batch_size = int(lm.batch_size) if str(lm.batch_size).isdigit() else self.batch_size
+        batch_size = self.batch_size if isinstance(self.batch_size, int) else 32  # HFLM's "auto" is not copied
         with forward_context(lm):
             for rows, readers in self._table.batches(requests, batch_size):
                 for row_readers, results in zip(readers, score_rows(lm, model, rows, readers), strict=True):
