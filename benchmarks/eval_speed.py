@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from evomerge.evaluate.harness import TaskEvaluator  # noqa: E402
-from evomerge.evaluate.loglikelihood_rows import Row, RowTable  # noqa: E402
+from evomerge.evaluate.loglikelihood_rows import Row, RowTable, _packed_inputs  # noqa: E402
 from evomerge.evaluate.request_cache import RequestCacheEvaluator  # noqa: E402
 
 TASKS = ["demo_close", "demo_reverse", "demo_shift", "demo_sort"]
@@ -64,6 +64,19 @@ def bound_pass(model, batches: list[list[Row]]) -> None:
             for slot, row in enumerate(rows):
                 inputs[slot, : len(row.tokens)] = torch.tensor(row.tokens)
             model(inputs)
+
+
+def packed_pass(model, cached: RequestCacheEvaluator) -> None:
+    """(c) over (b)'s packed rows: the same forward (block masks, position ids, use_cache off), nothing scored."""
+    table = cached._table
+    requests = [request for task in cached._cached.values() for rs in task.scored.values() for request in rs]
+    with torch.inference_mode():
+        for rows, _ in table.batches(requests, BATCH_SIZE):
+            width = max(len(row.tokens) for row in rows)
+            inputs = torch.zeros((len(rows), width), dtype=torch.long)
+            for slot, row in enumerate(rows):
+                inputs[slot, : len(row.tokens)] = torch.tensor(row.tokens)
+            model(inputs, use_cache=False, **_packed_inputs(model, rows, width))
 
 
 class PhaseTimer:
@@ -123,6 +136,7 @@ def main() -> None:
         "b": lambda: cached.evaluate(model),
         "b0": lambda: unpacked.evaluate(model),
         "c": lambda: bound_pass(model, batches),
+        "cp": lambda: packed_pass(model, cached),
     }
     times: dict[str, list[float]] = {arm: [] for arm in arms}
     for _ in range(args.repeats):
@@ -140,6 +154,7 @@ def main() -> None:
         "b": f"(b) request cache, choices packed ({len(cached._table.rows)} rows, {packed_tokens} tokens)",
         "b0": f"(b) request cache, packing off ({requests} rows, {tokens} tokens)",
         "c": f"(c) bound: batched forward over the requests' sequences ({requests} rows, {tokens} tokens)",
+        "cp": "(c) the same forward over (b)'s packed rows (full logits)",
     }
     lines = [
         BEGIN,
