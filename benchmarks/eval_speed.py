@@ -53,7 +53,7 @@ def plain_rows(cached: RequestCacheEvaluator) -> list[list[Row]]:
         for request in doc_requests
         for single in table.add([(None, request.context, request.continuation)])
     ]
-    return [rows for rows, _ in table.batches(requests, BATCH_SIZE)]
+    return [[table.rows[index] for index in rows] for rows, _ in table.batches(requests, BATCH_SIZE)]
 
 
 def bound_pass(model, batches: list[list[Row]]) -> None:
@@ -72,11 +72,12 @@ def packed_pass(model, cached: RequestCacheEvaluator) -> None:
     requests = [request for task in cached._cached.values() for rs in task.scored.values() for request in rs]
     with torch.inference_mode():
         for rows, _ in table.batches(requests, BATCH_SIZE):
-            width = max(len(row.tokens) for row in rows)
+            tensors = [table.tensors[index] for index in rows]
+            width = max(len(t.tokens) for t in tensors)
             inputs = torch.zeros((len(rows), width), dtype=torch.long)
-            for slot, row in enumerate(rows):
-                inputs[slot, : len(row.tokens)] = torch.tensor(row.tokens)
-            model(inputs, use_cache=False, **_packed_inputs(model, rows, width))
+            for slot, t in enumerate(tensors):
+                inputs[slot, : len(t.tokens)] = t.tokens
+            model(inputs, use_cache=False, **_packed_inputs(model, tensors, width))
 
 
 class PhaseTimer:

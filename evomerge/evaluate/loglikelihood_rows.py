@@ -18,10 +18,14 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Request", "Row", "RowTable", "forward_context", "score_rows"]
+import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+__all__ = ["Request", "Row", "RowTable", "call_options", "forward_context", "packing_supported", "score_rows"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,33 @@ class Request:
     logit_positions: tuple[int, ...]  # logits at logit_positions[j] predict continuation[j]
     context: list[int]
     continuation: list[int]
+    # The same two as tensors, made once (a call only concatenates them).
+    positions_tensor: torch.Tensor = field(init=False, repr=False)
+    continuation_tensor: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.positions_tensor = torch.tensor(self.logit_positions, dtype=torch.long)
+        self.continuation_tensor = torch.tensor(self.continuation, dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class _RowTensors:
+    """A row's tokens, and for a packed row its position ids and which tokens each token sees."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor | None = None
+    sees: torch.Tensor | None = None  # [length, length] bool
+
+
+def _row_tensors(row: Row) -> _RowTensors:
+    tokens = torch.tensor(row.tokens, dtype=torch.long)
+    if not row.packed:
+        return _RowTensors(tokens)
+    segments = torch.tensor(row.segments)
+    # Causal, and within the shared context (segment 0) or the token's own choice.
+    same = (segments.unsqueeze(0) == 0) | (segments.unsqueeze(0) == segments.unsqueeze(1))
+    sees = torch.ones((len(row.tokens),) * 2, dtype=torch.bool).tril() & same
+    return _RowTensors(tokens, torch.tensor(row.positions, dtype=torch.long), sees)
 
 
 class RowTable:
@@ -55,6 +86,7 @@ class RowTable:
         self.max_length = max_length
         self.pack = pack
         self.rows: list[Row] = []
+        self.tensors: list[_RowTensors] = []
         self._index: dict[Row, int] = {}
         self._rank: list[int] = []
 
@@ -99,11 +131,13 @@ class RowTable:
         index = self._index.setdefault(row, len(self.rows))
         if index == len(self.rows):
             self.rows.append(row)
+            self.tensors.append(_row_tensors(row))
             self._rank = []
         return index
 
-    def batches(self, requests: list[Request], batch_size: int) -> Iterator[tuple[list[Row], list[list[Request]]]]:
-        """The rows `requests` read, longest first, in batches of at most `batch_size` requests (packed) or rows (plain)."""
+    def batches(self, requests: list[Request], batch_size: int) -> Iterator[tuple[list[int], list[list[Request]]]]:
+        """(row indices, each row's requests) of the rows `requests` read, longest first, at most
+        `batch_size` requests (packed rows) or rows (plain rows) a batch."""
         if len(self._rank) != len(self.rows):
             order = sorted(range(len(self.rows)), key=lambda i: (self.rows[i].packed, -len(self.rows[i].tokens)))
             self._rank = [0] * len(order)
@@ -112,17 +146,18 @@ class RowTable:
         by_row: dict[int, list[Request]] = {}
         for request in requests:
             by_row.setdefault(request.row, []).append(request)
-        rows: list[Row] = []
+        rows: list[int] = []
         readers: list[list[Request]] = []
+        count = 0
         for index in sorted(by_row, key=self._rank.__getitem__):
-            row = self.rows[index]
-            count = sum(len(r) for r in readers) if row.packed else len(rows)
-            size = len(by_row[index]) if row.packed else 1
-            if rows and (row.packed != rows[0].packed or count + size > batch_size):
+            packed = self.rows[index].packed
+            size = len(by_row[index]) if packed else 1
+            if rows and (packed != self.rows[rows[0]].packed or count + size > batch_size):
                 yield rows, readers
-                rows, readers = [], []
-            rows.append(row)
+                rows, readers, count = [], [], 0
+            rows.append(index)
             readers.append(by_row[index])
+            count += size
         if rows:
             yield rows, readers
 
@@ -130,8 +165,6 @@ class RowTable:
 @contextmanager
 def forward_context(lm: Any) -> Iterator[None]:
     """inference_mode, and HFLM's autocast when it has a mixed_precision_dtype."""
-    import torch
-
     with (
         torch.inference_mode(),
         torch.autocast(
@@ -143,57 +176,59 @@ def forward_context(lm: Any) -> Iterator[None]:
         yield
 
 
-def takes(model: Any, argument: str) -> bool:
-    """Whether the model's forward names `argument` (a catch-all **kwargs does not count)."""
-    return argument in inspect.signature(model.forward).parameters
+def call_options(model: Any) -> dict[str, bool]:
+    """What the model's forward takes by name (a catch-all **kwargs does not count); looked up once per call."""
+    parameters = inspect.signature(model.forward).parameters
+    return {name: name in parameters for name in ("use_cache", "logits_to_keep", "attention_mask", "position_ids")}
 
 
-def score_rows(lm: Any, model: Any, rows: list[Row], readers: list[list[Request]]) -> list[list[tuple[float, bool]]]:
+def packing_supported(model: Any) -> bool:
+    """Packed rows need an attention that takes a 4D mask, and position ids (sdpa or eager)."""
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    options = call_options(model)
+    return implementation in ("sdpa", "eager") and options["attention_mask"] and options["position_ids"]
+
+
+def score_rows(
+    lm: Any, model: Any, table: RowTable, rows: list[int], readers: list[list[Request]], options: dict[str, bool]
+) -> list[list[tuple[float, bool]]]:
     """(logprob, is_greedy) of each reader of each row, from one forward pass over the padded batch."""
-    import torch
-    import torch.nn.functional as F
+    tensors = [table.tensors[index] for index in rows]
+    inputs = pad_sequence([t.tokens for t in tensors], batch_first=True, padding_value=0)  # right padding, as HFLM
+    width = inputs.shape[1]
+    requests = [request for row_readers in readers for request in row_readers]
+    # Each continuation token: the row (slot) and position whose logits predict it, its request and place there.
+    lengths = torch.tensor([len(request.continuation) for request in requests])
+    per_row = torch.tensor([sum(len(request.continuation) for request in row_readers) for row_readers in readers])
+    slots = torch.repeat_interleave(torch.arange(len(rows)), per_row)
+    positions = torch.cat([request.positions_tensor for request in requests])
+    targets = torch.cat([request.continuation_tensor for request in requests])
+    owners = torch.repeat_interleave(torch.arange(len(requests)), lengths)
+    offsets = torch.arange(len(targets)) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    first = int(positions.min())
 
-    width = max(len(row.tokens) for row in rows)
-    inputs = torch.zeros((len(rows), width), dtype=torch.long)  # right padding with 0, as HFLM
-    for slot, row in enumerate(rows):
-        inputs[slot, : len(row.tokens)] = torch.tensor(row.tokens, dtype=torch.long)
-    # Where each continuation token's logits sit: (slot, position, token, request, offset).
-    slots, positions, targets, owners, offsets = [], [], [], [], []
-    owner = 0
-    for slot, row_readers in enumerate(readers):
-        for request in row_readers:
-            count = len(request.continuation)
-            slots += [slot] * count
-            positions += request.logit_positions
-            targets += request.continuation
-            owners += [owner] * count
-            offsets += range(count)
-            owner += 1
-    first = min(positions)
     kwargs: dict[str, Any] = {}
-    if takes(model, "use_cache"):
+    if options["use_cache"]:
         kwargs["use_cache"] = False
-    if rows[0].packed:
-        kwargs.update(_packed_inputs(model, rows, width))
-    if takes(model, "logits_to_keep"):  # only the positions read: the head and softmax skip the rest
+    if table.rows[rows[0]].packed:
+        kwargs.update(_packed_inputs(model, tensors, width))
+    if options["logits_to_keep"]:  # only the positions read: the head and softmax skip the rest
         kwargs["logits_to_keep"] = torch.arange(first, width)
     kwargs = {name: value.to(lm.device) if isinstance(value, torch.Tensor) else value for name, value in kwargs.items()}
     logits = model(inputs.to(lm.device), **kwargs).logits
     if logits.shape[1] == width:
         logits = logits[:, first:]
     device = logits.device
-    slots_t = torch.tensor(slots, device=device)
-    positions_t = torch.tensor(positions, device=device) - first
-    targets_t = torch.tensor(targets, device=device)
-    logprobs = F.log_softmax(logits[slots_t, positions_t], dim=-1, dtype=lm.softmax_dtype)
-    token_logprobs = logprobs.gather(1, targets_t.unsqueeze(1)).squeeze(1)
-    greedy = logprobs.argmax(dim=-1) == targets_t
-    longest = max(offsets) + 1
-    owners_t, offsets_t = torch.tensor(owners, device=device), torch.tensor(offsets, device=device)
-    sums = torch.zeros((owner, longest), dtype=token_logprobs.dtype, device=device)
-    sums[owners_t, offsets_t] = token_logprobs
-    all_greedy = torch.ones((owner, longest), dtype=torch.bool, device=device)
-    all_greedy[owners_t, offsets_t] = greedy
+    targets = targets.to(device)
+    logprobs = F.log_softmax(logits[slots.to(device), (positions - first).to(device)], dim=-1, dtype=lm.softmax_dtype)
+    token_logprobs = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
+    greedy = logprobs.argmax(dim=-1) == targets
+    owners, offsets = owners.to(device), offsets.to(device)
+    longest = int(lengths.max())
+    sums = torch.zeros((len(requests), longest), dtype=token_logprobs.dtype, device=device)
+    sums[owners, offsets] = token_logprobs
+    all_greedy = torch.ones((len(requests), longest), dtype=torch.bool, device=device)
+    all_greedy[owners, offsets] = greedy
     flat = list(zip(sums.sum(dim=1).tolist(), all_greedy.all(dim=1).tolist(), strict=True))
     results, start = [], 0
     for row_readers in readers:
@@ -202,29 +237,21 @@ def score_rows(lm: Any, model: Any, rows: list[Row], readers: list[list[Request]
     return results
 
 
-def packing_supported(model: Any) -> bool:
-    """Packed rows need an attention that takes a 4D mask and position ids (sdpa or eager)."""
-    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return implementation in ("sdpa", "eager") and takes(model, "attention_mask") and takes(model, "position_ids")
-
-
-def _packed_inputs(model: Any, rows: list[Row], width: int) -> dict[str, Any]:
+def _packed_inputs(model: Any, tensors: list[_RowTensors], width: int) -> dict[str, torch.Tensor]:
     """The 4D attention mask and position ids of a batch of packed rows (a padding token sees itself only)."""
-    import torch
-
-    allowed = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    for slot, row in enumerate(rows):
+    sees = torch.zeros((len(tensors), 1, width, width), dtype=torch.bool)
+    positions = torch.zeros((len(tensors), width), dtype=torch.long)
+    for slot, row in enumerate(tensors):
         length = len(row.tokens)
-        segments = torch.tensor(row.segments)
-        same = (segments.unsqueeze(0) == 0) | (segments.unsqueeze(0) == segments.unsqueeze(1))
-        allowed[slot, 0, :length, :length] = torch.ones((length, length), dtype=torch.bool).tril() & same
-        pads = torch.arange(length, width)
-        allowed[slot, 0, pads, pads] = True
-        positions[slot, :length] = torch.tensor(row.positions)
+        sees[slot, 0, :length, :length] = row.sees
+        positions[slot, :length] = row.positions
+    lengths = torch.tensor([len(row.tokens) for row in tensors])
+    diagonal = torch.arange(width)
+    sees[:, 0, diagonal, diagonal] |= diagonal.unsqueeze(0) >= lengths.unsqueeze(1)
     if model.config._attn_implementation == "eager":  # eager adds the mask to the scores
         dtype = next(model.parameters()).dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
-    else:
-        mask = allowed  # sdpa: True = attend
-    return {"attention_mask": mask, "position_ids": positions}
+        return {
+            "attention_mask": torch.zeros(sees.shape, dtype=dtype).masked_fill(~sees, torch.finfo(dtype).min),
+            "position_ids": positions,
+        }
+    return {"attention_mask": sees, "position_ids": positions}  # sdpa: True = attend

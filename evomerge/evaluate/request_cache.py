@@ -33,6 +33,7 @@ from evomerge.evaluate.harness import _NOT_METRICS, TaskEvaluator, _plain_float,
 from evomerge.evaluate.loglikelihood_rows import (
     Request,
     RowTable,
+    call_options,
     forward_context,
     packing_supported,
     score_rows,
@@ -172,13 +173,15 @@ class RequestCacheEvaluator(TaskEvaluator):
         singles = [alone.add([(None, request.context, request.continuation)])[0] for request in requests]
         packed: dict[int, tuple[float, bool]] = {}
         try:
+            options = call_options(lm.model)
             with forward_context(lm):
                 for rows, readers in self._table.batches(requests, len(requests)):
-                    for row_readers, results in zip(readers, score_rows(lm, lm.model, rows, readers), strict=True):
+                    scored = score_rows(lm, lm.model, self._table, rows, readers, options)
+                    for row_readers, results in zip(readers, scored, strict=True):
                         packed.update(
                             (id(request), result) for request, result in zip(row_readers, results, strict=True)
                         )
-                plain = [score_rows(lm, lm.model, [alone.rows[single.row]], [[single]])[0][0] for single in singles]
+                plain = [score_rows(lm, lm.model, alone, [single.row], [[single]], options)[0][0] for single in singles]
         except (TypeError, ValueError, RuntimeError):  # a model that refuses a 4D mask or position ids
             return False
         return all(
@@ -279,9 +282,11 @@ class RequestCacheEvaluator(TaskEvaluator):
             return
         assert self._table is not None
         batch_size = self.batch_size if isinstance(self.batch_size, int) else 32  # HFLM's "auto" is not copied
+        options = call_options(model)
         with forward_context(lm):
             for rows, readers in self._table.batches(requests, batch_size):
-                for row_readers, results in zip(readers, score_rows(lm, model, rows, readers), strict=True):
+                scored = score_rows(lm, model, self._table, rows, readers, options)
+                for row_readers, results in zip(readers, scored, strict=True):
                     for request, result in zip(row_readers, results, strict=True):
                         request.instance.resps = [result] * (request.instance.repeats or 1)
 
