@@ -8,12 +8,13 @@ the model over the cached token rows, then lm-eval's filters, `process_results` 
 so every metric still comes from lm-eval's code.
 
 What matches lm-eval exactly: the tokens (HFLM's `loglikelihood` tokenises them, captured before it
-would run the model), the left truncation to `max_length`, right padding without an attention
-mask, the log-softmax over the vocabulary and the greedy check. What can differ: which rows share
-a batch, which moves a log-probability by float rounding (~1e-7). `generate_until` requests go to
-HFLM's own `generate_until` on every call (generation dominates their cost anyway). A task with
-any other request type (`loglikelihood_rolling`) is scored the plain lm-eval way, rebuilt on every
-call; that is logged once.
+would run the model), the left truncation to `max_length`, and the scoring (evaluate.loglikelihood_rows).
+The choices of a question that share a context run as one packed row (checked on each new model
+object against one row per choice; a model that fails the check is not packed). What can differ:
+which rows share a batch, and packing, which move a log-probability by float rounding (~1e-7
+relative). `generate_until` requests go to HFLM's own `generate_until` on every call (generation
+dominates their cost anyway). A task with any other request type (`loglikelihood_rolling`) is
+scored the plain lm-eval way, rebuilt on every call; that is logged once.
 
 With `num_fewshot` > 0, lm-eval draws each call's few-shot examples from a random stream that it
 never reseeds, so two plain calls see different prompts; the cache keeps the first draw for every
