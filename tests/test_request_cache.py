@@ -240,3 +240,16 @@ def test_a_model_that_ignores_the_mask_is_not_packed(demo_family, tasks_dir, tok
     assert "not packing" in caplog.text
     assert not any(row.packed for row in cached._table.rows)
     _same(plain.evaluate(model), got)
+
+
+def test_few_shot_prompts_are_lm_evals_first_draw_for_every_candidate(demo_family, tasks_dir, tokenizer):
+    """lm-eval draws new shots on every evaluate (its sampler is never reseeded); the cache keeps its first draw."""
+    plain, cached = _both(["demo_sort"], [tasks_dir], tokenizer, limit=10, num_fewshot=1)
+    model = _mixed_model(demo_family)
+    first = cached.evaluate_items(model)
+    expected = plain.evaluate_items(model)
+    _same(expected[0], first[0])
+    _same(expected[1], first[1])
+    prompts = [instance.args[0] for instance in cached._task_dict["tasks"]["demo_sort"].instances]
+    assert cached.evaluate_items(model) == first
+    assert [instance.args[0] for instance in cached._task_dict["tasks"]["demo_sort"].instances] == prompts
