@@ -89,6 +89,9 @@ class EvalSpec(StrictModel):
     seed: Integer = Field(1234, ge=0, le=MAX_SEED)
     apply_chat_template: bool = False
     model_args: dict[str, Any] = Field(default_factory=dict)
+    # lm_eval kind: build and tokenise the requests once per worker, per candidate only run the
+    # model and lm-eval's scoring (evomerge.evaluate.request_cache); false: lm-eval's evaluate per call
+    request_cache: bool = True
 
     @field_validator("limit", "selection_limit", mode="before")
     @classmethod

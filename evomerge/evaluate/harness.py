@@ -377,7 +377,9 @@ class TaskEvaluator:
             if unknown:
                 raise ValueError(f"items name a task this evaluator does not score: {unknown[0]!r}")
             full = self.item_ids()
-            samples = {name: list(items.get(name, full[name])) for name in self.task_names}
+            # Sorted: lm-eval scores `samples` in dataset order but labels the i-th scored doc
+            # with the i-th id as given, so an unsorted list would mislabel the per-item values.
+            samples = {name: sorted(set(items.get(name, full[name]))) for name in self.task_names}
         was_training = bool(getattr(model, "training", False))
         with _quiet_lm_eval(self.verbose):
             lm = self._wrap(model)
@@ -414,9 +416,16 @@ class TaskEvaluator:
 def build_task_evaluator(
     space: SearchSpace, tasks: list[str], *, limit: int | float | None, tokenizer: Any, device: str, verbose: bool
 ) -> TaskEvaluator:
-    """The `lm_eval` evaluator kind: lm-eval tasks, with the space's `eval` settings."""
+    """The `lm_eval` evaluator kind: lm-eval tasks, with the space's `eval` settings.
+
+    With `eval.request_cache` (the default) the requests are built and tokenised once per worker
+    (evomerge.evaluate.request_cache), else lm-eval's `evaluate` runs whole for every candidate.
+    """
+    from evomerge.evaluate.request_cache import RequestCacheEvaluator
+
     evaluation = space.eval
-    return TaskEvaluator(
+    evaluator_class = RequestCacheEvaluator if evaluation.request_cache else TaskEvaluator
+    return evaluator_class(
         tasks,
         include_paths=evaluation.include_paths,
         tokenizer=tokenizer,
