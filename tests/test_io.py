@@ -86,6 +86,10 @@ def test_pickle_weights_need_opt_in(tmp_path):
         (lambda p: None, "no config.json"),
         (lambda p: (p / "config.json").write_text("{bad"), "invalid JSON"),
         (lambda p: (p / "config.json").write_text("{}"), "no weights found"),
+        (
+            lambda p: (p / "adapter_config.json").write_text("{}"),
+            "a PEFT .LoRA. adapter, not a full model.*merge_and_unload",
+        ),
     ],
 )
 def test_model_dir_errors(tmp_path, make, message):

@@ -137,6 +137,11 @@ class ModelDir:
                 f"{path}: not a local model directory (evomerge reads local checkpoints; download models first)"
             )
         config_path = self.path / "config.json"
+        if not config_path.is_file() and (self.path / "adapter_config.json").is_file():
+            raise EvomergeError(
+                f"{self.path}: a PEFT (LoRA) adapter, not a full model; evomerge does not read adapters yet: "
+                "fold it into its base first (peft's merge_and_unload, then save_pretrained) and use that folder"
+            )
         if not config_path.is_file():
             raise EvomergeError(f"{self.path}: no config.json (expected a Hugging Face model directory)")
         config = _read_json(config_path)
