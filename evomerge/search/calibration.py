@@ -1,0 +1,222 @@
+"""The IRT estimator's study-level steps: calibrate once, re-score the front on full sets, report fidelity.
+
+Calibration (before the first trial): the reference models and `eval.estimator.calibration`
+space-filling merges (optuna's QMC sampler, scrambled Sobol, seeded by the search seed) are scored
+on every item; the fit and the anchors go to the study's user attribute `evomerge_irt`, so a
+resumed study reads them back and never calibrates again. Trials are then scored on the anchors
+only. Estimates never decide the best: after the search, the front's trials (and
+`eval.estimator.check` random others, for an unbiased fidelity figure) are re-scored on the full
+set until the front holds only full-set values. A re-scored trial keeps its estimates beside the
+full values (`metric|gp_irt` ..., `metric|full`), which is where the fidelity report reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from evomerge.evaluate.estimator import FULL, METHODS, IrtCalibration, calibrate, estimate_key, fidelity
+from evomerge.search.front import compute_front
+
+if TYPE_CHECKING:
+    from evomerge.config.space import SearchSpace
+    from evomerge.genome.protocol import Genome
+    from evomerge.store.protocol import TrialReader, TrialRecorder
+
+log = logging.getLogger("evomerge.search")
+
+CALIBRATION_ATTR = "evomerge_irt"
+FIDELITY_ATTR = "evomerge_irt_fidelity"
+
+
+def space_filling_genomes(genome: Genome, count: int, seed: int) -> list[dict[str, Any]]:
+    """`count` genomes spread over the genome's space: scrambled Sobol points via optuna's QMC sampler."""
+    import optuna
+
+    if count <= 0:
+        return []
+    import warnings
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with warnings.catch_warnings():  # QMCSampler is marked experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.QMCSampler(
+                qmc_type="sobol", scramble=True, seed=seed, warn_independent_sampling=False
+            )
+        study = optuna.create_study(sampler=sampler)
+        genomes = []
+        for _ in range(count):
+            trial = study.ask()
+            genomes.append(genome.suggest(trial))
+            study.tell(trial, 0.0)  # QMC infers the space from the first complete trial
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return genomes
+
+
+def objective_metrics(space: SearchSpace) -> dict[str, str]:
+    """task -> metric of the objectives (the estimator's tasks)."""
+    return {o.task: o.metric for o in space.objectives}
+
+
+def stored_calibration(study) -> IrtCalibration | None:
+    data = study.user_attrs.get(CALIBRATION_ATTR)
+    return IrtCalibration.from_json(data) if data else None
+
+
+def load_or_calibrate(
+    study,
+    pool,
+    space: SearchSpace,
+    genome: Genome,
+    *,
+    evaluate_all: Callable[..., dict[Any, Any]],
+    on_phase: Callable[[int], Any] | None = None,
+    on_done: Callable[[], Any] | None = None,
+) -> IrtCalibration:
+    """The study's calibration: read back, or made now (references and K merges scored on every item)."""
+    stored = stored_calibration(study)
+    if stored is not None:
+        return stored
+    options = space.eval.estimator
+    merges = space_filling_genomes(genome, options.calibration, space.search.seed)
+    references = [*([genome.base] if genome.base else []), *genome.finetunes]
+    if on_phase is not None:
+        on_phase(len(references) + len(merges))
+    subjects = {}
+    for name in references:
+        _, item_scores = pool.score_reference_items(name, "search")
+        subjects[name] = item_scores
+        if on_done is not None:
+            on_done()
+    jobs = [(f"merge {i}", params) for i, params in enumerate(merges)]
+    outcomes = evaluate_all(pool, jobs, "search", on_done=on_done, per_item=True)
+    for key, outcome in outcomes.items():
+        if outcome.error is not None:
+            log.warning("calibration %s failed, left out: %s", key, outcome.error)
+            continue
+        subjects[key] = outcome.result.item_scores
+    calibration = calibrate(
+        subjects,
+        objective_metrics(space),
+        anchors=options.anchors,
+        method=options.method,
+        cluster_on=options.cluster_on,
+        seed=space.search.seed,
+    )
+    study.set_user_attr(CALIBRATION_ATTR, calibration.to_json())
+    log.info(
+        "IRT estimator calibrated on %d models: %d of %d items per candidate",
+        len(subjects),
+        calibration.anchor_count(),
+        calibration.item_count(),
+    )
+    return calibration
+
+
+def full_marked(space: SearchSpace, scores: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Full-set scores plus each objective's value again under `metric|full` (the re-scored mark)."""
+    marked = {task: dict(metrics) for task, metrics in scores.items()}
+    for objective in space.objectives:
+        if objective.metric in marked.get(objective.task, {}):
+            marked[objective.task][estimate_key(objective.metric, FULL)] = marked[objective.task][objective.metric]
+    return marked
+
+
+def is_full(space: SearchSpace, scores: Mapping[str, Mapping[str, float]] | None) -> bool:
+    return bool(scores) and all(
+        estimate_key(o.metric, FULL) in scores.get(o.task, {})
+        or estimate_key(o.metric, "anchor") not in scores.get(o.task, {})
+        for o in space.objectives
+    )
+
+
+def rescore_front(
+    space: SearchSpace,
+    store: TrialRecorder,
+    pool,
+    *,
+    evaluate_all: Callable[..., dict[Any, Any]],
+    on_phase: Callable[[int], Any] | None = None,
+    on_done: Callable[[], Any] | None = None,
+) -> list[str]:
+    """Re-score on the full set, until the front holds full-set values only, plus `check` random
+    estimated trials; returns notes on trials whose re-score failed (they leave the front)."""
+    notes: list[str] = []
+    failed: set[int] = set()
+    check = _check_sample(space, store)
+    for _ in range(len(store.trials(space.study_name)) + 1):  # each round re-scores at least one trial
+        scores = store.scores(space.study_name, "search")
+        numbers = [row.number for row in compute_front(space, store) if not is_full(space, scores.get(row.number))]
+        numbers += [n for n in check if not is_full(space, scores.get(n)) and n not in numbers]
+        check = []
+        numbers = [n for n in numbers if n not in failed]
+        if not numbers:
+            break
+        jobs = [(n, store.trial(space.study_name, n).genome) for n in numbers]
+        if on_phase is not None:
+            on_phase(len(jobs))
+        for number, outcome in evaluate_all(pool, jobs, "search", on_done=on_done).items():
+            if outcome.error is None:
+                store.record_scores(space.study_name, number, "search", full_marked(space, outcome.result.scores))
+            else:
+                failed.add(number)
+                store.fail_trial(space.study_name, number, f"full-set re-score failed: {outcome.error}")
+                notes.append(f"trial {number}: full-set re-score failed ({outcome.error}); left out of the front")
+    return notes
+
+
+def _check_sample(space: SearchSpace, store: TrialReader) -> list[int]:
+    count = space.eval.estimator.check
+    numbers = sorted(r.number for r in store.trials(space.study_name, status="complete"))
+    return sorted(random.Random(space.search.seed).sample(numbers, min(count, len(numbers))))
+
+
+def estimator_fidelity(space: SearchSpace, store: TrialReader) -> dict[str, dict[str, float]]:
+    """Per method: Spearman and Kendall of the mean over objectives, and MAE per objective value,
+    estimated vs full, over the trials re-scored on the full set (none of them calibrated the model)."""
+    scores = store.scores(space.study_name, "search")
+    rescored = [s for s in scores.values() if _has_both(space, s)]
+    report = {}
+    for method in METHODS:
+        estimated = [[s[o.task][estimate_key(o.metric, method)] for o in space.objectives] for s in rescored]
+        full = [[s[o.task][estimate_key(o.metric, FULL)] for o in space.objectives] for s in rescored]
+        ranked = fidelity([_mean(v) for v in estimated], [_mean(v) for v in full])
+        pairs = fidelity([x for v in estimated for x in v], [x for v in full for x in v])
+        report[method] = {
+            "spearman": ranked["spearman"],
+            "kendall": ranked["kendall"],
+            "mae": pairs["mae"],
+            "n": len(rescored),
+        }
+    return report
+
+
+def _has_both(space: SearchSpace, scores: Mapping[str, Mapping[str, float]]) -> bool:
+    return all(
+        estimate_key(o.metric, FULL) in scores.get(o.task, {})
+        and estimate_key(o.metric, "anchor") in scores.get(o.task, {})
+        for o in space.objectives
+    )
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def fidelity_line(report: Mapping[str, Mapping[str, float]], chosen: str) -> str:
+    """One line for the run summary: the chosen estimator's fidelity, the others in brackets."""
+    if not report or not report[chosen]["n"]:
+        return "IRT estimator: no trial re-scored on the full set, no fidelity to report"
+    parts = [
+        f"{m} rho {r['spearman']:.2f} tau {r['kendall']:.2f} MAE {r['mae']:.3f}"
+        for m, r in sorted(report.items(), key=lambda item: item[0] != chosen)
+    ]
+    return (
+        f"IRT estimator on {report[chosen]['n']} trials re-scored on the full set: {parts[0]} ({'; '.join(parts[1:])})"
+    )
