@@ -51,6 +51,8 @@ def test_search_with_the_estimator_calibrates_once_and_rescores_the_front(tmp_pa
     fidelity = study.user_attrs[calibration.FIDELITY_ATTR]
     assert fidelity["chosen"] == "gp_irt" and fidelity["gp_irt"]["n"] >= len(front)
     store.close()
+    assert run_cli(["front", str(space_file)]) == 0  # the fidelity where the user looks
+    assert "IRT estimator on" in capsys.readouterr().out
 
     # resume with a larger budget: the stored calibration is used, nothing is scored for it again
     def no_calibration(*args, **kwargs):
