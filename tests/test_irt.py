@@ -103,3 +103,42 @@ def test_rank_correlations_match_hand_computed_values():
     # ties: tau-b = 5 / sqrt(6 * 5)
     assert kendall(x, torch.tensor([1.0, 1, 2, 3])) == pytest.approx(5 / math.sqrt(30))
     assert math.isnan(spearman(x, torch.ones(4)))
+
+
+class AnchorRecorder:
+    """An item evaluator over a fixed answer key: records which items it was asked to score."""
+
+    def __init__(self, answers: dict[str, dict[int, float]]):
+        self.answers = answers
+        self.asked = []
+
+    def item_ids(self):
+        return {task: sorted(values) for task, values in self.answers.items()}
+
+    def evaluate(self, model, items=None):
+        return self.evaluate_items(model, items)[0]
+
+    def evaluate_items(self, model, items=None):
+        self.asked.append(items)
+        chosen = items or self.item_ids()
+        per_item = {t: {"acc,none": {d: self.answers[t][d] for d in docs}} for t, docs in chosen.items()}
+        scores = {t: {"acc,none": sum(v["acc,none"].values()) / len(v["acc,none"])} for t, v in per_item.items()}
+        return scores, per_item
+
+
+def test_the_estimator_scores_only_anchors_and_survives_a_json_round_trip():
+    import json
+
+    from evomerge.evaluate.estimator import IrtCalibration, IrtEstimator, calibrate
+
+    responses, _, _ = simulate(41, 30, seed=6)
+    subjects = {f"m{i}": {"t": {"acc,none": dict(enumerate(row.tolist()))}} for i, row in enumerate(responses[:40])}
+    calibration = calibrate(subjects, {"t": "acc,none"}, anchors=6, seed=0)
+    restored = IrtCalibration.from_json(json.loads(json.dumps(calibration.to_json())))
+    assert restored == calibration
+    candidate = AnchorRecorder({"t": dict(enumerate(responses[40].tolist()))})
+    scores = IrtEstimator(candidate, restored).evaluate(model=None)
+    assert candidate.asked == [{"t": calibration.tasks["t"].anchors}]
+    assert scores["t"]["acc,none"] == scores["t"]["acc,none|gp_irt"]
+    assert {"acc,none|anchor", "acc,none|p_irt"} <= set(scores["t"])
+    assert 0 <= scores["t"]["acc,none"] <= 1

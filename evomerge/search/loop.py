@@ -132,6 +132,12 @@ class SearchLoop:
                 on_phase=lambda count: self.bar.start_phase("calibration", count),
                 on_done=self.bar.advance,
             )
+        except EvomergeError:
+            raise
+        except Exception as error:  # a setup problem (the evaluator, the metric), before any trial
+            raise ReferenceScoringError(
+                f"calibrating the IRT estimator (eval.estimator) failed: {short_error(error)}"
+            ) from error
         finally:
             self.bar.close()
 
