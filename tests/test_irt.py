@@ -72,7 +72,7 @@ def test_estimators_are_exact_when_every_item_is_an_anchor():
     anchors = choose_anchors(item_embedding(fit, responses[:20], "irt"), 40, seed=0)
     held_out = responses[20:]
     full = held_out.mean(1)
-    lam = choose_lambda(fit, anchors, responses[:20])
+    lam = choose_lambda(fit, responses[:20], anchors=40, cluster_on="irt", seed=0)
     assert lam == 1.0
     for estimate in (
         anchor_estimate(anchors, held_out),
@@ -87,7 +87,7 @@ def test_estimators_track_held_out_scores_from_few_anchors():
     fit = fit_2pl(responses[:60])
     anchors = choose_anchors(item_embedding(fit, responses[:60], "irt"), 20, seed=0)
     held_out = responses[60:]
-    lam = choose_lambda(fit, anchors, responses[:60])
+    lam = choose_lambda(fit, responses[:60], anchors=20, cluster_on="irt", seed=0)
     assert 0.0 <= lam <= 1.0
     estimate = gp_irt_estimate(fit, anchors, held_out[:, anchors.index], lam)
     assert spearman(estimate, held_out.mean(1)) > 0.8

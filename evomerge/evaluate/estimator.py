@@ -155,7 +155,7 @@ def calibrate(
             b=fit.b.tolist(),
             anchors=[items[i] for i in chosen.index.tolist()],
             weights=chosen.weight.tolist(),
-            lam=irt.choose_lambda(fit, chosen, responses),
+            lam=irt.choose_lambda(fit, responses, anchors=anchors, cluster_on=cluster_on, seed=seed),
         )
     return IrtCalibration(method=method, tasks=tasks, subjects=list(subjects))
 

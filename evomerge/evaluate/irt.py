@@ -188,16 +188,24 @@ def gp_irt_estimate(fit: ItemFit, anchors: Anchors, anchor_responses: torch.Tens
     return lam * anchor_estimate(anchors, anchor_responses) + (1 - lam) * p_irt_estimate(fit, anchors, anchor_responses)
 
 
-def choose_lambda(fit: ItemFit, anchors: Anchors, responses: torch.Tensor) -> float:
+def choose_lambda(fit: ItemFit, responses: torch.Tensor, *, anchors: int, cluster_on: str, seed: int) -> float:
     """gp-IRT's mixing weight from the calibration subjects: lam = e_p / (e_p + e_a), where e_a and e_p
     are the anchor estimate's and p-IRT's mean squared errors against the subjects' full scores
     (tinyBenchmarks' heuristic: trust the anchors more where p-IRT is off by more than their noise).
-    With every item an anchor both are exact and lam is 1."""
+
+    Each subject is estimated from anchors chosen without its own responses (leave one out; the
+    item parameters are kept): anchors clustered on responses that include the subject would
+    reproduce its score exactly and push lam to 1. With every item an anchor both are exact: lam 1.
+    """
     y = _as_responses(responses)
     full = y.mean(1)
-    seen = y[:, anchors.index]
-    e_anchor = float((anchor_estimate(anchors, seen) - full).square().mean())
-    e_pirt = float((p_irt_estimate(fit, anchors, seen) - full).square().mean())
+    e_anchor = e_pirt = 0.0
+    for i in range(y.shape[0]):
+        others = torch.cat([y[:i], y[i + 1 :]])
+        chosen = choose_anchors(item_embedding(fit, others, cluster_on), anchors, seed=seed)
+        seen = y[i : i + 1, chosen.index]
+        e_anchor += float((anchor_estimate(chosen, seen) - full[i]).square().sum())
+        e_pirt += float((p_irt_estimate(fit, chosen, seen) - full[i]).square().sum())
     if e_anchor + e_pirt <= 1e-12:
         return 1.0
     return e_pirt / (e_anchor + e_pirt)
