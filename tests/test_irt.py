@@ -141,4 +141,5 @@ def test_the_estimator_scores_only_anchors_and_survives_a_json_round_trip():
     assert candidate.asked == [{"t": calibration.tasks["t"].anchors}]
     assert scores["t"]["acc,none"] == scores["t"]["acc,none|gp_irt"]
     assert {"acc,none|anchor", "acc,none|p_irt"} <= set(scores["t"])
+    assert scores["t"]["items|evaluated"] == len(calibration.tasks["t"].anchors)
     assert 0 <= scores["t"]["acc,none"] <= 1

@@ -26,6 +26,8 @@ def with_estimator(space_file, **options):
 
 def test_search_with_the_estimator_calibrates_once_and_rescores_the_front(tmp_path, demo_family, capsys, monkeypatch):
     space_file = with_estimator(write_space(tmp_path, demo_family, n_trials=6, limit=25))
+    assert run_cli(["validate", str(space_file)]) == 0
+    assert "estimator irt: gp_irt from up to 4 anchor items per task" in capsys.readouterr().out
     assert run_cli(["run", str(space_file), "-q"]) == 0
     out = capsys.readouterr().out
     assert "IRT estimator on" in out and "rho" in out
@@ -42,8 +44,9 @@ def test_search_with_the_estimator_calibrates_once_and_rescores_the_front(tmp_pa
     scores = store.scores("e2e", "search")
     complete = [t.number for t in store.trials("e2e", status="complete")]
     assert len(complete) == 6
-    for number in complete:  # every trial carries its estimates
+    for number in complete:  # every trial carries its estimates and how many items it was scored on
         assert {"acc,none|anchor", "acc,none|p_irt", "acc,none|gp_irt"} <= set(scores[number]["demo_sort"])
+        assert 1 <= scores[number]["demo_sort"]["items|evaluated"] <= 4
     front = calibration.compute_front(space, store)
     assert front and all(calibration.is_full(space, scores[row.number]) for row in front)
     for row in front:  # the front's values are the full-set ones

@@ -23,6 +23,7 @@ from evomerge.evaluate.protocol import ItemEvaluator, ItemIds, ItemScores, Score
 METHODS = ("anchor", "p_irt", "gp_irt")
 # Per-item metrics lm-eval scores 0 or 1: the only ones a 2PL model describes.
 BINARY_METRICS = frozenset({"acc", "acc_norm", "exact_match", "acc_mutual_info"})
+EVALUATED = "items|evaluated"  # the items a trial was scored on, per task (its anchors)
 FULL = "full"  # suffix of the full-set value recorded when an estimated trial is re-scored
 
 
@@ -94,16 +95,19 @@ class IrtCalibration:
         return sum(len(cal.items) for cal in self.tasks.values())
 
     def estimate_scores(self, item_scores: ItemScores) -> Scores:
-        """`{task: {metric: chosen estimate, metric|anchor: ..., metric|p_irt: ..., metric|gp_irt: ...}}`."""
+        """`{task: {metric: chosen estimate, metric|anchor: ..., metric|p_irt: ..., metric|gp_irt: ...,
+        items|evaluated: anchor count}}`."""
         scores: Scores = {}
         for task, cal in self.tasks.items():
             values = item_scores.get(task, {}).get(cal.metric)
             if values is None:
                 raise ValueError(f"the evaluator gave no per-item '{cal.metric}' for task '{task}'")
             estimates = {method: float(value[0]) for method, value in cal.estimates([values]).items()}
-            scores[task] = {cal.metric: estimates[self.method]} | {
-                estimate_key(cal.metric, method): value for method, value in estimates.items()
-            }
+            scores[task] = (
+                {cal.metric: estimates[self.method]}
+                | {estimate_key(cal.metric, method): value for method, value in estimates.items()}
+                | {EVALUATED: float(len(cal.anchors))}
+            )
         return scores
 
     def to_json(self) -> dict[str, Any]:
