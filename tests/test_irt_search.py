@@ -51,8 +51,13 @@ def test_search_with_the_estimator_calibrates_once_and_rescores_the_front(tmp_pa
     assert front and all(calibration.is_full(space, scores[row.number]) for row in front)
     for row in front:  # the front's values are the full-set ones
         assert row.search == [scores[row.number][o.task]["acc,none|full"] for o in space.objectives]
+    # the parents alone (enqueued first) reproduce calibration models: marked, and left out of the fidelity
+    marked = {n for n, s in scores.items() if calibration.CALIBRATED_TASK in s}
+    assert marked == {0, 1, 2, 3}
+    rescored = {n for n, s in scores.items() if calibration.is_full(space, s) and "acc,none|anchor" in s["demo_sort"]}
+    assert len(rescored - marked) >= 2  # at least the `check` sample
     fidelity = study.user_attrs[calibration.FIDELITY_ATTR]
-    assert fidelity["chosen"] == "gp_irt" and fidelity["gp_irt"]["n"] >= len(front)
+    assert fidelity["chosen"] == "gp_irt" and fidelity["gp_irt"]["n"] == len(rescored - marked)
     store.close()
     assert run_cli(["front", str(space_file)]) == 0  # the fidelity where the user looks
     assert "IRT estimator on" in capsys.readouterr().out

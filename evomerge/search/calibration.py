@@ -30,6 +30,8 @@ log = logging.getLogger("evomerge.search")
 
 CALIBRATION_ATTR = "evomerge_irt"
 FIDELITY_ATTR = "evomerge_irt_fidelity"
+# A trial that reproduces a calibration model (a parent alone) carries this score row.
+CALIBRATED_TASK, CALIBRATED = "evomerge_irt", "calibration_model"
 
 
 def space_filling_genomes(genome: Genome, count: int, seed: int) -> list[dict[str, Any]]:
@@ -142,14 +144,21 @@ def rescore_front(
     pool,
     *,
     evaluate_all: Callable[..., dict[Any, Any]],
+    calibrated: Sequence[int] = (),
     on_phase: Callable[[int], Any] | None = None,
     on_done: Callable[[], Any] | None = None,
 ) -> list[str]:
     """Re-score on the full set, until the front holds full-set values only, plus `check` random
-    estimated trials; returns notes on trials whose re-score failed (they leave the front)."""
+    estimated trials; returns notes on trials whose re-score failed (they leave the front).
+
+    `calibrated`: trials that reproduce a calibration model (a parent alone); they are marked so,
+    and the fidelity report leaves them out (their estimates are in-sample).
+    """
     notes: list[str] = []
     failed: set[int] = set()
-    check = _check_sample(space, store)
+    for number in calibrated:
+        store.record_scores(space.study_name, number, "search", {CALIBRATED_TASK: {CALIBRATED: 1.0}})
+    check = _check_sample(space, store, exclude=set(calibrated))
     for _ in range(len(store.trials(space.study_name)) + 1):  # each round re-scores at least one trial
         scores = store.scores(space.study_name, "search")
         numbers = [row.number for row in compute_front(space, store) if not is_full(space, scores.get(row.number))]
@@ -171,17 +180,17 @@ def rescore_front(
     return notes
 
 
-def _check_sample(space: SearchSpace, store: TrialReader) -> list[int]:
+def _check_sample(space: SearchSpace, store: TrialReader, exclude: set[int]) -> list[int]:
     count = space.eval.estimator.check
-    numbers = sorted(r.number for r in store.trials(space.study_name, status="complete"))
+    numbers = sorted(r.number for r in store.trials(space.study_name, status="complete") if r.number not in exclude)
     return sorted(random.Random(space.search.seed).sample(numbers, min(count, len(numbers))))
 
 
 def estimator_fidelity(space: SearchSpace, store: TrialReader) -> dict[str, dict[str, float]]:
     """Per method: Spearman and Kendall of the mean over objectives, and MAE per objective value,
-    estimated vs full, over the trials re-scored on the full set (none of them calibrated the model)."""
+    estimated vs full, over the trials re-scored on the full set, less those marked as calibration models."""
     scores = store.scores(space.study_name, "search")
-    rescored = [s for s in scores.values() if _has_both(space, s)]
+    rescored = [s for s in scores.values() if _has_both(space, s) and CALIBRATED_TASK not in s]
     report = {}
     for method in METHODS:
         estimated = [[s[o.task][estimate_key(o.metric, method)] for o in space.objectives] for s in rescored]

@@ -144,12 +144,18 @@ class SearchLoop:
     def rescore_front(self) -> None:
         from evomerge.search.calibration import rescore_front
 
+        parents_alone = [  # the enqueued parents reproduce calibration models
+            t.number
+            for t in self.study.get_trials(deepcopy=False)
+            if str(t.user_attrs.get("seed", "")).startswith("parent:")
+        ]
         try:
             self.notes += rescore_front(
                 self.space,
                 self.store,
                 self.pool,
                 evaluate_all=evaluate_all,
+                calibrated=parents_alone,
                 on_phase=lambda count: self.bar.start_phase("rescore", count),
                 on_done=self.bar.advance,
             )
