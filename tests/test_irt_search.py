@@ -25,7 +25,7 @@ def with_estimator(space_file, **options):
 
 
 def test_search_with_the_estimator_calibrates_once_and_rescores_the_front(tmp_path, demo_family, capsys, monkeypatch):
-    space_file = with_estimator(write_space(tmp_path, demo_family, n_trials=6, limit=25))
+    space_file = with_estimator(write_space(tmp_path, demo_family, n_trials=9, limit=25))
     assert run_cli(["validate", str(space_file)]) == 0
     assert "estimator irt: gp_irt from up to 4 anchor items per task" in capsys.readouterr().out
     assert run_cli(["run", str(space_file), "-q"]) == 0
@@ -43,14 +43,22 @@ def test_search_with_the_estimator_calibrates_once_and_rescores_the_front(tmp_pa
     store = TrialStore(space.storage_url)
     scores = store.scores("e2e", "search")
     complete = [t.number for t in store.trials("e2e", status="complete")]
-    assert len(complete) == 6
-    for number in complete:  # every trial carries its estimates and how many items it was scored on
+    assert len(complete) == 9
+    # the calibration merges are trials too, scored on every item (no estimates); the rest carry estimates
+    calibration_trials = [t.number for t in study.trials if t.user_attrs.get("seed") == "calibration"]
+    assert calibration_trials == [5, 6, 7]  # after the five enqueued seeds
+    assert all(
+        calibration.is_full(space, scores[n]) and "acc,none|anchor" not in scores[n]["demo_sort"]
+        for n in calibration_trials
+    )
+    for number in set(complete) - set(calibration_trials):  # estimates and how many items each was scored on
         assert {"acc,none|anchor", "acc,none|p_irt", "acc,none|gp_irt"} <= set(scores[number]["demo_sort"])
         assert 1 <= scores[number]["demo_sort"]["items|evaluated"] <= 4
     front = calibration.compute_front(space, store)
     assert front and all(calibration.is_full(space, scores[row.number]) for row in front)
-    for row in front:  # the front's values are the full-set ones
-        assert row.search == [scores[row.number][o.task]["acc,none|full"] for o in space.objectives]
+    for row in front:  # the front's values are full-set ones: re-scored, or a calibration merge's own
+        if row.number not in calibration_trials:
+            assert row.search == [scores[row.number][o.task]["acc,none|full"] for o in space.objectives]
     # the parents alone (enqueued first) reproduce calibration models: marked, and left out of the fidelity
     marked = {n for n, s in scores.items() if calibration.CALIBRATED_TASK in s}
     assert marked == {0, 1, 2, 3}
@@ -67,11 +75,11 @@ def test_search_with_the_estimator_calibrates_once_and_rescores_the_front(tmp_pa
         raise AssertionError("a resumed study calibrated again")
 
     monkeypatch.setattr(calibration, "space_filling_genomes", no_calibration)
-    assert run_cli(["run", str(space_file), "-q", "--n-trials", "8"]) == 0
+    assert run_cli(["run", str(space_file), "-q", "--n-trials", "11"]) == 0
     study = optuna.load_study(study_name="e2e", storage=space.storage_url)
     assert study.user_attrs[calibration.CALIBRATION_ATTR] == stored
     store = TrialStore(space.storage_url)
-    assert len(store.trials("e2e", status="complete")) == 8
+    assert len(store.trials("e2e", status="complete")) == 11
     store.close()
 
 

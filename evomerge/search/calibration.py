@@ -2,8 +2,9 @@
 
 Calibration (before the first trial): the reference models and `eval.estimator.calibration`
 space-filling merges (optuna's QMC sampler, scrambled Sobol, seeded by the search seed) are scored
-on every item; the fit and the anchors go to the study's user attribute `evomerge_irt`, so a
-resumed study reads them back and never calibrates again. Trials are then scored on the anchors
+on every item; the merges become trials of the study with those full-set scores, and the fit and
+the anchors go to the study's user attribute `evomerge_irt`, so a resumed study reads them back
+and never calibrates again. Trials are then scored on the anchors
 only. Estimates never decide the best: after the search, the front's trials (and
 `eval.estimator.check` random others, for an unbiased fidelity figure) are re-scored on the full
 set until the front holds only full-set values. A re-scored trial keeps its estimates beside the
@@ -36,12 +37,17 @@ CALIBRATED_TASK, CALIBRATED = "evomerge_irt", "calibration_model"
 
 def space_filling_genomes(genome: Genome, count: int, seed: int) -> list[dict[str, Any]]:
     """`count` genomes spread over the genome's space: scrambled Sobol points via optuna's QMC sampler."""
+    return [params for params, _ in space_filling_points(genome, count, seed)]
+
+
+def space_filling_points(genome: Genome, count: int, seed: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """`space_filling_genomes` with each genome's optuna distributions (to record it as a trial)."""
+    import warnings
+
     import optuna
 
     if count <= 0:
         return []
-    import warnings
-
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
@@ -51,14 +57,15 @@ def space_filling_genomes(genome: Genome, count: int, seed: int) -> list[dict[st
                 qmc_type="sobol", scramble=True, seed=seed, warn_independent_sampling=False
             )
         study = optuna.create_study(sampler=sampler)
-        genomes = []
+        points = []
         for _ in range(count):
             trial = study.ask()
-            genomes.append(genome.suggest(trial))
+            params = genome.suggest(trial)
+            points.append((params, dict(study._storage.get_trial(trial._trial_id).distributions)))
             study.tell(trial, 0.0)  # QMC infers the space from the first complete trial
     finally:
         optuna.logging.set_verbosity(verbosity)
-    return genomes
+    return points
 
 
 def objective_metrics(space: SearchSpace) -> dict[str, str]:
@@ -80,13 +87,19 @@ def load_or_calibrate(
     evaluate_all: Callable[..., dict[Any, Any]],
     on_phase: Callable[[int], Any] | None = None,
     on_done: Callable[[], Any] | None = None,
+    on_merge: Callable[[dict[str, Any], dict[str, Any], Any], Any] | None = None,
 ) -> IrtCalibration:
-    """The study's calibration: read back, or made now (references and K merges scored on every item)."""
+    """The study's calibration: read back, or made now (references and K merges scored on every item).
+
+    `on_merge(params, distributions, result)` gets each scored merge before the calibration is
+    stored (the loop records them as trials: full-set scores, nothing wasted).
+    """
     stored = stored_calibration(study)
     if stored is not None:
         return stored
     options = space.eval.estimator
-    merges = space_filling_genomes(genome, options.calibration, space.search.seed)
+    points = space_filling_points(genome, options.calibration, space.search.seed)
+    merges = [params for params, _ in points]
     references = [*([genome.base] if genome.base else []), *genome.finetunes]
     if on_phase is not None:
         on_phase(len(references) + len(merges))
@@ -98,11 +111,14 @@ def load_or_calibrate(
             on_done()
     jobs = [(f"merge {i}", params) for i, params in enumerate(merges)]
     outcomes = evaluate_all(pool, jobs, "search", on_done=on_done, per_item=True)
-    for key, outcome in outcomes.items():
+    for i, (params, distributions) in enumerate(points):
+        outcome = outcomes[f"merge {i}"]
         if outcome.error is not None:
-            log.warning("calibration %s failed, left out: %s", key, outcome.error)
+            log.warning("calibration merge %d failed, left out: %s", i, outcome.error)
             continue
-        subjects[key] = outcome.result.item_scores
+        subjects[f"merge {i}"] = outcome.result.item_scores
+        if on_merge is not None:
+            on_merge(params, distributions, outcome.result)
     calibration = calibrate(
         subjects,
         objective_metrics(space),
@@ -181,9 +197,14 @@ def rescore_front(
 
 
 def _check_sample(space: SearchSpace, store: TrialReader, exclude: set[int]) -> list[int]:
-    count = space.eval.estimator.check
-    numbers = sorted(r.number for r in store.trials(space.study_name, status="complete") if r.number not in exclude)
-    return sorted(random.Random(space.search.seed).sample(numbers, min(count, len(numbers))))
+    """`check` random trials that hold estimates (seeded by the search seed), for the fidelity report."""
+    scores = store.scores(space.study_name, "search")
+    estimated = sorted(
+        record.number
+        for record in store.trials(space.study_name, status="complete")
+        if record.number not in exclude and not is_full(space, scores.get(record.number))
+    )
+    return sorted(random.Random(space.search.seed).sample(estimated, min(space.eval.estimator.check, len(estimated))))
 
 
 def estimator_fidelity(space: SearchSpace, store: TrialReader) -> dict[str, dict[str, float]]:

@@ -91,9 +91,9 @@ class SearchLoop:
         if unscored:
             self.bar.start_phase("parents", len(unscored))
         self.score_references(unscored, "search")
+        enqueue_seeds(self.study, self.space, self.genome)  # first: it enqueues only into an empty study
         if self.space.eval.estimator is not None:
             self.calibrate()
-        enqueue_seeds(self.study, self.space, self.genome)
         self.note_dashboard(finished=False)  # the parents' scores, on the dashboard from the start
         self.search()
         if self.estimator is not None:
@@ -131,6 +131,7 @@ class SearchLoop:
                 evaluate_all=evaluate_all,
                 on_phase=lambda count: self.bar.start_phase("calibration", count),
                 on_done=self.bar.advance,
+                on_merge=self.add_calibration_trial,
             )
         except EvomergeError:
             raise
@@ -140,6 +141,42 @@ class SearchLoop:
             ) from error
         finally:
             self.bar.close()
+
+    def add_calibration_trial(self, params: dict[str, Any], distributions: dict[str, Any], result) -> None:
+        """A calibration merge as a complete trial (seed: calibration) with its full-set scores: stored, then told."""
+        from optuna.trial import create_trial
+
+        values = objective_values(self.space, result.scores)
+        if any(math.isnan(v) for v in values):
+            return
+        number = len(self.study.get_trials(deepcopy=False))  # the number optuna gives the next trial (one driver)
+        told = told_values(self.space, values)
+        self.store.start_trial(self.space.study_name, number, params, worker=result.worker or None)
+        self.store.finish_trial(
+            self.space.study_name,
+            number,
+            scores=result.scores,
+            values=told,
+            plan_yaml=result.plan_yaml,
+            merge_seconds=result.merge_seconds,
+            eval_seconds=result.eval_seconds,
+            device=result.device,
+            weights_hash=result.weights_hash,
+        )
+        attrs = annotate.search_attrs(
+            [o.label for o in self.space.objectives],
+            values,
+            methods=annotate.methods_line(self.genome, params),
+            weights_hash=result.weights_hash,
+            role_text="IRT calibration merge (scored on every item)",
+            seconds={"merge": result.merge_seconds, "eval": result.eval_seconds},
+        )
+        self.lease.check()
+        self.study.add_trial(
+            create_trial(
+                params=params, distributions=distributions, values=told, user_attrs={**attrs, "seed": "calibration"}
+            )
+        )
 
     def rescore_front(self) -> None:
         from evomerge.search.calibration import rescore_front
