@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from evomerge.evaluate.estimator import FULL, METHODS, IrtCalibration, calibrate, estimate_key, fidelity
-from evomerge.search.front import compute_front
+from evomerge.search.front import compute_front, objective_values, told_values
 
 if TYPE_CHECKING:
     from evomerge.config.space import SearchSpace
@@ -135,6 +135,56 @@ def load_or_calibrate(
         calibration.item_count(),
     )
     return calibration
+
+
+def record_calibration_trial(
+    study, store: TrialRecorder, space: SearchSpace, genome: Genome, params, distributions, result
+) -> None:
+    """A calibration merge as a complete trial (seed: calibration) with its full-set scores: stored, then told.
+
+    Its number is the count of the study's trials (the lease makes this driver the only one adding).
+    """
+    from optuna.trial import create_trial
+
+    from evomerge.search import annotate
+
+    values = objective_values(space, result.scores)
+    if any(math.isnan(v) for v in values):
+        return
+    number = len(study.get_trials(deepcopy=False))
+    told = told_values(space, values)
+    store.start_trial(space.study_name, number, params, worker=result.worker or None)
+    store.finish_trial(
+        space.study_name,
+        number,
+        scores=result.scores,
+        values=told,
+        plan_yaml=result.plan_yaml,
+        merge_seconds=result.merge_seconds,
+        eval_seconds=result.eval_seconds,
+        device=result.device,
+        weights_hash=result.weights_hash,
+    )
+    attrs = annotate.search_attrs(
+        [o.label for o in space.objectives],
+        values,
+        methods=annotate.methods_line(genome, params),
+        weights_hash=result.weights_hash,
+        role_text="IRT calibration merge (scored on every item)",
+        seconds={"merge": result.merge_seconds, "eval": result.eval_seconds},
+    )
+    study.add_trial(
+        create_trial(
+            params=params, distributions=distributions, values=told, user_attrs={**attrs, "seed": "calibration"}
+        )
+    )
+
+
+def parents_alone(study) -> list[int]:
+    """The enqueued parents-alone trials: they reproduce calibration models."""
+    return [
+        t.number for t in study.get_trials(deepcopy=False) if str(t.user_attrs.get("seed", "")).startswith("parent:")
+    ]
 
 
 def full_marked(space: SearchSpace, scores: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:

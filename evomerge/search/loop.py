@@ -143,56 +143,21 @@ class SearchLoop:
             self.bar.close()
 
     def add_calibration_trial(self, params: dict[str, Any], distributions: dict[str, Any], result) -> None:
-        """A calibration merge as a complete trial (seed: calibration) with its full-set scores: stored, then told."""
-        from optuna.trial import create_trial
+        from evomerge.search.calibration import record_calibration_trial
 
-        values = objective_values(self.space, result.scores)
-        if any(math.isnan(v) for v in values):
-            return
-        number = len(self.study.get_trials(deepcopy=False))  # the number optuna gives the next trial (one driver)
-        told = told_values(self.space, values)
-        self.store.start_trial(self.space.study_name, number, params, worker=result.worker or None)
-        self.store.finish_trial(
-            self.space.study_name,
-            number,
-            scores=result.scores,
-            values=told,
-            plan_yaml=result.plan_yaml,
-            merge_seconds=result.merge_seconds,
-            eval_seconds=result.eval_seconds,
-            device=result.device,
-            weights_hash=result.weights_hash,
-        )
-        attrs = annotate.search_attrs(
-            [o.label for o in self.space.objectives],
-            values,
-            methods=annotate.methods_line(self.genome, params),
-            weights_hash=result.weights_hash,
-            role_text="IRT calibration merge (scored on every item)",
-            seconds={"merge": result.merge_seconds, "eval": result.eval_seconds},
-        )
         self.lease.check()
-        self.study.add_trial(
-            create_trial(
-                params=params, distributions=distributions, values=told, user_attrs={**attrs, "seed": "calibration"}
-            )
-        )
+        record_calibration_trial(self.study, self.store, self.space, self.genome, params, distributions, result)
 
     def rescore_front(self) -> None:
-        from evomerge.search.calibration import rescore_front
+        from evomerge.search.calibration import parents_alone, rescore_front
 
-        parents_alone = [  # the enqueued parents reproduce calibration models
-            t.number
-            for t in self.study.get_trials(deepcopy=False)
-            if str(t.user_attrs.get("seed", "")).startswith("parent:")
-        ]
         try:
             self.notes += rescore_front(
                 self.space,
                 self.store,
                 self.pool,
                 evaluate_all=evaluate_all,
-                calibrated=parents_alone,
+                calibrated=parents_alone(self.study),
                 on_phase=lambda count: self.bar.start_phase("rescore", count),
                 on_done=self.bar.advance,
             )
