@@ -134,21 +134,12 @@ def evaluate(data: dict, anchors: int, cluster_on: str, seed: int) -> dict:
 def table(data: dict, results: dict, args, command: str) -> str:
     n_cal, n_held = len(data["calibration"]), len(data["held_out"])
     per_eval = sum(data["eval_seconds"]) / len(data["eval_seconds"])
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor() or "unknown CPU",
-    )
     lines = [
         BEGIN,
         "## IRT estimator fidelity (issue 15 §2)",
         "",
         f"Command: `{command}`  ",
-        f"Machine: {cpu}, {os.cpu_count()} cores shared with other jobs, no GPU, torch {torch.__version__}, "
-        f"one torch thread; {datetime.date.today().isoformat()}.  ",
+        f"{machine_line(torch.__version__)}; {datetime.date.today().isoformat()}.  ",
         f"Calibration: base + 4 parents + {args.calibration} QMC (Sobol) merges = {n_cal} models scored on every item; "
         f"held-out: {n_held} random genomes of the demo space (seed {args.seed + 1}), each scored once on the full "
         f"set ({per_eval:.1f} s per full evaluation here, {data['seconds']:.0f} s in all).  ",
@@ -183,11 +174,24 @@ def table(data: dict, results: dict, args, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(path: Path, section: str) -> None:
+def machine_line(torch_version: str) -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    return f"Machine: {cpu}, {os.cpu_count()} cores shared with other jobs, no GPU, torch {torch_version}, one torch thread"
+
+
+def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Put `section` between its markers in `path` (appended when they are missing); the rest stays."""
     text = path.read_text() if path.exists() else "# Cheap fitness on the demo family\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + section.rstrip("\n") + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
