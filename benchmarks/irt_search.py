@@ -60,7 +60,7 @@ def run_arm(family: Path, trials: int, estimator: dict | None) -> dict:
         store = TrialStore(space.storage_url)
         try:
             full_items = sum(len(v) for v in _item_counts(space).values())
-            items = len(store.references("arm", "search")) * full_items
+            items = len(store.references("arm", "search")) * full_items  # each scored once (calibration records them)
             for scores in store.scores("arm", "search").values():
                 objective_tasks = [o.task for o in space.objectives]
                 if EVALUATED in scores.get(objective_tasks[0], {}):

@@ -41,6 +41,7 @@ def test_search_with_the_estimator_calibrates_once_and_rescores_the_front(tmp_pa
         assert sum(fitted["weights"]) == 25
 
     store = TrialStore(space.storage_url)
+    assert set(store.references("e2e", "search")) == {"base", *demo_family.skills}  # recorded by the calibration
     scores = store.scores("e2e", "search")
     complete = [t.number for t in store.trials("e2e", status="complete")]
     assert len(complete) == 9

@@ -74,6 +74,7 @@ def objective_metrics(space: SearchSpace) -> dict[str, str]:
 
 
 def stored_calibration(study) -> IrtCalibration | None:
+    """The calibration a study holds (user attribute CALIBRATION_ATTR), or None before it is made."""
     data = study.user_attrs.get(CALIBRATION_ATTR)
     return IrtCalibration.from_json(data) if data else None
 
@@ -88,11 +89,13 @@ def load_or_calibrate(
     on_phase: Callable[[int], Any] | None = None,
     on_done: Callable[[], Any] | None = None,
     on_merge: Callable[[dict[str, Any], dict[str, Any], Any], Any] | None = None,
+    on_reference: Callable[[str, Any], Any] | None = None,
 ) -> IrtCalibration:
     """The study's calibration: read back, or made now (references and K merges scored on every item).
 
     `on_merge(params, distributions, result)` gets each scored merge before the calibration is
-    stored (the loop records them as trials: full-set scores, nothing wasted).
+    stored (the loop records them as trials: full-set scores, nothing wasted); `on_reference(name,
+    scores)` each reference model's scores (the loop records them: they are not scored twice).
     """
     stored = stored_calibration(study)
     if stored is not None:
@@ -105,8 +108,10 @@ def load_or_calibrate(
         on_phase(len(references) + len(merges))
     subjects = {}
     for name in references:
-        _, item_scores = pool.score_reference_items(name, "search")
+        scores, item_scores = pool.score_reference_items(name, "search")
         subjects[name] = item_scores
+        if on_reference is not None:
+            on_reference(name, scores)
         if on_done is not None:
             on_done()
     jobs = [(f"merge {i}", params) for i, params in enumerate(merges)]

@@ -88,6 +88,11 @@ class SearchLoop:
     def run(self) -> SearchSummary:
         # Reference points first: a model that cannot be scored leaves no trial waiting in a fresh study.
         unscored = self.unscored_references("search")
+        if self.space.eval.estimator is not None:
+            from evomerge.search.calibration import CALIBRATION_ATTR
+
+            if CALIBRATION_ATTR not in self.study.user_attrs:
+                unscored = []  # the IRT calibration scores them, on every item, and records them
         if unscored:
             self.bar.start_phase("parents", len(unscored))
         self.score_references(unscored, "search")
@@ -132,6 +137,9 @@ class SearchLoop:
                 on_phase=lambda count: self.bar.start_phase("calibration", count),
                 on_done=self.bar.advance,
                 on_merge=self.add_calibration_trial,
+                on_reference=lambda name, scores: self.store.record_reference(
+                    self.space.study_name, name, str(self.genome.paths[name]), "search", scores
+                ),
             )
         except EvomergeError:
             raise
