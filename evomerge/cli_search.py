@@ -112,6 +112,7 @@ def front(
     """Show the Pareto front (parents as reference rows) and the top trials of a study."""
     from rich.console import Console
 
+    from evomerge.search.calibration import estimator_fidelity, fidelity_line, is_full
     from evomerge.search.catalog import load_study_space
     from evomerge.search.front import FrontRow, compute_front, objective_values, pick_best, reference_rows, scalarize
     from evomerge.search.report import front_table
@@ -138,12 +139,17 @@ def front(
             values = objective_values(space, scores.get(record.number, {}))
         except KeyError:
             continue
-        ranked.append(FrontRow(f"trial {record.number}", record.number, values, None, record.weights_hash))
+        label = f"trial {record.number}"
+        if space.eval.estimator is not None and not is_full(space, scores.get(record.number)):
+            label += " (estimated)"
+        ranked.append(FrontRow(label, record.number, values, None, record.weights_hash))
     ranked.sort(key=lambda r: scalarize(space, r.search), reverse=True)
     if top and ranked:
         console.print(
             front_table(names, ranked[:top], [], title=f"Top {min(top, len(ranked))} trials by weighted search score")
         )
+    if space.eval.estimator is not None:
+        console.print(fidelity_line(estimator_fidelity(space, store), space.eval.estimator.method))
     failed = store.trials(space.study_name, status=TrialStatus.FAILED)
     if failed:
         console.print(f"{len(failed)} failed trial(s), e.g. trial {failed[-1].number}: {failed[-1].failure}")

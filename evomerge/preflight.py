@@ -135,6 +135,12 @@ def preflight_space(space: SearchSpace, *, scan: bool | None = None, genome: Any
         fields[space.base_model.name] = "base_model"
     report.checks.append(scan_models(genome.models, scan, fields=fields, file=space.source_path))
     report.checks.append(evaluator.check(space, genome.paths[donor]))
+    estimator = space.eval.estimator
+    if estimator is not None:
+        report.checks.append(
+            f"estimator {estimator.kind}: {estimator.method} from up to {estimator.anchors} anchor items per task, "
+            f"calibrated on the references and {estimator.calibration} merges; the front re-scored on every item"
+        )
     return report
 
 

@@ -58,7 +58,9 @@ def progress_bar(total: float | None, description: str, *, enabled: bool = True,
 PHASES = {
     "loading": "loading sources, model and tasks",
     "parents": "scoring the parents as they are",
+    "calibration": "scoring the IRT calibration models on every item",
     "search": "search",
+    "rescore": "re-scoring the front on every item",
     "selection": "held-out scores of the parents and finalists",
 }
 

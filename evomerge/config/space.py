@@ -78,6 +78,18 @@ class Objective(StrictModel):
         return self.name or self.task
 
 
+class EstimatorSpec(StrictModel):
+    """`eval.estimator`: score trials on a few anchor items per task and estimate the full-set score
+    (evomerge.evaluate.estimator); the front is re-scored on full sets before anything is called best."""
+
+    kind: Literal["irt"] = "irt"
+    anchors: Integer = Field(20, ge=1)  # anchor items per task
+    calibration: Integer = Field(20, ge=0)  # space-filling merges scored on every item, beside the references
+    method: Literal["anchor", "p_irt", "gp_irt"] = "gp_irt"
+    cluster_on: Literal["responses", "irt"] = "responses"  # what k-means groups items by
+    check: Integer = Field(5, ge=0)  # random estimated trials also re-scored in full, for the fidelity report
+
+
 class EvalSpec(StrictModel):
     kind: str = "lm_eval"  # which evaluator scores the objectives (evomerge.evaluate.factory.EVALUATORS)
     include_paths: list[Path] = Field(default_factory=list)
@@ -92,6 +104,7 @@ class EvalSpec(StrictModel):
     # lm_eval kind: build and tokenise the requests once per worker, per candidate only run the
     # model and lm-eval's scoring (evomerge.evaluate.request_cache); false: lm-eval's evaluate per call
     request_cache: bool = True
+    estimator: EstimatorSpec | None = None  # None: every trial is scored on every item
 
     @field_validator("limit", "selection_limit", mode="before")
     @classmethod
@@ -268,6 +281,8 @@ def parse_space(
         space = SearchSpace.model_validate(data)
     except ValidationError as exc:
         raise format_validation_error(exc, source, tags=genome_tags()) from None
+    if space.eval.estimator is not None:
+        check_estimator(space, source)
     if not check_paths:
         return space.model_copy(update={"source_text": text})
     for i, model in enumerate(space.models):
@@ -285,6 +300,27 @@ def parse_space(
                 field=f"eval.include_paths.{i}",
             )
     return space.model_copy(update={"source_text": text})
+
+
+def check_estimator(space: SearchSpace, source: object) -> None:
+    """The IRT estimator models 0/1 items: each objective a binary per-item metric, one metric per task."""
+    from evomerge.evaluate.estimator import BINARY_METRICS, is_binary_metric
+
+    seen: dict[str, str] = {}
+    for i, objective in enumerate(space.objectives):
+        if not is_binary_metric(objective.metric):
+            raise ConfigError(
+                f"eval.estimator needs a binary per-item metric ({', '.join(sorted(BINARY_METRICS))}), "
+                f"got '{objective.metric}'",
+                file=source,
+                field=f"objectives.{i}.metric",
+            )
+        if seen.setdefault(objective.task, objective.metric) != objective.metric:
+            raise ConfigError(
+                f"eval.estimator fits one metric per task; task '{objective.task}' has two",
+                file=source,
+                field=f"objectives.{i}.metric",
+            )
 
 
 def is_space_file(data: Any) -> bool:

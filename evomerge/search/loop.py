@@ -83,16 +83,26 @@ class SearchLoop:
     search_values: list[list[float]] = field(default_factory=list, init=False)  # completed trials', for the bar
     best_score: float = field(default=-math.inf, init=False)  # best weighted search score so far, for the bar
     selection_errors: dict[int, str] = field(default_factory=dict, init=False)  # finalist -> why its rescoring failed
+    estimator: Any = field(default=None, init=False)  # the study's IrtCalibration with eval.estimator, else None
 
     def run(self) -> SearchSummary:
         # Reference points first: a model that cannot be scored leaves no trial waiting in a fresh study.
         unscored = self.unscored_references("search")
+        if self.space.eval.estimator is not None:
+            from evomerge.search.calibration import CALIBRATION_ATTR
+
+            if CALIBRATION_ATTR not in self.study.user_attrs:
+                unscored = []  # the IRT calibration scores them, on every item, and records them
         if unscored:
             self.bar.start_phase("parents", len(unscored))
         self.score_references(unscored, "search")
-        enqueue_seeds(self.study, self.space, self.genome)
+        enqueue_seeds(self.study, self.space, self.genome)  # first: it enqueues only into an empty study
+        if self.space.eval.estimator is not None:
+            self.calibrate()
         self.note_dashboard(finished=False)  # the parents' scores, on the dashboard from the start
         self.search()
+        if self.estimator is not None:
+            self.rescore_front()
         front = self.select_finalists()
         return self.summarise(front)
 
@@ -111,6 +121,56 @@ class SearchLoop:
             scores = score_reference(self.pool, name, split)
             self.store.record_reference(self.space.study_name, name, str(self.genome.paths[name]), split, scores)
             self.bar.advance()
+
+    # -- the IRT estimator (eval.estimator): calibrate once, re-score the front in full --------
+
+    def calibrate(self) -> None:
+        from evomerge.search.calibration import load_or_calibrate
+
+        try:
+            self.estimator = load_or_calibrate(
+                self.study,
+                self.pool,
+                self.space,
+                self.genome,
+                evaluate_all=evaluate_all,
+                on_phase=lambda count: self.bar.start_phase("calibration", count),
+                on_done=self.bar.advance,
+                on_merge=self.add_calibration_trial,
+                on_reference=lambda name, scores: self.store.record_reference(
+                    self.space.study_name, name, str(self.genome.paths[name]), "search", scores
+                ),
+            )
+        except EvomergeError:
+            raise
+        except Exception as error:  # a setup problem (the evaluator, the metric), before any trial
+            raise ReferenceScoringError(
+                f"calibrating the IRT estimator (eval.estimator) failed: {short_error(error)}"
+            ) from error
+        finally:
+            self.bar.close()
+
+    def add_calibration_trial(self, params: dict[str, Any], distributions: dict[str, Any], result) -> None:
+        from evomerge.search.calibration import record_calibration_trial
+
+        self.lease.check()
+        record_calibration_trial(self.study, self.store, self.space, self.genome, params, distributions, result)
+
+    def rescore_front(self) -> None:
+        from evomerge.search.calibration import parents_alone, rescore_front
+
+        try:
+            self.notes += rescore_front(
+                self.space,
+                self.store,
+                self.pool,
+                evaluate_all=evaluate_all,
+                calibrated=parents_alone(self.study),
+                on_phase=lambda count: self.bar.start_phase("rescore", count),
+                on_done=self.bar.advance,
+            )
+        finally:
+            self.bar.close()
 
     # -- the search phase -------------------------------------------------------------------
 
@@ -171,7 +231,8 @@ class SearchLoop:
         self.store.start_trial(
             self.space.study_name, self.asking.trial.number, self.asking.params, worker=getattr(self.pool, "name", None)
         )
-        self.in_flight[self.pool.submit(self.asking.params, "search")] = self.asking
+        how = {"estimator": self.estimator} if self.estimator is not None else {}
+        self.in_flight[self.pool.submit(self.asking.params, "search", **how)] = self.asking
         self.asking = None
         self.bar.update(in_flight=len(self.in_flight))
 
@@ -306,6 +367,8 @@ class SearchLoop:
 
     def summarise(self, front: list[FrontRow]) -> SearchSummary:
         best = pick_best(self.space, front)
+        if self.estimator is not None:
+            self.report_fidelity()
         if best is not None:
             self.lease.check()
             self.study.set_user_attr("evomerge_best_trial", best.number)
@@ -324,6 +387,18 @@ class SearchLoop:
             space_path=str(self.space.source_path) if self.space.source_path else None,
             notes=self.notes,
         )
+
+    def report_fidelity(self) -> None:
+        """The estimator's rank correlation and error on the re-scored trials: a summary line, a log
+        line and the study attribute `evomerge_irt_fidelity` (what `evomerge front` prints)."""
+        from evomerge.search.calibration import FIDELITY_ATTR, estimator_fidelity, fidelity_line
+
+        report = estimator_fidelity(self.space, self.store)
+        line = fidelity_line(report, self.estimator.method)
+        self.notes.append(line)
+        log.info("%s", line)
+        self.lease.check()
+        self.study.set_user_attr(FIDELITY_ATTR, {"chosen": self.estimator.method, **report})
 
     def note_dashboard(
         self, *, finished: bool, front: list[FrontRow] | None = None, best: FrontRow | None = None
@@ -411,16 +486,23 @@ def score_reference(pool, name: str, split: Split) -> Scores:
 
 
 def evaluate_all(
-    pool, jobs: Sequence[tuple[Any, Mapping[str, Any]]], split: Split, on_done: Callable[[], Any] | None = None
+    pool,
+    jobs: Sequence[tuple[Any, Mapping[str, Any]]],
+    split: Split,
+    on_done: Callable[[], Any] | None = None,
+    **how: Any,
 ) -> dict[Any, Any]:
-    """Evaluate several genomes on `split`, up to pool.size at once; key -> outcome (on_done() after each)."""
+    """Evaluate several genomes on `split`, up to pool.size at once; key -> outcome (on_done() after each).
+
+    `how`: the worker's evaluate options (per_item, estimator), passed only when given.
+    """
     pending = list(jobs)
     running: dict[int, Any] = {}
     outcomes = {}
     while pending or running:
         while pending and len(running) < pool.size and pool.can_submit():
             key, params = pending.pop(0)
-            running[pool.submit(params, split)] = key
+            running[pool.submit(params, split, **how)] = key
         outcome = pool.wait_any()
         if outcome is not None:
             outcomes[running.pop(outcome.ticket)] = outcome

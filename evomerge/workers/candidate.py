@@ -20,8 +20,9 @@ import torch
 from evomerge.config.space import SearchSpace
 from evomerge.devices import resolve_device
 from evomerge.dtypes import torch_dtype
+from evomerge.evaluate.estimator import IrtCalibration, IrtEstimator
 from evomerge.evaluate.factory import make_evaluator
-from evomerge.evaluate.protocol import Evaluator, Scores
+from evomerge.evaluate.protocol import Evaluator, ItemEvaluator, ItemScores, Scores
 from evomerge.genome.kinds import make_genome
 from evomerge.genome.protocol import Genome
 from evomerge.store.states import Split
@@ -38,6 +39,7 @@ class CandidateResult:
     plan_yaml: str
     worker: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    item_scores: ItemScores | None = None  # per item values, when asked for (an estimator's calibration)
 
 
 def describe_device(device: str) -> str:
@@ -84,11 +86,34 @@ class CandidateWorker:
             raise ValueError("no objective has a selection_task")
         return self.selection_evaluator
 
-    def evaluate(self, params: Mapping[str, Any], split: str = "search") -> CandidateResult:
-        """Build the genome's candidate, hash it, score it. Raises on any failure (the caller fails the trial)."""
+    def _item_evaluator(self, split: str) -> ItemEvaluator:
+        evaluator = self._evaluator(split)
+        if not isinstance(evaluator, ItemEvaluator):
+            raise ValueError(f"eval.kind '{self.space.eval.kind}' cannot score single items (eval.estimator needs it)")
+        return evaluator
+
+    def evaluate(
+        self,
+        params: Mapping[str, Any],
+        split: str = "search",
+        *,
+        per_item: bool = False,
+        estimator: IrtCalibration | None = None,
+    ) -> CandidateResult:
+        """Build the genome's candidate, hash it, score it. Raises on any failure (the caller fails the trial).
+
+        `per_item`: score every item and keep each item's values (calibration); `estimator`: score
+        the calibration's anchor items only and report estimated full-set scores.
+        """
         candidate = self.builder.build(params)
         started = time.perf_counter()
-        scores = self._evaluator(split).evaluate(candidate.model)
+        item_scores = None
+        if per_item:
+            scores, item_scores = self._item_evaluator(split).evaluate_items(candidate.model)
+        elif estimator is not None:
+            scores = IrtEstimator(self._item_evaluator(split), estimator).evaluate(candidate.model)
+        else:
+            scores = self._evaluator(split).evaluate(candidate.model)
         evaluated = time.perf_counter()
         return CandidateResult(
             scores=scores,
@@ -99,8 +124,13 @@ class CandidateWorker:
             plan_yaml=candidate.recipe_yaml,
             worker=self.name,
             extra={"hash_seconds": candidate.hash_seconds},
+            item_scores=item_scores,
         )
 
     def score_reference(self, model: str, split: str = "search") -> Scores:
         """Scores of one source model as it is (a parent or the base), via the resident copy."""
         return self._evaluator(split).evaluate(self.builder.reference(model))
+
+    def score_reference_items(self, model: str, split: str = "search") -> tuple[Scores, ItemScores]:
+        """`score_reference` with each item's values (an estimator's calibration)."""
+        return self._item_evaluator(split).evaluate_items(self.builder.reference(model))

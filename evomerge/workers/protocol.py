@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from evomerge.evaluate.protocol import Scores
+    from evomerge.evaluate.protocol import ItemScores, Scores
     from evomerge.genome.protocol import Genome
     from evomerge.workers.candidate import CandidateResult
 
@@ -54,8 +54,11 @@ class WorkerPool(Protocol):
         """A dead worker is being restarted: wait_any will report when it is back."""
         ...
 
-    def submit(self, params: Mapping[str, Any], split: str = "search") -> int:
-        """Start merging and scoring one genome on `split`; returns its ticket."""
+    def submit(self, params: Mapping[str, Any], split: str = "search", **how: Any) -> int:
+        """Start merging and scoring one genome on `split`; returns its ticket.
+
+        `how`: `CandidateWorker.evaluate`'s options (`per_item=True`, `estimator=IrtCalibration`).
+        """
         ...
 
     def wait_any(self, timeout: float | None = None) -> TrialOutcome | None:
@@ -64,6 +67,10 @@ class WorkerPool(Protocol):
 
     def score_reference(self, name: str, split: str) -> Scores:
         """Scores of a source model as it is (a parent or the base)."""
+        ...
+
+    def score_reference_items(self, name: str, split: str) -> tuple[Scores, ItemScores]:
+        """`score_reference` with each item's values (only an estimator's calibration asks)."""
         ...
 
     def close(self) -> None: ...

@@ -21,7 +21,7 @@ from evomerge.threads import WAIT_POLICY, worker_threads
 from evomerge.workers.protocol import TrialOutcome
 
 if TYPE_CHECKING:
-    from evomerge.evaluate.protocol import Scores
+    from evomerge.evaluate.protocol import ItemScores, Scores
     from evomerge.genome.protocol import Genome
 
 
@@ -60,11 +60,14 @@ def _actor_class():
             _check_paths_on_this_node(space)
             self.worker = CandidateWorker(space, device=device, verbose=verbose)
 
-        def evaluate(self, params, split):
-            return self.worker.evaluate(params, split)
+        def evaluate(self, params, split, how):
+            return self.worker.evaluate(params, split, **how)
 
         def score_reference(self, name: str, split: str) -> Scores:
             return self.worker.score_reference(name, split)
+
+        def score_reference_items(self, name: str, split: str):
+            return self.worker.score_reference_items(name, split)
 
         def info(self):
             import psutil
@@ -208,12 +211,12 @@ class RayPool:
     def name(self) -> str:
         return "ray"
 
-    def submit(self, params: Mapping[str, Any], split: str = "search") -> int:
+    def submit(self, params: Mapping[str, Any], split: str = "search", **how: Any) -> int:
         if not self._idle:
             raise RuntimeError("no idle worker: wait_any first")
         index = self._idle.pop(0)
         self._ticket += 1
-        ref = self.actors[index].evaluate.remote(dict(params), split)
+        ref = self.actors[index].evaluate.remote(dict(params), split, how)
         self._running[ref] = (self._ticket, index)
         return self._ticket
 
@@ -273,6 +276,12 @@ class RayPool:
 
     def score_reference(self, name: str, split: str) -> Scores:
         """Score a source model on an available actor (waits for one if all are restarting)."""
+        return self._on_idle_actor(lambda actor: actor.score_reference.remote(name, split))
+
+    def score_reference_items(self, name: str, split: str) -> tuple[Scores, ItemScores]:
+        return self._on_idle_actor(lambda actor: actor.score_reference_items.remote(name, split))
+
+    def _on_idle_actor(self, call):
         import ray
 
         deadline = time.monotonic() + 1800
@@ -281,7 +290,7 @@ class RayPool:
                 self._wait_for_idle()
             index = self._idle[0]
             try:
-                return ray.get(self.actors[index].score_reference.remote(name, split))
+                return ray.get(call(self.actors[index]))
             except ray.exceptions.RayActorError:
                 self._idle.remove(index)
                 self._recover(index)
