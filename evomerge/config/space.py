@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from evomerge.config.base import StrictModel
+from evomerge.config.fidelity import FidelitySpec
 from evomerge.config.mergekit_yaml import format_validation_error, parse_yaml, read_config_text
 from evomerge.config.numbers import (
     Integer,
@@ -89,6 +90,7 @@ class EvalSpec(StrictModel):
     seed: Integer = Field(1234, ge=0, le=MAX_SEED)
     apply_chat_template: bool = False
     model_args: dict[str, Any] = Field(default_factory=dict)
+    fidelity: FidelitySpec | None = None  # successive halving over item budgets (None: every item, every trial)
 
     @field_validator("limit", "selection_limit", mode="before")
     @classmethod

@@ -73,10 +73,12 @@ def search_attrs(
     weights_hash: str | None,
     seconds: Mapping[str, float],
     role_text: str | None = None,
+    rung: str | None = None,
 ) -> dict[str, Any]:
     """The user attributes of a finished trial: scores by objective name, mean, recipe, hash, timings.
 
-    `seconds` maps a phase (merge, hash, eval, trial) to its duration.
+    `seconds` maps a phase (merge, hash, eval, trial) to its duration. `rung` (successive
+    halving): the item budget the scores are on, e.g. "rung 0/2 (25 items per task), stopped".
     """
     attrs: dict[str, Any] = {f"score: {name}": _number(v) for name, v in zip(objective_names, values)}
     attrs["mean"] = _number(mean(values))
@@ -86,6 +88,8 @@ def search_attrs(
     attrs["seconds"] = " · ".join(f"{name} {value:.2f}" for name, value in seconds.items() if value is not None)
     if role_text:
         attrs["role"] = role_text
+    if rung:
+        attrs["rung"] = rung
     return attrs
 
 

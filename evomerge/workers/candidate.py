@@ -20,8 +20,9 @@ import torch
 from evomerge.config.space import SearchSpace
 from evomerge.devices import resolve_device
 from evomerge.dtypes import torch_dtype
+from evomerge.errors import ConfigError
 from evomerge.evaluate.factory import make_evaluator
-from evomerge.evaluate.protocol import Evaluator, Scores
+from evomerge.evaluate.protocol import Evaluator, ItemEvaluator, ItemIds, Scores
 from evomerge.genome.kinds import make_genome
 from evomerge.genome.protocol import Genome
 from evomerge.store.states import Split
@@ -84,11 +85,32 @@ class CandidateWorker:
             raise ValueError("no objective has a selection_task")
         return self.selection_evaluator
 
-    def evaluate(self, params: Mapping[str, Any], split: str = "search") -> CandidateResult:
-        """Build the genome's candidate, hash it, score it. Raises on any failure (the caller fails the trial)."""
+    def item_ids(self, split: str = "search") -> ItemIds:
+        """Every doc id of each leaf task at full budget: what successive halving draws its order from."""
+        evaluator = self._evaluator(split)
+        if not isinstance(evaluator, ItemEvaluator):
+            raise ConfigError(
+                f"needs an evaluator that scores single items; eval.kind '{self.space.eval.kind}' does not",
+                file=self.space.source_path,
+                field="eval.fidelity",
+            )
+        return evaluator.item_ids()
+
+    def evaluate(
+        self, params: Mapping[str, Any], split: str = "search", items: ItemIds | None = None
+    ) -> CandidateResult:
+        """Build the genome's candidate, hash it, score it. Raises on any failure (the caller fails the trial).
+
+        `items`: score only these docs of each leaf task and return each one's values in
+        `extra["item_scores"]` (successive halving); None scores every item.
+        """
         candidate = self.builder.build(params)
         started = time.perf_counter()
-        scores = self._evaluator(split).evaluate(candidate.model)
+        extra: dict[str, Any] = {"hash_seconds": candidate.hash_seconds}
+        if items is None:
+            scores = self._evaluator(split).evaluate(candidate.model)
+        else:
+            scores, extra["item_scores"] = self._evaluator(split).evaluate_items(candidate.model, items)
         evaluated = time.perf_counter()
         return CandidateResult(
             scores=scores,
@@ -98,7 +120,7 @@ class CandidateWorker:
             device=describe_device(self.device),
             plan_yaml=candidate.recipe_yaml,
             worker=self.name,
-            extra={"hash_seconds": candidate.hash_seconds},
+            extra=extra,
         )
 
     def score_reference(self, model: str, split: str = "search") -> Scores:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from evomerge.workers.protocol import TrialOutcome
 
 if TYPE_CHECKING:
-    from evomerge.evaluate.protocol import Scores
+    from evomerge.evaluate.protocol import ItemIds, Scores
     from evomerge.genome.protocol import Genome
     from evomerge.workers.candidate import CandidateWorker
 
@@ -44,10 +44,10 @@ class InProcessPool:
     def recovering(self) -> bool:
         return False
 
-    def submit(self, params: Mapping[str, Any], split: str = "search") -> int:
+    def submit(self, params: Mapping[str, Any], split: str = "search", items: ItemIds | None = None) -> int:
         self._ticket += 1
         try:
-            outcome = TrialOutcome(self._ticket, result=self.worker.evaluate(params, split))
+            outcome = TrialOutcome(self._ticket, result=self.worker.evaluate(params, split, items))
         except Exception as error:  # the loop fails the trial, never the study
             outcome = TrialOutcome(self._ticket, error=error)
         self._done.append(outcome)
@@ -58,6 +58,9 @@ class InProcessPool:
 
     def score_reference(self, name: str, split: str) -> Scores:
         return self.worker.score_reference(name, split)
+
+    def item_ids(self, split: str = "search") -> ItemIds:
+        return self.worker.item_ids(split)
 
     def close(self) -> None:
         if self._restore_threads is not None:

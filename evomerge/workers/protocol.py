@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from evomerge.evaluate.protocol import Scores
+    from evomerge.evaluate.protocol import ItemIds, Scores
     from evomerge.genome.protocol import Genome
     from evomerge.workers.candidate import CandidateResult
 
@@ -54,8 +54,12 @@ class WorkerPool(Protocol):
         """A dead worker is being restarted: wait_any will report when it is back."""
         ...
 
-    def submit(self, params: Mapping[str, Any], split: str = "search") -> int:
-        """Start merging and scoring one genome on `split`; returns its ticket."""
+    def submit(self, params: Mapping[str, Any], split: str = "search", items: ItemIds | None = None) -> int:
+        """Start merging and scoring one genome on `split`; returns its ticket.
+
+        `items` (successive halving): score only these docs per leaf task, and return each one's
+        values in the result's `extra["item_scores"]`. The loop passes it only when eval.fidelity is set.
+        """
         ...
 
     def wait_any(self, timeout: float | None = None) -> TrialOutcome | None:
@@ -64,6 +68,10 @@ class WorkerPool(Protocol):
 
     def score_reference(self, name: str, split: str) -> Scores:
         """Scores of a source model as it is (a parent or the base)."""
+        ...
+
+    def item_ids(self, split: str = "search") -> ItemIds:
+        """Every doc id each leaf task scores at full budget (needed only when eval.fidelity is set)."""
         ...
 
     def close(self) -> None: ...

@@ -21,7 +21,7 @@ from evomerge.threads import WAIT_POLICY, worker_threads
 from evomerge.workers.protocol import TrialOutcome
 
 if TYPE_CHECKING:
-    from evomerge.evaluate.protocol import Scores
+    from evomerge.evaluate.protocol import ItemIds, Scores
     from evomerge.genome.protocol import Genome
 
 
@@ -60,8 +60,11 @@ def _actor_class():
             _check_paths_on_this_node(space)
             self.worker = CandidateWorker(space, device=device, verbose=verbose)
 
-        def evaluate(self, params, split):
-            return self.worker.evaluate(params, split)
+        def evaluate(self, params, split, items=None):
+            return self.worker.evaluate(params, split, items)
+
+        def item_ids(self, split: str):
+            return self.worker.item_ids(split)
 
         def score_reference(self, name: str, split: str) -> Scores:
             return self.worker.score_reference(name, split)
@@ -208,12 +211,12 @@ class RayPool:
     def name(self) -> str:
         return "ray"
 
-    def submit(self, params: Mapping[str, Any], split: str = "search") -> int:
+    def submit(self, params: Mapping[str, Any], split: str = "search", items: ItemIds | None = None) -> int:
         if not self._idle:
             raise RuntimeError("no idle worker: wait_any first")
         index = self._idle.pop(0)
         self._ticket += 1
-        ref = self.actors[index].evaluate.remote(dict(params), split)
+        ref = self.actors[index].evaluate.remote(dict(params), split, items)
         self._running[ref] = (self._ticket, index)
         return self._ticket
 
@@ -286,6 +289,14 @@ class RayPool:
                 self._idle.remove(index)
                 self._recover(index)
         raise EvomergeError("no Ray worker became available to score the reference models")
+
+    def item_ids(self, split: str = "search") -> ItemIds:
+        """Every doc id each leaf task scores at full budget, asked of one actor (all load the same tasks)."""
+        import ray
+
+        while not self._idle and (self._recovering or self._running):
+            self._wait_for_idle()
+        return ray.get(self.actors[self._idle[0]].item_ids.remote(split))
 
     def _wait_for_idle(self) -> None:
         outcome = self.wait_any()
