@@ -285,3 +285,50 @@ def study_and_store_pruned(space):
     started = [t for t in study.trials if t.state.name != "WAITING"]
     assert {t.number: names[t.state.name] for t in started} == {n: r.status for n, r in records.items()}
     return study, records
+
+
+# -- the real thing: lm-eval on the demo family -----------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_demo_fidelity_space_runs_as_written(tmp_path, demo_family, capsys):
+    """search_spaces/demo_fidelity.yml in a copy of the repository layout (fewer items and trials):
+    the first parent climbs every rung, and its full-budget scores, put together from three rungs
+    of per-item values, equal lm-eval's own scores of that parent on every item."""
+    from pathlib import Path
+
+    from test_search_e2e import run_cli
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "search_spaces").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "demo_models").symlink_to(demo_family.root)
+    (tmp_path / "tasks").symlink_to(repo / "tasks")
+    data = yaml.safe_load((repo / "search_spaces" / "demo_fidelity.yml").read_text())
+    data["device"] = "cpu"
+    data["eval"]["limit"], data["eval"]["selection_limit"] = 40, 5  # rungs 10, 30, 40 items per task
+    data["search"].update({"n_trials": 6, "finalists": 1})
+    path = tmp_path / "search_spaces" / "demo_fidelity.yml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    assert run_cli(["run", str(path), "-q"]) == 0
+    space = load_space(path)
+    store = TrialStore(space.storage_url)
+    records = store.trials(space.study_name)
+    assert len(records) == 6 and {r.status for r in records} <= {"complete", "pruned"}
+    rungs = store.rungs(space.study_name)
+    assert sorted(rungs[0]) == [0, 1, 2] and [rungs[0][k][0] for k in range(3)] == [40, 120, 160]
+    parent = store.references(space.study_name, "search")[space.models[0].name]  # trial 0 is that parent alone
+    trial0 = store.scores(space.study_name, "search")[0]
+    for objective in space.objectives:
+        assert trial0[objective.task][objective.metric] == pytest.approx(parent[objective.task][objective.metric])
+    front = {row.number for row in compute_front(space, store)}
+    assert front and front <= {r.number for r in records if r.status == "complete"}
+
+    capsys.readouterr()
+    assert run_cli(["front", str(path), "--top", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "Successive halving (eta 3): rung 0, 40 items: 6 trials" in out
+    pruned = sorted(r.number for r in records if r.status == "pruned")
+    if pruned:
+        assert "Stopped at rung" in out and all(f"{n}" in out for n in pruned)

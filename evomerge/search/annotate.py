@@ -158,8 +158,11 @@ def study_note(
     n_failed: int,
     finalists: int,
     finished: bool,
+    rungs: Sequence[str] = (),
 ) -> str:
     """The study note's evomerge section: the best trial, the front and the parents, as the tables show them.
+
+    `rungs`: successive halving's lines (`evomerge.search.fidelity.rung_summary`), shown under the counts.
 
     `objectives` are the space's objectives; `front`/`references`/`best` FrontRows; `seeds` maps
     the number of each enqueued trial to its role (a parent alone, the uniform mix).
@@ -180,6 +183,8 @@ def study_note(
     else:
         lines.append("**Search running**: the best trial is chosen when it ends. The parents, scored as they are:")
     lines += ["", f"{n_complete} trials complete, {n_failed} failed.", ""]
+    if rungs:
+        lines += [*rungs, ""]
     rows = [front_cells(r, held_out, best=best) for r in references]
     rows = [[f"{cells[0]} (as it is)", *cells[1:]] for cells in rows]
     shown = list(front[:NOTE_ROWS])

@@ -206,3 +206,38 @@ def promoted(space: SearchSpace, values: Sequence[float], rivals: Sequence[Seque
     ahead = sum(1 for key in keys[1:] if key < keys[0])
     keep = max(1, math.floor(len(keys) / eta))
     return ahead < keep
+
+
+def rung_summary(store, space: SearchSpace) -> list[str]:
+    """What `evomerge front` and the study note say of the rungs: how many trials reached each and
+    went up, and the rung every stopped trial ended at (none for a full-fidelity study)."""
+    rungs = store.rungs(space.study_name)
+    if not rungs:
+        return []
+    status = {r.number: r.status for r in store.trials(space.study_name)}
+    rungs = {n: r for n, r in rungs.items() if status.get(n) != "failed"}
+    spec = space.eval.fidelity
+    top = len(spec.rungs) - 1 if spec is not None else max(max(r) for r in rungs.values())
+    parts = []
+    for k in range(top + 1):
+        there = [n for n, r in rungs.items() if k in r]
+        if not there:
+            continue
+        items = rungs[there[0]][k][0]
+        went_up = sum(1 for n in there if k + 1 in rungs[n])
+        label = f"rung {k}{' (full)' if k == top else ''}, {items} items"
+        parts.append(f"{label}: {len(there)} trials" + (f", {went_up} went up" if k < top else ""))
+    eta = f" (eta {spec.eta:g})" if spec is not None else ""
+    lines = [f"Successive halving{eta}: " + " · ".join(parts) + "."]
+    stopped: dict[int, list[int]] = {}
+    for number, reached in rungs.items():
+        if status.get(number) == "pruned":
+            stopped.setdefault(max(reached), []).append(number)
+    if stopped:
+        lines.append(
+            " ".join(
+                f"Stopped at rung {k}: trial{'s' if len(ns) > 1 else ''} {', '.join(map(str, sorted(ns)))}."
+                for k, ns in sorted(stopped.items())
+            )
+        )
+    return lines

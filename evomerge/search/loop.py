@@ -489,6 +489,7 @@ class SearchLoop:
                     n_failed=sum(r.status == "failed" for r in records),
                     finalists=space.search.finalists,
                     finished=finished,
+                    rungs=fidelity.rung_summary(store, space),
                 ),
             )
             if finished:
