@@ -161,17 +161,23 @@ def test_promotion_keeps_the_top_one_over_eta(tmp_path, demo_family):
     rivals = [[v] for v in (0.9, 0.8, 0.7, 0.6, 0.5)]  # 6 trials: keep 2
     assert promoted(single, [0.85], rivals, eta=3) and not promoted(single, [0.75], rivals, eta=3)
     assert promoted(single, [0.75], rivals, eta=2)  # keep 3
-    assert promoted(single, [0.8], rivals, eta=3)  # a tie with the 2nd: nobody strictly ahead but one
+    assert not promoted(single, [0.8], rivals, eta=3)  # a tie with the 2nd: the earlier trial keeps the place
+    assert promoted(single, [0.8], rivals, eta=2)
+    assert not promoted(single, [0.1], [[0.1]], eta=3)  # the same score as the only rival
 
 
 def test_multi_objective_promotion_goes_by_non_domination_rank_then_weighted_sum(tmp_path, demo_family):
     space = fidelity_space(tmp_path, demo_family, objectives=2, sampler="tpe")
     assert space.multi_objective
     rivals = [[1.0, 0.0], [0.0, 1.0], [0.2, 0.2], [0.1, 0.1], [0.05, 0.05]]  # 6 trials: keep 2
-    # [0.5, 0.5] is on the front with both corners (rank 0) and has the larger sum: 1 ahead at most
+    # [0.5, 0.6] is on the front with both corners (rank 0) and has the largest sum there: none ahead
     assert fidelity.promoted(space, [0.5, 0.6], rivals, eta=3)
-    # [0.3, 0.3] is on the front too, but both corners tie it on sum 1.0 > 0.6: 2 ahead
+    # [0.3, 0.3] is on the front too, but both corners have the larger sum (1.0 > 0.6): 2 ahead
     assert not fidelity.promoted(space, [0.3, 0.3], rivals, eta=3)
+    # rank before sum: [0.55, 0.55] sums to more than the corners, but [0.6, 0.6] dominates it
+    rivals = [[0.6, 0.6], [1.0, 0.0], [0.0, 1.0], [0.1, 0.1], [0.1, 0.1]]
+    assert not fidelity.promoted(space, [0.55, 0.55], rivals, eta=3)
+    assert fidelity.promoted(space, [0.55, 0.55], rivals, eta=1.5)  # keep 4: 3 ahead
     # [0.2, 0.2] is dominated by [0.3, 0.3]: rank 1, whatever its sum
     keys = fidelity.sort_keys(space, [[0.3, 0.3], [0.2, 0.2], [0.9, 0.0]])
     assert [k[0] for k in keys] == [0, 1, 0]
@@ -332,3 +338,15 @@ def test_the_demo_fidelity_space_runs_as_written(tmp_path, demo_family, capsys):
     pruned = sorted(r.number for r in records if r.status == "pruned")
     if pruned:
         assert "Stopped at rung" in out and all(f"{n}" in out for n in pruned)
+
+
+@pytest.mark.parametrize(("sampler", "objectives"), [("tpe", 4), ("tpe", 1), ("nsga2", 2), ("cmaes", 2)])
+def test_every_sampler_runs_past_its_startup_with_pruned_trials(tmp_path, demo_family, sampler, objectives):
+    """The samplers read a study holding PRUNED trials (told without values) past their random start."""
+    options = {"population_size": 4} if sampler == "nsga2" else {"n_startup_trials": 4} if sampler == "tpe" else {}
+    space = fidelity_space(
+        tmp_path, demo_family, n_trials=14, objectives=objectives, sampler=sampler, sampler_options=options
+    )
+    summary = run_search(space, pool=ItemPool(space), progress=False)
+    assert summary.n_pruned and summary.n_complete + summary.n_pruned == 14 and summary.n_failed == 0
+    study_and_store_pruned(space)

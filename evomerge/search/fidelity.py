@@ -15,9 +15,10 @@ best first by
   (one objective, or cmaes over their weighted sum);
 - in a multi-objective study: non-domination rank first (rank 0 is R's Pareto front, rank 1 the
   front of the rest, ...), then the weighted sum within a rank.
-The trial goes up to rung k+1 iff fewer than max(1, floor(|R| / eta)) members of R sort strictly
-before it; otherwise it stops at rung k. The first trial at a rung therefore always goes up, and a
-trial is judged once, on arrival, never recalled later.
+Ties go to the earlier arrival: a trial has to beat a rival, not match it. The trial goes up to
+rung k+1 iff fewer than max(1, floor(|R| / eta)) other members of R sort before it or tie with it
+(they all arrived earlier); otherwise it stops at rung k. The first trial at a rung therefore
+always goes up, and a trial is judged once, on arrival, never recalled later.
 
 optuna's own pruners are not used: `Trial.report` raises in multi-objective studies, and one code
 path for both kinds keeps the rule the same.
@@ -201,9 +202,10 @@ def sort_keys(space: SearchSpace, points: Sequence[Sequence[float]]) -> list[tup
 
 
 def promoted(space: SearchSpace, values: Sequence[float], rivals: Sequence[Sequence[float]], eta: float) -> bool:
-    """Whether a trial with `values` at a rung goes up, given the rung's other trials' `rivals`."""
+    """Whether a trial with `values` at a rung goes up, given the values of the trials that reached
+    the rung before it (`rivals`); a tie counts as a rival ahead."""
     keys = sort_keys(space, [list(values), *[list(r) for r in rivals]])
-    ahead = sum(1 for key in keys[1:] if key < keys[0])
+    ahead = sum(1 for key in keys[1:] if key <= keys[0])
     keep = max(1, math.floor(len(keys) / eta))
     return ahead < keep
 

@@ -221,8 +221,6 @@ class SearchLoop:
             ),
         )
         tell(self.study, trial, state=TrialState.PRUNED)
-        if self.on_trial is not None:
-            self.on_trial(self.trial_report(running, result, values) | {"pruned": True})
 
     def trial_report(self, running: RunningTrial, result, values: list[float]) -> dict[str, Any]:
         """What on_trial gets for a finished trial (`rung` and `items` are None at full fidelity)."""
@@ -321,6 +319,8 @@ class SearchLoop:
             self.bar.update(in_flight=len(self.in_flight))
             if went_up:
                 return  # the same trial, in flight again at the next rung
+            if self.on_trial is not None:
+                self.on_trial(self.trial_report(running, result, values) | {"pruned": True})
         else:
             if self.ladder is not None:
                 self.record_rung(running, values)
