@@ -350,3 +350,11 @@ def test_every_sampler_runs_past_its_startup_with_pruned_trials(tmp_path, demo_f
     summary = run_search(space, pool=ItemPool(space), progress=False)
     assert summary.n_pruned and summary.n_complete + summary.n_pruned == 14 and summary.n_failed == 0
     study_and_store_pruned(space)
+
+
+def test_a_resumed_study_keeps_its_rungs(tmp_path, demo_family):
+    space = fidelity_space(tmp_path, demo_family, n_trials=3, objectives=1)
+    run_search(space, pool=ItemPool(space), progress=False)
+    changed = fidelity_space(tmp_path, demo_family, n_trials=4, objectives=1, fidelity={"rungs": [8, 15, "all"]})
+    with pytest.raises(ConfigError, match="scored trial 0 at rung 0 on 5 items, these rungs give 8"):
+        run_search(changed, pool=ItemPool(changed), progress=False)

@@ -126,6 +126,19 @@ class RungLadder:
         return f"rung {rung}/{self.top} ({per})"
 
 
+def check_recorded_rungs(space: SearchSpace, ladder: RungLadder, number: int, rungs: Mapping[int, tuple]) -> None:
+    """A resumed study's rungs must be the ones its trials were judged at (same items per rung)."""
+    for rung, (items, _) in rungs.items():
+        if rung > ladder.top or items != ladder.items(rung):
+            raise ConfigError(
+                f"study '{space.study_name}' scored trial {number} at rung {rung} on {items} items, these rungs "
+                f"give {ladder.items(rung) if rung <= ladder.top else 'no such rung'}: keep the study's rungs, "
+                "or set search.study_name to start a new study",
+                file=space.source_path,
+                field="eval.fidelity.rungs",
+            )
+
+
 def _rung_size(rung: int | float | str, total: int) -> int:
     if isinstance(rung, str):  # "all"
         return total

@@ -132,6 +132,7 @@ class SearchLoop:
         self.ladder = fidelity.RungLadder.build(spec, order, source=self.space.source_path)
         failed = {r.number for r in self.store.trials(self.space.study_name, status="failed")}
         for number, rungs in self.store.rungs(self.space.study_name).items():
+            fidelity.check_recorded_rungs(self.space, self.ladder, number, rungs)
             if number not in failed:
                 for rung, (_, values) in rungs.items():
                     self.reached.setdefault(rung, {})[number] = values
