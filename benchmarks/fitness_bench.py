@@ -55,11 +55,11 @@ class Arm:
     eval_settings: dict[str, Any] = field(default_factory=dict)  # merged into the space's `eval`
 
 
+HALVING = {"rungs": [10, 30, "all"], "eta": 3}
 ARMS = [
     Arm("full fidelity", {}),
-    Arm(
-        "successive halving, rungs 10/30/100 items per task, eta 3", {"fidelity": {"rungs": [10, 30, "all"], "eta": 3}}
-    ),
+    Arm("successive halving 10/30/100, eta 3, promote by Pareto rank", {"fidelity": HALVING}),
+    Arm("successive halving 10/30/100, eta 3, promote by mean", {"fidelity": HALVING | {"promote_by": "weighted"}}),
 ]
 
 

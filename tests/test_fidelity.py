@@ -113,6 +113,7 @@ def test_rungs_are_read_with_the_full_budget_last(tmp_path, demo_family, rungs, 
         ({"rungs": [0]}, "a rung is a whole number"),
         ({"rungs": [10], "eta": 1}, "greater than 1"),
         ({"rungs": [10], "etaa": 2}, "etaa"),
+        ({"rungs": [10], "promote_by": "mean"}, "promote_by"),
     ],
 )
 def test_bad_fidelity_settings_are_one_line_errors(tmp_path, demo_family, fidelity, message):
@@ -178,6 +179,10 @@ def test_multi_objective_promotion_goes_by_non_domination_rank_then_weighted_sum
     rivals = [[0.6, 0.6], [1.0, 0.0], [0.0, 1.0], [0.1, 0.1], [0.1, 0.1]]
     assert not fidelity.promoted(space, [0.55, 0.55], rivals, eta=3)
     assert fidelity.promoted(space, [0.55, 0.55], rivals, eta=1.5)  # keep 4: 3 ahead
+    by_sum = fidelity_space(
+        tmp_path, demo_family, objectives=2, sampler="tpe", fidelity={"rungs": [5], "promote_by": "weighted"}
+    )
+    assert fidelity.promoted(by_sum, [0.55, 0.55], rivals, eta=3)  # only [0.6, 0.6] has a larger sum
     # [0.2, 0.2] is dominated by [0.3, 0.3]: rank 1, whatever its sum
     keys = fidelity.sort_keys(space, [[0.3, 0.3], [0.2, 0.2], [0.9, 0.0]])
     assert [k[0] for k in keys] == [0, 1, 0]

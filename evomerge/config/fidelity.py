@@ -8,7 +8,7 @@ tasks' sizes are known (`evomerge.search.fidelity.RungLadder`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -21,6 +21,10 @@ FULL = "all"
 class FidelitySpec(StrictModel):
     rungs: list[int | float | str]  # e.g. [25, 100, all] or [0.1, 0.3, all]; ascending
     eta: Number = Field(3.0, gt=1)  # keep the top 1/eta of the trials that reached a rung
+    # How a multi-objective study ranks a rung: non-domination rank, then the weighted sum
+    # ("pareto"), or the weighted sum alone ("weighted": when the weighted score is what you want,
+    # e.g. the mean over skills, and parents that each win one objective should not hold the top places).
+    promote_by: Literal["pareto", "weighted"] = "pareto"
 
     @field_validator("rungs", mode="before")
     @classmethod

@@ -14,7 +14,8 @@ best first by
 - the weighted, direction-signed sum of the objectives (`scalarize`) in a single-objective study
   (one objective, or cmaes over their weighted sum);
 - in a multi-objective study: non-domination rank first (rank 0 is R's Pareto front, rank 1 the
-  front of the rest, ...), then the weighted sum within a rank.
+  front of the rest, ...), then the weighted sum within a rank; or the weighted sum alone with
+  `promote_by: weighted`.
 Ties go to the earlier arrival: a trial has to beat a rival, not match it. The trial goes up to
 rung k+1 iff fewer than max(1, floor(|R| / eta)) other members of R sort before it or tie with it
 (they all arrived earlier); otherwise it stops at rung k. The first trial at a rung therefore
@@ -194,7 +195,8 @@ def rung_values(space: SearchSpace, item_scores: ItemScores) -> tuple[Scores, li
 def sort_keys(space: SearchSpace, points: Sequence[Sequence[float]]) -> list[tuple[int, float]]:
     """Each point's (non-domination rank, -weighted sum): smaller sorts first (see the module doc)."""
     weighted = [-scalarize(space, p) for p in points]
-    if not space.multi_objective:
+    spec = space.eval.fidelity
+    if not space.multi_objective or (spec is not None and spec.promote_by == "weighted"):
         return [(0, w) for w in weighted]
     directions = [o.direction for o in space.objectives]
     ranks = [0] * len(points)
