@@ -21,6 +21,11 @@ rung k+1 iff fewer than max(1, floor(|R| / eta)) other members of R sort before 
 (they all arrived earlier); otherwise it stops at rung k. The first trial at a rung therefore
 always goes up, and a trial is judged once, on arrival, never recalled later.
 
+Why `promote_by: weighted` exists: with four skills as objectives, each parent alone is on the
+rung's Pareto front (it wins its own skill), so under Pareto ranking the parents and other
+specialists hold the few top places and a strong all-rounder seen later is stopped
+(`results/fitness.md` shows what that costs on the demo).
+
 optuna's own pruners are not used: `Trial.report` raises in multi-objective studies, and one code
 path for both kinds keeps the rule the same.
 """

@@ -195,6 +195,10 @@ class SearchLoop:
         complete trials than its good group wants); CMA-ES reads a pruned trial only with
         `consider_pruned_trials` and an intermediate value, and we report none. Telling the
         low-rung values as COMPLETE would instead mix 25-item means with full-set ones.
+        One caveat: while a TPE study has fewer complete trials than its good group wants, TPE fills
+        that group with pruned trials in trial order (they all score alike without intermediate
+        values), so the earliest stopped trials weigh there; a promotion rule that lets enough
+        trials reach the full budget keeps that group made of complete ones.
         """
         from optuna.trial import TrialState
 
