@@ -254,7 +254,8 @@ def main() -> None:
             "search's start (references included, model loading not). The ± is the binomial standard error of a "
             "mean over 400 items. Promotion by Pareto rank (the default for a multi-objective study) versus by "
             "the mean (`promote_by: weighted`): with the four skills as objectives each parent alone is on a "
-            "rung's Pareto front, since it wins its own skill.",
+            "rung's Pareto front, since it wins its own skill. Wall times depend on what else the shared machine "
+            "runs while each arm runs; the item counts do not.",
             "",
             "| arm | reached | trials to reach | items to reach | items vs full | trials' items to reach | "
             "trials' items vs full | wall to reach (s) | wall vs full | final best mean | trials (stopped low) | "
