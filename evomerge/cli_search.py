@@ -81,7 +81,9 @@ def run(
             summary.front,
             summary.references,
             best=summary.best,
-            title=f"Pareto front of {summary.study_name} ({summary.n_complete} complete, {summary.n_failed} failed, {summary.seconds:.0f}s)",
+            title=f"Pareto front of {summary.study_name} ({summary.n_complete} complete, "
+            + (f"{summary.n_pruned} stopped at a low rung, " if summary.n_pruned else "")
+            + f"{summary.n_failed} failed, {summary.seconds:.0f}s)",
         )
     )
     parents = [m.name for m in space.models]
@@ -114,6 +116,7 @@ def front(
 
     from evomerge.search.calibration import estimator_fidelity, fidelity_line, is_full
     from evomerge.search.catalog import load_study_space
+    from evomerge.search.fidelity import rung_summary
     from evomerge.search.front import FrontRow, compute_front, objective_values, pick_best, reference_rows, scalarize
     from evomerge.search.report import front_table
     from evomerge.store.protocol import TrialReader
@@ -150,6 +153,8 @@ def front(
         )
     if space.eval.estimator is not None:
         console.print(fidelity_line(estimator_fidelity(space, store), space.eval.estimator.method))
+    for line in rung_summary(store, space):  # successive halving: each trial's rung
+        console.print(line)
     failed = store.trials(space.study_name, status=TrialStatus.FAILED)
     if failed:
         console.print(f"{len(failed)} failed trial(s), e.g. trial {failed[-1].number}: {failed[-1].failure}")

@@ -193,3 +193,22 @@ PY
     store = TrialStore(load_space(space_file).storage_url)
     trials = store.trials("e2e", status="complete")
     assert len(trials) == 4
+
+
+def test_two_workers_run_successive_halving(tmp_path, demo_family):
+    """eval.fidelity through Ray actors: the item ids come from an actor, each rung's items go to one."""
+    import yaml
+
+    path = write_space(
+        tmp_path, demo_family, n_trials=6, sampler="random", limit=12, workers=2, finalists=0, enqueue=[]
+    )
+    data = yaml.safe_load(path.read_text())
+    data["eval"]["fidelity"] = {"rungs": [4, "all"], "eta": 2, "promote_by": "weighted"}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    space = load_space(path)
+    summary = run_search(space, progress=False)
+    assert summary.n_complete + summary.n_pruned == 6 and summary.n_failed == 0 and summary.n_complete >= 1
+    store = TrialStore(space.storage_url)
+    assert {len(ids) for ids in store.item_order(space.study_name).values()} == {12}
+    rungs = store.rungs(space.study_name)
+    assert all(rungs[r.number].keys() == {0, 1} for r in store.trials(space.study_name, status="complete"))

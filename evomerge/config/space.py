@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from evomerge.config.base import StrictModel
+from evomerge.config.fidelity import FidelitySpec
 from evomerge.config.mergekit_yaml import format_validation_error, parse_yaml, read_config_text
 from evomerge.config.numbers import (
     Integer,
@@ -105,6 +106,7 @@ class EvalSpec(StrictModel):
     # model and lm-eval's scoring (evomerge.evaluate.request_cache); false: lm-eval's evaluate per call
     request_cache: bool = True
     estimator: EstimatorSpec | None = None  # None: every trial is scored on every item
+    fidelity: FidelitySpec | None = None  # successive halving over item budgets (None: every item, every trial)
 
     @field_validator("limit", "selection_limit", mode="before")
     @classmethod
@@ -117,6 +119,12 @@ class EvalSpec(StrictModel):
         if number >= 1 and number.is_integer():
             return int(number)
         raise ValueError(f"expected a whole number of items (>= 1) or a fraction in (0, 1), got {value!r}")
+
+    @model_validator(mode="after")
+    def _one_cheap_fitness(self) -> EvalSpec:
+        if self.estimator is not None and self.fidelity is not None:
+            raise ValueError("set eval.fidelity or eval.estimator, not both (each decides which items a trial sees)")
+        return self
 
 
 class SearchSpec(StrictModel):

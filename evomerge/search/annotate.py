@@ -73,10 +73,12 @@ def search_attrs(
     weights_hash: str | None,
     seconds: Mapping[str, float],
     role_text: str | None = None,
+    rung: str | None = None,
 ) -> dict[str, Any]:
     """The user attributes of a finished trial: scores by objective name, mean, recipe, hash, timings.
 
-    `seconds` maps a phase (merge, hash, eval, trial) to its duration.
+    `seconds` maps a phase (merge, hash, eval, trial) to its duration. `rung` (successive
+    halving): the item budget the scores are on, e.g. "rung 0/2 (25 items per task), stopped".
     """
     attrs: dict[str, Any] = {f"score: {name}": _number(v) for name, v in zip(objective_names, values)}
     attrs["mean"] = _number(mean(values))
@@ -86,6 +88,8 @@ def search_attrs(
     attrs["seconds"] = " · ".join(f"{name} {value:.2f}" for name, value in seconds.items() if value is not None)
     if role_text:
         attrs["role"] = role_text
+    if rung:
+        attrs["rung"] = rung
     return attrs
 
 
@@ -154,8 +158,11 @@ def study_note(
     n_failed: int,
     finalists: int,
     finished: bool,
+    rungs: Sequence[str] = (),
 ) -> str:
     """The study note's evomerge section: the best trial, the front and the parents, as the tables show them.
+
+    `rungs`: successive halving's lines (`evomerge.search.fidelity.rung_summary`), shown under the counts.
 
     `objectives` are the space's objectives; `front`/`references`/`best` FrontRows; `seeds` maps
     the number of each enqueued trial to its role (a parent alone, the uniform mix).
@@ -176,6 +183,8 @@ def study_note(
     else:
         lines.append("**Search running**: the best trial is chosen when it ends. The parents, scored as they are:")
     lines += ["", f"{n_complete} trials complete, {n_failed} failed.", ""]
+    if rungs:
+        lines += [*rungs, ""]
     rows = [front_cells(r, held_out, best=best) for r in references]
     rows = [[f"{cells[0]} (as it is)", *cells[1:]] for cells in rows]
     shown = list(front[:NOTE_ROWS])

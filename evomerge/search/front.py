@@ -81,6 +81,7 @@ class SearchSummary:
     seconds: float
     space_path: str | None = None
     notes: list[str] = field(default_factory=list)
+    n_pruned: int = 0  # stopped at a low rung of successive halving (eval.fidelity)
 
 
 def compute_front(space: SearchSpace, store: TrialReader) -> list[FrontRow]:

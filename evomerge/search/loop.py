@@ -14,11 +14,11 @@ import logging
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import EvomergeError
-from evomerge.search import annotate
+from evomerge.search import annotate, fidelity
 from evomerge.search.front import (
     FrontRow,
     Scores,
@@ -57,6 +57,11 @@ class RunningTrial:
     trial: Any  # optuna.trial.Trial
     params: dict[str, Any] | None  # None until the genome is suggested
     asked: float  # time.perf_counter() just before study.ask()
+    # Successive halving (eval.fidelity): the rung being scored and what the lower rungs gave.
+    rung: int = 0
+    item_scores: dict = field(default_factory=dict)  # leaf task -> metric -> doc id -> value, every rung so far
+    merge_seconds: float = 0.0  # summed over its rungs
+    eval_seconds: float = 0.0
 
 
 @dataclass
@@ -84,6 +89,8 @@ class SearchLoop:
     best_score: float = field(default=-math.inf, init=False)  # best weighted search score so far, for the bar
     selection_errors: dict[int, str] = field(default_factory=dict, init=False)  # finalist -> why its rescoring failed
     estimator: Any = field(default=None, init=False)  # the study's IrtCalibration with eval.estimator, else None
+    ladder: fidelity.RungLadder | None = field(default=None, init=False)  # eval.fidelity's rungs; None: full budget
+    reached: dict[int, dict[int, list[float]]] = field(default_factory=dict, init=False)  # rung -> trial -> values
 
     def run(self) -> SearchSummary:
         # Reference points first: a model that cannot be scored leaves no trial waiting in a fresh study.
@@ -96,6 +103,7 @@ class SearchLoop:
         if unscored:
             self.bar.start_phase("parents", len(unscored))
         self.score_references(unscored, "search")
+        self.prepare_fidelity()
         enqueue_seeds(self.study, self.space, self.genome)  # first: it enqueues only into an empty study
         if self.space.eval.estimator is not None:
             self.calibrate()
@@ -172,6 +180,129 @@ class SearchLoop:
         finally:
             self.bar.close()
 
+    # -- successive halving ----------------------------------------------------------------
+
+    def prepare_fidelity(self) -> None:
+        """With eval.fidelity: the study's item order (drawn once, stored) and what each trial that
+        did not fail reached at each rung (from the store, so a resumed run judges as before)."""
+        spec = self.space.eval.fidelity
+        if spec is None:
+            return
+        order = fidelity.study_item_order(self.store, self.space, self.pool.item_ids("search"))
+        self.ladder = fidelity.RungLadder.build(spec, order, source=self.space.source_path)
+        failed = {r.number for r in self.store.trials(self.space.study_name, status="failed")}
+        for number, rungs in self.store.rungs(self.space.study_name).items():
+            fidelity.check_recorded_rungs(self.space, self.ladder, number, rungs)
+            if number not in failed:
+                for rung, (_, values) in rungs.items():
+                    self.reached.setdefault(rung, {})[number] = values
+
+    def submit(self, running: RunningTrial) -> None:
+        """Hand a trial to a worker: every item, or (eval.fidelity) the items its rung adds."""
+        if self.ladder is None:
+            how = {"estimator": self.estimator} if self.estimator is not None else {}
+            ticket = self.pool.submit(running.params, "search", **how)
+        else:
+            ticket = self.pool.submit(running.params, "search", items=self.ladder.new_items(running.rung))
+        self.in_flight[ticket] = running
+
+    def climb(self, running: RunningTrial, result) -> tuple[list[float], BaseException | None, Any]:
+        """One rung's outcome: the trial's values over every item it has scored, or why it failed;
+        the result carries those scores and the time of all its rungs."""
+        running.merge_seconds += result.merge_seconds
+        running.eval_seconds += result.eval_seconds
+        try:
+            new = result.item_scores
+            if new is None:
+                raise fidelity.FidelityError("eval.fidelity: the worker returned no per-item values")
+            fidelity.check_means(self.space, result.scores, new)
+            running.item_scores = fidelity.merge_item_scores(running.item_scores, new)
+            scores, values = fidelity.rung_values(self.space, running.item_scores)
+            if any(math.isnan(v) for v in values):
+                raise FloatingPointError(f"an objective is NaN: {values}")
+        except fidelity.FidelityError:
+            raise  # a setup problem: it stops the search (and `abandon` fails what is in flight)
+        except Exception as problem:
+            return [], problem, result
+        combined = replace(
+            result, scores=scores, merge_seconds=running.merge_seconds, eval_seconds=running.eval_seconds
+        )
+        return values, None, combined
+
+    def record_rung(self, running: RunningTrial, values: list[float]) -> list[list[float]]:
+        """Store the trial's values at its rung; the values of the rung's other trials (its rivals)."""
+        number, rung = running.trial.number, running.rung
+        self.store.record_rung(self.space.study_name, number, rung, items=self.ladder.items(rung), values=values)
+        rivals = [v for n, v in self.reached.get(rung, {}).items() if n != number]
+        self.reached.setdefault(rung, {})[number] = values
+        return rivals
+
+    def promote_or_prune(self, running: RunningTrial, result, values: list[float]) -> bool:
+        """Below the top rung: hand the trial on to the next rung (True), or stop it here (False)."""
+        rivals = self.record_rung(running, values)
+        if fidelity.promoted(self.space, values, rivals, self.space.eval.fidelity.eta):
+            running.rung += 1
+            self.submit(running)
+            return True
+        self.prune(running, result, values)
+        return False
+
+    def prune(self, running: RunningTrial, result, values: list[float]) -> None:
+        """Store a trial stopped below the top rung, then tell optuna PRUNED without values.
+
+        Why PRUNED: optuna's samplers never read a low-rung score as if it were a full one.
+        NSGA-II and random sampling ignore pruned trials; TPE puts a pruned trial without
+        intermediate values below every complete one (the "worse" group, unless it has fewer
+        complete trials than its good group wants); CMA-ES reads a pruned trial only with
+        `consider_pruned_trials` and an intermediate value, and we report none. Telling the
+        low-rung values as COMPLETE would instead mix 25-item means with full-set ones.
+        One caveat: while a TPE study has fewer complete trials than its good group wants, TPE fills
+        that group with pruned trials in trial order (they all score alike without intermediate
+        values), so the earliest stopped trials weigh there; a promotion rule that lets enough
+        trials reach the full budget keeps that group made of complete ones.
+        """
+        from optuna.trial import TrialState
+
+        trial = running.trial
+        self.store.prune_trial(
+            self.space.study_name,
+            trial.number,
+            values=values,
+            plan_yaml=result.plan_yaml,
+            merge_seconds=result.merge_seconds,
+            eval_seconds=result.eval_seconds,
+            device=result.device,
+            weights_hash=result.weights_hash,
+        )
+        annotate.set_trial_attrs(
+            trial,
+            annotate.search_attrs(
+                [o.label for o in self.space.objectives],
+                values,
+                methods=annotate.methods_line(self.genome, running.params),
+                weights_hash=result.weights_hash,
+                role_text=annotate.role(trial.user_attrs),
+                seconds={"merge": result.merge_seconds, "eval": result.eval_seconds},
+                rung=f"{self.ladder.describe(running.rung)}, stopped",
+            ),
+        )
+        tell(self.study, trial, state=TrialState.PRUNED)
+
+    def trial_report(self, running: RunningTrial, result, values: list[float]) -> dict[str, Any]:
+        """What on_trial gets for a finished trial (`rung` and `items` are None at full fidelity)."""
+        return {
+            "number": running.trial.number,
+            "wall_seconds": time.perf_counter() - running.asked,
+            "values": values,
+            "merge_seconds": result.merge_seconds,
+            "eval_seconds": result.eval_seconds,
+            "hash_seconds": result.extra.get("hash_seconds", 0.0),
+            "worker": result.worker,
+            "rung": None if self.ladder is None else running.rung,
+            "items": None if self.ladder is None else self.ladder.items(running.rung),
+            "pruned": False,
+        }
+
     # -- the search phase -------------------------------------------------------------------
 
     def search(self) -> None:
@@ -231,8 +362,7 @@ class SearchLoop:
         self.store.start_trial(
             self.space.study_name, self.asking.trial.number, self.asking.params, worker=getattr(self.pool, "name", None)
         )
-        how = {"estimator": self.estimator} if self.estimator is not None else {}
-        self.in_flight[self.pool.submit(self.asking.params, "search", **how)] = self.asking
+        self.submit(self.asking)
         self.asking = None
         self.bar.update(in_flight=len(self.in_flight))
 
@@ -241,15 +371,28 @@ class SearchLoop:
         running = self.reporting = self.in_flight.pop(outcome.ticket)
         self.bar.update(in_flight=len(self.in_flight))
         values, error = outcome_values(self.space, outcome)
+        result = outcome.result
+        if error is None and self.ladder is not None:
+            values, error, result = self.climb(running, result)
         self.lease.check()  # the trial is another driver's now: tell optuna nothing
         if error is not None:
             self.fail(running, error, retry=outcome.worker_died)
             self.reporting = None
             self.bar.update(failed=self.failed_count())
-        else:
-            self.complete(running, outcome.result, values)
+        elif self.ladder is not None and running.rung < self.ladder.top:
+            went_up = self.promote_or_prune(running, result, values)
             self.reporting = None
-            self.report(running, outcome.result, values)
+            self.bar.update(in_flight=len(self.in_flight))
+            if went_up:
+                return  # the same trial, in flight again at the next rung
+            if self.on_trial is not None:
+                self.on_trial(self.trial_report(running, result, values) | {"pruned": True})
+        else:
+            if self.ladder is not None:
+                self.record_rung(running, values)
+            self.complete(running, result, values)
+            self.reporting = None
+            self.report(running, result, values)
         self.bar.advance()
 
     def fail(self, running: RunningTrial, error: BaseException, *, retry: bool) -> None:
@@ -259,6 +402,8 @@ class SearchLoop:
         trial, reason = running.trial, short_error(error)
         log.warning("trial %d failed: %s", trial.number, reason)
         self.store.fail_trial(self.space.study_name, trial.number, reason)
+        for reached in self.reached.values():  # a failed trial is nobody's rival (its retry is)
+            reached.pop(trial.number, None)
         trial.set_user_attr("failure", reason)
         trial.set_user_attr("methods", annotate.methods_line(self.genome, running.params))
         tell(self.study, trial, state=TrialState.FAIL)
@@ -293,6 +438,7 @@ class SearchLoop:
                     "eval": result.eval_seconds,
                     "trial": time.perf_counter() - running.asked,
                 },
+                rung=None if self.ladder is None else self.ladder.describe(running.rung),
             ),
         )
         tell(self.study, trial, told)  # every other detail is in the trial store
@@ -301,17 +447,7 @@ class SearchLoop:
         """A completed trial to the caller's on_trial and to the progress bar."""
         number = running.trial.number
         if self.on_trial is not None:
-            self.on_trial(
-                {
-                    "number": number,
-                    "wall_seconds": time.perf_counter() - running.asked,
-                    "values": values,
-                    "merge_seconds": result.merge_seconds,
-                    "eval_seconds": result.eval_seconds,
-                    "hash_seconds": result.extra.get("hash_seconds", 0.0),
-                    "worker": result.worker,
-                }
-            )
+            self.on_trial(self.trial_report(running, result, values))
         if scalarize(self.space, values) > self.best_score:
             self.best_score = scalarize(self.space, values)
             self.bar.update(best=(number, annotate.mean(values)))
@@ -380,6 +516,7 @@ class SearchLoop:
             objective_names=[o.label for o in self.space.objectives],
             n_complete=sum(t.status == "complete" for t in trials),
             n_failed=sum(t.status == "failed" for t in trials),
+            n_pruned=sum(t.status == "pruned" for t in trials),
             front=front,
             references=reference_rows(self.space, self.store),
             best=best,
@@ -432,6 +569,7 @@ class SearchLoop:
                     n_failed=sum(r.status == "failed" for r in records),
                     finalists=space.search.finalists,
                     finished=finished,
+                    rungs=fidelity.rung_summary(store, space),
                 ),
             )
             if finished:
@@ -531,13 +669,14 @@ def enqueue_seeds(study, space: SearchSpace, genome) -> int:
 
 
 def finished_count(study) -> int:
-    """Trials that count against n_trials: finished ones, except failures whose genome was queued
+    """Trials that count against n_trials: finished ones (stopped at a low rung too), except failures whose genome was queued
     again (a worker died or the driver was interrupted): their retry takes their place."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs["retry_of"] for t in trials if t.user_attrs.get("retry_of") is not None}
-    return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.FAIL) and t.number not in retried)
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return sum(1 for t in trials if t.state in done and t.number not in retried)
 
 
 def queue_again(study, trial, params: Mapping[str, Any]) -> None:

@@ -130,6 +130,10 @@ def recover_interrupted(study, store: TrialRecorder, space: SearchSpace) -> list
             study.tell(trial.number, record.values)
             notes.append(f"trial {trial.number}: finished before the interruption, kept")
             continue
+        if record is not None and record.status == "pruned":
+            study.tell(trial.number, state=TrialState.PRUNED)
+            notes.append(f"trial {trial.number}: stopped at a low rung before the interruption, kept")
+            continue
         study.tell(trial.number, state=TrialState.FAIL)
         reason = "interrupted: the search process stopped before this trial finished"
         # An enqueued genome (a parent, the uniform mix) killed before its genes were written has

@@ -5,6 +5,7 @@ from evomerge.store.states import Split, TrialStatus
 from evomerge.store.trial_store import (
     COMPLETE,
     FAILED,
+    PRUNED,
     RUNNING,
     SPLITS,
     StudyInfo,
@@ -16,6 +17,7 @@ from evomerge.store.trial_store import (
 __all__ = [
     "COMPLETE",
     "FAILED",
+    "PRUNED",
     "RUNNING",
     "SPLITS",
     "Split",

@@ -9,6 +9,7 @@ class TrialStatus(StrEnum):
     RUNNING = "running"
     COMPLETE = "complete"
     FAILED = "failed"
+    PRUNED = "pruned"  # stopped at a low rung of successive halving: complete at that rung, never on the front
 
 
 class Split(StrEnum):

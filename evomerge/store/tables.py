@@ -124,3 +124,26 @@ reference_scores_table = Table(
     Column("value", Float, nullable=True),  # NULL is NaN
     Column("recorded_at", DateTime(timezone=True), nullable=False),
 )
+
+# Successive halving (eval.fidelity): each trial's objective values at each rung it finished.
+# A trial's rung is the highest one here; a trial without rows ran at full fidelity.
+rungs_table = Table(
+    "evomerge_rungs",
+    metadata,
+    Column("study", _study_name, primary_key=True),
+    Column("number", Integer, primary_key=True, autoincrement=False),
+    Column("rung", Integer, primary_key=True, autoincrement=False),  # 0 = the smallest budget
+    Column("items_scored", Integer, nullable=False),  # items scored for this trial up to this rung, all tasks
+    Column("objective_values", _json, nullable=False),  # list[float | None]; None is NaN
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+)
+
+# The study's fixed, nested item order per task: rung k scores the first n_k doc ids.
+item_orders_table = Table(
+    "evomerge_item_orders",
+    metadata,
+    Column("study", _study_name, primary_key=True),
+    Column("task", _short, primary_key=True),
+    Column("doc_ids", _json, nullable=False),  # list[int], the order drawn from the study seed
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+)

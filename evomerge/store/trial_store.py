@@ -41,16 +41,18 @@ from evomerge.store.database import (  # display_url and tune_sqlite are importe
 from evomerge.store.states import Split, TrialStatus
 from evomerge.store.tables import (
     STUDY_UID_ATTR,
+    item_orders_table,
     leases_table,
     metadata,
     reference_scores_table,
     references_table,
+    rungs_table,
     scores_table,
     studies_table,
     trials_table,
 )
 
-RUNNING, COMPLETE, FAILED = TrialStatus.RUNNING, TrialStatus.COMPLETE, TrialStatus.FAILED
+RUNNING, COMPLETE, FAILED, PRUNED = TrialStatus.RUNNING, TrialStatus.COMPLETE, TrialStatus.FAILED, TrialStatus.PRUNED
 STATUSES = tuple(TrialStatus)
 SPLITS = tuple(Split)
 DIRECTIONS = ("maximize", "minimize")
@@ -60,7 +62,16 @@ _FAILURE_CHARS = 2000  # failure reasons are one line, at most this long
 
 _T = TypeVar("_T")
 # Every study's rows, in the order a delete or rename touches them.
-STUDY_TABLES = (scores_table, reference_scores_table, references_table, trials_table, leases_table, studies_table)
+STUDY_TABLES = (
+    scores_table,
+    rungs_table,
+    item_orders_table,
+    reference_scores_table,
+    references_table,
+    trials_table,
+    leases_table,
+    studies_table,
+)
 
 
 def _database_call(method: Callable[..., _T]) -> Callable[..., _T]:
@@ -81,7 +92,7 @@ class TrialRecord:
     status: TrialStatus
     genome: dict[str, Any]  # optuna params of the trial
     plan_yaml: str  # mergekit-compatible YAML reproducing the merge ("" while unknown)
-    values: list[float] | None  # objective values told to optuna (None unless complete)
+    values: list[float] | None  # objective values (complete: told to optuna; pruned: at its last rung; else None)
     merge_seconds: float | None
     eval_seconds: float | None
     device: str | None
@@ -414,6 +425,80 @@ class TrialStore:
         }
         keep = ("genome", "worker", "started_at")
         self._write(lambda conn: _upsert(conn, trials_table, [row], keep=keep))
+
+    @_database_call
+    def prune_trial(
+        self,
+        study: str,
+        number: int,
+        *,
+        values: list[float],
+        plan_yaml: str,
+        merge_seconds: float,
+        eval_seconds: float,
+        device: str,
+        weights_hash: str,
+    ) -> None:
+        """Record a trial stopped at a low rung: complete at that rung (its values there), not a failure."""
+        row = _blank_trial(study, number) | {
+            "status": PRUNED,
+            "plan_yaml": plan_yaml,
+            "objective_values": _encode_values([_float(v) for v in values]),
+            "merge_seconds": _float(merge_seconds),
+            "eval_seconds": _float(eval_seconds),
+            "device": device,
+            "weights_hash": weights_hash,
+            "finished_at": _utcnow(),
+        }
+        keep = ("genome", "worker", "started_at")
+        self._write(lambda conn: _upsert(conn, trials_table, [row], keep=keep))
+
+    @_database_call
+    def record_rung(self, study: str, number: int, rung: int, *, items: int, values: list[float]) -> None:
+        """A trial's objective values once it finished `rung` (`items`: scored so far, every task)."""
+        row = {
+            "study": study,
+            "number": int(number),
+            "rung": int(rung),
+            "items_scored": int(items),
+            "objective_values": _encode_values([_float(v) for v in values]),
+            "recorded_at": _utcnow(),
+        }
+        self._write(lambda conn: _upsert(conn, rungs_table, [row]))
+
+    @_database_call
+    def rungs(self, study: str) -> dict[int, dict[int, tuple[int, list[float]]]]:
+        """number -> rung -> (items scored up to it, objective values), numbers and rungs ascending."""
+        t = rungs_table
+        stmt = (
+            select(t.c.number, t.c.rung, t.c.items_scored, t.c.objective_values)
+            .where(t.c.study == study)
+            .order_by(t.c.number, t.c.rung)
+        )
+        rows = self._read((t,), lambda conn: conn.execute(stmt).all(), [])
+        nested: dict[int, dict[int, tuple[int, list[float]]]] = {}
+        for number, rung, items, values in rows:
+            nested.setdefault(int(number), {})[int(rung)] = (int(items), _decode_values(values) or [])
+        return nested
+
+    @_database_call
+    def save_item_order(self, study: str, order: Mapping[str, Sequence[int]]) -> None:
+        """The study's item order per task (written once, when the first fidelity run starts)."""
+        now = _utcnow()
+        rows = [
+            {"study": study, "task": str(task), "doc_ids": [int(i) for i in ids], "recorded_at": now}
+            for task, ids in order.items()
+        ]
+        if rows:
+            self._write(lambda conn: _upsert(conn, item_orders_table, rows))
+
+    @_database_call
+    def item_order(self, study: str) -> dict[str, list[int]]:
+        """task -> doc ids in the study's order; empty when none was stored."""
+        t = item_orders_table
+        stmt = select(t.c.task, t.c.doc_ids).where(t.c.study == study).order_by(t.c.task)
+        rows = self._read((t,), lambda conn: conn.execute(stmt).all(), [])
+        return {task: [int(i) for i in ids] for task, ids in rows}
 
     @_database_call
     def fail_running(self, study: str, reason: str, *, worker: str | None = None) -> list[int]:
@@ -754,7 +839,7 @@ def _trial_record(row: Mapping[str, Any]) -> TrialRecord:
         status=status,
         genome=dict(row["genome"] or {}),
         plan_yaml=row["plan_yaml"] or "",
-        values=_decode_values(row["objective_values"]) if status == COMPLETE else None,
+        values=_decode_values(row["objective_values"]) if status in (COMPLETE, PRUNED) else None,
         merge_seconds=row["merge_seconds"],
         eval_seconds=row["eval_seconds"],
         device=row["device"],

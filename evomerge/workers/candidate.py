@@ -20,9 +20,10 @@ import torch
 from evomerge.config.space import SearchSpace
 from evomerge.devices import resolve_device
 from evomerge.dtypes import torch_dtype
+from evomerge.errors import ConfigError
 from evomerge.evaluate.estimator import IrtCalibration, IrtEstimator
 from evomerge.evaluate.factory import make_evaluator
-from evomerge.evaluate.protocol import Evaluator, ItemEvaluator, ItemScores, Scores
+from evomerge.evaluate.protocol import Evaluator, ItemEvaluator, ItemIds, ItemScores, Scores
 from evomerge.genome.kinds import make_genome
 from evomerge.genome.protocol import Genome
 from evomerge.store.states import Split
@@ -86,32 +87,44 @@ class CandidateWorker:
             raise ValueError("no objective has a selection_task")
         return self.selection_evaluator
 
-    def _item_evaluator(self, split: str) -> ItemEvaluator:
+    def _item_evaluator(self, split: str, field: str) -> ItemEvaluator:
         evaluator = self._evaluator(split)
         if not isinstance(evaluator, ItemEvaluator):
-            raise ValueError(f"eval.kind '{self.space.eval.kind}' cannot score single items (eval.estimator needs it)")
+            raise ConfigError(
+                f"needs an evaluator that scores single items; eval.kind '{self.space.eval.kind}' does not",
+                file=self.space.source_path,
+                field=field,
+            )
         return evaluator
+
+    def item_ids(self, split: str = "search") -> ItemIds:
+        """Every doc id of each leaf task at full budget: what successive halving draws its order from."""
+        return self._item_evaluator(split, "eval.fidelity").item_ids()
 
     def evaluate(
         self,
         params: Mapping[str, Any],
         split: str = "search",
         *,
+        items: ItemIds | None = None,
         per_item: bool = False,
         estimator: IrtCalibration | None = None,
     ) -> CandidateResult:
         """Build the genome's candidate, hash it, score it. Raises on any failure (the caller fails the trial).
 
-        `per_item`: score every item and keep each item's values (calibration); `estimator`: score
-        the calibration's anchor items only and report estimated full-set scores.
+        `items` (successive halving): score only these docs of each leaf task; `per_item`: score
+        every item (an estimator's calibration). Both keep each scored item's values in the
+        result's `item_scores`. `estimator`: score the calibration's anchor items only and report
+        estimated full-set scores.
         """
         candidate = self.builder.build(params)
         started = time.perf_counter()
         item_scores = None
-        if per_item:
-            scores, item_scores = self._item_evaluator(split).evaluate_items(candidate.model)
+        if items is not None or per_item:
+            field = "eval.fidelity" if items is not None else "eval.estimator"
+            scores, item_scores = self._item_evaluator(split, field).evaluate_items(candidate.model, items)
         elif estimator is not None:
-            scores = IrtEstimator(self._item_evaluator(split), estimator).evaluate(candidate.model)
+            scores = IrtEstimator(self._item_evaluator(split, "eval.estimator"), estimator).evaluate(candidate.model)
         else:
             scores = self._evaluator(split).evaluate(candidate.model)
         evaluated = time.perf_counter()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from evomerge.evaluate.protocol import ItemScores, Scores
+    from evomerge.evaluate.protocol import ItemIds, ItemScores, Scores
     from evomerge.genome.protocol import Genome
     from evomerge.workers.candidate import CandidateResult
 
@@ -57,7 +57,8 @@ class WorkerPool(Protocol):
     def submit(self, params: Mapping[str, Any], split: str = "search", **how: Any) -> int:
         """Start merging and scoring one genome on `split`; returns its ticket.
 
-        `how`: `CandidateWorker.evaluate`'s options (`per_item=True`, `estimator=IrtCalibration`).
+        `how`: `CandidateWorker.evaluate`'s options: `items` (successive halving: only these docs
+        per leaf task), `per_item=True` (every item, each one's values), `estimator=IrtCalibration`.
         """
         ...
 
@@ -71,6 +72,10 @@ class WorkerPool(Protocol):
 
     def score_reference_items(self, name: str, split: str) -> tuple[Scores, ItemScores]:
         """`score_reference` with each item's values (only an estimator's calibration asks)."""
+        ...
+
+    def item_ids(self, split: str = "search") -> ItemIds:
+        """Every doc id each leaf task scores at full budget (needed only when eval.fidelity is set)."""
         ...
 
     def close(self) -> None: ...

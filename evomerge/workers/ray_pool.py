@@ -21,7 +21,7 @@ from evomerge.threads import WAIT_POLICY, worker_threads
 from evomerge.workers.protocol import TrialOutcome
 
 if TYPE_CHECKING:
-    from evomerge.evaluate.protocol import ItemScores, Scores
+    from evomerge.evaluate.protocol import ItemIds, ItemScores, Scores
     from evomerge.genome.protocol import Genome
 
 
@@ -62,6 +62,9 @@ def _actor_class():
 
         def evaluate(self, params, split, how):
             return self.worker.evaluate(params, split, **how)
+
+        def item_ids(self, split: str):
+            return self.worker.item_ids(split)
 
         def score_reference(self, name: str, split: str) -> Scores:
             return self.worker.score_reference(name, split)
@@ -295,6 +298,14 @@ class RayPool:
                 self._idle.remove(index)
                 self._recover(index)
         raise EvomergeError("no Ray worker became available to score the reference models")
+
+    def item_ids(self, split: str = "search") -> ItemIds:
+        """Every doc id each leaf task scores at full budget, asked of one actor (all load the same tasks)."""
+        import ray
+
+        while not self._idle and (self._recovering or self._running):
+            self._wait_for_idle()
+        return ray.get(self.actors[self._idle[0]].item_ids.remote(split))
 
     def _wait_for_idle(self) -> None:
         outcome = self.wait_any()

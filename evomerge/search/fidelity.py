@@ -1,0 +1,265 @@
+"""Successive halving over item budgets (`eval.fidelity`): the rungs, their items, and who goes up.
+
+The items. Each leaf task's doc ids are shuffled once per study from `search.seed` and stored in
+the trial store (`evomerge_item_orders`), so a resumed run and every worker use the same order.
+Rung k scores the first n_k ids of that order: the budgets are nested, and a promoted trial
+scores only the ids between n_(k-1) and n_k. Its score at rung k is the mean of its per-item
+values over the union, which is exact for metrics that lm-eval aggregates as a mean; any other
+aggregation is refused at the first rung that shows it (`check_means`).
+
+The promotion rule (asynchronous, no generation barrier; optuna's SuccessiveHalvingPruner makes
+the same decide-once choice). When a trial finishes rung k < top, let R be the trials that reached
+rung k so far, itself included, failed ones left out (a retried genome takes their place). Sort R
+best first by
+- the weighted, direction-signed sum of the objectives (`scalarize`) in a single-objective study
+  (one objective, or cmaes over their weighted sum);
+- in a multi-objective study: non-domination rank first (rank 0 is R's Pareto front, rank 1 the
+  front of the rest, ...), then the weighted sum within a rank; or the weighted sum alone with
+  `promote_by: weighted`.
+Ties go to the earlier arrival: a trial has to beat a rival, not match it. The trial goes up to
+rung k+1 iff fewer than max(1, floor(|R| / eta)) other members of R sort before it or tie with it
+(they all arrived earlier); otherwise it stops at rung k. The first trial at a rung therefore
+always goes up, and a trial is judged once, on arrival, never recalled later.
+
+Why `promote_by: weighted` exists: with four skills as objectives, each parent alone is on the
+rung's Pareto front (it wins its own skill), so under Pareto ranking the parents and other
+specialists hold the few top places and a strong all-rounder seen later is stopped
+(`results/fitness.md` shows what that costs on the demo).
+
+optuna's own pruners are not used: `Trial.report` raises in multi-objective studies, and one code
+path for both kinds keeps the rule the same.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from evomerge.errors import ConfigError, EvomergeError
+from evomerge.search.front import objective_values, scalarize
+from evomerge.search.pareto import pareto_front
+
+if TYPE_CHECKING:
+    from evomerge.config.fidelity import FidelitySpec
+    from evomerge.config.space import SearchSpace
+    from evomerge.evaluate.protocol import ItemIds, ItemScores, Scores
+
+MEAN_TOLERANCE = 1e-6  # a reported score further than this from its items' mean is not a mean
+
+
+class FidelityError(EvomergeError):
+    """The evaluator or an objective's metric cannot run successive halving (a setup problem)."""
+
+
+def draw_item_order(item_ids: Mapping[str, Sequence[int]], seed: int) -> dict[str, list[int]]:
+    """Each task's doc ids in a fixed random order: one permutation per task, from the seed and the
+    task's name (so adding a task does not reshuffle the others)."""
+    order = {}
+    for task, ids in item_ids.items():
+        rng = np.random.default_rng([int(seed), zlib.crc32(task.encode())])
+        order[task] = [int(ids[i]) for i in rng.permutation(len(ids))]
+    return order
+
+
+def study_item_order(store, space: SearchSpace, item_ids: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """The study's stored order, drawn and stored on the first run; a stored order that no longer
+    fits the tasks' items (eval.limit or the tasks changed) is an error, not silently redrawn."""
+    stored = store.item_order(space.study_name)
+    if not stored:
+        order = draw_item_order(item_ids, space.search.seed)
+        store.save_item_order(space.study_name, order)
+        return order
+    for task, ids in item_ids.items():
+        if sorted(stored.get(task, [])) != sorted(ids):
+            raise ConfigError(
+                f"study '{space.study_name}' stored an item order for task '{task}' that does not match its "
+                f"items now ({len(stored.get(task, []))} stored, {len(ids)} now): keep eval.limit and the tasks, "
+                "or set search.study_name to start a new study",
+                file=space.source_path,
+                field="eval.fidelity",
+            )
+    return {task: stored[task] for task in item_ids}
+
+
+@dataclass(frozen=True)
+class RungLadder:
+    """The rungs in items: `sizes[k][task]` = how many of `order[task]` rung k scores."""
+
+    order: dict[str, list[int]]
+    sizes: list[dict[str, int]]
+
+    @classmethod
+    def build(cls, spec: FidelitySpec, order: Mapping[str, list[int]], *, source=None) -> RungLadder:
+        sizes = []
+        for rung in spec.rungs:
+            sizes.append({task: _rung_size(rung, len(ids)) for task, ids in order.items()})
+        for k in range(1, len(sizes)):
+            if sum(sizes[k].values()) <= sum(sizes[k - 1].values()):
+                most = max(len(ids) for ids in order.values())
+                raise ConfigError(
+                    f"rung {k} ({spec.rungs[k]}) adds no item to rung {k - 1} ({spec.rungs[k - 1]}): "
+                    f"the largest task has {most} items",
+                    file=source,
+                    field="eval.fidelity.rungs",
+                )
+        return cls({task: list(ids) for task, ids in order.items()}, sizes)
+
+    @property
+    def top(self) -> int:
+        return len(self.sizes) - 1
+
+    def new_items(self, rung: int) -> ItemIds:
+        """The doc ids rung `rung` adds to the rung below it (all of rung 0's for rung 0)."""
+        below = self.sizes[rung - 1] if rung > 0 else {}
+        return {task: ids[below.get(task, 0) : self.sizes[rung][task]] for task, ids in self.order.items()}
+
+    def items(self, rung: int) -> int:
+        """Items scored up to and including `rung`, every task together."""
+        return sum(self.sizes[rung].values())
+
+    def describe(self, rung: int) -> str:
+        """'rung 1/2 (25 items per task)', or per task where the tasks differ."""
+        counts = set(self.sizes[rung].values())
+        if len(counts) == 1:
+            per = f"{counts.pop()} items per task"
+        else:
+            per = ", ".join(f"{task} {n}" for task, n in self.sizes[rung].items()) + " items"
+        return f"rung {rung}/{self.top} ({per})"
+
+
+def check_recorded_rungs(space: SearchSpace, ladder: RungLadder, number: int, rungs: Mapping[int, tuple]) -> None:
+    """A resumed study's rungs must be the ones its trials were judged at (same items per rung)."""
+    for rung, (items, _) in rungs.items():
+        if rung > ladder.top or items != ladder.items(rung):
+            raise ConfigError(
+                f"study '{space.study_name}' scored trial {number} at rung {rung} on {items} items, these rungs "
+                f"give {ladder.items(rung) if rung <= ladder.top else 'no such rung'}: keep the study's rungs, "
+                "or set search.study_name to start a new study",
+                file=space.source_path,
+                field="eval.fidelity.rungs",
+            )
+
+
+def _rung_size(rung: int | float | str, total: int) -> int:
+    if isinstance(rung, str):  # "all"
+        return total
+    if isinstance(rung, float):
+        return min(total, max(1, math.ceil(rung * total)))
+    return min(total, rung)
+
+
+def merge_item_scores(scored: ItemScores, new: ItemScores) -> ItemScores:
+    """The union of two item score sets (a doc id scored twice keeps the newer value)."""
+    merged = {task: {metric: dict(values) for metric, values in metrics.items()} for task, metrics in scored.items()}
+    for task, metrics in new.items():
+        for metric, values in metrics.items():
+            merged.setdefault(task, {}).setdefault(metric, {}).update(values)
+    return merged
+
+
+def mean_scores(item_scores: ItemScores) -> Scores:
+    """Each task's metrics as the mean of its items' values (NaN items make a NaN mean)."""
+    return {
+        task: {metric: sum(values.values()) / len(values) for metric, values in metrics.items() if values}
+        for task, metrics in item_scores.items()
+    }
+
+
+def check_means(space: SearchSpace, scores: Scores, item_scores: ItemScores) -> None:
+    """Every objective's reported score is the mean of its items' values, else FidelityError."""
+    for objective in space.objectives:
+        values = item_scores.get(objective.task, {}).get(objective.metric)
+        reported = scores.get(objective.task, {}).get(objective.metric)
+        if not values:
+            raise FidelityError(
+                f"eval.fidelity: the evaluator gave no per-item values of {objective.task} {objective.metric} "
+                "(successive halving needs each item's value: use a leaf task, not a group)"
+            )
+        if reported is None:
+            continue  # outcome_values reports a missing task or metric
+        average = sum(values.values()) / len(values)
+        if not (math.isnan(reported) and math.isnan(average)) and abs(reported - average) > MEAN_TOLERANCE:
+            raise FidelityError(
+                f"eval.fidelity: {objective.task} {objective.metric} is not a mean over items (lm-eval reported "
+                f"{reported:.6g}, its items average {average:.6g}); successive halving adds rungs up as means, "
+                "so drop eval.fidelity for this objective's metric"
+            )
+
+
+def rung_values(space: SearchSpace, item_scores: ItemScores) -> tuple[Scores, list[float]]:
+    """A trial's scores over every item it has scored, and its objective values from them."""
+    scores = mean_scores(item_scores)
+    return scores, objective_values(space, scores)
+
+
+def sort_keys(space: SearchSpace, points: Sequence[Sequence[float]]) -> list[tuple[int, float]]:
+    """Each point's (non-domination rank, -weighted sum): smaller sorts first (see the module doc)."""
+    weighted = [-scalarize(space, p) for p in points]
+    spec = space.eval.fidelity
+    if not space.multi_objective or (spec is not None and spec.promote_by == "weighted"):
+        return [(0, w) for w in weighted]
+    directions = [o.direction for o in space.objectives]
+    ranks = [0] * len(points)
+    left = list(range(len(points)))
+    rank = 0
+    while left:
+        front = pareto_front([points[i] for i in left], directions)
+        if not front:  # only NaN rows left: they rank last together
+            for i in left:
+                ranks[i] = rank
+            break
+        for j in front:
+            ranks[left[j]] = rank
+        chosen = set(front)
+        left = [i for j, i in enumerate(left) if j not in chosen]
+        rank += 1
+    return list(zip(ranks, weighted, strict=True))
+
+
+def promoted(space: SearchSpace, values: Sequence[float], rivals: Sequence[Sequence[float]], eta: float) -> bool:
+    """Whether a trial with `values` at a rung goes up, given the values of the trials that reached
+    the rung before it (`rivals`); a tie counts as a rival ahead."""
+    keys = sort_keys(space, [list(values), *[list(r) for r in rivals]])
+    ahead = sum(1 for key in keys[1:] if key <= keys[0])
+    keep = max(1, math.floor(len(keys) / eta))
+    return ahead < keep
+
+
+def rung_summary(store, space: SearchSpace) -> list[str]:
+    """What `evomerge front` and the study note say of the rungs: how many trials reached each and
+    went up, and the rung every stopped trial ended at (none for a full-fidelity study)."""
+    rungs = store.rungs(space.study_name)
+    if not rungs:
+        return []
+    status = {r.number: r.status for r in store.trials(space.study_name)}
+    rungs = {n: r for n, r in rungs.items() if status.get(n) != "failed"}
+    spec = space.eval.fidelity
+    top = len(spec.rungs) - 1 if spec is not None else max(max(r) for r in rungs.values())
+    parts = []
+    for k in range(top + 1):
+        there = [n for n, r in rungs.items() if k in r]
+        if not there:
+            continue
+        items = rungs[there[0]][k][0]
+        went_up = sum(1 for n in there if k + 1 in rungs[n])
+        label = f"rung {k}{' (full)' if k == top else ''}, {items} items"
+        parts.append(f"{label}: {len(there)} trials" + (f", {went_up} went up" if k < top else ""))
+    eta = f" (eta {spec.eta:g})" if spec is not None else ""
+    lines = [f"Successive halving{eta}: " + " · ".join(parts) + "."]
+    stopped: dict[int, list[int]] = {}
+    for number, reached in rungs.items():
+        if status.get(number) == "pruned":
+            stopped.setdefault(max(reached), []).append(number)
+    if stopped:
+        lines.append(
+            " ".join(
+                f"Stopped at rung {k}: trial{'s' if len(ns) > 1 else ''} {', '.join(map(str, sorted(ns)))}."
+                for k, ns in sorted(stopped.items())
+            )
+        )
+    return lines

@@ -1,0 +1,365 @@
+"""Successive halving over item budgets (eval.fidelity): the config, the nested item order, the
+promotion rule, and searches run with an item-scoring fake pool (no lm-eval) plus one small real one.
+
+The fake pool gives each (genome, doc id) a fixed 0/1 value, so a rung's scores are exact means
+and a test can recompute every number the loop stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import optuna
+import pytest
+import yaml
+from test_search_loop import Outcome, Result, ScriptedPool, digest, study_and_store
+
+from evomerge.config.space import load_space
+from evomerge.errors import ConfigError
+from evomerge.search import fidelity
+from evomerge.search.front import compute_front, objective_values, scalarize
+from evomerge.search.runner import run_search
+from evomerge.store.trial_store import TrialStore
+
+ITEMS = 40  # doc ids per task in the fake pool
+
+
+def item_value(params, task: str, doc: int) -> float:
+    """A genome's fixed 0/1 result on one item; genomes differ in how many they get right."""
+    skill = digest(params)[0] / 255
+    noise = hashlib.sha256(f"{json.dumps(params, sort_keys=True)}|{task}|{doc}".encode()).digest()[0] / 255
+    return float(noise < skill)
+
+
+class ItemPool(ScriptedPool):
+    """ScriptedPool that scores only the items it is given and returns each one's value."""
+
+    def __init__(self, space, script=(), *, not_a_mean: bool = False):
+        super().__init__(space, script)
+        self.not_a_mean = not_a_mean
+        self.items: list[tuple[dict, dict]] = []  # (genome, items) per search submission
+
+    def item_ids(self, split="search"):
+        return {o.task: list(range(ITEMS)) for o in self.space.objectives}
+
+    def submit(self, params, split="search", items=None):
+        ticket = super().submit(params, split)
+        self.queue[-1] = (*self.queue[-1], items)
+        if split == "search":
+            self.items.append((dict(params), items))
+        return ticket
+
+    def wait_any(self, timeout=None):
+        ticket, params, split, items = self.queue.pop(0)
+        action = self.script.pop(0) if self.script and split == "search" else "ok"
+        if isinstance(action, BaseException):
+            raise action
+        if items is None:
+            items = self.item_ids()
+        per_item = {t: {"acc,none": {d: item_value(params, t, d) for d in ids}} for t, ids in items.items()}
+        scores = {
+            t: {"acc,none": sum(values["acc,none"].values()) / len(values["acc,none"])}
+            for t, values in per_item.items()
+        }
+        if self.not_a_mean:
+            scores = {t: {"acc,none": 0.5 * m["acc,none"] + 0.25} for t, m in scores.items()}
+        return Outcome(ticket, result=Result(scores, digest(params).hex(), extra={"item_scores": per_item}))
+
+    def scores(self, params, split):
+        ids = self.item_ids()
+        tasks = [o.task if split == "search" else o.selection_task for o in self.space.objectives]
+        return {
+            t: {"acc,none": sum(item_value(params, o.task, d) for d in ids[o.task]) / ITEMS}
+            for t, o in zip(tasks, self.space.objectives)
+        }
+
+
+def full_means(space, params) -> list[float]:
+    return [sum(item_value(params, o.task, d) for d in range(ITEMS)) / ITEMS for o in space.objectives]
+
+
+def fidelity_space(tmp_path, demo_family, *, fidelity=None, objectives=None, **search):
+    from test_search_e2e import write_space
+
+    path = write_space(tmp_path, demo_family, **{"sampler": "random", "enqueue": [], "finalists": 0, **search})
+    data = yaml.safe_load(path.read_text())
+    data["eval"]["fidelity"] = fidelity or {"rungs": [5, 15, "all"], "eta": 3}
+    if objectives is not None:
+        data["objectives"] = data["objectives"][:objectives]
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_space(path)
+
+
+# -- the config -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rungs", "expected"),
+    [([25, 100, "all"], [25, 100, "all"]), ([0.1, 0.5], [0.1, 0.5, "all"]), (["10", "ALL"], [10, "all"])],
+)
+def test_rungs_are_read_with_the_full_budget_last(tmp_path, demo_family, rungs, expected):
+    space = fidelity_space(tmp_path, demo_family, fidelity={"rungs": rungs})
+    assert space.eval.fidelity.rungs == expected and space.eval.fidelity.eta == 3
+
+
+@pytest.mark.parametrize(
+    ("fidelity", "message"),
+    [
+        ({"rungs": [100, 25]}, "rungs must grow strictly"),
+        ({"rungs": [10, 0.5]}, "not both"),
+        ({"rungs": ["all", 10]}, "can only be the last"),
+        ({"rungs": ["all"]}, "at least one budget below"),
+        ({"rungs": [0]}, "a rung is a whole number"),
+        ({"rungs": [10], "eta": 1}, "greater than 1"),
+        ({"rungs": [10], "etaa": 2}, "etaa"),
+        ({"rungs": [10], "promote_by": "mean"}, "promote_by"),
+    ],
+)
+def test_bad_fidelity_settings_are_one_line_errors(tmp_path, demo_family, fidelity, message):
+    with pytest.raises(ConfigError) as caught:
+        fidelity_space(tmp_path, demo_family, fidelity=fidelity)
+    assert message in str(caught.value) and "eval.fidelity" in str(caught.value) and "\n" not in str(caught.value)
+
+
+# -- the items of each rung -----------------------------------------------------------------
+
+
+def test_the_item_order_is_a_seeded_permutation_and_the_rungs_nest():
+    ids = {"a": list(range(100)), "b": list(range(7, 47))}
+    order = fidelity.draw_item_order(ids, seed=3)
+    assert order == fidelity.draw_item_order(ids, seed=3)
+    assert order != fidelity.draw_item_order(ids, seed=4)
+    assert order["a"] == fidelity.draw_item_order({"a": ids["a"]}, seed=3)["a"]  # per task: others don't matter
+    assert sorted(order["a"]) == ids["a"] and sorted(order["b"]) == ids["b"] and order["a"] != ids["a"]
+
+    spec = type("Spec", (), {"rungs": [25, 0.9, "all"]})  # only .rungs is read
+    ladder = fidelity.RungLadder.build(spec, order)
+    assert ladder.sizes == [{"a": 25, "b": 25}, {"a": 90, "b": 36}, {"a": 100, "b": 40}]
+    seen = {"a": [], "b": []}
+    for rung in range(3):
+        for task, new in ladder.new_items(rung).items():
+            seen[task] += new
+            assert seen[task] == order[task][: ladder.sizes[rung][task]]  # a prefix of the one order
+    assert ladder.items(0) == 50 and ladder.items(2) == 140
+
+
+def test_a_rung_that_adds_no_item_is_refused():
+    spec = type("Spec", (), {"rungs": [50, 80, "all"]})
+    with pytest.raises(ConfigError, match="rung 1 .* adds no item"):
+        fidelity.RungLadder.build(spec, {"a": list(range(40))})
+
+
+# -- the promotion rule ---------------------------------------------------------------------
+
+
+def test_promotion_keeps_the_top_one_over_eta(tmp_path, demo_family):
+    single = fidelity_space(tmp_path, demo_family, objectives=1)
+    promoted = fidelity.promoted
+    assert promoted(single, [0.1], [], eta=3)  # the first trial at a rung goes up
+    assert not promoted(single, [0.1], [[0.2]], eta=3)  # 2 trials: keep 1, the better
+    assert promoted(single, [0.3], [[0.2], [0.1]], eta=3)
+    rivals = [[v] for v in (0.9, 0.8, 0.7, 0.6, 0.5)]  # 6 trials: keep 2
+    assert promoted(single, [0.85], rivals, eta=3) and not promoted(single, [0.75], rivals, eta=3)
+    assert promoted(single, [0.75], rivals, eta=2)  # keep 3
+    assert not promoted(single, [0.8], rivals, eta=3)  # a tie with the 2nd: the earlier trial keeps the place
+    assert promoted(single, [0.8], rivals, eta=2)
+    assert not promoted(single, [0.1], [[0.1]], eta=3)  # the same score as the only rival
+
+
+def test_multi_objective_promotion_goes_by_non_domination_rank_then_weighted_sum(tmp_path, demo_family):
+    space = fidelity_space(tmp_path, demo_family, objectives=2, sampler="tpe")
+    assert space.multi_objective
+    rivals = [[1.0, 0.0], [0.0, 1.0], [0.2, 0.2], [0.1, 0.1], [0.05, 0.05]]  # 6 trials: keep 2
+    # [0.5, 0.6] is on the front with both corners (rank 0) and has the largest sum there: none ahead
+    assert fidelity.promoted(space, [0.5, 0.6], rivals, eta=3)
+    # [0.3, 0.3] is on the front too, but both corners have the larger sum (1.0 > 0.6): 2 ahead
+    assert not fidelity.promoted(space, [0.3, 0.3], rivals, eta=3)
+    # rank before sum: [0.55, 0.55] sums to more than the corners, but [0.6, 0.6] dominates it
+    rivals = [[0.6, 0.6], [1.0, 0.0], [0.0, 1.0], [0.1, 0.1], [0.1, 0.1]]
+    assert not fidelity.promoted(space, [0.55, 0.55], rivals, eta=3)
+    assert fidelity.promoted(space, [0.55, 0.55], rivals, eta=1.5)  # keep 4: 3 ahead
+    by_sum = fidelity_space(
+        tmp_path, demo_family, objectives=2, sampler="tpe", fidelity={"rungs": [5], "promote_by": "weighted"}
+    )
+    assert fidelity.promoted(by_sum, [0.55, 0.55], rivals, eta=3)  # only [0.6, 0.6] has a larger sum
+    # [0.2, 0.2] is dominated by [0.3, 0.3]: rank 1, whatever its sum
+    keys = fidelity.sort_keys(space, [[0.3, 0.3], [0.2, 0.2], [0.9, 0.0]])
+    assert [k[0] for k in keys] == [0, 1, 0]
+
+
+# -- searches with the fake pool ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("objectives", [1, 4])
+def test_a_halving_search_prunes_scores_only_new_items_and_fronts_only_full_trials(tmp_path, demo_family, objectives):
+    space = fidelity_space(tmp_path, demo_family, n_trials=12, objectives=objectives)
+    seen = []
+    pool = ItemPool(space)
+    summary = run_search(space, pool=pool, progress=False, on_trial=seen.append)
+    study, records = study_and_store_pruned(space)
+    store = TrialStore(space.storage_url)
+    states = {t.number: t.state.name for t in study.trials}
+    assert len(states) == 12 and set(states.values()) <= {"COMPLETE", "PRUNED"}
+    pruned = [n for n, s in states.items() if s == "PRUNED"]
+    complete = [n for n, s in states.items() if s == "COMPLETE"]
+    assert pruned and complete and summary.n_pruned == len(pruned) and summary.n_complete == len(complete)
+
+    # the stored order is what every submission used: rung k adds order[n_(k-1):n_k]
+    order = store.item_order(space.study_name)
+    assert order == fidelity.draw_item_order(pool.item_ids(), space.search.seed)
+    by_genome: dict[str, list[dict]] = {}
+    for params, items in pool.items:
+        by_genome.setdefault(json.dumps(params, sort_keys=True), []).append(items)
+    bounds = [0, 5, 15, ITEMS]
+    for submissions in by_genome.values():
+        for rung, items in enumerate(submissions):
+            assert items == {t: ids[bounds[rung] : bounds[rung + 1]] for t, ids in order.items()}
+
+    rungs = store.rungs(space.study_name)
+    for number in pruned:
+        top = max(rungs[number])
+        assert top < 2 and records[number].values == rungs[number][top][1]
+        assert study.trials[number].user_attrs["rung"].startswith(f"rung {top}/2")
+    full_scores = store.scores(space.study_name, "search")
+    for number in complete:
+        assert sorted(rungs[number]) == [0, 1, 2] and rungs[number][2][0] == ITEMS * objectives
+        genome = records[number].genome
+        expected = full_means(space, genome)
+        assert objective_values(space, full_scores[number]) == pytest.approx(expected)  # the union's mean, exact
+    assert {row.number for row in summary.front} <= set(complete)
+    assert summary.best.number in complete
+    assert {e["number"] for e in seen if e["pruned"]} == set(pruned)
+
+    # each promotion followed the rule against what the rung held when the trial arrived
+    for rung in (0, 1):
+        arrived = sorted(n for n in rungs if rung in rungs[n])  # one worker: trials climb one after another
+        for i, number in enumerate(arrived):
+            rivals = [rungs[m][rung][1] for m in arrived[:i]]
+            assert fidelity.promoted(space, rungs[number][rung][1], rivals, 3) == (rung + 1 in rungs[number])
+
+
+def test_pruned_trials_never_make_the_front_even_with_better_low_rung_scores(tmp_path, demo_family):
+    space = fidelity_space(tmp_path, demo_family, n_trials=3, objectives=1)
+    run_search(space, pool=ItemPool(space), progress=False)
+    store = TrialStore(space.storage_url)
+    store.prune_trial(
+        space.study_name,
+        99,
+        values=[1.0],
+        plan_yaml="",
+        merge_seconds=0,
+        eval_seconds=0,
+        device="cpu",
+        weights_hash="x",
+    )
+    store.record_scores(space.study_name, 99, "search", {o.task: {o.metric: 1.0} for o in space.objectives})
+    front = compute_front(space, store)
+    assert front and 99 not in {row.number for row in front}
+    assert all(scalarize(space, row.search) < 1.0 for row in front)
+
+
+def test_a_metric_that_is_not_a_mean_is_refused(tmp_path, demo_family):
+    space = fidelity_space(tmp_path, demo_family, n_trials=2, objectives=1)
+    with pytest.raises(fidelity.FidelityError, match="not a mean over items"):
+        run_search(space, pool=ItemPool(space, not_a_mean=True), progress=False)
+    study, records = study_and_store(space)
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]  # failed and queued again
+
+
+def test_an_interrupted_halving_search_resumes_with_the_same_order_and_rungs(tmp_path, demo_family):
+    space = fidelity_space(tmp_path, demo_family, n_trials=8, objectives=2, sampler="tpe")
+    with pytest.raises(KeyboardInterrupt):
+        run_search(space, pool=ItemPool(space, ["ok"] * 7 + [KeyboardInterrupt()]), progress=False)
+    store = TrialStore(space.storage_url)
+    order, before = store.item_order(space.study_name), store.rungs(space.study_name)
+    study = optuna.load_study(study_name=space.study_name, storage=space.storage_url)
+    interrupted = [t for t in study.trials if t.state.name == "FAIL"]
+    assert len(interrupted) == 1 and study.trials[-1].user_attrs["retry_of"] == interrupted[0].number
+
+    pool = ItemPool(space)
+    summary = run_search(space, pool=pool, progress=False)
+    assert store.item_order(space.study_name) == order
+    after = store.rungs(space.study_name)
+    assert all(after[n] == rungs for n, rungs in before.items())  # stored rung scores kept
+    retry = study.trials[-1].number
+    assert pool.items[0][0] == dict(interrupted[0].params) and set(after[retry]) >= {0}  # re-runs from rung 0
+    assert summary.n_complete + summary.n_pruned == 8 and summary.n_failed == 1
+    study_and_store_pruned(space)
+
+
+def study_and_store_pruned(space):
+    """Optuna and the store agree on every trial's state (pruned included)."""
+    study = optuna.load_study(study_name=space.study_name, storage=space.storage_url)
+    records = {r.number: r for r in TrialStore(space.storage_url).trials(space.study_name)}
+    names = {"COMPLETE": "complete", "FAIL": "failed", "PRUNED": "pruned"}
+    started = [t for t in study.trials if t.state.name != "WAITING"]
+    assert {t.number: names[t.state.name] for t in started} == {n: r.status for n, r in records.items()}
+    return study, records
+
+
+# -- the real thing: lm-eval on the demo family -----------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_demo_fidelity_space_runs_as_written(tmp_path, demo_family, capsys):
+    """search_spaces/demo_fidelity.yml in a copy of the repository layout (fewer items and trials):
+    the first parent climbs every rung, and its full-budget scores, put together from three rungs
+    of per-item values, equal lm-eval's own scores of that parent on every item."""
+    from pathlib import Path
+
+    from test_search_e2e import run_cli
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "search_spaces").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "demo_models").symlink_to(demo_family.root)
+    (tmp_path / "tasks").symlink_to(repo / "tasks")
+    data = yaml.safe_load((repo / "search_spaces" / "demo_fidelity.yml").read_text())
+    data["device"] = "cpu"
+    data["eval"]["limit"], data["eval"]["selection_limit"] = 40, 5  # rungs 10, 30, 40 items per task
+    data["search"].update({"n_trials": 6, "finalists": 1})
+    path = tmp_path / "search_spaces" / "demo_fidelity.yml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+
+    assert run_cli(["run", str(path), "-q"]) == 0
+    space = load_space(path)
+    store = TrialStore(space.storage_url)
+    records = store.trials(space.study_name)
+    assert len(records) == 6 and {r.status for r in records} <= {"complete", "pruned"}
+    rungs = store.rungs(space.study_name)
+    assert sorted(rungs[0]) == [0, 1, 2] and [rungs[0][k][0] for k in range(3)] == [40, 120, 160]
+    parent = store.references(space.study_name, "search")[space.models[0].name]  # trial 0 is that parent alone
+    trial0 = store.scores(space.study_name, "search")[0]
+    for objective in space.objectives:
+        assert trial0[objective.task][objective.metric] == pytest.approx(parent[objective.task][objective.metric])
+    front = {row.number for row in compute_front(space, store)}
+    assert front and front <= {r.number for r in records if r.status == "complete"}
+
+    capsys.readouterr()
+    assert run_cli(["front", str(path), "--top", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "Successive halving (eta 3): rung 0, 40 items: 6 trials" in out
+    pruned = sorted(r.number for r in records if r.status == "pruned")
+    if pruned:
+        assert "Stopped at rung" in out and all(f"{n}" in out for n in pruned)
+
+
+@pytest.mark.parametrize(("sampler", "objectives"), [("tpe", 4), ("tpe", 1), ("nsga2", 2), ("cmaes", 2)])
+def test_every_sampler_runs_past_its_startup_with_pruned_trials(tmp_path, demo_family, sampler, objectives):
+    """The samplers read a study holding PRUNED trials (told without values) past their random start."""
+    options = {"population_size": 4} if sampler == "nsga2" else {"n_startup_trials": 4} if sampler == "tpe" else {}
+    space = fidelity_space(
+        tmp_path, demo_family, n_trials=14, objectives=objectives, sampler=sampler, sampler_options=options
+    )
+    summary = run_search(space, pool=ItemPool(space), progress=False)
+    assert summary.n_pruned and summary.n_complete + summary.n_pruned == 14 and summary.n_failed == 0
+    study_and_store_pruned(space)
+
+
+def test_a_resumed_study_keeps_its_rungs(tmp_path, demo_family):
+    space = fidelity_space(tmp_path, demo_family, n_trials=3, objectives=1)
+    run_search(space, pool=ItemPool(space), progress=False)
+    changed = fidelity_space(tmp_path, demo_family, n_trials=4, objectives=1, fidelity={"rungs": [8, 15, "all"]})
+    with pytest.raises(ConfigError, match="scored trial 0 at rung 0 on 5 items, these rungs give 8"):
+        run_search(changed, pool=ItemPool(changed), progress=False)
