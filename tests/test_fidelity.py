@@ -64,7 +64,7 @@ class ItemPool(ScriptedPool):
         }
         if self.not_a_mean:
             scores = {t: {"acc,none": 0.5 * m["acc,none"] + 0.25} for t, m in scores.items()}
-        return Outcome(ticket, result=Result(scores, digest(params).hex(), extra={"item_scores": per_item}))
+        return Outcome(ticket, result=Result(scores, digest(params).hex(), item_scores=per_item))
 
     def scores(self, params, split):
         ids = self.item_ids()
@@ -120,6 +120,17 @@ def test_bad_fidelity_settings_are_one_line_errors(tmp_path, demo_family, fideli
     with pytest.raises(ConfigError) as caught:
         fidelity_space(tmp_path, demo_family, fidelity=fidelity)
     assert message in str(caught.value) and "eval.fidelity" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_fidelity_and_the_estimator_are_one_or_the_other(tmp_path, demo_family):
+    path = tmp_path / "space.yml"
+    fidelity_space(tmp_path, demo_family)
+    data = yaml.safe_load(path.read_text())
+    data["eval"]["estimator"] = {"kind": "irt", "anchors": 5, "calibration": 2}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match="set eval.fidelity or eval.estimator, not both") as caught:
+        load_space(path)
+    assert "\n" not in str(caught.value)
 
 
 # -- the items of each rung -----------------------------------------------------------------

@@ -43,6 +43,7 @@ class Result:
     plan_yaml: str = "# scripted"
     worker: str = "scripted"
     extra: dict[str, Any] = field(default_factory=dict)
+    item_scores: dict | None = None  # per-item values, when the loop asked for items
 
 
 @dataclass

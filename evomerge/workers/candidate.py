@@ -146,4 +146,4 @@ class CandidateWorker:
 
     def score_reference_items(self, model: str, split: str = "search") -> tuple[Scores, ItemScores]:
         """`score_reference` with each item's values (an estimator's calibration)."""
-        return self._item_evaluator(split).evaluate_items(self.builder.reference(model))
+        return self._item_evaluator(split, "eval.estimator").evaluate_items(self.builder.reference(model))
