@@ -41,6 +41,8 @@ import yaml  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from report import cpu_model  # noqa: E402
+
 from evomerge.config.space import SearchSpace, load_space  # noqa: E402
 from evomerge.demo import DemoFamily, build_demo_family  # noqa: E402
 from evomerge.genome.dataflow import DataflowGenomeSpec  # noqa: E402
@@ -233,17 +235,6 @@ def main() -> None:
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
     print(f"wrote {args.out}")
-
-
-def cpu_model() -> str:
-    """lscpu's model name (the processor line of /proc/cpuinfo), else the architecture."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,6 +31,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from report import machine_line, write_section  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from evomerge.evaluate.harness import TaskEvaluator  # noqa: E402
@@ -41,6 +41,7 @@ from evomerge.evaluate.request_cache import RequestCacheEvaluator  # noqa: E402
 TASKS = ["demo_close", "demo_reverse", "demo_shift", "demo_sort"]
 BATCH_SIZE = 64  # search_spaces/demo.yml
 BEGIN, END = "<!-- BEGIN eval_speed -->", "<!-- END eval_speed -->"
+TITLE = "# Cheap fitness: measurements (demo family)"
 
 
 def plain_rows(cached: RequestCacheEvaluator) -> list[list[Row]]:
@@ -162,10 +163,8 @@ def main() -> None:
         "## Evaluation time per candidate (`benchmarks/eval_speed.py`)",
         "",
         f"Command: `.venv/bin/python benchmarks/eval_speed.py --repeats {args.repeats} --threads {args.threads}`  ",
-        f"Machine: {platform.machine()} {os.cpu_count()}-core shared AMD EPYC VM (other jobs were running on it), "
-        f"no GPU; torch {torch.__version__} with {args.threads} thread(s), lm-eval {version('lm_eval')}, "
-        f"transformers {version('transformers')}, Python {platform.python_version()}; "
-        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC.",
+        f"{machine_line(torch, threads=f'{args.threads} torch thread(s)')}, lm-eval {version('lm_eval')}, "
+        f"transformers {version('transformers')}; {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC.",
         "",
         f"The demo family's base model on the 4 demo search tasks: 400 items, {requests} loglikelihood requests "
         f"({tokens} tokens), batch size {BATCH_SIZE}. Medians of {args.repeats} calls per arm, the arms "
@@ -193,13 +192,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
 
-    text = args.out.read_text() if args.out.exists() else "# Cheap fitness: measurements\n\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + table + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + table + "\n"
-    args.out.write_text(text)
+    write_section(args.out, "eval_speed", table.removeprefix(BEGIN).removesuffix(END), title=TITLE)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +38,8 @@ import yaml  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from report import machine_line, write_section  # noqa: E402
+
 from evomerge.config.space import SearchSpace, load_space  # noqa: E402
 from evomerge.demo import DemoFamily, build_demo_family  # noqa: E402
 from evomerge.evaluate.protocol import ItemEvaluator  # noqa: E402
@@ -47,12 +48,16 @@ from evomerge.workers.candidate import CandidateWorker  # noqa: E402
 
 TEMPLATE = REPO / "search_spaces" / "demo.yml"
 SECTION = "fidelity"  # this script's part of results/fitness.md
+TITLE = "# Cheap fitness: measurements (demo family)"
 
 
 @dataclass(frozen=True)
 class Arm:
     label: str
     eval_settings: dict[str, Any] = field(default_factory=dict)  # merged into the space's `eval`
+    # Its trials report estimates: it runs exactly `--trials` trials and reaches the target only
+    # through the front it re-scores on every item at the end (all of its items and time counted).
+    estimated: bool = False
 
 
 HALVING = {"rungs": [10, 30, "all"], "eta": 3}
@@ -60,6 +65,11 @@ ARMS = [
     Arm("full fidelity", {}),
     Arm("successive halving 10/30/100, eta 3, promote by Pareto rank", {"fidelity": HALVING}),
     Arm("successive halving 10/30/100, eta 3, promote by mean", {"fidelity": HALVING | {"promote_by": "weighted"}}),
+    Arm(
+        "IRT estimator, 20 anchors per task, 10 calibration merges (gp-IRT)",
+        {"estimator": {"kind": "irt", "anchors": 20, "calibration": 10, "method": "gp_irt"}},
+        estimated=True,
+    ),
 ]
 
 
@@ -141,6 +151,8 @@ def run_arm(
         result.trials += 1
         result.pruned += bool(event.get("pruned"))
         now = (result.trials, counter.items, time.perf_counter() - started)
+        if arm.estimated:
+            return
         if not event.get("pruned"):
             mean = sum(event["values"]) / len(event["values"])
             if mean > result.best_mean:
@@ -152,13 +164,23 @@ def run_arm(
         if time.perf_counter() - started > timeout:
             raise Stop
 
+    summary = None
     try:
-        run_search(
-            space, n_trials=trials if target is None else max_trials, progress=False, worker=worker, on_trial=on_trial
+        summary = run_search(
+            space,
+            n_trials=trials if target is None or arm.estimated else max_trials,
+            progress=False,
+            worker=worker,
+            on_trial=on_trial,
         )
     except Stop:
         pass
     result.items, result.seconds = counter.items, time.perf_counter() - started
+    if arm.estimated and summary is not None and summary.front:  # the front holds full-set values by now
+        result.best_mean = max(row.mean() for row in summary.front)
+        result.first_best = (result.trials, result.items, result.seconds)
+        if target is not None and result.best_mean >= target - 1e-9:
+            result.reached_trial, result.reached_items, result.reached_seconds = result.first_best
     full_set = sum(len(ids) for ids in counter.item_ids().values())
     result.reference_items = (len(worker.genome.finetunes) + (1 if worker.genome.base else 0)) * full_set
     if target is None and result.first_best is not None:
@@ -187,19 +209,6 @@ def row(result: ArmResult, reference: ArmResult, target: float) -> str:
         f"{f'{result.reached_seconds:.0f}' if reached else '-'} | {ratio(result.reached_seconds, reference.reached_seconds)} | "
         f"{result.best_mean:.4f} ± {noise:.3f} | {result.trials} ({result.pruned}) | {result.items} | {result.seconds:.0f} |"
     )
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace this script's section of `path` (between its markers), leaving the rest as it is."""
-    begin, end = f"<!-- BEGIN {SECTION} -->", f"<!-- END {SECTION} -->"
-    text = path.read_text() if path.exists() else "# Cheap fitness (demo family)\n"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def main() -> None:
@@ -239,9 +248,7 @@ def main() -> None:
             "## Successive halving vs full fidelity",
             "",
             f"Command: `.venv/bin/python {command}`  ",
-            f"Machine: {cpu_model()}, {os.cpu_count()} CPU cores (shared with other jobs), "
-            f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, "
-            f"torch {torch.__version__}, Python {platform.python_version()}; {datetime.date.today().isoformat()}.",
+            f"{machine_line(torch)}; {datetime.date.today().isoformat()}.",
             "",
             f"Every arm: a fresh study of `search_spaces/demo.yml` (TPE over the four skills, parents and the uniform "
             f"mix enqueued first, all 100 items per task), seed {args.seed}, one in-process worker, no finalists; only "
@@ -266,19 +273,9 @@ def main() -> None:
             f"Total benchmark time {time.perf_counter() - started:.0f}s.",
         ]
     )
-    write_section(args.out, body)
+    write_section(args.out, SECTION, body, title=TITLE)
     print(body)
     print(f"wrote {args.out}")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -35,12 +34,13 @@ import yaml  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from report import machine_line, write_section  # noqa: E402
+
 from evomerge.config.space import load_space  # noqa: E402
 from evomerge.evaluate.estimator import METHODS, calibrate, fidelity  # noqa: E402
 from evomerge.search.calibration import space_filling_genomes  # noqa: E402
 from evomerge.workers.candidate import CandidateWorker  # noqa: E402
 
-BEGIN, END = "<!-- BEGIN irt -->", "<!-- END irt -->"
 METRIC = "acc,none"
 
 
@@ -135,11 +135,10 @@ def table(data: dict, results: dict, args, command: str) -> str:
     n_cal, n_held = len(data["calibration"]), len(data["held_out"])
     per_eval = sum(data["eval_seconds"]) / len(data["eval_seconds"])
     lines = [
-        BEGIN,
         "## IRT estimator fidelity (issue 15 §2)",
         "",
         f"Command: `{command}`  ",
-        f"{machine_line(torch.__version__)}; {datetime.date.today().isoformat()}.  ",
+        f"{machine_line(torch, threads='one torch thread')}; {datetime.date.today().isoformat()}.  ",
         f"Calibration: base + 4 parents + {args.calibration} QMC (Sobol) merges = {n_cal} models scored on every item; "
         f"held-out: {n_held} random genomes of the demo space (seed {args.seed + 1}), each scored once on the full "
         f"set ({per_eval:.1f} s per full evaluation here, {data['seconds']:.0f} s in all).  ",
@@ -169,32 +168,8 @@ def table(data: dict, results: dict, args, command: str) -> str:
         "over the space; a search's later trials sit closer together near the front, where ranking is harder, which "
         "is why a search also re-scores its front (and `check` random trials) on every item and reports the "
         "fidelity it saw.",
-        END,
     ]
     return "\n".join(lines) + "\n"
-
-
-def machine_line(torch_version: str) -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor() or "unknown CPU",
-    )
-    return f"Machine: {cpu}, {os.cpu_count()} cores shared with other jobs, no GPU, torch {torch_version}, one torch thread"
-
-
-def write_section(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
-    """Put `section` between its markers in `path` (appended when they are missing); the rest stays."""
-    text = path.read_text() if path.exists() else "# Cheap fitness on the demo family\n\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + section.rstrip("\n") + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
 
 
 def main() -> None:
@@ -225,7 +200,7 @@ def main() -> None:
     )
     section = table(data, results, args, command.strip())
     print(section)
-    write_section(args.out, section)
+    write_section(args.out, "irt", section, title="# Cheap fitness: measurements (demo family)")
 
 
 if __name__ == "__main__":
