@@ -12,6 +12,7 @@ mergekit_merge = pytest.importorskip("mergekit.merge")
 from families import load_checkpoint, random_family, write_yaml  # noqa: E402
 from mergekit.config import MergeConfiguration  # noqa: E402
 from mergekit.options import MergeOptions  # noqa: E402
+from test_methods_new_parity import give_mergekit_karcher_our_scalars  # noqa: E402
 
 from evomerge.config.mergekit_yaml import load_merge_config, load_yaml_file  # noqa: E402
 from evomerge.merge.engine import run_merge  # noqa: E402
@@ -224,9 +225,18 @@ models: [{{model: {reverse}}}, {{model: {close}}}]
 }
 # Tolerances as tests/test_methods_new_parity.py states them: the same ops in the same dtypes give
 # the same bits; sce and multislerp sum their norms, dots and mean squares in float64 (mergekit in
-# float32), which rounds to the same bf16 scalars and agrees to 1e-6 in float32; karcher iterates
-# on those scalars: 1e-5 in float32, one bf16 step in bf16.
-BIT_EXACT = {"nearswap", "ram", "ramplus_tl", "arcee_fusion"}
+# float32), which rounds to the same bf16 scalars and agrees to 1e-6 in float32.
+# karcher is compared bit for bit against mergekit's karcher given the same scalars (its norms and
+# dots summed in float64 and rounded to the dtype it holds them in, as ours are). Without that, no
+# tolerance is honest in bf16: the cosines are rounded to bf16 (steps of 2^-8 below 1, so the angle
+# is 0 or 0.088), on the demo family they sit near the rounding midpoint 1 - 2^-9, the iteration
+# never gets below `tol` and flips between the two roundings for all `max_iter` steps. mergekit's
+# float32 norm, 2 ulps off our rounded float64 one (1.6203012 vs 1.6203015, karcher-listed-base,
+# layer 1 v_proj), then flips one rounding in the last of its 10 steps and moves the result by 4% of its
+# largest entry. Whether a demo family (trained per machine) hits such a flip is luck, not the CPU:
+# mergekit's result is the same with torch's AVX2 and AVX512 kernels and on 1 or 2 threads.
+# Unaltered mergekit is compared with random tensors in tests/test_methods_new_parity.py.
+BIT_EXACT = {"nearswap", "ram", "ramplus_tl", "arcee_fusion", "karcher"}
 # With `dtype: bfloat16` and no `out_dtype`, mergekit-yaml writes these two methods' tensors as
 # float32 (a float32 mask or boost promotes them); we write the config's dtype: one rounding of
 # the same float32 values (README, deliberate differences).
@@ -241,12 +251,11 @@ def assert_new_method_agrees(method: str, ours: dict, theirs: dict, dtype: torch
             assert b.dtype == torch.float32, name
             b = b.to(dtype)
         assert a.dtype == b.dtype == dtype, name
-        if method in BIT_EXACT or (dtype == torch.bfloat16 and method != "karcher"):
+        if method in BIT_EXACT or dtype == torch.bfloat16:
             assert torch.equal(a, b), name
         else:
-            rtol = 1e-6 if method != "karcher" else 1e-5 if dtype == torch.float32 else 2**-7
-            scale = max(1.0, b.abs().max().item()) if dtype == torch.float32 else b.abs().max().item()
-            torch.testing.assert_close(a.float(), b.float(), rtol=rtol, atol=rtol * scale, msg=name)
+            scale = max(1.0, b.abs().max().item())
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * scale, msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +265,9 @@ def demo_paths(demo_family):
 
 @pytest.mark.parametrize("case", list(NEW_METHOD_CONFIGS))
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_new_methods_same_result_as_mergekit(tmp_path, demo_paths, case, dtype):
+def test_new_methods_same_result_as_mergekit(tmp_path, demo_paths, case, dtype, monkeypatch):
+    if case.startswith("karcher"):
+        give_mergekit_karcher_our_scalars(monkeypatch)
     text = NEW_METHOD_CONFIGS[case].format(**demo_paths) + f"dtype: {dtype}\n"
     ours, theirs = _both(tmp_path, text)
     assert_new_method_agrees(case.split("-")[0], ours, theirs, getattr(torch, dtype))

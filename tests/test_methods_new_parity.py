@@ -15,7 +15,8 @@ Tolerances, per method:
   float64 here; on large tensors mergekit's float32 norms drift further (~1e-5 relative at 512K
   entries) while ours stay within 1e-6 of the float64 math (tested against it).
 * karcher: float32 to 1e-5 relative (the scalars feed an iteration); bf16 within bf16 rounding
-  of mergekit's own math run in float64, and no further from it than mergekit's bf16 result.
+  of mergekit's own math run in float64, and no further from it than mergekit's bf16 result;
+  bit for bit in both when mergekit's norms and dots are our float64 sums (its only difference).
 * float64 inputs: 1e-12 everywhere.
 One deliberate difference is tested as such: multislerp's weights summing to ~0 are not divided
 by that sum (linear's rule), where mergekit's become inf/NaN.
@@ -24,6 +25,7 @@ by that sum (linear's rule), where mergekit's become inf/NaN.
 from __future__ import annotations
 
 import math
+import types
 from typing import Any
 
 import pytest
@@ -32,12 +34,13 @@ import torch
 pytest.importorskip("mergekit")
 
 import mergekit.merge_methods.arcee_fusion as mk_arcee_fusion  # noqa: E402
+import mergekit.merge_methods.karcher as mk_karcher  # noqa: E402
 from mergekit import merge_methods as mk_methods  # noqa: E402
 from mergekit.merge_methods import merge_tensors as mk_merge_tensors  # noqa: E402
 
 from evomerge.merge import registry  # noqa: E402
 from evomerge.merge.family import arcee_fusion, multislerp, sce  # noqa: E402
-from evomerge.merge.family.common import WEIGHT  # noqa: E402
+from evomerge.merge.family.common import WEIGHT, dot64, norm64  # noqa: E402
 from evomerge.merge.methods import METHODS, check_parameters, merge_tensors  # noqa: E402
 from evomerge.merge.registry import MethodSpec  # noqa: E402
 from evomerge.merge.sparsify import make_generator  # noqa: E402
@@ -346,6 +349,33 @@ def test_karcher_matches(dtype, shape, count, options):
         else:
             reference = mergekit_merge("karcher", [t.double() for t in tensors], options=options)
             assert_bf16_agrees(ours, theirs, reference)
+
+
+def give_mergekit_karcher_our_scalars(monkeypatch) -> None:
+    """mergekit's karcher module sees a `torch` whose vector_norm and dot are our float64 sums,
+    rounded to the input's dtype; every other op (and their order, the stopping tests) is its own."""
+
+    class OurScalars(types.ModuleType):
+        def __getattr__(self, name):
+            return getattr(torch, name)
+
+    scalars = OurScalars("torch")
+    scalars.dot = lambda a, b: dot64(a, b).to(a.dtype)
+    scalars.linalg = types.SimpleNamespace(vector_norm=lambda tensor: norm64(tensor).to(tensor.dtype))
+    monkeypatch.setattr(mk_karcher, "torch", scalars)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("options", KARCHER_OPTIONS, ids=KARCHER_IDS)
+def test_karcher_bit_for_bit_given_our_scalars(dtype, options, monkeypatch):
+    """Our karcher is mergekit's, op for op and dtype for dtype; only its norms and dots are summed
+    in float64 (then rounded to the dtype mergekit holds them in). Given those, every bit agrees."""
+    give_mergekit_karcher_our_scalars(monkeypatch)
+    for count in (2, 3, 5):
+        tensors = random_inputs(count, (24, 40), dtype, seed=count)
+        for base_index in (None, 0):
+            ours = evomerge_merge("karcher", tensors, options=options, base_index=base_index)
+            assert_same(ours, mergekit_merge("karcher", tensors, options=options, base_index=base_index), dtype)
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16])
