@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge.evaluate.estimator import FULL, METHODS, IrtCalibration, calibrate, estimate_key, fidelity
 from evomerge.search.front import compute_front, objective_values, told_values
+from evomerge.search.loop import stored_fields
 
 if TYPE_CHECKING:
     from evomerge.config.space import SearchSpace
@@ -164,11 +165,7 @@ def record_calibration_trial(
         number,
         scores=result.scores,
         values=told,
-        plan_yaml=result.plan_yaml,
-        merge_seconds=result.merge_seconds,
-        eval_seconds=result.eval_seconds,
-        device=result.device,
-        weights_hash=result.weights_hash,
+        **stored_fields(result),
     )
     attrs = annotate.search_attrs(
         [o.label for o in space.objectives],

@@ -44,6 +44,17 @@ if TYPE_CHECKING:
 log = logging.getLogger("evomerge.search")
 
 
+def stored_fields(result: Any) -> dict[str, Any]:
+    """What the trial store keeps of a worker's result beside the values: recipe, times, device, hash."""
+    return {
+        "plan_yaml": result.plan_yaml,
+        "merge_seconds": result.merge_seconds,
+        "eval_seconds": result.eval_seconds,
+        "device": result.device,
+        "weights_hash": result.weights_hash,
+    }
+
+
 def short_error(error: BaseException) -> str:
     """An error as one line of at most 500 characters: what a trial's failure reason holds."""
     text = f"{type(error).__name__}: {error}".strip().splitlines()
@@ -268,11 +279,7 @@ class SearchLoop:
             self.space.study_name,
             trial.number,
             values=values,
-            plan_yaml=result.plan_yaml,
-            merge_seconds=result.merge_seconds,
-            eval_seconds=result.eval_seconds,
-            device=result.device,
-            weights_hash=result.weights_hash,
+            **stored_fields(result),
         )
         annotate.set_trial_attrs(
             trial,
@@ -418,11 +425,7 @@ class SearchLoop:
             trial.number,
             scores=result.scores,
             values=told,
-            plan_yaml=result.plan_yaml,
-            merge_seconds=result.merge_seconds,
-            eval_seconds=result.eval_seconds,
-            device=result.device,
-            weights_hash=result.weights_hash,
+            **stored_fields(result),
         )
         annotate.set_trial_attrs(
             trial,

@@ -382,16 +382,7 @@ class TrialStore:
         `record_scores(study, number, "search", scores)` writes, one commit fewer).
         """
         score_rows = self._score_rows(study, number, "search", scores) if scores else []
-        row = _blank_trial(study, number) | {
-            "status": COMPLETE,
-            "plan_yaml": plan_yaml,
-            "objective_values": _encode_values([_float(v) for v in values]),
-            "merge_seconds": _float(merge_seconds),
-            "eval_seconds": _float(eval_seconds),
-            "device": device,
-            "weights_hash": weights_hash,
-            "finished_at": _utcnow(),
-        }
+        row = _scored_row(study, number, COMPLETE, values, plan_yaml, merge_seconds, eval_seconds, device, weights_hash)
         keep = ("genome", "worker", "started_at")
 
         def write(conn: Connection) -> None:
@@ -440,16 +431,7 @@ class TrialStore:
         weights_hash: str,
     ) -> None:
         """Record a trial stopped at a low rung: complete at that rung (its values there), not a failure."""
-        row = _blank_trial(study, number) | {
-            "status": PRUNED,
-            "plan_yaml": plan_yaml,
-            "objective_values": _encode_values([_float(v) for v in values]),
-            "merge_seconds": _float(merge_seconds),
-            "eval_seconds": _float(eval_seconds),
-            "device": device,
-            "weights_hash": weights_hash,
-            "finished_at": _utcnow(),
-        }
+        row = _scored_row(study, number, PRUNED, values, plan_yaml, merge_seconds, eval_seconds, device, weights_hash)
         keep = ("genome", "worker", "started_at")
         self._write(lambda conn: _upsert(conn, trials_table, [row], keep=keep))
 
@@ -809,6 +791,30 @@ def _split(split: str) -> Split:
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: use one of {', '.join(SPLITS)}")
     return Split(split)
+
+
+def _scored_row(
+    study: str,
+    number: int,
+    status: str,
+    values: list[float],
+    plan_yaml: str,
+    merge_seconds: float,
+    eval_seconds: float,
+    device: str,
+    weights_hash: str,
+) -> dict[str, Any]:
+    """The trials-table row of a scored trial (complete, or stopped at a rung with that rung's values)."""
+    return _blank_trial(study, number) | {
+        "status": status,
+        "plan_yaml": plan_yaml,
+        "objective_values": _encode_values([_float(v) for v in values]),
+        "merge_seconds": _float(merge_seconds),
+        "eval_seconds": _float(eval_seconds),
+        "device": device,
+        "weights_hash": weights_hash,
+        "finished_at": _utcnow(),
+    }
 
 
 def _blank_trial(study: str, number: int) -> dict[str, Any]:
