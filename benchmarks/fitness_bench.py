@@ -249,7 +249,7 @@ def main() -> None:
     )
     body = "\n".join(
         [
-            "## Successive halving vs full fidelity",
+            "## Full fidelity vs successive halving vs the IRT estimator: items to reach the full search's best",
             "",
             f"Command: `.venv/bin/python {command}`  ",
             f"{machine_line(torch)}; {datetime.date.today().isoformat()}.",
