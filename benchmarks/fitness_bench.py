@@ -66,6 +66,14 @@ ARMS = [
     Arm("successive halving 10/30/100, eta 3, promote by Pareto rank", {"fidelity": HALVING}),
     Arm("successive halving 10/30/100, eta 3, promote by mean", {"fidelity": HALVING | {"promote_by": "weighted"}}),
     Arm(
+        "successive halving 10/30/100, eta 4, promote by mean",
+        {"fidelity": {"rungs": [10, 30, "all"], "eta": 4, "promote_by": "weighted"}},
+    ),
+    Arm(
+        "successive halving 10/100, eta 4, promote by mean",
+        {"fidelity": {"rungs": [10, "all"], "eta": 4, "promote_by": "weighted"}},
+    ),
+    Arm(
         "successive halving 5/20/100, eta 4, promote by mean",
         {"fidelity": {"rungs": [5, 20, "all"], "eta": 4, "promote_by": "weighted"}},
     ),
