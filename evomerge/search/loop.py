@@ -281,18 +281,8 @@ class SearchLoop:
             values=values,
             **stored_fields(result),
         )
-        annotate.set_trial_attrs(
-            trial,
-            annotate.search_attrs(
-                [o.label for o in self.space.objectives],
-                values,
-                methods=annotate.methods_line(self.genome, running.params),
-                weights_hash=result.weights_hash,
-                role_text=annotate.role(trial.user_attrs),
-                seconds={"merge": result.merge_seconds, "eval": result.eval_seconds},
-                rung=f"{self.ladder.describe(running.rung)}, stopped",
-            ),
-        )
+        seconds = {"merge": result.merge_seconds, "eval": result.eval_seconds}
+        self.label(running, result, values, seconds=seconds, rung=f"{self.ladder.describe(running.rung)}, stopped")
         tell(self.study, trial, state=TrialState.PRUNED)
 
     def trial_report(self, running: RunningTrial, result, values: list[float]) -> dict[str, Any]:
@@ -427,24 +417,32 @@ class SearchLoop:
             values=told,
             **stored_fields(result),
         )
+        seconds = {
+            "merge": result.merge_seconds,
+            "hash": result.extra.get("hash_seconds"),
+            "eval": result.eval_seconds,
+            "trial": time.perf_counter() - running.asked,
+        }
+        rung = None if self.ladder is None else self.ladder.describe(running.rung)
+        self.label(running, result, values, seconds=seconds, rung=rung)
+        tell(self.study, trial, told)  # every other detail is in the trial store
+
+    def label(
+        self, running: RunningTrial, result, values: list[float], *, seconds: dict[str, Any], rung: str | None
+    ) -> None:
+        """What the dashboard shows of a scored trial (complete, or stopped at a rung)."""
         annotate.set_trial_attrs(
-            trial,
-            annotate.search_attrs(  # what the dashboard shows of the trial
+            running.trial,
+            annotate.search_attrs(
                 [o.label for o in self.space.objectives],
                 values,
                 methods=annotate.methods_line(self.genome, running.params),
                 weights_hash=result.weights_hash,
-                role_text=annotate.role(trial.user_attrs),
-                seconds={
-                    "merge": result.merge_seconds,
-                    "hash": result.extra.get("hash_seconds"),
-                    "eval": result.eval_seconds,
-                    "trial": time.perf_counter() - running.asked,
-                },
-                rung=None if self.ladder is None else self.ladder.describe(running.rung),
+                role_text=annotate.role(running.trial.user_attrs),
+                seconds=seconds,
+                rung=rung,
             ),
         )
-        tell(self.study, trial, told)  # every other detail is in the trial store
 
     def report(self, running: RunningTrial, result, values: list[float]) -> None:
         """A completed trial to the caller's on_trial and to the progress bar."""

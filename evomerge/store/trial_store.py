@@ -383,12 +383,11 @@ class TrialStore:
         """
         score_rows = self._score_rows(study, number, "search", scores) if scores else []
         row = _scored_row(study, number, COMPLETE, values, plan_yaml, merge_seconds, eval_seconds, device, weights_hash)
-        keep = ("genome", "worker", "started_at")
 
         def write(conn: Connection) -> None:
             if score_rows:
                 _upsert(conn, scores_table, score_rows)
-            _upsert(conn, trials_table, [row], keep=keep)
+            _upsert(conn, trials_table, [row], keep=_KEPT_WHEN_FINISHED)
 
         self._write(write)
 
@@ -414,8 +413,7 @@ class TrialStore:
             "failure": _one_line(failure),
             "finished_at": _utcnow(),
         }
-        keep = ("genome", "worker", "started_at")
-        self._write(lambda conn: _upsert(conn, trials_table, [row], keep=keep))
+        self._write(lambda conn: _upsert(conn, trials_table, [row], keep=_KEPT_WHEN_FINISHED))
 
     @_database_call
     def prune_trial(
@@ -432,8 +430,7 @@ class TrialStore:
     ) -> None:
         """Record a trial stopped at a low rung: complete at that rung (its values there), not a failure."""
         row = _scored_row(study, number, PRUNED, values, plan_yaml, merge_seconds, eval_seconds, device, weights_hash)
-        keep = ("genome", "worker", "started_at")
-        self._write(lambda conn: _upsert(conn, trials_table, [row], keep=keep))
+        self._write(lambda conn: _upsert(conn, trials_table, [row], keep=_KEPT_WHEN_FINISHED))
 
     @_database_call
     def record_rung(self, study: str, number: int, rung: int, *, items: int, values: list[float]) -> None:
@@ -791,6 +788,10 @@ def _split(split: str) -> Split:
     if split not in SPLITS:
         raise ValueError(f"split {split!r}: use one of {', '.join(SPLITS)}")
     return Split(split)
+
+
+# The columns a finished trial's row keeps from its start (start_trial wrote them).
+_KEPT_WHEN_FINISHED = ("genome", "worker", "started_at")
 
 
 def _scored_row(
