@@ -40,7 +40,7 @@ class CandidateResult:
     plan_yaml: str
     worker: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
-    item_scores: ItemScores | None = None  # per item values, when asked for (an estimator's calibration)
+    item_scores: ItemScores | None = None  # per item values, when asked for (halving rungs, a calibration)
 
 
 def describe_device(device: str) -> str:
