@@ -22,6 +22,7 @@ from evomerge import cli_checks
 from evomerge.cli_checks import SEED_MAX, WORKERS_MAX
 from evomerge.errors import EvomergeError
 from evomerge.offline import set_offline_defaults
+from evomerge.stop_signals import Terminated, stop_on_sigterm
 
 try:  # typer >= 0.20 bundles its own copy of click; its commands raise that copy's exceptions
     from typer._click import exceptions as click_exceptions
@@ -320,11 +321,15 @@ def _show_usage_error(exc: click_exceptions.UsageError) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The console script. Exit status: 0 done, 2 a user mistake (one line), 1 a bug (one line
-    saying so; the traceback with --debug or EVOMERGE_DEBUG=1), 130 interrupted."""
+    saying so; the traceback with --debug or EVOMERGE_DEBUG=1), 130 interrupted, 143 SIGTERM."""
     global _DEBUG
     _DEBUG = os.environ.get("EVOMERGE_DEBUG", "") not in ("", "0")
     try:
-        status = app(args=argv, standalone_mode=False, prog_name="evomerge")
+        with stop_on_sigterm():
+            status = app(args=argv, standalone_mode=False, prog_name="evomerge")
+    except Terminated as exc:
+        _stderr(str(exc))
+        sys.exit(exc.exit_status)
     except NO_ARGS_HELP as exc:
         exc.show()
         sys.exit(exc.exit_code)

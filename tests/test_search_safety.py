@@ -48,11 +48,22 @@ def assert_store_agrees_with_optuna(space, *, n_complete: int | None = None) -> 
     return trials
 
 
+# A job started in the background of a non-interactive shell (as a CI runner may start the suite)
+# inherits SIGINT ignored, and Python then keeps ignoring it: give the driver the default action,
+# as a terminal's foreground job has.
+WITH_DEFAULT_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def evomerge(*args: str) -> subprocess.Popen:
     script = Path(sys.executable).with_name("evomerge")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "evomerge.cli"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.Popen([*command, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    launcher = [sys.executable, "-c", WITH_DEFAULT_SIGINT, command[0] if script.exists() else sys.executable]
+    return subprocess.Popen(
+        [*launcher, *command[1:], *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
 
 
 @pytest.fixture
@@ -284,9 +295,19 @@ def test_a_lost_lease_stops_the_driver_without_telling_optuna(tmp_path, demo_fam
     assert TrialStore(space.storage_url).trial("e2e", 0).status == "running"
 
 
-def test_ctrl_c_fails_the_trial_in_flight_and_frees_the_study(tmp_path, demo_family):
-    """SIGINT to a real driver: the trial it was running is failed in the store and in optuna
-    (with the reason) and queued again; nothing stays RUNNING; the lease is released."""
+@pytest.mark.parametrize(
+    ("stop", "reason", "status", "last_line"),
+    [
+        ("SIGINT", "interrupted (Ctrl-C)", 130, "interrupted"),
+        ("SIGTERM", "terminated (SIGTERM)", 143, "terminated (SIGTERM)"),
+    ],
+)
+def test_a_stop_signal_fails_the_trial_in_flight_and_frees_the_study(
+    tmp_path, demo_family, stop, reason, status, last_line
+):
+    """SIGINT (Ctrl-C) or SIGTERM (docker stop, Slurm) to a real driver: the trial it was running
+    is failed in the store and in optuna (with the reason) and queued again; nothing stays
+    RUNNING; the lease is released; the exit status is the shell's for that signal."""
     import signal
     import sqlite3
     import time
@@ -309,17 +330,16 @@ def test_ctrl_c_fails_the_trial_in_flight_and_frees_the_study(tmp_path, demo_fam
     while completed() < 2 and time.monotonic() < deadline and driver.poll() is None:
         time.sleep(0.3)
     assert driver.poll() is None, driver.stderr.read()[-2000:]
-    driver.send_signal(signal.SIGINT)
-    driver.communicate(timeout=120)
+    driver.send_signal(getattr(signal, stop))
+    _, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == status, stderr[-2000:]
+    assert stderr.splitlines()[-1] == last_line
     study = optuna.load_study(study_name="e2e", storage=space.storage_url)
     assert not [t for t in study.trials if t.state.name == "RUNNING"]
     failed = [t for t in study.trials if t.state.name == "FAIL"]
     assert len(failed) <= 1  # none when the signal landed between two trials
     for trial in failed:
         record = TrialStore(space.storage_url).trial("e2e", trial.number)
-        assert (
-            record.status == "failed"
-            and record.failure == "search stopped before this trial finished: interrupted (Ctrl-C)"
-        )
+        assert record.status == "failed" and record.failure == f"search stopped before this trial finished: {reason}"
         assert [t.user_attrs["retry_of"] for t in study.trials if t.state.name == "WAITING"] == [trial.number]
     assert read_holder(TrialStore(space.storage_url), "e2e") is None

@@ -32,6 +32,7 @@ from evomerge.search.front import (
     told_values,
 )
 from evomerge.search.pareto import pareto_front
+from evomerge.stop_signals import stop_reason
 
 if TYPE_CHECKING:
     from evomerge.config.space import SearchSpace
@@ -697,7 +698,7 @@ def abandon(study, store: TrialRecorder, space: SearchSpace, held, error: BaseEx
 
     if lease.lost:
         return  # a driver that lost its lease leaves the trials to the one that took over
-    cause = "interrupted (Ctrl-C)" if isinstance(error, KeyboardInterrupt) else short_error(error)
+    cause = stop_reason(error) or short_error(error)
     reason = f"search stopped before this trial finished: {cause}"
     for trial, params in [*held, *unheld_running(study, held)]:
         try:
