@@ -10,8 +10,7 @@ import typer
 from evomerge import cli_checks
 from evomerge.cli_checks import SEED_MAX
 from evomerge.errors import ConfigError, EvomergeError
-from evomerge.inspect.analysis import DEFAULT_DENSITIES
-from evomerge.inspect.sampling import DEFAULT_ENTRIES
+from evomerge.inspect.defaults import DEFAULT_DENSITIES, DEFAULT_ENTRIES
 
 
 def _png(path: Path | None) -> Path | None:
@@ -100,6 +99,7 @@ def inspect(
         if path is None:
             continue
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             if write == "plot":
                 from evomerge.inspect.plot import plot_cosine
 

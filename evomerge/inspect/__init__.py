@@ -8,22 +8,37 @@ rules that turn numbers into a reading and a starting genome.
 
 from __future__ import annotations
 
-from pathlib import Path
+import importlib
+from typing import TYPE_CHECKING
 
-from evomerge.inspect.advice import Advice, advise
-from evomerge.inspect.analysis import DEFAULT_DENSITIES, GroupStats, Inspection, inspect_models
-from evomerge.inspect.sampling import Sampling
-from evomerge.inspect.sources import Family, family_from_file
-from evomerge.inspect.vectors import PairStats
+from evomerge.inspect.defaults import DEFAULT_DENSITIES
+
+if TYPE_CHECKING:
+    from evomerge.inspect.advice import Advice, advise
+    from evomerge.inspect.analysis import GroupStats, Inspection, inspect_file, inspect_models
+    from evomerge.inspect.sampling import Sampling
+    from evomerge.inspect.sources import Family, family_from_file
+    from evomerge.inspect.vectors import PairStats
+
+# Loaded on first use (PEP 562), so the command line's import of the defaults does not pull in torch.
+_HOMES = {
+    "Advice": "advice",
+    "advise": "advice",
+    "GroupStats": "analysis",
+    "Inspection": "analysis",
+    "inspect_file": "analysis",
+    "inspect_models": "analysis",
+    "Sampling": "sampling",
+    "Family": "sources",
+    "family_from_file": "sources",
+    "PairStats": "vectors",
+}
 
 
-def inspect_file(path: Path, **options) -> Inspection:
-    """`inspect_models` on the base and models a space file or a merge YAML names; `group_size`
-    defaults to the space genome's layer_granularity."""
-    family = family_from_file(path)
-    options.setdefault("group_size", family.group_size)
-    options.setdefault("allow_pickle", family.allow_pickle)
-    return inspect_models(family.base, family.models, **options)
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
 
 
 __all__ = [

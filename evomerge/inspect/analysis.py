@@ -14,13 +14,12 @@ from pathlib import Path
 import torch
 
 from evomerge.errors import CompatibilityError, EvomergeError
+from evomerge.inspect.defaults import DEFAULT_DENSITIES
 from evomerge.inspect.groups import KIND_ORDER, default_group_size, layer_group_names, tensor_kind
 from evomerge.inspect.sampling import EntryReader, Sampling
 from evomerge.inspect.vectors import PairStats, PairSums, pair_stats, tensor_sums
 from evomerge.io.model_dir import ModelDir
 from evomerge.merge.layout import split_layers
-
-DEFAULT_DENSITIES = (0.1, 0.3, 0.5, 0.7)
 
 
 @dataclass(frozen=True)
@@ -128,3 +127,14 @@ def inspect_models(
         skipped=skipped,
         seconds=time.perf_counter() - started,
     )
+
+
+def inspect_file(path: Path, **options) -> Inspection:
+    """`inspect_models` on the base and models a space file or a merge YAML names; `group_size`
+    defaults to the space genome's layer_granularity."""
+    from evomerge.inspect.sources import family_from_file
+
+    family = family_from_file(path)
+    options.setdefault("group_size", family.group_size)
+    options.setdefault("allow_pickle", family.allow_pickle)
+    return inspect_models(family.base, family.models, **options)

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -35,7 +36,7 @@ def _pairs(inspection: Inspection) -> list[tuple[int, int]]:
 
 
 def _pair_name(inspection: Inspection, i: int, j: int) -> str:
-    return f"{inspection.models[i]} / {inspection.models[j]}"
+    return f"{inspection.models[i]}/{inspection.models[j]}"
 
 
 def summary_line(inspection: Inspection) -> str:
@@ -53,11 +54,17 @@ def summary_line(inspection: Inspection) -> str:
 
 def task_vector_table(inspection: Inspection) -> Table:
     stats = inspection.overall
-    table = Table(title="Task vectors (model - base)", title_justify="left")
+    table = Table(
+        title="Task vectors (model - base)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        pad_edge=False,
+    )
     table.add_column("model")
-    table.add_column("norm / base norm", justify="right")
+    table.add_column("norm / base", justify="right")
     for density in stats.densities:
-        table.add_column(f"energy in top {density:.0%}", justify="right")
+        table.add_column(f"top {density:.0%}\nenergy", justify="right")
     for index, name in enumerate(inspection.models):
         table.add_row(
             name,
@@ -69,13 +76,15 @@ def task_vector_table(inspection: Inspection) -> Table:
 
 def pair_table(inspection: Inspection) -> Table:
     stats = inspection.overall
-    table = Table(title="Pairs, all tensors", title_justify="left")
+    table = Table(
+        title="Pairs, all tensors", title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False
+    )
     table.add_column("pair", no_wrap=True)
     table.add_column("cosine", justify="right")
-    table.add_column("sign conflict", justify="right")
+    table.add_column("sign\nconflict", justify="right")
     for density in stats.densities:
-        table.add_column(f"top {density:.0%}", justify="right")
-    table.add_column(f"conflict, top {stats.densities[0]:.0%}", justify="right")
+        table.add_column(f"top {density:.0%}\noverlap", justify="right")
+    table.add_column(f"top {stats.densities[0]:.0%}\nconflict", justify="right")
     for i, j in _pairs(inspection):
         table.add_row(
             _pair_name(inspection, i, j),
@@ -94,10 +103,10 @@ def pair_table(inspection: Inspection) -> Table:
 
 
 def cosine_table(inspection: Inspection, title: str, groups) -> Table:
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
     table.add_column("pair", no_wrap=True)
     for group in groups:
-        table.add_column(group.name, justify="right")
+        table.add_column(group.name.removeprefix("attn."), justify="right")
     for i, j in _pairs(inspection):
         table.add_row(_pair_name(inspection, i, j), *(_cosine(g.stats.cosine[i][j]) for g in groups))
     return table
@@ -120,7 +129,9 @@ def print_report(inspection: Inspection, advice: Advice, console: Console) -> No
                 inspection, f"Cosine by layer group ({inspection.group_size} per group)", inspection.layer_groups
             )
         )
-        console.print(cosine_table(inspection, "Cosine by tensor kind", inspection.kinds))
+        console.print(
+            cosine_table(inspection, "Cosine by tensor kind (q, k, v, o, qkv: attention projections)", inspection.kinds)
+        )
     console.print("[bold]Reading[/]")
     for sentence in advice.reading:
         console.print(f"- {sentence}")

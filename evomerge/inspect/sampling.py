@@ -15,11 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from evomerge.errors import EvomergeError
+from evomerge.inspect.defaults import DEFAULT_ENTRIES, DEFAULT_SPAN
 from evomerge.io.model_dir import ModelDir
 from evomerge.merge.seeds import tensor_seed
-
-DEFAULT_ENTRIES = 65_536
-DEFAULT_SPAN = 1_024
 
 
 @dataclass(frozen=True)

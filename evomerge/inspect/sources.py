@@ -65,8 +65,18 @@ def family_from_file(path: Path) -> Family:
         except FileNotFoundError as exc:
             raise ConfigError(f"{where}{exc}", file=path, field=field) from None
 
-    base = (config.base_model, resolve(config.base_model, "base_model"))
     references = [r for r in config.referenced_models() if r != config.base_model]
     if not references:
         raise ConfigError(f"{where}no model besides the base to inspect", file=path, field="models")
-    return Family(base=base, models=tuple((r, resolve(r, "models")) for r in references), group_size=None)
+    labels = _short_names([*references, config.base_model])
+    return Family(
+        base=(labels[-1], resolve(config.base_model, "base_model")),
+        models=tuple((label, resolve(r, "models")) for label, r in zip(labels, references)),
+        group_size=None,
+    )
+
+
+def _short_names(references: list[str]) -> list[str]:
+    """Each model's folder name for the tables, or the reference as written when two folders share a name."""
+    names = [Path(r).name or r for r in references]
+    return names if len(set(names)) == len(names) else list(references)
