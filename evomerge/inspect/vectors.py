@@ -69,13 +69,12 @@ class PairSums:
 def trim_thresholds(deltas: torch.Tensor, densities: tuple[float, ...]) -> torch.Tensor:
     """(D, k): the smallest |delta| each task vector keeps at each density (top int(density * n),
     at least one entry, as TIES keeps)."""
-    magnitudes = deltas.abs().float()
+    magnitudes = deltas.abs().float().numpy()
     n = magnitudes.shape[1]
-    thresholds = torch.empty((len(densities), deltas.shape[0]))
-    for row, density in enumerate(densities):
-        keep = min(n, max(1, int(density * n)))
-        thresholds[row] = torch.kthvalue(magnitudes, n - keep + 1, dim=1).values
-    return thresholds
+    ranks = [n - min(n, max(1, int(density * n))) for density in densities]  # 0-based, ascending order
+    # one introselect pass places every density's cut (about half the time of a kthvalue per density)
+    cuts = np.partition(magnitudes, sorted(set(ranks)), axis=1)[:, ranks]
+    return torch.from_numpy(np.ascontiguousarray(cuts.T))
 
 
 def tensor_sums(
@@ -93,18 +92,19 @@ def tensor_sums(
         block = deltas[:, start : start + CHUNK].double()
         sums.gram += (block @ block.T).numpy()
         sums.base_sq += float(base[start : start + CHUNK].double().square().sum())
-        positive, negative = (block > 0).double(), (block < 0).double()
+        # 0/1 masks in float32: their products count entries exactly (a chunk holds < 2^24)
+        positive, negative = (block > 0).float(), (block < 0).float()
         nonzero = positive + negative
-        sums.both_nonzero += (nonzero @ nonzero.T).numpy()
-        opposite = (positive @ negative.T).numpy()
+        sums.both_nonzero += (nonzero @ nonzero.T).double().numpy()
+        opposite = (positive @ negative.T).double().numpy()
         sums.sign_conflict += opposite + opposite.T
-        magnitude = block.abs()
+        magnitude, energy = block.abs(), block.square()
         for row in range(len(densities)):
-            kept = ((magnitude >= thresholds[row][:, None]) & (magnitude > 0)).double()
-            sums.kept[row] += kept.sum(dim=1).numpy()
-            sums.kept_energy[row] += (kept * block.square()).sum(dim=1).numpy()
-            sums.overlap[row] += (kept @ kept.T).numpy()
-            kept_opposite = ((kept * positive) @ (kept * negative).T).numpy()
+            kept = ((magnitude >= thresholds[row][:, None]) & (magnitude > 0)).float()
+            sums.kept[row] += kept.sum(dim=1).double().numpy()
+            sums.kept_energy[row] += (energy * kept).sum(dim=1).numpy()
+            sums.overlap[row] += (kept @ kept.T).double().numpy()
+            kept_opposite = ((kept * positive) @ (kept * negative).T).double().numpy()
             sums.overlap_conflict[row] += kept_opposite + kept_opposite.T
     for name in ("gram", "both_nonzero", "sign_conflict", "kept", "kept_energy", "overlap", "overlap_conflict"):
         setattr(sums, name, getattr(sums, name) * scale)
