@@ -70,6 +70,7 @@ def inspect(
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Also read pytorch_model*.bin (loaded with weights_only=True).")
     ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Before merging: how the fine-tunes' task vectors relate, and a genome range to start a search from.
 
@@ -83,6 +84,7 @@ def inspect(
     from evomerge.inspect import advise, inspect_file
     from evomerge.inspect.report import print_report, write_json
     from evomerge.inspect.sampling import Sampling
+    from evomerge.progress import progress_bar
 
     options = {"sampling": Sampling(entries=sample, seed=seed)}
     if density:
@@ -91,7 +93,10 @@ def inspect(
         options["group_size"] = group_size
     if allow_pickle:
         options["allow_pickle"] = True
-    inspection = inspect_file(config, **options)
+    with progress_bar(None, "reading tensors", enabled=not quiet, unit="tensors") as bar:
+        inspection = inspect_file(
+            config, progress=lambda done, total: bar.update(completed=done, total=total), **options
+        )
     advice = advise(inspection)
     console = Console()
     print_report(inspection, advice, console)

@@ -12,7 +12,7 @@ from families import random_family, write_yaml
 from test_cli_front_door import error_line, evomerge
 
 from evomerge.genome.spec import GenomeSpec
-from evomerge.inspect import Sampling, advise, inspect_file, inspect_models
+from evomerge.inspect import GroupStats, Inspection, Sampling, advise, inspect_file, inspect_models
 from evomerge.inspect.groups import default_group_size, tensor_kind
 from evomerge.inspect.sampling import EntryReader
 from evomerge.inspect.vectors import pair_stats, sum_norm_ratio, tensor_sums
@@ -72,6 +72,45 @@ def test_sums_add_across_tensors_and_scale_leaves_ratios():
 def test_sum_norm_ratio_between_orthogonal_and_aligned():
     assert sum_norm_ratio(((1.0, 0.0), (0.0, 1.0)), (1.0, 1.0)) == pytest.approx(math.sqrt(2))
     assert sum_norm_ratio(((1.0, 1.0), (1.0, 1.0)), (1.0, 1.0)) == pytest.approx(2.0)
+
+
+def inspection_of(*deltas, densities=(0.5,)):
+    """An Inspection of hand-built task vectors (one tensor, one layer group), for the reading's rules."""
+    stats = stats_of([1.0] * len(deltas[0]), *deltas, densities=densities)
+    return Inspection(
+        base="base",
+        models=tuple(f"m{i}" for i in range(len(deltas))),
+        overall=stats,
+        layer_groups=(GroupStats("layer 0", stats),),
+        kinds=(GroupStats("mlp", stats),),
+        num_layers=1,
+        group_size=1,
+        sampling=Sampling(),
+        skipped=(),
+        seconds=0.0,
+    )
+
+
+def test_the_reading_follows_the_cosine():
+    aligned = advise(inspection_of([1.0, 2.0, 0.5, 0.1], [1.1, 2.0, 0.4, 0.1]))
+    assert aligned.reading[0].startswith("High positive cosine") and aligned.genome["methods"] == [
+        "linear",
+        "task_arithmetic",
+    ]
+    assert aligned.genome["weight"] == [0.25, 1.0]  # sum ~2x one task vector: start near 0.5
+    opposed = advise(inspection_of([1.0, 2.0, 0.5, 0.1], [-1.0, -1.5, 0.5, 0.0]))
+    assert opposed.reading[0].startswith("Negative cosine (below -0.1: m0-m1") and "density" in opposed.genome
+    spread = advise(inspection_of([10.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]))
+    assert spread.reading[0].startswith("Cosine near zero")
+    assert any("10.0x spread (> 3.0x)" in sentence for sentence in spread.reading)
+    for advice in (aligned, opposed, spread):
+        GenomeSpec.model_validate(advice.genome)
+
+
+def test_one_model_has_sizes_but_no_pairs():
+    advice = advise(inspection_of([1.0, -2.0, 0.5, 0.1]))
+    assert advice.reading[0].startswith("One model: no pairs")
+    GenomeSpec.model_validate(advice.genome)
 
 
 def test_tensor_kinds_and_group_sizes():

@@ -65,6 +65,23 @@ def _check_same_tensors(base: ModelDir, name: str, model: ModelDir) -> None:
             )
 
 
+def _tensor(
+    reader: EntryReader,
+    base: ModelDir,
+    models: list[ModelDir],
+    name: str,
+    sampling: Sampling,
+    densities: tuple[float, ...],
+) -> PairSums:
+    """One tensor's sums: the same entries of the base and each model (all, or the sample)."""
+    numel = torch.Size(base.tensors[name].shape).numel()
+    spans = sampling.spans(name, numel)
+    base_entries = reader.read(base, name, spans)
+    deltas = torch.stack([reader.read(model, name, spans) - base_entries for model in models])
+    scale = numel / base_entries.numel() if base_entries.numel() else 0.0
+    return tensor_sums(base_entries, deltas, densities, scale=scale, numel=numel)
+
+
 def inspect_models(
     base: tuple[str, Path],
     models: Sequence[tuple[str, Path]],
@@ -77,8 +94,9 @@ def inspect_models(
 ) -> Inspection:
     """The statistics of each model's task vector (model - base), read lazily tensor by tensor.
 
-    `sampling`: which entries to read (default: `Sampling()`, 65,536 per tensor). `group_size`: layers per layer group (default: about four groups). `progress(done, total)` is
-    called after each tensor.
+    `sampling`: which entries to read (default `Sampling()`: 65,536 per tensor). `group_size`:
+    layers per layer group (default: about four groups). `progress(done, total)` is called after
+    each tensor.
     """
     if not models:
         raise EvomergeError("inspect needs at least one model besides the base")
@@ -89,31 +107,28 @@ def inspect_models(
     started = time.perf_counter()
     base_dir = ModelDir(base[1], allow_pickle=allow_pickle)
     model_dirs = [ModelDir(path, allow_pickle=allow_pickle) for _, path in models]
-    for (name, _), model in zip(models, model_dirs):
-        _check_same_tensors(base_dir, name, model)
-    layout = split_layers(base_dir.tensors, source=str(base_dir.path))
-    size = group_size or default_group_size(layout.num_layers)
-    groups = layer_group_names(layout, size)
-    names = [n for n in base_dir.tensors if base_dir.tensors[n].dtype.is_floating_point]
-    skipped = tuple(n for n in base_dir.tensors if n not in names)
-    empty = PairSums.zeros(len(models), len(densities))
-    overall, by_group, by_kind = empty, {}, {}
-    with EntryReader() as reader:
-        for done, name in enumerate(names, 1):
-            numel = torch.Size(base_dir.tensors[name].shape).numel()
-            spans = sampling.spans(name, numel)
-            base_entries = reader.read(base_dir, name, spans)
-            deltas = torch.stack([reader.read(model, name, spans) - base_entries for model in model_dirs])
-            scale = numel / base_entries.numel() if base_entries.numel() else 0.0
-            sums = tensor_sums(base_entries, deltas, densities, scale=scale, numel=numel)
-            overall = overall + sums
-            group, kind = groups[name], tensor_kind(name)
-            by_group[group] = by_group.get(group, empty) + sums
-            by_kind[kind] = by_kind.get(kind, empty) + sums
-            if progress:
-                progress(done, len(names))
-    for model in (base_dir, *model_dirs):
-        model.close()
+    try:
+        for (name, _), model in zip(models, model_dirs):
+            _check_same_tensors(base_dir, name, model)
+        layout = split_layers(base_dir.tensors, source=str(base_dir.path))
+        size = group_size or default_group_size(layout.num_layers)
+        groups = layer_group_names(layout, size)
+        names = [n for n in base_dir.tensors if base_dir.tensors[n].dtype.is_floating_point]
+        skipped = tuple(n for n in base_dir.tensors if n not in names)
+        empty = PairSums.zeros(len(models), len(densities))
+        overall, by_group, by_kind = empty, {}, {}
+        with EntryReader() as reader:
+            for done, name in enumerate(names, 1):
+                sums = _tensor(reader, base_dir, model_dirs, name, sampling, densities)
+                overall = overall + sums
+                group, kind = groups[name], tensor_kind(name)
+                by_group[group] = by_group.get(group, empty) + sums
+                by_kind[kind] = by_kind.get(kind, empty) + sums
+                if progress:
+                    progress(done, len(names))
+    finally:
+        for model in (base_dir, *model_dirs):
+            model.close()
     group_order = dict.fromkeys(groups.values())  # embeddings, then the layer groups in order, then the head
     return Inspection(
         base=base[0],
