@@ -99,6 +99,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "results" / "inspect.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_start = os.getloadavg()[0]
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -177,6 +178,9 @@ def main() -> None:
         f"Command: `.venv/bin/python benchmarks/inspect_bench.py` ({datetime.date.today().isoformat()})",
         "",
         machine_line(torch, threads="1 torch thread"),
+        "",
+        f"1-minute load average at the start and the end: {load_start:.1f}, {os.getloadavg()[0]:.1f} "
+        "(other jobs share the cores: wall times stretch with it)",
         "",
         "Library calls: the fastest of 3 (page cache warm after the first); the command: the fastest of 3 "
         "runs of the console script, process start, imports and plot included.",

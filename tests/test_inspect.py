@@ -197,7 +197,6 @@ def test_a_merge_yaml_of_unrelated_task_vectors_reads_as_interference(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        (["inspect", "missing.yml"], "missing.yml"),
         (["inspect", "nobase.yml"], "nobase.yml: base_model: inspect compares each model with the base"),
         (["inspect", "nobase.yml", "--density", "1.5"], "--density: expected a share of entries in (0, 1]"),
         (["inspect", "nobase.yml", "--plot", "x.jpg"], "--plot x.jpg: expected a .png file name"),
