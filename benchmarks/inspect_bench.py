@@ -20,6 +20,7 @@ import datetime
 import json
 import math
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -67,13 +68,25 @@ def sparse_family(root: Path, shape: LlamaShape, names: list[str]) -> dict[str, 
 
 
 def timed(base, models, sampling, repeats=3):
-    """The fastest of `repeats` runs (page cache warm after the first), and that run's result."""
-    best = None
+    """The fastest of `repeats` runs (page cache warm after the first): its result and CPU seconds."""
+    best, best_cpu = None, None
     for _ in range(repeats):
+        cpu = time.process_time()
         result = inspect_models(base, models, sampling=sampling)
+        cpu = time.process_time() - cpu
         if best is None or result.seconds < best.seconds:
-            best = result
-    return best
+            best, best_cpu = result, cpu
+    return best, best_cpu
+
+
+def run_child(command, env):
+    """Wall and CPU seconds (user + system) of one child process, and its stdout."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), out
 
 
 def largest_differences(a, b) -> dict[str, float]:
@@ -115,27 +128,23 @@ def main() -> None:
     )
     command = [str(Path(sys.executable).with_name("evomerge")), "inspect", str(space), "--plot", str(work / "d.png")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLUMNS": "100"}
-    walls = []
-    for _ in range(3):
-        started = time.perf_counter()
-        shown = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-        walls.append(time.perf_counter() - started)
-    rows.append(("demo family (4 x 159K entries), `evomerge inspect space.yml --plot`, whole command", min(walls), ""))
-    imports = []
-    for _ in range(3):
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import torch"], env=env, check=True)
-        imports.append(time.perf_counter() - started)
-    rows.append(("of which Python start and `import torch` alone", min(imports), "the same machine, the same minute"))
+    runs = [run_child(command, env) for _ in range(3)]
+    wall, cpu, shown = min(runs)
+    rows.append(("demo family (4 x 159K entries), `evomerge inspect space.yml --plot`, whole command", wall, cpu, ""))
+    wall, cpu, _ = min(run_child([sys.executable, "-c", "import torch"], env) for _ in range(3))
+    rows.append(("of which Python start and `import torch` alone", wall, cpu, "the same machine, the same minute"))
     base, models = ("base", demo / "base"), [(n, demo / n) for n in finetunes]
-    whole = timed(base, models, Sampling(entries=0))
-    sampled = timed(base, models, Sampling(entries=4096, span=256))
-    rows.append(("demo family, library call, every entry", whole.seconds, f"{whole.overall.entries_read:,} read"))
+    whole, whole_cpu = timed(base, models, Sampling(entries=0))
+    sampled, sampled_cpu = timed(base, models, Sampling(entries=4096, span=256))
+    rows.append(
+        ("demo family, library call, every entry", whole.seconds, whole_cpu, f"{whole.overall.entries_read:,} read")
+    )
     diff = largest_differences(sampled, whole)
     rows.append(
         (
             "demo family, library call, 4,096 entries per tensor (256-entry spans)",
             sampled.seconds,
+            sampled_cpu,
             f"{sampled.overall.entries_read:,} read; vs every entry, largest difference over all groups: "
             f"cosine {diff['cosine']:.3f}, sign conflict {diff['sign_conflict']:.3f}, "
             f"top-d overlap {diff['trim_overlap']:.3f}, norm {diff['relative_norm_rel']:.1%} (overall)",
@@ -148,27 +157,29 @@ def main() -> None:
         make_random_family(medium_dir, shape=MEDIUM, finetunes=2, dtype=torch.bfloat16, seed=0)
     size_mb = sum(f.stat().st_size for f in (medium_dir / "base").glob("*.safetensors")) / 1e6
     base, models = ("base", medium_dir / "base"), [(n, medium_dir / n) for n in ("ft1", "ft2")]
-    default = timed(base, models, Sampling())
-    every = timed(base, models, Sampling(entries=0), repeats=1)
+    default, default_cpu = timed(base, models, Sampling())
+    every, every_cpu = timed(base, models, Sampling(entries=0), repeats=1)
     diff = largest_differences(default, every)
     label = f"random bf16 family, {MEDIUM.num_params() / 1e6:.0f}M params ({size_mb:.0f} MB) per model, base + 2"
     rows.append(
         (
             f"{label}, default sample (65,536 per tensor)",
             default.seconds,
+            default_cpu,
             f"{default.overall.entries_read:,} of {default.overall.entries:,} entries read per model; "
             f"vs every entry: cosine {diff['cosine']:.3f}, norm {diff['relative_norm_rel']:.1%}",
         )
     )
-    rows.append((f"{label}, every entry (`--sample 0`)", every.seconds, ""))
+    rows.append((f"{label}, every entry (`--sample 0`)", every.seconds, every_cpu, ""))
 
     sparse = sparse_family(work / "sparse7b", LLAMA_7B, ["base", "ft1", "ft2", "ft3"])
     base, models = ("base", sparse["base"]), [(n, sparse[n]) for n in ("ft1", "ft2", "ft3")]
-    seven = timed(base, models, Sampling())
+    seven, seven_cpu = timed(base, models, Sampling())
     rows.append(
         (
             f"7B-shaped family ({LLAMA_7B.num_params() / 1e9:.2f}B params, bf16, sparse files), base + 3, default sample",
             seven.seconds,
+            seven_cpu,
             f"{seven.overall.tensors} tensors, {seven.overall.entries_read:,} entries read per model",
         )
     )
@@ -180,14 +191,14 @@ def main() -> None:
         machine_line(torch, threads="1 torch thread"),
         "",
         f"1-minute load average at the start and the end: {load_start:.1f}, {os.getloadavg()[0]:.1f} "
-        "(other jobs share the cores: wall times stretch with it)",
+        "(other jobs share the cores: wall times stretch with it; CPU seconds, user + system, much less)",
         "",
         "Library calls: the fastest of 3 (page cache warm after the first); the command: the fastest of 3 "
         "runs of the console script, process start, imports and plot included.",
         "",
-        "| what | seconds | notes |",
-        "|---|---|---|",
-        *(f"| {what} | {seconds:.2f} | {notes} |" for what, seconds, notes in rows),
+        "| what | wall s | CPU s | notes |",
+        "|---|---|---|---|",
+        *(f"| {what} | {wall:.2f} | {cpu:.2f} | {notes} |" for what, wall, cpu, notes in rows),
     ]
     body = "\n".join(lines)
     title = "# `evomerge inspect`: speed, sampling error, and the demo family's output"
