@@ -107,6 +107,13 @@ def test_the_reading_follows_the_cosine():
         GenomeSpec.model_validate(advice.genome)
 
 
+def test_models_equal_to_the_base_are_named():
+    assert advise(inspection_of([0.0, 0.0], [0.0, 0.0])).reading == (
+        "Every model equals the base in the entries read (task vectors of norm 0): nothing to merge.",
+    )
+    assert advise(inspection_of([0.0, 0.0], [1.0, 0.0])).reading[0].startswith("m0 equals the base")
+
+
 def test_one_model_has_sizes_but_no_pairs():
     advice = advise(inspection_of([1.0, -2.0, 0.5, 0.1]))
     assert advice.reading[0].startswith("One model: no pairs")

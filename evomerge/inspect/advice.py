@@ -56,7 +56,15 @@ def advise(inspection: Inspection) -> Advice:
     """The reading (cosine, signs, trimming, sizes, layer groups) and a starting genome."""
     stats = inspection.overall
     names = inspection.models
+    unchanged = [name for name, norm in zip(names, stats.relative_norm) if not norm > 0]
+    if len(unchanged) == len(names):
+        return Advice(
+            reading=("Every model equals the base in the entries read (task vectors of norm 0): nothing to merge.",)
+        )
     reading: list[str] = []
+    if unchanged:
+        verb = "equals" if len(unchanged) == 1 else "equal"
+        reading.append(f"{', '.join(unchanged)} {verb} the base in the entries read: leave out of the merge.")
     genome: dict[str, Any] = {}
     if len(names) < 2:
         reading.append("One model: no pairs to compare; its task vector's size and trimming are shown above.")
