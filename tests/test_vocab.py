@@ -1,0 +1,167 @@
+"""Differing vocabularies (merge/vocab.py): the output vocabulary and the permuted embedding and
+head rows, compared with mergekit 0.1.5 on a tiny family whose fine-tunes add tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from families import load_checkpoint, random_family, write_yaml
+from safetensors.torch import load_file, save_file
+
+from evomerge.config.mergekit_yaml import load_merge_config, load_yaml_file
+from evomerge.merge.engine import run_merge
+from evomerge.merge.planner import plan_merge
+
+transformers = pytest.importorskip("transformers")
+CHAT = ["<|im_start|>", "<|im_end|>"]
+
+
+def _base_tokenizer(size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    words = [chr(ord("a") + i % 26) * (1 + i // 26) for i in range(size - len(specials))]
+    model = models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="<unk>")
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def _grow(path: Path, tokenizer, seed: int) -> None:
+    """Save `tokenizer` with the model and append random embedding and head rows for its new tokens."""
+    tokenizer.save_pretrained(path)
+    generator = torch.Generator().manual_seed(seed)
+    for file in path.glob("*.safetensors"):
+        tensors = load_file(file)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            old = tensors[name]
+            extra = torch.randn(len(tokenizer) - old.shape[0], old.shape[1], generator=generator) * 0.2
+            tensors[name] = torch.cat([old, extra.to(old.dtype)])
+        save_file(tensors, file, metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["vocab_size"] = len(tokenizer)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def added_token_family(root: Path) -> dict[str, str]:
+    """base (96 tokens); a: chat tokens as special tokens; b: '<|im_end|>' and '<tool>' as plain
+    added tokens (other ids, other settings); c: the base's vocabulary."""
+    paths = random_family(root, finetunes=3)
+    _base_tokenizer(96).save_pretrained(paths["base"])
+    a = transformers.AutoTokenizer.from_pretrained(paths["base"])
+    a.add_special_tokens({"additional_special_tokens": CHAT})
+    _grow(paths["ft1"], a, 1)
+    b = transformers.AutoTokenizer.from_pretrained(paths["base"])
+    b.add_tokens(["<|im_end|>", "<tool>"])
+    _grow(paths["ft2"], b, 2)
+    _base_tokenizer(96).save_pretrained(paths["ft3"])
+    return {"base": str(paths["base"]), "a": str(paths["ft1"]), "b": str(paths["ft2"]), "c": str(paths["ft3"])}
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return added_token_family(tmp_path_factory.mktemp("vocab"))
+
+
+def run_mergekit(config_path: Path, out: Path, monkeypatch) -> None:
+    """mergekit-yaml in process, its model order made the config's (0.1.5 takes a Python set's
+    order, random per process, for the union's order and for the base of a base-less merge)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge as mergekit_run
+    from mergekit.options import MergeOptions
+
+    config = MergeConfiguration.model_validate(load_yaml_file(config_path))
+    refs = [config.base_model] if config.base_model else []
+    refs += [m.model for m in config.models or ()]
+    refs += [s.model for sl in config.slices or () for s in sl.sources]
+    order = list(dict.fromkeys(refs))
+    monkeypatch.setattr(MergeConfiguration, "referenced_models", lambda self: list(order))
+    mergekit_run(
+        config,
+        str(out),
+        options=MergeOptions(device="cpu", quiet=True, random_seed=0, write_model_card=False),
+    )
+
+
+def both(tmp_path: Path, text: str, monkeypatch):
+    config_path = write_yaml(tmp_path / "merge.yml", text)
+    ours, theirs = tmp_path / "ours", tmp_path / "mergekit"
+    run_merge(plan_merge(load_merge_config(config_path), config_path=config_path), ours, progress=False, workers=2)
+    run_mergekit(config_path, theirs, monkeypatch)
+    return ours, theirs
+
+
+def _tokenizer_view(path: Path):
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    added = {i: (t.content, t.special, t.normalized) for i, t in tokenizer.added_tokens_decoder.items()}
+    return tokenizer.get_vocab(), added, json.loads((path / "config.json").read_text())["vocab_size"]
+
+
+def assert_same_merge(ours: Path, theirs: Path, exact: bool = True) -> dict[str, torch.Tensor]:
+    a, b = load_checkpoint(ours), load_checkpoint(theirs)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].shape == b[name].shape and a[name].dtype == b[name].dtype, name
+        if exact:
+            assert torch.equal(a[name], b[name]), name
+        else:
+            torch.testing.assert_close(a[name], b[name], rtol=2e-6, atol=2e-6, msg=name)
+    assert _tokenizer_view(ours) == _tokenizer_view(theirs)
+    return a
+
+
+METHODS = {
+    "linear": """
+merge_method: linear
+models:
+  - {{model: {base}, parameters: {{weight: 0.3}}}}
+  - {{model: {a}, parameters: {{weight: 0.3}}}}
+  - {{model: {b}, parameters: {{weight: 0.2}}}}
+  - {{model: {c}, parameters: {{weight: 0.2}}}}
+""",
+    "task_arithmetic": """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - {{model: {a}, parameters: {{weight: 0.8}}}}
+  - {{model: {b}, parameters: {{weight: 0.5}}}}
+  - {{model: {c}, parameters: {{weight: 0.3}}}}
+""",
+    "ties": """
+merge_method: ties
+base_model: {base}
+models:
+  - {{model: {a}, parameters: {{weight: 1.0, density: 0.5}}}}
+  - {{model: {b}, parameters: {{weight: 0.6, density: 0.7}}}}
+""",
+}
+SOURCES = {
+    "union": "tokenizer_source: union\n",
+    "base": "tokenizer_source: base\n",
+    "model": "tokenizer_source: {b}\n",
+    "section": """
+tokenizer:
+  source: union
+  pad_to_multiple_of: 8
+  tokens:
+    <|im_start|>: {{source: {{kind: model_token, model: {b}, token: <|im_end|>}}}}
+    <tool>: {{source: {{kind: zero}}}}
+    dd: {{source: {a}, force: true}}
+    <new>: {{source: {{kind: model_token, model: {base}, token_id: 3}}}}
+""",
+}
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_same_merge_and_tokenizer_as_mergekit(tmp_path, family, method, source, monkeypatch):
+    text = METHODS[method].format(**family) + SOURCES[source].format(**family) + "dtype: float32\n"
+    ours, theirs = both(tmp_path, text, monkeypatch)
+    merged = assert_same_merge(ours, theirs)
+    vocab, _, size = _tokenizer_view(ours)
+    assert merged["model.embed_tokens.weight"].shape[0] == size >= len(vocab)
