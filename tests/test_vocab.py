@@ -165,3 +165,112 @@ def test_same_merge_and_tokenizer_as_mergekit(tmp_path, family, method, source, 
     merged = assert_same_merge(ours, theirs)
     vocab, _, size = _tokenizer_view(ours)
     assert merged["model.embed_tokens.weight"].shape[0] == size >= len(vocab)
+
+
+# -- a search: candidates merged in memory, their recipe and their export ------------------------
+
+
+def vocab_space(family: dict[str, str], tmp_path: Path, methods: list[str], **vocabulary):
+    import yaml
+
+    from evomerge.config.space import parse_space
+
+    data = {
+        "models": [f"a@{family['a']}", f"b@{family['b']}", f"c@{family['c']}"],
+        "base_model": f"base@{family['base']}",
+        "dtype": "float32",
+        "genome": {"layer_granularity": 2, "methods": methods},
+        "objectives": [{"task": "t1"}],
+        "search": {"n_trials": 5},
+        **vocabulary,
+    }
+    return parse_space(data, base_dir=tmp_path, source="space.yml", text=yaml.safe_dump(data))
+
+
+def _params(genome, seed: int) -> dict:
+    import random
+
+    rng = random.Random(seed)
+    return {
+        name: (rng.choice(d.choices) if hasattr(d, "choices") else rng.uniform(d.low, d.high))
+        for name, d in genome.distributions().items()
+    }
+
+
+def _resident(genome, params) -> tuple[str, dict[str, torch.Tensor]]:
+    from evomerge.io.hashing import weights_hash
+    from evomerge.merge.resident import ResidentSources, materialize
+
+    plan = genome.plan(params)
+    sources = ResidentSources(genome.models, dtype=torch.float32, vocab=genome.vocab, vocab_base=genome.base)
+    target = {r.name: torch.zeros(r.shape) for r in plan.tensors}
+    materialize(plan, sources, target)
+    materialize(plan, sources, target)  # the second trial reads the permutation kept by the first
+    return weights_hash(target), target
+
+
+SECTION = {
+    "tokenizer": {
+        "source": "union",
+        "pad_to_multiple_of": 8,
+        "tokens": {"<|im_start|>": {"source": {"kind": "model_token", "model": "b", "token": "<|im_end|>"}}},
+    }
+}
+
+
+@pytest.mark.parametrize("vocabulary", [{"tokenizer_source": "union"}, SECTION], ids=["union", "section"])
+def test_search_candidate_equals_its_recipe_and_mergekit(tmp_path, family, vocabulary, monkeypatch):
+    from evomerge.genome.parameters import ParameterGenome
+    from evomerge.io.hashing import checkpoint_hash
+
+    genome = ParameterGenome(vocab_space(family, tmp_path, ["ties"], **vocabulary))
+    params = _params(genome, 1)
+    digest, merged = _resident(genome, params)
+    assert merged["model.embed_tokens.weight"].shape[0] == genome.vocab.size
+    run_merge(genome.plan(params), tmp_path / "disk", progress=False, workers=2)  # what export writes
+    assert checkpoint_hash(tmp_path / "disk") == digest
+    config = write_yaml(tmp_path / "recipe.yml", genome.plan(params).recipe_yaml)
+    run_mergekit(config, tmp_path / "mk", monkeypatch)
+    assert_same_merge(tmp_path / "disk", tmp_path / "mk", exact=False)
+
+
+def test_search_with_several_methods_merges_in_memory_as_on_disk(tmp_path, family):
+    from evomerge.genome.parameters import ParameterGenome
+    from evomerge.io.hashing import checkpoint_hash
+
+    genome = ParameterGenome(vocab_space(family, tmp_path, ["ties", "linear", "slerp"], **SECTION))
+    for seed in range(3):
+        params = _params(genome, seed)
+        digest, _ = _resident(genome, params)
+        run_merge(genome.plan(params), tmp_path / f"disk{seed}", progress=False, workers=2)
+        assert checkpoint_hash(tmp_path / f"disk{seed}") == digest
+        assert json.loads((tmp_path / f"disk{seed}" / "config.json").read_text())["vocab_size"] == 104
+
+
+def test_a_space_names_its_tokenizer_models_by_name(tmp_path, family):
+    from evomerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tokenizer_source: 'zz' is not a model of this space"):
+        vocab_space(family, tmp_path, ["ties"], tokenizer_source="zz")
+
+
+def test_search_worker_model_and_tokenizer_take_the_output_vocabulary(tmp_path, family):
+    from evomerge.genome.parameters import ParameterGenome
+    from evomerge.io.hashing import checkpoint_hash
+    from evomerge.merge.vocab import load_output_tokenizer
+    from evomerge.workers.builders import MergedCandidates
+
+    space = vocab_space(family, tmp_path, ["task_arithmetic"], **SECTION)
+    genome = ParameterGenome(space)
+    builder = MergedCandidates(genome, space, dtype=torch.float32, device="cpu")
+    params = _params(genome, 2)
+    candidate = builder.build(params)
+    run_merge(genome.plan(params), tmp_path / "disk", progress=False, workers=2)
+    assert candidate.weights_hash == checkpoint_hash(tmp_path / "disk")
+    assert builder.model.get_input_embeddings().weight.shape[0] == 104
+    tokenizer = load_output_tokenizer(genome.vocab)
+    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<tool>"]) == [96, 97, 98]
+    reference = builder.reference("b")  # a source model, its rows in the output vocabulary
+    rows = load_file(Path(family["b"]) / "model.safetensors")["model.embed_tokens.weight"]
+    embed = reference.get_input_embeddings().weight
+    assert torch.equal(embed[:96], rows[:96]) and torch.equal(embed[97], rows[96])  # '<|im_end|>': b's id 96

@@ -134,6 +134,10 @@ class Vocabulary:
     def align(self, models: Sequence[str], tensors: Sequence[torch.Tensor], base: str | None) -> list[torch.Tensor]:
         """Each model's vocabulary-first tensor (embedding or head) with its rows in output order."""
         fills = self.fills(models, base)
+        # On the CPU whatever the math device: the padding rows' mean must not depend on where it
+        # ran (a search on a GPU and its export must write the same bits).
+        result_device = tensors[0].device
+        tensors = [t.cpu() for t in tensors]
         dtype = tensors[0].dtype
         for tensor in tensors[1:]:
             dtype = torch.promote_types(dtype, tensor.dtype)
@@ -174,7 +178,7 @@ class Vocabulary:
                 out[fill_rows[lacking].to(device)] = fill_values[lacking.to(device)]
             if self.size > count:
                 out[count:] = torch.mean(out[:count], dim=0)
-            aligned.append(out)
+            aligned.append(out.to(result_device))
         return aligned
 
 
@@ -358,6 +362,15 @@ def _rule_source(entry: Any, vocabs: Mapping[str, Mapping[str, int]], field: str
             f"token {source.token!r} is not in '{source.model}'", file=file, field=f"{field}.source.token"
         )
     return ("row", source.model, row)
+
+
+def load_output_tokenizer(vocab: Vocabulary) -> Any:
+    """The output tokenizer as a transformers object (what a merged checkpoint will load)."""
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(vocab, Path(tmp), None)
+        return transformers.AutoTokenizer.from_pretrained(tmp, local_files_only=True)
 
 
 def write_tokenizer(vocab: Vocabulary, out_dir: Path, generation_dir: Path | None) -> list[str]:
