@@ -274,3 +274,80 @@ def test_search_worker_model_and_tokenizer_take_the_output_vocabulary(tmp_path, 
     rows = load_file(Path(family["b"]) / "model.safetensors")["model.embed_tokens.weight"]
     embed = reference.get_input_embeddings().weight
     assert torch.equal(embed[:96], rows[:96]) and torch.equal(embed[97], rows[96])  # '<|im_end|>': b's id 96
+
+
+def _cli(argv: list[str]) -> int:
+    from evomerge.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_written_recipe_reproduces_the_merge_from_the_model_folder(tmp_path, family):
+    """The recipe copied into the output names every model (tokenizer ones included) relative to it."""
+    from evomerge.io.hashing import checkpoint_hash
+
+    text = METHODS["ties"].format(**family) + SOURCES["section"].format(**family) + "dtype: float32\n"
+    config = write_yaml(tmp_path / "merge.yml", text)
+    assert _cli(["merge", str(config), str(tmp_path / "out"), "-q"]) == 0
+    recipe = (tmp_path / "out" / "mergekit_config.yml").read_text()
+    assert family["b"] not in recipe and "<|im_start|>" in recipe
+    assert _cli(["merge", str(tmp_path / "out" / "mergekit_config.yml"), str(tmp_path / "again"), "-q"]) == 0
+    assert checkpoint_hash(tmp_path / "again") == checkpoint_hash(tmp_path / "out")
+    assert (tmp_path / "again" / "tokenizer.json").read_bytes() == (tmp_path / "out" / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "tokenizer, message",
+    [
+        ("tokenizer: {tokens: {<tool>: {}}}", "tokenizer.tokens.<tool>.source: token '<tool>' is missing from some"),
+        ("tokenizer: {tokens: {x: {source: /elsewhere}}}", "tokenizer.tokens.x.source: '/elsewhere' is not one of"),
+        ("tokenizer: {tokens: {x: {source: {kind: model_token, model: {a}, token: zzz9}}}}", "token 'zzz9' is not in"),
+        (
+            "tokenizer: {tokens: {<x>: {source: {kind: model_token, model: {a}, token_id: 500}}}}",
+            "<x>.source: token row 500",
+        ),
+    ],
+)
+def test_token_rule_mistakes_are_one_line(tmp_path, family, tokenizer, message, capsys):
+    text = METHODS["linear"].format(**family) + tokenizer.replace("{a}", family["a"]) + "\n"
+    config = write_yaml(tmp_path / "merge.yml", text)
+    assert _cli(["merge", str(config), str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_fill_rules(family):
+    """mergekit's fill rules, row by row, on tensors whose rows say where they came from."""
+    from evomerge.config.mergekit_yaml import TokenEmbedding
+    from evomerge.merge.vocab import build_vocabulary
+
+    names = ["base", "a", "b", "c"]
+    sizes = {"base": 96, "a": 98, "b": 98, "c": 96}
+    vocab = build_vocabulary(
+        source="union",
+        paths={n: Path(family[n]) for n in names},
+        vocab_sizes=sizes,
+        models=names,
+        tokenizer_base="base",
+        tokens={"dd": TokenEmbedding(source="a", force=True), "<z>": TokenEmbedding(source={"kind": "zero"})},
+        pad_to_multiple_of=8,
+    )
+    assert vocab.tokens[96:] == ("<|im_start|>", "<|im_end|>", "<tool>", "<z>") and vocab.size == 104
+    tensors = [torch.arange(sizes[n], dtype=torch.float32)[:, None] + 1000 * i for i, n in enumerate(names)]
+    base, a, b, c = (t[:, 0].tolist() for t in vocab.align(names, tensors, "base"))
+    dd = vocab.tokens.index("dd")
+    assert base[:96] != a[:96] and base[5] == 5 and a[5] == 1005  # own rows kept
+    assert base[dd] == a[dd] == b[dd] == c[dd] == 1000 + dd  # forced from a
+    assert base[96] == b[96] == c[96] == 1096 and a[96] == 1096  # '<|im_start|>': only a has it
+    assert a[97] == 1097 and b[97] == 2096 and base[97] == c[97] == (1097 + 2096) / 2  # '<|im_end|>': the mean
+    assert base[98] == a[98] == c[98] == b[98] == 2097  # '<tool>': only b
+    assert base[99] == a[99] == 0  # '<z>': zero
+    padding = torch.tensor(base[:100]).mean().item()
+    assert base[100:] == [pytest.approx(padding)] * 4
+    # a tensor of a and b alone, no base: '<|im_end|>' both have; '<|im_start|>' a only
+    a2, b2 = (t[:, 0].tolist() for t in vocab.align(["a", "b"], tensors[1:3], None))
+    assert a2[97] == 1097 and b2[97] == 2096 and b2[96] == 1096

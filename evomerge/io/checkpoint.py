@@ -132,6 +132,16 @@ def _model_fields(document: dict) -> list[tuple[dict, str]]:
         document["tokenizer_source"], str
     ):
         fields.append((document, "tokenizer_source"))
+    section = document.get("tokenizer")
+    if isinstance(section, dict):
+        if section.get("source") not in (None, "base", "union") and isinstance(section["source"], str):
+            fields.append((section, "source"))
+        for entry in (section.get("tokens") or {}).values() if isinstance(section.get("tokens"), dict) else ():
+            source = entry.get("source") if isinstance(entry, dict) else None
+            if isinstance(source, str):
+                fields.append((entry, "source"))
+            elif isinstance(source, dict) and isinstance(source.get("model"), str):
+                fields.append((source, "model"))
     return fields
 
 

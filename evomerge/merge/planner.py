@@ -448,7 +448,7 @@ class Planner:
         if not all(is_vocab_tensor(shape, config_vocab_size(self.models[ref].config)) for ref, shape in shapes.items()):
             return None
         try:
-            self._vocab.fills(list(shapes), out_slice.base)
+            self._vocab.check(list(shapes), out_slice.base, [shape[0] for shape in shapes.values()])
         except ConfigError as exc:
             raise ConfigError(str(exc), file=self.file) from None
         self._vocab_tensors[out_name] = out_slice.base

@@ -82,6 +82,17 @@ class Vocabulary:
             self._fills[key] = self._compute_fills(list(models), base)
         return self._fills[key]
 
+    def check(self, models: Sequence[str], base: str | None, row_counts: Sequence[int]) -> None:
+        """Plan-time check of one tensor's fills: every configured source exists and every row it
+        reads is inside its model's tensor (ConfigError otherwise)."""
+        for row, fill in self.fills(models, base).items():
+            if fill[0] == "copy" and not 0 <= fill[2] < row_counts[fill[1]]:
+                rule = self.rules.get(row)
+                raise ConfigError(
+                    f"token row {fill[2]} is out of range for '{models[fill[1]]}' ({row_counts[fill[1]]} rows)",
+                    field=f"{rule.field}.source" if rule else None,
+                )
+
     def _compute_fills(self, models: list[str], base: str | None) -> dict[int, tuple]:
         maps = [self._row_maps[m] for m in models]
         present = torch.stack([m >= 0 for m in maps]) if maps else torch.zeros((0, len(self.tokens)), dtype=torch.bool)
