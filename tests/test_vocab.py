@@ -351,3 +351,10 @@ def test_fill_rules(family):
     # a tensor of a and b alone, no base: '<|im_end|>' both have; '<|im_start|>' a only
     a2, b2 = (t[:, 0].tolist() for t in vocab.align(["a", "b"], tensors[1:3], None))
     assert a2[97] == 1097 and b2[97] == 2096 and b2[96] == 1096
+
+
+def test_a_dataflow_space_refuses_a_tokenizer_source(tmp_path, family):
+    from evomerge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="works with genome kind 'parameters', not 'dataflow'"):
+        vocab_space(family, tmp_path, ["ties"], tokenizer_source="union", genome={"kind": "dataflow"})

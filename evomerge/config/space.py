@@ -226,6 +226,11 @@ class SearchSpace(StrictModel):
     def _check_vocabulary(self, names: list[str]) -> None:
         if self.tokenizer is not None and self.tokenizer_source is not None:
             raise ValueError("give either 'tokenizer:' or 'tokenizer_source', not both")
+        kind = getattr(self.genome, "kind", "parameters")
+        if self.vocabulary_source() is not None and kind != "parameters":
+            raise ValueError(
+                f"a tokenizer source (differing vocabularies) works with genome kind 'parameters', not '{kind}'"
+            )
         refs = []
         if self.vocabulary_source() not in (None, "base", "union"):
             refs.append(("tokenizer" if self.tokenizer else "tokenizer_source", self.vocabulary_source()))
