@@ -32,25 +32,27 @@ def _base_tokenizer(size: int):
     )
 
 
-def _grow(path: Path, tokenizer, seed: int) -> None:
-    """Save `tokenizer` with the model and append random embedding and head rows for its new tokens."""
+def _grow(path: Path, tokenizer, seed: int, rows: int | None = None) -> None:
+    """Save `tokenizer` with the model and append random embedding and head rows for its new
+    tokens (up to `rows`: padding rows no token uses, as many checkpoints have)."""
     tokenizer.save_pretrained(path)
+    rows = rows or len(tokenizer)
     generator = torch.Generator().manual_seed(seed)
     for file in path.glob("*.safetensors"):
         tensors = load_file(file)
         for name in ("model.embed_tokens.weight", "lm_head.weight"):
             old = tensors[name]
-            extra = torch.randn(len(tokenizer) - old.shape[0], old.shape[1], generator=generator) * 0.2
+            extra = torch.randn(rows - old.shape[0], old.shape[1], generator=generator) * 0.2
             tensors[name] = torch.cat([old, extra.to(old.dtype)])
         save_file(tensors, file, metadata={"format": "pt"})
     config = json.loads((path / "config.json").read_text())
-    config["vocab_size"] = len(tokenizer)
+    config["vocab_size"] = rows
     (path / "config.json").write_text(json.dumps(config))
 
 
 def added_token_family(root: Path) -> dict[str, str]:
     """base (96 tokens); a: chat tokens as special tokens; b: '<|im_end|>' and '<tool>' as plain
-    added tokens (other ids, other settings); c: the base's vocabulary."""
+    added tokens (other ids, other settings); c: the base's vocabulary in 100 rows (4 of padding)."""
     paths = random_family(root, finetunes=3)
     _base_tokenizer(96).save_pretrained(paths["base"])
     a = transformers.AutoTokenizer.from_pretrained(paths["base"])
@@ -59,7 +61,7 @@ def added_token_family(root: Path) -> dict[str, str]:
     b = transformers.AutoTokenizer.from_pretrained(paths["base"])
     b.add_tokens(["<|im_end|>", "<tool>"])
     _grow(paths["ft2"], b, 2)
-    _base_tokenizer(96).save_pretrained(paths["ft3"])
+    _grow(paths["ft3"], _base_tokenizer(96), 3, rows=100)
     return {"base": str(paths["base"]), "a": str(paths["ft1"]), "b": str(paths["ft2"]), "c": str(paths["ft3"])}
 
 
@@ -326,7 +328,7 @@ def test_fill_rules(family):
     from evomerge.merge.vocab import build_vocabulary
 
     names = ["base", "a", "b", "c"]
-    sizes = {"base": 96, "a": 98, "b": 98, "c": 96}
+    sizes = {"base": 96, "a": 98, "b": 98, "c": 100}
     vocab = build_vocabulary(
         source="union",
         paths={n: Path(family[n]) for n in names},
