@@ -360,3 +360,47 @@ def test_a_dataflow_space_refuses_a_tokenizer_source(tmp_path, family):
 
     with pytest.raises(ConfigError, match="works with genome kind 'parameters', not 'dataflow'"):
         vocab_space(family, tmp_path, ["ties"], tokenizer_source="union", genome={"kind": "dataflow"})
+
+
+@pytest.mark.slow
+def test_search_and_export_with_added_tokens(tmp_path, demo_family):
+    """A search over demo fine-tunes that added tokens: every trial scored with the output
+    vocabulary, the export hash-verified and written with the union tokenizer."""
+    import shutil
+
+    import yaml
+
+    from evomerge.cli import main  # noqa: F401  (the console script _cli runs)
+
+    root = tmp_path / "family"
+    shutil.copytree(demo_family.base, root / "base")
+    chat = shutil.copytree(demo_family.finetunes["reverse"], root / "chat")
+    tool = shutil.copytree(demo_family.finetunes["sort"], root / "tool")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(chat)
+    tokenizer.add_special_tokens({"additional_special_tokens": CHAT})
+    _grow(chat, tokenizer, 1)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tool)
+    tokenizer.add_tokens(["<tool>"])
+    _grow(tool, tokenizer, 2)
+    repo = Path(__file__).resolve().parents[1]
+    data = {
+        "models": [f"chat@{chat}", f"tool@{tool}"],
+        "base_model": f"base@{root / 'base'}",
+        "dtype": "float32",
+        "device": "cpu",
+        "tokenizer": {"source": "union", "pad_to_multiple_of": 4},
+        "genome": {"layer_granularity": 2, "methods": ["task_arithmetic"]},
+        "objectives": [{"task": "demo_reverse", "metric": "acc,none"}],
+        "eval": {"include_paths": [str(repo / "tasks")], "limit": 10, "batch_size": 64},
+        "search": {"sampler": "random", "seed": 0, "n_trials": 3, "study_name": "vocab"},
+    }
+    space = tmp_path / "space.yml"
+    space.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert _cli(["run", str(space), "-q"]) == 0
+    assert _cli(["export", str(space), str(tmp_path / "export"), "-q"]) == 0
+    exported = tmp_path / "export"
+    vocab, added, size = _tokenizer_view(exported)
+    assert size == 92 and [added[i][0] for i in (89, 90, 91)] == [*CHAT, "<tool>"]
+    assert load_checkpoint(exported)["lm_head.weight"].shape == (92, 64)
+    model = transformers.AutoModelForCausalLM.from_pretrained(exported)
+    assert model.get_input_embeddings().weight.shape[0] == 92
