@@ -51,14 +51,15 @@ def _grow(path: Path, tokenizer, seed: int, rows: int | None = None) -> None:
 
 
 def added_token_family(root: Path) -> dict[str, str]:
-    """base (96 tokens); a: chat tokens as special tokens; b: '<|im_end|>' and '<tool>' as plain
-    added tokens (other ids, other settings); c: the base's vocabulary in 100 rows (4 of padding)."""
+    """base (96 tokens); a: chat tokens as special tokens; b: a vocabulary word the base lacks
+    ('oooo', id 96), then '<|im_end|>' and '<tool>' as plain added tokens (other ids, other
+    settings); c: the base's vocabulary in 100 rows (4 of padding)."""
     paths = random_family(root, finetunes=3)
     _base_tokenizer(96).save_pretrained(paths["base"])
     a = transformers.AutoTokenizer.from_pretrained(paths["base"])
     a.add_special_tokens({"additional_special_tokens": CHAT})
     _grow(paths["ft1"], a, 1)
-    b = transformers.AutoTokenizer.from_pretrained(paths["base"])
+    b = _base_tokenizer(97)
     b.add_tokens(["<|im_end|>", "<tool>"])
     _grow(paths["ft2"], b, 2)
     _grow(paths["ft3"], _base_tokenizer(96), 3, rows=100)
@@ -271,11 +272,11 @@ def test_search_worker_model_and_tokenizer_take_the_output_vocabulary(tmp_path, 
     assert candidate.weights_hash == checkpoint_hash(tmp_path / "disk")
     assert builder.model.get_input_embeddings().weight.shape[0] == 104
     tokenizer = load_output_tokenizer(genome.vocab)
-    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>", "<tool>"]) == [96, 97, 98]
+    assert tokenizer.convert_tokens_to_ids(["oooo", "<|im_start|>", "<|im_end|>", "<tool>"]) == [96, 97, 98, 99]
     reference = builder.reference("b")  # a source model, its rows in the output vocabulary
     rows = load_file(Path(family["b"]) / "model.safetensors")["model.embed_tokens.weight"]
     embed = reference.get_input_embeddings().weight
-    assert torch.equal(embed[:96], rows[:96]) and torch.equal(embed[97], rows[96])  # '<|im_end|>': b's id 96
+    assert torch.equal(embed[:97], rows[:97]) and torch.equal(embed[98], rows[97])  # '<|im_end|>': b's id 97
 
 
 def _cli(argv: list[str]) -> int:
@@ -328,7 +329,7 @@ def test_fill_rules(family):
     from evomerge.merge.vocab import build_vocabulary
 
     names = ["base", "a", "b", "c"]
-    sizes = {"base": 96, "a": 98, "b": 98, "c": 100}
+    sizes = {"base": 96, "a": 98, "b": 99, "c": 100}
     vocab = build_vocabulary(
         source="union",
         paths={n: Path(family[n]) for n in names},
@@ -338,21 +339,22 @@ def test_fill_rules(family):
         tokens={"dd": TokenEmbedding(source="a", force=True), "<z>": TokenEmbedding(source={"kind": "zero"})},
         pad_to_multiple_of=8,
     )
-    assert vocab.tokens[96:] == ("<|im_start|>", "<|im_end|>", "<tool>", "<z>") and vocab.size == 104
+    assert vocab.tokens[96:] == ("oooo", "<|im_start|>", "<|im_end|>", "<tool>", "<z>") and vocab.size == 104
     tensors = [torch.arange(sizes[n], dtype=torch.float32)[:, None] + 1000 * i for i, n in enumerate(names)]
     base, a, b, c = (t[:, 0].tolist() for t in vocab.align(names, tensors, "base"))
     dd = vocab.tokens.index("dd")
     assert base[:96] != a[:96] and base[5] == 5 and a[5] == 1005  # own rows kept
     assert base[dd] == a[dd] == b[dd] == c[dd] == 1000 + dd  # forced from a
-    assert base[96] == b[96] == c[96] == 1096 and a[96] == 1096  # '<|im_start|>': only a has it
-    assert a[97] == 1097 and b[97] == 2096 and base[97] == c[97] == (1097 + 2096) / 2  # '<|im_end|>': the mean
-    assert base[98] == a[98] == c[98] == b[98] == 2097  # '<tool>': only b
-    assert base[99] == a[99] == 0  # '<z>': zero
-    padding = torch.tensor(base[:100]).mean().item()
-    assert base[100:] == [pytest.approx(padding)] * 4
+    assert base[96] == a[96] == c[96] == b[96] == 2096  # 'oooo': only b has it
+    assert base[97] == b[97] == c[97] == a[97] == 1096  # '<|im_start|>': only a
+    assert a[98] == 1097 and b[98] == 2097 and base[98] == c[98] == (1097 + 2097) / 2  # '<|im_end|>': the mean
+    assert base[99] == a[99] == c[99] == b[99] == 2098  # '<tool>': only b
+    assert base[100] == a[100] == 0  # '<z>': zero
+    padding = torch.tensor(base[:101]).mean().item()
+    assert base[101:] == [pytest.approx(padding)] * 3
     # a tensor of a and b alone, no base: '<|im_end|>' both have; '<|im_start|>' a only
     a2, b2 = (t[:, 0].tolist() for t in vocab.align(["a", "b"], tensors[1:3], None))
-    assert a2[97] == 1097 and b2[97] == 2096 and b2[96] == 1096
+    assert a2[98] == 1097 and b2[98] == 2097 and b2[97] == 1096
 
 
 def test_a_dataflow_space_refuses_a_tokenizer_source(tmp_path, family):
