@@ -406,3 +406,90 @@ def test_search_and_export_with_added_tokens(tmp_path, demo_family):
     assert load_checkpoint(exported)["lm_head.weight"].shape == (92, 64)
     model = transformers.AutoModelForCausalLM.from_pretrained(exported)
     assert model.get_input_embeddings().weight.shape[0] == 92
+
+
+# -- a base whose tokenizer names more tokens than its model has rows: trimmed, as mergekit does --
+
+
+def _bpe_tokenizer():
+    """A BPE tokenizer of 98 vocabulary tokens ('z', a merge's first part, last) and 2 added ones."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    letters = [chr(ord("a") + i) for i in range(26)]
+    pairs = [(letters[i], letters[i + 1]) for i in range(25)] + [("ab", "c"), ("abc", "d")]
+    words = [f"w{i}" for i in range(98 - 4 - 26 - len(pairs))]
+    vocab = ["<pad>", "<s>", "</s>", "<unk>", *letters[:-1], *words, *(a + b for a, b in pairs), "z"]
+    tokenizer = Tokenizer(models.BPE({t: i for i, t in enumerate(vocab)}, pairs, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    fast.add_tokens(["<x1>", "<x2>"])
+    return fast
+
+
+@pytest.fixture(scope="module")
+def trimmed_family(tmp_path_factory):
+    """base: the BPE tokenizer's 100 tokens over 97 rows ('z' and the added tokens have none);
+    a: 97 rows as well; b: the tokenizer plus '<tool>', all 101 rows."""
+    from evomerge.llama_shape import LlamaShape
+
+    shape = LlamaShape(vocab=97, hidden=32, intermediate=64, layers=2, heads=4, kv_heads=2)
+    paths = random_family(tmp_path_factory.mktemp("trimmed"), finetunes=2, shape=shape)
+    _bpe_tokenizer().save_pretrained(paths["base"])
+    _bpe_tokenizer().save_pretrained(paths["ft1"])
+    b = _bpe_tokenizer()
+    b.add_tokens(["<tool>"])
+    _grow(paths["ft2"], b, 5)
+    return {"base": str(paths["base"]), "a": str(paths["ft1"]), "b": str(paths["ft2"])}
+
+
+@pytest.mark.parametrize("source", ["union", "base"])
+def test_base_tokenizer_trimmed_to_its_rows_as_mergekit_does(tmp_path, trimmed_family, source, monkeypatch):
+    text = f"""
+merge_method: task_arithmetic
+base_model: {trimmed_family["base"]}
+models:
+  - {{model: {trimmed_family["b"]}, parameters: {{weight: 0.4}}}}
+tokenizer_source: {source}
+dtype: float32
+"""
+    ours, theirs = both(tmp_path, text, monkeypatch)
+    assert_same_merge(ours, theirs)
+    vocab, added, size = _tokenizer_view(ours)
+    if source == "base":
+        assert size == len(vocab) == 97 and "z" not in vocab and not {"<x1>", "<x2>"} & set(vocab)
+    else:
+        assert size == len(vocab) == 101 and vocab["z"] == 97 and vocab["<tool>"] == 100
+
+
+def test_tokens_a_model_names_beyond_its_rows_are_tokens_it_lacks(tmp_path, trimmed_family):
+    """a's tokenizer names 'z', '<x1>', '<x2>' but a has no rows for them; b has: mergekit 0.1.5
+    fails (KeyError) when such a token is in the output, we fill a's rows as for any token it lacks."""
+    text = f"""
+merge_method: linear
+models:
+  - {{model: {trimmed_family["a"]}, parameters: {{weight: 0.5}}}}
+  - {{model: {trimmed_family["b"]}, parameters: {{weight: 0.5}}}}
+tokenizer_source: union
+dtype: float32
+"""
+    config = write_yaml(tmp_path / "merge.yml", text)
+    run_merge(plan_merge(load_merge_config(config), config_path=config), tmp_path / "out", progress=False)
+    merged = load_checkpoint(tmp_path / "out")["model.embed_tokens.weight"]
+    b_rows = load_checkpoint(trimmed_family["b"])["model.embed_tokens.weight"]
+    vocab, _, size = _tokenizer_view(tmp_path / "out")
+    assert size == 101 and vocab["<x1>"] == 98
+    # the tokenizer base is a (first listed): its trimmed vocabulary first, then b's tokens
+    assert torch.equal(merged[98], b_rows[98])  # only b has a row for '<x1>': both models read it
+
+
+def test_trimming_drops_the_merges_that_make_a_dropped_token(tmp_path):
+    """mergekit 0.1.5 keeps them and the tokenizers library refuses the result; we drop them."""
+    from evomerge.merge.vocab import _trim
+
+    tokenizer = _trim(_bpe_tokenizer(), 96, "base", None, "tokenizer_source")  # drops 'abcd' and 'z'
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert len(reloaded) == 96 and "abcd" not in reloaded.get_vocab() and "abc" in reloaded.get_vocab()
+    assert reloaded.tokenize("abcd yz") == ["abc", "d", "y", "z"] or "z" not in reloaded.get_vocab()

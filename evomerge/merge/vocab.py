@@ -23,6 +23,7 @@ Everything here is pure data once built (`Vocabulary`), so a plan holding it pic
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from array import array
@@ -259,19 +260,44 @@ def _union(base_tok: Any, tokenizers: Sequence[tuple[Any, int | None]]) -> Any:
     return out
 
 
-def _check_fits(tokenizer: Any, vocab_size: int | None, what: str, file: object, field: str) -> None:
-    """The base tokenizer must not name rows its model lacks (mergekit strips them from BPE
-    tokenizers; we do not rewrite tokenizers yet)."""
+def _trim(tokenizer: Any, vocab_size: int | None, what: str, file: object, field: str) -> Any:
+    """The base tokenizer without the tokens its model has no rows for (ids >= vocab_size), as
+    mergekit trims it: only a fast BPE tokenizer can be trimmed; its added tokens, vocabulary
+    entries and the merges that read a dropped token go."""
     if vocab_size is None:
-        return
-    beyond = [tok for tok, i in tokenizer.get_vocab().items() if i >= vocab_size]
-    if beyond:
-        raise ConfigError(
-            f"{what}: its tokenizer has {len(beyond)} tokens beyond the model's vocab_size {vocab_size} "
-            f"(e.g. {beyond[0]!r}); trimming a tokenizer is not supported",
-            file=file,
-            field=field,
-        )
+        return tokenizer
+    dropped = {tok for tok, i in tokenizer.get_vocab().items() if i >= vocab_size}
+    if not dropped:
+        return tokenizer
+    example = min(dropped, key=lambda tok: tokenizer.get_vocab()[tok])
+    reason = (
+        f"{what}: its tokenizer has {len(dropped)} tokens beyond the model's vocab_size {vocab_size} (e.g. {example!r})"
+    )
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"{reason} and no fast tokenizer to trim them from", file=file, field=field)
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    kind = data["model"].get("type")
+    if kind != "BPE":
+        raise ConfigError(f"{reason}; only a BPE tokenizer can be trimmed, this one is {kind}", file=file, field=field)
+    data["added_tokens"] = [entry for entry in data["added_tokens"] if entry["id"] < vocab_size]
+    vocab = data["model"]["vocab"]
+    for tok in dropped:
+        vocab.pop(tok, None)
+
+    prefix = data["model"].get("continuing_subword_prefix") or ""
+
+    def keeps(merge: Any) -> bool:
+        # A merge that reads a dropped token goes (mergekit's rule); so does one that makes a
+        # dropped token, which mergekit keeps and the tokenizers library then refuses to load.
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        made = left + (right[len(prefix) :] if prefix and right.startswith(prefix) else right)
+        return not {left, right, made} & dropped
+
+    data["model"]["merges"] = [merge for merge in data["model"]["merges"] if keeps(merge)]
+    import tokenizers
+
+    tokenizer._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))  # the backend, swapped
+    return tokenizer
 
 
 def build_vocabulary(
@@ -297,7 +323,7 @@ def build_vocabulary(
         raise ConfigError(
             f"'{tokenizer_base}' has no tokenizer to build the output vocabulary from", file=file, field=field
         )
-    _check_fits(base_tok, vocab_sizes.get(tokenizer_base), str(paths[tokenizer_base]), file, field)
+    base_tok = _trim(base_tok, vocab_sizes.get(tokenizer_base), str(paths[tokenizer_base]), file, field)
     tokenizers[tokenizer_base] = base_tok
     for model in models:
         if model in tokenizers:
