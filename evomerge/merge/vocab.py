@@ -11,14 +11,17 @@ mergekit 0.1.5's rules (`tokenizer_source: base | union | <model>` and the `toke
   the only model of that tensor that has it, else the base's row, else the mean over the models
   that have it, else zero (with a warning); `force` uses the configured source for every model;
 * `pad_to_multiple_of` rounds the row count up; the padding rows of each model are the mean of
-  its aligned rows.
+  its aligned rows;
+* a model's tokens at ids past its `vocab_size` (rows it does not have) are tokens it lacks; the
+  base's tokenizer is trimmed of them (fast BPE only), so the output never names them.
 
 Where mergekit's order is an accident we fix one: its models come from a Python set (random per
 process) and a model's plain tokens from a hash map; we take the base first, then the models in
 config order, and a model's tokens in id order. The "first model" (tokenizer base when there is
 no `base_model`) is the first listed model, as our config donor is.
 
-Everything here is pure data once built (`Vocabulary`), so a plan holding it pickles to workers.
+Where mergekit 0.1.5 fails we do the evident thing (README, deliberate differences). Everything
+here is pure data once built (`Vocabulary`), so a plan holding it pickles to workers.
 """
 
 from __future__ import annotations
