@@ -242,12 +242,19 @@ def test_search_with_several_methods_merges_in_memory_as_on_disk(tmp_path, famil
     from evomerge.io.hashing import checkpoint_hash
 
     genome = ParameterGenome(vocab_space(family, tmp_path, ["ties", "linear", "slerp"], **SECTION))
+    notes = set()
     for seed in range(3):
         params = _params(genome, seed)
+        methods = {value for name, value in params.items() if name.endswith("method")}
+        noted = "# Vocabulary: a part merges only some" in genome.plan(params).recipe_yaml
+        notes.add(noted == bool(methods & {"linear", "slerp"}))  # no base; one fine-tune per slice
         digest, _ = _resident(genome, params)
         run_merge(genome.plan(params), tmp_path / f"disk{seed}", progress=False, workers=2)
         assert checkpoint_hash(tmp_path / f"disk{seed}") == digest
         assert json.loads((tmp_path / f"disk{seed}" / "config.json").read_text())["vocab_size"] == 104
+    assert notes == {True}
+    ties_only = ParameterGenome(vocab_space(family, tmp_path, ["ties"], **SECTION))
+    assert "# Vocabulary" not in ties_only.plan(_params(ties_only, 0)).recipe_yaml
 
 
 def test_a_space_names_its_tokenizer_models_by_name(tmp_path, family):

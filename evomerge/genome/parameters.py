@@ -359,8 +359,29 @@ class ParameterGenome:
                 else "Run with mergekit-multi or evomerge merge.\n"
             )
             + f"# DARE/DELLA masks: evomerge seed {self.space.search.merge_seed} (mergekit draws its own).\n"
+            + self._vocabulary_note(documents)
         )
         return header + "---\n".join(dump_yaml(doc) for doc in documents)
+
+    def _vocabulary_note(self, documents: list[dict]) -> str:
+        """A header line when a part does not merge every model with the base as its base: its
+        output vocabulary, built by mergekit from the models it names, can then differ from the
+        one the trial was scored (and is exported) with, which is built from all the space's models."""
+        if self.vocab is None:
+            return ""
+        everyone = {str(path) for path in self.paths.values()}
+        base = str(self.paths[self.base]) if self.base else None
+        for document in documents:
+            if "tokenizer" not in document and "tokenizer_source" not in document:
+                continue
+            refs = {source["model"] for part in document["slices"] for source in part["sources"]}
+            refs |= {document["base_model"]} if "base_model" in document else set()
+            if refs != everyone or document.get("base_model") != base:
+                return (
+                    "# Vocabulary: a part merges only some of the models or has no base_model; mergekit builds "
+                    "its vocabulary from those, the scored model (and its export) from all the space's models.\n"
+                )
+        return ""
 
     def _all_blocks(self) -> list[str]:
         names = [b.name for b in self.blocks]
