@@ -500,3 +500,23 @@ def test_trimming_drops_the_merges_that_make_a_dropped_token(tmp_path):
     reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert len(reloaded) == 96 and "abcd" not in reloaded.get_vocab() and "abc" in reloaded.get_vocab()
     assert reloaded.tokenize("abcd yz") == ["abc", "d", "y", "z"] or "z" not in reloaded.get_vocab()
+
+
+def test_multi_part_search_recipe_reproduces_the_trial(tmp_path, family):
+    """Two methods: a mergekit-multi recipe, each part with the tokenizer section; evomerge merge
+    of it writes the scored weights and the union tokenizer."""
+    from evomerge.genome.parameters import ParameterGenome
+    from evomerge.io.hashing import checkpoint_hash
+
+    genome = ParameterGenome(vocab_space(family, tmp_path, ["ties", "task_arithmetic"], **SECTION))
+    params = next(
+        p for p in (_params(genome, seed) for seed in range(20)) if len({p["g0.method"], p["g1.method"]}) == 2
+    )
+    digest, _ = _resident(genome, params)
+    recipe = genome.plan(params).recipe_yaml
+    assert "# Vocabulary" not in recipe and recipe.count("pad_to_multiple_of") == 2
+    config = write_yaml(tmp_path / "multi.yml", recipe)
+    assert _cli(["merge", str(config), str(tmp_path / "out"), "-q"]) == 0
+    assert checkpoint_hash(tmp_path / "out") == digest
+    vocab, _, size = _tokenizer_view(tmp_path / "out")
+    assert size == 104 and vocab["<tool>"] == 99
