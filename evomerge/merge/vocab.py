@@ -182,15 +182,18 @@ class Vocabulary:
         fill_rows = torch.tensor(sorted(defaults), dtype=torch.int64)
         fill_values = torch.stack([defaults[r] for r in sorted(defaults)]) if defaults else None
         aligned = []
-        for model, tensor in zip(models, tensors):
+        for tensor, model in zip(tensors, models):
             row_map = self._row_maps[model]
-            out = torch.zeros((self.size, *width), dtype=dtype, device=device)
             own = (row_map >= 0) & ~forced
-            keep = own.nonzero().flatten()
-            out[keep.to(device)] = tensor[row_map[keep].to(device)].to(dtype)
+            out = torch.empty((self.size, *width), dtype=dtype, device=device)
+            # Every row gathered in one pass (a lacking row reads row 0 for now), then the others set.
+            torch.index_select(tensor.to(dtype), 0, row_map.clamp(min=0), out=out[:count])
+            lacking = (~own).nonzero().flatten()
+            if len(lacking):
+                out[lacking] = 0  # a row with no source stays zero, as in mergekit (never, in practice)
             if fill_values is not None:
-                lacking = ~own[fill_rows]
-                out[fill_rows[lacking].to(device)] = fill_values[lacking.to(device)]
+                filled = ~own[fill_rows]
+                out[fill_rows[filled]] = fill_values[filled]
             if self.size > count:
                 out[count:] = torch.mean(out[:count], dim=0)
             aligned.append(out.to(result_device))
