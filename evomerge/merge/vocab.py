@@ -237,18 +237,18 @@ def _fresh_copy(tokenizer: Any) -> Any:
         return transformers.AutoTokenizer.from_pretrained(tmp, use_fast=True, local_files_only=True)
 
 
-def _usable_vocab(tokenizer: Any, vocab_size: int | None) -> dict[str, int]:
-    vocab = tokenizer.get_vocab()
+def _usable_vocab(vocab: Mapping[str, int], vocab_size: int | None) -> dict[str, int]:
     return {tok: i for tok, i in vocab.items() if vocab_size is None or i < vocab_size}
 
 
-def _union(base_tok: Any, tokenizers: Sequence[tuple[Any, int | None]]) -> Any:
+def _union(base_tok: Any, base_vocab: Mapping[str, int], tokenizers: Sequence[tuple[Any, dict, int | None]]) -> Any:
+    """(tokenizer, its vocabulary, its rows) per model, the base first."""
     plain: dict[str, None] = {}
     added: dict[str, Any] = {}
-    for tokenizer, vocab_size in tokenizers:
-        limit = vocab_size if vocab_size is not None else len(tokenizer)
-        for tok, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
-            if _ < limit:
+    for tokenizer, vocab, vocab_size in tokenizers:
+        limit = vocab_size if vocab_size is not None else len(vocab)
+        for tok, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+            if i < limit:
                 plain.setdefault(tok)
         for tok_id, info in sorted(tokenizer.added_tokens_decoder.items()):
             if tok_id >= limit:
@@ -257,7 +257,6 @@ def _union(base_tok: Any, tokenizers: Sequence[tuple[Any, int | None]]) -> Any:
             if first is not info and repr(first) != repr(info):
                 LOG.warning("token %r is added with different settings; the first model's are kept", info.content)
     out = _fresh_copy(base_tok)
-    base_vocab = base_tok.get_vocab()
     for tok in plain:
         if tok not in added and tok not in base_vocab:
             out.add_tokens(tok)
@@ -272,10 +271,11 @@ def _trim(tokenizer: Any, vocab_size: int | None, what: str, file: object, field
     entries and the merges that read a dropped token go."""
     if vocab_size is None:
         return tokenizer
-    dropped = {tok for tok, i in tokenizer.get_vocab().items() if i >= vocab_size}
+    ids = tokenizer.get_vocab()
+    dropped = {tok for tok, i in ids.items() if i >= vocab_size}
     if not dropped:
         return tokenizer
-    example = min(dropped, key=lambda tok: tokenizer.get_vocab()[tok])
+    example = min(dropped, key=ids.__getitem__)
     reason = (
         f"{what}: its tokenizer has {len(dropped)} tokens beyond the model's vocab_size {vocab_size} (e.g. {example!r})"
     )
@@ -339,11 +339,17 @@ def build_vocabulary(
             LOG.warning("'%s' has no tokenizer: taking it to share the base's", model)
             tokenizer = base_tok
         tokenizers[model] = tokenizer
-    original = {model: tok.get_vocab() for model, tok in tokenizers.items()}
-    usable = {model: _usable_vocab(tok, vocab_sizes.get(model)) for model, tok in tokenizers.items()}
+    by_object: dict[int, dict[str, int]] = {}  # get_vocab copies the whole vocabulary: once per tokenizer
+    for tok in tokenizers.values():
+        if id(tok) not in by_object:
+            by_object[id(tok)] = tok.get_vocab()
+    original = {m: by_object[id(tok)] for m, tok in tokenizers.items()}
+    usable = {m: _usable_vocab(original[m], vocab_sizes.get(m)) for m in tokenizers}
     if source == "union":
         ordered = [tokenizer_base] + [m for m in models if m != tokenizer_base]
-        out = _union(base_tok, [(tokenizers[m], vocab_sizes.get(m)) for m in ordered])
+        out = _union(
+            base_tok, original[tokenizer_base], [(tokenizers[m], original[m], vocab_sizes.get(m)) for m in ordered]
+        )
         donor = tokenizer_base
     elif source == "base":
         out = base_tok  # `tokens` appended below land beyond the base's rows (usable is taken already)
@@ -353,12 +359,12 @@ def build_vocabulary(
         if out is None:
             raise ConfigError(f"'{source}' has no tokenizer", file=file, field=field)
         donor = source
-    existing = set(out.get_vocab())
-    for tok in tokens or {}:
-        if tok not in existing:
-            out.add_tokens(tok)
-            existing.add(tok)
     vocab = out.get_vocab()
+    missing = [tok for tok in tokens or {} if tok not in vocab]
+    for tok in missing:
+        out.add_tokens(tok)
+    if missing:
+        vocab = out.get_vocab()
     count = len(vocab)
     order = [""] * count
     for tok, i in vocab.items():
