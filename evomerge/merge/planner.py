@@ -426,12 +426,11 @@ class Planner:
         if source is None:
             return
         section = self.config.tokenizer
-        merged = [ref for ref in self.config.referenced_models()]
         self._vocab = build_vocabulary(
             source=source,
             paths={ref: model.path for ref, model in self.models.items()},
             vocab_sizes={ref: config_vocab_size(model.config) for ref, model in self.models.items()},
-            models=merged,
+            models=self.config.referenced_models(),
             tokenizer_base=self._donor(),
             tokens=section.tokens if section else None,
             pad_to_multiple_of=section.pad_to_multiple_of if section else None,
@@ -447,14 +446,14 @@ class Planner:
             return None
         if not all(is_vocab_tensor(shape, config_vocab_size(self.models[ref].config)) for ref, shape in shapes.items()):
             return None
+        width = {shape[1:] for shape in shapes.values()}
+        if len(width) > 1:
+            return None  # different hidden sizes: the shape check says so
         try:
             self._vocab.check(list(shapes), out_slice.base, [shape[0] for shape in shapes.values()])
         except ConfigError as exc:
             raise ConfigError(str(exc), file=self.file) from None
         self._vocab_tensors[out_name] = out_slice.base
-        width = {shape[1:] for shape in shapes.values()}
-        if len(width) > 1:
-            return None
         return (self._vocab.size, *next(iter(width)))
 
     def _post_tensor_name(self, ref: str, name: str, layout: LayerLayout) -> str:
