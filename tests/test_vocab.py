@@ -170,6 +170,16 @@ def test_same_merge_and_tokenizer_as_mergekit(tmp_path, family, method, source, 
     assert merged["model.embed_tokens.weight"].shape[0] == size >= len(vocab)
 
 
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
+def test_bfloat16_math_aligns_in_bfloat16_as_mergekit_does(tmp_path, family, method, monkeypatch):
+    """float32 sources, `dtype: bfloat16`: both cast before permuting, so the means of a token
+    several models have are taken in bf16 too."""
+    text = METHODS[method].format(**family) + SOURCES["section"].format(**family) + "dtype: bfloat16\n"
+    ours, theirs = both(tmp_path, text, monkeypatch)
+    merged = assert_same_merge(ours, theirs)
+    assert merged["lm_head.weight"].dtype == torch.bfloat16
+
+
 # -- a search: candidates merged in memory, their recipe and their export ------------------------
 
 
