@@ -323,7 +323,7 @@ def test_written_recipe_reproduces_the_merge_from_the_model_folder(tmp_path, fam
 @pytest.mark.parametrize(
     "tokenizer, message",
     [
-        ("tokenizer: {tokens: {<tool>: {}}}", "tokenizer.tokens.<tool>.source: token '<tool>' is missing from some"),
+        ("tokenizer: {tokens: {<tool>: {}}}", "tokenizer.tokens.<tool>.source: token '<tool>' needs a source"),
         ("tokenizer: {tokens: {x: {source: /elsewhere}}}", "tokenizer.tokens.x.source: '/elsewhere' is not one of"),
         ("tokenizer: {tokens: {x: {source: {kind: model_token, model: {a}, token: zzz9}}}}", "token 'zzz9' is not in"),
         (

@@ -129,7 +129,8 @@ class Vocabulary:
             return ("zero",)
         if kind == "none":
             raise ConfigError(
-                f"token {rule.token!r} is missing from some models: give it a source", field=f"{rule.field}.source"
+                f"token {rule.token!r} needs a source (some models lack it, or it is forced)",
+                field=f"{rule.field}.source",
             )
         model = rule.source[1]
         if model not in models:
