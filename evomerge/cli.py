@@ -103,7 +103,11 @@ def merge(
         bool, typer.Option("--allow-crimes", help="Allow merging models of different architectures.")
     ] = False,
     copy_tokenizer: Annotated[
-        bool, typer.Option("--copy-tokenizer/--no-copy-tokenizer", help="Copy tokenizer and generation config.")
+        bool,
+        typer.Option(
+            "--copy-tokenizer/--no-copy-tokenizer",
+            help="Copy tokenizer and generation config (a tokenizer source's built tokenizer is always written, as mergekit does).",
+        ),
     ] = True,
     model_card: Annotated[
         bool, typer.Option("--model-card/--no-model-card", help="Write a README.md model card.")

@@ -352,9 +352,32 @@ MERGE_CASES = [
         "listed twice",
     ),
     (
-        "tokenizer-union",
+        "tokenizer-union-without-tokenizer",
         _marked("merge_method: linear\nmodels: [{model: <ft1>, parameters: {weight: 1}}]\ntokenizer_source: union\n"),
-        "tokenizer_source",
+        "tokenizer_source: '",  # the random family has no tokenizer files
+    ),
+    (
+        "tokenizer-both-forms",
+        _marked("merge_method: linear\nmodels: [{model: <ft1>}]\ntokenizer_source: base\ntokenizer: {source: union}\n"),
+        "either 'tokenizer:' or 'tokenizer_source'",
+    ),
+    (
+        "tokenizer-token-both-ids",
+        _marked(
+            "merge_method: linear\nmodels: [{model: <ft1>}]\n"
+            "tokenizer: {tokens: {x: {source: {kind: model_token, model: <ft1>, token: a, token_id: 1}}}}\n"
+        ),
+        "tokenizer.tokens.x.source",
+    ),
+    (
+        "tokenizer-pad-zero",
+        _marked("merge_method: linear\nmodels: [{model: <ft1>}]\ntokenizer: {pad_to_multiple_of: 0}\n"),
+        "tokenizer.pad_to_multiple_of: expected a whole number >= 1",
+    ),
+    (
+        "tokenizer-source-missing-model",
+        _marked("merge_method: linear\nmodels: [{model: <ft1>}]\ntokenizer: {source: /nonexistent/model}\n"),
+        "tokenizer.source",
     ),
     (
         "slerp-three-models",

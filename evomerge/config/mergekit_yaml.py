@@ -3,8 +3,9 @@
 We read and write the same format as `mergekit-yaml` so recipes move freely between the two
 tools. Unknown keys are rejected (a typo such as `merge_methdo` is an error, not a silent
 default), and so are duplicate keys (PyYAML would silently keep the last) and binary or
-non-UTF-8 files. Parameter values are checked against their method by the planner. Parts of the format we do not implement (`modules:`, tokenizer merging, chat
-templates, LoRA inputs) fail validation with a one-line message saying so.
+non-UTF-8 files. Parameter values are checked against their method by the planner. Parts of the
+format we do not implement (`modules:`, chat templates, LoRA inputs) fail validation with a
+one-line message saying so.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BeforeValidator, ValidationError, field_validator, model_validator
 
 from evomerge.config.base import StrictModel
-from evomerge.config.numbers import Integer, OptionalNumber
+from evomerge.config.numbers import Integer, OptionalInteger, OptionalNumber
 from evomerge.dtypes import normalize_dtype
 from evomerge.errors import ConfigError
 
@@ -123,6 +124,73 @@ class OutputSlice(StrictModel):
         return self
 
 
+class ModelTokenSource(StrictModel):
+    """`{kind: model_token, model: M, token: T}` (or `token_id: N`): the row of one token of M."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: OptionalInteger = None
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ModelTokenSource:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of 'token' or 'token_id'")
+        if self.token_id is not None and self.token_id < 0:
+            raise ValueError(f"token_id must be >= 0, got {self.token_id}")
+        return self
+
+
+class ZeroSource(StrictModel):
+    """`{kind: zero}`: an all-zero row."""
+
+    kind: Literal["zero"]
+
+
+def _token_source(value: Any) -> Any:
+    """A `{kind: ...}` mapping -> its model, with the inner error as one line."""
+    if not isinstance(value, dict):
+        return value
+    kinds = {"model_token": ModelTokenSource, "zero": ZeroSource}
+    kind = value.get("kind")
+    if kind not in kinds:
+        raise ValueError(f"expected kind: model_token or zero, got {kind!r}")
+    try:
+        return kinds[kind].model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling)"
+        raise ValueError(f"{where}: {message}" if where else message) from None
+
+
+class TokenEmbedding(StrictModel):
+    """Where one output token's embedding and head rows come from (`tokenizer.tokens.TOKEN`).
+
+    `source` is a model (its row of the same token), a model's token, zero, or unset (each model
+    keeps its own row); `force` uses the source even for models that have the token."""
+
+    source: Annotated[ModelTokenSource | ZeroSource | str | None, BeforeValidator(_token_source)] = None
+    force: bool = False
+
+
+class TokenizerSection(StrictModel):
+    """mergekit's `tokenizer:` section: the output vocabulary and how its rows are filled."""
+
+    source: str = "union"  # union | base | a model
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: OptionalInteger = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _positive(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"expected a whole number >= 1, got {value}")
+        return value
+
+
 _PART_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 
@@ -135,9 +203,9 @@ class MergeConfig(StrictModel):
     out_dtype: str | None = None
     parameters: Parameters = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerSection | None = None
     # Accepted so real mergekit files parse; anything but the default is refused below.
     modules: dict[str, Any] | None = None
-    tokenizer: dict[str, Any] | None = None
     chat_template: str | None = None
     name: str | None = None
 
@@ -166,10 +234,8 @@ class MergeConfig(StrictModel):
     def _shape(self) -> MergeConfig:
         if self.modules is not None:
             raise ValueError("'modules:' (multi-module architectures) is not supported yet; use 'models:' or 'slices:'")
-        if self.tokenizer is not None:
-            raise ValueError(
-                "'tokenizer:' (vocabulary merging) is not supported yet; use tokenizer_source: base or a model"
-            )
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give either 'tokenizer:' or 'tokenizer_source', not both")
         if self.chat_template is not None:
             raise ValueError("'chat_template' is not supported yet; the tokenizer donor's template is copied as is")
         if (self.models is None) == (self.slices is None):
@@ -178,9 +244,12 @@ class MergeConfig(StrictModel):
             raise ValueError("'models' is empty")
         if self.slices is not None and not self.slices:
             raise ValueError("'slices' is empty")
-        if self.tokenizer_source == "union":
-            raise ValueError("tokenizer_source: union (vocabulary merging) is not supported yet; use base or a model")
         return self
+
+    def vocabulary_source(self) -> str | None:
+        """Where the output vocabulary comes from: 'union', 'base', a model, or None (the
+        donor's tokenizer is copied and every model must share one vocabulary size)."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
 
     def referenced_models(self) -> list[str]:
         """Every model reference, in first-appearance order (base last if not listed)."""

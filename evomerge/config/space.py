@@ -22,7 +22,7 @@ from pydantic import (
 
 from evomerge.config.base import StrictModel
 from evomerge.config.fidelity import FidelitySpec
-from evomerge.config.mergekit_yaml import format_validation_error, parse_yaml, read_config_text
+from evomerge.config.mergekit_yaml import TokenizerSection, format_validation_error, parse_yaml, read_config_text
 from evomerge.config.numbers import (
     Integer,
     Number,
@@ -174,6 +174,9 @@ class SearchSpace(StrictModel):
     device: str = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False
+    # Differing vocabularies, as in a mergekit config (models named by their names here).
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerSection | None = None
     genome: GenomeSpecField = Field(default_factory=default_genome_spec)
     objectives: list[Objective]
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -215,9 +218,33 @@ class SearchSpace(StrictModel):
         needs_base = [m for m in self.genome.merge_methods() if get_method(m).base != "unused"]
         if needs_base and self.base_model is None:
             raise ValueError(f"base_model is required by {', '.join(needs_base)}")
+        self._check_vocabulary(names)
         if self.search.sampler == "cmaes" and len(self.objectives) > 1 and not any(o.weight for o in self.objectives):
             raise ValueError("cmaes optimises the weighted sum of objectives: give at least one a non-zero weight")
         return self
+
+    def _check_vocabulary(self, names: list[str]) -> None:
+        if self.tokenizer is not None and self.tokenizer_source is not None:
+            raise ValueError("give either 'tokenizer:' or 'tokenizer_source', not both")
+        kind = getattr(self.genome, "kind", "parameters")
+        if self.vocabulary_source() is not None and kind != "parameters":
+            raise ValueError(
+                f"a tokenizer source (differing vocabularies) works with genome kind 'parameters', not '{kind}'"
+            )
+        refs = []
+        if self.vocabulary_source() not in (None, "base", "union"):
+            refs.append(("tokenizer" if self.tokenizer else "tokenizer_source", self.vocabulary_source()))
+        for token, entry in (self.tokenizer.tokens or {}).items() if self.tokenizer else ():
+            model = entry.source if isinstance(entry.source, str) else getattr(entry.source, "model", None)
+            if model is not None:
+                refs.append((f"tokenizer.tokens.{token}", model))
+        for where, ref in refs:
+            if ref not in names:
+                raise ValueError(f"{where}: '{ref}' is not a model of this space (models: {', '.join(names)})")
+
+    def vocabulary_source(self) -> str | None:
+        """'union', 'base', a model name, or None (every model shares one vocabulary)."""
+        return self.tokenizer.source if self.tokenizer is not None else self.tokenizer_source
 
     # -- derived facts ------------------------------------------------------------------------
     @property

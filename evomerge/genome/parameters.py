@@ -11,7 +11,7 @@ a trial is legible in optuna-dashboard.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from evomerge.config.mergekit_yaml import dump_yaml
@@ -23,6 +23,7 @@ from evomerge.merge.layout import LayerLayout, split_layers
 from evomerge.merge.plan import MergePlan, TensorRecipe
 from evomerge.merge.planner import describe_name_difference, shape_mismatch_hint
 from evomerge.merge.registry import SeedRule, gene_params, get_method, ranked
+from evomerge.merge.vocab import Vocabulary, build_vocabulary, config_vocab_size, is_vocab_tensor
 
 CATCH_ALL = "all"
 
@@ -52,9 +53,10 @@ class ParameterGenome:
             if models
             else {name: ModelDir(path, allow_pickle=space.allow_pickle) for name, path in paths.items()}
         )
-        self._check_compatible()
         donor = self.base or self.finetunes[0]
         self.layout: LayerLayout = split_layers(self.models[donor].tensors, source=str(paths[donor]))
+        self.vocab = self._vocabulary()
+        self._check_compatible()
         layers = self.layout.num_layers
         granularity = spec.layer_granularity or layers or 1
         if layers and layers % granularity:
@@ -274,6 +276,7 @@ class ParameterGenome:
         donor = self.base or self.finetunes[0]
         tensors = self.models[donor].tensors
         recipes = []
+        aligned: dict[str, str | None] = {}  # vocabulary-permuted tensors and their base
         # One decode per gene set, shared by its tensors' recipes (the same parameter objects, so
         # a re-merge validates each set once: fused_plan keys its cache on them).
         decoded: dict[tuple[str, str], tuple] = {}
@@ -290,6 +293,10 @@ class ParameterGenome:
                 )
                 decoded[gene_set] = method, sources, base_index, model_params, global_params
             method, sources, base_index, model_params, global_params = decoded[gene_set]
+            shape = tensors[tensor].shape
+            if self._vocab_tensor(tensor):
+                aligned[tensor] = sources[base_index] if base_index is not None else None
+                shape = (self.vocab.size, *shape[1:])
             recipes.append(
                 TensorRecipe(
                     name=tensor,
@@ -298,7 +305,7 @@ class ParameterGenome:
                     base_index=base_index,
                     model_params=model_params,
                     global_params=global_params,
-                    shape=tensors[tensor].shape,
+                    shape=shape,
                 )
             )
         dtype = torch_dtype(self.space.dtype)
@@ -313,6 +320,7 @@ class ParameterGenome:
             seed=self.space.search.merge_seed if seed is None else seed,
             recipe_yaml=self.to_yaml(params),
             metadata=dict(metadata or {}),
+            vocab=replace(self.vocab, tensors=aligned) if self.vocab else None,
         )
 
     def _tensor_order(self) -> list[str]:
@@ -351,8 +359,29 @@ class ParameterGenome:
                 else "Run with mergekit-multi or evomerge merge.\n"
             )
             + f"# DARE/DELLA masks: evomerge seed {self.space.search.merge_seed} (mergekit draws its own).\n"
+            + self._vocabulary_note(documents)
         )
         return header + "---\n".join(dump_yaml(doc) for doc in documents)
+
+    def _vocabulary_note(self, documents: list[dict]) -> str:
+        """A header line when a part does not merge every model with the base as its base: its
+        output vocabulary, built by mergekit from the models it names, can then differ from the
+        one the trial was scored (and is exported) with, which is built from all the space's models."""
+        if self.vocab is None:
+            return ""
+        everyone = {str(path) for path in self.paths.values()}
+        base = str(self.paths[self.base]) if self.base else None
+        for document in documents:
+            if "tokenizer" not in document and "tokenizer_source" not in document:
+                continue
+            refs = {source["model"] for part in document["slices"] for source in part["sources"]}
+            refs |= {document["base_model"]} if "base_model" in document else set()
+            if refs != everyone or document.get("base_model") != base:
+                return (
+                    "# Vocabulary: a part merges only some of the models or has no base_model; mergekit builds "
+                    "its vocabulary from those, the scored model (and its export) from all the space's models.\n"
+                )
+        return ""
 
     def _all_blocks(self) -> list[str]:
         names = [b.name for b in self.blocks]
@@ -421,7 +450,29 @@ class ParameterGenome:
         if self.space.genome.normalize is not None and "normalize" in get_method(method).global_params:
             config["parameters"] = {"normalize": self.space.genome.normalize}
         config["dtype"] = self.space.dtype
+        config.update(self._tokenizer_yaml())
         return config
+
+    def _tokenizer_yaml(self) -> dict[str, Any]:
+        """The space's tokenizer settings with model names as paths, as a mergekit config has them."""
+        space = self.space
+
+        def path(ref: str) -> str:
+            return str(self.paths[ref]) if ref in self.paths else ref
+
+        if space.tokenizer_source is not None:
+            return {"tokenizer_source": path(space.tokenizer_source)}
+        if space.tokenizer is None:
+            return {}
+        section = space.tokenizer.model_dump(mode="json", exclude_none=True)
+        section["source"] = path(section["source"])
+        for entry in (section.get("tokens") or {}).values():
+            source = entry.get("source")
+            if isinstance(source, str):
+                entry["source"] = path(source)
+            elif isinstance(source, dict) and "model" in source:
+                source["model"] = path(source["model"])
+        return {"tokenizer": section}
 
     def _as_method(self, params, block, method, filt=CATCH_ALL):
         """Gene values of a set, read as if the block used `method`."""
@@ -432,6 +483,35 @@ class ParameterGenome:
         elif method != self.methods[0]:
             raise ValueError(f"{method} is not this genome's method")
         return self.block_params(forced, block, filt)
+
+    def _vocabulary(self) -> Vocabulary | None:
+        """The output vocabulary of every candidate, when the space sets a tokenizer source:
+        built once from all its models, the base's tokenizer first (merge/vocab.py)."""
+        space = self.space
+        source = space.vocabulary_source()
+        if source is None:
+            return None
+        section = space.tokenizer
+        return build_vocabulary(
+            source=source,
+            paths=self.paths,
+            vocab_sizes={name: config_vocab_size(model.config) for name, model in self.models.items()},
+            models=[*([self.base] if self.base else []), *self.finetunes],
+            tokenizer_base=self.base or self.finetunes[0],
+            tokens=section.tokens if section else None,
+            pad_to_multiple_of=section.pad_to_multiple_of if section else None,
+            file=space.source_path,
+            field="tokenizer" if section else "tokenizer_source",
+        )
+
+    def _vocab_tensor(self, tensor: str) -> bool:
+        """An embedding or output head read through the vocabulary permutation."""
+        if self.vocab is None or tensor not in (*self.layout.pre, *self.layout.post):
+            return False
+        return all(
+            tensor in m.tensors and is_vocab_tensor(m.tensors[tensor].shape, config_vocab_size(m.config))
+            for m in self.models.values()
+        )
 
     def _check_compatible(self) -> None:
         reference_name = self.base or self.finetunes[0]
@@ -448,7 +528,9 @@ class ParameterGenome:
                     )
                 )
             for tensor, info in model.tensors.items():
-                if info.shape != reference.tensors[tensor].shape:
+                if info.shape != reference.tensors[tensor].shape and not (
+                    self._vocab_tensor(tensor) and info.shape[1:] == reference.tensors[tensor].shape[1:]
+                ):
                     shapes = [info.shape, reference.tensors[tensor].shape]
                     raise CompatibilityError(
                         f"{model.path}: {tensor} has shape {list(info.shape)}, {reference_name} has "

@@ -33,9 +33,15 @@ TOKENIZER_FILES = (
 )
 
 
-def write_config(donor_dir: Path, out_dir: Path, *, dtype_name: str, num_hidden_layers: int) -> dict:
-    """Copy the donor's config.json with the output dtype and layer count."""
+def write_config(
+    donor_dir: Path, out_dir: Path, *, dtype_name: str, num_hidden_layers: int, vocab_size: int | None = None
+) -> dict:
+    """Copy the donor's config.json with the output dtype, layer count and (for a merge with an
+    output vocabulary) vocabulary size."""
     config = json.loads((Path(donor_dir) / "config.json").read_text())
+    if vocab_size is not None:
+        holder = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
+        holder["vocab_size"] = vocab_size
     config["dtype"] = dtype_name
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name
@@ -126,6 +132,16 @@ def _model_fields(document: dict) -> list[tuple[dict, str]]:
         document["tokenizer_source"], str
     ):
         fields.append((document, "tokenizer_source"))
+    section = document.get("tokenizer")
+    if isinstance(section, dict):
+        if section.get("source") not in (None, "base", "union") and isinstance(section["source"], str):
+            fields.append((section, "source"))
+        for entry in (section.get("tokens") or {}).values() if isinstance(section.get("tokens"), dict) else ():
+            source = entry.get("source") if isinstance(entry, dict) else None
+            if isinstance(source, str):
+                fields.append((entry, "source"))
+            elif isinstance(source, dict) and isinstance(source.get("model"), str):
+                fields.append((source, "model"))
     return fields
 
 

@@ -35,6 +35,7 @@ from evomerge.io.safetensors_io import StreamingCheckpointWriter
 from evomerge.merge.methods import DeltaCache, merge_tensors
 from evomerge.merge.plan import MergePlan, TensorRecipe
 from evomerge.merge.seeds import tensor_seed
+from evomerge.merge.vocab import write_tokenizer
 from evomerge.progress import progress_bar
 
 
@@ -82,6 +83,18 @@ def compute_recipe(
     )
 
 
+def align_inputs(plan: MergePlan, recipe: TensorRecipe, tensors: Sequence[torch.Tensor]) -> Sequence[torch.Tensor]:
+    """The source tensors as the merge method sees them: an embedding or output head of a merge
+    with an output vocabulary has its rows put in output-token order first (merge/vocab.py), in
+    the math dtype (mergekit casts before it aligns, so means are taken in that dtype)."""
+    vocab = plan.vocab
+    if vocab is None or recipe.name not in vocab.tensors:
+        return tensors
+    if plan.math_dtype is not None:
+        tensors = [t.to(plan.math_dtype) for t in tensors]
+    return vocab.align([ref for ref, _ in recipe.inputs], tensors, vocab.tensors[recipe.name])
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """No NaN or Inf in a tensor. min/max propagate NaN, so one aminmax pass decides it,
     where isfinite(t).all() builds a full-size bool tensor first."""
@@ -91,8 +104,10 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
-def _load(sources: Mapping[str, ModelDir], recipe: TensorRecipe, device: torch.device) -> list[torch.Tensor]:
-    return [sources[ref].get(name).to(device) for ref, name in recipe.inputs]
+def _load(
+    plan: MergePlan, sources: Mapping[str, ModelDir], recipe: TensorRecipe, device: torch.device
+) -> Sequence[torch.Tensor]:
+    return align_inputs(plan, recipe, [sources[ref].get(name).to(device) for ref, name in recipe.inputs])
 
 
 @contextmanager
@@ -225,7 +240,9 @@ def write_checkpoint(
     writer = StreamingCheckpointWriter(out_dir, layout, max_shard_bytes=max_shard_bytes)
 
     def produce(recipe: TensorRecipe) -> None:
-        merged = compute_recipe(recipe, _load(sources, recipe, math_device), math_dtype=plan.math_dtype, seed=plan.seed)
+        merged = compute_recipe(
+            recipe, _load(plan, sources, recipe, math_device), math_dtype=plan.math_dtype, seed=plan.seed
+        )
         if not all_finite(merged):
             raise NonFiniteMergeError(
                 f"{recipe.name}: the merge produced NaN or Inf values (check the weights, and the sources for NaN/Inf)"
@@ -255,8 +272,18 @@ def write_checkpoint(
         writer.abort()
         raise
     donor_dir = plan.models[plan.config_donor]
-    write_config(donor_dir, out_dir, dtype_name=dtype_name(plan.out_dtype), num_hidden_layers=plan.num_hidden_layers)
-    if copy_tokenizer_files:
+    write_config(
+        donor_dir,
+        out_dir,
+        dtype_name=dtype_name(plan.out_dtype),
+        num_hidden_layers=plan.num_hidden_layers,
+        vocab_size=plan.vocab.size if plan.vocab else None,
+    )
+    if plan.vocab is not None:  # mergekit writes the built tokenizer whatever copy_tokenizer says
+        write_tokenizer(
+            plan.vocab, out_dir, plan.models.get(plan.vocab.generation_donor) if copy_tokenizer_files else None
+        )
+    elif copy_tokenizer_files:
         copy_tokenizer(plan.models[plan.tokenizer_donor], out_dir)
     return MergeReport(
         out_dir=out_dir,

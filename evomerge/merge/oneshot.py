@@ -129,8 +129,8 @@ def source_folders(documents: Sequence[MergeConfig], config_path: Path, names: s
     folders = []
     for document in documents:
         refs = document.referenced_models()
-        if document.tokenizer_source not in (None, "base"):
-            refs.append(document.tokenizer_source)
+        if document.vocabulary_source() not in (None, "base", "union"):
+            refs.append(document.vocabulary_source())
         for ref in refs:
             if ref in names:
                 continue

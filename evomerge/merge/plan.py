@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from evomerge.merge.vocab import Vocabulary
+
 
 @dataclass(frozen=True)
 class TensorRecipe:
@@ -40,6 +42,7 @@ class MergePlan:
     seed: int = 0  # DARE/DELLA masks are a pure function of (seed, tensor name)
     recipe_yaml: str = ""  # a mergekit-compatible YAML reproducing this plan
     metadata: Mapping[str, Any] = field(default_factory=dict)
+    vocab: Vocabulary | None = None  # differing vocabularies: output vocabulary and row permutations
 
     @property
     def method_names(self) -> list[str]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from evomerge.io.model_dir import ModelDir
 from evomerge.merge.layout import LayerLayout, split_layers
 from evomerge.merge.methods import MethodSpec, Param, check_parameters, get_method
 from evomerge.merge.plan import MergePlan, TensorRecipe
+from evomerge.merge.vocab import Vocabulary, build_vocabulary, config_vocab_size, is_vocab_tensor
 from evomerge.suggest import did_you_mean
 
 
@@ -81,7 +82,7 @@ def shape_mismatch_hint(tensor_name: str, shapes: Sequence[Sequence[int]]) -> st
     ranks = {len(shape) for shape in shapes}
     differing = [d for d in range(min(ranks)) if len({shape[d] for shape in shapes}) > 1] if len(ranks) == 1 else None
     if differing == [0] and any(key in tensor_name for key in ("embed", "lm_head", "wte")):
-        return " (different vocabularies: tokenizer merging is not supported yet)"
+        return " (different vocabularies: set tokenizer_source: union, base or a model to align them)"
     return " (different model sizes: compare hidden_size, intermediate_size and the head counts in their config.json)"
 
 
@@ -132,6 +133,9 @@ class Planner:
         self.named_models = dict(named_models or {})  # earlier documents of a multi-merge file
         self.warnings: list[str] = []  # accepted but unusual values, one line each (also logged)
         self._filters: list[tuple[str, str]] = []  # (field, tensor-name substring) of every filter entry
+        self._vocab: Vocabulary | None = None  # differing vocabularies: the output vocabulary
+        self._vocab_names: set[str] = set()  # the non-layer tensors, which may be vocabulary-sized
+        self._vocab_tensors: dict[str, str | None] = {}  # aligned output tensor -> its slice's base
 
     def error(self, message: str, field: str | None = None) -> ConfigError:
         return ConfigError(message, file=self.file, field=field)
@@ -151,6 +155,7 @@ class Planner:
         first, last = slices[0], slices[-1]
         donor = self._donor()
         donor_layout = layouts[donor]
+        self._plan_vocabulary(set(donor_layout.pre) | set(donor_layout.post))
         for name in donor_layout.pre:
             recipes.append(self._recipe(method, name, first, [(s.model, name) for s in first.sources], t=0.0))
         out_layer = 0
@@ -200,6 +205,7 @@ class Planner:
             config_donor=donor,
             tokenizer_donor=self._tokenizer_donor(),
             num_hidden_layers=out_layer,
+            vocab=replace(self._vocab, tensors=dict(self._vocab_tensors)) if self._vocab else None,
             seed=self.seed,
             recipe_yaml=dump_merge_config(self.config),
         )
@@ -226,8 +232,10 @@ class Planner:
                 fields.append((f"slices.{i}.base_model", out_slice.base_model))
         if self.config.base_model:
             fields.append(("base_model", self.config.base_model))
-        if self.config.tokenizer_source not in (None, "base"):
+        if self.config.tokenizer_source not in (None, "base", "union"):
             fields.append(("tokenizer_source", self.config.tokenizer_source))
+        if self.config.tokenizer is not None and self.config.tokenizer.source not in ("base", "union"):
+            fields.append(("tokenizer.source", self.config.tokenizer.source))
         return fields
 
     def _check_architectures(self) -> None:
@@ -406,10 +414,47 @@ class Planner:
         return first_slice_sources[0].model
 
     def _tokenizer_donor(self) -> str:
-        source = self.config.tokenizer_source
-        if source in (None, "base"):
+        source = self.config.vocabulary_source()
+        if source in (None, "base", "union"):
             return self._donor()
         return source
+
+    # -- differing vocabularies (merge/vocab.py) --------------------------------------------------
+    def _plan_vocabulary(self, non_layer: set[str]) -> None:
+        """Build the output vocabulary when the config asks for one (any tokenizer source)."""
+        source = self.config.vocabulary_source()
+        if source is None:
+            return
+        section = self.config.tokenizer
+        self._vocab = build_vocabulary(
+            source=source,
+            paths={ref: model.path for ref, model in self.models.items()},
+            vocab_sizes={ref: config_vocab_size(model.config) for ref, model in self.models.items()},
+            models=self.config.referenced_models(),
+            tokenizer_base=self._donor(),
+            tokens=section.tokens if section else None,
+            pad_to_multiple_of=section.pad_to_multiple_of if section else None,
+            file=self.file,
+            field="tokenizer" if section else "tokenizer_source",
+        )
+        self._vocab_names = non_layer
+
+    def _aligned_shape(self, out_name: str, out_slice: _Slice, shapes: dict[str, tuple[int, ...]]):
+        """The output shape of an embedding or output head read through the vocabulary
+        permutation (None for any other tensor)."""
+        if self._vocab is None or out_name not in self._vocab_names:
+            return None
+        if not all(is_vocab_tensor(shape, config_vocab_size(self.models[ref].config)) for ref, shape in shapes.items()):
+            return None
+        width = {shape[1:] for shape in shapes.values()}
+        if len(width) > 1:
+            return None  # different hidden sizes: the shape check says so
+        try:
+            self._vocab.check(list(shapes), out_slice.base, [shape[0] for shape in shapes.values()])
+        except ConfigError as exc:
+            raise ConfigError(str(exc), file=self.file) from None
+        self._vocab_tensors[out_name] = out_slice.base
+        return (self._vocab.size, *next(iter(width)))
 
     def _post_tensor_name(self, ref: str, name: str, layout: LayerLayout) -> str:
         tensors = self.models[ref].tensors
@@ -433,6 +478,9 @@ class Planner:
             if info is None:
                 raise CompatibilityError(f"{self.models[ref].path}: has no tensor {name} (needed for {out_name})")
             shapes[ref] = info.shape
+        aligned = self._aligned_shape(out_name, out_slice, shapes)
+        if aligned is not None:
+            shapes = dict.fromkeys(shapes, aligned)
         if len(set(shapes.values())) > 1:
             listing = ", ".join(f"{r}: {list(s)}" for r, s in shapes.items())
             raise CompatibilityError(

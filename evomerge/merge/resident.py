@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from evomerge.merge.engine import all_finite, compute_recipe, default_workers, t
 from evomerge.merge.fused_plan import merge_in_place
 from evomerge.merge.methods import DeltaCache
 from evomerge.merge.plan import MergePlan, TensorRecipe
+from evomerge.merge.vocab import Vocabulary
 
 __all__ = [
     "ResidentSources",
@@ -50,8 +52,15 @@ class ResidentSources:
         device: torch.device | str = "cpu",
         tensor_names: Iterable[str] | None = None,
         allow_pickle: bool = False,
+        vocab: Vocabulary | None = None,
+        vocab_base: str | None = None,
     ):
         self.device = torch.device(device)
+        # Differing vocabularies: the output vocabulary, and the permuted embedding and head
+        # inputs, kept per (tensor, model set, base) under names of their own (aligned_plan).
+        self.vocab = vocab
+        self.vocab_base = vocab_base
+        self._aligned: dict[tuple, tuple[tuple[str, str], ...]] = {}
         self.dtype = dtype
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
         # Delta statistics (TIES cut histograms) of these never-changing tensors, kept across trials.
@@ -68,6 +77,34 @@ class ResidentSources:
 
     def get(self, model: str, tensor: str) -> torch.Tensor:
         return self.tensors[model][tensor]
+
+    def aligned_plan(self, plan: MergePlan) -> MergePlan:
+        """`plan` reading resident, already permuted inputs for its embeddings and head.
+
+        Each model set's permutation (merge/vocab.py; its fill rules depend on the set) is computed
+        on first use and kept, so a search permutes once, not per trial; the fused kernel and the
+        delta cache then see plain resident tensors."""
+        vocab = plan.vocab
+        if vocab is None or not vocab.tensors:
+            return plan
+        recipes = []
+        for recipe in plan.tensors:
+            if recipe.name not in vocab.tensors:
+                recipes.append(recipe)
+                continue
+            base = vocab.tensors[recipe.name]
+            key = (recipe.inputs, base)
+            if key not in self._aligned:
+                models = [model for model, _ in recipe.inputs]
+                aligned = vocab.align(models, [self.get(m, t) for m, t in recipe.inputs], base)
+                names = []
+                for (model, name), tensor in zip(recipe.inputs, aligned):
+                    alias = f"{name}@vocab[{','.join(models)}|{base}]"
+                    self.tensors[model][alias] = tensor.to(device=self.device, dtype=self.dtype)
+                    names.append((model, alias))
+                self._aligned[key] = tuple(names)
+            recipes.append(replace(recipe, inputs=self._aligned[key]))
+        return replace(plan, tensors=tuple(recipes), vocab=None)
 
     @property
     def nbytes(self) -> int:
@@ -103,6 +140,7 @@ def materialize(
     are single-threaded by design, and torch's own threading of 64K-entry ops waits on the other
     cores for longer than the op takes. Small plans run on one thread.
     """
+    plan = sources.aligned_plan(plan)
     result_dtype = plan.math_dtype or sources.dtype
     options = {"math_dtype": plan.math_dtype, "seed": plan.seed, "cache": sources.delta_cache}
 
@@ -139,10 +177,17 @@ def materialize(
 
 @torch.no_grad()
 def load_into(target: Mapping[str, torch.Tensor], sources: ResidentSources, model: str) -> None:
-    """Make the resident model an exact copy of one source model (for reference scores)."""
+    """Make the resident model an exact copy of one source model (for reference scores). With an
+    output vocabulary its embedding and head rows are permuted into it (filled as a merge of all
+    the sources would fill them)."""
+    names = list(sources.tensors)
     for name, tensor in sources.tensors[model].items():
-        if name in target:
-            target[name].data.copy_(tensor)
+        if name not in target or "@vocab[" in name:
+            continue
+        if target[name].shape != tensor.shape and sources.vocab is not None:
+            tensors = [sources.get(m, name) for m in names]
+            tensor = sources.vocab.align(names, tensors, sources.vocab_base)[names.index(model)]
+        target[name].data.copy_(tensor)
 
 
 def check_finite(target: Mapping[str, torch.Tensor], names: Iterable[str]) -> None:

@@ -82,7 +82,8 @@ class MergedCandidates:
 
         self.genome = genome
         self.device = device
-        self.sources = ResidentSources(genome.models, dtype=dtype, device=device)
+        vocab = getattr(genome, "vocab", None)
+        self.sources = ResidentSources(genome.models, dtype=dtype, device=device, vocab=vocab, vocab_base=genome.base)
         self.model = AutoModelForCausalLM.from_pretrained(
             # allow_pickle adds *.bin as a fallback; a safetensors donor is still read as safetensors
             genome.paths[donor_name(genome)],
@@ -90,6 +91,8 @@ class MergedCandidates:
             trust_remote_code=space.trust_remote_code,
             use_safetensors=None if space.allow_pickle else True,
         ).to(device)
+        if vocab is not None:  # the candidates' rows: the output vocabulary's (values come per trial)
+            self.model.resize_token_embeddings(vocab.size, mean_resizing=False)
         self.model.eval()
         self.target = target_parameters(self.model)
         check_target(genome.plan(genome.uniform_params() or _any_params(genome)), self.target)

@@ -26,6 +26,7 @@ from evomerge.evaluate.factory import make_evaluator
 from evomerge.evaluate.protocol import Evaluator, ItemEvaluator, ItemIds, ItemScores, Scores
 from evomerge.genome.kinds import make_genome
 from evomerge.genome.protocol import Genome
+from evomerge.merge.vocab import load_output_tokenizer
 from evomerge.store.states import Split
 from evomerge.workers.builders import donor_name, make_builder
 
@@ -66,7 +67,11 @@ class CandidateWorker:
         dtype = torch_dtype(space.dtype)
         donor = self.genome.paths[donor_name(self.genome)]
         # Cheap checks first (tokenizer, task names), then the heavy loads.
-        self.tokenizer = AutoTokenizer.from_pretrained(donor, trust_remote_code=space.trust_remote_code)
+        vocab = getattr(self.genome, "vocab", None)
+        if vocab is not None:  # the output vocabulary's tokenizer (merge/vocab.py)
+            self.tokenizer = load_output_tokenizer(vocab)
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(donor, trust_remote_code=space.trust_remote_code)
         self._make_evaluators(verbose)
         self.builder = make_builder(self.genome, space, dtype=dtype, device=self.device)
 
