@@ -1,0 +1,82 @@
+"""LoRA adapters as merge inputs: the adapter source reads what PEFT's merge_and_unload writes."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from families import load_checkpoint, random_family
+
+from evomerge.io.lora import AdapterModel, AdapterRef
+
+# Adapters a user meets: plain LoRA on attention, rsLoRA on attention and MLP with per-module
+# ranks and alphas, and one that also saves lm_head whole.
+ADAPTERS = {
+    "plain": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+    "rslora": {
+        "r": 4,
+        "lora_alpha": 6,
+        "use_rslora": True,
+        "target_modules": ["q_proj", "k_proj", "o_proj", "gate_proj", "down_proj"],
+        "rank_pattern": {"layers.1.self_attn.q_proj": 2, "down_proj": 3},
+        "alpha_pattern": {"o_proj": 3, r"layers\.[23]\.mlp\.gate_proj": 12},
+    },
+    "saved_head": {"r": 2, "lora_alpha": 4, "target_modules": ["up_proj", "v_proj"], "modules_to_save": ["lm_head"]},
+}
+
+
+def make_adapter(base: Path, out: Path, seed: int, **settings) -> Path:
+    """A real PEFT adapter over `base`, with random B (PEFT starts B at zero) and a perturbed saved module."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(**settings))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def merge_and_unload(base: Path, adapter: Path, out: Path) -> Path:
+    """PEFT's own merge, written as a full checkpoint (what users do today)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(out)
+    for tokenizer_file in Path(base).glob("tokenizer*"):
+        shutil.copy(tokenizer_file, out / tokenizer_file.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def lora_family(tmp_path_factory):
+    """A tiny random Llama base, three adapters over it, and PEFT's merged model of each."""
+    root = tmp_path_factory.mktemp("lora")
+    paths = random_family(root, finetunes=1)
+    adapters, merged = {}, {}
+    for index, (name, settings) in enumerate(ADAPTERS.items()):
+        adapters[name] = make_adapter(paths["base"], root / f"adapter_{name}", seed=index, **settings)
+        merged[name] = merge_and_unload(paths["base"], adapters[name], root / f"merged_{name}")
+    return {"root": root, "base": paths["base"], "ft1": paths["ft1"], "adapters": adapters, "merged": merged}
+
+
+@pytest.mark.parametrize("name", list(ADAPTERS))
+def test_the_adapter_source_reads_what_merge_and_unload_writes(lora_family, name):
+    source = AdapterModel(AdapterRef(lora_family["base"], lora_family["adapters"][name]))
+    expected = load_checkpoint(lora_family["merged"][name])
+    assert set(source.tensors) == set(expected)
+    changed = 0
+    for tensor, reference in expected.items():
+        got = source.get(tensor)
+        assert got.dtype == reference.dtype and got.shape == reference.shape
+        assert torch.equal(got, reference), tensor  # PEFT's CPU arithmetic, step for step: bit-identical
+        changed += not torch.equal(got, source.base.get(tensor))
+    assert changed == len(source.adapter.factors) + len(source.adapter.replacements) > 0
