@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -80,3 +81,67 @@ def test_the_adapter_source_reads_what_merge_and_unload_writes(lora_family, name
         assert torch.equal(got, reference), tensor  # PEFT's CPU arithmetic, step for step: bit-identical
         changed += not torch.equal(got, source.base.get(tensor))
     assert changed == len(source.adapter.factors) + len(source.adapter.replacements) > 0
+
+
+def _run(argv) -> int:
+    from evomerge.cli import main
+
+    try:
+        main(argv)
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+MERGES = {
+    "linear": """
+merge_method: linear
+models:
+  - {{model: {plain}, parameters: {{weight: 0.6}}}}
+  - {{model: {saved_head}, parameters: {{weight: 0.4}}}}
+dtype: float32
+""",
+    "task_arithmetic": """
+merge_method: task_arithmetic
+base_model: {base}
+models:
+  - {{model: {rslora}, parameters: {{weight: 0.7}}}}
+  - {{model: {plain}, parameters: {{weight: 0.5}}}}
+  - {{model: {ft1}, parameters: {{weight: 0.3}}}}
+dtype: float32
+""",
+    "ties": """
+merge_method: ties
+base_model: {base}
+models:
+  - {{model: {rslora}, parameters: {{weight: 1.0, density: 0.5}}}}
+  - {{model: {saved_head}, parameters: {{weight: 0.8, density: 0.7}}}}
+parameters: {{normalize: true}}
+dtype: float32
+""",
+}
+
+
+@pytest.mark.parametrize("method", list(MERGES))
+def test_a_merge_of_adapters_equals_the_merge_of_their_merged_models(lora_family, tmp_path, method):
+    base, adapters, merged = lora_family["base"], lora_family["adapters"], lora_family["merged"]
+    as_adapters = {name: f"{base}+{path}" for name, path in adapters.items()}
+    as_adapters["plain"] = str(adapters["plain"])  # alone: its base is adapter_config.json's base_model_name_or_path
+    as_folders = {name: str(path) for name, path in merged.items()}
+    outputs = {}
+    for label, models in (("adapters", as_adapters), ("folders", as_folders)):
+        config = tmp_path / f"{label}.yml"
+        config.write_text(MERGES[method].format(base=base, ft1=lora_family["ft1"], **models))
+        outputs[label] = tmp_path / f"out_{label}"
+        assert _run(["merge", str(config), str(outputs[label]), "--quiet"]) == 0
+    from_adapters, from_folders = load_checkpoint(outputs["adapters"]), load_checkpoint(outputs["folders"])
+    assert set(from_adapters) == set(from_folders)
+    for name, tensor in from_folders.items():
+        assert torch.equal(from_adapters[name], tensor), name  # the same inputs, the same engine: bit-exact
+    recipe = outputs["adapters"] / "mergekit_config.yml"  # keeps base+adapter, the adapter given alone too
+    assert recipe.read_text().count("/base+../") == 2  # two adapters in every config
+    assert _run(["merge", str(recipe), str(tmp_path / "again"), "--quiet"]) == 0
+    again = load_checkpoint(tmp_path / "again")
+    assert all(torch.equal(again[name], tensor) for name, tensor in from_adapters.items())
+    written = json.loads((outputs["adapters"] / "config.json").read_text())
+    assert written == {**json.loads((base / "config.json").read_text()), "dtype": "float32"}  # the base's config

@@ -56,7 +56,7 @@ def model_folder(source: ModelSource) -> Path:
     return source.base if isinstance(source, AdapterRef) else Path(source)
 
 
-def source_folders(source: ModelSource) -> list[Path]:
+def folders_of(source: ModelSource) -> list[Path]:
     """Every folder a model reads from (an output must not overwrite any of them)."""
     return [source.base, source.adapter] if isinstance(source, AdapterRef) else [Path(source)]
 

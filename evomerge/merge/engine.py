@@ -29,6 +29,7 @@ from evomerge.io.checkpoint import (
     write_model_card,
     write_recipe,
 )
+from evomerge.io.lora import AdapterModel, folders_of, model_folder, open_model
 from evomerge.io.model_dir import ModelDir
 from evomerge.io.output_dir import check_free_space, staged_output
 from evomerge.io.safetensors_io import StreamingCheckpointWriter
@@ -47,8 +48,13 @@ class MergeReport:
     shards: int
 
 
-def open_sources(plan: MergePlan, *, allow_pickle: bool = False) -> dict[str, ModelDir]:
-    return {ref: ModelDir(path, allow_pickle=allow_pickle) for ref, path in plan.models.items()}
+def open_sources(plan: MergePlan, *, allow_pickle: bool = False) -> dict[str, ModelDir | AdapterModel]:
+    return {ref: open_model(source, allow_pickle=allow_pickle) for ref, source in plan.models.items()}
+
+
+def plan_folders(plan: MergePlan) -> list[Path]:
+    """Every folder the plan reads (an adapter's and its base's): no output may overwrite one."""
+    return [folder for source in plan.models.values() for folder in folders_of(source)]
 
 
 def compute_recipe(
@@ -128,7 +134,7 @@ def run_merge(
 
     The checkpoint is written beside `out_dir` and moved into place only once complete and
     verified; `overwrite` replaces an earlier evomerge output there, never anything else."""
-    with staged_output(out_dir, overwrite=overwrite, protected={"a source model": plan.models.values()}) as staged:
+    with staged_output(out_dir, overwrite=overwrite, protected={"a source model": plan_folders(plan)}) as staged:
         report = write_checkpoint(
             plan,
             staged.staging,
@@ -254,10 +260,10 @@ def write_checkpoint(
     except BaseException:
         writer.abort()
         raise
-    donor_dir = plan.models[plan.config_donor]
+    donor_dir = model_folder(plan.models[plan.config_donor])
     write_config(donor_dir, out_dir, dtype_name=dtype_name(plan.out_dtype), num_hidden_layers=plan.num_hidden_layers)
     if copy_tokenizer_files:
-        copy_tokenizer(plan.models[plan.tokenizer_donor], out_dir)
+        copy_tokenizer(model_folder(plan.models[plan.tokenizer_donor]), out_dir)
     return MergeReport(
         out_dir=out_dir,
         num_tensors=len(plan.tensors),
