@@ -62,6 +62,9 @@ def lora_family(tmp_path_factory):
     """A tiny random Llama base, three adapters over it, and PEFT's merged model of each."""
     root = tmp_path_factory.mktemp("lora")
     paths = random_family(root, finetunes=1)
+    from evomerge.demo import build_tokenizer
+
+    build_tokenizer().save_pretrained(paths["base"])  # a search loads the donor's tokenizer
     adapters, merged = {}, {}
     for index, (name, settings) in enumerate(ADAPTERS.items()):
         adapters[name] = make_adapter(paths["base"], root / f"adapter_{name}", seed=index, **settings)
@@ -145,3 +148,75 @@ def test_a_merge_of_adapters_equals_the_merge_of_their_merged_models(lora_family
     assert all(torch.equal(again[name], tensor) for name, tensor in from_adapters.items())
     written = json.loads((outputs["adapters"] / "config.json").read_text())
     assert written == {**json.loads((base / "config.json").read_text()), "dtype": "float32"}  # the base's config
+
+
+def lora_space(lora_family, tmp_path: Path, **extra) -> dict:
+    """A search over two adapters (one given alone) and a full fine-tune, scored by mean weight."""
+    base, adapters = lora_family["base"], lora_family["adapters"]
+    return {
+        "models": [f"rs@{base}+{adapters['rslora']}", f"head@{adapters['saved_head']}", f"ft1@{lora_family['ft1']}"],
+        "base_model": f"base@{base}",
+        "dtype": "float32",
+        "device": "cpu",
+        "genome": {"layer_granularity": 2, "methods": ["task_arithmetic", "ties"], "lambda": [0.5, 1.5]},
+        "objectives": [{"task": "weights", "metric": "mean"}],
+        "eval": {"kind": "weight_mean"},
+        "search": {"seed": 0, "n_trials": 3, "study_name": "lora", "storage": f"sqlite:///{tmp_path}/study.db"},
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("adapters", ["factors", "cached"])
+def test_resident_adapters_merge_as_the_disk_engine_does(lora_family, tmp_path, adapters):
+    from evomerge.config.space import parse_space
+    from evomerge.genome.parameters import ParameterGenome
+    from evomerge.merge.engine import write_checkpoint
+    from evomerge.merge.resident import ResidentSources, materialize
+
+    space = parse_space(lora_space(lora_family, tmp_path, adapter_deltas=adapters), base_dir=tmp_path)
+    assert space.models[1].path == lora_family["base"]  # an adapter alone: adapter_config.json's base
+    genome = ParameterGenome(space)
+    sources = ResidentSources(genome.models, dtype=torch.float32, adapters=adapters)
+    full = sum(t.numel() * 4 for t in sources.tensors["base"].values())
+    factor_bytes = sum(f.nbytes for name in ("rs", "head") for f in genome.models[name].adapter.factors.values())
+    if adapters == "factors":  # the adapters add their factors and saved head, not a model each
+        head = genome.models["head"].adapter.replacements["lm_head.weight"].numel() * 4
+        assert sources.nbytes == 2 * full + factor_bytes + head
+    else:
+        assert sources.nbytes > 2 * full + factor_bytes
+    for trial_seed in range(2):
+        params = {
+            name: dist.choices[trial_seed % len(dist.choices)]
+            if hasattr(dist, "choices")
+            else dist.low + (dist.high - dist.low) * (0.3 + 0.4 * trial_seed)
+            for name, dist in genome.distributions().items()
+        }
+        plan = genome.plan(params)
+        target = {r.name: torch.zeros(r.shape) for r in plan.tensors}
+        materialize(plan, sources, target)
+        write_checkpoint(plan, tmp_path / f"disk{trial_seed}", progress=False, copy_tokenizer_files=False)
+        on_disk = load_checkpoint(tmp_path / f"disk{trial_seed}")
+        for name, tensor in on_disk.items():
+            assert torch.equal(target[name], tensor), name
+
+
+def test_a_search_over_adapters_runs_and_exports_base_plus_adapter(lora_family, tmp_path, monkeypatch):
+    from test_evaluator_table import build_weight_mean, check_weight_mean
+
+    from evomerge.config.space import parse_space
+    from evomerge.evaluate.factory import EVALUATORS
+    from evomerge.evaluate.protocol import EvaluatorKind
+    from evomerge.export import export_trial
+    from evomerge.search.runner import run_search
+
+    monkeypatch.setitem(EVALUATORS, "weight_mean", EvaluatorKind(build=build_weight_mean, check=check_weight_mean))
+    space = parse_space(lora_space(lora_family, tmp_path), base_dir=tmp_path)
+    summary = run_search(space, progress=False)
+    assert summary.n_complete == 3 and summary.n_failed == 0
+    out = tmp_path / "best"
+    export_trial(space, out, progress=False)  # verifies the written weights hash to the scored ones
+    recipe = (out / "mergekit_config.yml").read_text()
+    assert recipe.count("/base+../") >= 2  # both adapters, with their base named
+    assert _run(["merge", str(out / "mergekit_config.yml"), str(tmp_path / "again"), "--quiet"]) == 0
+    again, exported = load_checkpoint(tmp_path / "again"), load_checkpoint(out)
+    assert set(again) == set(exported) and all(torch.equal(again[n], t) for n, t in exported.items())

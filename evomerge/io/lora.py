@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,9 +62,10 @@ def folders_of(source: ModelSource) -> list[Path]:
     return [source.base, source.adapter] if isinstance(source, AdapterRef) else [Path(source)]
 
 
-def split_reference(reference: str) -> tuple[str, str] | None:
-    """mergekit's `base+adapter` (exactly one '+'); None for a plain reference or an existing path."""
-    if "+" not in reference or Path(reference).expanduser().exists():
+def split_reference(reference: str, root: Path | None = None) -> tuple[str, str] | None:
+    """mergekit's `base+adapter` (exactly one '+'); None for a plain reference or an existing path
+    (relative paths: under `root`, default the working directory)."""
+    if "+" not in reference or (Path(root or ".") / Path(reference).expanduser()).exists():
         return None
     base, plus, adapter = reference.partition("+")
     if not base or not adapter or "+" in adapter:
@@ -312,6 +314,23 @@ def adapter_base(adapter: Path, fallback: Path | None = None, *, hint: str = "")
         f"{adapter}: a LoRA adapter whose adapter_config.json base_model_name_or_path {said}: "
         f"give its base as BASE+{adapter}{hint}"
     )
+
+
+def open_models(
+    sources: Mapping[str, ModelSource], *, allow_pickle: bool = False
+) -> dict[str, ModelDir | AdapterModel]:
+    """Every model of a space opened once: adapters over the same base share its headers and files."""
+    folders: dict[Path, ModelDir] = {}
+
+    def folder(path: Path) -> ModelDir:
+        if path not in folders:
+            folders[path] = ModelDir(path, allow_pickle=allow_pickle)
+        return folders[path]
+
+    return {
+        name: AdapterModel(source, base=folder(source.base)) if isinstance(source, AdapterRef) else folder(Path(source))
+        for name, source in sources.items()
+    }
 
 
 def open_model(source: ModelSource, *, allow_pickle: bool = False) -> ModelDir | AdapterModel:

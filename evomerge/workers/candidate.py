@@ -26,6 +26,7 @@ from evomerge.evaluate.factory import make_evaluator
 from evomerge.evaluate.protocol import Evaluator, ItemEvaluator, ItemIds, ItemScores, Scores
 from evomerge.genome.kinds import make_genome
 from evomerge.genome.protocol import Genome
+from evomerge.io.lora import model_folder
 from evomerge.store.states import Split
 from evomerge.workers.builders import donor_name, make_builder
 
@@ -64,7 +65,7 @@ class CandidateWorker:
         self.device = resolve_device(device or space.device, option="device")
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         dtype = torch_dtype(space.dtype)
-        donor = self.genome.paths[donor_name(self.genome)]
+        donor = model_folder(self.genome.paths[donor_name(self.genome)])  # an adapter's: its base
         # Cheap checks first (tokenizer, task names), then the heavy loads.
         self.tokenizer = AutoTokenizer.from_pretrained(donor, trust_remote_code=space.trust_remote_code)
         self._make_evaluators(verbose)
