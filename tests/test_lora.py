@@ -220,3 +220,44 @@ def test_a_search_over_adapters_runs_and_exports_base_plus_adapter(lora_family, 
     assert _run(["merge", str(out / "mergekit_config.yml"), str(tmp_path / "again"), "--quiet"]) == 0
     again, exported = load_checkpoint(tmp_path / "again"), load_checkpoint(out)
     assert set(again) == set(exported) and all(torch.equal(again[n], t) for n, t in exported.items())
+
+
+def _adapter_copy(source: Path, target: Path, **config_changes) -> Path:
+    shutil.copytree(source, target)
+    config = json.loads((target / "adapter_config.json").read_text())
+    (target / "adapter_config.json").write_text(json.dumps({**config, **config_changes}))
+    return target
+
+
+def test_adapter_mistakes_are_one_line_with_exit_2(lora_family, tmp_path, capsys):
+    from test_cli_front_door import error_line, evomerge
+
+    base, plain = lora_family["base"], lora_family["adapters"]["plain"]
+    orphan = _adapter_copy(plain, tmp_path / "orphan", base_model_name_or_path="meta-llama/Llama-3.2-1B")
+    dora = _adapter_copy(plain, tmp_path / "dora", use_dora=True)
+    no_base = (
+        f"{orphan}: a LoRA adapter whose adapter_config.json base_model_name_or_path names "
+        f"'meta-llama/Llama-3.2-1B', not a local folder: give its base as BASE+{orphan}"
+    )
+    merge = tmp_path / "merge.yml"
+    merge.write_text(f"merge_method: linear\nmodels:\n  - {{model: '{orphan}'}}\n")
+    assert error_line(evomerge("validate", "merge.yml", cwd=tmp_path)) == f"error: merge.yml: models.0.model: {no_base}"
+
+    cases = {  # in process: the console script's path is the same (tests/test_cli_front_door.py)
+        f"{base}+{lora_family['ft1']}": "is not a PEFT adapter folder (no adapter_config.json)",
+        f"{base}+{plain}+{plain}": "expected one model and one adapter as 'base+adapter'",
+        f"{base}+{dora}": "use_dora: DoRA adapters are not supported",
+    }
+    for reference, expected in cases.items():
+        merge.write_text(f"merge_method: linear\nmodels:\n  - {{model: '{reference}'}}\n")
+        capsys.readouterr()
+        assert _run(["validate", str(merge)]) == 2
+        stderr = capsys.readouterr().err.strip()
+        assert len(stderr.splitlines()) == 1 and stderr.startswith("error: ") and expected in stderr, stderr
+
+    space = {**lora_space(lora_family, tmp_path), "genome": {"methods": ["linear"]}}
+    space["models"][1] = f"head@{orphan}"
+    del space["base_model"]
+    (tmp_path / "space.yml").write_text(json.dumps(space))
+    assert _run(["validate", str(tmp_path / "space.yml")]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'space.yml'}: models.1: {no_base}, or set base_model"
