@@ -86,6 +86,23 @@ def test_the_adapter_source_reads_what_merge_and_unload_writes(lora_family, name
     assert changed == len(source.adapter.factors) + len(source.adapter.replacements) > 0
 
 
+def test_a_bfloat16_base_and_adapter_read_as_peft_merges_them(tmp_path):
+    """Half-precision factors are float32 in PEFT's merge (autocast_adapter_dtype); the sum is rounded once."""
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    base = random_family(tmp_path, finetunes=0, dtype=torch.bfloat16)["base"]
+    adapter = make_adapter(base, tmp_path / "adapter", 0, **ADAPTERS["saved_head"])
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}, weights)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    expected = PeftModel.from_pretrained(model, adapter).merge_and_unload().state_dict()
+    source = AdapterModel(AdapterRef(base, adapter))
+    assert all(torch.equal(source.get(name), expected[name]) for name in source.tensors)
+    assert {source.get(name).dtype for name in source.tensors} == {torch.bfloat16}
+
+
 def _run(argv) -> int:
     from evomerge.cli import main
 

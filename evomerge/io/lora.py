@@ -9,8 +9,8 @@ ModelDir's interface over (base folder, adapter folder): `get(name)` returns tha
 one at a time, so a merge reads an adapter without a merged checkpoint ever written to disk.
 
 The arithmetic follows PEFT's CPU merge step for step (B @ A in float32 at least, times the
-scale, cast to the adapter's dtype, added to the base weight), so the tensors are bit-identical
-to `merge_and_unload` run on CPU.
+scale, added to the base weight in the wider dtype, rounded to the base's), so the tensors are
+bit-identical to `PeftModel.from_pretrained(...).merge_and_unload()` run on CPU.
 """
 
 from __future__ import annotations
@@ -166,14 +166,15 @@ class LoraFactors:
         return (inp, out) if self.fan_in_fan_out else (out, inp)
 
     def delta(self) -> torch.Tensor:
-        """scale * B @ A in the factors' dtype, computed as PEFT's CPU merge computes it."""
+        """scale * B @ A as PEFT's merge computes it. Half-precision factors are float32 there
+        (PeftModel.from_pretrained's default autocast_adapter_dtype), so they are here."""
         a, b = self.a, self.b
-        if a.dtype in (torch.float16, torch.bfloat16):  # PEFT upcasts half-precision factors
+        if a.dtype in (torch.float16, torch.bfloat16):
             a, b = a.float(), b.float()
         product = b @ a
         if self.fan_in_fan_out:
             product = product.T
-        return (product * self.scale).to(self.a.dtype)
+        return product * self.scale
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> LoraFactors:
         return LoraFactors(
@@ -232,7 +233,9 @@ class LoraAdapter:
                 raise EvomergeError(f"{weights}: {module} has lora_{''.join(pair)} but not both lora_A and lora_B")
             a, b = pair["A"], pair["B"]
             r, scale = self.settings.rank_and_scale(module)
-            if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            if a.dim() != 2 or b.dim() != 2:
+                raise EvomergeError(f"{weights}: {module}: only linear-layer factors are supported (not convolutions)")
+            if a.shape[0] != r or b.shape[1] != r:
                 raise EvomergeError(
                     f"{weights}: {module}: factors {list(a.shape)} and {list(b.shape)} do not have rank {r} "
                     f"(adapter_config.json's r / rank_pattern)"
@@ -263,7 +266,8 @@ class AdapterModel:
             self._check_target(name, factors.shape, "targets")
         for name, tensor in self.adapter.replacements.items():
             self._check_target(name, tuple(tensor.shape), "saves")
-            self.tensors[name] = TensorInfo(tuple(tensor.shape), tensor.dtype, ADAPTER_WEIGHTS)
+            # Loaded into the base's module, as PEFT does: in the base's dtype.
+            self.adapter.replacements[name] = tensor.to(self.base.tensors[name].dtype)
 
     def _check_target(self, name: str, shape: tuple[int, ...], verb: str) -> None:
         info = self.base.tensors.get(name)
