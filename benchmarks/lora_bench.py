@@ -115,7 +115,13 @@ def measure(work: Path, mode: str, adapters: int, candidates: int) -> dict:
         materialize(plan, sources, target)
         times.append(time.perf_counter() - started)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    started = time.perf_counter()
+    for model, adapted in sources.factors.items():  # factors mode: what one candidate spends on B @ A
+        for tensor in adapted:
+            sources.get(model, tensor)
+    deltas = time.perf_counter() - started
     return {
+        "deltas_s": deltas,
         "resident_mib": sources.nbytes / 2**20,
         "peak_rss_mib": peak,
         "load_s": load_seconds,
@@ -144,6 +150,7 @@ def main() -> None:
     shutil.rmtree(args.work, ignore_errors=True)
     build(args.work, shape_args, args.adapters, args.rank)
     rows = {}
+    load_before = os.getloadavg()[0]
     for mode in ("folders", "cached", "factors"):
         command = [sys.executable, __file__, "--work", str(args.work), "--adapters", str(args.adapters)]
         command += ["--candidates", str(args.candidates), "--child", mode]
@@ -159,14 +166,19 @@ def main() -> None:
         f"--candidates {args.candidates} --shape {args.shape}`",
         "",
         machine_line(torch, threads=f"{torch.get_num_threads()} torch threads"),
+        f"Load average (1 min) before and after: {load_before:.1f}, {os.getloadavg()[0]:.1f}: on a shared "
+        "machine the seconds move with it (compare rows of one run only); the bytes do not.",
         "",
         f"A random Llama of {params / 1e6:.0f}M parameters (float32) as base_model, {args.adapters} rank-"
         f"{args.rank} adapters on every linear module; candidates alternate task_arithmetic and TIES, one "
         "gene set per 2 layers. Resident: ResidentSources.nbytes; merge: median in-place merge of one "
-        f"candidate over {args.candidates} (after a warm-up).",
+        f"candidate over {args.candidates} (after a warm-up); base + B @ A alone: every adapted tensor "
+        "computed once, after the merges, which a `factors` candidate does inside its merge (its recipes also leave the fused CPU "
+        "kernel for the per-tensor path, so a fresh delta is never pinned across candidates). Peak RSS "
+        "includes the merge's temporaries and the 380 MiB target model.",
         "",
-        "| sources | resident MiB | peak RSS MiB | load s | merge s per candidate |",
-        "|---|---:|---:|---:|---:|",
+        "| sources | resident MiB | peak RSS MiB | load s | merge s per candidate | base + B @ A alone s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     labels = {
         "folders": "folded checkpoints (merge_and_unload first)",
@@ -174,9 +186,10 @@ def main() -> None:
         "factors": "adapters, `adapter_deltas: factors`",
     }
     for mode, row in rows.items():
+        deltas = f"{row['deltas_s']:.2f}" if mode == "factors" else "-"
         lines.append(
             f"| {labels[mode]} | {row['resident_mib']:.0f} | {row['peak_rss_mib']:.0f} | {row['load_s']:.2f} | "
-            f"{row['merge_s']:.3f} |"
+            f"{row['merge_s']:.2f} | {deltas} |"
         )
     write_section(REPO / "results" / "lora.md", "lora", "\n".join(lines), title="# LoRA sources")
     print("\n".join(lines))

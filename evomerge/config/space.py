@@ -45,10 +45,11 @@ MIN_MAX_LENGTH = 2  # eval.max_length: lm-eval keeps max_length - 1 context toke
 
 class ModelRef(StrictModel):
     """`name@path` or a plain path (the name is then the folder name); the path may be mergekit's
-    `base+adapter` or a LoRA adapter folder alone (its base resolved by parse_space)."""
+    `base+adapter` or a LoRA adapter folder alone (its base: the one its adapter_config.json names
+    when that is a local folder, else the space's base_model)."""
 
     name: str
-    path: Path  # the model folder; for a LoRA adapter, its base's (None until resolved: see adapter)
+    path: Path  # the model folder; for a LoRA adapter, its base's
     adapter: Path | None = None  # a PEFT LoRA adapter folder applied to `path`
 
     @property

@@ -8,7 +8,7 @@ is written or read per candidate.
 A LoRA adapter source keeps its base's tensors (shared with the base model when that is a source
 too) and, with `adapters="factors"`, only its A and B factors: each tensor it adapts is computed
 (base + scale * B @ A) when a candidate reads it. `adapters="cached"` computes them once at load,
-a full tensor per adapted tensor (benchmarks/lora.py measures the memory and time of both).
+a full tensor per adapted tensor (benchmarks/lora_bench.py measures the memory and time of both).
 """
 
 from __future__ import annotations
