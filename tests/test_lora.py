@@ -103,6 +103,27 @@ def test_a_bfloat16_base_and_adapter_read_as_peft_merges_them(tmp_path):
     assert {source.get(name).dtype for name in source.tensors} == {torch.bfloat16}
 
 
+def test_a_gpt2_conv1d_adapter_is_transposed_as_fan_in_fan_out_says(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "base")
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(tmp_path / "base"), lora)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.add_(torch.randn_like(parameter))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    base = GPT2LMHeadModel.from_pretrained(tmp_path / "base")
+    expected = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().state_dict()
+    source = AdapterModel(AdapterRef(tmp_path / "base", tmp_path / "adapter"))
+    assert len(source.adapter.factors) == 4 and all(f.fan_in_fan_out for f in source.adapter.factors.values())
+    assert all(torch.equal(source.get(name), expected[name]) for name in source.tensors)
+
+
 def _run(argv) -> int:
     from evomerge.cli import main
 
