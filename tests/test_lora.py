@@ -299,3 +299,19 @@ def test_adapter_mistakes_are_one_line_with_exit_2(lora_family, tmp_path, capsys
     (tmp_path / "space.yml").write_text(json.dumps(space))
     assert _run(["validate", str(tmp_path / "space.yml")]) == 2
     assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'space.yml'}: models.1: {no_base}, or set base_model"
+
+
+def test_a_space_with_adapters_reaches_ray_workers_and_dataflow_refuses_them(lora_family, tmp_path):
+    from evomerge.config.space import SearchSpace, parse_space
+    from evomerge.errors import ConfigError
+    from evomerge.genome.kinds import make_genome
+    from evomerge.workers.ray_pool import space_payload
+
+    space = parse_space(lora_space(lora_family, tmp_path), base_dir=tmp_path)
+    on_a_worker = SearchSpace.model_validate(space_payload(space))  # as a Ray actor rebuilds it
+    assert [m.source for m in on_a_worker.models] == [m.source for m in space.models]
+    assert isinstance(space.models[1].source, AdapterRef)  # the adapter given alone, its base made explicit
+
+    dataflow = parse_space({**lora_space(lora_family, tmp_path), "genome": {"kind": "dataflow"}}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"models\.0: a LoRA adapter cannot be a dataflow genome's source yet"):
+        make_genome(dataflow)

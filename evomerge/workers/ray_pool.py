@@ -104,7 +104,7 @@ def _check_paths_on_this_node(space: SearchSpace) -> None:
 def space_payload(space: SearchSpace) -> dict:
     """The space as plain data for actors (validated again there; paths already absolute)."""
     data = space.model_dump(mode="json", by_alias=True)
-    data["models"] = [{"name": m.name, "path": str(m.source)} for m in space.models]  # base+adapter for an adapter
+    data["models"] = [m.model_dump(mode="json") for m in space.models]  # name, path and a LoRA adapter's folder
     if space.base_model:
         data["base_model"] = {"name": space.base_model.name, "path": str(space.base_model.path)}
     return data
