@@ -13,7 +13,7 @@ from families import load_checkpoint, random_family
 from evomerge.io.lora import AdapterModel, AdapterRef
 
 # Adapters a user meets: plain LoRA on attention, rsLoRA on attention and MLP with per-module
-# ranks and alphas, and one that also saves lm_head whole.
+# ranks and alphas, one that also saves lm_head whole, and one on the embeddings.
 ADAPTERS = {
     "plain": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
     "rslora": {
@@ -25,11 +25,13 @@ ADAPTERS = {
         "alpha_pattern": {"o_proj": 3, r"layers\.[23]\.mlp\.gate_proj": 12},
     },
     "saved_head": {"r": 2, "lora_alpha": 4, "target_modules": ["up_proj", "v_proj"], "modules_to_save": ["lm_head"]},
+    "embedding": {"r": 4, "lora_alpha": 4, "target_modules": ["embed_tokens", "gate_proj"]},
 }
 
 
 def make_adapter(base: Path, out: Path, seed: int, **settings) -> Path:
-    """A real PEFT adapter over `base`, with random B (PEFT starts B at zero) and a perturbed saved module."""
+    """A real PEFT adapter over `base`, with its zero-initialised factor (B; an embedding's A) made
+    random and its saved modules perturbed."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -38,7 +40,7 @@ def make_adapter(base: Path, out: Path, seed: int, **settings) -> Path:
     peft_model = get_peft_model(model, LoraConfig(**settings))
     with torch.no_grad():
         for name, parameter in peft_model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
+            if any(part in name for part in ("lora_B", "lora_embedding_A", "modules_to_save")):  # PEFT's zeros
                 parameter.add_(torch.randn_like(parameter) * 0.1)
     peft_model.save_pretrained(out)
     return out
@@ -83,7 +85,7 @@ def test_the_adapter_source_reads_what_merge_and_unload_writes(lora_family, name
         assert got.dtype == reference.dtype and got.shape == reference.shape
         assert torch.equal(got, reference), tensor  # PEFT's CPU arithmetic, step for step: bit-identical
         changed += not torch.equal(got, source.base.get(tensor))
-    assert changed == len(source.adapter.factors) + len(source.adapter.replacements) > 0
+    assert changed == len(set(source.adapter.factors) | set(source.adapter.replacements)) > 0
 
 
 def test_a_bfloat16_base_and_adapter_read_as_peft_merges_them(tmp_path):
@@ -157,6 +159,7 @@ base_model: {base}
 models:
   - {{model: {rslora}, parameters: {{weight: 1.0, density: 0.5}}}}
   - {{model: {saved_head}, parameters: {{weight: 0.8, density: 0.7}}}}
+  - {{model: {embedding}, parameters: {{weight: 0.5, density: 0.6}}}}
 parameters: {{normalize: true}}
 dtype: float32
 """,
@@ -180,7 +183,7 @@ def test_a_merge_of_adapters_equals_the_merge_of_their_merged_models(lora_family
     for name, tensor in from_folders.items():
         assert torch.equal(from_adapters[name], tensor), name  # the same inputs, the same engine: bit-exact
     recipe = outputs["adapters"] / "mergekit_config.yml"  # keeps base+adapter, the adapter given alone too
-    assert recipe.read_text().count("/base+../") == 2  # two adapters in every config
+    assert recipe.read_text().count("/base+../") == sum(f"{{{name}}}" in MERGES[method] for name in ADAPTERS)
     assert _run(["merge", str(recipe), str(tmp_path / "again"), "--quiet"]) == 0
     again = load_checkpoint(tmp_path / "again")
     assert all(torch.equal(again[name], tensor) for name, tensor in from_adapters.items())
@@ -192,7 +195,12 @@ def lora_space(lora_family, tmp_path: Path, **extra) -> dict:
     """A search over two adapters (one given alone) and a full fine-tune, scored by mean weight."""
     base, adapters = lora_family["base"], lora_family["adapters"]
     return {
-        "models": [f"rs@{base}+{adapters['rslora']}", f"head@{adapters['saved_head']}", f"ft1@{lora_family['ft1']}"],
+        "models": [
+            f"rs@{base}+{adapters['rslora']}",
+            f"head@{adapters['saved_head']}",
+            f"ft1@{lora_family['ft1']}",
+            f"emb@{base}+{adapters['embedding']}",
+        ],
         "base_model": f"base@{base}",
         "dtype": "float32",
         "device": "cpu",
@@ -216,10 +224,11 @@ def test_resident_adapters_merge_as_the_disk_engine_does(lora_family, tmp_path, 
     genome = ParameterGenome(space)
     sources = ResidentSources(genome.models, dtype=torch.float32, adapters=adapters)
     full = sum(t.numel() * 4 for t in sources.tensors["base"].values())
-    factor_bytes = sum(f.nbytes for name in ("rs", "head") for f in genome.models[name].adapter.factors.values())
-    if adapters == "factors":  # the adapters add their factors and saved head, not a model each
-        head = genome.models["head"].adapter.replacements["lm_head.weight"].numel() * 4
-        assert sources.nbytes == 2 * full + factor_bytes + head
+    lora = [genome.models[name].adapter for name in ("rs", "head", "emb")]
+    factor_bytes = sum(f.nbytes for adapter in lora for f in adapter.factors.values())
+    saved = sum(t.numel() * 4 for adapter in lora for t in adapter.replacements.values())  # lm_head, embed_tokens
+    if adapters == "factors":  # base and ft1, then the adapters' factors and saved tensors, not a model each
+        assert sources.nbytes == 2 * full + factor_bytes + saved
     else:
         assert sources.nbytes > 2 * full + factor_bytes
     for trial_seed in range(2):

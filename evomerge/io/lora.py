@@ -29,7 +29,9 @@ from evomerge.io.model_dir import ModelDir, TensorInfo, _read_json, read_safeten
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # PEFT's name for the wrapped model in saved keys
-_FACTOR = re.compile(r"(?P<module>.+)\.lora_(?P<which>[AB])\.weight")
+# A linear layer's factors are submodules (`q_proj.lora_A.weight`), an embedding's are parameters
+# (`embed_tokens.lora_embedding_A`, A: r x vocab, B: dim x r, so its delta is transposed).
+_FACTOR = re.compile(r"(?P<module>.+)\.lora_(?:(?P<linear>[AB])\.weight|embedding_(?P<embedding>[AB]))")
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,8 @@ def read_adapter_settings(folder: Path) -> LoraSettings:
 
 @dataclass(frozen=True)
 class LoraFactors:
-    """One module's factors: its delta is scale * B @ A (transposed for Conv1D's fan_in_fan_out)."""
+    """One module's factors: its delta is scale * B @ A (transposed for Conv1D's fan_in_fan_out
+    and for an embedding)."""
 
     a: torch.Tensor  # (r, in)
     b: torch.Tensor  # (out, r)
@@ -213,6 +216,7 @@ class LoraAdapter:
 
         stored = load_file(weights)  # small: factors and a few saved modules
         halves: dict[str, dict[str, torch.Tensor]] = {}
+        embeddings: set[str] = set()
         self.replacements: dict[str, torch.Tensor] = {}  # modules_to_save: whole tensors
         for key, tensor in stored.items():
             if not key.startswith(_PREFIX):
@@ -222,11 +226,14 @@ class LoraAdapter:
                 match = _FACTOR.fullmatch(name)
                 if match is None:
                     raise EvomergeError(
-                        f"{weights}: tensor {key}: only linear-layer factors (lora_A/lora_B .weight) are supported"
+                        f"{weights}: tensor {key}: only linear and embedding factors (lora_A/lora_B .weight, "
+                        "lora_embedding_A/B) are supported"
                     )
-                halves.setdefault(match["module"], {})[match["which"]] = tensor
-            else:
-                self.replacements[name] = tensor
+                if match["embedding"]:
+                    embeddings.add(match["module"])
+                halves.setdefault(match["module"], {})[match["linear"] or match["embedding"]] = tensor
+            else:  # modules_to_save, or an adapted embedding's own weight (PEFT saves it: vocab resizes)
+                self.replacements[name.replace(".base_layer.", ".")] = tensor
         self.factors: dict[str, LoraFactors] = {}  # base tensor name -> factors
         for module, pair in sorted(halves.items()):
             if set(pair) != {"A", "B"}:
@@ -240,7 +247,8 @@ class LoraAdapter:
                     f"{weights}: {module}: factors {list(a.shape)} and {list(b.shape)} do not have rank {r} "
                     f"(adapter_config.json's r / rank_pattern)"
                 )
-            self.factors[f"{module}.weight"] = LoraFactors(a, b, scale, self.settings.fan_in_fan_out)
+            transposed = module in embeddings or self.settings.fan_in_fan_out
+            self.factors[f"{module}.weight"] = LoraFactors(a, b, scale, transposed)
 
     @property
     def nbytes(self) -> int:
@@ -253,7 +261,7 @@ class AdapterModel:
     """A base checkpoint with a LoRA adapter applied, read lazily like a ModelDir.
 
     `tensors` are the base's (the adapter changes values, never names or shapes); `get` returns
-    base + delta for a targeted tensor, the saved tensor for a modules_to_save one, else the base's."""
+    the saved tensor for a modules_to_save one, else the base's, plus the delta for a targeted one."""
 
     def __init__(self, source: AdapterRef, *, allow_pickle: bool = False, base: ModelDir | None = None):
         self.path = source  # printed in messages as 'base+adapter'
@@ -292,9 +300,8 @@ class AdapterModel:
 
     def get(self, name: str) -> torch.Tensor:
         """One tensor as merge_and_unload would leave it (CPU)."""
-        if name in self.adapter.replacements:
-            return self.adapter.replacements[name]
-        base = self.base.get(name)
+        saved = self.adapter.replacements.get(name)
+        base = saved if saved is not None else self.base.get(name)
         factors = self.adapter.factors.get(name)
         return base if factors is None else apply_delta(base, factors.delta())
 
