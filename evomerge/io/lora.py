@@ -2,7 +2,7 @@
 
 A LoRA adapter folder (`adapter_config.json` + `adapter_model.safetensors`) holds, per target
 module, two small factors A (r x in) and B (out x r); PEFT's `merge_and_unload` adds
-`scale * B @ A` to the base weight, with scale = lora_alpha / r (lora_alpha / sqrt(r) under
+`scale * B @ A` (transposed for an embedding or a Conv1D) to the base weight, with scale = lora_alpha / r (lora_alpha / sqrt(r) under
 rsLoRA) and r, lora_alpha overridden per module by `rank_pattern` / `alpha_pattern`. Tensors
 listed in `modules_to_save` are stored whole and replace the base tensor. `AdapterModel` offers a
 ModelDir's interface over (base folder, adapter folder): `get(name)` returns that merged tensor,
@@ -69,7 +69,7 @@ def split_reference(reference: str, root: Path | None = None) -> tuple[str, str]
     (relative paths: under `root`, default the working directory)."""
     if "+" not in reference or (Path(root or ".") / Path(reference).expanduser()).exists():
         return None
-    base, plus, adapter = reference.partition("+")
+    base, _, adapter = reference.partition("+")
     if not base or not adapter or "+" in adapter:
         raise ValueError(f"'{reference}': expected one model and one adapter as 'base+adapter'")
     return base, adapter
