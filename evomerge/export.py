@@ -20,6 +20,7 @@ from evomerge.genome.kinds import make_genome
 from evomerge.genome.protocol import Genome, builds_paths
 from evomerge.io.checkpoint import describe_sources, hub_ids, relocate_recipe, write_model_card, write_recipe
 from evomerge.io.hashing import checkpoint_hash
+from evomerge.io.lora import folders_of
 from evomerge.io.model_dir import ModelDir
 from evomerge.io.output_dir import staged_output
 from evomerge.merge.engine import verify_layout, write_checkpoint
@@ -173,9 +174,8 @@ def _protected(space: SearchSpace) -> dict[str, Sequence[Path]]:
     url = make_url(space.storage_url)
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         protected["the study database"] = [Path(url.database)]
-    protected["a source model"] = [Path(m.path) for m in space.models] + (
-        [Path(space.base_model.path)] if space.base_model else []
-    )
+    models = [*space.models, *([space.base_model] if space.base_model else [])]
+    protected["a source model"] = [folder for m in models for folder in folders_of(m.source)]
     return protected
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from evomerge.config.space import SearchSpace
 from evomerge.errors import ConfigError, EvomergeError
+from evomerge.io.lora import folders_of, open_model
 from evomerge.io.model_dir import ModelDir
 from evomerge.store.database import check_storage
 
@@ -185,10 +186,13 @@ def preflight_merge(
     plans: list[Any], *, scan: bool | None = None, allow_pickle: bool = False, file: object = None
 ) -> PreflightReport:
     """Planned merges (the documents of one file): the planner read the headers; scan each source once for NaN/Inf."""
-    paths = {
-        Path(path) for plan in plans for path in plan.models.values() if Path(path).is_dir()
+    sources = {
+        str(source): source
+        for plan in plans
+        for source in plan.models.values()
+        if all(folder.is_dir() for folder in folders_of(source))
     }  # not the planned parts
-    models = {str(path): ModelDir(path, allow_pickle=allow_pickle) for path in sorted(paths)}
+    models = {name: open_model(sources[name], allow_pickle=allow_pickle) for name in sorted(sources)}
     report = PreflightReport()
     report.checks.append(scan_models(models, scan, file=file))
     return report

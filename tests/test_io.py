@@ -88,7 +88,7 @@ def test_pickle_weights_need_opt_in(tmp_path):
         (lambda p: (p / "config.json").write_text("{}"), "no weights found"),
         (
             lambda p: (p / "adapter_config.json").write_text("{}"),
-            "a PEFT .LoRA. adapter, not a full model.*merge_and_unload",
+            r"a PEFT .LoRA. adapter, not a full model: give it with its base, as BASE\+",
         ),
     ],
 )

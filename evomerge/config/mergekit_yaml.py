@@ -22,6 +22,7 @@ from evomerge.config.base import StrictModel
 from evomerge.config.numbers import Integer, OptionalInteger, OptionalNumber
 from evomerge.dtypes import normalize_dtype
 from evomerge.errors import ConfigError
+from evomerge.io.lora import split_reference
 
 Scalar = bool | int | float | str
 
@@ -81,8 +82,7 @@ Parameters = Annotated[dict[str, Any] | None, BeforeValidator(_parse_parameters)
 
 
 def _check_model_reference(value: str) -> str:
-    if "+" in value and not Path(value).exists():
-        raise ValueError(f"LoRA inputs ('{value}') are not supported yet: merge the adapter into its base first")
+    split_reference(value)  # 'base+adapter' (a LoRA adapter on its base) has exactly one '+'
     return value
 
 

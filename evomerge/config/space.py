@@ -31,9 +31,10 @@ from evomerge.config.numbers import (
     coerce_number,
 )
 from evomerge.dtypes import normalize_dtype
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, EvomergeError
 from evomerge.genome.kinds import GenomeSpecField, default_genome_spec, genome_tags
 from evomerge.genome.spec import GeneRange, GenomeSpec  # noqa: F401  (the parameters genome's spec, re-exported)
+from evomerge.io.lora import AdapterRef, ModelSource, adapter_base, is_adapter_dir, split_reference
 from evomerge.merge.registry import get_method
 from evomerge.search.samplers import FACTORIES as SAMPLER_FACTORIES
 from evomerge.suggest import did_you_mean
@@ -43,13 +44,22 @@ MIN_MAX_LENGTH = 2  # eval.max_length: lm-eval keeps max_length - 1 context toke
 
 
 class ModelRef(StrictModel):
-    """`name@path` or a plain path (the name is then the folder name)."""
+    """`name@path` or a plain path (the name is then the folder name); the path may be mergekit's
+    `base+adapter` or a LoRA adapter folder alone (its base: the one its adapter_config.json names
+    when that is a local folder, else the space's base_model)."""
 
     name: str
-    path: Path
+    path: Path  # the model folder; for a LoRA adapter, its base's
+    adapter: Path | None = None  # a PEFT LoRA adapter folder applied to `path`
+
+    @property
+    def source(self) -> ModelSource:
+        """What a genome opens: the folder, or (base, adapter)."""
+        return self.path if self.adapter is None else AdapterRef(self.path, self.adapter)
 
     @classmethod
-    def parse(cls, value: Any, base_dir: Path) -> ModelRef:
+    def parse(cls, value: Any, base_dir: Path, default_base: Path | None = None) -> ModelRef:
+        """`default_base`: the base of an adapter given alone whose config names no local folder."""
         if isinstance(value, ModelRef):
             return value
         if isinstance(value, dict):
@@ -63,7 +73,18 @@ class ModelRef(StrictModel):
             name, path = Path(value).name, value
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
             raise ValueError(f"model name {name!r} may only use letters, digits, '_', '-' and '.'")
-        return cls(name=name, path=(base_dir / Path(path).expanduser()).resolve())
+        parts = split_reference(path, root=base_dir)
+        if parts is not None:
+            base, adapter = ((base_dir / Path(part).expanduser()).resolve() for part in parts)
+            return cls(name=name, path=base, adapter=adapter)
+        folder = (base_dir / Path(path).expanduser()).resolve()
+        if is_adapter_dir(folder):
+            try:
+                base = adapter_base(folder, default_base, hint=", or set base_model")
+            except EvomergeError as exc:
+                raise ValueError(str(exc)) from None
+            return cls(name=name, path=base, adapter=folder)
+        return cls(name=name, path=folder)
 
 
 class Objective(StrictModel):
@@ -177,6 +198,9 @@ class SearchSpace(StrictModel):
     # Differing vocabularies, as in a mergekit config (models named by their names here).
     tokenizer_source: str | None = None
     tokenizer: TokenizerSection | None = None
+    # LoRA sources in a search: keep the factors and compute each adapted tensor per candidate
+    # ("factors", least memory), or compute them once at load ("cached", a full tensor each).
+    adapter_deltas: Literal["factors", "cached"] = "factors"
     genome: GenomeSpecField = Field(default_factory=default_genome_spec)
     objectives: list[Objective]
     eval: EvalSpec = Field(default_factory=EvalSpec)
@@ -293,21 +317,28 @@ def parse_space(
         raise ConfigError("expected a mapping with models, objectives and search", file=source)
     data = dict(data)
     try:
-        if "models" in data:
-            if not isinstance(data["models"], list):
-                raise ConfigError("expected a list of 'name@path' entries", file=source, field="models")
-            models = []
-            for i, entry in enumerate(data["models"]):
-                try:
-                    models.append(ModelRef.parse(entry, base_dir))
-                except (ValueError, KeyError) as exc:
-                    raise ConfigError(str(exc), file=source, field=f"models.{i}") from None
-            data["models"] = models
-        if data.get("base_model") is not None:
+        if data.get("base_model") is not None:  # first: an adapter given alone may need it
             try:
                 data["base_model"] = ModelRef.parse(data["base_model"], base_dir)
             except (ValueError, KeyError) as exc:
                 raise ConfigError(str(exc), file=source, field="base_model") from None
+            if data["base_model"].adapter is not None:
+                raise ConfigError(
+                    "expected a full model folder (a LoRA adapter cannot be the base; list it under models)",
+                    file=source,
+                    field="base_model",
+                )
+        if "models" in data:
+            if not isinstance(data["models"], list):
+                raise ConfigError("expected a list of 'name@path' entries", file=source, field="models")
+            models = []
+            default_base = data["base_model"].path if isinstance(data.get("base_model"), ModelRef) else None
+            for i, entry in enumerate(data["models"]):
+                try:
+                    models.append(ModelRef.parse(entry, base_dir, default_base))
+                except (ValueError, KeyError) as exc:
+                    raise ConfigError(str(exc), file=source, field=f"models.{i}") from None
+            data["models"] = models
         evaluation = data.get("eval")
         if isinstance(evaluation, dict) and isinstance(evaluation.get("include_paths"), list):
             evaluation = dict(evaluation)
@@ -323,6 +354,12 @@ def parse_space(
     for i, model in enumerate(space.models):
         if not model.path.is_dir():
             raise ConfigError(f"model directory {model.path} does not exist", file=source, field=f"models.{i}")
+        if model.adapter is not None and not is_adapter_dir(model.adapter):
+            raise ConfigError(
+                f"{model.adapter} is not a PEFT adapter folder (expected adapter_config.json, no config.json)",
+                file=source,
+                field=f"models.{i}",
+            )
     if space.base_model and not space.base_model.path.is_dir():
         raise ConfigError(f"model directory {space.base_model.path} does not exist", file=source, field="base_model")
     for i, path in enumerate(space.eval.include_paths):

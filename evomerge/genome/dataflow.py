@@ -156,6 +156,14 @@ class DataflowGenome:
         self.spec: DataflowGenomeSpec = space.genome
         self.finetunes = [m.name for m in space.models]
         self.base = space.base_model.name if space.base_model else None
+        for index, model in enumerate(space.models):
+            if model.adapter is not None:
+                raise ConfigError(
+                    "a LoRA adapter cannot be a dataflow genome's source yet (its layers are run as modules); "
+                    "use genome kind parameters, or merge it into its base first (peft's merge_and_unload)",
+                    file=space.source_path,
+                    field=f"models.{index}",
+                )
         paths = {m.name: m.path for m in space.models}
         if space.base_model:
             paths[space.base_model.name] = space.base_model.path

@@ -18,6 +18,7 @@ from evomerge.config.mergekit_yaml import dump_yaml
 from evomerge.config.space import SearchSpace
 from evomerge.dtypes import torch_dtype
 from evomerge.errors import CompatibilityError, ConfigError
+from evomerge.io.lora import AdapterModel, open_models
 from evomerge.io.model_dir import ModelDir
 from evomerge.merge.layout import LayerLayout, split_layers
 from evomerge.merge.plan import MergePlan, TensorRecipe
@@ -39,20 +40,16 @@ class Block:
 class ParameterGenome:
     """Genome kind `parameters` (see evomerge.genome.protocol.Genome for what callers use)."""
 
-    def __init__(self, space: SearchSpace, models: Mapping[str, ModelDir] | None = None):
+    def __init__(self, space: SearchSpace, models: Mapping[str, ModelDir | AdapterModel] | None = None):
         self.space = space
         spec = space.genome
         self.finetunes = [m.name for m in space.models]
         self.base = space.base_model.name if space.base_model else None
-        paths = {m.name: m.path for m in space.models}
+        paths = {m.name: m.source for m in space.models}  # a LoRA adapter: (base, adapter)
         if space.base_model:
-            paths[space.base_model.name] = space.base_model.path
+            paths[space.base_model.name] = space.base_model.source
         self.paths = paths
-        self.models = (
-            dict(models)
-            if models
-            else {name: ModelDir(path, allow_pickle=space.allow_pickle) for name, path in paths.items()}
-        )
+        self.models = dict(models) if models else open_models(paths, allow_pickle=space.allow_pickle)
         donor = self.base or self.finetunes[0]
         self.layout: LayerLayout = split_layers(self.models[donor].tensors, source=str(paths[donor]))
         self.vocab = self._vocabulary()

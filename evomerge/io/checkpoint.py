@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from evomerge import __version__
+from evomerge.io.lora import AdapterRef, ModelSource, folders_of, model_folder, split_reference
 
 # Files that carry the tokenizer and generation defaults (copied from the donor as is).
 TOKENIZER_FILES = (
@@ -87,15 +88,25 @@ def hub_id(path: Path) -> str | None:
     return None
 
 
-def hub_ids(paths: Iterable[Path]) -> list[str]:
-    return list(dict.fromkeys(i for i in (hub_id(Path(p)) for p in paths) if i))
+def hub_ids(paths: Iterable[ModelSource]) -> list[str]:
+    return list(dict.fromkeys(i for i in (hub_id(model_folder(p)) for p in paths) if i))
 
 
 def _relative(path: Path, final_dir: Path) -> str:
     return os.path.relpath(os.path.realpath(path), os.path.realpath(final_dir))
 
 
-def describe_sources(models: Mapping[str, Path], *, final_dir: Path, names: Mapping[str, str]) -> list[str]:
+def _relative_source(source: ModelSource, final_dir: Path) -> str:
+    """A model folder relative to `final_dir`; `base+adapter` with both parts relative."""
+    return "+".join(_relative(folder, final_dir) for folder in folders_of(source))
+
+
+def _as_source(reference: str) -> ModelSource:
+    parts = split_reference(reference)
+    return AdapterRef(Path(parts[0]), Path(parts[1])) if parts else Path(reference)
+
+
+def describe_sources(models: Mapping[str, ModelSource], *, final_dir: Path, names: Mapping[str, str]) -> list[str]:
     """One line per source for the card: a Hub id, a local path (relative to the model folder)
     or an intermediate merge of the recipe."""
     lines = []
@@ -103,9 +114,12 @@ def describe_sources(models: Mapping[str, Path], *, final_dir: Path, names: Mapp
         if ref in names:
             lines.append(f"`{ref}`: {names[ref]}")
             continue
-        found = hub_id(Path(path))
-        label = Path(path).name if ("/" in ref or os.sep in ref) else ref  # a path is named by its folder
-        where = f"local folder `{_relative(Path(path), final_dir)}` (relative to this folder)"
+        found = hub_id(model_folder(path))
+        label = (
+            "+".join(f.name for f in folders_of(path)) if ("/" in ref or os.sep in ref) else ref
+        )  # a path: its folder
+        kind = "base and LoRA adapter folders" if isinstance(path, AdapterRef) else "local folder"
+        where = f"{kind} `{_relative_source(path, final_dir)}` (relative to this folder)"
         lines.append(
             f"`{label}`: " + (f"Hub model [{found}](https://huggingface.co/{found}), {where}" if found else where)
         )
@@ -145,7 +159,9 @@ def _model_fields(document: dict) -> list[tuple[dict, str]]:
     return fields
 
 
-def relocate_recipe(recipe_yaml: str, *, final_dir: Path, paths: Mapping[str, Path], names: Iterable[str] = ()) -> str:
+def relocate_recipe(
+    recipe_yaml: str, *, final_dir: Path, paths: Mapping[str, ModelSource], names: Iterable[str] = ()
+) -> str:
     """The recipe with every model path relative to `final_dir` (the folder it is written into).
 
     evomerge resolves relative paths from the recipe's folder, so `evomerge merge` runs the copy
@@ -169,9 +185,9 @@ def relocate_recipe(recipe_yaml: str, *, final_dir: Path, paths: Mapping[str, Pa
             if ref in keep:
                 continue
             if ref in paths:
-                holder[key] = _relative(Path(paths[ref]), final_dir)
-            elif os.path.isabs(ref):
-                holder[key] = _relative(Path(ref), final_dir)
+                holder[key] = _relative_source(paths[ref], final_dir)
+            elif os.path.isabs(ref):  # `base+adapter`: both parts relocated
+                holder[key] = _relative_source(_as_source(ref), final_dir)
     note = "# Model paths are relative to this file's folder.\n"
     return header + note + "---\n".join(dump_yaml(document) for document in documents)
 

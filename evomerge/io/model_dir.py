@@ -139,8 +139,8 @@ class ModelDir:
         config_path = self.path / "config.json"
         if not config_path.is_file() and (self.path / "adapter_config.json").is_file():
             raise EvomergeError(
-                f"{self.path}: a PEFT (LoRA) adapter, not a full model; evomerge does not read adapters yet: "
-                "fold it into its base first (peft's merge_and_unload, then save_pretrained) and use that folder"
+                f"{self.path}: a PEFT (LoRA) adapter, not a full model: give it with its base, as "
+                f"BASE+{self.path} (a mergekit YAML's model:) or name@BASE+{self.path} (a space's models:)"
             )
         if not config_path.is_file():
             raise EvomergeError(f"{self.path}: no config.json (expected a Hugging Face model directory)")

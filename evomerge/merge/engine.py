@@ -29,6 +29,7 @@ from evomerge.io.checkpoint import (
     write_model_card,
     write_recipe,
 )
+from evomerge.io.lora import AdapterModel, folders_of, model_folder, open_model
 from evomerge.io.model_dir import ModelDir
 from evomerge.io.output_dir import check_free_space, staged_output
 from evomerge.io.safetensors_io import StreamingCheckpointWriter
@@ -48,8 +49,13 @@ class MergeReport:
     shards: int
 
 
-def open_sources(plan: MergePlan, *, allow_pickle: bool = False) -> dict[str, ModelDir]:
-    return {ref: ModelDir(path, allow_pickle=allow_pickle) for ref, path in plan.models.items()}
+def open_sources(plan: MergePlan, *, allow_pickle: bool = False) -> dict[str, ModelDir | AdapterModel]:
+    return {ref: open_model(source, allow_pickle=allow_pickle) for ref, source in plan.models.items()}
+
+
+def plan_folders(plan: MergePlan) -> list[Path]:
+    """Every folder the plan reads (an adapter's and its base's): no output may overwrite one."""
+    return [folder for source in plan.models.values() for folder in folders_of(source)]
 
 
 def compute_recipe(
@@ -143,7 +149,7 @@ def run_merge(
 
     The checkpoint is written beside `out_dir` and moved into place only once complete and
     verified; `overwrite` replaces an earlier evomerge output there, never anything else."""
-    with staged_output(out_dir, overwrite=overwrite, protected={"a source model": plan.models.values()}) as staged:
+    with staged_output(out_dir, overwrite=overwrite, protected={"a source model": plan_folders(plan)}) as staged:
         report = write_checkpoint(
             plan,
             staged.staging,
@@ -271,7 +277,7 @@ def write_checkpoint(
     except BaseException:
         writer.abort()
         raise
-    donor_dir = plan.models[plan.config_donor]
+    donor_dir = model_folder(plan.models[plan.config_donor])
     write_config(
         donor_dir,
         out_dir,
@@ -280,11 +286,10 @@ def write_checkpoint(
         vocab_size=plan.vocab.size if plan.vocab else None,
     )
     if plan.vocab is not None:  # mergekit writes the built tokenizer whatever copy_tokenizer says
-        write_tokenizer(
-            plan.vocab, out_dir, plan.models.get(plan.vocab.generation_donor) if copy_tokenizer_files else None
-        )
+        donor = plan.models.get(plan.vocab.generation_donor) if copy_tokenizer_files else None
+        write_tokenizer(plan.vocab, out_dir, model_folder(donor) if donor is not None else None)
     elif copy_tokenizer_files:
-        copy_tokenizer(plan.models[plan.tokenizer_donor], out_dir)
+        copy_tokenizer(model_folder(plan.models[plan.tokenizer_donor]), out_dir)
     return MergeReport(
         out_dir=out_dir,
         num_tensors=len(plan.tensors),

@@ -57,6 +57,9 @@ def resident_inputs(
     cache = resident.fused_inputs
     if key in cache:
         return cache[key]
+    if any(resident.computed_when_read(model, name) for model, name in recipe.inputs):
+        cache[key] = None  # a LoRA delta computed per read: merged by merge_tensors, never pinned here
+        return None
     tensors = [resident.get(model, name) for model, name in recipe.inputs]
     base_index, found = recipe.base_index, None
     if base_index is not None and 0 <= base_index < len(tensors) and len(tensors) > 1:

@@ -15,10 +15,11 @@ from pathlib import Path
 
 from evomerge.config.mergekit_yaml import MergeConfig, dump_merge_config, load_merge_documents
 from evomerge.errors import EvomergeError
+from evomerge.io.lora import folders_of
 from evomerge.io.output_dir import check_target, refuse_protected, staged_output
 from evomerge.merge.engine import MergeReport, describe_merge, verify_layout, write_checkpoint
 from evomerge.merge.plan import MergePlan
-from evomerge.merge.planner import plan_merge, resolve_model_path
+from evomerge.merge.planner import plan_merge, resolve_model_source
 from evomerge.preflight import plan_documents
 
 PARTS_FOLDER = ".evomerge-parts"
@@ -135,8 +136,8 @@ def source_folders(documents: Sequence[MergeConfig], config_path: Path, names: s
             if ref in names:
                 continue
             try:
-                folders.append(resolve_model_path(ref, config_path.parent))
-            except FileNotFoundError:
+                folders.extend(folders_of(resolve_model_source(ref, config_path.parent)))
+            except (FileNotFoundError, EvomergeError):
                 continue
     return list(dict.fromkeys(folders))
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from evomerge.io.lora import AdapterRef
 from evomerge.merge.vocab import Vocabulary
 
 
@@ -32,7 +33,7 @@ class TensorRecipe:
 
 @dataclass(frozen=True)
 class MergePlan:
-    models: Mapping[str, Path]  # model key -> local checkpoint directory
+    models: Mapping[str, Path | AdapterRef]  # model key -> local checkpoint directory, or (base, LoRA adapter)
     tensors: tuple[TensorRecipe, ...]
     math_dtype: torch.dtype | None  # None: compute in each tensor's stored dtype
     out_dtype: torch.dtype

@@ -30,7 +30,16 @@ from evomerge.config.mergekit_yaml import (
 )
 from evomerge.config.numbers import coerce_bool, coerce_number, config_warning
 from evomerge.dtypes import torch_dtype
-from evomerge.errors import CompatibilityError, ConfigError
+from evomerge.errors import CompatibilityError, ConfigError, EvomergeError
+from evomerge.io.lora import (
+    AdapterModel,
+    AdapterRef,
+    ModelSource,
+    adapter_base,
+    is_adapter_dir,
+    open_model,
+    split_reference,
+)
 from evomerge.io.model_dir import ModelDir
 from evomerge.merge.layout import LayerLayout, split_layers
 from evomerge.merge.methods import MethodSpec, Param, check_parameters, get_method
@@ -77,6 +86,21 @@ def resolve_model_path(reference: str, config_dir: Path | None) -> Path:
     raise FileNotFoundError(f"model '{reference}' is not a local directory{hint}")
 
 
+def resolve_model_source(reference: str, config_dir: Path | None) -> ModelSource:
+    """A model reference -> its folder, or (base, adapter) for mergekit's `base+adapter` and for a
+    LoRA adapter folder given alone (its base: the adapter config's base_model_name_or_path)."""
+    parts = split_reference(reference)
+    if parts is not None:
+        base, adapter = (resolve_model_path(part, config_dir) for part in parts)
+        if not is_adapter_dir(adapter):
+            raise FileNotFoundError(
+                f"'{parts[1]}' in '{reference}' is not a PEFT adapter folder (no adapter_config.json)"
+            )
+        return AdapterRef(base, adapter)
+    path = resolve_model_path(reference, config_dir)
+    return AdapterRef(adapter_base(path), path) if is_adapter_dir(path) else path
+
+
 def shape_mismatch_hint(tensor_name: str, shapes: Sequence[Sequence[int]]) -> str:
     """Why one tensor's shapes differ across models, in words a user can act on."""
     ranks = {len(shape) for shape in shapes}
@@ -121,7 +145,7 @@ class Planner:
         seed: int = 0,
         allow_pickle: bool = False,
         allow_crimes: bool = False,
-        model_dirs: Mapping[str, ModelDir] | None = None,
+        model_dirs: Mapping[str, ModelDir | AdapterModel] | None = None,
         named_models: Mapping[str, Path] | None = None,
     ):
         self.config = config
@@ -129,7 +153,7 @@ class Planner:
         self.seed = seed
         self.allow_crimes = allow_crimes
         self.allow_pickle = allow_pickle
-        self.models: dict[str, ModelDir] = dict(model_dirs or {})
+        self.models: dict[str, ModelDir | AdapterModel] = dict(model_dirs or {})
         self.named_models = dict(named_models or {})  # earlier documents of a multi-merge file
         self.warnings: list[str] = []  # accepted but unusual values, one line each (also logged)
         self._filters: list[tuple[str, str]] = []  # (field, tensor-name substring) of every filter entry
@@ -216,10 +240,10 @@ class Planner:
             if reference in self.models:
                 continue
             try:
-                path = self.named_models.get(reference) or resolve_model_path(reference, config_dir)
-            except FileNotFoundError as exc:
+                path = self.named_models.get(reference) or resolve_model_source(reference, config_dir)
+            except (FileNotFoundError, EvomergeError) as exc:  # EvomergeError: an adapter without its base
                 raise self.error(str(exc), field) from None
-            self.models[reference] = ModelDir(path, allow_pickle=self.allow_pickle)
+            self.models[reference] = open_model(path, allow_pickle=self.allow_pickle)
 
     def _reference_fields(self) -> list[tuple[str, str]]:
         fields = []

@@ -4,6 +4,11 @@
 math device (the GPU when there is one). `materialize` then writes each output tensor of a plan
 straight into the parameters of one resident model object, which lm-eval scores as is. No file
 is written or read per candidate.
+
+A LoRA adapter source keeps its base's tensors (shared with the base model when that is a source
+too) and, with `adapters="factors"`, only its A and B factors: each tensor it adapts is computed
+(base + scale * B @ A) when a candidate reads it. `adapters="cached"` computes them once at load,
+a full tensor per adapted tensor (benchmarks/lora_bench.py measures the memory and time of both).
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from evomerge.errors import CompatibilityError, NonFiniteMergeError
 from evomerge.io.hashing import checkpoint_hash, weights_hash
+from evomerge.io.lora import AdapterModel, LoraFactors, apply_delta, open_model
 from evomerge.io.model_dir import ModelDir
 from evomerge.merge.engine import all_finite, compute_recipe, default_workers, torch_threads
 from evomerge.merge.fused_plan import merge_in_place
@@ -46,7 +53,7 @@ class ResidentSources:
 
     def __init__(
         self,
-        models: Mapping[str, Path | ModelDir],
+        models: Mapping[str, Path | ModelDir | AdapterModel],
         *,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
@@ -54,6 +61,7 @@ class ResidentSources:
         allow_pickle: bool = False,
         vocab: Vocabulary | None = None,
         vocab_base: str | None = None,
+        adapters: Literal["factors", "cached"] = "factors",
     ):
         self.device = torch.device(device)
         # Differing vocabularies: the output vocabulary, and the permuted embedding and head
@@ -63,19 +71,52 @@ class ResidentSources:
         self._aligned: dict[tuple, tuple[tuple[str, str], ...]] = {}
         self.dtype = dtype
         self.tensors: dict[str, dict[str, torch.Tensor]] = {}
+        # Per LoRA source, the tensors computed when read: name -> (factors on the device, stored dtype).
+        self.factors: dict[str, dict[str, tuple[LoraFactors, torch.dtype]]] = {}
         # Delta statistics (TIES cut histograms) of these never-changing tensors, kept across trials.
         self.delta_cache = DeltaCache()
         # Per recipe inputs: the fused kernel's view of them (fused_plan.resident_inputs).
         self.fused_inputs: dict = {}
+        folders: dict[Path, dict[str, torch.Tensor]] = {}  # one resident copy per checkpoint folder
         for name, model in models.items():
-            model_dir = model if isinstance(model, ModelDir) else ModelDir(model, allow_pickle=allow_pickle)
-            wanted = list(tensor_names) if tensor_names is not None else list(model_dir.tensors)
-            self.tensors[name] = {
-                tensor: model_dir.get(tensor).to(device=self.device, dtype=dtype) for tensor in wanted
-            }
-            model_dir.close()
+            opened = (
+                model if isinstance(model, (ModelDir, AdapterModel)) else open_model(model, allow_pickle=allow_pickle)
+            )
+            base = opened.base if isinstance(opened, AdapterModel) else opened
+            wanted = list(tensor_names) if tensor_names is not None else list(opened.tensors)
+            loaded = folders.setdefault(base.path.resolve(), {})
+            for tensor in wanted:
+                if tensor not in loaded:
+                    loaded[tensor] = base.get(tensor).to(device=self.device, dtype=dtype)
+            self.tensors[name] = {tensor: loaded[tensor] for tensor in wanted}
+            if isinstance(opened, AdapterModel):
+                self._add_adapter(name, opened, wanted, cached=adapters == "cached")
+            opened.close()
+
+    def _add_adapter(self, name: str, model: AdapterModel, wanted: list[str], *, cached: bool) -> None:
+        """An adapter's saved tensors replace its base's; its adapted ones are computed now or when read."""
+        for tensor, replacement in model.adapter.replacements.items():
+            if tensor in self.tensors[name]:
+                self.tensors[name][tensor] = replacement.to(device=self.device, dtype=self.dtype)
+        adapted = {}
+        for tensor, factors in model.adapter.factors.items():
+            if tensor in self.tensors[name]:
+                adapted[tensor] = (factors.to(self.device), model.base.tensors[tensor].dtype)
+        self.factors[name] = adapted
+        if cached:
+            for tensor in adapted:
+                self.tensors[name][tensor] = self._adapted(name, tensor)
+            self.factors[name] = {}
+
+    def _adapted(self, model: str, tensor: str) -> torch.Tensor:
+        """Base + delta rounded to the base's stored dtype, then the math dtype: the value a disk
+        merge reads from AdapterModel.get, whatever the math dtype."""
+        factors, stored = self.factors[model][tensor]
+        return apply_delta(self.tensors[model][tensor], factors.delta()).to(stored).to(self.dtype)
 
     def get(self, model: str, tensor: str) -> torch.Tensor:
+        if tensor in self.factors.get(model, ()):
+            return self._adapted(model, tensor)
         return self.tensors[model][tensor]
 
     def aligned_plan(self, plan: MergePlan) -> MergePlan:
@@ -106,9 +147,19 @@ class ResidentSources:
             recipes.append(replace(recipe, inputs=self._aligned[key]))
         return replace(plan, tensors=tuple(recipes), vocab=None)
 
+    def computed_when_read(self, model: str, tensor: str) -> bool:
+        """A fresh tensor on every read (an adapter's, kept as factors): not to be held across trials."""
+        return tensor in self.factors.get(model, ())
+
+    def names(self, model: str) -> list[str]:
+        return list(self.tensors[model])
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for model in self.tensors.values() for t in model.values())
+        """Resident bytes: each shared tensor once, plus the adapters' factors."""
+        unique = {t.data_ptr(): t.numel() * t.element_size() for model in self.tensors.values() for t in model.values()}
+        factors = sum(f.nbytes for adapted in self.factors.values() for f, _ in adapted.values())
+        return sum(unique.values()) + factors
 
 
 def target_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -181,9 +232,10 @@ def load_into(target: Mapping[str, torch.Tensor], sources: ResidentSources, mode
     output vocabulary its embedding and head rows are permuted into it (filled as a merge of all
     the sources would fill them)."""
     names = list(sources.tensors)
-    for name, tensor in sources.tensors[model].items():
-        if name not in target or "@vocab[" in name:
+    for name in sources.names(model):
+        if name not in target:  # the permuted inputs' aliases (aligned_plan) are not parameters
             continue
+        tensor = sources.get(model, name)
         if target[name].shape != tensor.shape and sources.vocab is not None:
             tensors = [sources.get(m, name) for m in names]
             tensor = sources.vocab.align(names, tensors, sources.vocab_base)[names.index(model)]

@@ -25,6 +25,7 @@ import torch
 from evomerge.config.space import SearchSpace
 from evomerge.genome.protocol import Genome, builds_paths
 from evomerge.io.hashing import weights_hash
+from evomerge.io.lora import model_folder
 from evomerge.merge.resident import (
     ResidentSources,
     check_finite,
@@ -83,10 +84,17 @@ class MergedCandidates:
         self.genome = genome
         self.device = device
         vocab = getattr(genome, "vocab", None)
-        self.sources = ResidentSources(genome.models, dtype=dtype, device=device, vocab=vocab, vocab_base=genome.base)
+        self.sources = ResidentSources(
+            genome.models,
+            dtype=dtype,
+            device=device,
+            vocab=vocab,
+            vocab_base=genome.base,
+            adapters=space.adapter_deltas,
+        )
         self.model = AutoModelForCausalLM.from_pretrained(
             # allow_pickle adds *.bin as a fallback; a safetensors donor is still read as safetensors
-            genome.paths[donor_name(genome)],
+            model_folder(genome.paths[donor_name(genome)]),  # an adapter's: its base (every tensor is overwritten)
             dtype=dtype,
             trust_remote_code=space.trust_remote_code,
             use_safetensors=None if space.allow_pickle else True,

@@ -26,6 +26,7 @@ from evomerge.evaluate.factory import make_evaluator
 from evomerge.evaluate.protocol import Evaluator, ItemEvaluator, ItemIds, ItemScores, Scores
 from evomerge.genome.kinds import make_genome
 from evomerge.genome.protocol import Genome
+from evomerge.io.lora import model_folder
 from evomerge.merge.vocab import load_output_tokenizer
 from evomerge.store.states import Split
 from evomerge.workers.builders import donor_name, make_builder
@@ -65,7 +66,7 @@ class CandidateWorker:
         self.device = resolve_device(device or space.device, option="device")
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         dtype = torch_dtype(space.dtype)
-        donor = self.genome.paths[donor_name(self.genome)]
+        donor = model_folder(self.genome.paths[donor_name(self.genome)])  # an adapter's: its base
         # Cheap checks first (tokenizer, task names), then the heavy loads.
         vocab = getattr(self.genome, "vocab", None)
         if vocab is not None:  # the output vocabulary's tokenizer (merge/vocab.py)

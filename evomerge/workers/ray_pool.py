@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from evomerge.config.space import SearchSpace
 from evomerge.devices import resolve_device
 from evomerge.errors import EvomergeError
+from evomerge.io.lora import folders_of
 from evomerge.offline import set_offline_defaults
 from evomerge.threads import WAIT_POLICY, worker_threads
 from evomerge.workers.protocol import TrialOutcome
@@ -90,9 +91,8 @@ def _actor_class():
 def _check_paths_on_this_node(space: SearchSpace) -> None:
     import socket
 
-    missing = [
-        str(m.path) for m in [*space.models, *([space.base_model] if space.base_model else [])] if not m.path.is_dir()
-    ]
+    models = [*space.models, *([space.base_model] if space.base_model else [])]
+    missing = [str(folder) for m in models for folder in folders_of(m.source) if not folder.is_dir()]
     missing += [str(p) for p in space.eval.include_paths if not p.exists()]
     if missing:
         raise EvomergeError(
@@ -104,7 +104,7 @@ def _check_paths_on_this_node(space: SearchSpace) -> None:
 def space_payload(space: SearchSpace) -> dict:
     """The space as plain data for actors (validated again there; paths already absolute)."""
     data = space.model_dump(mode="json", by_alias=True)
-    data["models"] = [{"name": m.name, "path": str(m.path)} for m in space.models]
+    data["models"] = [m.model_dump(mode="json") for m in space.models]  # name, path and a LoRA adapter's folder
     if space.base_model:
         data["base_model"] = {"name": space.base_model.name, "path": str(space.base_model.path)}
     return data
