@@ -149,21 +149,21 @@ def test_alignment_lowers_the_loss_barrier_between_two_seeds():
     """Two tiny Llamas trained from different initialisations on the same data: the loss at the
     midpoint of their linear path falls once B is aligned to A (the endpoints do not move)."""
     torch.manual_seed(0)
-    task = ToyTask(length=12)
+    task = ToyTask("successor")
     config = toy_config(task, hidden=64, intermediate=256)
     data, held_out = sequences(task, 512, seed=0), sequences(task, 256, seed=1)
-    a = {n: t.detach() for n, t in train(config, data, seed=1, steps=120, batch=32, lr=5e-3).state_dict().items()}
-    b = {n: t.detach() for n, t in train(config, data, seed=2, steps=120, batch=32, lr=5e-3).state_dict().items()}
+    a = {n: t.detach() for n, t in train(config, data, seed=1, steps=150, batch=32, lr=5e-3).state_dict().items()}
+    b = {n: t.detach() for n, t in train(config, data, seed=2, steps=150, batch=32, lr=5e-3).state_dict().items()}
     spec = permutation_spec("LlamaForCausalLM", config.to_dict(), {n: tuple(t.shape) for n, t in a.items()})
     result = weight_matching(spec, a, b, seed=0)
     aligned = {name: apply_permutations(spec, name, t, result.perms) for name, t in b.items()}
     alphas = [0.0, 0.5, 1.0]
     before = interpolation_losses(config, a, b, held_out, alphas)
     after = interpolation_losses(config, a, aligned, held_out, alphas)
-    assert before[0] < 0.5 and before[2] < 0.5, before  # both models learned the task
+    assert before[0] < 0.05 and before[2] < 0.05, before  # both models learned the task
     assert after[0] == pytest.approx(before[0]) and after[2] == pytest.approx(before[2], abs=1e-5)
-    assert barrier(before) > 1.0, before  # two seeds: a real barrier
-    assert barrier(after) < 0.9 * barrier(before), (before, after)
+    assert barrier(before) > 0.1, before  # two seeds: a real barrier
+    assert barrier(after) < 0.6 * barrier(before), (before, after)
 
 
 def test_an_architecture_without_a_permutation_structure_is_one_line(tmp_path, capsys):

@@ -1,24 +1,30 @@
 """Two tiny Llamas trained from different seeds on one task: the case Git Re-Basin is for.
 
 Used by the alignment test and `benchmarks/rebasin.py` to measure the loss barrier on the linear
-path between the two models before and after `weight_matching`. The task is next-token
-prediction of arithmetic sequences x_t = (x_0 + t * d) mod vocab: a model must read the step d off
-the first two tokens, so a model that learned it has real structure in its attention and MLP.
+path between the two models before and after `weight_matching`. Two next-token tasks:
+- `successor`: x_t = T[x_(t-1)] for one fixed random permutation T of the vocabulary (a lookup
+  the embedding, MLP and head learn);
+- `arithmetic`: x_t = (x_0 + t * d) mod vocab: the model must read the step d off the first two
+  tokens, through attention (several algorithms solve it, so two seeds may differ by more than a
+  permutation).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 
 @dataclass(frozen=True)
 class ToyTask:
+    kind: Literal["successor", "arithmetic"] = "successor"
     vocab: int = 64
-    length: int = 16  # tokens per sequence
-    max_step: int = 7  # d is drawn from 1 .. max_step
+    length: int = 12  # tokens per sequence
+    max_step: int = 7  # arithmetic: d is drawn from 1 .. max_step
+    table_seed: int = 99  # successor: the seed of T
 
 
 def toy_config(task: ToyTask = ToyTask(), *, hidden: int = 32, layers: int = 2, intermediate: int = 64):
@@ -38,11 +44,17 @@ def toy_config(task: ToyTask = ToyTask(), *, hidden: int = 32, layers: int = 2, 
 
 
 def sequences(task: ToyTask, count: int, *, seed: int) -> torch.Tensor:
-    """`count` arithmetic sequences (count, length), drawn with `seed`."""
+    """`count` sequences of the task (count, length), their first tokens drawn with `seed`."""
     generator = torch.Generator().manual_seed(seed)
     start = torch.randint(0, task.vocab, (count, 1), generator=generator)
-    step = torch.randint(1, task.max_step + 1, (count, 1), generator=generator)
-    return (start + step * torch.arange(task.length)) % task.vocab
+    if task.kind == "arithmetic":
+        step = torch.randint(1, task.max_step + 1, (count, 1), generator=generator)
+        return (start + step * torch.arange(task.length)) % task.vocab
+    successor = torch.randperm(task.vocab, generator=torch.Generator().manual_seed(task.table_seed))
+    tokens = [start]
+    for _ in range(task.length - 1):
+        tokens.append(successor[tokens[-1]])
+    return torch.cat(tokens, dim=1)
 
 
 def next_token_loss(model, batch: torch.Tensor) -> torch.Tensor:
