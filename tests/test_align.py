@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 import torch
 from families import load_checkpoint
+from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -32,6 +35,7 @@ from evomerge.align.toy_pair import ToyTask, barrier, interpolation_losses, sequ
 from evomerge.cli import main
 from evomerge.errors import CompatibilityError, EvomergeError
 from evomerge.io.output_dir import MARKER
+from evomerge.merge.oneshot import merge_file
 
 REPO = Path(__file__).resolve().parent.parent
 EVOMERGE = Path(sys.executable).with_name("evomerge")
@@ -40,6 +44,7 @@ ARCHITECTURES = {
     "llama": (LlamaForCausalLM, LlamaConfig(**SIZES, num_key_value_heads=2)),
     "llama-tied-mha": (LlamaForCausalLM, LlamaConfig(**SIZES, num_key_value_heads=4, tie_word_embeddings=True)),
     "llama-biases": (LlamaForCausalLM, LlamaConfig(**SIZES, num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
+    "mistral": (MistralForCausalLM, MistralConfig(**SIZES, num_key_value_heads=2)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(**SIZES, num_key_value_heads=2)),
     "qwen3": (Qwen3ForCausalLM, Qwen3Config(**SIZES, num_key_value_heads=2, head_dim=16)),
 }
@@ -143,6 +148,29 @@ def test_align_recovers_a_permutation_exactly(tmp_path):
 
     with pytest.raises(EvomergeError, match="--overwrite"):
         align_models(tmp_path / "a", tmp_path / "b", tmp_path / "out", progress=False)
+
+    recipe = tmp_path / "merge.yml"  # the aligned model is a merge input: here A and A again
+    recipe.write_text(
+        f"merge_method: linear\nmodels:\n  - {{model: {tmp_path / 'a'}, parameters: {{weight: 0.5}}}}\n"
+        f"  - {{model: {tmp_path / 'out'}, parameters: {{weight: 0.5}}}}\ndtype: float32\n"
+    )
+    merge_file(recipe, tmp_path / "merged", progress=False)
+    merged = load_checkpoint(tmp_path / "merged")
+    assert all(torch.allclose(merged[name], tensor, atol=1e-7) for name, tensor in original.items())
+
+
+def test_align_keeps_the_dtype_and_tied_embeddings(tmp_path):
+    model = tiny_model("llama-tied-mha")
+    model.save_pretrained(tmp_path / "a")
+    permuted_copy(model, random_permutations(spec_of(model), seed=4)).save_pretrained(tmp_path / "b")
+    for folder in ("a", "b"):  # stored as bfloat16
+        weights = {n: t.to(torch.bfloat16) for n, t in load_checkpoint(tmp_path / folder).items()}
+        save_file(weights, tmp_path / folder / "model.safetensors", metadata={"format": "pt"})
+    report = align_models(tmp_path / "a", tmp_path / "b", tmp_path / "out", seed=5, progress=False)
+    written, original = load_checkpoint(tmp_path / "out"), load_checkpoint(tmp_path / "a")
+    assert "lm_head.weight" not in written and written.keys() == original.keys()
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, original[n]) for n, t in written.items())
+    assert report.converged and json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"]
 
 
 def test_alignment_lowers_the_loss_barrier_between_two_seeds():
