@@ -142,10 +142,11 @@ def weight_matching(
     *,
     seed: int = 0,
     max_iterations: int = 100,
-    on_sweep: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> MatchResult:
     """Permutations of B's units that maximise its inner product with A (float32 tensors keyed by
-    name, those of `spec.axes` that some permutation acts on). `on_sweep(sweep, changed)` reports progress."""
+    name, those of `spec.axes` that some permutation acts on). `on_step(sweep, step)` is called
+    after each permutation's update (steps 1 .. len(spec.sizes) in each sweep), for progress."""
     users: dict[str, list[tuple[str, int, Axis]]] = {name: [] for name in spec.sizes}
     for name in a:
         for dim, axis in enumerate(spec.axes[name]):
@@ -159,7 +160,7 @@ def weight_matching(
     while sweeps < max_iterations:
         sweeps += 1
         changed = 0
-        for index in rng.permutation(len(order)):
+        for step, index in enumerate(rng.permutation(len(order)), start=1):
             name = order[index]
             main, kv = _similarity(spec, name, users[name], a, b, perms)
             best = (
@@ -169,8 +170,8 @@ def weight_matching(
             if new > old + 1e-9 * max(1.0, abs(old)):  # ties keep the current order: no endless flipping
                 perms[name] = best
                 changed += 1
-        if on_sweep is not None:
-            on_sweep(sweeps, changed)
+            if on_step is not None:
+                on_step(sweeps, step)
         if not changed:
             converged = True
             break

@@ -102,10 +102,13 @@ def align_models(
         with staged_output(out_dir, overwrite=overwrite, protected=protected) as staged:
             check_free_space(staged.staging, model_b.total_bytes)
             a, b = _read_float(model_a, spec), _read_float(model_b, spec)
-            with progress_bar(max_iterations, "matching", enabled=progress, unit="sweeps") as bar:
-                result = weight_matching(
-                    spec, a, b, seed=seed, max_iterations=max_iterations, on_sweep=lambda sweep, changed: bar.advance()
-                )
+            steps = len(spec.sizes)
+            with progress_bar(steps, "matching, sweep 1", enabled=progress, unit="permutations") as bar:
+
+                def on_step(sweep: int, step: int) -> None:
+                    bar.update(completed=step, description=f"matching, sweep {sweep}")
+
+                result = weight_matching(spec, a, b, seed=seed, max_iterations=max_iterations, on_step=on_step)
             del a, b
             _write_permuted(model_b, spec, result.perms, staged.staging, progress=progress)
             shutil.copyfile(model_b.path / "config.json", staged.staging / "config.json")
