@@ -48,9 +48,11 @@ def align(
 ) -> None:
     """Permute MODEL_B's hidden units to match MODEL_A (Git Re-Basin weight matching) and write it to OUT_DIR.
 
-    For two models of one architecture trained from different initialisations (fine-tunes of one
-    base are aligned already). The result computes the same function as MODEL_B; merging it with
-    MODEL_A then averages matching units. Supports Llama, Mistral, Qwen2 and Qwen3 checkpoints.
+    For two models of one architecture trained from different initialisations (fine-tunes of one base are aligned already).
+
+    The result computes the same function as MODEL_B; merging it with MODEL_A then averages matching units.
+
+    Supports Llama, Mistral, Qwen2, Qwen3 and Gemma 1-3 checkpoints; others are refused.
     """
     from evomerge.align.run import align_models
 

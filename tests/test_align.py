@@ -17,6 +17,12 @@ from families import load_checkpoint
 from safetensors.torch import save_file
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -47,6 +53,9 @@ ARCHITECTURES = {
     "mistral": (MistralForCausalLM, MistralConfig(**SIZES, num_key_value_heads=2)),
     "qwen2": (Qwen2ForCausalLM, Qwen2Config(**SIZES, num_key_value_heads=2)),
     "qwen3": (Qwen3ForCausalLM, Qwen3Config(**SIZES, num_key_value_heads=2, head_dim=16)),
+    "gemma": (GemmaForCausalLM, GemmaConfig(**SIZES, num_key_value_heads=2, head_dim=8)),
+    "gemma2": (Gemma2ForCausalLM, Gemma2Config(**SIZES, num_key_value_heads=2, head_dim=8)),
+    "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig(**SIZES, num_key_value_heads=2, head_dim=8)),
 }
 
 

@@ -25,9 +25,19 @@ from typing import Literal
 from evomerge.errors import CompatibilityError
 
 # Architectures with Llama's block: pre-norm RMSNorm, RoPE attention (GQA allowed), gated MLP.
-# Qwen2 adds q/k/v biases (permuted with their outputs); Qwen3 adds q_norm/k_norm over head_dim,
-# shared by every head and so untouched by a head permutation.
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Qwen2 adds q/k/v biases (permuted with their outputs); Qwen3 and Gemma 3 add q_norm/k_norm over
+# head_dim, shared by every head and so untouched by a head permutation. Gemma's norms scale by
+# (1 + w) and its embedding by sqrt(hidden): still per channel, and a scalar. Gemma 2 and 3 add
+# norms on each sub-block's output and before the MLP, all over residual channels.
+SUPPORTED = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+)
 
 AxisKind = Literal["plain", "q_heads", "kv_heads"]
 
@@ -64,6 +74,8 @@ def _layer_axes(rest: str, layer: int) -> tuple[Axis | None, ...] | None:
     table: dict[str, tuple[Axis | None, ...]] = {
         "input_layernorm.weight": (residual,),
         "post_attention_layernorm.weight": (residual,),
+        "pre_feedforward_layernorm.weight": (residual,),
+        "post_feedforward_layernorm.weight": (residual,),
         "self_attn.q_proj.weight": (q_heads, residual),
         "self_attn.q_proj.bias": (q_heads,),
         "self_attn.k_proj.weight": (kv_heads, residual),
