@@ -52,7 +52,7 @@ def align(
 
     The result computes the same function as MODEL_B; merging it with MODEL_A then averages matching units.
 
-    Supports Llama, Mistral, Qwen2, Qwen3 and Gemma 1-3 checkpoints; others are refused.
+    Supports Llama, Mistral, Qwen2, Qwen3, Gemma 1-3 and Phi-3 checkpoints; others are refused.
     """
     from evomerge.align.run import align_models
 

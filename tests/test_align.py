@@ -29,13 +29,15 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
 
-from evomerge.align import align_models, apply_permutations, permutation_spec, weight_matching
+from evomerge.align import align_models, apply_permutations, permutation_spec, permute_tensor, weight_matching
 from evomerge.align.run import ALIGNMENT_FILE
 from evomerge.align.toy_pair import ToyTask, barrier, interpolation_losses, sequences, toy_config, train
 from evomerge.cli import main
@@ -55,6 +57,7 @@ ARCHITECTURES = {
     "qwen3": (Qwen3ForCausalLM, Qwen3Config(**SIZES, num_key_value_heads=2, head_dim=16)),
     "gemma": (GemmaForCausalLM, GemmaConfig(**SIZES, num_key_value_heads=2, head_dim=8)),
     "gemma2": (Gemma2ForCausalLM, Gemma2Config(**SIZES, num_key_value_heads=2, head_dim=8)),
+    "phi3": (Phi3ForCausalLM, Phi3Config(**SIZES, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)),
     "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig(**SIZES, num_key_value_heads=2, head_dim=8)),
 }
 
@@ -91,7 +94,7 @@ def random_permutations(spec, seed: int) -> dict[str, np.ndarray]:
 
 def permuted_copy(model, perms):
     spec = spec_of(model)
-    state = {name: apply_permutations(spec, name, t, perms) for name, t in model.state_dict().items()}
+    state = {name: permute_tensor(spec, name, t, perms) for name, t in model.state_dict().items()}
     copy = type(model)(model.config).eval()
     copy.load_state_dict(state)
     return copy
@@ -111,8 +114,20 @@ def test_a_permuted_model_computes_the_same_function(kind):
     assert all((p != np.arange(len(p))).any() for p in perms.values())
     permuted = permuted_copy(model, perms)
     tokens = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
-    assert not torch.equal(permuted.model.layers[1].mlp.up_proj.weight, model.model.layers[1].mlp.up_proj.weight)
+    assert not torch.equal(permuted.model.layers[1].mlp.down_proj.weight, model.model.layers[1].mlp.down_proj.weight)
     torch.testing.assert_close(logits(permuted, tokens), logits(model, tokens), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", sorted(ARCHITECTURES))
+def test_matching_undoes_a_permutation(kind):
+    model = tiny_model(kind)
+    spec = spec_of(model)
+    original = model.state_dict()
+    permuted = permuted_copy(model, random_permutations(spec, seed=6)).state_dict()
+    result = weight_matching(spec, original, permuted, seed=7)
+    assert result.converged and result.objective_after > result.objective_before
+    for name, tensor in permuted.items():
+        assert torch.equal(permute_tensor(spec, name, tensor, result.perms), original[name]), name
 
 
 def test_a_reordering_inside_a_head_would_change_the_function():

@@ -1,6 +1,6 @@
 """Git Re-Basin: permute one model's hidden units to match another's (`evomerge align`)."""
 
-from evomerge.align.matching import MatchResult, apply_permutations, weight_matching
+from evomerge.align.matching import MatchResult, apply_permutations, permute_tensor, split_fused, weight_matching
 from evomerge.align.run import AlignReport, align_models
 from evomerge.align.spec import SUPPORTED, PermutationSpec, permutation_spec
 
@@ -12,5 +12,7 @@ __all__ = [
     "align_models",
     "apply_permutations",
     "permutation_spec",
+    "permute_tensor",
+    "split_fused",
     "weight_matching",
 ]

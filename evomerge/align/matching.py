@@ -68,6 +68,28 @@ def apply_permutations(
     return tensor
 
 
+def split_fused(spec: PermutationSpec, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors as matching sees them: each fused tensor (Phi-3's qkv_proj, gate_up_proj) as its parts."""
+    split: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name in spec.fused:
+            parts = spec.fused[name]
+            split.update(zip((part for part, _ in parts), tensor.split([rows for _, rows in parts], dim=0)))
+        else:
+            split[name] = tensor
+    return split
+
+
+def permute_tensor(
+    spec: PermutationSpec, name: str, tensor: torch.Tensor, perms: Mapping[str, np.ndarray]
+) -> torch.Tensor:
+    """One checkpoint tensor with every permutation applied (a fused tensor part by part)."""
+    if name not in spec.fused:
+        return apply_permutations(spec, name, tensor, perms)
+    parts = split_fused(spec, {name: tensor})
+    return torch.cat([apply_permutations(spec, part, piece, perms) for part, piece in parts.items()], dim=0)
+
+
 def _similarity(
     spec: PermutationSpec,
     perm_name: str,
@@ -145,8 +167,9 @@ def weight_matching(
     on_step: Callable[[int, int], None] | None = None,
 ) -> MatchResult:
     """Permutations of B's units that maximise its inner product with A (float32 tensors keyed by
-    name, those of `spec.axes` that some permutation acts on). `on_step(sweep, step)` is called
+    name: checkpoint tensors, fused ones included, that some permutation acts on). `on_step(sweep, step)` is called
     after each permutation's update (steps 1 .. len(spec.sizes) in each sweep), for progress."""
+    a, b = split_fused(spec, a), split_fused(spec, b)
     users: dict[str, list[tuple[str, int, Axis]]] = {name: [] for name in spec.sizes}
     for name in a:
         for dim, axis in enumerate(spec.axes[name]):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from evomerge.align.matching import apply_permutations, weight_matching
+from evomerge.align.matching import permute_tensor, weight_matching
 from evomerge.align.spec import PermutationSpec, permutation_spec
 from evomerge.errors import CompatibilityError, EvomergeError
 from evomerge.io.checkpoint import copy_tokenizer
@@ -149,7 +149,7 @@ def _write_permuted(model_b: ModelDir, spec: PermutationSpec, perms, out_dir: Pa
         StreamingCheckpointWriter(out_dir, layout) as writer,
     ):
         for name, _, _ in layout:
-            writer.write(name, apply_permutations(spec, name, model_b.get(name), perms).contiguous())
+            writer.write(name, permute_tensor(spec, name, model_b.get(name), perms).contiguous())
             bar.advance()
 
 

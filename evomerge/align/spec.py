@@ -12,6 +12,9 @@ A decoder block computes the same function when its hidden units are reordered c
   key/value groups and may reorder the query heads within a group (`Axis.kind` "kv_heads" reads
   the group order off the query-head permutation).
 
+Phi-3 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj` (stacked along the output
+axis): such a tensor is matched and permuted as its parts (`PermutationSpec.fused`).
+
 Architectures whose permutation structure is not written here are refused with one line.
 """
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from evomerge.errors import CompatibilityError
@@ -28,7 +31,8 @@ from evomerge.errors import CompatibilityError
 # Qwen2 adds q/k/v biases (permuted with their outputs); Qwen3 and Gemma 3 add q_norm/k_norm over
 # head_dim, shared by every head and so untouched by a head permutation. Gemma's norms scale by
 # (1 + w) and its embedding by sqrt(hidden): still per channel, and a scalar. Gemma 2 and 3 add
-# norms on each sub-block's output and before the MLP, all over residual channels.
+# norms on each sub-block's output and before the MLP, all over residual channels. Phi-3 is
+# Llama's block with fused projections.
 SUPPORTED = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -37,6 +41,7 @@ SUPPORTED = (
     "GemmaForCausalLM",
     "Gemma2ForCausalLM",
     "Gemma3ForCausalLM",
+    "Phi3ForCausalLM",
 )
 
 AxisKind = Literal["plain", "q_heads", "kv_heads"]
@@ -52,16 +57,19 @@ class Axis:
 
 @dataclass(frozen=True)
 class PermutationSpec:
-    """Every permutation (name -> number of units it reorders) and, per tensor, what acts on each axis."""
+    """Every permutation (name -> number of units it reorders) and, per tensor, what acts on each
+    axis. A fused tensor is not in `axes`: its parts are, named in `fused`."""
 
     architecture: str
     sizes: Mapping[str, int]  # heads.L counts query heads
     axes: Mapping[str, tuple[Axis | None, ...]]
     head_dim: int
     group: int  # query heads per key/value head
+    fused: Mapping[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)  # tensor -> (part, rows) along dim 0
 
     def perms_of(self, tensor: str) -> tuple[str, ...]:
-        return tuple(axis.perm for axis in self.axes[tensor] if axis is not None)
+        parts = [name for name, _ in self.fused[tensor]] if tensor in self.fused else [tensor]
+        return tuple(axis.perm for part in parts for axis in self.axes[part] if axis is not None)
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -95,6 +103,19 @@ def _layer_axes(rest: str, layer: int) -> tuple[Axis | None, ...] | None:
         "mlp.down_proj.bias": (residual,),
     }
     return table.get(rest)
+
+
+# Fused tensors: their parts in order along the output axis (named as the unfused tensors).
+_FUSED = {
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "self_attn.qkv_proj.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+    "mlp.gate_up_proj.bias": ("mlp.gate_proj.bias", "mlp.up_proj.bias"),
+}
+
+
+def _part_name(tensor: str, part: str) -> str:
+    return f"{tensor}[{part.split('.')[-2]}]"  # model.layers.0.self_attn.qkv_proj.weight[q_proj]
 
 
 _TOP_LEVEL: dict[str, tuple[Axis | None, ...]] = {
@@ -135,9 +156,20 @@ def permutation_spec(
     sizes = {"residual": hidden}
     unit_sizes = {"residual": hidden}  # length of the axis each perm acts on, to check shapes
     axes: dict[str, tuple[Axis | None, ...]] = {}
+    fused: dict[str, tuple[tuple[str, int], ...]] = {}
+
+    def length_of(axis: Axis) -> int:
+        if axis.kind == "plain":
+            return unit_sizes[axis.perm]
+        return (heads if axis.kind == "q_heads" else kv_heads) * head_dim
+
     for name, shape in shapes.items():
         match = _LAYER.fullmatch(name)
         found = _layer_axes(match[2], int(match[1])) if match else _TOP_LEVEL.get(name)
+        parts = _FUSED.get(match[2]) if match and found is None else None
+        if parts is not None:
+            part_axes = [_layer_axes(part, int(match[1])) for part in parts]
+            found = part_axes[0]
         if found is None or len(found) != len(shape):
             raise CompatibilityError(
                 f"{where}: tensor {name} {tuple(shape)} is not part of the {architecture} permutation structure; "
@@ -148,16 +180,27 @@ def permutation_spec(
             sizes[f"mlp.{layer}"] = intermediate
             sizes[f"heads.{layer}"] = heads
             unit_sizes[f"mlp.{layer}"] = intermediate
-        for axis, length in zip(found, shape):
-            if axis is None:
-                continue
-            expected = {"q_heads": heads * head_dim, "kv_heads": kv_heads * head_dim}.get(
-                axis.kind, unit_sizes.get(axis.perm)
-            )
-            if length != expected:
+        if parts is not None:
+            rows = [length_of(axes_of_part[0]) for axes_of_part in part_axes]
+            if shape[0] != sum(rows):
                 raise CompatibilityError(
-                    f"{where}: tensor {name} has shape {tuple(shape)}, but config.json's sizes give {expected} "
-                    f"along the axis of {axis.perm}"
+                    f"{where}: tensor {name} has shape {tuple(shape)}, but config.json's sizes give {sum(rows)} "
+                    f"rows for its {len(parts)} fused parts"
                 )
+            fused[name] = tuple((_part_name(name, part), count) for part, count in zip(parts, rows))
+            for (part, count), axes_of_part in zip(fused[name], part_axes):
+                _check_lengths(where, part, (count, *shape[1:]), axes_of_part, length_of)
+                axes[part] = axes_of_part
+            continue
+        _check_lengths(where, name, shape, found, length_of)
         axes[name] = found
-    return PermutationSpec(architecture, sizes, axes, head_dim, heads // kv_heads)
+    return PermutationSpec(architecture, sizes, axes, head_dim, heads // kv_heads, fused)
+
+
+def _check_lengths(where: str, name: str, shape: tuple[int, ...], found: tuple[Axis | None, ...], length_of) -> None:
+    for axis, length in zip(found, shape):
+        if axis is not None and length != length_of(axis):
+            raise CompatibilityError(
+                f"{where}: tensor {name} has shape {tuple(shape)}, but config.json's sizes give {length_of(axis)} "
+                f"along the axis of {axis.perm}"
+            )
