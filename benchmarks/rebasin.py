@@ -4,17 +4,25 @@ For each task, model size and seed pair: train two tiny Llamas from different in
 the same data (`evomerge.align.toy_pair`: a successor lookup and arithmetic sequences), align B to A with `weight_matching`,
 and measure the held-out next-token loss of (1 - alpha) * A + alpha * B at alpha = 0, 0.25, 0.5,
 0.75, 1 with B as trained and with B aligned. Barrier: loss at 0.5 minus the mean of the ends.
-Writes its section of results/data_methods.md.
+Then the speed of `align_models` end to end (read, match, write) on a random ~100M-parameter
+bf16 Llama: B is a fine-tune of A (A plus small noise) with its units randomly permuted, so the
+right answer is known (the fine-tune itself) and checked. Writes its section of
+results/data_methods.md.
 
-    .venv/bin/python benchmarks/rebasin.py [--pairs 3] [--out results/data_methods.md]
+    .venv/bin/python benchmarks/rebasin.py [--pairs 3] [--skip-speed] [--out results/data_methods.md]
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
+import math
+import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +31,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import machine_line, write_section  # noqa: E402
 
-from evomerge.align import apply_permutations, permutation_spec, weight_matching  # noqa: E402
+from evomerge.align import align_models, apply_permutations, permutation_spec, permute_tensor, weight_matching  # noqa: E402
 from evomerge.align.toy_pair import ToyTask, barrier, interpolation_losses, sequences, toy_config, train  # noqa: E402
+from evomerge.io.model_dir import ModelDir  # noqa: E402
+from evomerge.io.safetensors_io import StreamingCheckpointWriter  # noqa: E402
+from evomerge.synthetic import LlamaShape, make_random_family  # noqa: E402
+
+SPEED_SHAPE = LlamaShape(vocab=8192, hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=4)
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # (task, label, hidden, intermediate, layers, training steps)
@@ -101,9 +114,51 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _permuted_copy(source: Path, target: Path, seed: int) -> None:
+    """`source` with a random permutation of every kind, written to `target` (same config)."""
+    model = ModelDir(source)
+    spec = permutation_spec(model.architecture, model.config, {n: tuple(i.shape) for n, i in model.tensors.items()})
+    generator = torch.Generator().manual_seed(seed)
+    perms = {}
+    for name, size in spec.sizes.items():
+        if name.startswith("heads."):
+            groups = torch.randperm(size // spec.group, generator=generator)
+            perms[name] = torch.cat([g * spec.group + torch.randperm(spec.group, generator=generator) for g in groups])
+        else:
+            perms[name] = torch.randperm(size, generator=generator)
+    perms = {name: perm.numpy() for name, perm in perms.items()}
+    layout = [(name, info.shape, info.dtype) for name, info in model.tensors.items()]
+    with StreamingCheckpointWriter(target, layout) as writer:
+        for name, _, _ in layout:
+            writer.write(name, permute_tensor(spec, name, model.get(name), perms).contiguous())
+    shutil.copyfile(source / "config.json", target / "config.json")
+    model.close()
+
+
+def speed_row(root: Path) -> dict:
+    paths = make_random_family(root, shape=SPEED_SHAPE, finetunes=1, dtype=torch.bfloat16, seed=0)
+    _permuted_copy(paths["ft1"], root / "ft1_permuted", seed=1)
+    started = time.perf_counter()
+    report = align_models(paths["base"], root / "ft1_permuted", root / "aligned", progress=False)
+    seconds = time.perf_counter() - started
+    aligned, truth = ModelDir(root / "aligned"), ModelDir(paths["ft1"])
+    exact = all(torch.equal(aligned.get(name), truth.get(name)) for name in truth.tensors)
+    params = sum(math.prod(info.shape) for info in truth.tensors.values())
+    record = json.loads((root / "aligned" / "evomerge_alignment.json").read_text())
+    return dict(
+        params=params,
+        sweeps=report.sweeps,
+        seconds=seconds,
+        exact=exact,
+        permutations=len(record["permutations"]),
+        peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3, help="seed pairs per model size")
+    parser.add_argument("--skip-speed", action="store_true", help="only the barrier table")
     parser.add_argument("--out", type=Path, default=Path("results/data_methods.md"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -117,12 +172,34 @@ def main() -> None:
                 f"{row['label']} seeds {row['seeds']}: barrier {barrier(row['before']):.3f} -> {barrier(row['after']):.3f}"
             )
             rows.append(row)
+    speed_lines: list[str] = []
+    if not args.skip_speed:
+        torch.set_num_threads(2)
+        with tempfile.TemporaryDirectory() as scratch:
+            speed = speed_row(Path(scratch))
+        shape = SPEED_SHAPE
+        speed_lines = [
+            "### Speed: `align_models` on a bigger model",
+            "",
+            f"A random Llama (vocab {shape.vocab}, hidden {shape.hidden}, MLP {shape.intermediate}, {shape.layers} "
+            f"layers, {shape.heads} heads, {shape.kv_heads} key/value heads; {speed['params'] / 1e6:.0f}M parameters, "
+            "bf16) as A; B = a fine-tune of A (A plus noise, `evomerge.synthetic`) with every unit kind randomly "
+            "permuted. Time: `align_models(A, B, OUT)` end to end (read both, match, write B permuted), 2 torch threads.",
+            "",
+            "| parameters | permutations | sweeps | time (s) | recovered the fine-tune exactly | peak RSS of the process (GB) |",
+            "|---:|---:|---:|---:|---|---:|",
+            f"| {speed['params'] / 1e6:.0f}M | {speed['permutations']} | {speed['sweeps']} | {speed['seconds']:.1f} | "
+            f"{'yes' if speed['exact'] else 'no'} | {speed['peak_rss_gb']:.2f} |",
+            "",
+        ]
+        print("\n".join(speed_lines))
     total = time.perf_counter() - started
     body = "\n".join(
         [
             "## Git Re-Basin: the loss barrier between two seeds, before and after `evomerge align`'s matching",
             "",
-            f"Command: `.venv/bin/python benchmarks/rebasin.py --pairs {args.pairs}`  ",
+            f"Command: `.venv/bin/python benchmarks/rebasin.py --pairs {args.pairs}"
+            f"{' --skip-speed' if args.skip_speed else ''}`  ",
             f"{machine_line(torch, threads='1 torch thread')}; {datetime.date.today()}.",
             "",
             "Per row: two Llamas (4 heads, 2 key/value heads, 2 layers) trained from seeds (s1, s2) on the same "
@@ -138,6 +215,7 @@ def main() -> None:
             "",
             summary(rows),
             "",
+            *speed_lines,
             f"Total benchmark time {total:.0f}s.",
         ]
     )
