@@ -44,6 +44,9 @@ def align(
             help="Replace an earlier evomerge output in OUT_DIR (never other files; swapped in only once complete).",
         ),
     ] = False,
+    allow_pickle: Annotated[
+        bool, typer.Option("--allow-pickle", help="Also read pytorch_model*.bin (loaded with weights_only=True).")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
 ) -> None:
     """Permute MODEL_B's hidden units to match MODEL_A (Git Re-Basin weight matching) and write it to OUT_DIR.
@@ -57,7 +60,14 @@ def align(
     from evomerge.align.run import align_models
 
     report = align_models(
-        model_a, model_b, out_dir, seed=seed, max_iterations=max_iterations, overwrite=overwrite, progress=not quiet
+        model_a,
+        model_b,
+        out_dir,
+        seed=seed,
+        max_iterations=max_iterations,
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+        progress=not quiet,
     )
     if not quiet:
         state = "converged" if report.converged else "stopped at --max-iterations"

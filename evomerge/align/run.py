@@ -89,13 +89,14 @@ def align_models(
     seed: int = 0,
     max_iterations: int = 100,
     overwrite: bool = False,
+    allow_pickle: bool = False,
     progress: bool = True,
 ) -> AlignReport:
     """Write B permuted to match A into `out_dir` (see the module docstring)."""
     started = time.perf_counter()
     if max_iterations < 1:
         raise EvomergeError(f"--max-iterations: expected at least 1 sweep, got {max_iterations}")
-    model_a, model_b = ModelDir(path_a), ModelDir(path_b)
+    model_a, model_b = ModelDir(path_a, allow_pickle=allow_pickle), ModelDir(path_b, allow_pickle=allow_pickle)
     try:
         spec = check_pair(model_a, model_b)
         protected = {"a source model": [Path(path_a), Path(path_b)]}
@@ -124,7 +125,7 @@ def align_models(
                 "objective_after": result.objective_after,
                 "permutations": {name: perm.tolist() for name, perm in sorted(result.perms.items())},
             }
-            (staged.staging / ALIGNMENT_FILE).write_text(json.dumps(record, indent=1) + "\n")
+            (staged.staging / ALIGNMENT_FILE).write_text(json.dumps(record) + "\n")  # one line: long permutations
             staged.commit(verify=lambda directory: _verify(model_b, directory))
     finally:
         model_a.close()
