@@ -44,6 +44,10 @@ def align(
             help="Replace an earlier evomerge output in OUT_DIR (never other files; swapped in only once complete).",
         ),
     ] = False,
+    device: Annotated[
+        str,
+        typer.Option(help="Where the matching runs: cpu, cuda, cuda:N or auto.", callback=cli_checks.device_here),
+    ] = "cpu",
     allow_pickle: Annotated[
         bool, typer.Option("--allow-pickle", help="Also read pytorch_model*.bin (loaded with weights_only=True).")
     ] = False,
@@ -67,6 +71,7 @@ def align(
         max_iterations=max_iterations,
         overwrite=overwrite,
         allow_pickle=allow_pickle,
+        device=device,
         progress=not quiet,
     )
     if not quiet:

@@ -245,6 +245,13 @@ def test_models_of_different_shapes_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_device_this_machine_lacks_is_refused_before_any_work(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path / "a")
+    with pytest.raises(EvomergeError, match="--device cuda:99"):
+        align_models(tmp_path / "a", tmp_path / "a", tmp_path / "out", device="cuda:99", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_tensor_outside_the_structure_is_refused():
     shapes = {name: tuple(t.shape) for name, t in tiny_model("llama").state_dict().items()}
     shapes["model.layers.0.mlp.extra.weight"] = (4, 4)

@@ -51,7 +51,7 @@ def _index(spec: PermutationSpec, axis: Axis, perm: np.ndarray) -> np.ndarray:
 def permute_axis(spec: PermutationSpec, tensor: torch.Tensor, dim: int, axis: Axis, perm: np.ndarray) -> torch.Tensor:
     """`tensor` with the units along `dim` reordered by `perm` (whole heads for head axes)."""
     count, unit = _units(spec, axis)
-    index = torch.as_tensor(_index(spec, axis, perm), dtype=torch.long)
+    index = torch.as_tensor(_index(spec, axis, perm), dtype=torch.long, device=tensor.device)
     moved = tensor.movedim(dim, 0)
     rest = moved.shape[1:]
     reordered = moved.reshape(count, unit, *rest).index_select(0, index).reshape(count * unit, *rest)
@@ -108,7 +108,7 @@ def _similarity(
         other = apply_permutations(spec, name, b[name], perms, skip=perm_name)
         left = a[name].movedim(dim, 0).reshape(count, -1)
         right = other.movedim(dim, 0).reshape(count, -1)
-        product = (left @ right.T).double().numpy()
+        product = (left @ right.T).double().cpu().numpy()
         if axis.kind == "kv_heads":
             kv += product
         else:
@@ -167,7 +167,7 @@ def weight_matching(
     on_step: Callable[[int, int], None] | None = None,
 ) -> MatchResult:
     """Permutations of B's units that maximise its inner product with A (float32 tensors keyed by
-    name: checkpoint tensors, fused ones included, that some permutation acts on). `on_step(sweep, step)` is called
+    name, on any one device: checkpoint tensors, fused ones included, that some permutation acts on). `on_step(sweep, step)` is called
     after each permutation's update (steps 1 .. len(spec.sizes) in each sweep), for progress."""
     a, b = split_fused(spec, a), split_fused(spec, b)
     users: dict[str, list[tuple[str, int, Axis]]] = {name: [] for name in spec.sizes}

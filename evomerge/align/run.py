@@ -3,7 +3,7 @@
 The output is B's checkpoint with its hidden units reordered (same function, same config and
 tokenizer, tensors in B's dtype), ready to be a merge input beside A. It is written through
 `staged_output`: a failed run leaves nothing, and an earlier output is replaced only with
-`overwrite`. Matching holds A's and B's permuted tensors in memory as float32 (8 bytes per
+`overwrite`. Matching holds A's and B's permuted tensors as float32 on its device (8 bytes per
 parameter of one model); the output is then written tensor by tensor from B's files.
 """
 
@@ -19,6 +19,7 @@ import torch
 
 from evomerge.align.matching import permute_tensor, weight_matching
 from evomerge.align.spec import PermutationSpec, permutation_spec
+from evomerge.devices import resolve_device
 from evomerge.errors import CompatibilityError, EvomergeError
 from evomerge.io.checkpoint import copy_tokenizer
 from evomerge.io.model_dir import ModelDir
@@ -77,8 +78,8 @@ def check_pair(model_a: ModelDir, model_b: ModelDir) -> PermutationSpec:
     return spec
 
 
-def _read_float(model: ModelDir, spec: PermutationSpec) -> dict[str, torch.Tensor]:
-    return {name: model.get(name).float() for name in model.tensors if spec.perms_of(name)}
+def _read_float(model: ModelDir, spec: PermutationSpec, device: str) -> dict[str, torch.Tensor]:
+    return {name: model.get(name).to(device).float() for name in model.tensors if spec.perms_of(name)}
 
 
 def align_models(
@@ -90,19 +91,22 @@ def align_models(
     max_iterations: int = 100,
     overwrite: bool = False,
     allow_pickle: bool = False,
+    device: str = "cpu",
     progress: bool = True,
 ) -> AlignReport:
-    """Write B permuted to match A into `out_dir` (see the module docstring)."""
+    """Write B permuted to match A into `out_dir` (see the module docstring). The matching runs on
+    `device` (cpu, cuda, cuda:N, auto); the output is written from B's files on the CPU."""
     started = time.perf_counter()
     if max_iterations < 1:
         raise EvomergeError(f"--max-iterations: expected at least 1 sweep, got {max_iterations}")
+    device = resolve_device(device)
     model_a, model_b = ModelDir(path_a, allow_pickle=allow_pickle), ModelDir(path_b, allow_pickle=allow_pickle)
     try:
         spec = check_pair(model_a, model_b)
         protected = {"a source model": [Path(path_a), Path(path_b)]}
         with staged_output(out_dir, overwrite=overwrite, protected=protected) as staged:
             check_free_space(staged.staging, model_b.total_bytes)
-            a, b = _read_float(model_a, spec), _read_float(model_b, spec)
+            a, b = _read_float(model_a, spec, device), _read_float(model_b, spec, device)
             steps = len(spec.sizes)
             with progress_bar(steps, "matching, sweep 1", enabled=progress, unit="permutations") as bar:
 
