@@ -135,11 +135,11 @@ def _permuted_copy(source: Path, target: Path, seed: int) -> None:
     model.close()
 
 
-def speed_row(root: Path) -> dict:
+def speed_row(root: Path, device: str) -> dict:
     paths = make_random_family(root, shape=SPEED_SHAPE, finetunes=1, dtype=torch.bfloat16, seed=0)
     _permuted_copy(paths["ft1"], root / "ft1_permuted", seed=1)
     started = time.perf_counter()
-    report = align_models(paths["base"], root / "ft1_permuted", root / "aligned", progress=False)
+    report = align_models(paths["base"], root / "ft1_permuted", root / "aligned", device=device, progress=False)
     seconds = time.perf_counter() - started
     aligned, truth = ModelDir(root / "aligned"), ModelDir(paths["ft1"])
     exact = all(torch.equal(aligned.get(name), truth.get(name)) for name in truth.tensors)
@@ -159,6 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3, help="seed pairs per model size")
     parser.add_argument("--skip-speed", action="store_true", help="only the barrier table")
+    parser.add_argument("--device", default="cpu", help="where the speed row's matching runs (cpu, cuda, auto)")
     parser.add_argument("--out", type=Path, default=Path("results/data_methods.md"))
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -176,7 +177,7 @@ def main() -> None:
     if not args.skip_speed:
         torch.set_num_threads(2)
         with tempfile.TemporaryDirectory() as scratch:
-            speed = speed_row(Path(scratch))
+            speed = speed_row(Path(scratch), args.device)
         shape = SPEED_SHAPE
         speed_lines = [
             "### Speed: `align_models` on a bigger model",
@@ -184,7 +185,8 @@ def main() -> None:
             f"A random Llama (vocab {shape.vocab}, hidden {shape.hidden}, MLP {shape.intermediate}, {shape.layers} "
             f"layers, {shape.heads} heads, {shape.kv_heads} key/value heads; {speed['params'] / 1e6:.0f}M parameters, "
             "bf16) as A; B = a fine-tune of A (A plus noise, `evomerge.synthetic`) with every unit kind randomly "
-            "permuted. Time: `align_models(A, B, OUT)` end to end (read both, match, write B permuted), 2 torch threads.",
+            "permuted. Time: `align_models(A, B, OUT, device=...)` end to end (read both, match, write B permuted), "
+            f"2 torch threads, matching on {args.device}.",
             "",
             "| parameters | permutations | sweeps | time (s) | recovered the fine-tune exactly | peak RSS of the process (GB) |",
             "|---:|---:|---:|---:|---|---:|",
@@ -199,7 +201,7 @@ def main() -> None:
             "## Git Re-Basin: the loss barrier between two seeds, before and after `evomerge align`'s matching",
             "",
             f"Command: `.venv/bin/python benchmarks/rebasin.py --pairs {args.pairs}"
-            f"{' --skip-speed' if args.skip_speed else ''}`  ",
+            f"{' --skip-speed' if args.skip_speed else ''}{' --device ' + args.device if args.device != 'cpu' else ''}`  ",
             f"{machine_line(torch, threads='1 torch thread')}; {datetime.date.today()}.",
             "",
             "Per row: two Llamas (4 heads, 2 key/value heads, 2 layers) trained from seeds (s1, s2) on the same "
