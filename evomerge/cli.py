@@ -46,6 +46,9 @@ cli_studies.register(app)
 from evomerge import cli_inspect  # noqa: E402
 
 cli_inspect.register(app)
+from evomerge import cli_align  # noqa: E402
+
+cli_align.register(app)
 demo_app = typer.Typer(
     help="The built-in offline demo: a tiny model family with distinct skills.", no_args_is_help=True
 )
