@@ -369,11 +369,13 @@ class ParameterGenome:
             start = index * self.granularity
             # In a multi-part file, groups merged by another method still need valid parameters in
             # this part (their layers are not used): their genes are read as if for this method.
+            # The embedding and head genes, as filters naming this checkpoint's own tensors (a
+            # full name matches only itself: `wte`, `embed_in`, `ln_f` alike).
             extras = []
             if index == 0 and self.space.genome.embeddings:
-                extras.append(("emb", "embed_tokens"))
+                extras += [("emb", tensor) for tensor in self.layout.pre]
             if index == len(self.blocks) - 1 and self.space.genome.head:
-                extras += [("head", "lm_head"), ("head", "model.norm")]
+                extras += [("head", tensor) for tensor in self.layout.post]
             sources, base_index = self._sources(params, method, block.name)
             spec = get_method(method)
             source_entries = []

@@ -255,7 +255,13 @@ def write_checkpoint(
         writer.abort()
         raise
     donor_dir = plan.models[plan.config_donor]
-    write_config(donor_dir, out_dir, dtype_name=dtype_name(plan.out_dtype), num_hidden_layers=plan.num_hidden_layers)
+    write_config(
+        donor_dir,
+        out_dir,
+        dtype_name=dtype_name(plan.out_dtype),
+        num_hidden_layers=plan.num_hidden_layers,
+        layer_origins=plan.layer_origins,
+    )
     if copy_tokenizer_files:
         copy_tokenizer(plan.models[plan.tokenizer_donor], out_dir)
     return MergeReport(

@@ -154,6 +154,7 @@ class Planner:
         for name in donor_layout.pre:
             recipes.append(self._recipe(method, name, first, [(s.model, name) for s in first.sources], t=0.0))
         out_layer = 0
+        layer_origins: list[int] = []  # the source layer each output layer came from
         for out_slice in slices:
             span = out_slice.sources[0].layer_range[1] - out_slice.sources[0].layer_range[0]
             for offset in range(span):
@@ -181,6 +182,7 @@ class Planner:
                     ]
                     out_name = donor_layout.layer_tensor(out_layer, suffix) if donor_layout.prefix else inputs[0][1]
                     recipes.append(self._recipe(method, out_name, out_slice, inputs, t=t))
+                layer_origins.append(head.layer_range[0] + offset)
                 out_layer += 1
         for name in donor_layout.post:
             inputs = [(s.model, self._post_tensor_name(s.model, name, layouts[s.model])) for s in last.sources]
@@ -200,6 +202,7 @@ class Planner:
             config_donor=donor,
             tokenizer_donor=self._tokenizer_donor(),
             num_hidden_layers=out_layer,
+            layer_origins=tuple(layer_origins),
             seed=self.seed,
             recipe_yaml=dump_merge_config(self.config),
         )
