@@ -155,3 +155,26 @@ def test_a_three_trial_search_exports_the_scored_weights_and_its_yaml_reproduces
     family, tmp_path, weight_mean_kind
 ):
     search_export_round_trip(family[1], tmp_path)
+
+
+def test_checkpoint_tensors_are_views_into_the_loaded_model(family):
+    """The resident target maps every checkpoint name onto the loaded module (renamed, fused or
+    not): reading gives the checkpoint's tensor, and writing a fine-tune's tensors through it
+    gives the model transformers loads from that fine-tune."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.resident import target_parameters
+
+    _, paths = family
+    model = AutoModelForCausalLM.from_pretrained(paths["base"])
+    target = target_parameters(model)
+    base, finetune = load_checkpoint(paths["base"]), load_checkpoint(paths["ft1"])
+    assert base.keys() <= target.keys()
+    for name, tensor in base.items():
+        assert torch.equal(target[name], tensor), name
+    with torch.no_grad():
+        for name, tensor in finetune.items():
+            target[name].copy_(tensor)
+    expected = AutoModelForCausalLM.from_pretrained(paths["ft1"]).state_dict()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
