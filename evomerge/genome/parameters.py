@@ -19,7 +19,7 @@ from evomerge.config.space import SearchSpace
 from evomerge.dtypes import torch_dtype
 from evomerge.errors import CompatibilityError, ConfigError
 from evomerge.io.model_dir import ModelDir
-from evomerge.merge.layout import LayerLayout, split_layers
+from evomerge.merge.layout import LayerLayout, model_layout
 from evomerge.merge.plan import MergePlan, TensorRecipe
 from evomerge.merge.planner import describe_name_difference, shape_mismatch_hint
 from evomerge.merge.registry import SeedRule, gene_params, get_method, ranked
@@ -54,7 +54,7 @@ class ParameterGenome:
         )
         self._check_compatible()
         donor = self.base or self.finetunes[0]
-        self.layout: LayerLayout = split_layers(self.models[donor].tensors, source=str(paths[donor]))
+        self.layout: LayerLayout = model_layout(self.models[donor])
         layers = self.layout.num_layers
         granularity = spec.layer_granularity or layers or 1
         if layers and layers % granularity:

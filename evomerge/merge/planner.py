@@ -32,7 +32,7 @@ from evomerge.config.numbers import coerce_bool, coerce_number, config_warning
 from evomerge.dtypes import torch_dtype
 from evomerge.errors import CompatibilityError, ConfigError
 from evomerge.io.model_dir import ModelDir
-from evomerge.merge.layout import LayerLayout, split_layers
+from evomerge.merge.layout import LayerLayout, model_layout
 from evomerge.merge.methods import MethodSpec, Param, check_parameters, get_method
 from evomerge.merge.plan import MergePlan, TensorRecipe
 from evomerge.suggest import did_you_mean
@@ -146,7 +146,7 @@ class Planner:
         self._open_models()
         self._check_architectures()
         slices = self._normalise_slices(method)
-        layouts = {ref: split_layers(model.tensors, source=str(model.path)) for ref, model in self.models.items()}
+        layouts = {ref: model_layout(model) for ref, model in self.models.items()}
         recipes: list[TensorRecipe] = []
         first, last = slices[0], slices[-1]
         donor = self._donor()
@@ -280,7 +280,7 @@ class Planner:
 
     def _layer_count(self, reference: str, field: str) -> int:
         model = self.models[reference]
-        layout = split_layers(model.tensors, source=str(model.path))
+        layout = model_layout(model)
         declared = model.num_hidden_layers
         if declared is not None and declared != layout.num_layers:
             raise CompatibilityError(
@@ -418,10 +418,8 @@ class Planner:
         tensors = self.models[ref].tensors
         if name in tensors:
             return name
-        if name == "lm_head.weight":  # tied embeddings: the output head is the input embedding
-            for pre in layout.pre:
-                if pre.endswith("embed_tokens.weight") or pre.endswith("wte.weight"):
-                    return pre
+        if layout.input_embedding and _is_output_head(self.models[self._donor()], name):
+            return layout.input_embedding  # a tied source: its output head is its input embedding
         raise CompatibilityError(
             f"{self.models[ref].path}: has no tensor {name} ({self.models[self._donor()].path} has it)"
         )
@@ -494,6 +492,14 @@ class Planner:
                 if value is not None:
                     return value
         return None
+
+
+def _is_output_head(model: ModelDir, name: str) -> bool:
+    """Whether `name` is the output head of `model` (from its class; by name if it has none known)."""
+    from evomerge.merge.structure import config_roles
+
+    roles = config_roles(model.config)
+    return roles.output_embedding == name if roles else name == "lm_head.weight"
 
 
 def plan_merge(

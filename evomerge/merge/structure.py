@@ -1,0 +1,96 @@
+"""Which checkpoint tensors are embeddings and which the output head, read from the model itself.
+
+Names do not say it: GPT-NeoX's output head is `embed_out`, GPT-2's position table `wpe`, OPT's
+`embed_positions`. The model class does: transformers builds it (on the meta device, so nothing
+is allocated), `get_input_embeddings` / `get_output_embeddings` name the token tables, every other
+`nn.Embedding` is a position or type table, and transformers' own save-time renaming turns
+module names into the checkpoint's names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Roles:
+    embeddings: frozenset[str]  # checkpoint names of the input-side tables (token, position, type)
+    input_embedding: str | None  # the token embedding's weight
+    output_embedding: str | None  # the output head's weight (the input embedding's when tied)
+
+
+def module_roles(model: nn.Module) -> Roles:
+    """The roles of a built (or loaded) model's tensors, by checkpoint name."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    token = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tables = [
+        name
+        for module_name, module in model.named_modules()
+        if (isinstance(module, nn.Embedding) or module is token) and module is not head
+        for name in _tensor_names(module_name, module)
+    ]
+    names = checkpoint_names(model, tables)
+    input_name = _weight_name(model, token)
+    output_name = _weight_name(model, head)
+    if head is not None and token is not None and head.weight is token.weight:
+        output_name = input_name  # tied: the checkpoint keeps the input table only
+    return Roles(frozenset(names.values()), names.get(input_name) if input_name else None,
+                 checkpoint_names(model, [output_name]).get(output_name) if output_name else None)  # fmt: skip
+
+
+def checkpoint_names(model: nn.Module, module_names: list[str]) -> dict[str, str]:
+    """Module tensor name -> the name transformers writes it under (its renaming on save)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return {name: name for name in module_names}
+    renamed = {}
+    for name in module_names:
+        probe = {name: torch.empty(0, device="meta")}
+        try:
+            reverted = revert_weight_conversion(model, probe) if hasattr(model, "config") else probe
+        except Exception:  # a fused tensor: not an embedding or head, keep the module's name
+            reverted = probe
+        renamed[name] = next(iter(reverted)) if len(reverted) == 1 else name
+    return renamed
+
+
+def _tensor_names(module_name: str, module: nn.Module) -> list[str]:
+    prefix = f"{module_name}." if module_name else ""
+    return [prefix + name for name, _ in module.named_parameters(recurse=False)]
+
+
+def _weight_name(model: nn.Module, module: nn.Module | None) -> str | None:
+    if module is None:
+        return None
+    for module_name, candidate in model.named_modules():
+        if candidate is module:
+            return f"{module_name}.weight" if module_name else "weight"
+    return None
+
+
+def config_roles(config: dict) -> Roles | None:
+    """The roles for a checkpoint's config.json; None when transformers cannot build its class."""
+    return _config_roles(json.dumps(config, sort_keys=True))
+
+
+@lru_cache(maxsize=32)
+def _config_roles(config_json: str) -> Roles | None:
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        data = json.loads(config_json)
+        model_type = data.pop("model_type", None)
+        if not model_type:
+            return None
+        config = AutoConfig.for_model(model_type, **data)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # remote code, an encoder, a config transformers rejects: no structure known
+        return None
+    return module_roles(model)
