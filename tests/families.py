@@ -44,7 +44,8 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     "gpt2": ("gpt2", {}),
     "gpt_neox": ("gpt_neox", {}),
     "opt": ("opt", {"ffn_dim": 64, "word_embed_proj_dim": 32}),
-    "falcon": ("falcon", {}),
+    "falcon": ("falcon", {}),  # Falcon-7B's layout; falcon_new: Falcon-40B/180B's
+    "falcon_new": ("falcon", {"new_decoder_architecture": True, "num_kv_heads": 2, "tie_word_embeddings": False}),
     "mixtral": ("mixtral", {"num_local_experts": 2, "num_experts_per_tok": 1}),
     "qwen2_moe": (
         "qwen2_moe",

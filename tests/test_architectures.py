@@ -23,8 +23,14 @@ from evomerge.cli import main
 from evomerge.evaluate.factory import EVALUATORS
 from evomerge.evaluate.protocol import EvaluatorKind
 
-# Architectures mergekit 0.1.5 has no definition for (its merge refuses them).
-MERGEKIT_LACKS = {"gemma3_text", "olmo2", "qwen2_moe", "opt"}
+# What mergekit 0.1.5 cannot merge of checkpoints transformers 5 writes, and why.
+MERGEKIT_CANNOT = {
+    "gemma3_text": "mergekit 0.1.5 has no definition for Gemma3ForCausalLM",
+    "qwen2_moe": "mergekit 0.1.5 has no definition for Qwen2MoeForCausalLM",
+    "opt": "mergekit 0.1.5 has no definition for OPTForCausalLM",
+    "gpt_neox": "mergekit 0.1.5 requires attention.bias buffers that transformers 5 no longer writes",
+    "falcon": "mergekit 0.1.5 knows only Falcon's new decoder layout (ln_attn, ln_mlp)",
+}
 
 
 def run(argv) -> int:
@@ -44,6 +50,7 @@ def linear_merge_parity(paths: dict[str, Path], out: Path) -> None:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge as mergekit_run
     from mergekit.options import MergeOptions
+    from transformers import AutoModelForCausalLM
 
     from evomerge.config.mergekit_yaml import load_merge_config
     from evomerge.merge.engine import run_merge
@@ -65,7 +72,11 @@ def linear_merge_parity(paths: dict[str, Path], out: Path) -> None:
         str(out / "mergekit"),
         options=MergeOptions(device="cpu", copy_tokenizer=False, quiet=True),
     )
-    ours, theirs = load_checkpoint(out / "ours"), load_checkpoint(out / "mergekit")
+    assert load_checkpoint(out / "ours").keys() == load_checkpoint(paths["ft1"]).keys()  # as transformers wrote them
+    # mergekit 0.1.5 writes Mixtral's experts by transformers 5's module names (mlp.experts.gate_up_proj),
+    # not as checkpoints hold them: compare the models the two checkpoints load as.
+    ours = AutoModelForCausalLM.from_pretrained(out / "ours").state_dict()
+    theirs = AutoModelForCausalLM.from_pretrained(out / "mergekit").state_dict()
     assert ours.keys() == theirs.keys()
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=2e-6, atol=2e-6, msg=name)
@@ -106,25 +117,7 @@ def frankenmerge_loads(paths: dict[str, Path], out: Path) -> None:
 
 
 def search_export_round_trip(paths: dict[str, Path], out: Path) -> None:
-    space = {
-        "models": [f"ft1@{paths['ft1']}", f"ft2@{paths['ft2']}"],
-        "base_model": f"base@{paths['base']}",
-        "dtype": "float32",
-        "device": "cpu",
-        "genome": {"layer_granularity": 1, "methods": ["task_arithmetic", "ties"], "lambda": [0.5, 1.5]},
-        "objectives": [{"task": "weights", "metric": "mean"}],
-        "eval": {"kind": "weight_mean"},
-        "search": {
-            "sampler": "random",
-            "seed": 0,
-            "n_trials": 3,
-            "study_name": "arch",
-            "enqueue": [],
-            "storage": f"sqlite:///{out}/study.db",
-        },  # fmt: skip
-    }
-    space_file = out / "space.yml"
-    space_file.write_text(yaml.safe_dump(space, sort_keys=False))
+    space_file = tiny_space(paths, out)
     assert run(["run", space_file, "-q"]) == 0
     assert run(["export", space_file, out / "export", "-q"]) == 0  # checks the scored hash
     exported = out / "export"
@@ -141,8 +134,8 @@ def family(request, tmp_path_factory):
 
 def test_linear_merge_matches_mergekit(family, tmp_path):
     architecture, paths = family
-    if architecture in MERGEKIT_LACKS:
-        pytest.skip(f"mergekit 0.1.5 has no definition for {architecture}")
+    if architecture in MERGEKIT_CANNOT:
+        pytest.skip(MERGEKIT_CANNOT[architecture])
     pytest.importorskip("mergekit.merge")
     linear_merge_parity(paths, tmp_path)
 
@@ -178,3 +171,55 @@ def test_checkpoint_tensors_are_views_into_the_loaded_model(family):
     expected = AutoModelForCausalLM.from_pretrained(paths["ft1"]).state_dict()
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
+
+
+def tiny_space(paths: dict[str, Path], out: Path) -> Path:
+    space = {
+        "models": [f"ft1@{paths['ft1']}", f"ft2@{paths['ft2']}"],
+        "base_model": f"base@{paths['base']}",
+        "dtype": "float32",
+        "device": "cpu",
+        "genome": {"layer_granularity": 1, "methods": ["task_arithmetic", "ties"], "lambda": [0.5, 1.5]},
+        "objectives": [{"task": "weights", "metric": "mean"}],
+        "eval": {"kind": "weight_mean"},
+        "search": {
+            "sampler": "random",
+            "seed": 0,
+            "n_trials": 3,
+            "study_name": "arch",
+            "enqueue": [],
+            "storage": f"sqlite:///{out}/study.db",
+        },  # fmt: skip
+    }
+    space_file = out / "space.yml"
+    space_file.write_text(yaml.safe_dump(space, sort_keys=False))
+    return space_file
+
+
+@pytest.mark.parametrize("case", ["unknown model_type", "a tensor the class lacks"])
+def test_an_architecture_a_search_cannot_load_is_refused_by_validate_in_one_line(
+    case, tmp_path, weight_mean_kind, capsys
+):
+    from safetensors.torch import save_file
+
+    paths = tiny_arch_family("llama", tmp_path / "family")
+    for path in paths.values():
+        if case == "unknown model_type":
+            config = json.loads((path / "config.json").read_text())
+            config.update(model_type="evomerge_unknown", architectures=["EvomergeUnknownForCausalLM"])
+            (path / "config.json").write_text(json.dumps(config))
+        else:  # what older checkpoints carry: a buffer transformers no longer has
+            tensors = load_checkpoint(path)
+            tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+            save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    space_file = tiny_space(paths, tmp_path)
+    expected = {
+        "unknown model_type": "transformers has no causal-LM class for model_type 'evomerge_unknown'",
+        "a tensor the class lacks": "LlamaForCausalLM has no parameter for the checkpoint tensor "
+        "model.layers.0.self_attn.rotary_emb.inv_freq",
+    }[case]
+    capsys.readouterr()  # save_pretrained's progress bars
+    for command in (["validate"], ["run", "-q"]):
+        assert run([*command, space_file]) == 2
+        error = capsys.readouterr().err.strip()
+        assert expected in error and len(error.splitlines()) == 1, error

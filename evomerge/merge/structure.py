@@ -12,9 +12,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from evomerge.io.model_dir import ModelDir
 
 
 @dataclass(frozen=True)
@@ -76,11 +80,22 @@ def _weight_name(model: nn.Module, module: nn.Module | None) -> str | None:
 
 def config_roles(config: dict) -> Roles | None:
     """The roles for a checkpoint's config.json; None when transformers cannot build its class."""
-    return _config_roles(json.dumps(config, sort_keys=True))
+    model = meta_model(config)
+    return _roles_of(json.dumps(config, sort_keys=True)) if model is not None else None
 
 
 @lru_cache(maxsize=32)
-def _config_roles(config_json: str) -> Roles | None:
+def _roles_of(config_json: str) -> Roles:
+    return module_roles(_meta_model(config_json))
+
+
+def meta_model(config: dict) -> nn.Module | None:
+    """transformers' causal-LM class for `config`, built on the meta device (None: it has none)."""
+    return _meta_model(json.dumps(config, sort_keys=True))
+
+
+@lru_cache(maxsize=32)
+def _meta_model(config_json: str) -> nn.Module | None:
     try:
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -90,7 +105,39 @@ def _config_roles(config_json: str) -> Roles | None:
             return None
         config = AutoConfig.for_model(model_type, **data)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            return AutoModelForCausalLM.from_config(config)
     except Exception:  # remote code, an encoder, a config transformers rejects: no structure known
         return None
-    return module_roles(model)
+
+
+def check_in_memory(model_dir: ModelDir, *, remote_code: bool = False) -> str:
+    """Before a search: the class transformers loads `model_dir` as holds every checkpoint tensor
+    (renamed or fused as it may be), so candidates can be merged into it in place. One line for
+    the report; a CompatibilityError naming the first tensor it lacks."""
+    from evomerge.errors import CompatibilityError
+
+    model = meta_model(model_dir.config)
+    model_type = model_dir.config.get("model_type", "unknown")
+    if model is None:
+        if remote_code:
+            return f"{model_type}: remote code, its tensors are checked when a worker loads it"
+        raise CompatibilityError(
+            f"{model_dir.path}: transformers has no causal-LM class for model_type '{model_type}', "
+            "so a search cannot load it to score candidates"
+        )
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        module_tensors = dict(model.state_dict())
+        with torch.no_grad():
+            written = set(revert_weight_conversion(model, module_tensors))
+    except ImportError:
+        written = set(model.state_dict())
+    missing = sorted(set(model_dir.tensors) - written)
+    if missing:
+        raise CompatibilityError(
+            f"{model_dir.path}: {type(model).__name__} has no parameter for the checkpoint tensor {missing[0]}"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}, so candidates cannot be merged "
+            "into the loaded model"
+        )
+    return f"{type(model).__name__}: every checkpoint tensor maps onto a parameter of the loaded model"
