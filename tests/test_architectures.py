@@ -117,9 +117,17 @@ def frankenmerge_loads(paths: dict[str, Path], out: Path) -> None:
 
 
 def search_export_round_trip(paths: dict[str, Path], out: Path) -> None:
+    search_and_export(paths, out)
+    yaml_round_trip(out)
+
+
+def search_and_export(paths: dict[str, Path], out: Path) -> None:
     space_file = tiny_space(paths, out)
-    assert run(["run", space_file, "-q"]) == 0
-    assert run(["export", space_file, out / "export", "-q"]) == 0  # checks the scored hash
+    assert run(["run", space_file, "-q"]) == 0, "the search failed"
+    assert run(["export", space_file, out / "export", "-q"]) == 0, "the export failed"  # checks the scored hash
+
+
+def yaml_round_trip(out: Path) -> None:
     exported = out / "export"
     assert run(["merge", exported / "mergekit_config.yml", out / "reproduced", "-q"]) == 0
     assert load_checkpoint(out / "reproduced").keys() == load_checkpoint(exported).keys()
@@ -154,11 +162,14 @@ def test_checkpoint_tensors_are_views_into_the_loaded_model(family):
     """The resident target maps every checkpoint name onto the loaded module (renamed, fused or
     not): reading gives the checkpoint's tensor, and writing a fine-tune's tensors through it
     gives the model transformers loads from that fine-tune."""
+    views_into_loaded_model(family[1])
+
+
+def views_into_loaded_model(paths: dict[str, Path]) -> None:
     from transformers import AutoModelForCausalLM
 
     from evomerge.merge.resident import target_parameters
 
-    _, paths = family
     model = AutoModelForCausalLM.from_pretrained(paths["base"])
     target = target_parameters(model)
     base, finetune = load_checkpoint(paths["base"]), load_checkpoint(paths["ft1"])
