@@ -71,10 +71,9 @@ def main() -> None:
             (root / "parity").mkdir()
             (root / "franken").mkdir()
             (root / "search").mkdir()
-            parity = (
-                f"n/a: {MERGEKIT_CANNOT[name]}" if name in MERGEKIT_CANNOT
-                else outcome(linear_merge_parity, paths, root / "parity")
-            )  # fmt: skip
+            parity = outcome(linear_merge_parity, paths, root / "parity")
+            if name in MERGEKIT_CANNOT:  # the reason is checked: mergekit must fail on it
+                parity = f"n/a: {MERGEKIT_CANNOT[name]}" if parity.startswith("FAILED") else f"{parity} (unexpected)"
             franken = outcome(frankenmerge_loads, paths, root / "franken")
             views = outcome(views_into_loaded_model, paths)
             export = outcome(search_and_export, paths, root / "search")
