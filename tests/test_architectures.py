@@ -234,3 +234,22 @@ def test_an_architecture_a_search_cannot_load_is_refused_by_validate_in_one_line
         assert run([*command, space_file]) == 2
         error = capsys.readouterr().err.strip()
         assert expected in error and len(error.splitlines()) == 1, error
+
+
+def test_a_frankenmerge_config_picks_every_per_layer_list_and_leaves_the_others(tmp_path):
+    from evomerge.io.checkpoint import write_config
+
+    donor = {
+        "model_type": "gemma2", "architectures": ["Gemma2ForCausalLM", "X"], "num_hidden_layers": 2,
+        "layer_types": ["sliding_attention", "full_attention"], "no_rope_layers": [1, 0], "eos_token_id": [1, 2],
+        "text_config": {"num_hidden_layers": 2, "layer_types": ["a", "b"]},
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(donor))
+    (tmp_path / "out").mkdir()
+    written = write_config(
+        tmp_path, tmp_path / "out", dtype_name="float32", num_hidden_layers=3, layer_origins=[0, 1, 1]
+    )
+    assert written["num_hidden_layers"] == 3 and written["text_config"]["num_hidden_layers"] == 3
+    assert written["layer_types"] == ["sliding_attention", "full_attention", "full_attention"]
+    assert written["no_rope_layers"] == [1, 0, 0] and written["text_config"]["layer_types"] == ["a", "b", "b"]
+    assert written["architectures"] == donor["architectures"] and written["eos_token_id"] == [1, 2]

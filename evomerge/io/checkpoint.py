@@ -72,8 +72,12 @@ def _reindex_layers(section: dict, origins: list[int]) -> None:
     if max(origins, default=-1) >= declared:
         raise ValueError(f"layer origin {max(origins)} is outside the donor's {declared} layers")
     for name, value in section.items():
-        if isinstance(value, list) and len(value) == declared and declared > 0:
+        if isinstance(value, list) and len(value) == declared > 1 and not _NOT_PER_LAYER.search(name):
             section[name] = [value[origin] for origin in origins]
+
+
+# Lists that are never one entry per layer, whatever their length.
+_NOT_PER_LAYER = re.compile(r"^architectures$|token_ids?$")
 
 
 def copy_tokenizer(donor_dir: Path, out_dir: Path) -> list[str]:
