@@ -23,6 +23,8 @@ from evomerge.cli import main
 from evomerge.evaluate.factory import EVALUATORS
 from evomerge.evaluate.protocol import EvaluatorKind
 
+pytestmark = pytest.mark.slow
+
 # What mergekit 0.1.5 cannot merge of checkpoints transformers 5 writes, and why.
 MERGEKIT_CANNOT = {
     "gpt_neox": "mergekit 0.1.5 requires attention.bias buffers that transformers 5 no longer writes",

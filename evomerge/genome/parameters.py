@@ -10,7 +10,7 @@ a trial is legible in optuna-dashboard.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -369,13 +369,11 @@ class ParameterGenome:
             start = index * self.granularity
             # In a multi-part file, groups merged by another method still need valid parameters in
             # this part (their layers are not used): their genes are read as if for this method.
-            # The embedding and head genes, as filters naming this checkpoint's own tensors (a
-            # full name matches only itself: `wte`, `embed_in`, `ln_f` alike).
             extras = []
             if index == 0 and self.space.genome.embeddings:
-                extras += [("emb", tensor) for tensor in self.layout.pre]
+                extras += [("emb", filt) for filt in self._outer_filters(self.layout.pre)]
             if index == len(self.blocks) - 1 and self.space.genome.head:
-                extras += [("head", tensor) for tensor in self.layout.post]
+                extras += [("head", filt) for filt in self._outer_filters(self.layout.post)]
             sources, base_index = self._sources(params, method, block.name)
             spec = get_method(method)
             source_entries = []
@@ -425,6 +423,25 @@ class ParameterGenome:
         config["dtype"] = self.space.dtype
         return config
 
+    def _outer_filters(self, tensors: Sequence[str]) -> list[str]:
+        """Filters that give the embedding or head genes to exactly `tensors` (before or after the
+        layers): the short names Llama-style recipes use where they pick these tensors and no
+        other, else each tensor's full name (which only it contains: `wte`, `embed_in`, `ln_f`)."""
+        everything = self._tensor_order()
+        filters: list[str] = []
+        for tensor in tensors:
+            short = next(
+                (
+                    alias
+                    for alias in _SHORT_FILTERS
+                    if alias in tensor and all(name in tensors for name in everything if alias in name)
+                ),
+                tensor,
+            )
+            if short not in filters:
+                filters.append(short)
+        return filters
+
     def _as_method(self, params, block, method, filt=CATCH_ALL):
         """Gene values of a set, read as if the block used `method`."""
         forced = dict(params)
@@ -456,6 +473,10 @@ class ParameterGenome:
                         f"{model.path}: {tensor} has shape {list(info.shape)}, {reference_name} has "
                         f"{list(reference.tensors[tensor].shape)}{shape_mismatch_hint(tensor, shapes)}"
                     )
+
+
+# What recipes for Llama-style checkpoints call the embedding, head and final norm tensors.
+_SHORT_FILTERS = ("embed_tokens", "lm_head", "model.norm")
 
 
 def _collapse(conditions: list[dict[str, Any]]) -> Any:
