@@ -9,6 +9,7 @@ is written or read per candidate.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -101,6 +102,33 @@ def target_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         viewed = {tensor.untyped_storage().data_ptr() for tensor in target.values()}
         target.update(_fused_views(model, module_tensors, set(copies), viewed))
     return target
+
+
+# Per loaded model: checkpoint name -> (module tensor name, size, stride, offset in it); kept
+# while the model lives, so a path export or a trial's hash does not redo transformers' reversal.
+_GEOMETRY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def checkpoint_geometry(
+    model: torch.nn.Module, module_names: Iterable[str]
+) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...], int]]:
+    """Where each checkpoint tensor sits inside the module tensors `module_names` (the names a
+    module saves, tied copies left out): (module name, size, stride, storage offset in it)."""
+    cached = _GEOMETRY.get(model)
+    if cached is None:
+        module_tensors = {name: tensor.data for name, tensor in model.state_dict(keep_vars=True).items()}
+        owner = {}
+        for name in module_names:
+            owner.setdefault(module_tensors[name].untyped_storage().data_ptr(), name)
+        cached = {}
+        for checkpoint_name, view in target_parameters(model).items():
+            module_name = owner.get(view.untyped_storage().data_ptr())
+            if module_name is None or (checkpoint_name in module_tensors and checkpoint_name not in owner.values()):
+                continue  # a tied copy, which the checkpoint leaves out
+            offset = view.storage_offset() - module_tensors[module_name].storage_offset()
+            cached[checkpoint_name] = (module_name, tuple(view.shape), tuple(view.stride()), offset)
+        _GEOMETRY[model] = cached
+    return cached
 
 
 def _checkpoint_names(model: torch.nn.Module, module_tensors: dict[str, torch.Tensor]) -> dict | None:
