@@ -45,7 +45,7 @@ def main() -> None:
 
     import torch
     import transformers
-    from families import ARCHITECTURES, tiny_arch_family
+    from families import ARCHITECTURES, MORE_ARCHITECTURES, tiny_arch_family
     from report import machine_line
     from test_architectures import (
         MERGEKIT_CANNOT,
@@ -61,7 +61,8 @@ def main() -> None:
     from evomerge.evaluate.protocol import EvaluatorKind
 
     EVALUATORS["weight_mean"] = EvaluatorKind(build=build_weight_mean, check=check_weight_mean)
-    names = [n for n in args.only.split(",") if n] or list(ARCHITECTURES)
+    known = {**ARCHITECTURES, **MORE_ARCHITECTURES}
+    names = [n for n in args.only.split(",") if n] or list(known)
     rows = []
     started = time.perf_counter()
     for name in names:
@@ -78,7 +79,7 @@ def main() -> None:
             views = outcome(views_into_loaded_model, paths)
             export = outcome(search_and_export, paths, root / "search")
             round_trip = outcome(yaml_round_trip, root / "search") if export == "ok" else "not reached"
-            model_type, overrides = ARCHITECTURES[name]
+            model_type, overrides = known[name]
             label = f"{name} ({model_type}{', ' + ', '.join(f'{k}={v}' for k, v in overrides.items()) if overrides else ''})"
             rows.append((label, parity, franken, views, export, round_trip))
             print(" | ".join(rows[-1]), flush=True)
@@ -92,8 +93,9 @@ def main() -> None:
         [
             "# Architectures: merge, frankenmerge, search, export",
             "",
-            "Tiny random models per architecture (hidden 32, 3 layers, vocab 64; a base and two fine-tunes",
-            "written by transformers' `save_pretrained`). Checks, as in tests/test_architectures.py:",
+            "Tiny random models per architecture (the suite runs the first group, tests/families.py",
+            "ARCHITECTURES; the rest, MORE_ARCHITECTURES, only here); hidden 32, 3 layers, vocab 64; a base and two",
+            "fine-tunes written by transformers' `save_pretrained`. Checks, as in tests/test_architectures.py:",
             "",
             "- merge parity: a linear merge by `evomerge merge` and by mergekit's `run_merge`, loaded with",
             "  `from_pretrained`, agree to float32 rounding on every parameter;",

@@ -29,6 +29,7 @@ pytestmark = pytest.mark.slow
 MERGEKIT_CANNOT = {
     "gpt_neox": "mergekit 0.1.5 requires attention.bias buffers that transformers 5 no longer writes",
     "falcon": "mergekit 0.1.5 knows only Falcon's new decoder layout (ln_attn, ln_mlp)",
+    "cohere": "mergekit 0.1.5 knows only Cohere's layout with q/k norms (use_qk_norm)",
 }
 
 
