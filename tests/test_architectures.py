@@ -256,3 +256,20 @@ def test_a_frankenmerge_config_picks_every_per_layer_list_and_leaves_the_others(
     assert written["layer_types"] == ["sliding_attention", "full_attention", "full_attention"]
     assert written["no_rope_layers"] == [1, 0, 0] and written["text_config"]["layer_types"] == ["a", "b", "b"]
     assert written["architectures"] == donor["architectures"] and written["eos_token_id"] == [1, 2]
+
+
+def test_a_tied_source_gives_its_input_embedding_as_the_head_of_an_untied_merge(tmp_path):
+    untied = tiny_arch_family("llama", tmp_path / "untied", finetunes=0)["base"]
+    tied = tiny_arch_family("llama_tied", tmp_path / "tied", finetunes=0, seed=1)["base"]
+    config = {
+        "merge_method": "linear",
+        "models": [{"model": str(untied), "parameters": {"weight": 0.5}}, {"model": str(tied), "parameters": {"weight": 0.5}}],
+        "dtype": "float32",
+    }  # fmt: skip
+    (tmp_path / "merge.yml").write_text(yaml.safe_dump(config))
+    assert run(["merge", tmp_path / "merge.yml", tmp_path / "out", "-q"]) == 0
+    merged, a, b = (load_checkpoint(p) for p in (tmp_path / "out", untied, tied))
+    assert "lm_head.weight" not in b
+    torch.testing.assert_close(
+        merged["lm_head.weight"], 0.5 * a["lm_head.weight"] + 0.5 * b["model.embed_tokens.weight"]
+    )

@@ -32,7 +32,7 @@ from evomerge.config.numbers import coerce_bool, coerce_number, config_warning
 from evomerge.dtypes import torch_dtype
 from evomerge.errors import CompatibilityError, ConfigError
 from evomerge.io.model_dir import ModelDir
-from evomerge.merge.layout import LayerLayout, model_layout
+from evomerge.merge.layout import LayerLayout, model_layout, split_layers
 from evomerge.merge.methods import MethodSpec, Param, check_parameters, get_method
 from evomerge.merge.plan import MergePlan, TensorRecipe
 from evomerge.suggest import did_you_mean
@@ -146,7 +146,12 @@ class Planner:
         self._open_models()
         self._check_architectures()
         slices = self._normalise_slices(method)
-        layouts = {ref: model_layout(model) for ref, model in self.models.items()}
+        # Which tensors are embeddings and which the head matters only when slices take them from
+        # different models; one slice needs no model class (and no transformers import).
+        layouts = {
+            ref: model_layout(model) if len(slices) > 1 else split_layers(model.tensors, source=str(model.path))
+            for ref, model in self.models.items()
+        }
         recipes: list[TensorRecipe] = []
         first, last = slices[0], slices[-1]
         donor = self._donor()
@@ -280,7 +285,7 @@ class Planner:
 
     def _layer_count(self, reference: str, field: str) -> int:
         model = self.models[reference]
-        layout = model_layout(model)
+        layout = split_layers(model.tensors, source=str(model.path))  # the count needs no model class
         declared = model.num_hidden_layers
         if declared is not None and declared != layout.num_layers:
             raise CompatibilityError(
@@ -418,8 +423,9 @@ class Planner:
         tensors = self.models[ref].tensors
         if name in tensors:
             return name
-        if layout.input_embedding and _is_output_head(self.models[self._donor()], name):
-            return layout.input_embedding  # a tied source: its output head is its input embedding
+        embedding = layout.input_embedding or model_layout(self.models[ref]).input_embedding
+        if embedding and _is_output_head(self.models[self._donor()], name):
+            return embedding  # a tied source: its output head is its input embedding
         raise CompatibilityError(
             f"{self.models[ref].path}: has no tensor {name} ({self.models[self._donor()].path} has it)"
         )

@@ -99,8 +99,7 @@ def target_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             copies.append(name)
     del checkpoint
     if copies:
-        viewed = {tensor.untyped_storage().data_ptr() for tensor in target.values()}
-        target.update(_fused_views(model, module_tensors, set(copies), viewed))
+        target.update(_fused_views(model, module_tensors, set(copies), set(target)))
     return target
 
 
@@ -144,17 +143,17 @@ def _checkpoint_names(model: torch.nn.Module, module_tensors: dict[str, torch.Te
 
 
 def _fused_views(
-    model: torch.nn.Module, module_tensors: dict[str, torch.Tensor], wanted: set[str], viewed: set[int]
+    model: torch.nn.Module, module_tensors: dict[str, torch.Tensor], wanted: set[str], named: set[str]
 ) -> dict[str, torch.Tensor]:
     """Views for checkpoint tensors the reversal copied out of a fused module tensor.
 
-    Each module tensor no view came from goes through the same reversal once more as element
-    indices (an arange of its shape): where every index lands gives the strides and offset of the
-    checkpoint tensor inside it.
+    Each module tensor the checkpoint does not name as it is (`named`: the names already mapped)
+    goes through the same reversal once more as element indices (an arange of its shape): where
+    every index lands gives the strides and offset of the checkpoint tensor inside it.
     """
     views: dict[str, torch.Tensor] = {}
     for module_name, tensor in module_tensors.items():
-        if tensor.untyped_storage().data_ptr() in viewed or not wanted - views.keys():
+        if module_name in named or not wanted - views.keys():
             continue
         indices = torch.arange(tensor.numel(), dtype=torch.int64).view(tensor.shape)
         with torch.no_grad():
