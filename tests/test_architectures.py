@@ -273,3 +273,29 @@ def test_a_tied_source_gives_its_input_embedding_as_the_head_of_an_untied_merge(
     torch.testing.assert_close(
         merged["lm_head.weight"], 0.5 * a["lm_head.weight"] + 0.5 * b["model.embed_tokens.weight"]
     )
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "embeddings", "head"),
+    [
+        ("gpt_neox", {}, {"gpt_neox.embed_in.weight"}, "embed_out.weight"),  # named "embed", yet the head
+        ("gpt2", {}, {"transformer.wte.weight", "transformer.wpe.weight"}, "transformer.wte.weight"),  # tied
+        ("opt", {"ffn_dim": 64}, {"model.decoder.embed_tokens.weight", "model.decoder.embed_positions.weight"}, None),
+        ("llama", {"tie_word_embeddings": False}, {"model.embed_tokens.weight"}, "lm_head.weight"),
+    ],
+)
+def test_embeddings_and_head_come_from_the_model_class_by_checkpoint_name(model_type, overrides, embeddings, head):
+    from families import tiny_config
+
+    from evomerge.merge.layout import split_layers
+    from evomerge.merge.structure import config_roles
+
+    roles = config_roles(tiny_config(model_type, **overrides).to_dict())
+    assert roles.embeddings == embeddings
+    assert roles.output_embedding == (head or "model.decoder.embed_tokens.weight")
+    if model_type == "gpt_neox":
+        names = ["gpt_neox.embed_in.weight", "gpt_neox.layers.0.mlp.dense_h_to_4h.weight", "embed_out.weight",
+                 "gpt_neox.final_layer_norm.weight"]  # fmt: skip
+        layout = split_layers(names, embeddings=roles.embeddings)
+        assert layout.pre == ("gpt_neox.embed_in.weight",)
+        assert layout.post == ("embed_out.weight", "gpt_neox.final_layer_norm.weight")

@@ -38,13 +38,17 @@ def module_roles(model: nn.Module) -> Roles:
         if (isinstance(module, nn.Embedding) or module is token) and module is not head
         for name in _tensor_names(module_name, module)
     ]
-    names = checkpoint_names(model, tables)
     input_name = _weight_name(model, token)
     output_name = _weight_name(model, head)
     if head is not None and token is not None and head.weight is token.weight:
         output_name = input_name  # tied: the checkpoint keeps the input table only
-    return Roles(frozenset(names.values()), names.get(input_name) if input_name else None,
-                 checkpoint_names(model, [output_name]).get(output_name) if output_name else None)  # fmt: skip
+    extra = [name for name in (input_name, output_name) if name is not None]
+    names = checkpoint_names(model, [*tables, *extra])
+    return Roles(
+        embeddings=frozenset(names[name] for name in tables),
+        input_embedding=names.get(input_name) if input_name else None,
+        output_embedding=names.get(output_name) if output_name else None,
+    )
 
 
 def checkpoint_names(model: nn.Module, module_names: list[str]) -> dict[str, str]:
