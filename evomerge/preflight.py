@@ -111,6 +111,8 @@ def preflight_space(space: SearchSpace, *, scan: bool | None = None, genome: Any
     """Check everything a search of `space` needs, in the order a user can fix them; no device work."""
     from evomerge.evaluate.factory import evaluator_kind
     from evomerge.genome.kinds import make_genome
+    from evomerge.genome.protocol import builds_paths
+    from evomerge.merge.structure import check_in_memory
     from evomerge.search.samplers import make_sampler
 
     report = PreflightReport()
@@ -131,6 +133,8 @@ def preflight_space(space: SearchSpace, *, scan: bool | None = None, genome: Any
     )
     donor = genome.base or genome.finetunes[0]
     check_filters(space, genome.models[donor].tensors)
+    if not builds_paths(genome):  # candidates are merged into one loaded model of the donor's class
+        report.checks.append(check_in_memory(genome.models[donor], remote_code=space.trust_remote_code))
     fields = {m.name: f"models.{i}" for i, m in enumerate(space.models)}
     if space.base_model:
         fields[space.base_model.name] = "base_model"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from families import load_checkpoint
 
 from evomerge.dataflow.export import check_foldable, export_path, path_hash
 from evomerge.dataflow.path import LayerPath, PathStep
@@ -63,6 +64,8 @@ def test_a_path_runs_caches_and_exports_on(model_type, tmp_path, one_torch_threa
     with torch.no_grad():
         difference = (exported(IDS).logits - logits).abs().max()
     assert difference <= 1e-3 * logits.abs().max()  # the norms' epsilon, as in test_dataflow_model.py
+    exported.save_pretrained(tmp_path / "resaved")  # the export holds what transformers itself writes
+    assert load_checkpoint(tmp_path / "out").keys() == load_checkpoint(tmp_path / "resaved").keys()
     recipe = (tmp_path / "out" / "mergekit_config.yml").read_text()
     if model_type.startswith("gemma") and model_type != "gemma":  # the fold is in (1 + w) output norms
         assert "cannot express" in recipe and "filter:" not in recipe

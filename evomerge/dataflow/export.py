@@ -34,6 +34,7 @@ search hashes it, so the hash recorded for a scored candidate is the exported ch
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,22 +201,71 @@ class PathStateDict(Mapping[str, torch.Tensor]):
                 )
         for name in layouts[path.head_from].post:
             self._origin[name] = (path.head_from, name, 1.0, None)
+        # checkpoint name -> (output module name, where it sits in that tensor): what transformers 5
+        # writes (GPT-NeoX's embed_out for the module's lm_head, Mixtral's per-expert w1/w2/w3 for
+        # slices of the fused experts), as save_pretrained would write the path model.
+        self._named: dict[str, tuple[str, tuple | None]] = {}
+        geometry = {name: _by_module(sources[name]) for name in path.models}
+        for out_name, (model, source_name, _, _) in self._origin.items():
+            placed = geometry[model].get(source_name)
+            if placed is None:
+                self._named[out_name] = (out_name, None)
+                continue
+            for checkpoint_name, size, stride, offset in placed:
+                identity = checkpoint_name == source_name and len(placed) == 1
+                self._named[_relayer(checkpoint_name, out_name)] = (
+                    out_name,
+                    None if identity else (size, stride, offset),
+                )
 
     def source_tensor(self, name: str) -> torch.Tensor:
         """The unfolded source tensor behind `name` (its shape and dtype are the output's)."""
-        model, source_name, _, _ = self._origin[name]
-        return self._states[model][source_name].detach()
+        out_name, where = self._named[name]
+        model, source_name, _, _ = self._origin[out_name]
+        return _place(self._states[model][source_name].detach(), where)
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        tensor = self.source_tensor(name)
-        _, _, factor, fold = self._origin[name]
-        return tensor if fold is None else fold.apply(tensor, factor)
+        out_name, where = self._named[name]
+        model, source_name, factor, fold = self._origin[out_name]
+        tensor = self._states[model][source_name].detach()
+        return _place(tensor if fold is None else fold.apply(tensor, factor), where)
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._origin)
+        return iter(self._named)
 
     def __len__(self) -> int:
-        return len(self._origin)
+        return len(self._named)
+
+
+def _by_module(model: nn.Module) -> dict[str, list[tuple[str, tuple, tuple, int]]]:
+    """Module tensor name -> the checkpoint tensors inside it (transformers' save-time names)."""
+    from evomerge.merge.resident import checkpoint_geometry
+
+    placed: dict[str, list[tuple[str, tuple, tuple, int]]] = {}
+    for checkpoint_name, (module_name, size, stride, offset) in checkpoint_geometry(model, _saved_names(model)).items():
+        placed.setdefault(module_name, []).append((checkpoint_name, size, stride, offset))
+    return placed
+
+
+def _relayer(checkpoint_name: str, out_name: str) -> str:
+    """`checkpoint_name` (a source layer's) with the layer index of the output tensor `out_name`."""
+    source = _LAYER_INDEX.match(checkpoint_name)
+    target = _LAYER_INDEX.match(out_name)
+    if source is None or target is None:
+        return checkpoint_name
+    return f"{source.group(1)}.{target.group(2)}.{checkpoint_name[source.end() :]}"
+
+
+_LAYER_INDEX = re.compile(r"^((?:.*\.)?(?:layers|h|blocks|block|layer))\.(\d+)\.")
+
+
+def _place(tensor: torch.Tensor, where: tuple | None) -> torch.Tensor:
+    """The checkpoint tensor at `where` (size, stride, offset) inside a contiguous module tensor."""
+    if where is None:
+        return tensor
+    size, stride, offset = where
+    tensor = tensor.contiguous()
+    return tensor.as_strided(size, stride, tensor.storage_offset() + offset)
 
 
 def path_state_dict(path: LayerPath, sources: Mapping[str, nn.Module]) -> PathStateDict:

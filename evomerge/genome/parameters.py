@@ -10,7 +10,7 @@ a trial is legible in optuna-dashboard.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -20,7 +20,7 @@ from evomerge.dtypes import torch_dtype
 from evomerge.errors import CompatibilityError, ConfigError
 from evomerge.io.lora import AdapterModel, open_models
 from evomerge.io.model_dir import ModelDir
-from evomerge.merge.layout import LayerLayout, split_layers
+from evomerge.merge.layout import LayerLayout, model_layout
 from evomerge.merge.plan import MergePlan, TensorRecipe
 from evomerge.merge.planner import describe_name_difference, shape_mismatch_hint
 from evomerge.merge.registry import SeedRule, gene_params, get_method, ranked
@@ -51,7 +51,7 @@ class ParameterGenome:
         self.paths = paths
         self.models = dict(models) if models else open_models(paths, allow_pickle=space.allow_pickle)
         donor = self.base or self.finetunes[0]
-        self.layout: LayerLayout = split_layers(self.models[donor].tensors, source=str(paths[donor]))
+        self.layout: LayerLayout = model_layout(self.models[donor])
         self.vocab = self._vocabulary()
         self._check_compatible()
         layers = self.layout.num_layers
@@ -397,9 +397,9 @@ class ParameterGenome:
             # this part (their layers are not used): their genes are read as if for this method.
             extras = []
             if index == 0 and self.space.genome.embeddings:
-                extras.append(("emb", "embed_tokens"))
+                extras += [("emb", filt) for filt in self._outer_filters(self.layout.pre)]
             if index == len(self.blocks) - 1 and self.space.genome.head:
-                extras += [("head", "lm_head"), ("head", "model.norm")]
+                extras += [("head", filt) for filt in self._outer_filters(self.layout.post)]
             sources, base_index = self._sources(params, method, block.name)
             spec = get_method(method)
             source_entries = []
@@ -471,6 +471,25 @@ class ParameterGenome:
                 source["model"] = path(source["model"])
         return {"tokenizer": section}
 
+    def _outer_filters(self, tensors: Sequence[str]) -> list[str]:
+        """Filters that give the embedding or head genes to exactly `tensors` (before or after the
+        layers): the short names Llama-style recipes use where they pick these tensors and no
+        other, else each tensor's full name (which only it contains: `wte`, `embed_in`, `ln_f`)."""
+        everything = self._tensor_order()
+        filters: list[str] = []
+        for tensor in tensors:
+            short = next(
+                (
+                    alias
+                    for alias in _SHORT_FILTERS
+                    if alias in tensor and all(name in tensors for name in everything if alias in name)
+                ),
+                tensor,
+            )
+            if short not in filters:
+                filters.append(short)
+        return filters
+
     def _as_method(self, params, block, method, filt=CATCH_ALL):
         """Gene values of a set, read as if the block used `method`."""
         forced = dict(params)
@@ -533,6 +552,10 @@ class ParameterGenome:
                         f"{model.path}: {tensor} has shape {list(info.shape)}, {reference_name} has "
                         f"{list(reference.tensors[tensor].shape)}{shape_mismatch_hint(tensor, shapes)}"
                     )
+
+
+# What recipes for Llama-style checkpoints call the embedding, head and final norm tensors.
+_SHORT_FILTERS = ("embed_tokens", "lm_head", "model.norm")
 
 
 def _collapse(conditions: list[dict[str, Any]]) -> Any:

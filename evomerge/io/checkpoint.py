@@ -35,10 +35,22 @@ TOKENIZER_FILES = (
 
 
 def write_config(
-    donor_dir: Path, out_dir: Path, *, dtype_name: str, num_hidden_layers: int, vocab_size: int | None = None
+    donor_dir: Path,
+    out_dir: Path,
+    *,
+    dtype_name: str,
+    num_hidden_layers: int,
+    vocab_size: int | None = None,
+    layer_origins: Sequence[int] = (),
 ) -> dict:
     """Copy the donor's config.json with the output dtype, layer count and (for a merge with an
-    output vocabulary) vocabulary size."""
+    output vocabulary) vocabulary size.
+
+    `layer_origins[i]` is the donor layer output layer i was taken from (a frankenmerge's
+    slices); every per-layer list of the config (`layer_types` and the like: a list with one
+    entry per donor layer) is re-indexed the same way, so the output loads. Empty: layer i is
+    layer i.
+    """
     config = json.loads((Path(donor_dir) / "config.json").read_text())
     if vocab_size is not None:
         holder = config if "vocab_size" in config or "text_config" not in config else config["text_config"]
@@ -46,17 +58,37 @@ def write_config(
     config["dtype"] = dtype_name
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if key in config:
-            config[key] = num_hidden_layers
-            break
-    else:
+    origins = list(layer_origins) or list(range(num_hidden_layers))
+    if len(origins) != num_hidden_layers:
+        raise ValueError(f"{len(origins)} layer origins for {num_hidden_layers} layers")
+    for section in (config, config.get("text_config")):
+        if isinstance(section, dict):
+            _reindex_layers(section, origins)
+    if not any(key in config for key in _LAYER_COUNT_KEYS):
         config["num_hidden_layers"] = num_hidden_layers
-    layer_types = config.get("layer_types")
-    if isinstance(layer_types, list) and len(layer_types) != num_hidden_layers and len(set(layer_types)) == 1:
-        config["layer_types"] = layer_types[:1] * num_hidden_layers
     (Path(out_dir) / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return config
+
+
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def _reindex_layers(section: dict, origins: list[int]) -> None:
+    """Set one config section's layer count to len(origins) and pick its per-layer lists' entries."""
+    key = next((k for k in _LAYER_COUNT_KEYS if isinstance(section.get(k), int)), None)
+    if key is None:
+        return
+    declared = section[key]
+    section[key] = len(origins)
+    if max(origins, default=-1) >= declared:
+        raise ValueError(f"layer origin {max(origins)} is outside the donor's {declared} layers")
+    for name, value in section.items():
+        if isinstance(value, list) and len(value) == declared > 1 and not _NOT_PER_LAYER.search(name):
+            section[name] = [value[origin] for origin in origins]
+
+
+# Lists that are never one entry per layer, whatever their length.
+_NOT_PER_LAYER = re.compile(r"^architectures$|token_ids?$")
 
 
 def copy_tokenizer(donor_dir: Path, out_dir: Path) -> list[str]:

@@ -284,6 +284,7 @@ def write_checkpoint(
         dtype_name=dtype_name(plan.out_dtype),
         num_hidden_layers=plan.num_hidden_layers,
         vocab_size=plan.vocab.size if plan.vocab else None,
+        layer_origins=plan.layer_origins,
     )
     if plan.vocab is not None:  # mergekit writes the built tokenizer whatever copy_tokenizer says
         donor = plan.models.get(plan.vocab.generation_donor) if copy_tokenizer_files else None

@@ -40,6 +40,7 @@ class MergePlan:
     config_donor: str  # model key whose config.json the output copies
     tokenizer_donor: str  # model key whose tokenizer files the output copies
     num_hidden_layers: int
+    layer_origins: tuple[int, ...] = ()  # the donor layer each output layer came from; empty: the same layer
     seed: int = 0  # DARE/DELLA masks are a pure function of (seed, tensor name)
     recipe_yaml: str = ""  # a mergekit-compatible YAML reproducing this plan
     metadata: Mapping[str, Any] = field(default_factory=dict)

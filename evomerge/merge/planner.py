@@ -41,7 +41,7 @@ from evomerge.io.lora import (
     split_reference,
 )
 from evomerge.io.model_dir import ModelDir
-from evomerge.merge.layout import LayerLayout, split_layers
+from evomerge.merge.layout import LayerLayout, model_layout, split_layers
 from evomerge.merge.methods import MethodSpec, Param, check_parameters, get_method
 from evomerge.merge.plan import MergePlan, TensorRecipe
 from evomerge.merge.vocab import Vocabulary, build_vocabulary, config_vocab_size, is_vocab_tensor
@@ -174,7 +174,12 @@ class Planner:
         self._open_models()
         self._check_architectures()
         slices = self._normalise_slices(method)
-        layouts = {ref: split_layers(model.tensors, source=str(model.path)) for ref, model in self.models.items()}
+        # Which tensors are embeddings and which the head matters only when slices take them from
+        # different models; one slice needs no model class (and no transformers import).
+        layouts = {
+            ref: model_layout(model) if len(slices) > 1 else split_layers(model.tensors, source=str(model.path))
+            for ref, model in self.models.items()
+        }
         recipes: list[TensorRecipe] = []
         first, last = slices[0], slices[-1]
         donor = self._donor()
@@ -183,6 +188,7 @@ class Planner:
         for name in donor_layout.pre:
             recipes.append(self._recipe(method, name, first, [(s.model, name) for s in first.sources], t=0.0))
         out_layer = 0
+        layer_origins: list[int] = []  # the source layer each output layer came from
         for out_slice in slices:
             span = out_slice.sources[0].layer_range[1] - out_slice.sources[0].layer_range[0]
             for offset in range(span):
@@ -210,6 +216,7 @@ class Planner:
                     ]
                     out_name = donor_layout.layer_tensor(out_layer, suffix) if donor_layout.prefix else inputs[0][1]
                     recipes.append(self._recipe(method, out_name, out_slice, inputs, t=t))
+                layer_origins.append(head.layer_range[0] + offset)
                 out_layer += 1
         for name in donor_layout.post:
             inputs = [(s.model, self._post_tensor_name(s.model, name, layouts[s.model])) for s in last.sources]
@@ -230,6 +237,7 @@ class Planner:
             tokenizer_donor=self._tokenizer_donor(),
             num_hidden_layers=out_layer,
             vocab=replace(self._vocab, tensors=dict(self._vocab_tensors)) if self._vocab else None,
+            layer_origins=tuple(layer_origins),
             seed=self.seed,
             recipe_yaml=dump_merge_config(self.config),
         )
@@ -309,7 +317,7 @@ class Planner:
 
     def _layer_count(self, reference: str, field: str) -> int:
         model = self.models[reference]
-        layout = split_layers(model.tensors, source=str(model.path))
+        layout = split_layers(model.tensors, source=str(model.path))  # the count needs no model class
         declared = model.num_hidden_layers
         if declared is not None and declared != layout.num_layers:
             raise CompatibilityError(
@@ -484,10 +492,9 @@ class Planner:
         tensors = self.models[ref].tensors
         if name in tensors:
             return name
-        if name == "lm_head.weight":  # tied embeddings: the output head is the input embedding
-            for pre in layout.pre:
-                if pre.endswith("embed_tokens.weight") or pre.endswith("wte.weight"):
-                    return pre
+        embedding = layout.input_embedding or model_layout(self.models[ref]).input_embedding
+        if embedding and _is_output_head(self.models[self._donor()], name):
+            return embedding  # a tied source: its output head is its input embedding
         raise CompatibilityError(
             f"{self.models[ref].path}: has no tensor {name} ({self.models[self._donor()].path} has it)"
         )
@@ -563,6 +570,14 @@ class Planner:
                 if value is not None:
                     return value
         return None
+
+
+def _is_output_head(model: ModelDir, name: str) -> bool:
+    """Whether `name` is the output head of `model` (from its class; by name if it has none known)."""
+    from evomerge.merge.structure import config_roles
+
+    roles = config_roles(model.config)
+    return roles.output_embedding == name if roles else name == "lm_head.weight"
 
 
 def plan_merge(

@@ -14,6 +14,7 @@ a full tensor per adapted tensor (benchmarks/lora_bench.py measures the memory a
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -163,8 +164,128 @@ class ResidentSources:
 
 
 def target_parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors of a loaded model by checkpoint name (parameters and persistent buffers)."""
-    return dict(model.state_dict(keep_vars=True))
+    """The tensors of a loaded model by checkpoint name: views into its parameters and buffers.
+
+    transformers 5 renames and fuses checkpoint tensors when it loads a model (GPT-NeoX's
+    `embed_out` is the module's `lm_head`; Mixtral's `experts.N.w1/w2/w3` are slices of fused
+    `experts.gate_up_proj` / `down_proj`) and undoes that when it saves. Its own reversal
+    (`revert_weight_conversion`, what `save_pretrained` runs) gives the checkpoint names; each
+    checkpoint tensor is then a strided view into one module tensor, so a merge written into it
+    lands in the model in place. A conversion that is no strided view is refused up front.
+    """
+    module_tensors = {name: tensor.data for name, tensor in model.state_dict(keep_vars=True).items()}
+    checkpoint = _checkpoint_names(model, module_tensors)
+    if checkpoint is None:
+        return module_tensors
+    storages = {tensor.untyped_storage().data_ptr() for tensor in module_tensors.values()}
+    target = {}
+    copies = []
+    for name, tensor in checkpoint.items():
+        if tensor.untyped_storage().data_ptr() in storages:
+            target[name] = tensor
+        else:
+            copies.append(name)
+    del checkpoint
+    if copies:
+        target.update(_fused_views(model, module_tensors, set(copies), set(target)))
+    return target
+
+
+# Per loaded model: checkpoint name -> (module tensor name, size, stride, offset in it); kept
+# while the model lives, so a path export or a trial's hash does not redo transformers' reversal.
+_GEOMETRY: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def checkpoint_geometry(
+    model: torch.nn.Module, module_names: Iterable[str]
+) -> dict[str, tuple[str, tuple[int, ...], tuple[int, ...], int]]:
+    """Where each checkpoint tensor sits inside the module tensors `module_names` (the names a
+    module saves, tied copies left out): (module name, size, stride, storage offset in it)."""
+    cached = _GEOMETRY.get(model)
+    if cached is None:
+        module_tensors = {name: tensor.data for name, tensor in model.state_dict(keep_vars=True).items()}
+        owner = {}
+        for name in module_names:
+            owner.setdefault(module_tensors[name].untyped_storage().data_ptr(), name)
+        cached = {}
+        for checkpoint_name, view in target_parameters(model).items():
+            module_name = owner.get(view.untyped_storage().data_ptr())
+            if module_name is None or (checkpoint_name in module_tensors and checkpoint_name not in owner.values()):
+                continue  # a tied copy, which the checkpoint leaves out
+            offset = view.storage_offset() - module_tensors[module_name].storage_offset()
+            cached[checkpoint_name] = (module_name, tuple(view.shape), tuple(view.stride()), offset)
+        _GEOMETRY[model] = cached
+    return cached
+
+
+def _checkpoint_names(model: torch.nn.Module, module_tensors: dict[str, torch.Tensor]) -> dict | None:
+    """transformers' save-time reversal of its load-time conversions (None: nothing to reverse)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without conversions: module names are checkpoint names
+        return None
+    if not hasattr(model, "config"):
+        return None
+    with torch.no_grad():
+        return revert_weight_conversion(model, dict(module_tensors))
+
+
+def _fused_views(
+    model: torch.nn.Module, module_tensors: dict[str, torch.Tensor], wanted: set[str], named: set[str]
+) -> dict[str, torch.Tensor]:
+    """Views for checkpoint tensors the reversal copied out of a fused module tensor.
+
+    Each module tensor the checkpoint does not name as it is (`named`: the names already mapped)
+    goes through the same reversal once more as element indices (an arange of its shape): where
+    every index lands gives the strides and offset of the checkpoint tensor inside it.
+    """
+    views: dict[str, torch.Tensor] = {}
+    for module_name, tensor in module_tensors.items():
+        if module_name in named or not wanted - views.keys():
+            continue
+        indices = torch.arange(tensor.numel(), dtype=torch.int64).view(tensor.shape)
+        with torch.no_grad():
+            reverted = _checkpoint_names(model, {module_name: indices}) or {}
+        for name, placed in reverted.items():
+            if name not in wanted:
+                continue
+            strided = _as_strided_view(placed, tensor.numel())
+            if strided is None or not tensor.is_contiguous():
+                raise CompatibilityError(
+                    f"{name}: transformers stores it inside {module_name} in a way that is not a strided view; "
+                    "this architecture cannot be merged in memory"
+                )
+            size, stride, offset = strided
+            views[name] = tensor.as_strided(size, stride, tensor.storage_offset() + offset)
+    missing = wanted - views.keys()
+    if missing:
+        raise CompatibilityError(
+            f"the loaded model holds no parameter for the checkpoint tensor {sorted(missing)[0]}; "
+            "this architecture cannot be merged in memory"
+        )
+    return views
+
+
+def _as_strided_view(indices: torch.Tensor, numel: int) -> tuple[tuple[int, ...], tuple[int, ...], int] | None:
+    """(size, stride, offset) such that arange(numel).as_strided(...) equals `indices`, or None."""
+    if indices.numel() == 0:
+        return None
+    flat = indices.reshape(-1)
+    offset = int(flat[0])
+    stride = []
+    for dim, size in enumerate(indices.shape):
+        if size > 1:
+            unit = [0] * indices.dim()
+            unit[dim] = 1
+            stride.append(int(indices[tuple(unit)]) - offset)
+        else:
+            stride.append(1)
+    size = tuple(indices.shape)
+    try:
+        rebuilt = torch.arange(numel, dtype=torch.int64).as_strided(size, tuple(stride), offset)
+    except RuntimeError:
+        return None
+    return (size, tuple(stride), offset) if torch.equal(rebuilt, indices) else None
 
 
 def check_target(plan: MergePlan, target: Mapping[str, torch.Tensor]) -> None:
