@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,6 +25,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from report import machine_line  # noqa: E402
+
 from evomerge.merge.methods import merge_tensors  # noqa: E402
 from evomerge.merge.vocab import build_vocabulary  # noqa: E402
 
@@ -89,8 +91,7 @@ def main() -> None:
         "# Differing vocabularies: build and permutation cost",
         "",
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`",
-        f"Machine: {platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads), {datetime.date.today()}",
+        f"{machine_line(torch, threads=f'{torch.get_num_threads()} torch thread(s)')}; {datetime.date.today()}",
         "",
         f"Three models (base; a: 2 chat + {args.added} tool tokens; b: 1 chat + {args.added} tool tokens, half"
         " shared with a), union vocabulary padded to a multiple of 64. One float32 embedding per model.",
