@@ -206,3 +206,16 @@ def test_an_existing_output_is_replaced_only_with_overwrite(family, tmp_path, ca
     assert run(["moe", config, tmp_path / "out", "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert run(["moe", config, tmp_path / "out", "--quiet", "--overwrite"]) == 0
+
+
+def test_a_base_without_a_tokenizer_is_one_line_for_prompt_gates(family, tmp_path, capsys):
+    import shutil
+
+    (tmp_path / "bare").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(family["base"] / name, tmp_path / "bare" / name)
+    config = {**demo_config(family, "cheap_embed"), "base_model": str(tmp_path / "bare")}
+    err = one_line_error(capsys, ["moe", write(tmp_path / "moe.yml", config), tmp_path / "out"])
+    assert "moe.yml: base_model: " in err and "has no tokenizer that loads" in err
+    config["gate_mode"] = "random"  # needs no tokenizer
+    assert run(["moe", write(tmp_path / "moe.yml", config), tmp_path / "out", "--quiet"]) == 0

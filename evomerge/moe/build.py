@@ -134,6 +134,11 @@ def _check_family(config: MoEConfig, config_path: Path, base: ModelDir, models: 
         raise CompatibilityError(f"{base.path}: expected gate/up/down projections in every one of its {layers} layers")
     for expert in [*config.experts, *(config.shared_experts or [])]:
         model = models[expert.source_model]
+        if model.config.get("model_type") not in INPUT_TYPES[architecture]:
+            raise CompatibilityError(
+                f"{model.path} is a {model.config.get('model_type')} model; {architecture} output takes "
+                f"{', '.join(INPUT_TYPES[architecture])} models"
+            )
         if model.num_hidden_layers != layers:
             raise CompatibilityError(
                 f"{model.path}: {model.num_hidden_layers} layers, the base {base.path} has {layers}; every expert needs the base's shape"
@@ -184,9 +189,17 @@ def router_weights(
         return gates.random_rows(layers, count, hidden, seed)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base.path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(base.path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{base.path} has no tokenizer that loads ({str(exc).splitlines()[0][:120]}); "
+            f"gate_mode {config.gate_mode} reads the prompts with the base's tokenizer",
+            file=config_path,
+            field="base_model",
+        ) from None
     prompts = _prompt_ids(config, config_path, tokenizer)
-    pad_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    pad_id = next((i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None), 0)
     if config.gate_mode == "cheap_embed":
         embed = base.get(next(n for n in base.tensors if n.endswith("embed_tokens.weight")))
 
