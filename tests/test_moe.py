@@ -155,6 +155,27 @@ def test_qwen3_moe_from_qwen3_experts_matches_mergekit_moe(tmp_path, one_torch_t
     assert_same_model(tmp_path / "ours", tmp_path / "mergekit")
 
 
+def test_router_row_math_by_hand():
+    from evomerge.moe import gates
+
+    ids, mask = gates.left_padded([[1, 5], [1, 6, 7]], pad_id=1)
+    assert ids.tolist() == [[1, 1, 5], [1, 6, 7]] and mask.tolist() == [[0, 1, 1], [1, 1, 1]]
+    embed = torch.eye(8)[:, :4] * 2  # token t -> 2 * e_t for t < 4, zero otherwise
+    # tokens 1, 1 (masked pad), 5 | 1, 6, 7: the unmasked sum is 2*e1 + 2*e1 = (0, 4, 0, 0)
+    assert gates.embedding_sum(embed, ids, mask).tolist() == [[0.0, 1.0, 0.0, 0.0]]
+    states = torch.zeros(2, 2, 3, 4)  # (layers, prompts, positions, hidden)
+    states[:, 0, -1] = torch.tensor([2.0, 0, 0, 0])
+    states[:, 1, -1] = torch.tensor([0, 4.0, 0, 0])
+    states[:, :, 0] = 100  # earlier positions never count
+    assert gates.last_token_mean(states).tolist() == [[1.0, 2.0, 0, 0]] * 2
+    rows = gates.router_rows(
+        [([[1]], [[2]]), ([[3]], [])], lambda ids, mask: torch.eye(4)[ids[:, -1]].mean(0, keepdim=True), pad_id=0
+    )
+    half = 2**-0.5
+    assert torch.allclose(rows, torch.tensor([[[0, half, -half, 0], [0, 0, 0, 1.0]]]))
+    assert not gates.unit_rows(torch.zeros(1, 4)).any()  # equal prompt sets: a zero row, not NaN
+
+
 def one_line_error(capsys, argv) -> str:
     assert run(argv) == 2
     err = capsys.readouterr().err.strip()
