@@ -9,6 +9,8 @@ replaced only with `overwrite`), tensor by tensor from the sources' files.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,34 +47,65 @@ def build_moe(
     config_path = Path(config_path)
     config = load_moe_config(config_path)
     recipe_text = config_path.read_text()
-    experts = [*config.experts, *(config.shared_experts or [])]
-    models = _open_models(config, experts)
-    try:
-        base = models[config.base_model]
-        architecture = _check_family(config, config_path, base, models)
-        layout = OutputLayout(architecture)
-        layers = int(base.num_hidden_layers or 0)
-        out_dtype = torch_dtype(config.dtype or _base_dtype(base))
+    with opened_models(config) as models:
         protected = {"a source model": [m.path for m in models.values()]}
         with staged_output(out_dir, overwrite=overwrite, protected=protected) as staged:
-            rows = router_weights(config, config_path, base, layers, seed=seed, progress=progress)
-            names = _layout(config, layout, base, layers, out_dtype)
-            check_free_space(staged.staging, sum(torch.Size(s).numel() * out_dtype.itemsize for s in names.values()))
-            _write_tensors(config, layout, models, base, layers, rows, names, out_dtype, staged.staging, progress)
-            output_config(
-                architecture,
-                base.config,
-                experts=len(config.experts),
-                experts_per_token=config.experts_per_token,
-                dtype=out_dtype,
-            ).save_pretrained(staged.staging)
-            copy_tokenizer(base.path, staged.staging)
-            (staged.staging / RECIPE_FILE).write_text(recipe_text)
-            staged.commit(verify=lambda directory: _verify(directory, names, out_dtype))
+            written = write_moe(config, config_path, recipe_text, models, staged.staging, seed=seed, progress=progress)
+            staged.commit(verify=lambda directory: _verify(directory, written.tensors))
+    return MoEReport(
+        Path(out_dir), written.architecture, len(config.experts), written.layers, time.perf_counter() - started
+    )
+
+
+@dataclass(frozen=True)
+class WrittenMoE:
+    architecture: str
+    layers: int
+    tensors: dict[str, tuple[int, ...]]  # every written tensor's name and shape
+
+
+def write_moe(
+    config: MoEConfig,
+    config_path: Path,
+    recipe_text: str,
+    models: dict[str, ModelDir],
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+) -> WrittenMoE:
+    """Write the MoE's tensors, config, tokenizer and recipe into the (staging) folder `out_dir`;
+    `models` holds every model `config` names, open."""
+    base = models[config.base_model]
+    architecture = _check_family(config, config_path, base, models)
+    layout = OutputLayout(architecture)
+    layers = int(base.num_hidden_layers or 0)
+    out_dtype = torch_dtype(config.dtype or _base_dtype(base))
+    rows = router_weights(config, config_path, base, layers, seed=seed, progress=progress)
+    names = _layout(config, layout, base, layers, out_dtype)
+    check_free_space(out_dir, sum(torch.Size(s).numel() * out_dtype.itemsize for s in names.values()))
+    _write_tensors(config, layout, models, base, layers, rows, names, out_dtype, out_dir, progress)
+    output_config(
+        architecture,
+        base.config,
+        experts=len(config.experts),
+        experts_per_token=config.experts_per_token,
+        dtype=out_dtype,
+    ).save_pretrained(out_dir)
+    copy_tokenizer(base.path, out_dir)
+    (Path(out_dir) / RECIPE_FILE).write_text(recipe_text)
+    return WrittenMoE(architecture, layers, names)
+
+
+@contextmanager
+def opened_models(config: MoEConfig) -> Iterator[dict[str, ModelDir]]:
+    """Every model the config names (base first), open; closed on the way out."""
+    models = _open_models(config, [*config.experts, *(config.shared_experts or [])])
+    try:
+        yield models
     finally:
         for model in models.values():
             model.close()
-    return MoEReport(Path(out_dir), architecture, len(config.experts), layers, time.perf_counter() - started)
 
 
 def _open_models(config: MoEConfig, experts) -> dict[str, ModelDir]:
@@ -283,7 +316,7 @@ def _expert_tensor(model: ModelDir, expert, layer: int, projection: str) -> torc
     return tensor
 
 
-def _verify(directory: Path, names: dict[str, tuple[int, ...]], out_dtype) -> None:
+def _verify(directory: Path, names: dict[str, tuple[int, ...]]) -> None:
     written = ModelDir(directory)
     try:
         found = {n: tuple(info.shape) for n, info in written.tensors.items()}
