@@ -240,3 +240,57 @@ def test_a_base_without_a_tokenizer_is_one_line_for_prompt_gates(family, tmp_pat
     assert "moe.yml: base_model: " in err and "has no tokenizer that loads" in err
     config["gate_mode"] = "random"  # needs no tokenizer
     assert run(["moe", write(tmp_path / "moe.yml", config), tmp_path / "out", "--quiet"]) == 0
+
+
+def test_a_routing_search_scores_moes_and_exports_the_one_it_scored(family, tmp_path, capsys, tasks_dir):
+    from evomerge.config.space import load_space
+    from evomerge.store.trial_store import TrialStore
+
+    skills = list(SKILL_PROMPTS)
+    space = {
+        "models": [f"{skill}@{family[skill]}" for skill in skills],
+        "base_model": f"base@{family['base']}",
+        "device": "cpu",
+        "genome": {"kind": "moe", "prompts": SKILL_PROMPTS, "experts_per_token": [1, 2]},
+        "objectives": [{"task": f"demo_{s}", "metric": "acc,none", "name": s} for s in skills],
+        "eval": {"include_paths": [str(tasks_dir)], "limit": 8, "batch_size": 64},
+        "search": {"sampler": "random", "seed": 0, "n_trials": 3, "study_name": "moe", "finalists": 0},
+    }
+    space_file = write(tmp_path / "space.yml", space)
+    assert run(["run", space_file, "-q"]) == 0, capsys.readouterr().err
+    store = TrialStore(load_space(space_file).storage_url)
+    trials = store.trials("moe")
+    assert len(trials) == 3 and all(t.status == "complete" for t in trials), [t.failure for t in trials]
+    assert {t.genome["gate_mode"] for t in trials} <= {"hidden", "cheap_embed"}
+    assert all(t.plan_yaml.startswith("# Made by evomerge (genome kind moe)") for t in trials)
+    assert set(store.references("moe", "search")) == {"base", *skills}
+    assert len(store.scores("moe", "search")) == 3  # every MoE scored on every skill
+    assert all(len(scores) == len(skills) for scores in store.scores("moe", "search").values())
+    capsys.readouterr()
+    assert run(["export", space_file, tmp_path / "export", "-q"]) == 0, capsys.readouterr().err
+    assert "matches the scored model" in capsys.readouterr().out
+    exported = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert exported["architectures"] == ["MixtralForCausalLM"]
+
+
+@pytest.mark.parametrize(
+    ("genome", "field", "expected"),
+    [
+        ({"prompts": {"reverse": ["reverse ab ="]}}, "genome.prompts", "none for sort"),
+        ({"prompts": {**SKILL_PROMPTS, "tidy": ["x"]}}, "genome.prompts", "'tidy' is not a fine-tune"),
+        ({"prompts": SKILL_PROMPTS, "experts_per_token": [1, 5]}, "genome.experts_per_token", "at most 4"),
+        ({"prompts": SKILL_PROMPTS, "gate_modes": ["hidden", "learned"]}, "genome.gate_modes.1", "'hidden'"),
+    ],
+)
+def test_moe_genome_mistakes_are_one_line(family, tmp_path, capsys, tasks_dir, genome, field, expected):
+    skills = list(SKILL_PROMPTS)
+    space = {
+        "models": [f"{skill}@{family[skill]}" for skill in skills],
+        "base_model": f"base@{family['base']}",
+        "genome": {"kind": "moe", **genome},
+        "objectives": [{"task": f"demo_{s}", "metric": "acc,none"} for s in skills],
+        "eval": {"include_paths": [str(tasks_dir)]},
+        "search": {"n_trials": 2},
+    }
+    err = one_line_error(capsys, ["validate", write(tmp_path / "space.yml", space)])
+    assert f"space.yml: {field}: " in err and expected in err, err
