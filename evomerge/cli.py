@@ -49,6 +49,9 @@ cli_inspect.register(app)
 from evomerge import cli_align  # noqa: E402
 
 cli_align.register(app)
+from evomerge import cli_moe  # noqa: E402
+
+cli_moe.register(app)
 demo_app = typer.Typer(
     help="The built-in offline demo: a tiny model family with distinct skills.", no_args_is_help=True
 )

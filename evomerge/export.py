@@ -24,6 +24,7 @@ from evomerge.io.lora import folders_of
 from evomerge.io.model_dir import ModelDir
 from evomerge.io.output_dir import staged_output
 from evomerge.merge.engine import verify_layout, write_checkpoint
+from evomerge.moe.genome import builds_moe
 from evomerge.search.front import compute_front, pick_best
 from evomerge.store import display_url
 from evomerge.store.protocol import TrialReader
@@ -100,6 +101,31 @@ def _write_path(
 
     recipe = genome.to_yaml(params, folds=tensors.folds)
     return Written(digest if verify else "", recipe, models, ["passthrough"], None, check)
+
+
+def _write_moe(
+    genome: Any,
+    params: Mapping[str, Any],
+    staging: Path,
+    metadata: Mapping[str, str],
+    device: str,
+    max_shard_bytes: int,
+    verify: bool,
+    progress: bool,
+) -> Written:
+    """A moe genome: the trial's mergekit-moe YAML, assembled into `staging` as `evomerge moe` does."""
+    from evomerge.moe.genome import write_candidate
+
+    written = write_candidate(genome, params, staging, progress=progress)
+    digest = checkpoint_hash(staging, written.tensors) if verify else ""
+    models = {name: Path(genome.paths[name]) for name in [genome.base, *genome.chosen(params)]}
+
+    def check(directory: Path) -> None:
+        found = {name: shape for name, (shape, _) in torch_layout(directory).items()}
+        if found != written.tensors:
+            raise EvomergeError(f"{directory}: the written checkpoint does not match the MoE; nothing was replaced")
+
+    return Written(digest, genome.to_yaml(params), models, ["moe"], None, check)
 
 
 def torch_layout(directory: Path) -> dict[str, tuple[tuple[int, ...], Any]]:
@@ -221,7 +247,7 @@ def export_trial(
     with staged_output(out_dir, overwrite=overwrite, protected=_protected(space)) as staged:
         genome = make_genome(space)
         metadata = {"study": space.study_name, "trial": str(trial), "storage": display_url(space.storage_url)}
-        write = _write_path if builds_paths(genome) else _write_merge
+        write = _write_path if builds_paths(genome) else _write_moe if builds_moe(genome) else _write_merge
         written = write(genome, record.genome, staged.staging, metadata, device, max_shard_bytes, verify, progress)
         digest = written.digest
         if verify and digest != record.weights_hash:

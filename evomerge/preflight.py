@@ -133,7 +133,11 @@ def preflight_space(space: SearchSpace, *, scan: bool | None = None, genome: Any
     )
     donor = genome.base or genome.finetunes[0]
     check_filters(space, genome.models[donor].tensors)
-    if not builds_paths(genome):  # candidates are merged into one loaded model of the donor's class
+    from evomerge.moe.genome import builds_moe
+
+    if not builds_paths(genome) and not builds_moe(
+        genome
+    ):  # candidates are merged into one loaded model of the donor's class
         report.checks.append(check_in_memory(genome.models[donor], remote_code=space.trust_remote_code))
     fields = {m.name: f"models.{i}" for i, m in enumerate(space.models)}
     if space.base_model:

@@ -67,7 +67,7 @@ def steps(*triples) -> tuple[PathStep, ...]:
         ({"layers": 3}, r"genome\.layers: unknown field"),
         ({"use_rate": 1}, r"genome\.use_rate: "),
         ({"use_rate": 0}, r"genome\.use_rate: "),
-        ({"kind": "stacking"}, r"genome\.kind: unknown genome kind \(choose from: parameters, dataflow\)"),
+        ({"kind": "stacking"}, r"genome\.kind: unknown genome kind \(choose from: parameters, dataflow, moe\)"),
     ],
 )
 def test_spec_errors_name_the_genome_field(demo_family, tmp_path, genome, message):

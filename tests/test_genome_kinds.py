@@ -88,7 +88,7 @@ def test_a_registered_kind_is_validated_and_built(tmp_path, loop_kind):
     with pytest.raises(ConfigError, match=r"genome\.weight: "):
         parse_space(space_data(tmp_path, {"weight": [1, 0]}), base_dir=tmp_path, source="space.yml")
     with pytest.raises(
-        ConfigError, match=r"genome\.kind: unknown genome kind \(choose from: parameters, dataflow, loops\)"
+        ConfigError, match=r"genome\.kind: unknown genome kind \(choose from: parameters, dataflow, moe, loops\)"
     ):
         parse_space(space_data(tmp_path, {"kind": "stacking"}), base_dir=tmp_path, source="space.yml")
 

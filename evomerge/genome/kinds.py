@@ -16,6 +16,7 @@ from pydantic import BaseModel, Discriminator, Tag
 
 from evomerge.genome.dataflow import DataflowGenomeSpec
 from evomerge.genome.spec import GenomeSpec
+from evomerge.moe.genome import MoEGenomeSpec
 
 if TYPE_CHECKING:
     from evomerge.config.space import SearchSpace
@@ -33,6 +34,7 @@ class GenomeKind(NamedTuple):
 GENOME_KINDS: dict[str, GenomeKind] = {
     "parameters": GenomeKind(GenomeSpec, "evomerge.genome.parameters:ParameterGenome"),
     "dataflow": GenomeKind(DataflowGenomeSpec, "evomerge.genome.dataflow:DataflowGenome"),
+    "moe": GenomeKind(MoEGenomeSpec, "evomerge.moe.genome:MoEGenome"),
 }
 
 

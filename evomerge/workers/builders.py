@@ -1,16 +1,17 @@
 """Candidate builders: how a worker turns one trial's genes into a model object to score.
 
 The worker (evomerge.workers.candidate) owns the tokenizer, the evaluators and the timing report;
-a builder owns the resident sources and the model object. Two genome kinds, two builders:
+a builder owns the resident sources and the model object. One builder per genome kind:
 
 - `MergedCandidates` (parameters genome): one resident model whose weights are overwritten in
   place by each trial's merge plan.
+- `MoECandidates` (moe genome, in evomerge.moe.candidates): each trial's MoE checkpoint, loaded.
 - `PathCandidates` (dataflow genome): the sources loaded once as models; each trial's layer path
   becomes a path model whose layers are the sources' own modules (no weights copied). Its hash is
   `path_hash`, the hash of exactly the tensors `evomerge export` writes for that path.
 
 `make_builder` is the one place a worker picks the builder, by the genome's capability
-(`evomerge.genome.protocol.builds_paths`).
+(`evomerge.genome.protocol.builds_paths`, `evomerge.moe.genome.builds_moe`).
 """
 
 from __future__ import annotations
@@ -66,8 +67,14 @@ def donor_name(genome: Genome) -> str:
 
 
 def make_builder(genome: Genome, space: SearchSpace, *, dtype: torch.dtype, device: str) -> CandidateBuilder:
+    from evomerge.moe.genome import builds_moe
+
     if builds_paths(genome):
         return PathCandidates(genome, dtype=dtype, device=device)
+    if builds_moe(genome):
+        from evomerge.moe.candidates import MoECandidates
+
+        return MoECandidates(genome, dtype=dtype, device=device)
     return MergedCandidates(genome, space, dtype=dtype, device=device)
 
 
