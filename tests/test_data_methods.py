@@ -11,9 +11,13 @@ import pytest
 import torch
 from families import load_checkpoint, tiny_config
 
+from evomerge.config.mergekit_yaml import load_merge_config
 from evomerge.data_stats.cache import StatisticsRequest, ensure_statistics, statistics_key
 from evomerge.data_stats.compute import continuation_logprob, fisher_diagonal, gram_matrices
+from evomerge.data_stats.for_plan import attach_statistics
 from evomerge.merge.methods import merge_tensors
+from evomerge.merge.planner import plan_merge
+from evomerge.merge.resident import ResidentSources, materialize
 
 REPO = Path(__file__).resolve().parent.parent
 EVOMERGE = Path(sys.executable).with_name("evomerge")
@@ -191,6 +195,15 @@ def test_merge_with_data_writes_a_loadable_model_and_reuses_statistics(tmp_path,
     name = "model.layers.0.self_attn.q_proj.weight"
     average = sum(source[name] for source in sources) / len(sources)
     assert not torch.allclose(merged[name], average, atol=1e-6)  # the statistics changed the result
+    # A search's in-place merge, the statistics resident like the sources, writes the same weights.
+    document = load_merge_config(config)
+    plan, results = attach_statistics(
+        plan_merge(document, config_path=config), document, config_path=config, out_dir=tmp_path / "out"
+    )
+    assert results and not any(result.computed for result in results)
+    target = {recipe.name: torch.empty(recipe.shape) for recipe in plan.tensors}
+    materialize(plan, ResidentSources(plan.models, dtype=torch.float32), target)
+    assert all(torch.equal(target[name], merged[name]) for name in merged)
 
 
 @pytest.mark.parametrize(

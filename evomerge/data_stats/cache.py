@@ -78,14 +78,21 @@ def _peak_rss_bytes() -> int:
 def compute_statistics(request: StatisticsRequest, device: str = "cpu") -> dict[str, torch.Tensor]:
     """Load the model, build its examples from its tasks and compute the statistic."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
     from evomerge.data_stats.compute import fisher_diagonal, gram_matrices
     from evomerge.data_stats.examples import task_examples
 
     tokenizer = AutoTokenizer.from_pretrained(request.model_dir, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(
-        request.model_dir, use_safetensors=True, trust_remote_code=False, dtype=torch.float32
-    ).to(device)
+    bar = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per model says nothing here
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            request.model_dir, use_safetensors=True, trust_remote_code=False, dtype=torch.float32
+        ).to(device)
+    finally:
+        if bar:
+            transformers_logging.enable_progress_bar()
     examples = task_examples(
         request.tasks,
         include_paths=request.include_paths,

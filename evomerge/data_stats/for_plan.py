@@ -97,7 +97,10 @@ def attach_statistics(
             examples=data.examples,
             seed=data.seed,
         )
-        result = ensure_statistics(request, cache, device=device)
+        try:
+            result = ensure_statistics(request, cache, device=device)
+        except ValueError as exc:  # tasks without usable examples (e.g. generation only)
+            raise ConfigError(f"model '{ref}': {exc}", file=config_path, field="data.tasks") from None
         files[ref] = result.path
         results.append(result)
     return replace(plan, statistics=files), results
