@@ -80,7 +80,9 @@ def merge_config(family, method: str, *, weight=None, density=None, params=None,
         if per_model:
             entry["parameters"] = per_model
         models.append(entry)
-    config = {"merge_method": method, "base_model": str(family.base), "models": models, "dtype": "float32"}
+    config = {"merge_method": method, "models": models, "dtype": "float32"}
+    if method != "linear":  # linear would weigh a listed base in
+        config["base_model"] = str(family.base)
     if params:
         config["parameters"] = params
     if data:
