@@ -185,9 +185,12 @@ def test_merge_with_data_writes_a_loadable_model_and_reuses_statistics(tmp_path,
     assert len(files) == len(demo_family.skills)
     if method == "fisher":  # a second merge reads the cached statistics (one rerun keeps the test short)
         stamps = [f.stat().st_mtime_ns for f in files]
-        again = evomerge("merge", str(config), str(tmp_path / "out2"), "--quiet")
+        # from the recipe written beside the output: its models, tasks and cache follow it there
+        again = evomerge("merge", str(tmp_path / "out" / "mergekit_config.yml"), str(tmp_path / "out2"), "--quiet")
         assert again.returncode == 0, again.stderr
         assert sorted((tmp_path / "stats").iterdir()) == files and [f.stat().st_mtime_ns for f in files] == stamps
+        first, second = load_checkpoint(tmp_path / "out"), load_checkpoint(tmp_path / "out2")
+        assert all(torch.equal(first[name], second[name]) for name in first)
     merged, sources = (
         load_checkpoint(tmp_path / "out"),
         [load_checkpoint(demo_family.finetunes[s]) for s in demo_family.skills],

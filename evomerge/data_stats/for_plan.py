@@ -56,6 +56,22 @@ def check_data(documents: Sequence[MergeConfig], config_path: Path) -> None:
             raise ConfigError(str(exc), file=config_path, field=f"{where}.tasks") from None
 
 
+def with_absolute_data(document: MergeConfig, config_path: Path) -> MergeConfig:
+    """`document` with its data section's include paths and cache folder absolute (resolved from
+    the config's folder), so the recipe written beside the output can point at them from there."""
+    data = document.data
+    if data is None:
+        return document
+    folder = Path(config_path).parent
+    absolute = data.model_copy(
+        update={
+            "include_paths": [str((folder / p).resolve()) for p in data.include_paths],
+            "cache_dir": None if data.cache_dir is None else str((folder / data.cache_dir).resolve()),
+        }
+    )
+    return document.model_copy(update={"data": absolute})
+
+
 def include_paths(data: DataSection, config_path: Path) -> tuple[Path, ...]:
     return tuple((Path(config_path).parent / p).resolve() for p in data.include_paths)
 

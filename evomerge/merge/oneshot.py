@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from evomerge.config.mergekit_yaml import MergeConfig, dump_merge_config, load_merge_documents
-from evomerge.data_stats.for_plan import attach_statistics, check_data
+from evomerge.data_stats.for_plan import attach_statistics, check_data, with_absolute_data
 from evomerge.errors import EvomergeError
 from evomerge.io.lora import folders_of
 from evomerge.io.output_dir import check_target, refuse_protected, staged_output
@@ -62,6 +62,7 @@ def merge_file(
     # mistake in the last document does not surface after minutes of merging the first.
     plan_documents(documents, config_path=config_path, allow_pickle=allow_pickle, allow_crimes=allow_crimes)
     check_data(documents, config_path)
+    documents = [with_absolute_data(document, config_path) for document in documents]
     named_parts = [d.name for d in documents[:-1]]
     sources = source_folders(documents, config_path, set(named_parts))
     refuse_protected(out_dir, {"a source model": sources})
