@@ -58,11 +58,15 @@ def statistics_worker(kind: str, model_dir: str, task: str, cache: str, examples
     result = ensure_statistics(request, Path(cache))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     size = result.path.stat().st_size
-    print(
-        json.dumps(
-            {"seconds": result.seconds, "computed": result.computed, "before": before, "peak": peak, "bytes": size}
-        )
+    from safetensors.torch import load_file
+
+    # How much weight the model carries: Fisher, the sum of every entry; Gram, the sum of the traces.
+    stats = load_file(result.path)
+    total = sum(
+        float(t.double().sum() if kind == "fisher" else torch.diagonal(t).double().sum()) for t in stats.values()
     )
+    measured = {"seconds": result.seconds, "before": before, "peak": peak, "bytes": size, "total": total}
+    print(json.dumps({**measured, "computed": result.computed}))
 
 
 def run_statistics(kind: str, model_dir: Path, task: str, cache: Path, examples: int) -> dict:
@@ -176,12 +180,12 @@ def main() -> None:
         f"| {label} | {mean:.3f} |" for label, method, _, mean, _ in scored if method in ("task_arithmetic", "ties")
     ]
     stats = [
-        "| statistic | fine-tune | compute (s) | peak RSS (MiB) | RSS before (MiB) | file (MiB) |",
-        "|---|---|---:|---:|---:|---:|",
+        "| statistic | fine-tune | compute (s) | peak RSS (MiB) | RSS before (MiB) | file (MiB) | total |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     for kind, skill, m in stats_rows:
         stats.append(
-            f"| {kind} | {skill} | {m['seconds']:.1f} | {m['peak'] / 2**20:.0f} | {m['before'] / 2**20:.0f} | {m['bytes'] / 2**20:.2f} |"
+            f"| {kind} | {skill} | {m['seconds']:.1f} | {m['peak'] / 2**20:.0f} | {m['before'] / 2**20:.0f} | {m['bytes'] / 2**20:.2f} | {m['total']:.3g} |"
         )
     params = sum(t.numel() for t in AutoModelForCausalLM.from_pretrained(family.base).state_dict().values())
     body = f"""## Fisher and RegMean vs task arithmetic and TIES (demo family)
@@ -202,7 +206,11 @@ Grid (mean over skills):
 {chr(10).join(grid)}
 
 Statistics, each fine-tune in a fresh process (peak RSS: the whole process, including torch, transformers and
-lm-eval, which alone take the "RSS before" column; file: the cached safetensors):
+lm-eval, which alone take the "RSS before" column; compute: building the examples with lm-eval, loading the
+model and the pass over the examples; file: the cached safetensors; total: the sum of every Fisher entry, or of
+every Gram matrix's trace). The Fisher here is the empirical one, the squared gradient of the gold answer's
+log-likelihood: it is near zero where a fine-tune already gives its gold answers probability ~1, so a
+fine-tune that fits its own data best carries the least weight in a Fisher merge.
 
 {chr(10).join(stats)}
 """
