@@ -27,6 +27,7 @@ ALL_METHODS = [
 ]
 # mergekit 0.1.5's other seven, registered after those in its registry order.
 NEW_METHODS = ["multislerp", "nearswap", "ram", "ramplus_tl", "sce", "arcee_fusion", "karcher"]
+DATA_METHODS = ["fisher", "regmean"]  # evomerge's own (no mergekit counterpart): tests/test_data_methods.py
 TASK_VECTOR_METHODS = [m for m in ALL_METHODS if METHODS[m].base == "required" and "density" in METHODS[m].model_params]
 R2 = math.sqrt(0.5)
 
@@ -54,7 +55,7 @@ def task_merge(method, base, deltas, weights, *, dtype=torch.float64, seed=None,
 
 # -- registry ------------------------------------------------------------------------------------
 def test_registry_names_params_and_defaults_match_mergekit_table():
-    assert list(METHODS) == ALL_METHODS + NEW_METHODS
+    assert list(METHODS) == ALL_METHODS + NEW_METHODS + DATA_METHODS
     assert all(isinstance(spec, MethodSpec) and spec.name == name for name, spec in METHODS.items())
     defaults = {  # (normalize, rescale) from the reference table
         "task_arithmetic": (False, False),

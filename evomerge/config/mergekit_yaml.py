@@ -194,6 +194,39 @@ class TokenizerSection(StrictModel):
 _PART_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
 
 
+class DataSection(StrictModel):
+    """`data:`: where the data methods (fisher, regmean) take their examples (an evomerge extension).
+
+    `tasks` is a list of lm-eval task names every model uses, or a mapping model reference -> its
+    own tasks; include paths and `cache_dir` are relative to the config file's folder. The cache
+    defaults to `.evomerge-stats` beside the output folder."""
+
+    tasks: list[str] | dict[str, list[str]]
+    include_paths: list[str] = []
+    examples: Integer = 256
+    seed: Integer = 0
+    cache_dir: str | None = None
+
+    @field_validator("tasks")
+    @classmethod
+    def _some_tasks(cls, value: list[str] | dict[str, list[str]]) -> list[str] | dict[str, list[str]]:
+        lists = value.values() if isinstance(value, dict) else [value]
+        if not value or any(not names for names in lists):
+            raise ValueError("expected at least one lm-eval task name (per model when a mapping)")
+        return value
+
+    @field_validator("examples")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"expected at least 1 example per model, got {value}")
+        return value
+
+    def tasks_for(self, model: str) -> list[str] | None:
+        """The tasks of `model` (None when a mapping does not name it)."""
+        return list(self.tasks) if isinstance(self.tasks, list) else self.tasks.get(model)
+
+
 class MergeConfig(StrictModel):
     merge_method: str
     models: list[InputModel] | None = None
@@ -208,6 +241,7 @@ class MergeConfig(StrictModel):
     modules: dict[str, Any] | None = None
     chat_template: str | None = None
     name: str | None = None
+    data: DataSection | None = None  # evomerge's: examples for the data methods
 
     @field_validator("name")
     @classmethod

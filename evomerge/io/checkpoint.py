@@ -191,6 +191,30 @@ def _model_fields(document: dict) -> list[tuple[dict, str]]:
     return fields
 
 
+def _relocate_data(data: object, paths: Mapping[str, ModelSource], keep: set[str], final_dir: Path) -> None:
+    """A `data:` section (data merge methods) follows its models: the per-model task mapping's
+    keys as model references, absolute include paths and cache folder relative to `final_dir`."""
+    if not isinstance(data, dict):
+        return
+    tasks = data.get("tasks")
+    if isinstance(tasks, dict):
+        relocated = {}
+        for ref, names in tasks.items():
+            if ref in paths and ref not in keep:
+                ref = _relative_source(paths[ref], final_dir)
+            elif isinstance(ref, str) and os.path.isabs(ref) and ref not in keep:
+                ref = _relative_source(_as_source(ref), final_dir)
+            relocated[ref] = names
+        data["tasks"] = relocated
+    if isinstance(data.get("include_paths"), list):
+        data["include_paths"] = [
+            _relative(Path(p), final_dir) if isinstance(p, str) and os.path.isabs(p) else p
+            for p in data["include_paths"]
+        ]
+    if isinstance(data.get("cache_dir"), str) and os.path.isabs(data["cache_dir"]):
+        data["cache_dir"] = _relative(Path(data["cache_dir"]), final_dir)
+
+
 def relocate_recipe(
     recipe_yaml: str, *, final_dir: Path, paths: Mapping[str, ModelSource], names: Iterable[str] = ()
 ) -> str:
@@ -220,6 +244,7 @@ def relocate_recipe(
                 holder[key] = _relative_source(paths[ref], final_dir)
             elif os.path.isabs(ref):  # `base+adapter`: both parts relocated
                 holder[key] = _relative_source(_as_source(ref), final_dir)
+        _relocate_data(document.get("data"), paths, keep, final_dir)
     note = "# Model paths are relative to this file's folder.\n"
     return header + note + "---\n".join(dump_yaml(document) for document in documents)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from evomerge.merge.family import (
     arcee_fusion,
+    data_weighted,
     karcher,
     linear,
     model_stock,
@@ -34,3 +35,5 @@ register(ram.SPEC_PLUS_TL)
 register(sce.SPEC)
 register(arcee_fusion.SPEC)
 register(karcher.SPEC)
+for spec in data_weighted.SPECS:  # fisher, regmean: statistics from data (evomerge.data_stats)
+    register(spec)

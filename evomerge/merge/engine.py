@@ -33,7 +33,7 @@ from evomerge.io.lora import AdapterModel, folders_of, model_folder, open_model
 from evomerge.io.model_dir import ModelDir
 from evomerge.io.output_dir import check_free_space, staged_output
 from evomerge.io.safetensors_io import StreamingCheckpointWriter
-from evomerge.merge.methods import DeltaCache, merge_tensors
+from evomerge.merge.methods import DeltaCache, get_method, merge_tensors
 from evomerge.merge.plan import MergePlan, TensorRecipe
 from evomerge.merge.seeds import tensor_seed
 from evomerge.merge.vocab import write_tokenizer
@@ -66,6 +66,7 @@ def compute_recipe(
     seed: int,
     out: torch.Tensor | None = None,
     cache: DeltaCache | None = None,
+    statistics: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """One output tensor from its (already loaded) source tensors; pure math, any device.
 
@@ -86,6 +87,7 @@ def compute_recipe(
         out=out,
         cache=cache,
         cache_keys=recipe.inputs,
+        statistics=statistics,
     )
 
 
@@ -108,6 +110,27 @@ def all_finite(tensor: torch.Tensor) -> bool:
         return True
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
+def open_statistics(plan: MergePlan) -> dict[str, object]:
+    """The plan's statistics files (data methods), opened lazily like the sources."""
+    from safetensors import safe_open
+
+    return {ref: safe_open(str(path), framework="pt", device="cpu") for ref, path in plan.statistics.items()}
+
+
+def recipe_statistics(
+    recipe: TensorRecipe, statistics: Mapping[str, object], device: torch.device
+) -> list[torch.Tensor | None] | None:
+    """The per-input statistics a data method's recipe needs (None per input that has none)."""
+    if get_method(recipe.method).statistic is None:
+        return None
+    found = []
+    for index, (ref, name) in enumerate(recipe.inputs):
+        opened = statistics.get(ref) if index != recipe.base_index else None
+        has = opened is not None and name in opened.keys()  # noqa: SIM118 (safe_open has no __contains__)
+        found.append(opened.get_tensor(name).to(device) if has else None)
+    return found
 
 
 def _load(
@@ -242,12 +265,17 @@ def write_checkpoint(
     sources = sources or open_sources(plan, allow_pickle=allow_pickle)
     math_device = torch.device(device)
     workers = workers or default_workers()
+    statistics = open_statistics(plan)
     layout = [(recipe.name, recipe.shape, plan.out_dtype) for recipe in plan.tensors]
     writer = StreamingCheckpointWriter(out_dir, layout, max_shard_bytes=max_shard_bytes)
 
     def produce(recipe: TensorRecipe) -> None:
         merged = compute_recipe(
-            recipe, _load(plan, sources, recipe, math_device), math_dtype=plan.math_dtype, seed=plan.seed
+            recipe,
+            _load(plan, sources, recipe, math_device),
+            math_dtype=plan.math_dtype,
+            seed=plan.seed,
+            statistics=recipe_statistics(recipe, statistics, math_device),
         )
         if not all_finite(merged):
             raise NonFiniteMergeError(

@@ -88,6 +88,7 @@ def merge_tensors(
     out: torch.Tensor | None = None,
     cache: DeltaCache | None = None,
     cache_keys: Sequence[Any] | None = None,
+    statistics: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Merge one output tensor from its source tensors (one per source model, config order).
 
@@ -99,6 +100,8 @@ def merge_tensors(
     without a full-size temporary: how a search re-merges into a resident model.
     `cache` keeps statistics of the deltas between inputs that never change across calls (resident
     sources), under `cache_keys` (one hashable per tensor naming its content, e.g. (model, name)).
+    `statistics` (data methods only: one per tensor, None where a model has none for it) are the
+    per-model statistics the method weighs by (evomerge.data_stats).
     """
     spec = get_method(method)
     tensors = list(tensors)
@@ -113,6 +116,14 @@ def merge_tensors(
     if out is not None and (out.shape != tensors[0].shape or out.dtype != dtype or not out.is_contiguous()):
         raise ValueError(f"{spec.name}: out must be a contiguous {dtype} tensor of shape {tuple(tensors[0].shape)}")
     seed = 0 if seed is None else seed
+    if spec.statistic is not None:
+        if statistics is None:
+            raise ValueError(f"{spec.name} needs per-model statistics from data (a 'data:' section)")
+        if len(statistics) != len(tensors):
+            raise ValueError(f"{spec.name}: {len(statistics)} statistics for {len(tensors)} tensors")
+        with torch.no_grad():
+            merged = spec.merge(tensors, resolved, options, base_index, seed, statistics=list(statistics))
+        return merged if out is None else out.copy_(merged)
     with torch.no_grad():
         if spec.task_vector is not None and cache is not None and cache_keys is not None:
             keys = list(cache_keys)

@@ -3,7 +3,9 @@
 Every document is planned and merged in order into staging folders; the final output is moved
 into OUT_DIR only when every part is done. Intermediate merges (named documents) live under the
 output's staging folder and are deleted after, or, with `intermediate_dir`, each goes to
-`intermediate_dir/NAME` under the same rules as OUT_DIR: nothing is written anywhere else.
+`intermediate_dir/NAME` under the same rules as OUT_DIR. The data methods' statistics are cached
+in the `data:` section's `cache_dir`, else in `.evomerge-stats` beside OUT_DIR (data_stats.for_plan):
+nothing is written anywhere else.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from evomerge.config.mergekit_yaml import MergeConfig, dump_merge_config, load_merge_documents
+from evomerge.data_stats.for_plan import attach_statistics, check_data, with_absolute_data
 from evomerge.errors import EvomergeError
 from evomerge.io.lora import folders_of
 from evomerge.io.output_dir import check_target, refuse_protected, staged_output
@@ -58,6 +61,8 @@ def merge_file(
     # Every document planned (headers, shapes, parameters) before the first one is merged, so a
     # mistake in the last document does not surface after minutes of merging the first.
     plan_documents(documents, config_path=config_path, allow_pickle=allow_pickle, allow_crimes=allow_crimes)
+    check_data(documents, config_path)
+    documents = [with_absolute_data(document, config_path) for document in documents]
     named_parts = [d.name for d in documents[:-1]]
     sources = source_folders(documents, config_path, set(named_parts))
     refuse_protected(out_dir, {"a source model": sources})
@@ -87,6 +92,7 @@ def merge_file(
                 allow_crimes=allow_crimes,
                 named_models=named,
             )
+            plan, _ = attach_statistics(plan, document, config_path=config_path, out_dir=out_dir, device=device)
             all_paths.update({ref: path for ref, path in plan.models.items() if ref not in named})
             methods.update(plan.method_names)
             if document.name is None:

@@ -45,6 +45,8 @@ class MergePlan:
     recipe_yaml: str = ""  # a mergekit-compatible YAML reproducing this plan
     metadata: Mapping[str, Any] = field(default_factory=dict)
     vocab: Vocabulary | None = None  # differing vocabularies: output vocabulary and row permutations
+    # Data methods: model key -> safetensors file of its statistics (evomerge.data_stats), by tensor name.
+    statistics: Mapping[str, Path] = field(default_factory=dict)
 
     @property
     def method_names(self) -> list[str]:

@@ -88,6 +88,9 @@ class MethodSpec:
     picks_by: str | None = None
     parent_rank: int | None = None  # preference (low first) for seeding "one parent alone" exactly
     uniform_rank: int | None = None  # preference for seeding the uniform mix
+    # A data method's per-model statistic ("fisher": diagonal Fisher, "gram": linear-layer input
+    # Gram matrices), computed by evomerge.data_stats; its `merge` takes them as statistics=.
+    statistic: str | None = None
 
     @property
     def global_params(self) -> dict[str, float | bool | None]:

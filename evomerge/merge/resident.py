@@ -78,6 +78,9 @@ class ResidentSources:
         self.delta_cache = DeltaCache()
         # Per recipe inputs: the fused kernel's view of them (fused_plan.resident_inputs).
         self.fused_inputs: dict = {}
+        # Data methods' statistics (evomerge.data_stats), by statistics file: tensor name -> float32
+        # tensor on the device, read on a plan's first use and kept for every later trial.
+        self.statistics: dict[Path, dict[str, torch.Tensor]] = {}
         folders: dict[Path, dict[str, torch.Tensor]] = {}  # one resident copy per checkpoint folder
         for name, model in models.items():
             opened = (
@@ -147,6 +150,28 @@ class ResidentSources:
                 self._aligned[key] = tuple(names)
             recipes.append(replace(recipe, inputs=self._aligned[key]))
         return replace(plan, tensors=tuple(recipes), vocab=None)
+
+    def recipe_statistics(self, plan: MergePlan, recipe: TensorRecipe) -> list[torch.Tensor | None] | None:
+        """The resident statistics of a data method's recipe (None for other methods); each of
+        the plan's statistics files is read once, on first use."""
+        from evomerge.merge.registry import get_method
+
+        if get_method(recipe.method).statistic is None:
+            return None
+        found: list[torch.Tensor | None] = []
+        for index, (model, tensor) in enumerate(recipe.inputs):
+            path = plan.statistics.get(model)
+            if path is None or index == recipe.base_index:
+                found.append(None)
+                continue
+            if path not in self.statistics:
+                from safetensors.torch import load_file
+
+                self.statistics[path] = {
+                    name: value.to(device=self.device, dtype=torch.float32) for name, value in load_file(path).items()
+                }
+            found.append(self.statistics[path].get(tensor))
+        return found
 
     def computed_when_read(self, model: str, tensor: str) -> bool:
         """A fresh tensor on every read (an adapter's, kept as factors): not to be held across trials."""
@@ -315,16 +340,19 @@ def materialize(
     plan = sources.aligned_plan(plan)
     result_dtype = plan.math_dtype or sources.dtype
     options = {"math_dtype": plan.math_dtype, "seed": plan.seed, "cache": sources.delta_cache}
+    # Looked up before any thread starts: the first trial reads the statistics files once.
+    statistics_of = {recipe.name: sources.recipe_statistics(plan, recipe) for recipe in plan.tensors}
 
     @torch.no_grad()
     def merge_one(recipe: TensorRecipe) -> None:
         inputs = [sources.get(model, tensor) for model, tensor in recipe.inputs]
         destination = target[recipe.name].data
+        statistics = statistics_of[recipe.name]
         if destination.dtype == result_dtype and destination.device == sources.device and destination.is_contiguous():
             # Straight into the parameter, block by block: no full-size temporary per tensor.
-            compute_recipe(recipe, inputs, **options, out=destination)
+            compute_recipe(recipe, inputs, **options, out=destination, statistics=statistics)
         else:
-            destination.copy_(compute_recipe(recipe, inputs, **options))
+            destination.copy_(compute_recipe(recipe, inputs, **options, statistics=statistics))
 
     if sources.device.type != "cpu":
         for recipe in plan.tensors:
