@@ -138,6 +138,10 @@ def merge(
 
     A file of several YAML documents is a `mergekit-multi` recipe: each named document is merged
     in order and later documents can use its name as a model; the unnamed last one is the output.
+
+    `fisher` and `regmean` need a `data:` section (lm-eval tasks, examples per model): their
+    per-model statistics are computed once and cached in its `cache_dir`, by default
+    `.evomerge-stats` beside OUT_DIR, and reused by later merges.
     """
     from evomerge.io.safetensors_io import parse_size
     from evomerge.merge.oneshot import merge_file
