@@ -58,6 +58,7 @@ def _write_merge(
     progress: bool,
 ) -> Written:
     """A parameters genome: its merge plan, merged into `staging`."""
+    getattr(genome, "load_statistics", lambda device: None)(device)  # fisher/regmean: from the search's cache
     plan = genome.plan(params, metadata=metadata)
     write_checkpoint(plan, staging, device=device, max_shard_bytes=max_shard_bytes, progress=progress)
     digest = checkpoint_hash(staging, [r.name for r in plan.tensors]) if verify else ""

@@ -223,3 +223,61 @@ def test_bad_data_is_one_line_exit_2(tmp_path, demo_family, data, expected):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "stats").exists()
+
+
+# -- a search with a data method -------------------------------------------------------------------
+def data_space(tmp_path: Path, family, methods: list[str], data: dict | None) -> Path:
+    import yaml
+    from test_search_e2e import write_space
+
+    path = write_space(tmp_path, family, n_trials=3, limit=8, finalists=1, enqueue=[])
+    space = yaml.safe_load(path.read_text())
+    space["genome"] = {"layer_granularity": 2, "methods": methods, "alpha": [0.1, 0.9]}
+    if data is not None:
+        space["data"] = data
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def test_search_with_regmean_exports_weights_evomerge_merge_reproduces(tmp_path, demo_family, capsys):
+    from test_search_e2e import run_cli
+
+    data = {"tasks": [f"demo_{s}" for s in demo_family.skills], "include_paths": [str(REPO / "tasks")], "examples": 16}
+    space_file = data_space(tmp_path, demo_family, ["task_arithmetic", "regmean"], data)
+    assert run_cli(["run", str(space_file), "-q"]) == 0
+    files = sorted((tmp_path / ".evomerge-stats").iterdir())  # the default cache, beside the space file
+    assert len(files) == len(demo_family.skills) and all(f.name.startswith("gram-") for f in files)
+    from evomerge.config.space import load_space
+    from evomerge.store.trial_store import TrialStore
+
+    trials = TrialStore(load_space(space_file).storage_url).trials("e2e")
+    assert len(trials) == 3 and all(t.status == "complete" for t in trials)
+    assert any("regmean" in t.genome.values() for t in trials)  # a trial merged with the data method
+    regmean = next(t for t in trials if "regmean" in t.genome.values())
+    assert "data:" in regmean.plan_yaml and "alpha:" in regmean.plan_yaml
+    capsys.readouterr()
+    export = tmp_path / "export"
+    assert run_cli(["export", str(space_file), str(export), "--trial", str(regmean.number), "-q"]) == 0
+    assert "matches the scored model" in capsys.readouterr().out
+    stamps = [f.stat().st_mtime_ns for f in files]
+    again = evomerge("merge", str(export / "mergekit_config.yml"), str(tmp_path / "again"), "--quiet")
+    assert again.returncode == 0, again.stderr
+    assert [f.stat().st_mtime_ns for f in files] == stamps  # the search's statistics, reused
+    exported, merged = load_checkpoint(export), load_checkpoint(tmp_path / "again")
+    assert exported.keys() == merged.keys() and all(torch.equal(exported[n], merged[n]) for n in exported)
+
+
+@pytest.mark.parametrize(
+    ("methods", "data", "expected"),
+    [
+        (["fisher"], {"tasks": {"sort": ["demo_sort"]}}, "data.tasks: no tasks for model 'reverse' (needed by fisher)"),
+        (["fisher", "regmean"], None, "list at most one data method, got fisher, regmean"),
+    ],
+)
+def test_a_search_space_with_a_data_method_and_no_tasks_is_one_line_exit_2(
+    tmp_path, demo_family, methods, data, expected
+):
+    space_file = data_space(tmp_path, demo_family, methods, data)
+    result = evomerge("run", str(space_file), "-q")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr

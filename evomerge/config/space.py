@@ -22,7 +22,13 @@ from pydantic import (
 
 from evomerge.config.base import StrictModel
 from evomerge.config.fidelity import FidelitySpec
-from evomerge.config.mergekit_yaml import TokenizerSection, format_validation_error, parse_yaml, read_config_text
+from evomerge.config.mergekit_yaml import (
+    DataSection,
+    TokenizerSection,
+    format_validation_error,
+    parse_yaml,
+    read_config_text,
+)
 from evomerge.config.numbers import (
     Integer,
     Number,
@@ -203,6 +209,9 @@ class SearchSpace(StrictModel):
     adapter_deltas: Literal["factors", "cached"] = "factors"
     genome: GenomeSpecField = Field(default_factory=default_genome_spec)
     objectives: list[Objective]
+    # The data methods' (fisher, regmean) examples; None: every fine-tune uses the objectives'
+    # tasks and eval.include_paths (data_section). Paths are relative to the space file's folder.
+    data: DataSection | None = None
     eval: EvalSpec = Field(default_factory=EvalSpec)
     search: SearchSpec
     ray: RaySpec = Field(default_factory=RaySpec)
@@ -243,9 +252,34 @@ class SearchSpace(StrictModel):
         if needs_base and self.base_model is None:
             raise ValueError(f"base_model is required by {', '.join(needs_base)}")
         self._check_vocabulary(names)
+        self._check_data()
         if self.search.sampler == "cmaes" and len(self.objectives) > 1 and not any(o.weight for o in self.objectives):
             raise ValueError("cmaes optimises the weighted sum of objectives: give at least one a non-zero weight")
         return self
+
+    def data_methods(self) -> list[str]:
+        """The genome's methods that merge by statistics of data (fisher, regmean)."""
+        methods = getattr(self.genome, "merge_methods", lambda: [])()
+        return [m for m in methods if get_method(m).statistic is not None]
+
+    def _check_data(self) -> None:
+        data_methods = self.data_methods()
+        if len(data_methods) > 1:  # a plan holds one statistics file per model
+            raise ValueError(f"genome.methods: list at most one data method, got {', '.join(data_methods)}")
+        if data_methods and self.data is not None and isinstance(self.data.tasks, dict):
+            missing = [m.name for m in self.models if not self.data.tasks_for(m.name)]
+            if missing:
+                raise ValueError(f"data.tasks: no tasks for model '{missing[0]}' (needed by {data_methods[0]})")
+
+    def data_section(self) -> DataSection | None:
+        """The data methods' data: the `data:` section, else every objective's search task for
+        every fine-tune with eval.include_paths (None when the genome has no data method)."""
+        if not self.data_methods():
+            return None
+        if self.data is not None:
+            return self.data
+        tasks = list(dict.fromkeys(o.task for o in self.objectives))
+        return DataSection(tasks=tasks, include_paths=[str(p) for p in self.eval.include_paths])
 
     def _check_vocabulary(self, names: list[str]) -> None:
         if self.tokenizer is not None and self.tokenizer_source is not None:
@@ -344,6 +378,14 @@ def parse_space(
             evaluation = dict(evaluation)
             evaluation["include_paths"] = [(base_dir / str(p)).resolve() for p in evaluation["include_paths"]]
             data["eval"] = evaluation
+        section = data.get("data")
+        if isinstance(section, dict):  # absolute, so recipes and workers elsewhere find them
+            section = dict(section)
+            if isinstance(section.get("include_paths"), list):
+                section["include_paths"] = [str((base_dir / str(p)).resolve()) for p in section["include_paths"]]
+            if isinstance(section.get("cache_dir"), str):
+                section["cache_dir"] = str((base_dir / section["cache_dir"]).resolve())
+            data["data"] = section
         space = SearchSpace.model_validate(data)
     except ValidationError as exc:
         raise format_validation_error(exc, source, tags=genome_tags()) from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from evomerge.config.mergekit_yaml import dump_yaml
@@ -66,6 +67,8 @@ class ParameterGenome:
         self.num_groups = max(1, layers // granularity) if layers else 1
         self.filter_sets = [f for f in spec.filters] + [CATCH_ALL]
         self.methods = list(spec.methods)
+        # The data method's statistics files by fine-tune (load_statistics; empty: none loaded yet).
+        self.statistics: dict[str, Path] = {}
         if len(self.methods) == 1:
             method_gene = lambda block: None  # noqa: E731
         elif spec.method_per_group:
@@ -318,7 +321,14 @@ class ParameterGenome:
             recipe_yaml=self.to_yaml(params),
             metadata=dict(metadata or {}),
             vocab=replace(self.vocab, tensors=aligned) if self.vocab else None,
+            statistics=dict(self.statistics),
         )
+
+    def load_statistics(self, device: str = "cpu") -> None:
+        """Compute (or read from the cache) the data method's statistics once, for every plan after."""
+        from evomerge.data_stats.for_space import space_statistics
+
+        self.statistics = space_statistics(self.space, self.paths, device=device)
 
     def _tensor_order(self) -> list[str]:
         layers = [self.layout.layer_tensor(i, s) for i, suffixes in self.layout.layers.items() for s in suffixes]
@@ -448,6 +458,10 @@ class ParameterGenome:
             config["parameters"] = {"normalize": self.space.genome.normalize}
         config["dtype"] = self.space.dtype
         config.update(self._tokenizer_yaml())
+        if get_method(method).statistic is not None:
+            from evomerge.data_stats.for_space import data_yaml
+
+            config["data"] = data_yaml(self.space)
         return config
 
     def _tokenizer_yaml(self) -> dict[str, Any]:

@@ -90,6 +90,8 @@ class MergedCandidates:
 
         self.genome = genome
         self.device = device
+        # fisher/regmean: their statistics computed or read from the cache once, resident with the sources
+        getattr(genome, "load_statistics", lambda device: None)(device)
         vocab = getattr(genome, "vocab", None)
         self.sources = ResidentSources(
             genome.models,

@@ -21,10 +21,12 @@ cast back to the inputs' dtype.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
 from evomerge.config.numbers import ParameterRange
+from evomerge.merge.family.common import WEIGHT
 from evomerge.merge.registry import MethodSpec, Param
 
 
@@ -91,7 +93,7 @@ def merge_regmean(tensors, model_params, options, base_index, seed, statistics=N
 FISHER = MethodSpec(
     name="fisher",
     params=(
-        Param("weight", "model", default=1.0),
+        replace(WEIGHT, default=1.0),  # the weight gene of linear & co.; 1 each when a config omits it
         Param("fisher_floor", "global", default=1e-6, valid=ParameterRange(low=0.0)),
     ),
     base="optional",  # a listed base takes no part (mergekit YAMLs often name one)
@@ -101,11 +103,13 @@ FISHER = MethodSpec(
     doc="Fisher merging: per-entry average weighted by each model's diagonal Fisher on its own data (needs data:)",
     merge=merge_fisher,
     statistic="fisher",
+    searchable=True,  # a search computes the statistics once per worker (evomerge.data_stats.for_space)
 )
 
 REGMEAN = MethodSpec(
     name="regmean",
-    params=(Param("alpha", "global", default=0.1, valid=ParameterRange(low=0.0, high=1.0)),),
+    # alpha, the shrinkage of the Grams' off-diagonals, is its gene in a search
+    params=(Param("alpha", "global", default=0.1, valid=ParameterRange(low=0.0, high=1.0), search=(0.0, 1.0)),),
     base="optional",  # a listed base takes no part (mergekit YAMLs often name one)
     min_models=2,
     max_models=None,
@@ -113,6 +117,7 @@ REGMEAN = MethodSpec(
     doc="RegMean: per linear layer the closed form over each model's input Gram matrix; other tensors averaged (needs data:)",
     merge=merge_regmean,
     statistic="gram",
+    searchable=True,
 )
 
 SPECS = (FISHER, REGMEAN)

@@ -1,0 +1,67 @@
+"""Statistics for a search: the data method's statistic of every fine-tune, computed or read from
+the cache once per worker (and once per export), then resident with the sources for every trial.
+
+The cache is the `data:` section's `cache_dir`, else `.evomerge-stats` in the space file's folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from evomerge.config.space import SearchSpace
+from evomerge.data_stats.cache import StatisticsRequest, ensure_statistics
+from evomerge.data_stats.for_plan import STATS_FOLDER
+from evomerge.errors import ConfigError
+from evomerge.io.lora import model_folder
+from evomerge.merge.registry import get_method
+
+
+def space_cache_folder(space: SearchSpace) -> Path:
+    data = space.data_section()
+    if data is not None and data.cache_dir is not None:
+        return Path(data.cache_dir)
+    folder = space.source_path.parent if space.source_path else Path.cwd()
+    return folder.resolve() / STATS_FOLDER
+
+
+def space_statistics(space: SearchSpace, models: dict, *, device: str = "cpu") -> dict[str, Path]:
+    """Fine-tune name -> its statistics file (empty when the genome has no data method);
+    `models` maps names to their sources (genome.paths)."""
+    methods = space.data_methods()
+    data = space.data_section()
+    if not methods or data is None:
+        return {}
+    kind = get_method(methods[0]).statistic
+    cache = space_cache_folder(space)
+    files = {}
+    for model in space.models:
+        tasks = data.tasks_for(model.name)
+        if not tasks:
+            raise ConfigError(f"no tasks for model '{model.name}'", file=space.source_path, field="data.tasks")
+        request = StatisticsRequest(
+            kind=kind,
+            model_dir=model_folder(models[model.name]),
+            tasks=tuple(tasks),
+            include_paths=tuple(Path(p) for p in data.include_paths),
+            examples=data.examples,
+            seed=data.seed,
+        )
+        try:
+            files[model.name] = ensure_statistics(request, cache, device=device).path
+        except ValueError as exc:  # unknown tasks, or tasks without usable examples (generation only)
+            field = "data.tasks" if space.data is not None else "objectives"
+            raise ConfigError(
+                f"{methods[0]}, model '{model.name}': {exc}", file=space.source_path, field=field
+            ) from None
+    return files
+
+
+def data_yaml(space: SearchSpace) -> dict | None:
+    """The `data:` section a trial's mergekit YAML carries so `evomerge merge` reproduces it
+    (absolute paths; the search's cache folder, so the merge reads the same files)."""
+    data = space.data_section()
+    if data is None:
+        return None
+    section = data.model_dump(mode="json")
+    section["cache_dir"] = str(space_cache_folder(space))
+    return section
