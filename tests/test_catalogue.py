@@ -24,6 +24,8 @@ def test_searchable_methods_and_their_genes():
         "della_linear": (("weight", "density", "epsilon"), ("lambda",)),
         "model_stock": ((), ()),
         "multislerp": (("weight",), ()),
+        "fisher": (("weight",), ()),  # data methods: statistics computed once per worker
+        "regmean": ((), ("alpha",)),
     }
     assert "nuslerp" not in genes and "passthrough" not in genes
     for name in ("nearswap", "ram", "ramplus_tl", "sce", "arcee_fusion", "karcher"):  # no per-model weights
@@ -33,6 +35,7 @@ def test_searchable_methods_and_their_genes():
 def test_gene_ranges_and_seed_preferences():
     assert {name: param.search for name, param in gene_params().items()} == {
         "weight": (0.0, 1.0), "density": (0.1, 1.0), "gamma": 0.01, "epsilon": (0.01, 0.09), "t": (0.0, 1.0), "lambda": 1.0,
+        "alpha": (0.0, 1.0),
     }  # fmt: skip
     spec = GenomeSpec()
     assert [spec.gene_range(name) for name in gene_params()] == [
@@ -42,6 +45,7 @@ def test_gene_ranges_and_seed_preferences():
         (0.01, 0.09),
         (0.0, 1.0),
         1.0,
+        (0.0, 1.0),
     ]
     assert ranked("parent_rank") == [
         "task_arithmetic", "linear", "ties", "dare_linear", "dare_ties", "della_linear", "della", "slerp",
