@@ -281,3 +281,22 @@ def test_a_search_space_with_a_data_method_and_no_tasks_is_one_line_exit_2(
     result = evomerge("run", str(space_file), "-q")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr
+
+
+def test_a_space_without_data_gives_every_fine_tune_the_objectives_tasks(tmp_path, demo_family):
+    from evomerge.config.space import load_space
+    from evomerge.errors import ConfigError
+
+    space = load_space(data_space(tmp_path, demo_family, ["task_arithmetic", "fisher"], None))
+    data = space.data_section()
+    assert data.tasks == [f"demo_{s}" for s in demo_family.skills]
+    assert data.include_paths == [str(REPO / "tasks")] and data.tasks_for("sort") == data.tasks
+    assert load_space(data_space(tmp_path, demo_family, ["task_arithmetic"], None)).data_section() is None
+    given = {"tasks": {s: [f"demo_{s}"] for s in demo_family.skills}, "include_paths": ["tasks"], "cache_dir": "st"}
+    with pytest.raises(ConfigError, match="data.include_paths.0: .*tasks is not a folder of lm-eval task YAMLs"):
+        load_space(data_space(tmp_path, demo_family, ["regmean"], given))
+    (tmp_path / "tasks").mkdir()
+    space = load_space(data_space(tmp_path, demo_family, ["regmean"], given))
+    assert space.data_section().tasks_for("sort") == ["demo_sort"]
+    assert space.data.include_paths == [str(tmp_path / "tasks")]  # relative to the space file
+    assert space.data.cache_dir == str(tmp_path / "st")

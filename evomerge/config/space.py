@@ -413,6 +413,11 @@ def parse_space(
                 file=source,
                 field=f"eval.include_paths.{i}",
             )
+    for i, folder in enumerate(space.data.include_paths if space.data else ()):
+        if not Path(folder).is_dir():
+            raise ConfigError(
+                f"{folder} is not a folder of lm-eval task YAMLs", file=source, field=f"data.include_paths.{i}"
+            )
     return space.model_copy(update={"source_text": text})
 
 
