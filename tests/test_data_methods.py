@@ -300,3 +300,22 @@ def test_a_space_without_data_gives_every_fine_tune_the_objectives_tasks(tmp_pat
     assert space.data_section().tasks_for("sort") == ["demo_sort"]
     assert space.data.include_paths == [str(tmp_path / "tasks")]  # relative to the space file
     assert space.data.cache_dir == str(tmp_path / "st")
+
+
+def test_a_data_method_refuses_a_lora_adapter_in_one_line(tmp_path, demo_family):
+    """An adapter's statistics would be its base's: refused, not measured on the wrong model."""
+    from test_lora import make_adapter
+
+    adapter = make_adapter(demo_family.base, tmp_path / "adapter", 0, r=4, lora_alpha=8, target_modules=["q_proj"])
+    skill = demo_family.skills[0]
+    text = (
+        f"merge_method: fisher\nbase_model: {demo_family.base}\nmodels:\n"
+        f"  - model: {demo_family.base}+{adapter}\n  - model: {demo_family.finetunes[skill]}\ndtype: float32\n"
+        f"data:\n  tasks: [demo_{skill}]\n  include_paths: [{REPO / 'tasks'}]\n  examples: 4\n  cache_dir: stats\n"
+    )
+    config = tmp_path / "merge.yaml"
+    config.write_text(text)
+    result = evomerge("merge", str(config), str(tmp_path / "out"), "--quiet")
+    assert result.returncode == 2, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "is a LoRA adapter" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()

@@ -9,7 +9,7 @@ from pathlib import Path
 from evomerge.config.mergekit_yaml import DataSection, MergeConfig
 from evomerge.data_stats.cache import StatisticsRequest, StatisticsResult, ensure_statistics
 from evomerge.errors import ConfigError
-from evomerge.io.lora import model_folder
+from evomerge.io.lora import AdapterRef, ModelSource, model_folder
 from evomerge.merge.plan import MergePlan
 from evomerge.merge.registry import get_method
 
@@ -83,6 +83,20 @@ def cache_folder(data: DataSection, config_path: Path, out_dir: Path) -> Path:
     return Path(out_dir).resolve().parent / STATS_FOLDER
 
 
+def statistics_folder(source: ModelSource, name: str, *, file: object, field: str) -> Path:
+    """The checkpoint folder a model's statistics are taken from. An adapter's folder holds only
+    its factors and its base is another model, so a data method refuses it rather than measure
+    the base in its place."""
+    if isinstance(source, AdapterRef):
+        raise ConfigError(
+            f"model '{name}' is a LoRA adapter ({source}): fisher and regmean measure a full fine-tune; "
+            "fold the adapter into its base first (PEFT merge_and_unload) or use another method",
+            file=file,
+            field=field,
+        )
+    return model_folder(source)
+
+
 def attach_statistics(
     plan: MergePlan, document: MergeConfig, *, config_path: Path, out_dir: Path, device: str = "cpu"
 ) -> tuple[MergePlan, list[StatisticsResult]]:
@@ -99,6 +113,8 @@ def attach_statistics(
         for index, (ref, _) in enumerate(recipe.inputs)
         if index != recipe.base_index
     }
+    # Every model checked before any statistic is computed.
+    folders = {ref: statistics_folder(plan.models[ref], ref, file=config_path, field="merge_method") for ref in refs}
     cache = cache_folder(data, config_path, out_dir)
     files, results = {}, []
     for ref in sorted(refs):
@@ -107,7 +123,7 @@ def attach_statistics(
             raise ConfigError(f"no tasks for model '{ref}'", file=config_path, field="data.tasks")
         request = StatisticsRequest(
             kind=kind,
-            model_dir=model_folder(plan.models[ref]),
+            model_dir=folders[ref],
             tasks=tuple(tasks),
             include_paths=include_paths(data, config_path),
             examples=data.examples,

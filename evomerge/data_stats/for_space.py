@@ -10,9 +10,8 @@ from pathlib import Path
 
 from evomerge.config.space import SearchSpace
 from evomerge.data_stats.cache import StatisticsRequest, ensure_statistics
-from evomerge.data_stats.for_plan import STATS_FOLDER
+from evomerge.data_stats.for_plan import STATS_FOLDER, statistics_folder
 from evomerge.errors import ConfigError
-from evomerge.io.lora import model_folder
 from evomerge.merge.registry import get_method
 
 
@@ -33,6 +32,10 @@ def space_statistics(space: SearchSpace, models: dict, *, device: str = "cpu") -
         return {}
     kind = get_method(methods[0]).statistic
     cache = space_cache_folder(space)
+    folders = {
+        model.name: statistics_folder(models[model.name], model.name, file=space.source_path, field="genome.methods")
+        for model in space.models
+    }  # every model checked before any statistic is computed
     files = {}
     for model in space.models:
         tasks = data.tasks_for(model.name)
@@ -40,7 +43,7 @@ def space_statistics(space: SearchSpace, models: dict, *, device: str = "cpu") -
             raise ConfigError(f"no tasks for model '{model.name}'", file=space.source_path, field="data.tasks")
         request = StatisticsRequest(
             kind=kind,
-            model_dir=model_folder(models[model.name]),
+            model_dir=folders[model.name],
             tasks=tuple(tasks),
             include_paths=tuple(Path(p) for p in data.include_paths),
             examples=data.examples,
