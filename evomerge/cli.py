@@ -118,13 +118,7 @@ def merge(
     model_card: Annotated[
         bool, typer.Option("--model-card/--no-model-card", help="Write a README.md model card.")
     ] = True,
-    overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite",
-            help="Replace an earlier evomerge output in OUT_DIR (never other files; swapped in only once complete).",
-        ),
-    ] = False,
+    overwrite: cli_checks.OverwriteOutput = False,
     intermediate_dir: Annotated[
         Path | None,
         typer.Option(

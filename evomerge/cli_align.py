@@ -37,13 +37,7 @@ def align(
             help="At most this many sweeps over all permutations (it stops earlier when a sweep changes nothing).",
         ),
     ] = 100,
-    overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite",
-            help="Replace an earlier evomerge output in OUT_DIR (never other files; swapped in only once complete).",
-        ),
-    ] = False,
+    overwrite: cli_checks.OverwriteOutput = False,
     device: Annotated[
         str,
         typer.Option(help="Where the matching runs: cpu, cuda, cuda:N or auto.", callback=cli_checks.device_here),

@@ -13,6 +13,9 @@ import math
 import os
 import socket
 from pathlib import Path
+from typing import Annotated
+
+import typer
 
 from evomerge.errors import EvomergeError
 
@@ -20,6 +23,15 @@ SEED_MAX = 2**32 - 1  # numpy's RandomState (optuna's samplers) takes 0 .. 2**32
 WORKERS_MAX = 1024
 TRIALS_MAX = 10**9
 PORT_MAX = 65535
+
+# The --overwrite option of every command that writes a checkpoint folder (staged_output).
+OverwriteOutput = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace an earlier evomerge output in OUT_DIR (never other files; swapped in only once complete).",
+    ),
+]
 
 
 def _existing_ancestor(path: Path) -> Path:

@@ -28,13 +28,7 @@ def moe(
     seed: Annotated[
         int, typer.Option(min=0, max=SEED_MAX, help="Seed of the router rows for gate_mode: random (others ignore it).")
     ] = 0,
-    overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite",
-            help="Replace an earlier evomerge output in OUT_DIR (never other files; swapped in only once complete).",
-        ),
-    ] = False,
+    overwrite: cli_checks.OverwriteOutput = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or summary.")] = False,
 ) -> None:
     """Assemble a mixture of experts: attention, norms and embeddings from base_model, one expert per listed model's MLP.

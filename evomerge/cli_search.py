@@ -222,9 +222,7 @@ def export(
             callback=cli_checks.shard_size,
         ),
     ] = "5B",
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an earlier evomerge output in OUT_DIR (never other files).")
-    ] = False,
+    overwrite: cli_checks.OverwriteOutput = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the weights-hash check.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
