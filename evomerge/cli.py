@@ -22,7 +22,7 @@ from evomerge import cli_checks
 from evomerge.cli_checks import SEED_MAX, WORKERS_MAX
 from evomerge.errors import EvomergeError
 from evomerge.offline import set_offline_defaults
-from evomerge.stop_signals import Terminated, stop_on_sigterm
+from evomerge.stop_signals import Terminated, exit_stopped, stop_on_sigterm
 
 try:  # typer >= 0.20 bundles its own copy of click; its commands raise that copy's exceptions
     from typer._click import exceptions as click_exceptions
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
             status = app(args=argv, standalone_mode=False, prog_name="evomerge")
     except Terminated as exc:
         _stderr(str(exc))
-        sys.exit(exc.exit_status)
+        exit_stopped(exc)
     except NO_ARGS_HELP as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -8,7 +8,10 @@ and only where SIGTERM has its default action: a parent that chose to ignore it 
 
 from __future__ import annotations
 
+import logging
+import os
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +27,19 @@ class Terminated(BaseException):
     @property
     def exit_status(self) -> int:
         return 128 + self.signum  # what a shell reports for a process killed by that signal
+
+
+def exit_stopped(error: Terminated) -> None:
+    """End a process that a signal asked to stop, now. Its cleanup ran while Terminated unwound the
+    stack; what is left (a server's or a library's non-daemon threads, interpreter teardown) must
+    not keep it alive, as SIGTERM's default action would not have."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(error.exit_status)
 
 
 def stop_reason(error: BaseException) -> str | None:
