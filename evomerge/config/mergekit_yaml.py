@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BeforeValidator, ValidationError, field_validator, model_validator
@@ -23,6 +23,8 @@ from evomerge.config.numbers import Integer, OptionalInteger, OptionalNumber
 from evomerge.dtypes import normalize_dtype
 from evomerge.errors import ConfigError
 from evomerge.io.lora import split_reference
+
+_Config = TypeVar("_Config", bound=StrictModel)
 
 Scalar = bool | int | float | str
 
@@ -400,14 +402,20 @@ def load_yaml_documents(path: Path) -> list[Any]:
     return [doc for doc in parse_yaml(read_config_text(path), path, documents=True) if doc is not None]
 
 
-def load_merge_config(path: Path) -> MergeConfig:
+def load_config_file(path: Path, model: type[_Config], expected: str) -> _Config:
+    """A one-document YAML file validated as `model`: not a mapping (`expected` says what it should
+    hold) or a bad field is one ConfigError naming the file and the field."""
     data = load_yaml_file(path)
     if not isinstance(data, dict):
-        raise ConfigError("expected a mapping with merge_method and models or slices", file=path)
+        raise ConfigError(f"expected {expected}", file=path)
     try:
-        return MergeConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise format_validation_error(exc, path) from None
+
+
+def load_merge_config(path: Path) -> MergeConfig:
+    return load_config_file(path, MergeConfig, "a mapping with merge_method and models or slices")
 
 
 def load_merge_documents(path: Path) -> list[MergeConfig]:

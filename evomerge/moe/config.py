@@ -10,12 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ValidationError, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
 from evomerge.config.base import StrictModel
-from evomerge.config.mergekit_yaml import format_validation_error, load_yaml_file
+from evomerge.config.mergekit_yaml import load_config_file
 from evomerge.dtypes import normalize_dtype
-from evomerge.errors import ConfigError
 
 GATE_MODES = ("hidden", "cheap_embed", "random")
 # Output architectures: the name a user writes in `architecture:` -> the transformers class.
@@ -105,10 +104,4 @@ class MoEConfig(StrictModel):
 
 
 def load_moe_config(path: Path) -> MoEConfig:
-    data = load_yaml_file(path)
-    if not isinstance(data, dict):
-        raise ConfigError("expected a mapping with base_model and experts (a mergekit-moe YAML)", file=path)
-    try:
-        return MoEConfig.model_validate(data)
-    except ValidationError as exc:
-        raise format_validation_error(exc, path) from None
+    return load_config_file(path, MoEConfig, "a mapping with base_model and experts (a mergekit-moe YAML)")
