@@ -185,6 +185,7 @@ def validate(
     """
     from evomerge.config.mergekit_yaml import load_merge_documents, load_yaml_documents
     from evomerge.config.space import is_space_file, load_space
+    from evomerge.data_stats.for_plan import check_data
     from evomerge.preflight import plan_documents, preflight_merge, preflight_space
     from evomerge.store import display_url
 
@@ -201,9 +202,10 @@ def validate(
         )
         return
 
-    plans = plan_documents(
-        load_merge_documents(config), config_path=config, allow_pickle=allow_pickle, allow_crimes=allow_crimes
-    )
+    merge_documents = load_merge_documents(config)
+    plans = plan_documents(merge_documents, config_path=config, allow_pickle=allow_pickle, allow_crimes=allow_crimes)
+    for line in check_data(merge_documents, config):  # what `merge` checks before merging
+        typer.echo(f"  {line}")
     for line in preflight_merge(plans, scan=scan, allow_pickle=allow_pickle, file=config).checks:
         typer.echo(f"  {line}")
     plan = plans[-1]  # the output; in a mergekit-multi file later documents were planned against the earlier parts

@@ -3,8 +3,9 @@
 A search that starts and then fails every trial (an unknown task or metric, a storage URL that
 does not open, a truncated or NaN-holding source model, a filter that matches nothing, a
 sampler option the sampler does not take, an `eval.max_length` too short for the tasks'
-answers) costs the user the model loading and often a database full of failed trials. Each of
-these is a one-line error here instead, naming the file and field.
+answers, a fisher/regmean data task that is unknown or has no gold answer to score) costs the
+user the model loading and often a database full of failed trials. Each of these is a one-line
+error here instead, naming the file and field.
 
 What "cheap" means for the NaN/Inf scan of the sources: every tensor is read once, so it runs
 by default only while all source models together hold at most `SCAN_LIMIT_BYTES` (2 GB: a few
@@ -107,8 +108,33 @@ def check_eval_args(space: SearchSpace) -> None:
             )
 
 
+def check_tokenizer(space: SearchSpace, genome: Any, fields: Mapping[str, str]) -> str:
+    """The donor's tokenizer loads: every worker reads every candidate with it (the output
+    vocabulary's instead when the space merges vocabularies; that one is built with the genome)."""
+    from evomerge.io.lora import model_folder
+    from evomerge.workers.builders import donor_name
+
+    if getattr(genome, "vocab", None) is not None:
+        return "tokenizer: the output vocabulary's, built from every model's"
+    name = donor_name(genome)
+    folder = model_folder(genome.paths[name])  # an adapter's: its base
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(folder, trust_remote_code=space.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        raise ConfigError(
+            f"{folder} has no tokenizer that loads ({first}); every candidate is scored with '{name}''s tokenizer",
+            file=space.source_path,
+            field=fields.get(name),
+        ) from None
+    return f"tokenizer: {name}'s loads"
+
+
 def preflight_space(space: SearchSpace, *, scan: bool | None = None, genome: Any = None) -> PreflightReport:
     """Check everything a search of `space` needs, in the order a user can fix them; no device work."""
+    from evomerge.data_stats.for_space import check_space_data
     from evomerge.evaluate.factory import evaluator_kind
     from evomerge.genome.kinds import make_genome
     from evomerge.genome.protocol import builds_paths
@@ -135,15 +161,19 @@ def preflight_space(space: SearchSpace, *, scan: bool | None = None, genome: Any
     check_filters(space, genome.models[donor].tensors)
     from evomerge.moe.genome import builds_moe
 
-    if not builds_paths(genome) and not builds_moe(
-        genome
-    ):  # candidates are merged into one loaded model of the donor's class
+    if builds_moe(genome):  # each trial builds a MoE checkpoint: what every build would refuse
+        report.checks.append(genome.check())
+    elif not builds_paths(genome):  # candidates are merged into one loaded model of the donor's class
         report.checks.append(check_in_memory(genome.models[donor], remote_code=space.trust_remote_code))
     fields = {m.name: f"models.{i}" for i, m in enumerate(space.models)}
     if space.base_model:
         fields[space.base_model.name] = "base_model"
     report.checks.append(scan_models(genome.models, scan, fields=fields, file=space.source_path))
+    report.checks.append(check_tokenizer(space, genome, fields))
     report.checks.append(evaluator.check(space, genome.paths[donor]))
+    data_line = check_space_data(space, genome.paths)  # fisher/regmean: what each worker computes at its start
+    if data_line is not None:
+        report.checks.append(data_line)
     estimator = space.eval.estimator
     if estimator is not None:
         report.checks.append(

@@ -23,6 +23,7 @@ from families import random_family
 from safetensors.torch import load_file, save_file
 
 from evomerge.cli import main
+from evomerge.demo import build_tokenizer
 from evomerge.synthetic import LlamaShape
 
 REPO = Path(__file__).resolve().parent.parent
@@ -53,6 +54,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("malformed_models")
     family = random_family(root / "family")
     out = {name: Path(path) for name, path in family.items()}
+    build_tokenizer().save_pretrained(out["base"])  # a search scores every candidate with the donor's
     ft2 = out["ft2"]
 
     out["truncated"] = _copy(ft2, root / "truncated")

@@ -157,6 +157,29 @@ def test_cache_hit_reuses_the_file_and_the_key_follows_the_settings(tmp_path, de
     assert len({key, *(statistics_key(other) for other in changed)}) == 1 + len(changed)
 
 
+@pytest.fixture
+def in_process(capsys, monkeypatch):
+    """`main(argv)` in this process, answered as `evomerge` above is: for the refusals, whose exit
+    status and one line are the same there and cost no interpreter start-up (nor, when an earlier
+    test built it, a second index of lm-eval's built-in tasks: harness caches it per process)."""
+    from evomerge.cli import main
+
+    monkeypatch.delenv("EVOMERGE_DEBUG", raising=False)
+    monkeypatch.setenv("COLUMNS", "100")
+
+    def call(*argv: str) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            main(list(argv))
+            code = 0
+        except SystemExit as stopped:
+            code = stopped.code if isinstance(stopped.code, int) else 1
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(argv, code, out, err)
+
+    return call
+
+
 # -- evomerge merge with data: -----------------------------------------------------------------------
 def write_config(path: Path, family, method: str, data: str | None) -> Path:
     models = "".join(f"  - model: {family.finetunes[s]}\n" for s in family.skills)
@@ -213,14 +236,15 @@ def test_merge_with_data_writes_a_loadable_model_and_reuses_statistics(tmp_path,
     ("data", "expected"),
     [
         (None, "data: fisher needs data"),
-        ("unknown", "data.tasks: unknown lm-eval task 'demo_nope'"),
+        ("unknown", "data.tasks.{first}.0: unknown lm-eval task 'demo_nope'"),
     ],
 )
-def test_bad_data_is_one_line_exit_2(tmp_path, demo_family, data, expected):
+def test_bad_data_is_one_line_exit_2(tmp_path, demo_family, data, expected, in_process):
     section = data_section(demo_family, task="demo_nope") if data else None
     config = write_config(tmp_path / "merge.yaml", demo_family, "fisher", section)
-    result = evomerge("merge", str(config), str(tmp_path / "out"), "--quiet")
+    result = in_process("merge", str(config), str(tmp_path / "out"), "--quiet")
     assert result.returncode == 2
+    expected = expected.format(first=demo_family.finetunes[demo_family.skills[0]])
     assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr
     assert not (tmp_path / "out").exists() and not (tmp_path / "stats").exists()
 
@@ -275,10 +299,10 @@ def test_search_with_regmean_exports_weights_evomerge_merge_reproduces(tmp_path,
     ],
 )
 def test_a_search_space_with_a_data_method_and_no_tasks_is_one_line_exit_2(
-    tmp_path, demo_family, methods, data, expected
+    tmp_path, demo_family, methods, data, expected, in_process
 ):
     space_file = data_space(tmp_path, demo_family, methods, data)
-    result = evomerge("run", str(space_file), "-q")
+    result = in_process("run", str(space_file), "-q")
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr
 
@@ -302,7 +326,7 @@ def test_a_space_without_data_gives_every_fine_tune_the_objectives_tasks(tmp_pat
     assert space.data.cache_dir == str(tmp_path / "st")
 
 
-def test_a_data_method_refuses_a_lora_adapter_in_one_line(tmp_path, demo_family):
+def test_a_data_method_refuses_a_lora_adapter_in_one_line(tmp_path, demo_family, in_process):
     """An adapter's statistics would be its base's: refused, not measured on the wrong model."""
     from test_lora import make_adapter
 
@@ -315,7 +339,7 @@ def test_a_data_method_refuses_a_lora_adapter_in_one_line(tmp_path, demo_family)
     )
     config = tmp_path / "merge.yaml"
     config.write_text(text)
-    result = evomerge("merge", str(config), str(tmp_path / "out"), "--quiet")
+    result = in_process("merge", str(config), str(tmp_path / "out"), "--quiet")
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "is a LoRA adapter" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()

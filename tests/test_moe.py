@@ -273,6 +273,9 @@ def test_a_routing_search_scores_moes_and_exports_the_one_it_scored(family, tmp_
     assert exported["architectures"] == ["MixtralForCausalLM"]
 
 
+FIRST, SECOND = list(SKILL_PROMPTS)[:2]
+
+
 @pytest.mark.parametrize(
     ("genome", "field", "expected"),
     [
@@ -280,6 +283,9 @@ def test_a_routing_search_scores_moes_and_exports_the_one_it_scored(family, tmp_
         ({"prompts": {**SKILL_PROMPTS, "tidy": ["x"]}}, "genome.prompts", "'tidy' is not a fine-tune"),
         ({"prompts": SKILL_PROMPTS, "experts_per_token": [1, 5]}, "genome.experts_per_token", "at most 4"),
         ({"prompts": SKILL_PROMPTS, "gate_modes": ["hidden", "learned"]}, "genome.gate_modes.1", "'hidden'"),
+        # what each trial's MoE build would refuse, found once before the search
+        ({"prompts": {**SKILL_PROMPTS, SECOND: SKILL_PROMPTS[FIRST]}}, f"genome.prompts.{SECOND}", f"as '{FIRST}'"),
+        ({"prompts": {**SKILL_PROMPTS, FIRST: ["ok", ""]}}, f"genome.prompts.{FIRST}.1", "'' gives no tokens"),
     ],
 )
 def test_moe_genome_mistakes_are_one_line(family, tmp_path, capsys, tasks_dir, genome, field, expected):

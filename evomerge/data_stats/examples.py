@@ -30,10 +30,14 @@ def _gold_index(task: Any, doc: Any) -> int | None:
     return int(target) if target is not None else None
 
 
-def gold_instances(task: Any) -> list[Any]:
-    """One loglikelihood instance per document: its gold choice (multiple choice) or its only request."""
+def gold_instances(task: Any, *, seed: int = 0, limit: int | None = None) -> list[Any]:
+    """One loglikelihood instance per document (the first `limit` documents): its gold choice
+    (multiple choice) or its only request; zero-shot unless the task sets its own shots."""
+    if task.get_config("num_fewshot") is None:
+        task.set_config(key="num_fewshot", value=0)
+    task.set_fewshot_seed(seed=seed)
     task.build_all_requests(
-        limit=None, rank=0, world_size=1, apply_chat_template=False, chat_template=None, tokenizer_name=""
+        limit=limit, rank=0, world_size=1, apply_chat_template=False, chat_template=None, tokenizer_name=""
     )
     chosen = []
     for instance in task.instances:
@@ -63,10 +67,7 @@ def task_examples(
     instances = []
     with _quiet_lm_eval(False):
         for task in task_dict["tasks"].values():
-            if task.get_config("num_fewshot") is None:
-                task.set_config(key="num_fewshot", value=0)
-            task.set_fewshot_seed(seed=seed)
-            instances.extend(gold_instances(task))
+            instances.extend(gold_instances(task, seed=seed))
         if not instances:
             raise ValueError(f"tasks {', '.join(tasks)} have no loglikelihood requests to take examples from")
         random.Random(seed).shuffle(instances)

@@ -24,10 +24,12 @@ def data_statistic(document: MergeConfig) -> str | None:
         return None  # the planner reports an unknown method
 
 
-def check_data(documents: Sequence[MergeConfig], config_path: Path) -> None:
-    """Before any merging: every data method has a data: section naming known tasks for its models."""
-    from evomerge.evaluate.harness import load_task_dict
+def check_data(documents: Sequence[MergeConfig], config_path: Path) -> list[str]:
+    """Before any merging: every data method has a data: section naming known tasks for its
+    models, tasks that give examples (checks.check_data_tasks); returns a line per such document."""
+    from evomerge.data_stats.checks import check_data_tasks, data_task_fields
 
+    lines = []
     for index, document in enumerate(documents):
         if data_statistic(document) is None:
             continue
@@ -43,17 +45,21 @@ def check_data(documents: Sequence[MergeConfig], config_path: Path) -> None:
         missing = [ref for ref in names if document.data.tasks_for(ref) is None]
         if missing:
             raise ConfigError(f"no tasks for model '{missing[0]}'", file=config_path, field=f"{where}.tasks")
-        tasks = sorted({task for ref in names for task in document.data.tasks_for(ref) or ()})
         include = include_paths(document.data, config_path)
         for path in include:
             if not path.is_dir():
                 raise ConfigError(
                     f"{path} is not a folder of lm-eval task YAMLs", file=config_path, field=f"{where}.include_paths"
                 )
-        try:
-            load_task_dict(tasks, include)
-        except ValueError as exc:
-            raise ConfigError(str(exc), file=config_path, field=f"{where}.tasks") from None
+        checked = check_data_tasks(
+            data_task_fields(document.data, names, where),
+            include,
+            method=document.merge_method,
+            examples=document.data.examples,
+            file=config_path,
+        )
+        lines.append(f"{where}: {checked}")
+    return lines
 
 
 def with_absolute_data(document: MergeConfig, config_path: Path) -> MergeConfig:

@@ -23,6 +23,48 @@ def space_cache_folder(space: SearchSpace) -> Path:
     return folder.resolve() / STATS_FOLDER
 
 
+def check_space_data(space: SearchSpace, models: dict) -> str | None:
+    """For validate and run, before any model loads: no adapter among the fine-tunes and tasks that
+    give examples, which space_statistics would otherwise find at every worker's start; `models`
+    maps names to their sources (genome.paths). None when the genome has no data method."""
+    from evomerge.data_stats.checks import check_data_tasks, data_task_fields
+
+    methods = space.data_methods()
+    data = space.data_section()
+    if not methods or data is None:
+        return None
+    for model in space.models:
+        statistics_folder(models[model.name], model.name, file=space.source_path, field="genome.methods")
+    if space.data is not None:
+        fields = data_task_fields(data, [model.name for model in space.models], "data")
+        hint = ""
+    else:  # every fine-tune takes the objectives' search tasks
+        fields = {}
+        for index, objective in enumerate(space.objectives):
+            fields.setdefault(objective.task, f"objectives.{index}.task")
+        hint = f" (no data: section, so {methods[0]} uses the objectives' tasks; add one to choose others)"
+    include = tuple(Path(p) for p in data.include_paths)
+    checked = check_data_tasks(
+        fields, include, method=methods[0], examples=data.examples, file=space.source_path, hint=hint
+    )
+    cache = space_cache_folder(space)
+    check_cache_folder(cache, file=space.source_path)
+    return f"data: {checked} for {len(space.models)} fine-tunes; statistics cached in {cache}"
+
+
+def check_cache_folder(cache: Path, *, file: object) -> None:
+    """The statistics folder is one, or can be made (an existing one may be a read-only shared cache)."""
+    from evomerge.cli_checks import output_dir
+    from evomerge.errors import EvomergeError
+
+    if cache.is_dir():
+        return
+    try:
+        output_dir(cache)
+    except EvomergeError as exc:
+        raise ConfigError(f"the statistics cache: {exc}", file=file, field="data.cache_dir") from None
+
+
 def space_statistics(space: SearchSpace, models: dict, *, device: str = "cpu") -> dict[str, Path]:
     """Fine-tune name -> its statistics file (empty when the genome has no data method);
     `models` maps names to their sources (genome.paths)."""

@@ -77,7 +77,7 @@ def write_moe(
     """Write the MoE's tensors, config, tokenizer and recipe into the (staging) folder `out_dir`;
     `models` holds every model `config` names, open."""
     base = models[config.base_model]
-    architecture = _check_family(config, config_path, base, models)
+    architecture = check_family(config, config_path, base, models)
     layout = OutputLayout(architecture)
     layers = int(base.num_hidden_layers or 0)
     out_dtype = torch_dtype(config.dtype or _base_dtype(base))
@@ -126,7 +126,7 @@ def _base_dtype(base: ModelDir) -> str:
     return normalize_dtype(str(name))
 
 
-def _check_family(config: MoEConfig, config_path: Path, base: ModelDir, models: dict[str, ModelDir]) -> str:
+def check_family(config: MoEConfig, config_path: Path, base: ModelDir, models: dict[str, ModelDir]) -> str:
     """The output architecture; refuses a family it cannot take and experts of another shape."""
     model_type = str(base.config.get("model_type"))
     architecture = config.output_architecture(model_type)
@@ -186,6 +186,29 @@ def _check_family(config: MoEConfig, config_path: Path, base: ModelDir, models: 
     return architecture
 
 
+def unreadable_prompt(text: str, ids: list[int], unknown: int | None) -> str | None:
+    """Why a prompt's token ids cannot place a router row (None: they can)."""
+    if [i for i in ids if i != unknown]:
+        return None
+    what = "no tokens" if not ids else "only the unknown token"
+    return f"{text!r} gives {what} in the base model's tokenizer; expected text it can read"
+
+
+def base_tokenizer(base: ModelDir, config_path: Path, gate_mode: str):
+    """The base's tokenizer, which reads the prompts; a one-line error when it does not load."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(base.path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"{base.path} has no tokenizer that loads ({str(exc).splitlines()[0][:120]}); "
+            f"gate_mode {gate_mode} reads the prompts with the base's tokenizer",
+            file=config_path,
+            field="base_model",
+        ) from None
+
+
 def _prompt_ids(config: MoEConfig, config_path: Path, tokenizer) -> list[tuple[list[list[int]], list[list[int]]]]:
     """Each expert's prompts as token ids with BOS first; refuses a prompt that gives no token the
     base knows (empty, or only the unknown token)."""
@@ -199,13 +222,9 @@ def _prompt_ids(config: MoEConfig, config_path: Path, tokenizer) -> list[tuple[l
                 ids_of_kind = []
                 for number, text in enumerate(getattr(expert, kind) or []):
                     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-                    if not [i for i in ids if i != unknown]:
-                        what = "no tokens" if not ids else "only the unknown token"
-                        raise ConfigError(
-                            f"{text!r} gives {what} in the base model's tokenizer; expected text it can read",
-                            file=config_path,
-                            field=f"{group}[{index}].{kind}[{number}]",
-                        )
+                    problem = unreadable_prompt(text, ids, unknown)
+                    if problem:
+                        raise ConfigError(problem, file=config_path, field=f"{group}[{index}].{kind}[{number}]")
                     ids_of_kind.append(([bos] if bos is not None else []) + ids)
                 lists.append(ids_of_kind)
             result.append((lists[0], lists[1]))
@@ -220,17 +239,7 @@ def router_weights(
     count = len(config.experts) + len(config.shared_experts or [])
     if config.gate_mode == "random":
         return gates.random_rows(layers, count, hidden, seed)
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(base.path)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"{base.path} has no tokenizer that loads ({str(exc).splitlines()[0][:120]}); "
-            f"gate_mode {config.gate_mode} reads the prompts with the base's tokenizer",
-            file=config_path,
-            field="base_model",
-        ) from None
+    tokenizer = base_tokenizer(base, config_path, config.gate_mode)
     prompts = _prompt_ids(config, config_path, tokenizer)
     pad_id = next((i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None), 0)
     if config.gate_mode == "cheap_embed":

@@ -114,6 +114,38 @@ class MoEGenome:
             dict(models) if models else {n: ModelDir(p, allow_pickle=space.allow_pickle) for n, p in self.paths.items()}
         )
 
+    def check(self) -> str:
+        """For validate and run, before any trial: what every trial's MoE build would refuse (the
+        family and the experts' MLP shapes; prompts the base's tokenizer cannot read, or two
+        fine-tunes with the same prompts), found once here instead of in every trial."""
+        from evomerge.moe.build import base_tokenizer, check_family, unreadable_prompt
+
+        where = self.space.source_path
+        config = MoEConfig.model_validate(self.moe_config(self.uniform_params()))  # every fine-tune an expert
+        opened = {str(self.paths[name]): model for name, model in self.models.items()}
+        architecture = check_family(config, where or Path("space.yml"), opened[config.base_model], opened)
+        line = f"moe: {architecture} of up to {len(self.finetunes)} experts"
+        modes = [mode for mode in self.spec.gate_modes if mode != "random"]
+        if not modes:
+            return line
+        seen: dict[tuple[str, ...], str] = {}
+        for name in self.finetunes:
+            other = seen.setdefault(tuple(self.spec.prompts[name]), name)
+            if other != name:
+                raise ConfigError(
+                    f"the same prompts as '{other}': a trial choosing both would give them the same router row",
+                    file=where,
+                    field=f"genome.prompts.{name}",
+                )
+        tokenizer = base_tokenizer(self.models[self.base], where or Path("space.yml"), modes[0])
+        for name in self.finetunes:
+            for number, text in enumerate(self.spec.prompts[name]):
+                ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+                problem = unreadable_prompt(text, ids, tokenizer.unk_token_id)
+                if problem:
+                    raise ConfigError(problem, file=where, field=f"genome.prompts.{name}.{number}")
+        return f"{line}; every prompt readable by the base's tokenizer"
+
     def distributions(self) -> dict[str, Any]:
         from optuna.distributions import CategoricalDistribution, IntDistribution
 

@@ -94,6 +94,7 @@ def _check_paths_on_this_node(space: SearchSpace) -> None:
     models = [*space.models, *([space.base_model] if space.base_model else [])]
     missing = [str(folder) for m in models for folder in folders_of(m.source) if not folder.is_dir()]
     missing += [str(p) for p in space.eval.include_paths if not p.exists()]
+    missing += [p for p in (space.data.include_paths if space.data else ()) if not os.path.exists(p)]
     if missing:
         raise EvomergeError(
             f"node {socket.gethostname()} is missing {', '.join(missing)}: every Ray node needs the models and "
