@@ -197,7 +197,7 @@ def test_align_keeps_the_dtype_and_tied_embeddings(tmp_path):
     assert report.converged and json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"]
 
 
-def test_alignment_lowers_the_loss_barrier_between_two_seeds():
+def test_alignment_lowers_the_loss_barrier_between_two_seeds(one_torch_thread):
     """Two tiny Llamas trained from different initialisations on the same data: the loss at the
     midpoint of their linear path falls once B is aligned to A (the endpoints do not move)."""
     torch.manual_seed(0)

@@ -62,6 +62,28 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def in_process_error(capsys, *argv: str) -> str:
+    """`main(argv)` in this process: the exit status and the one-line error the console script
+    gives (its start-up is proved by the subprocess tests here; this spares ~2 s a command)."""
+    from evomerge.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        main(list(argv))
+    out, err = capsys.readouterr()
+    return one_line_error(subprocess.CompletedProcess(argv, stopped.value.code, out, err))
+
+
+def never_serve(monkeypatch) -> None:
+    """An in-process `dashboard` that missed the mistake fails the test instead of serving forever."""
+    import optuna_dashboard
+
+    def serve(*args, **kwargs):
+        pytest.fail("the dashboard started serving a storage it should have refused")
+
+    monkeypatch.setattr(optuna_dashboard, "run_server", serve)
+
+
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     err = result.stderr.strip()
     assert result.returncode == 2, (result.returncode, result.stdout[-2000:], err[-3000:])
@@ -109,7 +131,7 @@ def put_lease(store: TrialStore, study: str, *, host: str, pid: int, heartbeat_a
         ("OTHER_LAYOUT", "tables have another layout"),
     ],
 )
-def test_bad_storage_is_one_line_for_every_command(tmp_path, storage, expected):
+def test_bad_storage_is_one_line_for_every_command(tmp_path, storage, expected, capsys, monkeypatch):
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is a spreadsheet, not a database\n" * 200)
     if storage == "TRUNCATED":  # a study database cut short (a full disk, a partial copy)
@@ -127,13 +149,21 @@ def test_bad_storage_is_one_line_for_every_command(tmp_path, storage, expected):
         storage = f"sqlite:///{tmp_path / 'other.db'}"
     storage = storage.replace("GARBAGE_FILE", f"sqlite:///{garbage}").replace("FOLDER", f"sqlite:///{tmp_path}")
     before = sorted(p.name for p in tmp_path.iterdir())
-    if "damaged" not in expected and "layout" not in expected:  # those open fine; their reads fail
+    opens = "damaged" in expected or "layout" in expected  # those open fine; their reads fail
+    if not opens:
         with pytest.raises(StorageError, match=expected):
             check_storage(storage)
-    dashboard = ["dashboard", "s", "--storage", storage, "--port", str(free_port())]
-    for command in (["front", "s", "--storage", storage], ["studies", storage], dashboard):
-        err = one_line_error(evomerge(*command, cwd=tmp_path))
+    monkeypatch.chdir(tmp_path)  # relative database paths resolve here, as with the console script's cwd
+    for command in (["front", "s", "--storage", storage], ["studies", storage]):
+        err = in_process_error(capsys, *command)
         assert re.search(expected, err), err
+    dashboard = ["dashboard", "s", "--storage", storage, "--port", str(free_port())]
+    if opens:  # found only once optuna-dashboard reads the file: the real command, in a process
+        err = one_line_error(evomerge(*dashboard, cwd=tmp_path))
+    else:  # refused before serving: in this process, where serving would fail the test
+        never_serve(monkeypatch)
+        err = in_process_error(capsys, *dashboard)
+    assert re.search(expected, err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing created
     assert garbage.read_bytes() == b"this is a spreadsheet, not a database\n" * 200
 
@@ -151,15 +181,16 @@ def test_check_storage_accepts_a_new_file_and_an_existing_study(tmp_path):
 # -------------------------------------------------------------- read-only opening
 
 
-def test_reading_a_missing_database_creates_nothing(tmp_path):
+def test_reading_a_missing_database_creates_nothing(tmp_path, capsys, monkeypatch):
     path = tmp_path / "missing.db"
     store = TrialStore(f"sqlite:///{path}")
     assert store.study_info("s") is None and store.trials("s") == [] and store.studies() == []
     assert store.scores("s", "search") == {} and store.references("s", "search") == {}
     assert not path.exists()
-    err = one_line_error(evomerge("front", "s", "--storage", f"sqlite:///{path}"))
+    err = in_process_error(capsys, "front", "s", "--storage", f"sqlite:///{path}")
     assert "no database file" in err and not path.exists()
-    err = one_line_error(evomerge("dashboard", "s", "--storage", f"sqlite:///{path}", "--port", str(free_port())))
+    never_serve(monkeypatch)
+    err = in_process_error(capsys, "dashboard", "s", "--storage", f"sqlite:///{path}", "--port", str(free_port()))
     assert "no database file" in err and not path.exists()
 
 
@@ -272,7 +303,7 @@ def test_a_driver_whose_lease_was_taken_over_notices_and_stops(url, study):
 # ----------------------------------------------------------- `evomerge studies`
 
 
-def test_studies_lists_deletes_and_renames_both_sides(tmp_path):
+def test_studies_lists_deletes_and_renames_both_sides(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     for name in ("keep", "drop"):
         optuna_study = optuna.create_study(study_name=name, storage=url)
@@ -297,14 +328,14 @@ def test_studies_lists_deletes_and_renames_both_sides(tmp_path):
     assert "2 complete" in lines["drop"] and "2 running" in lines["drop"] and "ok" in lines["drop"]
     assert "optuna only" in lines["plain"]
 
-    assert "pass --yes" in one_line_error(evomerge("studies", url, "--delete", "drop"))
+    assert "pass --yes" in in_process_error(capsys, "studies", url, "--delete", "drop")
     deleted = evomerge("studies", url, "--delete", "drop", "--yes")
     assert deleted.returncode == 0 and "deleted study 'drop' (2 optuna trials, 2 evomerge trial rows)" in deleted.stdout
     with TrialStore(url) as store:
         assert set(store.optuna_studies()) == {"keep", "plain"} and store.studies() == ["keep"]
-    assert "no study named 'drop'" in one_line_error(evomerge("studies", url, "--delete", "drop", "--yes"))
+    assert "no study named 'drop'" in in_process_error(capsys, "studies", url, "--delete", "drop", "--yes")
 
-    assert "already exists" in one_line_error(evomerge("studies", url, "--rename", "keep", "plain"))
+    assert "already exists" in in_process_error(capsys, "studies", url, "--rename", "keep", "plain")
     renamed = evomerge("studies", url, "--rename", "keep", "kept")
     assert renamed.returncode == 0, renamed.stderr
     with TrialStore(url) as store:
@@ -324,7 +355,7 @@ def test_studies_lists_deletes_and_renames_both_sides(tmp_path):
     assert [t.params for t in optuna.load_study(study_name="copy", storage=url).trials] == [
         t.params for t in optuna.load_study(study_name="kept", storage=url).trials
     ]
-    assert "already exists" in one_line_error(evomerge("studies", url, "--copy", "kept", "copy"))
+    assert "already exists" in in_process_error(capsys, "studies", url, "--copy", "kept", "copy")
 
 
 def test_studies_refuses_to_delete_a_study_a_driver_is_running(tmp_path):
@@ -337,7 +368,7 @@ def test_studies_refuses_to_delete_a_study_a_driver_is_running(tmp_path):
     assert [s.study_name for s in optuna.get_all_study_summaries(url)] == ["busy"]
 
 
-def test_read_commands_refuse_rows_of_a_study_deleted_with_optuna(tmp_path):
+def test_read_commands_refuse_rows_of_a_study_deleted_with_optuna(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     optuna_study = optuna.create_study(study_name="s", storage=url)
     optuna_study._storage.set_study_system_attr(optuna_study._study_id, "evomerge_study_uid", "u-old")
@@ -352,9 +383,9 @@ def test_read_commands_refuse_rows_of_a_study_deleted_with_optuna(tmp_path):
             uid="u-old",
         )
     optuna.delete_study(study_name="s", storage=url)
-    assert "was deleted from optuna" in one_line_error(evomerge("front", "s", "--storage", url))
+    assert "was deleted from optuna" in in_process_error(capsys, "front", "s", "--storage", url)
     optuna.create_study(study_name="s", storage=url)  # a new study under the same name
-    assert "rows under that name are from an earlier study" in one_line_error(evomerge("front", "s", "--storage", url))
+    assert "rows under that name are from an earlier study" in in_process_error(capsys, "front", "s", "--storage", url)
     listing = evomerge("studies", url).stdout
     assert "deleted namesake" in listing
 
@@ -370,7 +401,7 @@ def test_rows_belong_to_the_study_with_the_same_uid_or_the_same_trials():
     assert rows_belong(None, "b", [], [])
 
 
-def test_a_database_file_where_a_space_file_or_url_was_expected(tmp_path):
+def test_a_database_file_where_a_space_file_or_url_was_expected(tmp_path, capsys):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     optuna.create_study(study_name="s", storage=url)
     listing = evomerge("studies", str(tmp_path / "study.db"))  # the file itself is accepted there
@@ -379,6 +410,6 @@ def test_a_database_file_where_a_space_file_or_url_was_expected(tmp_path):
         ["front", str(tmp_path / "study.db")],
         ["export", str(tmp_path / "study.db"), str(tmp_path / "out")],
     ):
-        err = one_line_error(evomerge(*command))
+        err = in_process_error(capsys, *command)
         assert "is a study database, not a space file" in err and f"--storage {url}" in err, err
     assert not (tmp_path / "out").exists()

@@ -37,16 +37,6 @@ def ray_env(monkeypatch, tmp_path):
         ray.shutdown()
 
 
-def test_two_workers_share_the_search(tmp_path, demo_family):
-    space = load_space(write_space(tmp_path, demo_family, n_trials=6, sampler="random", limit=10, workers=2))
-    events = []
-    summary = run_search(space, progress=False, on_trial=events.append)
-    assert summary.n_complete == 6 and summary.n_failed == 0
-    assert len({e["worker"] for e in events}) == 2  # both actors evaluated candidates
-    assert summary.front and summary.best is not None
-    assert not ray.is_initialized()  # the pool shut down the Ray it started
-
-
 def test_two_workers_run_a_dataflow_search(tmp_path, demo_family):
     """Each actor loads the sources and builds path models itself; the hashes match a local build."""
     from test_dataflow_search import write_dataflow_space
@@ -114,7 +104,8 @@ def test_a_worker_killed_mid_trial_is_restarted_and_its_trial_retried(tmp_path, 
 
 
 def test_driver_killed_with_two_workers_resumes(tmp_path, demo_family):
-    space_file = write_space(tmp_path, demo_family, n_trials=30, sampler="random", limit=10, workers=2)
+    # no finalists: held-out re-scoring is not what is resumed here (the worker-killed test runs it on Ray)
+    space_file = write_space(tmp_path, demo_family, n_trials=30, sampler="random", limit=10, workers=2, finalists=0)
     space = load_space(space_file)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     driver = subprocess.Popen(
@@ -195,8 +186,9 @@ PY
     assert len(trials) == 4
 
 
-def test_two_workers_run_successive_halving(tmp_path, demo_family):
-    """eval.fidelity through Ray actors: the item ids come from an actor, each rung's items go to one."""
+def test_two_workers_share_a_successive_halving_search(tmp_path, demo_family):
+    """Two Ray actors share a search the driver started Ray for, and Ray is shut down after it.
+    With eval.fidelity: the item ids come from an actor, each rung's items go to one."""
     import yaml
 
     path = write_space(
@@ -206,8 +198,12 @@ def test_two_workers_run_successive_halving(tmp_path, demo_family):
     data["eval"]["fidelity"] = {"rungs": [4, "all"], "eta": 2, "promote_by": "weighted"}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     space = load_space(path)
-    summary = run_search(space, progress=False)
+    events = []
+    summary = run_search(space, progress=False, on_trial=events.append)
     assert summary.n_complete + summary.n_pruned == 6 and summary.n_failed == 0 and summary.n_complete >= 1
+    assert len({e["worker"] for e in events}) == 2  # both actors evaluated candidates
+    assert summary.front and summary.best is not None
+    assert not ray.is_initialized()  # the pool shut down the Ray it started
     store = TrialStore(space.storage_url)
     assert {len(ids) for ids in store.item_order(space.study_name).values()} == {12}
     rungs = store.rungs(space.study_name)
