@@ -30,20 +30,22 @@ _OWN_OPTIONS = {"seed": "search.seed"}
 
 
 def _tpe(seed: int | None, options: dict[str, Any]) -> BaseSampler:
-    from optuna.samplers import TPESampler
+    from evomerge.search.tpe import FullBudgetTPESampler  # optuna's, but pruned trials never "good"
 
     options.setdefault("multivariate", True)
     options.setdefault("n_startup_trials", 8)
-    return TPESampler(seed=seed, **options)
+    return FullBudgetTPESampler(seed=seed, **options)
 
 
 def _cmaes(seed: int | None, options: dict[str, Any]) -> BaseSampler:
-    from optuna.samplers import CmaEsSampler, TPESampler
+    from optuna.samplers import CmaEsSampler
+
+    from evomerge.search.tpe import FullBudgetTPESampler
 
     # CMA-ES is single-objective (the weighted sum) and cannot sample categorical genes
     # (the method); those go to TPE, quietly.
     options.setdefault("warn_independent_sampling", False)
-    options.setdefault("independent_sampler", TPESampler(seed=seed))
+    options.setdefault("independent_sampler", FullBudgetTPESampler(seed=seed))
     return CmaEsSampler(seed=seed, **options)
 
 
