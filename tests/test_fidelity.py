@@ -374,3 +374,76 @@ def test_a_resumed_study_keeps_its_rungs(tmp_path, demo_family):
     changed = fidelity_space(tmp_path, demo_family, n_trials=4, objectives=1, fidelity={"rungs": [8, 15, "all"]})
     with pytest.raises(ConfigError, match="scored trial 0 at rung 0 on 5 items, these rungs give 8"):
         run_search(changed, pool=ItemPool(changed), progress=False)
+
+
+# -- optuna's pruners deciding a single-objective study ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("objectives", "fidelity", "message"),
+    [
+        (4, {"rungs": [5, 15], "pruner": "successive_halving"}, "takes a single-objective study"),
+        (1, {"rungs": [5, 15], "pruner": "hyperband", "promote_by": "weighted"}, "promote_by is evomerge's rule"),
+        (1, {"rungs": [5, 15], "pruner": "hyperband", "p_threshold": 0.2}, "the wilcoxon pruner's"),
+        (1, {"rungs": [5, 15], "pruner": "median"}, "pruner"),
+        (1, {"rungs": [5, 15], "pruner": "successive_halving", "eta": 2.5}, "takes a whole number"),
+    ],
+)
+def test_a_pruner_the_study_cannot_use_is_a_one_line_error(tmp_path, demo_family, objectives, fidelity, message):
+    with pytest.raises(ConfigError) as caught:
+        fidelity_space(tmp_path, demo_family, fidelity=fidelity, objectives=objectives, sampler="tpe")
+    assert message in str(caught.value) and "eval.fidelity" in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("pruner", "objectives", "sampler"),
+    [("successive_halving", 1, "tpe"), ("hyperband", 1, "tpe"), ("successive_halving", 2, "cmaes")],
+)
+def test_optunas_pruner_decides_each_rung_from_the_reported_values(tmp_path, demo_family, pruner, objectives, sampler):
+    space = fidelity_space(
+        tmp_path,
+        demo_family,
+        n_trials=14,
+        objectives=objectives,
+        sampler=sampler,
+        fidelity={"rungs": [5, 15, "all"], "eta": 3, "pruner": pruner},
+    )
+    summary = run_search(space, pool=ItemPool(space), progress=False)
+    study, records = study_and_store_pruned(space)
+    assert summary.n_pruned and summary.n_complete and summary.n_failed == 0
+    rungs = TrialStore(space.storage_url).rungs(space.study_name)
+    steps = [objectives * n for n in (5, 15, ITEMS)]  # every task's items together
+    for trial in study.trials:
+        reached = rungs[trial.number]
+        # the study's value at each rung it reached, at step = the items scored so far
+        assert trial.intermediate_values == {
+            steps[k]: pytest.approx(scalarize(space, values)) for k, (_, values) in reached.items()
+        }
+        if trial.state.name == "PRUNED":
+            assert max(reached) < 2
+        # the pruner kept its own books on every trial it judged below the top
+        assert any(key.startswith(("completed_rung_", "hyperband")) for key in trial.system_attrs) or max(reached) == 2
+    assert {row.number for row in summary.front} <= {n for n, r in records.items() if r.status == "complete"}
+
+
+def test_the_wilcoxon_pruner_is_told_every_item_in_the_study_order(tmp_path, demo_family):
+    space = fidelity_space(
+        tmp_path,
+        demo_family,
+        n_trials=10,
+        objectives=1,
+        sampler="random",
+        fidelity={"rungs": [10, 20, "all"], "pruner": "wilcoxon", "p_threshold": 0.5},
+    )
+    summary = run_search(space, pool=ItemPool(space), progress=False)
+    study, records = study_and_store_pruned(space)
+    assert summary.n_pruned and summary.n_complete
+    (task,) = [o.task for o in space.objectives]
+    order = TrialStore(space.storage_url).item_order(space.study_name)[task]
+    for trial in study.trials:
+        scored = len(trial.intermediate_values)
+        assert scored in (10, 20, ITEMS) and (trial.state.name == "COMPLETE") == (scored == ITEMS)
+        genome = records[trial.number].genome
+        assert trial.intermediate_values == {
+            place: item_value(genome, task, order[place]) for place in range(scored)
+        }  # step = the item's place in the order, value = its score

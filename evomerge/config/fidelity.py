@@ -25,6 +25,11 @@ class FidelitySpec(StrictModel):
     # ("pareto"), or the weighted sum alone ("weighted": when the weighted score is what you want,
     # e.g. the mean over skills, and parents that each win one objective should not hold the top places).
     promote_by: Literal["pareto", "weighted"] = "pareto"
+    # Who decides who goes up: evomerge's rule (any study), or one of optuna's pruners, fed the
+    # rungs as intermediate values (single-objective studies only: optuna's `Trial.report` refuses
+    # multi-objective ones). `evomerge.search.pruners` says what each is told.
+    pruner: Literal["evomerge", "successive_halving", "hyperband", "wilcoxon"] = "evomerge"
+    p_threshold: Number = Field(0.1, gt=0, lt=1)  # wilcoxon: stop a trial when p < this against the best
 
     @field_validator("rungs", mode="before")
     @classmethod

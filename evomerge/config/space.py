@@ -253,9 +253,30 @@ class SearchSpace(StrictModel):
             raise ValueError(f"base_model is required by {', '.join(needs_base)}")
         self._check_vocabulary(names)
         self._check_data()
+        self._check_pruner()
         if self.search.sampler == "cmaes" and len(self.objectives) > 1 and not any(o.weight for o in self.objectives):
             raise ValueError("cmaes optimises the weighted sum of objectives: give at least one a non-zero weight")
         return self
+
+    def _check_pruner(self) -> None:
+        spec = self.eval.fidelity
+        if spec is None or spec.pruner == "evomerge":
+            return
+        if self.multi_objective:
+            raise ValueError(
+                f"eval.fidelity.pruner: optuna's {spec.pruner} pruner takes a single-objective study (one "
+                f"objective, or sampler cmaes over their weighted sum), this one has {len(self.objectives)} "
+                "objectives: use pruner: evomerge"
+            )
+        if "promote_by" in spec.model_fields_set:
+            raise ValueError(
+                f"eval.fidelity.promote_by is evomerge's rule; optuna's {spec.pruner} pruner ranks by the study's "
+                "one value: drop one of them"
+            )
+        if spec.pruner != "wilcoxon" and not float(spec.eta).is_integer():
+            raise ValueError(f"eval.fidelity.eta: optuna's {spec.pruner} pruner takes a whole number, got {spec.eta:g}")
+        if "p_threshold" in spec.model_fields_set and spec.pruner != "wilcoxon":
+            raise ValueError(f"eval.fidelity.p_threshold is the wilcoxon pruner's, not {spec.pruner}'s")
 
     def data_methods(self) -> list[str]:
         """The genome's methods that merge by statistics of data (fisher, regmean)."""

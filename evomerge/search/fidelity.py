@@ -26,8 +26,9 @@ rung's Pareto front (it wins its own skill), so under Pareto ranking the parents
 specialists hold the few top places and a strong all-rounder seen later is stopped
 (`results/fitness.md` shows what that costs on the demo).
 
-optuna's own pruners are not used: `Trial.report` raises in multi-objective studies, and one code
-path for both kinds keeps the rule the same.
+This rule works for every study. A single-objective study may hand the decision to one of
+optuna's pruners instead (`pruner: successive_halving | hyperband | wilcoxon`, see
+`evomerge.search.pruners`); they cannot decide for a multi-objective one (`Trial.report` raises).
 """
 
 from __future__ import annotations

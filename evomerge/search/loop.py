@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import EvomergeError
-from evomerge.search import annotate, fidelity
+from evomerge.search import annotate, fidelity, pruners
 from evomerge.search.front import (
     FrontRow,
     Scores,
@@ -202,6 +202,9 @@ class SearchLoop:
             return
         order = fidelity.study_item_order(self.store, self.space, self.pool.item_ids("search"))
         self.ladder = fidelity.RungLadder.build(spec, order, source=self.space.source_path)
+        pruner = pruners.make_pruner(self.space, self.ladder)
+        if pruner is not None:
+            self.study.pruner = pruner  # what Trial.should_prune asks
         failed = {r.number for r in self.store.trials(self.space.study_name, status="failed")}
         for number, rungs in self.store.rungs(self.space.study_name).items():
             fidelity.check_recorded_rungs(self.space, self.ladder, number, rungs)
@@ -245,6 +248,8 @@ class SearchLoop:
         """Store the trial's values at its rung; the values of the rung's other trials (its rivals)."""
         number, rung = running.trial.number, running.rung
         self.store.record_rung(self.space.study_name, number, rung, items=self.ladder.items(rung), values=values)
+        if self.space.eval.fidelity.pruner != "evomerge":
+            pruners.report_rung(running.trial, self.space, self.ladder, rung, values, running.item_scores)
         rivals = [v for n, v in self.reached.get(rung, {}).items() if n != number]
         self.reached.setdefault(rung, {})[number] = values
         return rivals
@@ -252,7 +257,11 @@ class SearchLoop:
     def promote_or_prune(self, running: RunningTrial, result, values: list[float]) -> bool:
         """Below the top rung: hand the trial on to the next rung (True), or stop it here (False)."""
         rivals = self.record_rung(running, values)
-        if fidelity.promoted(self.space, values, rivals, self.space.eval.fidelity.eta):
+        if self.space.eval.fidelity.pruner != "evomerge":
+            goes_up = not running.trial.should_prune()
+        else:
+            goes_up = fidelity.promoted(self.space, values, rivals, self.space.eval.fidelity.eta)
+        if goes_up:
             running.rung += 1
             self.submit(running)
             return True
@@ -263,15 +272,11 @@ class SearchLoop:
         """Store a trial stopped below the top rung, then tell optuna PRUNED without values.
 
         Why PRUNED: optuna's samplers never read a low-rung score as if it were a full one.
-        NSGA-II and random sampling ignore pruned trials; TPE puts a pruned trial without
-        intermediate values below every complete one (the "worse" group, unless it has fewer
-        complete trials than its good group wants); CMA-ES reads a pruned trial only with
-        `consider_pruned_trials` and an intermediate value, and we report none. Telling the
-        low-rung values as COMPLETE would instead mix 25-item means with full-set ones.
-        One caveat: while a TPE study has fewer complete trials than its good group wants, TPE fills
-        that group with pruned trials in trial order (they all score alike without intermediate
-        values), so the earliest stopped trials weigh there; a promotion rule that lets enough
-        trials reach the full budget keeps that group made of complete ones.
+        NSGA-II and random sampling ignore pruned trials; evomerge's TPE keeps them out of its
+        good group (search/tpe.py: optuna's would fill it with the earliest pruned trials while
+        complete ones are few); CMA-ES reads a pruned trial only with `consider_pruned_trials`
+        and an intermediate value, and we report none. Telling the low-rung values as COMPLETE
+        would instead mix 25-item means with full-set ones.
         """
         from optuna.trial import TrialState
 
