@@ -18,6 +18,7 @@ from test_search_e2e import run_cli, write_space
 
 from evomerge.config.space import load_space
 from evomerge.errors import EvomergeError
+from evomerge.search.loop import finished_count
 from evomerge.store.trial_store import TrialStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -341,5 +342,27 @@ def test_a_stop_signal_fails_the_trial_in_flight_and_frees_the_study(
     for trial in failed:
         record = TrialStore(space.storage_url).trial("e2e", trial.number)
         assert record.status == "failed" and record.failure == f"search stopped before this trial finished: {reason}"
-        assert [t.user_attrs["retry_of"] for t in study.trials if t.state.name == "WAITING"] == [trial.number]
+        waiting = [t.user_attrs["retry_of"] for t in study.trials if t.state.name == "WAITING"]
+        # A signal inside study.ask() leaves a trial with no genome: nothing to queue again, and it
+        # does not count against n_trials (the sampler draws anew).
+        assert waiting == ([trial.number] if trial.params else [])
+        if not trial.params:
+            assert finished_count(study) == sum(t.state.name == "COMPLETE" for t in study.trials)
     assert read_holder(TrialStore(space.storage_url), "e2e") is None
+
+
+def test_a_trial_failed_before_its_genome_was_drawn_does_not_count_against_n_trials():
+    """An interrupt inside study.ask() leaves a trial with no genome: it is failed (nothing to queue
+    again) but costs the user no trial of the budget; a failure with a genome still counts."""
+    from optuna.trial import TrialState
+
+    study = optuna.create_study()
+    drawn = study.ask()
+    drawn.suggest_float("x", 0.0, 1.0)
+    study.tell(drawn, 0.5)
+    study.tell(study.ask(), state=TrialState.FAIL)  # interrupted before any gene was suggested
+    assert finished_count(study) == 1
+    failed = study.ask()
+    failed.suggest_float("x", 0.0, 1.0)
+    study.tell(failed, state=TrialState.FAIL)  # a merge that failed: its genome was evaluated
+    assert finished_count(study) == 2

@@ -677,13 +677,16 @@ def enqueue_seeds(study, space: SearchSpace, genome) -> int:
 
 def finished_count(study) -> int:
     """Trials that count against n_trials: finished ones (stopped at a low rung too), except failures whose genome was queued
-    again (a worker died or the driver was interrupted): their retry takes their place."""
+    again (a worker died or the driver was interrupted): their retry takes their place; and failures interrupted before
+    their genome was drawn: nothing of them was evaluated, and the sampler draws that genome anew."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs["retry_of"] for t in trials if t.user_attrs.get("retry_of") is not None}
     done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    return sum(1 for t in trials if t.state in done and t.number not in retried)
+    return sum(
+        1 for t in trials if t.state in done and t.number not in retried and (t.params or t.state != TrialState.FAIL)
+    )
 
 
 def queue_again(study, trial, params: Mapping[str, Any]) -> None:
