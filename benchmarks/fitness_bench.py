@@ -12,7 +12,10 @@ evaluator adds up the doc ids of every call (every item of every task when a cal
 the reference models' scoring included (the same for every arm). An arm's `on_trial` values must
 be full-set scores for a trial to count as reaching the target (pruned trials never do).
 
-    .venv/bin/python benchmarks/fitness_bench.py [--trials 40] [--out results/fitness.md]
+Every arm runs once per seed in `--seeds` (one seed's target is noisy: the best of 40 noisy
+means), and the table gives each arm's ratios per seed and their median.
+
+    .venv/bin/python benchmarks/fitness_bench.py [--trials 40] [--seeds 0,1,2,3,4] [--out results/fitness.md]
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import datetime
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -58,6 +62,8 @@ class Arm:
     # Its trials report estimates: it runs exactly `--trials` trials and reaches the target only
     # through the front it re-scores on every item at the end (all of its items and time counted).
     estimated: bool = False
+    # The control for evomerge's TPE (search/tpe.py): optuna's own TPESampler, same settings.
+    optuna_tpe: bool = False
 
 
 HALVING = {"rungs": [10, 30, "all"], "eta": 3}
@@ -66,16 +72,8 @@ ARMS = [
     Arm("successive halving 10/30/100, eta 3, promote by Pareto rank", {"fidelity": HALVING}),
     Arm("successive halving 10/30/100, eta 3, promote by mean", {"fidelity": HALVING | {"promote_by": "weighted"}}),
     Arm(
-        "successive halving 10/30/100, eta 4, promote by mean",
-        {"fidelity": {"rungs": [10, 30, "all"], "eta": 4, "promote_by": "weighted"}},
-    ),
-    Arm(
         "successive halving 10/100, eta 4, promote by mean",
         {"fidelity": {"rungs": [10, "all"], "eta": 4, "promote_by": "weighted"}},
-    ),
-    Arm(
-        "successive halving 5/20/100, eta 4, promote by mean",
-        {"fidelity": {"rungs": [5, 20, "all"], "eta": 4, "promote_by": "weighted"}},
     ),
     Arm(
         "IRT estimator, 20 anchors per task, 10 calibration merges (gp-IRT)",
@@ -83,6 +81,56 @@ ARMS = [
         estimated=True,
     ),
 ]
+
+# With --items-per-task (larger tasks, where a first rung of 25 items per task is cheap against the
+# full set): the rungs that suit them, and optuna's TPE beside evomerge's.
+BIG_HALVING = {"rungs": [25, 100, "all"], "eta": 4, "promote_by": "weighted"}
+BIG_ARMS = [
+    Arm("full fidelity", {}),
+    Arm("successive halving 25/100/all, eta 4, promote by mean", {"fidelity": BIG_HALVING}),
+    Arm(
+        "the same with optuna's TPESampler (pruned trials can fill its good group)",
+        {"fidelity": BIG_HALVING},
+        optuna_tpe=True,
+    ),
+    Arm(
+        "successive halving 10/30/100/all, eta 3, promote by mean",
+        {"fidelity": {"rungs": [10, 30, 100, "all"], "eta": 3, "promote_by": "weighted"}},
+    ),
+]
+
+
+def write_tasks(folder: Path, items_per_task: int) -> Path:
+    """The demo's four search tasks with `items_per_task` fresh items each (none of the held-out
+    ones), in `folder`; returns the include path."""
+    import json
+    import random
+
+    from evomerge import demo
+
+    folder.mkdir(parents=True, exist_ok=True)
+    held_out = {item["question"] for s in demo.SKILLS for split in demo.SPLITS for item in demo.heldout_items(s, split)}
+    (folder / "_demo_template_yaml").write_text((REPO / "tasks" / "_demo_template_yaml").read_text())
+    for skill in demo.SKILLS:
+        spec, rng = demo.SKILL_SPECS[skill], random.Random(f"evomerge-fitness-bench/{skill}")
+        seen: set[str] = set()
+        rows: list[str] = []
+        while len(rows) < items_per_task:
+            given = spec.make_input(rng)
+            question, choices = demo.prompt(skill, given), spec.choices(given)
+            if question in held_out or given in seen or len(set(choices)) != len(choices):
+                continue
+            seen.add(given)
+            answer = choices[0]
+            rng.shuffle(choices)
+            rows.append(
+                json.dumps({"question": question, "choices": choices, "label": choices.index(answer), "answer": answer})
+            )
+        (folder / f"{skill}_big.jsonl").write_text("\n".join(rows) + "\n")
+        (folder / f"demo_{skill}.yaml").write_text(
+            f"include: _demo_template_yaml\ntask: demo_{skill}\ndataset_kwargs:\n  data_files:\n    test: {folder / f'{skill}_big.jsonl'}\n"
+        )
+    return folder
 
 
 class CountingEvaluator:
@@ -126,16 +174,25 @@ class ArmResult:
     first_best: tuple[int, int, float] | None = None  # (trials, items, seconds) when its own best first appeared
 
 
+def optunas_tpe(seed: int):
+    """optuna's TPESampler with evomerge's TPE defaults (search/samplers.py)."""
+    from optuna.samplers import TPESampler
+
+    return TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
+
+
 class Stop(Exception):
     """Raised from on_trial once an arm has what it needs."""
 
 
-def space_for(arm: Arm, family: DemoFamily, work: Path, *, seed: int, index: int) -> SearchSpace:
+def space_for(
+    arm: Arm, family: DemoFamily, work: Path, *, seed: int, index: int, tasks: Path = REPO / "tasks"
+) -> SearchSpace:
     data = yaml.safe_load(TEMPLATE.read_text())
     data["models"] = [f"{skill}@{path}" for skill, path in family.finetunes.items()]
     data["base_model"] = f"base@{family.base}"
     data["device"] = "cpu"
-    data["eval"]["include_paths"] = [str(REPO / "tasks")]
+    data["eval"]["include_paths"] = [str(tasks)]
     data["eval"].update(arm.eval_settings)
     for objective in data["objectives"]:  # no finalists: the held-out tasks would only cost the references time
         objective.pop("selection_task", None)
@@ -184,6 +241,7 @@ def run_arm(
             progress=False,
             worker=worker,
             on_trial=on_trial,
+            sampler=optunas_tpe(space.search.seed) if arm.optuna_tpe else None,
         )
     except Stop:
         pass
@@ -206,86 +264,141 @@ def run_arm(
     return result
 
 
-def row(result: ArmResult, reference: ArmResult, target: float) -> str:
-    def ratio(value, base):
-        return "-" if value is None or not base else f"{value / base:.2f}"
+def trials_items(result: ArmResult) -> int | None:
+    """Items the arm's trials scored until it reached the target (the references' left out)."""
+    return None if result.reached_items is None else result.reached_items - result.reference_items
 
-    reached = result.reached_trial is not None
-    trial_items = result.reached_items - result.reference_items if reached else None
-    reference_trial_items = reference.reached_items - reference.reference_items
-    noise = math.sqrt(max(result.best_mean * (1 - result.best_mean), 0.0) / 400)  # 4 tasks x 100 items, binomial
+
+def ratio(value: float | None, base: float | None) -> float:
+    """value / base; infinite where the arm never reached the target."""
+    return math.inf if value is None or not base else value / base
+
+
+def shown(value: float) -> str:
+    return "no" if math.isinf(value) else f"{value:.2f}"
+
+
+def summary_row(label: str, runs: list[tuple[ArmResult, ArmResult]]) -> str:
+    """One arm over the seeds: `runs` pairs the arm's result with the full arm's, per seed."""
+    items = [ratio(trials_items(arm), trials_items(full)) for arm, full in runs]
+    totals = [ratio(arm.reached_items, full.reached_items) for arm, full in runs]
+    walls = [ratio(arm.reached_seconds, full.reached_seconds) for arm, full in runs]
+    gaps = [arm.best_mean - full.best_mean for arm, full in runs]
+    reached = sum(arm.reached_trial is not None for arm, _ in runs)
     return (
-        f"| {result.label} | {'yes' if reached else 'no'} | {result.reached_trial or '-'} | "
-        f"{result.reached_items if reached else '-'} | {ratio(result.reached_items, reference.reached_items)} | "
-        f"{trial_items if reached else '-'} | {ratio(trial_items, reference_trial_items)} | "
-        f"{f'{result.reached_seconds:.0f}' if reached else '-'} | {ratio(result.reached_seconds, reference.reached_seconds)} | "
-        f"{result.best_mean:.4f} ± {noise:.3f} | {result.trials} ({result.pruned}) | {result.items} | {result.seconds:.0f} |"
+        f"| {label} | {reached}/{len(runs)} | {' '.join(shown(x) for x in items)} | "
+        f"**{shown(statistics.median(items))}** | {shown(statistics.median(totals))} | "
+        f"{shown(statistics.median(walls))} | {statistics.median(gaps):+.4f} | "
+        f"{statistics.median(arm.trials for arm, _ in runs):.0f} ({statistics.median(arm.pruned for arm, _ in runs):.0f}) |"
+    )
+
+
+def seed_row(seed: int, full: ArmResult) -> str:
+    return (
+        f"| {seed} | {full.best_mean:.4f} | {full.reached_trial} | {trials_items(full)} | {full.reached_seconds:.0f} |"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", type=Path, default=REPO / "demo_models", help="demo family (built if missing)")
-    parser.add_argument("--trials", type=int, default=40)
+    parser.add_argument("--trials", type=int, default=40, help="the full arm's trials; the target is its best")
     parser.add_argument(
         "--max-trials", type=int, default=120, help="a later arm stops here if it never reaches the target"
     )
     parser.add_argument("--arm-timeout", type=float, default=300.0, help="seconds after which a later arm stops")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", default="0,1,2,3,4", help="comma-separated study seeds; every arm runs once per seed"
+    )
+    parser.add_argument(
+        "--items-per-task",
+        type=int,
+        default=None,
+        help="write the four search tasks with this many fresh items each and run BIG_ARMS on them "
+        "(its own section of --out); default: the repo's tasks (100 items each) and ARMS",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "results" / "fitness.md")
     args = parser.parse_args()
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    arms = BIG_ARMS if args.items_per_task else ARMS
+    per_task = args.items_per_task or 100
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     family = build_demo_family(args.family, progress=False)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as folder:
-        work = Path(folder)
-        spaces = [space_for(arm, family, work, seed=args.seed, index=i) for i, arm in enumerate(ARMS)]
-        reference = run_arm(
-            ARMS[0], spaces[0], trials=args.trials, max_trials=args.trials, timeout=math.inf, target=None
-        )
-        target = reference.best_mean
-        results = [reference]
-        for arm, space in zip(ARMS[1:], spaces[1:], strict=True):
-            results.append(
-                run_arm(
-                    arm, space, trials=args.trials, max_trials=args.max_trials, timeout=args.arm_timeout, target=target
-                )
+    by_seed: dict[int, list[ArmResult]] = {}
+    for seed in seeds:
+        print(f"seed {seed}", flush=True)
+        with tempfile.TemporaryDirectory() as folder:
+            work = Path(folder)
+            tasks = write_tasks(work / "tasks", args.items_per_task) if args.items_per_task else REPO / "tasks"
+            spaces = [space_for(arm, family, work, seed=seed, index=i, tasks=tasks) for i, arm in enumerate(arms)]
+            full = run_arm(
+                ARMS[0], spaces[0], trials=args.trials, max_trials=args.trials, timeout=math.inf, target=None
             )
+            results = [full]
+            for arm, space in zip(arms[1:], spaces[1:], strict=True):
+                results.append(
+                    run_arm(
+                        arm,
+                        space,
+                        trials=args.trials,
+                        max_trials=args.max_trials,
+                        timeout=args.arm_timeout,
+                        target=full.best_mean,
+                    )
+                )
+        by_seed[seed] = results
     command = (
         f"benchmarks/fitness_bench.py --family {args.family} --trials {args.trials} "
-        f"--max-trials {args.max_trials} --arm-timeout {args.arm_timeout:g} --seed {args.seed}"
+        f"--max-trials {args.max_trials} --arm-timeout {args.arm_timeout:g} --seeds {args.seeds}"
+        + (f" --items-per-task {args.items_per_task}" if args.items_per_task else "")
     )
     body = "\n".join(
         [
-            "## Full fidelity vs successive halving vs the IRT estimator: items to reach the full search's best",
+            (
+                f"## Larger tasks ({per_task} fresh items per task): items to reach the full search's best"
+                if args.items_per_task
+                else "## Full fidelity vs successive halving vs the IRT estimator: items to reach the full search's best"
+            ),
             "",
             f"Command: `.venv/bin/python {command}`  ",
             f"{machine_line(torch)}; {datetime.date.today().isoformat()}.",
             "",
-            f"Every arm: a fresh study of `search_spaces/demo.yml` (TPE over the four skills, parents and the uniform "
-            f"mix enqueued first, all 100 items per task), seed {args.seed}, one in-process worker, no finalists; only "
-            "the `eval` settings differ. Target: the best full-set mean (over the four objectives) that the "
-            f"full-fidelity arm reaches in {args.trials} trials ({target:.4f}). A later arm runs until one of its "
-            f"full-set trials reaches the target and {args.trials} trials have finished (at most {args.max_trials} "
-            f"trials or {args.arm_timeout:g}s). Items: every doc id scored, all tasks, the five reference models' "
-            "400 each included (trials' items: without them); for the full arm, 'to reach' is where its own best "
-            "first appeared. Wall: from the "
-            "search's start (references included, model loading not). The ± is the binomial standard error of a "
-            "mean over 400 items. Promotion by Pareto rank (the default for a multi-objective study) versus by "
-            "the mean (`promote_by: weighted`): with the four skills as objectives each parent alone is on a "
-            "rung's Pareto front, since it wins its own skill. Wall times depend on what else the shared machine "
-            "runs while each arm runs; the item counts do not.",
+            "Every arm: a fresh study of `search_spaces/demo.yml` (TPE over the four skills, parents and the uniform "
+            f"mix enqueued first, all {per_task} items per task), one in-process worker, no finalists; only the `eval` "
+            f"settings differ, and each arm runs once per seed ({args.seeds}). Per seed the target is the best "
+            f"full-set mean (over the four objectives) that the full-fidelity arm reaches in {args.trials} trials; a "
+            f"later arm runs until one of its full-set trials reaches it and {args.trials} trials have finished (at "
+            f"most {args.max_trials} trials or {args.arm_timeout:g}s). Items: every doc id scored; 'trials' items' "
+            f"leaves out the five reference models' {4 * per_task} each (the same for every arm); for the full arm, 'to reach' "
+            "is where its own best first appeared. A ratio is the arm's figure over the full arm's of the same "
+            "seed; 'no': the arm never reached the target (counted as infinite in the median). Wall: from the "
+            "search's start (references included, model loading not), on a shared machine; the item counts do not "
+            "depend on it. Best vs target: the arm's final best full-set mean minus the full arm's (one standard "
+            f"error of a mean near 0.92 over {4 * per_task} items is {math.sqrt(0.92 * 0.08 / (4 * per_task)):.3f}). "
+            "An arm named for optuna's TPESampler runs optuna's own in place of evomerge's (search/tpe.py). Promotion by Pareto rank is the default for a "
+            "multi-objective study; `promote_by: weighted` promotes by the mean.",
             "",
-            "| arm | reached | trials to reach | items to reach | items vs full | trials' items to reach | "
-            "trials' items vs full | wall to reach (s) | wall vs full | final best mean | trials (stopped low) | "
-            "items, whole arm | wall, whole arm (s) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-            *[row(result, reference, target) for result in results],
+            "| arm | reached | trials' items vs full, per seed | median | all items vs full, median | "
+            "wall vs full, median | best vs target, median | trials (stopped low), median |",
+            "|---|---|---|---|---|---|---|---|",
+            *[
+                summary_row(arm.label, [(by_seed[seed][index], by_seed[seed][0]) for seed in seeds])
+                for index, arm in enumerate(arms)
+                if index
+            ],
+            "",
+            "The full arm per seed (the targets):",
+            "",
+            "| seed | target (best mean in "
+            f"{args.trials} trials) | trials to reach | trials' items to reach | wall to reach (s) |",
+            "|---|---|---|---|---|",
+            *[seed_row(seed, by_seed[seed][0]) for seed in seeds],
             "",
             f"Total benchmark time {time.perf_counter() - started:.0f}s.",
         ]
     )
-    write_section(args.out, SECTION, body, title=TITLE)
+    write_section(args.out, f"{SECTION}_{args.items_per_task}" if args.items_per_task else SECTION, body, title=TITLE)
     print(body)
     print(f"wrote {args.out}")
 
