@@ -245,9 +245,15 @@ class SearchLoop:
         return values, None, combined
 
     def record_rung(self, running: RunningTrial, values: list[float]) -> list[list[float]]:
-        """Store the trial's values at its rung; the values of the rung's other trials (its rivals)."""
+        """Store the trial's values at its rung (in the trial store, and on the optuna trial for the
+        dashboard and for TPE's rung model); the values of the rung's other trials (its rivals)."""
+        from evomerge.search.tpe import rung_values_attr
+
         number, rung = running.trial.number, running.rung
         self.store.record_rung(self.space.study_name, number, rung, items=self.ladder.items(rung), values=values)
+        running.trial.set_user_attr(
+            rung_values_attr(rung), [None if math.isnan(v) else float(v) for v in told_values(self.space, values)]
+        )
         if self.space.eval.fidelity.pruner != "evomerge":
             pruners.report_rung(running.trial, self.space, self.ladder, rung, values, running.item_scores)
         rivals = [v for n, v in self.reached.get(rung, {}).items() if n != number]
@@ -273,9 +279,10 @@ class SearchLoop:
 
         Why PRUNED: optuna's samplers never read a low-rung score as if it were a full one.
         NSGA-II and random sampling ignore pruned trials; evomerge's TPE keeps them out of its
-        good group (search/tpe.py: optuna's would fill it with the earliest pruned trials while
-        complete ones are few); CMA-ES reads a pruned trial only with `consider_pruned_trials`
-        and an intermediate value, and we report none. Telling the low-rung values as COMPLETE
+        good group, or ranks them by their values at the rung it models (search/tpe.py: optuna's
+        would fill it with the earliest pruned trials while complete ones are few); CMA-ES reads
+        a pruned trial only with `consider_pruned_trials` (off by default) and an intermediate
+        value (reported only under an optuna pruner). Telling the low-rung values as COMPLETE
         would instead mix 25-item means with full-set ones.
         """
         from optuna.trial import TrialState

@@ -10,8 +10,17 @@ Capping `gamma(n)` at the number of complete trials keeps pruned trials in the o
 they belong: each lost at its rung to trials that went on. A study without pruned trials samples
 exactly as optuna's TPE does, since its n is then the number of complete trials.
 
-optuna deprecated `gamma` in 4.9 and will remove it in 6.0 (pyproject keeps optuna below 6);
-tests/test_tpe_good_group.py fails if the cap stops working.
+Full-budget scores alone are few in a halving search (one trial in eta^2 or fewer goes all the
+way), so TPE would model a hundred trials from a handful. When the search records each trial's
+values at every rung it reached (user attribute `values at rung R`, written by the search loop), the
+sampler models the highest rung that at least `n_startup_trials` trials reached, as BOHB does: the
+good group is the best gamma(n) of those trials by their values at that rung (optuna's own split,
+non-domination and hypervolume in a multi-objective study), and every other finished trial is in
+the other group. Once enough trials are complete, that rung is the full budget.
+
+optuna deprecated `gamma` in 4.9 and will remove it in 6.0 (pyproject keeps optuna below 6); the
+rung model reuses TPESampler's private `_sample` steps and `_split_trials` (optuna 5).
+tests/test_tpe_good_group.py fails if either stops working.
 """
 
 from __future__ import annotations
@@ -22,7 +31,33 @@ from collections.abc import Callable
 from typing import Any
 
 from optuna.samplers import TPESampler
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState, create_trial
+
+RUNG_VALUES = "values at rung "  # + the rung's index: a trial's told values on that rung's items
+
+
+def rung_values_attr(rung: int) -> str:
+    """The user attribute that holds a trial's values at `rung` (what optuna would be told)."""
+    return f"{RUNG_VALUES}{rung}"
+
+
+def values_by_rung(trial: FrozenTrial) -> dict[int, list[float]]:
+    """The values a trial recorded at each rung it finished (none outside a halving search)."""
+    found = {}
+    for key, values in trial.user_attrs.items():
+        rung = key.removeprefix(RUNG_VALUES)
+        if rung != key and rung.isdigit() and _finite_numbers(values):
+            found[int(rung)] = [float(v) for v in values]
+    return found
+
+
+def _finite_numbers(values: Any) -> bool:
+    """A non-empty list of finite numbers (a NaN score leaves the trial out of its rung's model)."""
+    return isinstance(values, list) and bool(values) and all(_finite(v) for v in values)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def optuna_default_gamma(n: int, objectives: int) -> int:
@@ -65,3 +100,55 @@ class FullBudgetTPESampler(TPESampler):
     def sample_independent(self, study, trial, param_name, param_distribution):
         self._good_group.observe(study)
         return super().sample_independent(study, trial, param_name, param_distribution)
+
+    def _sample(self, study, trial, search_space):
+        """optuna's TPE step with the good group drawn from the highest well-populated rung."""
+        from optuna.samplers._tpe.sampler import _split_trials
+
+        states = (TrialState.COMPLETE, TrialState.PRUNED)
+        finished = study._get_trials(deepcopy=False, states=states, use_cache=True)
+        stand_ins = rung_stand_ins(finished, max(1, self._n_startup_trials))
+        if stand_ins is None:
+            return super()._sample(study, trial, search_space)
+        at_rung = sum(t.state == TrialState.COMPLETE for t in stand_ins)
+        wanted = self._good_group.gamma or (lambda n: optuna_default_gamma(n, len(study.directions)))
+        below, above = _split_trials(study, stand_ins, min(wanted(at_rung), at_rung))
+        if self._constant_liar:
+            running = study._get_trials(deepcopy=False, states=(TrialState.RUNNING,), use_cache=False)
+            above += [t for t in running if t.number != trial.number]
+        good = self._build_parzen_estimator(study, search_space, below, handle_below=True)
+        other = self._build_parzen_estimator(study, search_space, above, handle_below=False)
+        candidates = good.sample(self._rng.rng, self._n_ei_candidates)
+        chosen = TPESampler._compare(candidates, self._compute_acquisition_func(candidates, good, other))
+        return {name: dist.to_external_repr(chosen[name]) for name, dist in search_space.items()}
+
+
+def rung_stand_ins(finished: list[FrozenTrial], enough: int) -> list[FrozenTrial] | None:
+    """The finished trials as TPE should split them: those that reached the highest rung with at
+    least `enough` trials, as COMPLETE with their values there; the rest as they are (PRUNED ones
+    without values, so always in the other group). None when no trial recorded rung values."""
+    rungs = {t.number: values_by_rung(t) for t in finished}
+    reached: dict[int, int] = {}
+    for by_rung in rungs.values():
+        for rung in by_rung:
+            reached[rung] = reached.get(rung, 0) + 1
+    if not reached:
+        return None
+    top = max((rung for rung, count in reached.items() if count >= enough), default=min(reached))
+    stand_ins = []
+    for t in finished:
+        values = rungs[t.number].get(top)
+        if values is None:
+            stand_ins.append(t if t.state == TrialState.PRUNED else _as_pruned(t))
+            continue
+        stand_in = create_trial(values=values, params=t.params, distributions=t.distributions)
+        stand_in.number = t.number
+        stand_ins.append(stand_in)
+    return stand_ins
+
+
+def _as_pruned(trial: FrozenTrial) -> FrozenTrial:
+    """A complete trial without values at the modelled rung (a resumed study): in the other group."""
+    stand_in = create_trial(state=TrialState.PRUNED, params=trial.params, distributions=trial.distributions)
+    stand_in.number = trial.number
+    return stand_in
