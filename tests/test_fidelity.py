@@ -18,8 +18,9 @@ from test_search_loop import Outcome, Result, ScriptedPool, digest, study_and_st
 from evomerge.config.space import load_space
 from evomerge.errors import ConfigError
 from evomerge.search import fidelity
-from evomerge.search.front import compute_front, objective_values, scalarize
+from evomerge.search.front import compute_front, objective_values, scalarize, told_values
 from evomerge.search.runner import run_search
+from evomerge.search.tpe import values_by_rung
 from evomerge.store.trial_store import TrialStore
 
 ITEMS = 40  # doc ids per task in the fake pool
@@ -232,6 +233,9 @@ def test_a_halving_search_prunes_scores_only_new_items_and_fronts_only_full_tria
         top = max(rungs[number])
         assert top < 2 and records[number].values == rungs[number][top][1]
         assert study.trials[number].user_attrs["rung"].startswith(f"rung {top}/2")
+    for number, by_rung in rungs.items():  # what TPE's rung model reads (search/tpe.py)
+        told = {rung: told_values(space, values) for rung, (_, values) in by_rung.items()}
+        assert values_by_rung(study.trials[number]) == told
     full_scores = store.scores(space.study_name, "search")
     for number in complete:
         assert sorted(rungs[number]) == [0, 1, 2] and rungs[number][2][0] == ITEMS * objectives
