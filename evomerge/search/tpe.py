@@ -1,13 +1,12 @@
-"""TPE whose good group holds complete (full-budget) trials only.
+"""TPE for searches that stop most trials at a low rung (successive halving).
 
 optuna's TPE splits the finished trials into a good group of `gamma(n)` trials and the rest. When
 the study has fewer complete trials than that, it tops the good group up with PRUNED trials, and a
-pruned trial without intermediate values (evomerge reports none: rung scores are not comparable
-across rungs) scores like every other, so the *earliest* stopped trials fill it. A successive-
-halving search stops most trials low, so its good group fills with the first losers (on the demo:
-the enqueued parents alone) and TPE samples around them (`results/fitness.md` has the effect).
-Capping `gamma(n)` at the number of complete trials keeps pruned trials in the other group, where
-they belong: each lost at its rung to trials that went on. A study without pruned trials samples
+pruned trial without intermediate values (a multi-objective study cannot report any) scores like
+every other, so the *earliest* stopped trials fill it: TPE then samples around the first losers
+(`results/fitness.md` has the effect: optuna's TPE stays at the enqueued uniform mix). Capping
+`gamma(n)` at the number of complete trials keeps pruned trials in the other group, where they
+belong: each lost at its rung to trials that went on. A study without pruned trials samples
 exactly as optuna's TPE does, since its n is then the number of complete trials.
 
 Full-budget scores alone are few in a halving search (one trial in eta^2 or fewer goes all the
@@ -125,8 +124,9 @@ class FullBudgetTPESampler(TPESampler):
 
 def rung_stand_ins(finished: list[FrozenTrial], enough: int) -> list[FrozenTrial] | None:
     """The finished trials as TPE should split them: those that reached the highest rung with at
-    least `enough` trials, as COMPLETE with their values there; the rest as they are (PRUNED ones
-    without values, so always in the other group). None when no trial recorded rung values."""
+    least `enough` trials, as COMPLETE with their values there; the rest as PRUNED (optuna fills the
+    good group from complete trials first, so they stay in the other group). None when no trial
+    recorded rung values."""
     rungs = {t.number: values_by_rung(t) for t in finished}
     reached: dict[int, int] = {}
     for by_rung in rungs.values():
