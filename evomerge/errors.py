@@ -12,6 +12,13 @@ class EvomergeError(Exception):
     """A user mistake, reported as one line."""
 
 
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """A foreign library's error as the one line a message can quote: its first non-empty line
+    (its type's name when it says nothing), at most `limit` characters."""
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:limit]
+
+
 class ConfigError(EvomergeError):
     """A config/space file is invalid: `file: field: what was expected`."""
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.config.space import SearchSpace
-from evomerge.errors import ConfigError, EvomergeError
+from evomerge.errors import ConfigError, EvomergeError, first_line
 from evomerge.io.lora import folders_of, open_model
 from evomerge.io.model_dir import ModelDir
 from evomerge.store.database import check_storage
@@ -123,7 +123,7 @@ def check_tokenizer(space: SearchSpace, genome: Any, fields: Mapping[str, str]) 
     try:
         AutoTokenizer.from_pretrained(folder, trust_remote_code=space.trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        first = first_line(exc, 120)
         raise ConfigError(
             f"{folder} has no tokenizer that loads ({first}); every candidate is scored with '{name}''s tokenizer",
             file=space.source_path,

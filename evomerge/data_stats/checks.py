@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from evomerge.config.mergekit_yaml import DataSection
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, first_line
 
 # The output types whose documents have a loglikelihood request to score (examples.gold_instances).
 USABLE_OUTPUT_TYPES = ("loglikelihood", "multiple_choice")
@@ -66,7 +66,7 @@ def check_data_tasks(
             with _quiet_lm_eval(False):
                 found = any(gold_instances(task, limit=examples) for task in usable)
         except Exception as exc:  # noqa: BLE001 - a task's templates can raise anything on its documents
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            first = first_line(exc, 300)
             raise ConfigError(
                 f"lm-eval cannot build the requests of task '{name}' ({type(exc).__name__}: {first}){hint}",
                 file=file,

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from evomerge.errors import first_line
 from evomerge.evaluate.protocol import ItemIds, ItemScores, Scores
 
 if TYPE_CHECKING:
@@ -489,7 +490,7 @@ def load_task_dict(tasks: Sequence[str], include_paths: Sequence[Path] = ()) -> 
         with _quiet_lm_eval(False):
             return manager.load(list(dict.fromkeys(tasks)))
     except Exception as exc:  # noqa: BLE001 - lm-eval raises many kinds for a broken task YAML or dataset
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc, 300)
         raise ValueError(f"lm-eval cannot load the tasks ({type(exc).__name__}: {first})") from None
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from evomerge.dtypes import safetensors_dtypes
-from evomerge.errors import EvomergeError
+from evomerge.errors import EvomergeError, first_line
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        first = first_line(exc, 200)
         raise EvomergeError(
             f"{path}: refused or unreadable by torch's weights-only loader ({first}); convert it to safetensors"
         ) from None

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from evomerge.dtypes import normalize_dtype, torch_dtype
-from evomerge.errors import CompatibilityError, ConfigError
+from evomerge.errors import CompatibilityError, ConfigError, first_line
 from evomerge.io.checkpoint import copy_tokenizer
 from evomerge.io.model_dir import ModelDir
 from evomerge.io.output_dir import check_free_space, staged_output
@@ -186,12 +186,16 @@ def check_family(config: MoEConfig, config_path: Path, base: ModelDir, models: d
     return architecture
 
 
-def unreadable_prompt(text: str, ids: list[int], unknown: int | None) -> str | None:
-    """Why a prompt's token ids cannot place a router row (None: they can)."""
-    if [i for i in ids if i != unknown]:
-        return None
+def readable_prompt_ids(tokenizer, text: str, *, file: object, field: str) -> list[int]:
+    """A prompt's token ids (no special tokens); a one-line error naming `field` when they cannot
+    place a router row: no tokens, or only the unknown token."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if [i for i in ids if i != tokenizer.unk_token_id]:
+        return ids
     what = "no tokens" if not ids else "only the unknown token"
-    return f"{text!r} gives {what} in the base model's tokenizer; expected text it can read"
+    raise ConfigError(
+        f"{text!r} gives {what} in the base model's tokenizer; expected text it can read", file=file, field=field
+    )
 
 
 def base_tokenizer(base: ModelDir, config_path: Path, gate_mode: str):
@@ -202,7 +206,7 @@ def base_tokenizer(base: ModelDir, config_path: Path, gate_mode: str):
         return AutoTokenizer.from_pretrained(base.path)
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            f"{base.path} has no tokenizer that loads ({str(exc).splitlines()[0][:120]}); "
+            f"{base.path} has no tokenizer that loads ({first_line(exc, 120)}); "
             f"gate_mode {gate_mode} reads the prompts with the base's tokenizer",
             file=config_path,
             field="base_model",
@@ -213,7 +217,6 @@ def _prompt_ids(config: MoEConfig, config_path: Path, tokenizer) -> list[tuple[l
     """Each expert's prompts as token ids with BOS first; refuses a prompt that gives no token the
     base knows (empty, or only the unknown token)."""
     bos = tokenizer.bos_token_id
-    unknown = tokenizer.unk_token_id
     result = []
     for group, members in (("experts", config.experts), ("shared_experts", config.shared_experts or [])):
         for index, expert in enumerate(members):
@@ -221,10 +224,8 @@ def _prompt_ids(config: MoEConfig, config_path: Path, tokenizer) -> list[tuple[l
             for kind in ("positive_prompts", "negative_prompts"):
                 ids_of_kind = []
                 for number, text in enumerate(getattr(expert, kind) or []):
-                    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-                    problem = unreadable_prompt(text, ids, unknown)
-                    if problem:
-                        raise ConfigError(problem, file=config_path, field=f"{group}[{index}].{kind}[{number}]")
+                    field = f"{group}[{index}].{kind}[{number}]"
+                    ids = readable_prompt_ids(tokenizer, text, file=config_path, field=field)
                     ids_of_kind.append(([bos] if bos is not None else []) + ids)
                 lists.append(ids_of_kind)
             result.append((lists[0], lists[1]))

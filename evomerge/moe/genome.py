@@ -118,7 +118,7 @@ class MoEGenome:
         """For validate and run, before any trial: what every trial's MoE build would refuse (the
         family and the experts' MLP shapes; prompts the base's tokenizer cannot read, or two
         fine-tunes with the same prompts), found once here instead of in every trial."""
-        from evomerge.moe.build import base_tokenizer, check_family, unreadable_prompt
+        from evomerge.moe.build import base_tokenizer, check_family, readable_prompt_ids
 
         where = self.space.source_path
         config = MoEConfig.model_validate(self.moe_config(self.uniform_params()))  # every fine-tune an expert
@@ -140,10 +140,7 @@ class MoEGenome:
         tokenizer = base_tokenizer(self.models[self.base], where or Path("space.yml"), modes[0])
         for name in self.finetunes:
             for number, text in enumerate(self.spec.prompts[name]):
-                ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-                problem = unreadable_prompt(text, ids, tokenizer.unk_token_id)
-                if problem:
-                    raise ConfigError(problem, file=where, field=f"genome.prompts.{name}.{number}")
+                readable_prompt_ids(tokenizer, text, file=where, field=f"genome.prompts.{name}.{number}")
         return f"{line}; every prompt readable by the base's tokenizer"
 
     def distributions(self) -> dict[str, Any]:

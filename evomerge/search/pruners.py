@@ -21,6 +21,7 @@ import warnings
 from typing import TYPE_CHECKING
 
 from evomerge.search.front import told_values
+from evomerge.search.pareto import weighted_score
 
 if TYPE_CHECKING:
     from optuna.pruners import BasePruner
@@ -63,19 +64,13 @@ def item_contributions(
 ) -> list[tuple[int, float]]:
     """(step, value) for each item `rung` adds: its place in the study's order (tasks one after
     another) and the signed, weighted sum of its values over the objectives that read it."""
-    offsets, start = {}, 0
-    for task, ids in ladder.order.items():
-        offsets[task] = start
-        start += len(ids)
     below = ladder.sizes[rung - 1] if rung > 0 else {}
-    out = []
+    out, offset = [], 0  # offset: the task's first place in the study's order
     for task, ids in ladder.order.items():
         readers = [o for o in space.objectives if o.task == task]
+        directions, weights = [o.direction for o in readers], [o.weight for o in readers]
         for place in range(below.get(task, 0), ladder.sizes[rung][task]):
-            doc = ids[place]
-            value = sum(
-                (1.0 if o.direction == "maximize" else -1.0) * o.weight * item_scores[task][o.metric][doc]
-                for o in readers
-            )
-            out.append((offsets[task] + place, value))
+            values = [item_scores[task][o.metric][ids[place]] for o in readers]
+            out.append((offset + place, weighted_score(values, directions, weights)))
+        offset += len(ids)
     return out

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from evomerge.config.numbers import coerce_bool, coerce_number
-from evomerge.errors import ConfigError
+from evomerge.errors import ConfigError, first_line
 from evomerge.suggest import did_you_mean
 
 if TYPE_CHECKING:
@@ -173,6 +173,6 @@ def make_sampler(
     try:
         return FACTORIES[sampler].build(seed, checked)
     except (TypeError, ValueError) as exc:
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         message = f"invalid option for the {sampler} sampler ({first})"
         raise ConfigError(message, file=source, field="search.sampler_options") from None
