@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_in_process import captured
 from families import random_family
 from safetensors.torch import load_file, save_file
 
-from evomerge.cli import main
 from evomerge.demo import build_tokenizer
 from evomerge.synthetic import LlamaShape
 
@@ -118,13 +118,8 @@ def models(tmp_path_factory) -> dict[str, Path]:
 
 
 def _validate(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(["validate", *argv])
-        code = 0
-    except SystemExit as exc:
-        code = exc.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+    result = captured(capsys, "validate", *argv)
+    return result.returncode, result.stdout, result.stderr
 
 
 def _one_line_error(code: int, err: str, expected: str) -> str:

@@ -162,22 +162,11 @@ def in_process(capsys, monkeypatch):
     """`main(argv)` in this process, answered as `evomerge` above is: for the refusals, whose exit
     status and one line are the same there and cost no interpreter start-up (nor, when an earlier
     test built it, a second index of lm-eval's built-in tasks: harness caches it per process)."""
-    from evomerge.cli import main
+    from cli_in_process import captured
 
     monkeypatch.delenv("EVOMERGE_DEBUG", raising=False)
     monkeypatch.setenv("COLUMNS", "100")
-
-    def call(*argv: str) -> subprocess.CompletedProcess:
-        capsys.readouterr()
-        try:
-            main(list(argv))
-            code = 0
-        except SystemExit as stopped:
-            code = stopped.code if isinstance(stopped.code, int) else 1
-        out, err = capsys.readouterr()
-        return subprocess.CompletedProcess(argv, code, out, err)
-
-    return call
+    return lambda *argv: captured(capsys, *argv)
 
 
 # -- evomerge merge with data: -----------------------------------------------------------------------

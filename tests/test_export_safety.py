@@ -12,21 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_in_process import exit_code as run
 
-from evomerge.cli import main
 from evomerge.io.output_dir import MARKER
 from evomerge.store.trial_store import TrialStore
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-def run(argv) -> int:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

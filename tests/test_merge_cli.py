@@ -4,22 +4,13 @@ import json
 
 import pytest
 import torch
+from cli_in_process import exit_code as _run
 from families import load_checkpoint, random_family, write_yaml
-
-from evomerge.cli import main
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     return random_family(tmp_path_factory.mktemp("cli"), finetunes=2)
-
-
-def _run(argv):
-    try:
-        main(argv)
-    except SystemExit as exc:
-        return exc.code
-    return 0
 
 
 def test_linear_merge_writes_a_loadable_checkpoint(tmp_path, family):

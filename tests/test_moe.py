@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cli_in_process import exit_code as run
 from families import tiny_arch_family, tiny_config
-
-from evomerge.cli import main
 
 SKILL_PROMPTS = {  # different lengths, so the batches are left-padded
     "reverse": ["reverse abc =", "reverse qwertyu ="],
@@ -24,14 +23,6 @@ SKILL_PROMPTS = {  # different lengths, so the batches are left-padded
     "shift": ["shift ABCD ="],
     "close": ["close ([{ ="],
 }
-
-
-def run(argv) -> int:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def demo_config(family: dict[str, Path], gate_mode: str, **extra) -> dict:

@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from cli_in_process import exit_code as run
 from families import random_family, write_yaml
 
-from evomerge.cli import main
 from evomerge.io.output_dir import MARKER
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,14 +25,6 @@ EVOMERGE = Path(sys.executable).with_name("evomerge")
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     return random_family(tmp_path_factory.mktemp("safety"), finetunes=2)
-
-
-def run(argv) -> int:
-    try:
-        main([str(a) for a in argv])
-    except SystemExit as exc:
-        return int(exc.code or 0)
-    return 0
 
 
 def console(*argv) -> subprocess.CompletedProcess:

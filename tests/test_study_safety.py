@@ -63,15 +63,11 @@ def free_port() -> int:
 
 
 def in_process_error(capsys, *argv: str) -> str:
-    """`main(argv)` in this process: the exit status and the one-line error the console script
-    gives (its start-up is proved by the subprocess tests here; this spares ~2 s a command)."""
-    from evomerge.cli import main
+    """The one-line error (exit status 2) the console script gives, from `main` in this process
+    (its start-up is proved by the subprocess tests here; this spares ~2 s a command)."""
+    from cli_in_process import captured
 
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as stopped:
-        main(list(argv))
-    out, err = capsys.readouterr()
-    return one_line_error(subprocess.CompletedProcess(argv, stopped.value.code, out, err))
+    return one_line_error(captured(capsys, *argv))
 
 
 def never_serve(monkeypatch) -> None:
