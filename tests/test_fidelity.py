@@ -40,6 +40,8 @@ class ItemPool(ScriptedPool):
         super().__init__(space, script)
         self.not_a_mean = not_a_mean
         self.items: list[tuple[dict, dict]] = []  # (genome, items) per search submission
+        self.reference_calls: list[tuple[str, str]] = []  # score_reference's names and splits
+        self.margin_calls: list[tuple[str, dict]] = []  # score_reference_margins' names and metrics
 
     def item_ids(self, split="search"):
         return {o.task: list(range(ITEMS)) for o in self.space.objectives}
@@ -67,6 +69,16 @@ class ItemPool(ScriptedPool):
             scores = {t: {"acc,none": 0.5 * m["acc,none"] + 0.25} for t, m in scores.items()}
         return Outcome(ticket, result=Result(scores, digest(params).hex(), item_scores=per_item))
 
+    def score_reference(self, name, split):
+        self.reference_calls.append((name, split))
+        return super().score_reference(name, split)
+
+    def score_reference_margins(self, name, split, metrics):
+        """The reference's scores and a fixed margin per item, drawn from its name (order: margin)."""
+        self.margin_calls.append((name, dict(metrics)))
+        ids = self.item_ids()
+        return self.scores({"reference": name}, split), {t: {d: margin(name, t, d) for d in ids[t]} for t in metrics}
+
     def scores(self, params, split):
         ids = self.item_ids()
         tasks = [o.task if split == "search" else o.selection_task for o in self.space.objectives]
@@ -74,6 +86,11 @@ class ItemPool(ScriptedPool):
             t: {"acc,none": sum(item_value(params, o.task, d) for d in ids[o.task]) / ITEMS}
             for t, o in zip(tasks, self.space.objectives)
         }
+
+
+def margin(name: str, task: str, doc: int) -> float:
+    """A reference's fixed answer margin on one item, in [-4, 4]."""
+    return hashlib.sha256(f"margin|{name}|{task}|{doc}".encode()).digest()[0] / 32 - 4
 
 
 def full_means(space, params) -> list[float]:
@@ -115,6 +132,7 @@ def test_rungs_are_read_with_the_full_budget_last(tmp_path, demo_family, rungs, 
         ({"rungs": [10], "eta": 1}, "greater than 1"),
         ({"rungs": [10], "etaa": 2}, "etaa"),
         ({"rungs": [10], "promote_by": "mean"}, "promote_by"),
+        ({"rungs": [10], "order": "hardest"}, "order"),
     ],
 )
 def test_bad_fidelity_settings_are_one_line_errors(tmp_path, demo_family, fidelity, message):
@@ -154,6 +172,53 @@ def test_the_item_order_is_a_seeded_permutation_and_the_rungs_nest():
             seen[task] += new
             assert seen[task] == order[task][: ladder.sizes[rung][task]]  # a prefix of the one order
     assert ladder.items(0) == 50 and ladder.items(2) == 140
+
+
+def test_the_margin_order_puts_the_smallest_margins_first_and_ties_keep_the_seeded_order():
+    ids = {"a": list(range(30)), "b": list(range(20)), "c": list(range(10))}
+    margins = {
+        "a": {d: (d % 3) - 1.0 for d in range(30)},  # sizes 1, 0, 1: the ten zeros first
+        "b": {d: 0.0 for d in range(19)},  # one id without a margin: the task keeps its random order
+    }
+    random, by_margin = fidelity.draw_item_order(ids, 5), fidelity.draw_item_order(ids, 5, margins)
+    assert by_margin["a"][:10] == [d for d in random["a"] if d % 3 == 1]  # ties in the seeded order
+    assert by_margin["a"][10:] == [d for d in random["a"] if d % 3 != 1]
+    assert by_margin["b"] == random["b"] and by_margin["c"] == random["c"]
+    assert fidelity.draw_item_order(ids, 5, {}) == random
+
+
+def test_the_expert_of_a_task_is_the_reference_that_scores_it_best(tmp_path, demo_family):
+    space = fidelity_space(tmp_path, demo_family, objectives=2)
+    first, second = (o.task for o in space.objectives)
+    references = {
+        "base": {first: {"acc,none": 0.2}, second: {"acc,none": 0.6}},
+        "x": {first: {"acc,none": 0.9}, second: {"acc,none": float("nan")}},
+        "y": {first: {"acc,none": 0.9}, second: {"acc,none": 0.5}},  # a tie: the first name wins
+    }
+    assert fidelity.experts(space, references) == {first: "x", second: "base"}
+
+
+def test_race_stops_a_trial_the_best_full_trial_beats_on_the_same_items(tmp_path, demo_family):
+    single = fidelity_space(tmp_path, demo_family, objectives=1, fidelity={"rungs": [5, 15], "race": True})
+    # trial 0 and 1 are scored in full; trial 1 is the best there (0.9), and scored 0.6 at rung 0
+    reached = {0: {0: [0.8], 1: [0.6], 2: [0.9]}, 1: {0: [0.7], 1: [0.6]}, 2: {0: [0.5], 1: [0.9]}}
+    behind = fidelity.behind_the_best
+    assert behind(single, [0.59], reached, 0, 2) and not behind(single, [0.6], reached, 0, 2)  # a tie goes up
+    assert not behind(single, [0.61], reached, 0, 2)  # trial 0's 0.8 at rung 0 does not count: it is not the best
+    assert behind(single, [0.55], reached, 1, 2) and not behind(single, [0.6], reached, 1, 2)
+    assert not behind(single, [0.0], {0: {0: [0.9]}}, 0, 2)  # nothing scored in full yet
+
+    pareto = fidelity_space(tmp_path, demo_family, objectives=2, fidelity={"rungs": [5, 15], "race": True})
+    # full values: trial 0 (0.9, 0.1) and 1 (0.1, 0.9) are both on the front, trial 2 is dominated
+    reached = {0: {0: [0.6, 0.2], 1: [0.2, 0.6], 2: [0.9, 0.9]}, 2: {0: [0.9, 0.1], 1: [0.1, 0.9], 2: [0.05, 0.05]}}
+    assert behind(pareto, [0.5, 0.1], reached, 0, 2)  # trial 0 dominates it at rung 0
+    assert not behind(pareto, [0.6, 0.2], reached, 0, 2)  # equal is not dominated
+    assert not behind(pareto, [0.5, 0.3], reached, 0, 2)  # neither front member dominates it
+    weighted = fidelity_space(
+        tmp_path, demo_family, objectives=2, fidelity={"rungs": [5, 15], "race": True, "promote_by": "weighted"}
+    )
+    # the best by the weighted sum: trial 0 (ties with trial 1 at 1.0; the earlier wins), 0.8 at rung 0
+    assert behind(weighted, [0.5, 0.2], reached, 0, 2) and not behind(weighted, [0.5, 0.3], reached, 0, 2)
 
 
 def test_a_rung_that_adds_no_item_is_refused():
@@ -303,6 +368,97 @@ def test_an_interrupted_halving_search_resumes_with_the_same_order_and_rungs(tmp
     study_and_store_pruned(space)
 
 
+def test_the_margin_order_comes_from_each_tasks_expert_in_the_pass_that_scores_the_references(tmp_path, demo_family):
+    fidelity_spec = {"rungs": [5, 15, "all"], "eta": 3, "order": "margin"}
+    space = fidelity_space(tmp_path, demo_family, n_trials=6, objectives=4, fidelity=fidelity_spec)
+    pool = ItemPool(space)
+    run_search(space, pool=pool, progress=False)
+    store = TrialStore(space.storage_url)
+    names = [space.base_model.name, *(m.name for m in space.models)]
+    metrics = {o.task: o.metric for o in space.objectives}
+    assert pool.margin_calls == [(name, metrics) for name in names]
+    assert [split for _, split in pool.reference_calls] == ["selection"] * len(names)  # no second search pass
+    experts = fidelity.experts(space, store.references(space.study_name, "search"))
+    ids = pool.item_ids()
+    expected = fidelity.draw_item_order(
+        ids, space.search.seed, {t: {d: margin(experts[t], t, d) for d in ids[t]} for t in ids}
+    )
+    order = store.item_order(space.study_name)
+    assert order == expected and order != fidelity.draw_item_order(ids, space.search.seed)
+    for task, docs in order.items():
+        sizes = [abs(margin(experts[task], task, d)) for d in docs]
+        assert sizes == sorted(sizes)
+    assert pool.items[0][1] == {t: docs[:5] for t, docs in order.items()}  # rung 0 scores the smallest margins
+
+    # Interrupted after the references were scored, before the order was stored: the next run
+    # asks only the experts for their margins, once each.
+    other = fidelity_space(tmp_path, demo_family, n_trials=2, objectives=4, fidelity=fidelity_spec, study_name="again")
+
+    class NoItems(ItemPool):
+        def item_ids(self, split=None):  # the loop names the split; the fake's own scoring does not
+            if split is not None:
+                raise KeyboardInterrupt
+            return super().item_ids()
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(other, pool=NoItems(other), progress=False)
+    again = TrialStore(other.storage_url)
+    assert not again.item_order("again") and len(again.references("again", "search")) == len(names)
+    pool = ItemPool(other)
+    run_search(other, pool=pool, progress=False)
+    assert "search" not in {split for _, split in pool.reference_calls}
+    assert fidelity.experts(other, again.references("again", "search")) == experts
+    assert sorted(name for name, _ in pool.margin_calls) == sorted(set(experts.values()))
+    assert again.item_order("again") == fidelity.draw_item_order(
+        ids, other.search.seed, {t: {d: margin(experts[t], t, d) for d in ids[t]} for t in ids}
+    )
+
+
+@pytest.mark.parametrize("objectives", [1, 4])
+def test_a_racing_search_promotes_only_what_the_best_full_trial_does_not_beat(
+    tmp_path, demo_family, objectives, monkeypatch
+):
+    spec = {"rungs": [5, 15, "all"], "eta": 2, "race": True}
+    space = fidelity_space(tmp_path, demo_family, n_trials=16, objectives=objectives, fidelity=spec, sampler="tpe")
+    calls = []
+    real = fidelity.behind_the_best
+
+    def recording(space, values, reached, rung, top):
+        outcome = real(space, values, reached, rung, top)
+        calls.append((rung, len(reached.get(top, {})), outcome))
+        return outcome
+
+    monkeypatch.setattr(fidelity, "behind_the_best", recording)
+    promotions = []
+    real_promoted = fidelity.promoted
+    monkeypatch.setattr(fidelity, "promoted", lambda *args: promotions.append(real_promoted(*args)) or promotions[-1])
+    summary = run_search(space, pool=ItemPool(space), progress=False)
+    rungs = TrialStore(space.storage_url).rungs(space.study_name)
+    at = [sum(1 for r in rungs.values() if k in r) for k in range(3)]
+    assert {rung for rung, _, _ in calls} == {1}  # only the last rung below the full budget races
+    assert len(calls) == sum(promotions) - at[1]  # every trial the eta rule sends to the full budget is asked
+    assert at[2] == sum(1 for _, _, behind in calls if not behind)  # full: promoted and not behind the best
+    assert any(behind for _, _, behind in calls) and all(full or not behind for _, full, behind in calls)
+    assert summary.n_complete >= 1 and summary.n_complete + summary.n_pruned == 16
+
+
+def test_a_task_without_margins_keeps_the_random_order_and_the_study_says_so(tmp_path, demo_family):
+    fidelity_spec = {"rungs": [5, 15, "all"], "eta": 3, "order": "margin"}
+    space = fidelity_space(tmp_path, demo_family, n_trials=2, objectives=2, fidelity=fidelity_spec)
+    first, second = (o.task for o in space.objectives)
+
+    class FirstOnly(ItemPool):  # as if the second task were generation: no margins
+        def score_reference_margins(self, name, split, metrics):
+            scores, margins = super().score_reference_margins(name, split, metrics)
+            return scores, {first: margins[first]}
+
+    summary = run_search(space, pool=FirstOnly(space), progress=False)
+    order = TrialStore(space.storage_url).item_order(space.study_name)
+    random = fidelity.draw_item_order({first: list(range(ITEMS)), second: list(range(ITEMS))}, space.search.seed)
+    assert order[second] == random[second] and order[first] != random[first]
+    assert any(f"{second} gave no answer margins" in note and "random order" in note for note in summary.notes)
+
+
 def study_and_store_pruned(space):
     """Optuna and the store agree on every trial's state (pruned included)."""
     study = optuna.load_study(study_name=space.study_name, storage=space.storage_url)
@@ -390,6 +546,7 @@ def test_a_resumed_study_keeps_its_rungs(tmp_path, demo_family):
         (1, {"rungs": [5, 15], "pruner": "hyperband", "promote_by": "weighted"}, "promote_by is evomerge's rule"),
         (1, {"rungs": [5, 15], "pruner": "hyperband", "p_threshold": 0.2}, "the wilcoxon pruner's"),
         (1, {"rungs": [5, 15], "pruner": "median"}, "pruner"),
+        (1, {"rungs": [5, 15], "pruner": "hyperband", "race": True}, "race is evomerge's rule"),
         (1, {"rungs": [5, 15], "pruner": "successive_halving", "eta": 2.5}, "takes a whole number"),
     ],
 )

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.evaluate.harness import TaskEvaluator
-from evomerge.evaluate.protocol import ItemEvaluator
+from evomerge.evaluate.protocol import ItemEvaluator, MarginEvaluator
 from evomerge.evaluate.request_cache import RequestCacheEvaluator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -160,6 +160,28 @@ def test_loglikelihood_generation_and_fallback_match_lm_eval(demo_family, tiny_t
     _same(expected, got)
     _same(expected_items, got_items)
     assert caplog.text.count("plain lm-eval way") == 1
+
+
+def test_both_evaluators_report_the_same_margins_and_their_sign_is_lm_evals_accuracy(
+    demo_family, tasks_dir, tiny_tasks, tokenizer
+):
+    plain, cached = _both(["demo_sort", "demo_close", *_TASKS], [tasks_dir, tiny_tasks], tokenizer, limit=25)
+    assert isinstance(plain, MarginEvaluator) and isinstance(cached, MarginEvaluator)
+    model = _mixed_model(demo_family)
+    metrics = {"demo_sort": "acc,none", "demo_close": "acc,none", "tiny_generate": "exact_match,none"}
+
+    scores, margins = cached.evaluate_margins(model, metrics)
+    plain_scores, plain_margins = plain.evaluate_margins(model, metrics)
+    assert set(margins) == set(plain_margins) == {"demo_sort", "demo_close"}  # the generation task has none
+    _, items = cached.evaluate_items(model)
+    for task in margins:
+        assert sorted(margins[task]) == list(range(25))
+        for doc, margin in margins[task].items():
+            assert margin == pytest.approx(plain_margins[task][doc], abs=1e-4)  # packed rows vs lm-eval's own
+            if abs(margin) > 1e-4:
+                assert (margin > 0) == (items[task]["acc,none"][doc] == 1.0), (task, doc, margin)
+        assert scores[task]["acc,none"] == plain_scores[task]["acc,none"]
+    assert 0 < scores["demo_sort"]["acc,none"] < 1  # the mixed model gets some right and some wrong
 
 
 def test_in_place_weight_changes_are_picked_up(demo_family, tasks_dir, tokenizer):

@@ -17,6 +17,7 @@ import torch
 from test_search_e2e import write_space
 
 from evomerge.config.space import load_space
+from evomerge.search.fidelity import draw_item_order
 from evomerge.search.runner import run_search
 from evomerge.store.trial_store import TrialStore
 
@@ -188,14 +189,15 @@ PY
 
 def test_two_workers_share_a_successive_halving_search(tmp_path, demo_family):
     """Two Ray actors share a search the driver started Ray for, and Ray is shut down after it.
-    With eval.fidelity: the item ids come from an actor, each rung's items go to one."""
+    With eval.fidelity: the item ids and the references' answer margins (order: margin) come from
+    an actor, each rung's items go to one."""
     import yaml
 
     path = write_space(
         tmp_path, demo_family, n_trials=6, sampler="random", limit=12, workers=2, finalists=0, enqueue=[]
     )
     data = yaml.safe_load(path.read_text())
-    data["eval"]["fidelity"] = {"rungs": [4, "all"], "eta": 2, "promote_by": "weighted"}
+    data["eval"]["fidelity"] = {"rungs": [4, "all"], "eta": 2, "promote_by": "weighted", "order": "margin"}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     space = load_space(path)
     events = []
@@ -205,6 +207,8 @@ def test_two_workers_share_a_successive_halving_search(tmp_path, demo_family):
     assert summary.front and summary.best is not None
     assert not ray.is_initialized()  # the pool shut down the Ray it started
     store = TrialStore(space.storage_url)
-    assert {len(ids) for ids in store.item_order(space.study_name).values()} == {12}
+    order = store.item_order(space.study_name)
+    assert {len(ids) for ids in order.values()} == {12}
+    assert order != draw_item_order({task: list(range(12)) for task in order}, space.search.seed)  # by margins
     rungs = store.rungs(space.study_name)
     assert all(rungs[r.number].keys() == {0, 1} for r in store.trials(space.study_name, status="complete"))

@@ -30,6 +30,16 @@ class FidelitySpec(StrictModel):
     # multi-objective ones). `evomerge.search.pruners` says what each is told.
     pruner: Literal["evomerge", "successive_halving", "hyperband", "wilcoxon"] = "evomerge"
     p_threshold: Number = Field(0.1, gt=0, lt=1)  # wilcoxon: stop a trial when p < this against the best
+    # Which items the low rungs score: a random draw from search.seed ("random"), or first the
+    # items the best reference model (per task) answers with the smallest margin ("margin":
+    # multiple-choice tasks; others keep the random order). Low rungs then rank candidates on the
+    # items that separate them, and their scores run below the full-set means.
+    order: Literal["random", "margin"] = "random"
+    # Race the best trials scored on every item, as SMAC's intensification races its incumbent: a
+    # trial goes up to the full budget only if none of them is ahead of it on the items of the
+    # rung below (their values there): a higher weighted score, or (promote_by pareto) values that
+    # dominate its own. Fewer near-misses are scored in full; evomerge's rule only.
+    race: bool = False
 
     @field_validator("rungs", mode="before")
     @classmethod

@@ -262,6 +262,10 @@ class SearchSpace(StrictModel):
         spec = self.eval.fidelity
         if spec is None or spec.pruner == "evomerge":
             return
+        if spec.race:
+            raise ValueError(
+                f"eval.fidelity.race is evomerge's rule; optuna's {spec.pruner} pruner decides alone: drop one of them"
+            )
         if self.multi_objective:
             raise ValueError(
                 f"eval.fidelity.pruner: optuna's {spec.pruner} pruner takes a single-objective study (one "

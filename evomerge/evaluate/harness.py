@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import first_line
-from evomerge.evaluate.protocol import ItemIds, ItemScores, Scores
+from evomerge.evaluate.margins import task_margins
+from evomerge.evaluate.protocol import ItemIds, ItemScores, Margins, Scores
 
 if TYPE_CHECKING:
     from lm_eval.models.huggingface import HFLM
@@ -368,6 +369,19 @@ class TaskEvaluator:
     def evaluate_items(self, model: Any, items: ItemIds | None = None) -> tuple[Scores, ItemScores]:
         """`evaluate`'s scores and, per leaf task and metric, each scored doc's value."""
         return self._run(model, items, log_samples=True)
+
+    def evaluate_margins(self, model: Any, metrics: Mapping[str, str]) -> tuple[Scores, Margins]:
+        """`evaluate`'s scores on every item and, per task named in `metrics` (task -> the metric
+        that decides it), each doc's answer margin (`evomerge.evaluate.margins`); a task that is
+        not multiple choice has none."""
+        scores = self._run(model, None, log_samples=False)[0]
+        margins = {}
+        for name, metric in metrics.items():
+            task = self._task_dict["tasks"].get(name)
+            found = task_margins(task, metric) if task is not None else {}
+            if found:
+                margins[name] = found
+        return scores, margins
 
     def _run(self, model: Any, items: ItemIds | None, *, log_samples: bool) -> tuple[Scores, ItemScores]:
         from lm_eval import evaluator

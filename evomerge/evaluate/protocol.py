@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 Scores = dict[str, dict[str, float]]  # task -> metric -> value (NaN where there is no number)
 ItemIds = dict[str, list[int]]  # leaf task -> the lm-eval doc ids to score, in order
 ItemScores = dict[str, dict[str, dict[int, float]]]  # leaf task -> metric -> doc id -> the item's value
+Margins = dict[str, dict[int, float]]  # leaf task -> doc id -> the answer's margin (evaluate/margins.py)
 
 
 class Evaluator(Protocol):
@@ -45,6 +46,17 @@ class ItemEvaluator(Evaluator, Protocol):
 
     def evaluate_items(self, model: Any, items: ItemIds | None = None) -> tuple[Scores, ItemScores]:
         """`evaluate`'s scores plus each scored item's per-item metric values."""
+        ...
+
+
+@runtime_checkable
+class MarginEvaluator(ItemEvaluator, Protocol):
+    """An item evaluator that can also say how sure a model is of each item's answer
+    (`evomerge.evaluate.margins`): what successive halving's `order: margin` asks of the references."""
+
+    def evaluate_margins(self, model: Any, metrics: dict[str, str]) -> tuple[Scores, Margins]:
+        """`evaluate`'s scores on every item and, per task in `metrics` (task -> metric), each
+        doc's answer margin; tasks without one (not multiple choice) are left out."""
         ...
 
 

@@ -2,6 +2,10 @@
 
 The items. Each leaf task's doc ids are shuffled once per study from `search.seed` and stored in
 the trial store (`evomerge_item_orders`), so a resumed run and every worker use the same order.
+With `order: margin` that shuffle is then sorted by the answer margin of the reference model that
+scores the task best, smallest first (`evomerge.evaluate.margins`): near the top of a search the
+items every good merge answers right tell candidates apart no better than a coin, and the ones the
+expert barely gets right are the ones a merge loses first.
 Rung k scores the first n_k ids of that order: the budgets are nested, and a promoted trial
 scores only the ids between n_(k-1) and n_k. Its score at rung k is the mean of its per-item
 values over the union, which is exact for metrics that lm-eval aggregates as a mean; any other
@@ -21,6 +25,10 @@ rung k+1 iff fewer than max(1, floor(|R| / eta)) other members of R sort before 
 (they all arrived earlier); otherwise it stops at rung k. The first trial at a rung therefore
 always goes up, and a trial is judged once, on arrival, never recalled later.
 
+With `race`, a trial at the last rung below the full budget must also keep up with the best
+trials already scored in full (`behind_the_best`): the eta rule alone promotes against every
+trial at the rung, so once the sampler proposes good merges most near-misses are scored in full.
+
 Why `promote_by: weighted` exists: with four skills as objectives, each parent alone is on the
 rung's Pareto front (it wins its own skill), so under Pareto ranking the parents and other
 specialists hold the few top places and a strong all-rounder seen later is stopped
@@ -35,7 +43,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -48,7 +56,7 @@ from evomerge.search.pareto import pareto_front
 if TYPE_CHECKING:
     from evomerge.config.fidelity import FidelitySpec
     from evomerge.config.space import SearchSpace
-    from evomerge.evaluate.protocol import ItemIds, ItemScores, Scores
+    from evomerge.evaluate.protocol import ItemIds, ItemScores, Margins, Scores
 
 MEAN_TOLERANCE = 1e-6  # a reported score further than this from its items' mean is not a mean
 
@@ -57,22 +65,35 @@ class FidelityError(EvomergeError):
     """The evaluator or an objective's metric cannot run successive halving (a setup problem)."""
 
 
-def draw_item_order(item_ids: Mapping[str, Sequence[int]], seed: int) -> dict[str, list[int]]:
-    """Each task's doc ids in a fixed random order: one permutation per task, from the seed and the
-    task's name (so adding a task does not reshuffle the others)."""
+def draw_item_order(
+    item_ids: Mapping[str, Sequence[int]], seed: int, margins: Margins | None = None
+) -> dict[str, list[int]]:
+    """Each task's doc ids in a fixed order: one random permutation per task, from the seed and the
+    task's name (so adding a task does not reshuffle the others); for a task with a margin for
+    every id, that permutation sorted by the margin's size, smallest first (ties keep it)."""
     order = {}
     for task, ids in item_ids.items():
         rng = np.random.default_rng([int(seed), zlib.crc32(task.encode())])
-        order[task] = [int(ids[i]) for i in rng.permutation(len(ids))]
+        shuffled = [int(ids[i]) for i in rng.permutation(len(ids))]
+        by_doc = (margins or {}).get(task, {})
+        if shuffled and all(doc in by_doc for doc in shuffled):
+            shuffled.sort(key=lambda doc: abs(by_doc[doc]))  # stable: ties keep the random order
+        order[task] = shuffled
     return order
 
 
-def study_item_order(store, space: SearchSpace, item_ids: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
-    """The study's stored order, drawn and stored on the first run; a stored order that no longer
-    fits the tasks' items (eval.limit or the tasks changed) is an error, not silently redrawn."""
+def study_item_order(
+    store,
+    space: SearchSpace,
+    item_ids: Mapping[str, Sequence[int]],
+    margins: Callable[[], Margins] | None = None,
+) -> dict[str, list[int]]:
+    """The study's stored order, drawn and stored on the first run (`margins()` is asked then, with
+    `order: margin`); a stored order that no longer fits the tasks' items (eval.limit or the tasks
+    changed) is an error, not silently redrawn."""
     stored = store.item_order(space.study_name)
     if not stored:
-        order = draw_item_order(item_ids, space.search.seed)
+        order = draw_item_order(item_ids, space.search.seed, margins() if margins is not None else None)
         store.save_item_order(space.study_name, order)
         return order
     for task, ids in item_ids.items():
@@ -85,6 +106,22 @@ def study_item_order(store, space: SearchSpace, item_ids: Mapping[str, Sequence[
                 field="eval.fidelity",
             )
     return {task: stored[task] for task in item_ids}
+
+
+def experts(space: SearchSpace, references: Mapping[str, Scores]) -> dict[str, str]:
+    """Each objective's task -> the reference model that scores it best (by the objective's
+    direction; the first name wins a tie, NaN never wins): whose margins order the task's items."""
+    chosen = {}
+    for objective in space.objectives:
+        sign = 1.0 if objective.direction == "maximize" else -1.0
+        best = None
+        for name in sorted(references):
+            value = float(references[name].get(objective.task, {}).get(objective.metric, math.nan))
+            if not math.isnan(value) and (best is None or sign * value > best[0]):
+                best = (sign * value, name)
+        if best is not None:
+            chosen.setdefault(objective.task, best[1])
+    return chosen
 
 
 @dataclass(frozen=True)
@@ -229,6 +266,33 @@ def promoted(space: SearchSpace, values: Sequence[float], rivals: Sequence[Seque
     ahead = sum(1 for key in keys[1:] if key <= keys[0])
     keep = max(1, math.floor(len(keys) / eta))
     return ahead < keep
+
+
+def behind_the_best(
+    space: SearchSpace,
+    values: Sequence[float],
+    reached: Mapping[int, Mapping[int, Sequence[float]]],
+    rung: int,
+    top: int,
+) -> bool:
+    """`race`: whether a best fully-scored trial is ahead of `values` on rung `rung`'s items.
+
+    The best: by the weighted sum (single-objective study, or `promote_by: weighted`), else the
+    Pareto front, of the trials' full-budget values (`reached[top]`). Ahead: a higher weighted sum
+    at the rung, or values there that dominate `values`; a tie is not ahead (near the ceiling the
+    best often scores every first-rung item right, and an equal trial must still go up).
+    """
+    full = {n: v for n, v in reached.get(top, {}).items() if n in reached.get(rung, {})}
+    if not full:
+        return False
+    numbers = list(full)
+    spec = space.eval.fidelity
+    if not space.multi_objective or (spec is not None and spec.promote_by == "weighted"):
+        best = [max(numbers, key=lambda n: (scalarize(space, full[n]), -n))]
+        return scalarize(space, reached[rung][best[0]]) > scalarize(space, values)
+    directions = [o.direction for o in space.objectives]
+    best = [numbers[i] for i in pareto_front([full[n] for n in numbers], directions)]
+    return any(pareto_front([reached[rung][n], values], directions) == [0] for n in best)
 
 
 def rung_summary(store, space: SearchSpace) -> list[str]:

@@ -36,6 +36,7 @@ from evomerge.stop_signals import stop_reason
 
 if TYPE_CHECKING:
     from evomerge.config.space import SearchSpace
+    from evomerge.evaluate.protocol import Margins
     from evomerge.genome.protocol import Genome
     from evomerge.progress import SearchProgress
     from evomerge.store.lease import StudyLease
@@ -103,6 +104,7 @@ class SearchLoop:
     estimator: Any = field(default=None, init=False)  # the study's IrtCalibration with eval.estimator, else None
     ladder: fidelity.RungLadder | None = field(default=None, init=False)  # eval.fidelity's rungs; None: full budget
     reached: dict[int, dict[int, list[float]]] = field(default_factory=dict, init=False)  # rung -> trial -> values
+    reference_margins: dict[str, Margins] = field(default_factory=dict, init=False)  # order: margin, per reference
 
     def run(self) -> SearchSummary:
         # Reference points first: a model that cannot be scored leaves no trial waiting in a fresh study.
@@ -137,10 +139,41 @@ class SearchLoop:
         return [name for name in self.reference_models if name not in known]
 
     def score_references(self, names: Sequence[str], split: Split) -> None:
+        # eval.fidelity.order 'margin' reads each reference's answer margins in the same pass,
+        # while the study has no item order yet (the best reference per task decides it).
+        metrics = self.margin_metrics() if split == Split.SEARCH else None
         for name in names:
-            scores = score_reference(self.pool, name, split)
+            scores, margins = score_reference(self.pool, name, split, metrics)
+            if margins is not None:
+                self.reference_margins[name] = margins
             self.store.record_reference(self.space.study_name, name, str(self.genome.paths[name]), split, scores)
             self.bar.advance()
+
+    def margin_metrics(self) -> dict[str, str] | None:
+        """Each objective's task -> metric when the item order is still to be drawn by margins."""
+        spec = self.space.eval.fidelity
+        if spec is None or spec.order != "margin" or self.store.item_order(self.space.study_name):
+            return None
+        return {o.task: o.metric for o in self.space.objectives}
+
+    def expert_margins(self) -> Margins:
+        """Per objective task, the answer margins of the reference model that scores it best (one
+        more pass for an expert scored by an earlier run, which kept no margins)."""
+        metrics = {o.task: o.metric for o in self.space.objectives}
+        experts = fidelity.experts(self.space, self.store.references(self.space.study_name, Split.SEARCH))
+        margins: Margins = {}
+        for name in sorted(set(experts.values())):
+            if name not in self.reference_margins:
+                _, self.reference_margins[name] = score_reference(self.pool, name, Split.SEARCH, metrics)
+            margins.update({t: m for t, m in self.reference_margins[name].items() if experts.get(t) == name})
+        unordered = sorted(set(metrics) - set(margins))
+        if unordered:
+            self.notes.append(
+                f"eval.fidelity.order margin: {', '.join(unordered)} gave no answer margins (not multiple choice), "
+                "so their items keep the random order"
+            )
+            log.warning("%s", self.notes[-1])
+        return margins
 
     # -- the IRT estimator (eval.estimator): calibrate once, re-score the front in full --------
 
@@ -200,7 +233,8 @@ class SearchLoop:
         spec = self.space.eval.fidelity
         if spec is None:
             return
-        order = fidelity.study_item_order(self.store, self.space, self.pool.item_ids("search"))
+        by_margin = self.expert_margins if spec.order == "margin" else None
+        order = fidelity.study_item_order(self.store, self.space, self.pool.item_ids("search"), by_margin)
         self.ladder = fidelity.RungLadder.build(spec, order, source=self.space.source_path)
         pruner = pruners.make_pruner(self.space, self.ladder)
         if pruner is not None:
@@ -266,7 +300,13 @@ class SearchLoop:
         if self.space.eval.fidelity.pruner != "evomerge":
             goes_up = not running.trial.should_prune()
         else:
-            goes_up = fidelity.promoted(self.space, values, rivals, self.space.eval.fidelity.eta)
+            spec = self.space.eval.fidelity
+            top = self.ladder.top
+            goes_up = fidelity.promoted(self.space, values, rivals, spec.eta) and not (
+                spec.race  # guards the full budget, the costly step: the last rung below it only
+                and running.rung == top - 1
+                and fidelity.behind_the_best(self.space, values, self.reached, running.rung, top)
+            )
         if goes_up:
             running.rung += 1
             self.submit(running)
@@ -625,9 +665,15 @@ class ReferenceScoringError(EvomergeError):
     """A reference model (the base, a parent) could not be scored: a setup problem, not a trial's."""
 
 
-def score_reference(pool, name: str, split: Split) -> Scores:
+def score_reference(
+    pool, name: str, split: Split, margins_of: dict[str, str] | None = None
+) -> tuple[Scores, Margins | None]:
+    """A reference model's scores, and its answer margins on the tasks of `margins_of` (task ->
+    metric) when given."""
     try:
-        return pool.score_reference(name, split)
+        if margins_of is not None:
+            return pool.score_reference_margins(name, split, margins_of)
+        return pool.score_reference(name, split), None
     except EvomergeError:
         raise
     except Exception as error:

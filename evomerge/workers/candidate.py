@@ -23,7 +23,7 @@ from evomerge.dtypes import torch_dtype
 from evomerge.errors import ConfigError
 from evomerge.evaluate.estimator import IrtCalibration, IrtEstimator
 from evomerge.evaluate.factory import make_evaluator
-from evomerge.evaluate.protocol import Evaluator, ItemEvaluator, ItemIds, ItemScores, Scores
+from evomerge.evaluate.protocol import Evaluator, ItemEvaluator, ItemIds, ItemScores, MarginEvaluator, Margins, Scores
 from evomerge.genome.kinds import make_genome
 from evomerge.genome.protocol import Genome
 from evomerge.io.lora import model_folder
@@ -153,3 +153,16 @@ class CandidateWorker:
     def score_reference_items(self, model: str, split: str = "search") -> tuple[Scores, ItemScores]:
         """`score_reference` with each item's values (an estimator's calibration)."""
         return self._item_evaluator(split, "eval.estimator").evaluate_items(self.builder.reference(model))
+
+    def score_reference_margins(self, model: str, split: str, metrics: dict[str, str]) -> tuple[Scores, Margins]:
+        """`score_reference` with each item's answer margin on the tasks in `metrics` (successive
+        halving's `order: margin`)."""
+        evaluator = self._evaluator(split)
+        if not isinstance(evaluator, MarginEvaluator):
+            raise ConfigError(
+                f"order 'margin' needs an evaluator that reports answer margins; eval.kind '{self.space.eval.kind}' "
+                "does not: use order: random",
+                file=self.space.source_path,
+                field="eval.fidelity.order",
+            )
+        return evaluator.evaluate_margins(self.builder.reference(model), metrics)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 from evomerge.workers.protocol import TrialOutcome
 
 if TYPE_CHECKING:
-    from evomerge.evaluate.protocol import ItemIds, ItemScores, Scores
+    from evomerge.evaluate.protocol import ItemIds, ItemScores, Margins, Scores
     from evomerge.genome.protocol import Genome
     from evomerge.workers.candidate import CandidateWorker
 
@@ -61,6 +61,9 @@ class InProcessPool:
 
     def score_reference_items(self, name: str, split: str) -> tuple[Scores, ItemScores]:
         return self.worker.score_reference_items(name, split)
+
+    def score_reference_margins(self, name: str, split: str, metrics: dict[str, str]) -> tuple[Scores, Margins]:
+        return self.worker.score_reference_margins(name, split, metrics)
 
     def item_ids(self, split: str = "search") -> ItemIds:
         return self.worker.item_ids(split)

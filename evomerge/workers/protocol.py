@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from evomerge.evaluate.protocol import ItemIds, ItemScores, Scores
+    from evomerge.evaluate.protocol import ItemIds, ItemScores, Margins, Scores
     from evomerge.genome.protocol import Genome
     from evomerge.workers.candidate import CandidateResult
 
@@ -72,6 +72,11 @@ class WorkerPool(Protocol):
 
     def score_reference_items(self, name: str, split: str) -> tuple[Scores, ItemScores]:
         """`score_reference` with each item's values (only an estimator's calibration asks)."""
+        ...
+
+    def score_reference_margins(self, name: str, split: str, metrics: dict[str, str]) -> tuple[Scores, Margins]:
+        """`score_reference` with each item's answer margin on the tasks in `metrics` (task ->
+        metric): only successive halving's `order: margin` asks."""
         ...
 
     def item_ids(self, split: str = "search") -> ItemIds:

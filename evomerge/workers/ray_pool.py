@@ -22,7 +22,7 @@ from evomerge.threads import WAIT_POLICY, worker_threads
 from evomerge.workers.protocol import TrialOutcome
 
 if TYPE_CHECKING:
-    from evomerge.evaluate.protocol import ItemIds, ItemScores, Scores
+    from evomerge.evaluate.protocol import ItemIds, ItemScores, Margins, Scores
     from evomerge.genome.protocol import Genome
 
 
@@ -72,6 +72,9 @@ def _actor_class():
 
         def score_reference_items(self, name: str, split: str):
             return self.worker.score_reference_items(name, split)
+
+        def score_reference_margins(self, name: str, split: str, metrics: dict[str, str]):
+            return self.worker.score_reference_margins(name, split, metrics)
 
         def info(self):
             import psutil
@@ -284,6 +287,9 @@ class RayPool:
 
     def score_reference_items(self, name: str, split: str) -> tuple[Scores, ItemScores]:
         return self._on_idle_actor(lambda actor: actor.score_reference_items.remote(name, split))
+
+    def score_reference_margins(self, name: str, split: str, metrics: dict[str, str]) -> tuple[Scores, Margins]:
+        return self._on_idle_actor(lambda actor: actor.score_reference_margins.remote(name, split, metrics))
 
     def _on_idle_actor(self, call):
         import ray
