@@ -314,8 +314,13 @@ def rung_summary(store, space: SearchSpace) -> list[str]:
         went_up = sum(1 for n in there if k + 1 in rungs[n])
         label = f"rung {k}{' (full)' if k == top else ''}, {items} items"
         parts.append(f"{label}: {len(there)} trials" + (f", {went_up} went up" if k < top else ""))
-    eta = f" (eta {spec.eta:g})" if spec is not None else ""
-    lines = [f"Successive halving{eta}: " + " · ".join(parts) + "."]
+    how = ""
+    if spec is not None:
+        settings = [f"eta {spec.eta:g}"]
+        settings += ["items by margin"] if spec.order == "margin" else []
+        settings += ["racing the best"] if spec.race else []
+        how = f" ({', '.join(settings)})"
+    lines = [f"Successive halving{how}: " + " · ".join(parts) + "."]
     stopped: dict[int, list[int]] = {}
     for number, reached in rungs.items():
         if status.get(number) == "pruned":
