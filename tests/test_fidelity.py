@@ -459,6 +459,25 @@ def test_a_task_without_margins_keeps_the_random_order_and_the_study_says_so(tmp
     assert any(f"{second} gave no answer margins" in note and "random order" in note for note in summary.notes)
 
 
+def test_validate_says_which_tasks_the_margin_order_cannot_sort(tmp_path, demo_family, tasks_dir):
+    from test_request_cache import _TASKS
+
+    from evomerge.evaluate.harness_checks import check_tasks
+
+    docs = (tasks_dir / "data" / "sort_search.jsonl").read_text().splitlines()[:4]
+    (tmp_path / "data.jsonl").write_text("\n".join(docs) + "\n")
+    (tmp_path / "tiny_generate.yaml").write_text(_TASKS["tiny_generate"].lstrip())
+    space = fidelity_space(tmp_path, demo_family, objectives=1, fidelity={"rungs": [2], "order": "margin"})
+    assert "margin" not in check_tasks(space, None)  # demo_* are multiple choice
+    path = tmp_path / "space.yml"
+    data = yaml.safe_load(path.read_text())
+    data["eval"]["include_paths"].append(str(tmp_path))
+    data["objectives"].append({"task": "tiny_generate", "metric": "exact_match,none"})
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    line = check_tasks(load_space(path), None)
+    assert "eval.fidelity.order margin: tiny_generate not multiple choice" in line and "random order" in line
+
+
 def study_and_store_pruned(space):
     """Optuna and the store agree on every trial's state (pruned included)."""
     study = optuna.load_study(study_name=space.study_name, storage=space.storage_url)

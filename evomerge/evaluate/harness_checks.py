@@ -53,7 +53,20 @@ def check_tasks(space: SearchSpace, tokenizer_dir: Path | None) -> str:
     line = f"tasks: {len(set(search_tasks + selection_tasks))} load, every objective's metric is reported"
     if space.eval.max_length is not None and tokenizer_dir is not None:
         line += "; " + _check_max_length(space, tokenizer_dir, search_dict, selection_dict)
+    fidelity = space.eval.fidelity
+    if fidelity is not None and fidelity.order == "margin":
+        unordered = [t for t in search_tasks if _output_type(search_dict, t) != "multiple_choice"]
+        if unordered:
+            line += (
+                f"; eval.fidelity.order margin: {', '.join(dict.fromkeys(unordered))} not multiple choice "
+                "(no answer margins: those items keep the random order)"
+            )
     return line
+
+
+def _output_type(task_dict: Any, name: str) -> str | None:
+    task = task_dict["tasks"].get(name)
+    return getattr(task, "OUTPUT_TYPE", None) if task is not None else None
 
 
 def _field_named(wanted: list[tuple[str, str, str]], message: str, default: str) -> str:
