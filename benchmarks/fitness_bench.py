@@ -16,6 +16,7 @@ Every arm runs once per seed in `--seeds` (one seed's target is noisy: the best 
 means), and the table gives each arm's ratios per seed and their median.
 
     .venv/bin/python benchmarks/fitness_bench.py [--trials 40] [--seeds 0,1,2,3,4] [--out results/fitness.md]
+        [--items-per-task 1000] [--arms 2,5]
 """
 
 from __future__ import annotations
@@ -67,13 +68,28 @@ class Arm:
 
 
 HALVING = {"rungs": [10, 30, "all"], "eta": 3}
+BY_MEAN = HALVING | {"promote_by": "weighted"}
+SMALL_FIRST = {"rungs": [5, 20, "all"], "eta": 3, "promote_by": "weighted"}
 ARMS = [
     Arm("full fidelity", {}),
     Arm("successive halving 10/30/100, eta 3, promote by Pareto rank", {"fidelity": HALVING}),
-    Arm("successive halving 10/30/100, eta 3, promote by mean", {"fidelity": HALVING | {"promote_by": "weighted"}}),
+    Arm("successive halving 10/30/100, eta 3, promote by mean", {"fidelity": BY_MEAN}),
     Arm(
         "successive halving 10/100, eta 4, promote by mean",
         {"fidelity": {"rungs": [10, "all"], "eta": 4, "promote_by": "weighted"}},
+    ),
+    Arm("the same as 10/30/100 by mean, items by margin", {"fidelity": BY_MEAN | {"order": "margin"}}),
+    Arm(
+        "successive halving 5/20/100, eta 3, promote by mean, items by margin",
+        {"fidelity": SMALL_FIRST | {"order": "margin"}},
+    ),
+    Arm("10/30/100 by mean, racing the best", {"fidelity": BY_MEAN | {"race": True}}),
+    Arm(
+        "10/30/100 by mean, items by margin, racing the best", {"fidelity": BY_MEAN | {"order": "margin", "race": True}}
+    ),
+    Arm(
+        "5/20/100 by mean, items by margin, racing the best",
+        {"fidelity": SMALL_FIRST | {"order": "margin", "race": True}},
     ),
     Arm(
         "IRT estimator, 20 anchors per task, 10 calibration merges (gp-IRT)",
@@ -85,6 +101,7 @@ ARMS = [
 # With --items-per-task (larger tasks, where a first rung of 25 items per task is cheap against the
 # full set): the rungs that suit them, and optuna's TPE beside evomerge's.
 BIG_HALVING = {"rungs": [25, 100, "all"], "eta": 4, "promote_by": "weighted"}
+FOUR_RUNGS = {"rungs": [10, 30, 100, "all"], "eta": 3, "promote_by": "weighted"}
 BIG_ARMS = [
     Arm("full fidelity", {}),
     Arm("successive halving 25/100/all, eta 4, promote by mean", {"fidelity": BIG_HALVING}),
@@ -93,9 +110,15 @@ BIG_ARMS = [
         {"fidelity": BIG_HALVING},
         optuna_tpe=True,
     ),
+    Arm("successive halving 10/30/100/all, eta 3, promote by mean", {"fidelity": FOUR_RUNGS}),
+    Arm("10/30/100/all by mean, items by margin", {"fidelity": FOUR_RUNGS | {"order": "margin"}}),
     Arm(
-        "successive halving 10/30/100/all, eta 3, promote by mean",
-        {"fidelity": {"rungs": [10, 30, 100, "all"], "eta": 3, "promote_by": "weighted"}},
+        "10/30/100/all by mean, items by margin, racing the best",
+        {"fidelity": FOUR_RUNGS | {"order": "margin", "race": True}},
+    ),
+    Arm(
+        "25/100/all by mean, items by margin, racing the best",
+        {"fidelity": BIG_HALVING | {"order": "margin", "race": True}},
     ),
 ]
 
@@ -154,6 +177,10 @@ class CountingEvaluator:
     def evaluate_items(self, model, items=None):
         self._count(items)
         return self.inner.evaluate_items(model, items)
+
+    def evaluate_margins(self, model, metrics):
+        self._count(None)
+        return self.inner.evaluate_margins(model, metrics)
 
     def item_ids(self):
         return self.inner.item_ids()
@@ -347,10 +374,18 @@ def main() -> None:
         help="write the four search tasks with this many fresh items each and run BIG_ARMS on them "
         "(its own section of --out); default: the repo's tasks (100 items each) and ARMS",
     )
+    parser.add_argument(
+        "--arms",
+        default=None,
+        help="comma-separated indexes into the arm list to run (the full arm, index 0, always runs); default: all",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "results" / "fitness.md")
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
     arms = BIG_ARMS if args.items_per_task else ARMS
+    if args.arms:
+        chosen = {int(index) for index in args.arms.split(",")} - {0}
+        arms = [arms[0], *(arm for index, arm in enumerate(arms) if index in chosen)]
     per_task = args.items_per_task or 100
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     family = build_demo_family(args.family, progress=False)
@@ -382,6 +417,7 @@ def main() -> None:
         f"benchmarks/fitness_bench.py --family {args.family} --trials {args.trials} "
         f"--max-trials {args.max_trials} --arm-timeout {args.arm_timeout:g} --seeds {args.seeds}"
         + (f" --items-per-task {args.items_per_task}" if args.items_per_task else "")
+        + (f" --arms {args.arms}" if args.arms else "")
     )
     body = "\n".join(
         [
@@ -410,7 +446,10 @@ def main() -> None:
             f"{4 * per_task} right/wrong scores at the target's level), for the arm and for the full arm alike; "
             "the issue asks for the same best within noise. "
             "An arm named for optuna's TPESampler runs optuna's own in place of evomerge's (search/tpe.py). Promotion by Pareto rank is the default for a "
-            "multi-objective study; `promote_by: weighted` promotes by the mean.",
+            "multi-objective study; `promote_by: weighted` promotes by the mean. 'Items by margin': `order: "
+            "margin` (each task's items ordered by the best reference's answer margin, smallest first); 'racing the "
+            "best': `race: true` (a trial goes up to the full budget only if the best full-budget trial is not ahead "
+            "of it on the items of the rung below).",
             "",
             "| arm | reached | trials' items vs full, per seed | median | all items vs full, median | "
             "wall vs full, median | best vs target, median | within 1 SE: reached, trials' items vs full | "
