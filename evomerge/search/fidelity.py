@@ -108,6 +108,15 @@ def study_item_order(
     return {task: stored[task] for task in item_ids}
 
 
+def task_metrics(space: SearchSpace) -> dict[str, str]:
+    """Each objective's task -> its metric (the first objective's, where two share a task): what
+    decides a task's answer margins."""
+    metrics: dict[str, str] = {}
+    for objective in space.objectives:
+        metrics.setdefault(objective.task, objective.metric)
+    return metrics
+
+
 def experts(space: SearchSpace, references: Mapping[str, Scores]) -> dict[str, str]:
     """Each objective's task -> the reference model that scores it best (by the objective's
     direction; the first name wins a tie, NaN never wins): whose margins order the task's items."""

@@ -154,12 +154,12 @@ class SearchLoop:
         spec = self.space.eval.fidelity
         if spec is None or spec.order != "margin" or self.store.item_order(self.space.study_name):
             return None
-        return {o.task: o.metric for o in self.space.objectives}
+        return fidelity.task_metrics(self.space)
 
     def expert_margins(self) -> Margins:
         """Per objective task, the answer margins of the reference model that scores it best (one
         more pass for an expert scored by an earlier run, which kept no margins)."""
-        metrics = {o.task: o.metric for o in self.space.objectives}
+        metrics = fidelity.task_metrics(self.space)
         experts = fidelity.experts(self.space, self.store.references(self.space.study_name, Split.SEARCH))
         margins: Margins = {}
         for name in sorted(set(experts.values())):
