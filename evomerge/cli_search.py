@@ -119,85 +119,86 @@ def front(
     from evomerge.search.fidelity import rung_summary
     from evomerge.search.front import FrontRow, compute_front, objective_values, pick_best, reference_rows, scalarize
     from evomerge.search.report import front_table
-    from evomerge.store.protocol import TrialReader
     from evomerge.store.states import Split, TrialStatus
     from evomerge.store.trial_store import TrialStore, display_url
 
     space = load_study_space(study, storage)
-    store: TrialReader = TrialStore(space.storage_url)
-    if store.study_info(space.study_name) is None:
-        raise EvomergeError(
-            f"no study '{space.study_name}' in {display_url(space.storage_url)} yet: run `evomerge run` first"
-        )
-    rows = compute_front(space, store)
-    refs = reference_rows(space, store)
-    best = pick_best(space, rows)
-    names = [o.label for o in space.objectives]
-    console = Console()
-    console.print(front_table(names, rows, refs, best=best, title=f"Pareto front of {space.study_name}"))
-    scores = store.scores(space.study_name, Split.SEARCH)
-    ranked = []
-    for record in store.trials(space.study_name, status=TrialStatus.COMPLETE):
-        try:
-            values = objective_values(space, scores.get(record.number, {}))
-        except KeyError:
-            continue
-        label = f"trial {record.number}"
-        if space.eval.estimator is not None and not is_full(space, scores.get(record.number)):
-            label += " (estimated)"
-        ranked.append(FrontRow(label, record.number, values, None, record.weights_hash))
-    ranked.sort(key=lambda r: scalarize(space, r.search), reverse=True)
-    if top and ranked:
-        console.print(
-            front_table(names, ranked[:top], [], title=f"Top {min(top, len(ranked))} trials by weighted search score")
-        )
-    if space.eval.estimator is not None:
-        console.print(fidelity_line(estimator_fidelity(space, store), space.eval.estimator.method))
-    for line in rung_summary(store, space):  # successive halving: each trial's rung
-        console.print(line)
-    failed = store.trials(space.study_name, status=TrialStatus.FAILED)
-    if failed:
-        console.print(f"{len(failed)} failed trial(s), e.g. trial {failed[-1].number}: {failed[-1].failure}")
-    if plot is not None:
-        from evomerge.search.plot import PageTable, plot_front
-        from evomerge.search.report import front_cells, front_columns, has_selection
-
-        held_out = has_selection([*rows, *refs])
-        tables = [
-            PageTable(  # the terminal's tables, cell for cell
-                f"Pareto front of {space.study_name}",
-                front_columns(names, held_out),
-                [front_cells(r, held_out, best=best) for r in [*refs, *rows]],
-                ["reference"] * len(refs) + ["best" if r is best else "" for r in rows],
+    with TrialStore(space.storage_url) as store:
+        if store.study_info(space.study_name) is None:
+            raise EvomergeError(
+                f"no study '{space.study_name}' in {display_url(space.storage_url)} yet: run `evomerge run` first"
             )
-        ]
+        rows = compute_front(space, store)
+        refs = reference_rows(space, store)
+        best = pick_best(space, rows)
+        names = [o.label for o in space.objectives]
+        console = Console()
+        console.print(front_table(names, rows, refs, best=best, title=f"Pareto front of {space.study_name}"))
+        scores = store.scores(space.study_name, Split.SEARCH)
+        ranked = []
+        for record in store.trials(space.study_name, status=TrialStatus.COMPLETE):
+            try:
+                values = objective_values(space, scores.get(record.number, {}))
+            except KeyError:
+                continue
+            label = f"trial {record.number}"
+            if space.eval.estimator is not None and not is_full(space, scores.get(record.number)):
+                label += " (estimated)"
+            ranked.append(FrontRow(label, record.number, values, None, record.weights_hash))
+        ranked.sort(key=lambda r: scalarize(space, r.search), reverse=True)
         if top and ranked:
-            tables.append(
-                PageTable(
-                    f"Top {min(top, len(ranked))} trials by weighted search score",
-                    front_columns(names, False),
-                    [front_cells(r, False) for r in ranked[:top]],
+            console.print(
+                front_table(
+                    names, ranked[:top], [], title=f"Top {min(top, len(ranked))} trials by weighted search score"
                 )
             )
-        try:
-            written = plot_front(
-                plot,
-                objective_names=names,
-                trials=[(r.number, r.search) for r in ranked],
-                front=[r.number for r in rows],
-                references={r.label: r.search for r in refs},
-                title=f"{space.study_name}: Pareto front"
-                + (f" (best: trial {best.number})" if best is not None else ""),
-                best=best.number if best is not None else None,
-                base=space.base_model.name
-                if space.base_model and space.base_model.name in {r.label for r in refs}
-                else None,
-                tables=tables,
-            )
-        except OSError as error:
-            raise ConfigError(f"cannot write {plot}: {error.strerror or error}", field="--plot") from None
-        for path in written:
-            console.print(f"wrote {path}")
+        if space.eval.estimator is not None:
+            console.print(fidelity_line(estimator_fidelity(space, store), space.eval.estimator.method))
+        for line in rung_summary(store, space):  # successive halving: each trial's rung
+            console.print(line)
+        failed = store.trials(space.study_name, status=TrialStatus.FAILED)
+        if failed:
+            console.print(f"{len(failed)} failed trial(s), e.g. trial {failed[-1].number}: {failed[-1].failure}")
+        if plot is not None:
+            from evomerge.search.plot import PageTable, plot_front
+            from evomerge.search.report import front_cells, front_columns, has_selection
+
+            held_out = has_selection([*rows, *refs])
+            tables = [
+                PageTable(  # the terminal's tables, cell for cell
+                    f"Pareto front of {space.study_name}",
+                    front_columns(names, held_out),
+                    [front_cells(r, held_out, best=best) for r in [*refs, *rows]],
+                    ["reference"] * len(refs) + ["best" if r is best else "" for r in rows],
+                )
+            ]
+            if top and ranked:
+                tables.append(
+                    PageTable(
+                        f"Top {min(top, len(ranked))} trials by weighted search score",
+                        front_columns(names, False),
+                        [front_cells(r, False) for r in ranked[:top]],
+                    )
+                )
+            try:
+                written = plot_front(
+                    plot,
+                    objective_names=names,
+                    trials=[(r.number, r.search) for r in ranked],
+                    front=[r.number for r in rows],
+                    references={r.label: r.search for r in refs},
+                    title=f"{space.study_name}: Pareto front"
+                    + (f" (best: trial {best.number})" if best is not None else ""),
+                    best=best.number if best is not None else None,
+                    base=space.base_model.name
+                    if space.base_model and space.base_model.name in {r.label for r in refs}
+                    else None,
+                    tables=tables,
+                )
+            except OSError as error:
+                raise ConfigError(f"cannot write {plot}: {error.strerror or error}", field="--plot") from None
+            for path in written:
+                console.print(f"wrote {path}")
 
 
 def export(

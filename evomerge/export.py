@@ -27,7 +27,6 @@ from evomerge.merge.engine import verify_layout, write_checkpoint
 from evomerge.moe.genome import builds_moe
 from evomerge.search.front import compute_front, pick_best
 from evomerge.store import display_url
-from evomerge.store.protocol import TrialReader
 from evomerge.store.states import TrialStatus
 from evomerge.store.trial_store import TrialStore
 
@@ -229,72 +228,72 @@ def export_trial(
     progress: bool = True,
 ) -> ExportReport:
     started = time.perf_counter()
-    store: TrialReader = TrialStore(space.storage_url)
-    chosen_by_user = trial is not None
-    if trial is None:
-        best = pick_best(space, compute_front(space, store))
-        if best is None:
-            raise EvomergeError(f"study '{space.study_name}' has no completed trial to export yet")
-        trial = best.number
-    record = store.trial(space.study_name, trial)
-    if record is None:
-        raise EvomergeError(f"study '{space.study_name}' has no trial {trial}")
-    if record.status != TrialStatus.COMPLETE:
-        raise EvomergeError(
-            f"trial {trial} is {record.status}"
-            + (f" ({record.failure})" if record.failure else "")
-            + "; pick a completed trial"
-        )
-    with staged_output(out_dir, overwrite=overwrite, protected=_protected(space)) as staged:
-        genome = make_genome(space)
-        metadata = {"study": space.study_name, "trial": str(trial), "storage": display_url(space.storage_url)}
-        write = _write_path if builds_paths(genome) else _write_moe if builds_moe(genome) else _write_merge
-        written = write(genome, record.genome, staged.staging, metadata, device, max_shard_bytes, verify, progress)
-        digest = written.digest
-        if verify and digest != record.weights_hash:
-            where = (
-                f" It was scored on {record.device}; export with --device set to the same kind of device."
-                if record.device and not record.device.startswith("cpu")
-                else ""
-            )
+    with TrialStore(space.storage_url) as store:
+        chosen_by_user = trial is not None
+        if trial is None:
+            best = pick_best(space, compute_front(space, store))
+            if best is None:
+                raise EvomergeError(f"study '{space.study_name}' has no completed trial to export yet")
+            trial = best.number
+        record = store.trial(space.study_name, trial)
+        if record is None:
+            raise EvomergeError(f"study '{space.study_name}' has no trial {trial}")
+        if record.status != TrialStatus.COMPLETE:
             raise EvomergeError(
-                f"exported weights hash {digest} differs from the hash recorded for trial {trial} ({record.weights_hash}): "
-                f"it is not the model that was scored, so {out_dir} was left as it was.{where}"
+                f"trial {trial} is {record.status}"
+                + (f" ({record.failure})" if record.failure else "")
+                + "; pick a completed trial"
             )
-        recipe = relocate_recipe(written.recipe_yaml, final_dir=staged.target, paths=written.models)
-        write_recipe(staged.staging, recipe)
-        merge_scores = {
-            split: store.scores(space.study_name, split).get(trial, {}) for split in ("search", "selection")
-        }
-        parent_scores = {split: store.references(space.study_name, split) for split in ("search", "selection")}
-        columns, rows = score_table(merge_scores, parent_scores)
-        complete = len(store.trials(space.study_name, status=TrialStatus.COMPLETE))
-        failed = len(store.trials(space.study_name, status=TrialStatus.FAILED))
-        write_model_card(
-            staged.staging,
-            methods=written.methods,
-            sources=describe_sources(written.models, final_dir=staged.target, names={}),
-            base_model=genome.base,
-            base_model_ids=hub_ids(written.models.values()),
-            recipe_yaml=recipe,
-            multi_document=recipe.count("\n---\n") > 0,
-            seed=written.seed,
-            score_columns=columns,
-            score_rows=rows,
-            search={
-                "sampler": f"{space.search.sampler} (seed {space.search.seed})",
-                "trials": f"{complete} complete, {failed} failed"
-                + (f" (budget {space.search.n_trials})" if space.search.n_trials else ""),
-                "objectives": ", ".join(f"{o.label} ({o.direction})" for o in space.objectives),
-                "how this trial was chosen": _how_chosen(space, chosen_by_user),
-            },
-            provenance={
-                "study": space.study_name,
-                "trial": str(trial),
-                "weights hash (xxh3-128)": record.weights_hash or "",
-                "scored on": record.device or "",
-                "storage": display_url(space.storage_url),
-            },
-        )
-        staged.commit(verify=written.verify_layout)
-    return ExportReport(Path(out_dir), trial, digest, verify, time.perf_counter() - started)
+        with staged_output(out_dir, overwrite=overwrite, protected=_protected(space)) as staged:
+            genome = make_genome(space)
+            metadata = {"study": space.study_name, "trial": str(trial), "storage": display_url(space.storage_url)}
+            write = _write_path if builds_paths(genome) else _write_moe if builds_moe(genome) else _write_merge
+            written = write(genome, record.genome, staged.staging, metadata, device, max_shard_bytes, verify, progress)
+            digest = written.digest
+            if verify and digest != record.weights_hash:
+                where = (
+                    f" It was scored on {record.device}; export with --device set to the same kind of device."
+                    if record.device and not record.device.startswith("cpu")
+                    else ""
+                )
+                raise EvomergeError(
+                    f"exported weights hash {digest} differs from the hash recorded for trial {trial} ({record.weights_hash}): "
+                    f"it is not the model that was scored, so {out_dir} was left as it was.{where}"
+                )
+            recipe = relocate_recipe(written.recipe_yaml, final_dir=staged.target, paths=written.models)
+            write_recipe(staged.staging, recipe)
+            merge_scores = {
+                split: store.scores(space.study_name, split).get(trial, {}) for split in ("search", "selection")
+            }
+            parent_scores = {split: store.references(space.study_name, split) for split in ("search", "selection")}
+            columns, rows = score_table(merge_scores, parent_scores)
+            complete = len(store.trials(space.study_name, status=TrialStatus.COMPLETE))
+            failed = len(store.trials(space.study_name, status=TrialStatus.FAILED))
+            write_model_card(
+                staged.staging,
+                methods=written.methods,
+                sources=describe_sources(written.models, final_dir=staged.target, names={}),
+                base_model=genome.base,
+                base_model_ids=hub_ids(written.models.values()),
+                recipe_yaml=recipe,
+                multi_document=recipe.count("\n---\n") > 0,
+                seed=written.seed,
+                score_columns=columns,
+                score_rows=rows,
+                search={
+                    "sampler": f"{space.search.sampler} (seed {space.search.seed})",
+                    "trials": f"{complete} complete, {failed} failed"
+                    + (f" (budget {space.search.n_trials})" if space.search.n_trials else ""),
+                    "objectives": ", ".join(f"{o.label} ({o.direction})" for o in space.objectives),
+                    "how this trial was chosen": _how_chosen(space, chosen_by_user),
+                },
+                provenance={
+                    "study": space.study_name,
+                    "trial": str(trial),
+                    "weights hash (xxh3-128)": record.weights_hash or "",
+                    "scored on": record.device or "",
+                    "storage": display_url(space.storage_url),
+                },
+            )
+            staged.commit(verify=written.verify_layout)
+        return ExportReport(Path(out_dir), trial, digest, verify, time.perf_counter() - started)

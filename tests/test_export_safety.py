@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file's bytes, but SQLite's shared-memory index (`*.db-shm`), which any reader of a
-    WAL database rewrites (the in-process `run` above still holds the database open)."""
+    WAL database rewrites while it is open."""
     return {
         str(p.relative_to(folder)): p.read_bytes()
         for p in sorted(folder.rglob("*"))
@@ -60,6 +60,7 @@ def study(tmp_path_factory, demo_family):
     space_file = folder / "space.yml"
     space_file.write_text(yaml.safe_dump(space, sort_keys=False))
     assert run(["run", space_file, "-q"]) == 0
+    assert not (folder / "tiny.db-wal").exists()  # `run` returned its connections: the log is in the file
     return space_file
 
 

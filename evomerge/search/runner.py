@@ -210,6 +210,7 @@ def run_search(
     import optuna
 
     from evomerge.preflight import preflight_space
+    from evomerge.search.storage import close_storage
     from evomerge.workers.pool import InProcessPool, make_pool
 
     if not verbose:
@@ -225,6 +226,7 @@ def run_search(
     # The database, the study, its lease and the space's fit with it: all before models load.
     store = TrialStore(space.storage_url)
     bar = SearchProgress(total, enabled=progress)
+    study = None
     try:
         study = open_study(space, sampler=sampler)
         with StudyLease(store, space.study_name) as lease:
@@ -255,3 +257,5 @@ def run_search(
     finally:
         bar.close()
         store.close()
+        if study is not None:
+            close_storage(study)

@@ -259,6 +259,17 @@ def batched_params(study: optuna.Study):
     return _nothing()
 
 
+def close_storage(study: optuna.Study) -> None:
+    """Return the connections of `study`'s database storage. A library call that returns with its
+    SQLite connections open leaves them to the garbage collector, whose closing of the last one
+    checkpoints the write-ahead log into the database file at some later moment."""
+    storage = getattr(study, "_storage", None)
+    backend = getattr(storage, "_backend", storage)
+    engine = getattr(backend, "engine", None)
+    if engine is not None:
+        engine.dispose()
+
+
 @contextmanager
 def _nothing() -> Iterator[None]:
     yield
