@@ -63,6 +63,7 @@ __all__ = [
 
 def _optuna_storage(url: str):
     from evomerge.search.storage import make_storage
+    from evomerge.stop_signals import watch_connections
     from evomerge.store.database import StorageError, check_storage, database_errors, tune_sqlite
 
     check_storage(url)  # a bad URL, a missing folder, a garbage file: one line, nothing created
@@ -83,6 +84,7 @@ def _optuna_storage(url: str):
             except RuntimeError as error:  # optuna: "... no longer compatible with the table schema ..."
                 raise StorageError(f"storage {display_url(url)}: {' '.join(str(error).split())}") from error
     tune_sqlite(storage.engine)
+    watch_connections(storage.engine)  # a stop signal waits until the main thread's connection is back
     return storage
 
 

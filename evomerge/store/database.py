@@ -27,6 +27,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from evomerge.errors import EvomergeError
+from evomerge.stop_signals import watch_connections
 
 SQLITE_BUSY_SECONDS = 120.0  # how long a SQLite writer waits for the lock before giving up
 URL_EXAMPLES = "e.g. sqlite:///path/study.db or postgresql+psycopg://user@host/db"
@@ -163,7 +164,9 @@ def make_engine(url: str, *, read_only: bool = False, echo: bool = False) -> Eng
     path = sqlite_path(parsed)
     with database_errors(url):
         if parsed.get_backend_name() != "sqlite":
-            return create_engine(parsed, echo=echo, pool_pre_ping=True)
+            engine = create_engine(parsed, echo=echo, pool_pre_ping=True)
+            watch_connections(engine)
+            return engine
         if read_only and path is not None:
             if not path.is_file():
                 raise StorageError(f"storage {display_url(url)}: no database file at {path}; run `evomerge run` first")
@@ -171,6 +174,8 @@ def make_engine(url: str, *, read_only: bool = False, echo: bool = False) -> Eng
             engine = create_engine(ro_url, echo=echo, connect_args={"timeout": SQLITE_BUSY_SECONDS})
         else:
             engine = create_engine(parsed, echo=echo, connect_args={"timeout": SQLITE_BUSY_SECONDS})
+
+    watch_connections(engine)  # a stop signal waits until the main thread's connection is back
 
     # pysqlite's own transaction handling starts transactions late and cannot take the write
     # lock up front; hand BEGIN over to SQLAlchemy (the recipe from SQLAlchemy's SQLite docs).
