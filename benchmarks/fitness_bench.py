@@ -92,6 +92,18 @@ ARMS = [
         {"fidelity": SMALL_FIRST | {"order": "margin", "race": True}},
     ),
     Arm(
+        "5/20/100 by mean, items by margin, capping",
+        {"fidelity": SMALL_FIRST | {"order": "margin", "cap": True}},
+    ),
+    Arm(
+        "10/30/100 by mean, items by margin, racing the best, capping",
+        {"fidelity": BY_MEAN | {"order": "margin", "race": True, "cap": True}},
+    ),
+    Arm(
+        "5/20/100 by mean, items by margin, racing the best, capping",
+        {"fidelity": SMALL_FIRST | {"order": "margin", "race": True, "cap": True}},
+    ),
+    Arm(
         "IRT estimator, 20 anchors per task, 10 calibration merges (gp-IRT)",
         {"estimator": {"kind": "irt", "anchors": 20, "calibration": 10, "method": "gp_irt"}},
         estimated=True,
@@ -119,6 +131,11 @@ BIG_ARMS = [
     Arm(
         "25/100/all by mean, items by margin, racing the best",
         {"fidelity": BIG_HALVING | {"order": "margin", "race": True}},
+    ),
+    Arm("10/30/100/all by mean, items by margin, capping", {"fidelity": FOUR_RUNGS | {"order": "margin", "cap": True}}),
+    Arm(
+        "25/100/all by mean, items by margin, racing the best, capping",
+        {"fidelity": BIG_HALVING | {"order": "margin", "race": True, "cap": True}},
     ),
 ]
 
@@ -449,7 +466,9 @@ def main() -> None:
             "multi-objective study; `promote_by: weighted` promotes by the mean. 'Items by margin': `order: "
             "margin` (each task's items ordered by the best reference's answer margin, smallest first); 'racing the "
             "best': `race: true` (a trial goes up to the full budget only if the best full-budget trial is not ahead "
-            "of it on the items of the rung below).",
+            "of it on the items of the rung below); 'capping': `cap: true` (the full budget is scored in steps as "
+            "large as the rung below it, and a trial stops at any rung or step once even every unscored item right "
+            "would leave it behind the best full-budget trial).",
             "",
             "| arm | reached | trials' items vs full, per seed | median | all items vs full, median | "
             "wall vs full, median | best vs target, median | within 1 SE: reached, trials' items vs full | "

@@ -24,6 +24,7 @@ from families import random_family
 from safetensors.torch import load_file, save_file
 
 from evomerge.demo import build_tokenizer
+from evomerge.errors import ConfigError
 from evomerge.synthetic import LlamaShape
 
 REPO = Path(__file__).resolve().parent.parent
@@ -926,6 +927,32 @@ def test_allow_pickle_with_a_safetensors_donor_loads(demo_family, tmp_path):
     }
     worker = CandidateWorker(parse_space(data, base_dir=tmp_path))
     assert worker.model is not None and worker.model.config.num_hidden_layers == 4
+
+
+def test_an_evaluator_without_per_item_scores_or_margins_is_a_one_line_error(demo_family, tmp_path):
+    """Successive halving and `order: margin` need more of an evaluator than `evaluate`: say which field."""
+    from evomerge.config.space import parse_space
+    from evomerge.workers.candidate import CandidateWorker
+
+    root = demo_family.root
+    data = {
+        "models": [f"close@{root / 'close'}"],
+        "base_model": f"base@{root / 'base'}",
+        "device": "cpu",
+        "objectives": [{"task": "demo_close"}],
+        "eval": {"include_paths": [str(TASKS)], "limit": 2, "fidelity": {"rungs": [1], "order": "margin"}},
+        "search": {"n_trials": 1, "storage": f"sqlite:///{tmp_path}/s.db"},
+    }
+    worker = CandidateWorker(parse_space(data, base_dir=tmp_path))
+    worker.search_evaluator = type("ScoresOnly", (), {"evaluate": lambda self, model, items=None: {}})()
+    with pytest.raises(ConfigError) as caught:
+        worker.item_ids("search")
+    assert "eval.fidelity" in str(caught.value) and "scores single items" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        worker.score_reference_margins("close", "search", {"demo_close": "acc,none"})
+    message = str(caught.value)
+    assert "eval.fidelity.order" in message and "answer margins" in message and "use order: random" in message
+    assert "\n" not in message
 
 
 @pytest.mark.parametrize(

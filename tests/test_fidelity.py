@@ -141,6 +141,19 @@ def test_bad_fidelity_settings_are_one_line_errors(tmp_path, demo_family, fideli
     assert message in str(caught.value) and "eval.fidelity" in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_cap_needs_metrics_with_a_best_value_per_item(tmp_path, demo_family):
+    path = tmp_path / "space.yml"
+    fidelity_space(tmp_path, demo_family, fidelity={"rungs": [5], "cap": True})  # acc,none: fine
+    data = yaml.safe_load(path.read_text())
+    data["objectives"][1]["metric"] = "f1,none"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError) as caught:
+        load_space(path)
+    message = str(caught.value)
+    assert "eval.fidelity.cap" in message and f"objective '{data['objectives'][1]['name']}'" in message
+    assert "acc_norm" in message and "\n" not in message
+
+
 def test_fidelity_and_the_estimator_are_one_or_the_other(tmp_path, demo_family):
     path = tmp_path / "space.yml"
     fidelity_space(tmp_path, demo_family)
@@ -163,7 +176,7 @@ def test_the_item_order_is_a_seeded_permutation_and_the_rungs_nest():
     assert order["a"] == fidelity.draw_item_order({"a": ids["a"]}, seed=3)["a"]  # per task: others don't matter
     assert sorted(order["a"]) == ids["a"] and sorted(order["b"]) == ids["b"] and order["a"] != ids["a"]
 
-    spec = type("Spec", (), {"rungs": [25, 0.9, "all"]})  # only .rungs is read
+    spec = type("Spec", (), {"rungs": [25, 0.9, "all"], "cap": False})  # only .rungs and .cap are read
     ladder = fidelity.RungLadder.build(spec, order)
     assert ladder.sizes == [{"a": 25, "b": 25}, {"a": 90, "b": 36}, {"a": 100, "b": 40}]
     seen = {"a": [], "b": []}
@@ -221,8 +234,51 @@ def test_race_stops_a_trial_the_best_full_trial_beats_on_the_same_items(tmp_path
     assert behind(weighted, [0.5, 0.2], reached, 0, 2) and not behind(weighted, [0.5, 0.3], reached, 0, 2)
 
 
+def test_cap_stops_a_trial_only_once_the_best_full_trial_is_out_of_its_reach(tmp_path, demo_family):
+    single = fidelity_space(tmp_path, demo_family, objectives=1, fidelity={"rungs": [5, 15], "cap": True})
+    task = single.objectives[0].task
+    reach = fidelity.out_of_reach
+
+    def scored(right: int, of: int) -> dict:
+        return {task: {"acc,none": {d: float(d < right) for d in range(of)}}}
+
+    full = {0: [0.8], 1: [0.9]}  # the best scored 36 of 40 right
+    assert reach(single, scored(0, 5), {task: 40}, full)  # 35 left: 35/40 at most
+    assert not reach(single, scored(1, 5), {task: 40}, full)  # 36/40 at most: a tie is within reach
+    assert reach(single, scored(25, 30), {task: 40}, full) and not reach(single, scored(26, 30), {task: 40}, full)
+    assert not reach(single, scored(0, 5), {task: 40}, {})  # nothing scored in full yet
+
+    two = fidelity_space(tmp_path, demo_family, objectives=2, fidelity={"rungs": [5, 15], "cap": True})
+    first, second = (o.task for o in two.objectives)
+
+    def both(right: tuple[int, int], of: int) -> dict:
+        return {t: {"acc,none": {d: float(d < r) for d in range(of)}} for t, r in zip((first, second), right)}
+
+    totals = {first: 10, second: 10}
+    front = {0: [1.0, 0.5], 1: [0.5, 1.0]}  # both on the front
+    assert reach(two, both((4, 0), 5), totals, front)  # at most (0.9, 0.5): trial 0 dominates it
+    assert not reach(two, both((5, 0), 5), totals, front)  # (1.0, 0.5) at most: equal is not dominated
+    assert not reach(two, both((4, 1), 5), totals, front)  # (0.9, 0.6) at most: nobody dominates it
+    weighted = fidelity_space(
+        tmp_path, demo_family, objectives=2, fidelity={"rungs": [5, 15], "cap": True, "promote_by": "weighted"}
+    )
+    assert reach(weighted, both((4, 0), 5), totals, front)  # 1.4 at most, against the best's 1.5
+    assert not reach(weighted, both((3, 2), 5), totals, front)  # 1.5 at most: a tie
+
+
+def test_cap_scores_the_top_rung_in_steps_as_large_as_the_rung_below():
+    spec = type("Spec", (), {"rungs": [5, 15, "all"], "cap": True})
+    ladder = fidelity.RungLadder.build(spec, {"a": list(range(40)), "b": list(range(100, 120))})
+    assert ladder.steps == [{"a": 30, "b": 20}]  # b has 20 items: it ends in the first step
+    assert ladder.step_items(0) == {"a": list(range(15, 30)), "b": list(range(115, 120))}
+    assert ladder.step_items(1) == {"a": list(range(30, 40)), "b": []}
+    assert [ladder.step_total(k) for k in range(2)] == [50, 60]
+    plain = fidelity.RungLadder.build(type("Spec", (), {"rungs": [5, 15, "all"], "cap": False}), ladder.order)
+    assert plain.steps == [] and plain.step_items(0) == plain.new_items(2) and plain.step_total(0) == 60
+
+
 def test_a_rung_that_adds_no_item_is_refused():
-    spec = type("Spec", (), {"rungs": [50, 80, "all"]})
+    spec = type("Spec", (), {"rungs": [50, 80, "all"], "cap": False})
     with pytest.raises(ConfigError, match="rung 1 .* adds no item"):
         fidelity.RungLadder.build(spec, {"a": list(range(40))})
 
@@ -442,6 +498,43 @@ def test_a_racing_search_promotes_only_what_the_best_full_trial_does_not_beat(
     assert summary.n_complete >= 1 and summary.n_complete + summary.n_pruned == 16
 
 
+@pytest.mark.parametrize(("objectives", "promote_by"), [(1, "pareto"), (4, "pareto"), (4, "weighted")])
+def test_a_capping_search_stops_only_trials_that_could_not_have_caught_the_best(
+    tmp_path, demo_family, objectives, promote_by
+):
+    spec = {"rungs": [5, 15, "all"], "eta": 1.5, "cap": True, "promote_by": promote_by}
+    space = fidelity_space(tmp_path, demo_family, n_trials=24, objectives=objectives, fidelity=spec, sampler="tpe")
+    pool = ItemPool(space)
+    summary = run_search(space, pool=pool, progress=False)
+    study = optuna.load_study(study_name=space.study_name, storage=space.storage_url)
+
+    def full_values(params) -> list[float]:  # what the trial scores on every item (the fake is deterministic)
+        return [sum(item_value(params, o.task, d) for d in range(ITEMS)) / ITEMS for o in space.objectives]
+
+    def ahead(rival, values) -> bool:
+        return fidelity._ahead(space, rival, values)
+
+    complete = {t.number: full_values(t.params) for t in study.trials if t.state.name == "COMPLETE"}
+    capped = [t for t in study.trials if "capped after" in t.user_attrs.get("rung", "")]
+    assert capped, "no trial was capped: the test shows nothing"
+    for trial in capped:  # exact: a trial scored in full before it beats it on every item
+        earlier = [values for number, values in complete.items() if number < trial.number]
+        assert any(ahead(rival, full_values(trial.params)) for rival in earlier), trial.number
+    scored = {}
+    for params, items in pool.items:
+        key = json.dumps(params, sort_keys=True)
+        scored.setdefault(key, []).append(sum(len(ids) for ids in items.values()))
+    per_task = len(space.objectives)
+    for trial in study.trials:
+        sizes = scored[json.dumps(trial.params, sort_keys=True)]
+        assert sizes == [5 * per_task, 10 * per_task, 15 * per_task, 10 * per_task][: len(sizes)]  # steps of 15
+        if trial.number in complete:
+            assert len(sizes) == 4
+    assert any(len(scored[json.dumps(t.params, sort_keys=True)]) == 3 for t in capped)  # stopped inside the top rung
+    assert summary.n_complete + summary.n_pruned == 24
+    assert "capping" in " ".join(fidelity.rung_summary(TrialStore(space.storage_url), space))
+
+
 def test_a_task_without_margins_keeps_the_random_order_and_the_study_says_so(tmp_path, demo_family):
     fidelity_spec = {"rungs": [5, 15, "all"], "eta": 3, "order": "margin"}
     space = fidelity_space(tmp_path, demo_family, n_trials=2, objectives=2, fidelity=fidelity_spec)
@@ -566,6 +659,7 @@ def test_a_resumed_study_keeps_its_rungs(tmp_path, demo_family):
         (1, {"rungs": [5, 15], "pruner": "hyperband", "p_threshold": 0.2}, "the wilcoxon pruner's"),
         (1, {"rungs": [5, 15], "pruner": "median"}, "pruner"),
         (1, {"rungs": [5, 15], "pruner": "hyperband", "race": True}, "race is evomerge's rule"),
+        (1, {"rungs": [5, 15], "pruner": "wilcoxon", "cap": True}, "cap is evomerge's rule"),
         (1, {"rungs": [5, 15], "pruner": "successive_halving", "eta": 2.5}, "takes a whole number"),
     ],
 )

@@ -17,6 +17,14 @@ from evomerge.config.numbers import Number, coerce_number
 
 FULL = "all"
 
+# lm-eval metrics scored per item as right (1) or wrong (0): what `cap` can bound.
+BOUNDED_METRICS = ("acc", "acc_norm", "acc_bytes", "acc_mutual_info", "exact_match")
+
+
+def item_bounds(metric: str) -> tuple[float, float] | None:
+    """The lowest and highest value one item can score on `metric` ("acc,none"), None if unknown."""
+    return (0.0, 1.0) if metric.split(",")[0].strip() in BOUNDED_METRICS else None
+
 
 class FidelitySpec(StrictModel):
     rungs: list[int | float | str]  # e.g. [25, 100, all] or [0.1, 0.3, all]; ascending
@@ -40,6 +48,12 @@ class FidelitySpec(StrictModel):
     # rung below (their values there): a higher weighted score, or (promote_by pareto) values that
     # dominate its own. Fewer near-misses are scored in full; evomerge's rule only.
     race: bool = False
+    # Adaptive capping (ParamILS/SMAC's, with item counts for run time): score the full budget in
+    # steps as large as the rung below it, and stop a trial, at any rung or step, once even every
+    # item still unscored answered right could not bring it level with the best trial scored in
+    # full. Exact: a capped trial could not have become the best (or joined the front). Needs
+    # objectives whose per-item values have known bounds (acc, acc_norm, exact_match, ...).
+    cap: bool = False
 
     @field_validator("rungs", mode="before")
     @classmethod

@@ -21,7 +21,7 @@ from pydantic import (
 )
 
 from evomerge.config.base import StrictModel
-from evomerge.config.fidelity import FidelitySpec
+from evomerge.config.fidelity import BOUNDED_METRICS, FidelitySpec, item_bounds
 from evomerge.config.mergekit_yaml import (
     DataSection,
     TokenizerSection,
@@ -260,12 +260,23 @@ class SearchSpace(StrictModel):
 
     def _check_pruner(self) -> None:
         spec = self.eval.fidelity
-        if spec is None or spec.pruner == "evomerge":
+        if spec is None:
             return
-        if spec.race:
-            raise ValueError(
-                f"eval.fidelity.race is evomerge's rule; optuna's {spec.pruner} pruner decides alone: drop one of them"
-            )
+        if spec.cap:
+            unbounded = [o.label for o in self.objectives if item_bounds(o.metric) is None]
+            if unbounded:
+                raise ValueError(
+                    f"eval.fidelity.cap needs each item's best possible value, which objective '{unbounded[0]}' "
+                    f"does not have (known: {', '.join(BOUNDED_METRICS)}): drop cap"
+                )
+        if spec.pruner == "evomerge":
+            return
+        for rule in ("race", "cap"):
+            if getattr(spec, rule):
+                raise ValueError(
+                    f"eval.fidelity.{rule} is evomerge's rule; optuna's {spec.pruner} pruner decides alone: "
+                    "drop one of them"
+                )
         if self.multi_objective:
             raise ValueError(
                 f"eval.fidelity.pruner: optuna's {spec.pruner} pruner takes a single-objective study (one "

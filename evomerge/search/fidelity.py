@@ -29,6 +29,12 @@ With `race`, a trial at the last rung below the full budget must also keep up wi
 trials already scored in full (`behind_the_best`): the eta rule alone promotes against every
 trial at the rung, so once the sampler proposes good merges most near-misses are scored in full.
 
+With `cap` (adaptive capping, as ParamILS and SMAC cap a run's time), the top rung is scored in
+steps as large as the rung below it, and a trial stops, after any rung or step, once the best
+trials scored in full would stay ahead of it even if every item it has not scored yet went its way
+(`out_of_reach`). That is exact, unlike `race`: a capped trial could not have become the best or
+joined the front. It is stored as stopped at the last rung it finished.
+
 Why `promote_by: weighted` exists: with four skills as objectives, each parent alone is on the
 rung's Pareto front (it wins its own skill), so under Pareto ranking the parents and other
 specialists hold the few top places and a strong all-rounder seen later is stopped
@@ -44,11 +50,12 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from evomerge.config.fidelity import item_bounds
 from evomerge.errors import ConfigError, EvomergeError
 from evomerge.search.front import objective_values, scalarize
 from evomerge.search.pareto import pareto_front
@@ -59,6 +66,7 @@ if TYPE_CHECKING:
     from evomerge.evaluate.protocol import ItemIds, ItemScores, Margins, Scores
 
 MEAN_TOLERANCE = 1e-6  # a reported score further than this from its items' mean is not a mean
+TIE_TOLERANCE = 1e-9  # weighted sums of equal item counts, summed in another order, differ by rounding
 
 
 class FidelityError(EvomergeError):
@@ -139,6 +147,9 @@ class RungLadder:
 
     order: dict[str, list[int]]
     sizes: list[dict[str, int]]
+    # With `cap`: where the top rung pauses to check its trial, each as far past the last as the
+    # rung below the top is large (20, 40, 60, 80 of 100 after a rung of 20); empty without `cap`.
+    steps: list[dict[str, int]] = field(default_factory=list)
 
     @classmethod
     def build(cls, spec: FidelitySpec, order: Mapping[str, list[int]], *, source=None) -> RungLadder:
@@ -154,7 +165,12 @@ class RungLadder:
                     file=source,
                     field="eval.fidelity.rungs",
                 )
-        return cls({task: list(ids) for task, ids in order.items()}, sizes)
+        steps = []
+        if spec.cap:
+            below, full = sizes[-2], sizes[-1]
+            for k in range(2, max(math.ceil(full[t] / below[t]) for t in full)):
+                steps.append({t: min(full[t], k * below[t]) for t in full})
+        return cls({task: list(ids) for task, ids in order.items()}, sizes, steps)
 
     @property
     def top(self) -> int:
@@ -164,6 +180,17 @@ class RungLadder:
         """The doc ids rung `rung` adds to the rung below it (all of rung 0's for rung 0)."""
         below = self.sizes[rung - 1] if rung > 0 else {}
         return {task: ids[below.get(task, 0) : self.sizes[rung][task]] for task, ids in self.order.items()}
+
+    def step_items(self, step: int) -> ItemIds:
+        """The doc ids the top rung's step `step` adds (0: from the rung below; the last step, number
+        len(steps), ends at the full budget; without `cap` its one step is the whole top rung)."""
+        bounds = [self.sizes[self.top - 1], *self.steps, self.sizes[self.top]]
+        low, high = bounds[step], bounds[step + 1]
+        return {task: ids[low[task] : high[task]] for task, ids in self.order.items()}
+
+    def step_total(self, step: int) -> int:
+        """Items scored once the top rung's step `step` is done, every task together."""
+        return sum((self.steps[step] if step < len(self.steps) else self.sizes[self.top]).values())
 
     def items(self, rung: int) -> int:
         """Items scored up to and including `rung`, every task together."""
@@ -292,16 +319,53 @@ def behind_the_best(
     best often scores every first-rung item right, and an equal trial must still go up).
     """
     full = {n: v for n, v in reached.get(top, {}).items() if n in reached.get(rung, {})}
-    if not full:
-        return False
-    numbers = list(full)
+    return any(_ahead(space, reached[rung][n], values) for n in _best(space, full))
+
+
+def out_of_reach(
+    space: SearchSpace,
+    item_scores: ItemScores,
+    totals: Mapping[str, int],
+    full: Mapping[int, Sequence[float]],
+) -> bool:
+    """`cap`: whether a best fully-scored trial (`full`: number -> values) stays ahead of a trial
+    that scored `item_scores`, even if each of its unscored items (`totals`: items per task) takes
+    the best value an item can have. Exact: such a trial cannot become the best, nor join the front.
+    """
+    hopes = []
+    for objective in space.objectives:
+        values = item_scores[objective.task][objective.metric]
+        low, high = item_bounds(objective.metric)
+        best_item = high if objective.direction == "maximize" else low
+        total = totals[objective.task]
+        hopes.append((sum(values.values()) + (total - len(values)) * best_item) / total)
+    return any(_ahead(space, full[n], hopes) for n in _best(space, full))
+
+
+def _by_weighted(space: SearchSpace) -> bool:
     spec = space.eval.fidelity
-    if not space.multi_objective or (spec is not None and spec.promote_by == "weighted"):
-        best = [max(numbers, key=lambda n: (scalarize(space, full[n]), -n))]
-        return scalarize(space, reached[rung][best[0]]) > scalarize(space, values)
+    return not space.multi_objective or (spec is not None and spec.promote_by == "weighted")
+
+
+def _best(space: SearchSpace, full: Mapping[int, Sequence[float]]) -> list[int]:
+    """The best of the trials scored in full: the highest weighted sum (the earliest of equals), or
+    (promote_by pareto) the Pareto front."""
+    numbers = list(full)
+    if not numbers:
+        return []
+    if _by_weighted(space):
+        return [max(numbers, key=lambda n: (scalarize(space, full[n]), -n))]
     directions = [o.direction for o in space.objectives]
-    best = [numbers[i] for i in pareto_front([full[n] for n in numbers], directions)]
-    return any(pareto_front([reached[rung][n], values], directions) == [0] for n in best)
+    return [numbers[i] for i in pareto_front([full[n] for n in numbers], directions)]
+
+
+def _ahead(space: SearchSpace, rival: Sequence[float], values: Sequence[float]) -> bool:
+    """A higher weighted sum (beyond rounding), or (promote_by pareto) values that dominate; a tie is
+    not ahead."""
+    if _by_weighted(space):
+        return scalarize(space, rival) > scalarize(space, values) + TIE_TOLERANCE
+    directions = [o.direction for o in space.objectives]
+    return pareto_front([list(rival), list(values)], directions) == [0]
 
 
 def rung_summary(store, space: SearchSpace) -> list[str]:
@@ -328,6 +392,7 @@ def rung_summary(store, space: SearchSpace) -> list[str]:
         settings = [f"eta {spec.eta:g}"]
         settings += ["items by margin"] if spec.order == "margin" else []
         settings += ["racing the best"] if spec.race else []
+        settings += ["capping"] if spec.cap else []
         how = f" ({', '.join(settings)})"
     lines = [f"Successive halving{how}: " + " · ".join(parts) + "."]
     stopped: dict[int, list[int]] = {}

@@ -72,6 +72,7 @@ class RunningTrial:
     asked: float  # time.perf_counter() just before study.ask()
     # Successive halving (eval.fidelity): the rung being scored and what the lower rungs gave.
     rung: int = 0
+    step: int = 0  # at the top rung with `cap`: the step being scored (RungLadder.step_items)
     item_scores: dict = field(default_factory=dict)  # leaf task -> metric -> doc id -> value, every rung so far
     merge_seconds: float = 0.0  # summed over its rungs
     eval_seconds: float = 0.0
@@ -252,7 +253,11 @@ class SearchLoop:
             how = {"estimator": self.estimator} if self.estimator is not None else {}
             ticket = self.pool.submit(running.params, "search", **how)
         else:
-            ticket = self.pool.submit(running.params, "search", items=self.ladder.new_items(running.rung))
+            if running.rung == self.ladder.top:
+                items = self.ladder.step_items(running.step)
+            else:
+                items = self.ladder.new_items(running.rung)
+            ticket = self.pool.submit(running.params, "search", items=items)
         self.in_flight[ticket] = running
 
     def climb(self, running: RunningTrial, result) -> tuple[list[float], BaseException | None, Any]:
@@ -307,6 +312,9 @@ class SearchLoop:
                 and running.rung == top - 1
                 and fidelity.behind_the_best(self.space, values, self.reached, running.rung, top)
             )
+            if goes_up and self.capped(running):
+                self.prune(running, result, values, why=self.capped_after(running))
+                return False
         if goes_up:
             running.rung += 1
             self.submit(running)
@@ -314,7 +322,32 @@ class SearchLoop:
         self.prune(running, result, values)
         return False
 
-    def prune(self, running: RunningTrial, result, values: list[float]) -> None:
+    def capped(self, running: RunningTrial) -> bool:
+        """`cap`: whether the best trials scored in full are out of this trial's reach."""
+        if not self.space.eval.fidelity.cap:
+            return False
+        totals = {task: len(ids) for task, ids in self.ladder.order.items()}
+        full = {n: v for n, v in self.reached.get(self.ladder.top, {}).items() if n != running.trial.number}
+        return fidelity.out_of_reach(self.space, running.item_scores, totals, full)
+
+    def next_step_or_cap(self, running: RunningTrial, result) -> bool:
+        """At a step of the top rung (`cap`): score its next step (True), or stop the trial here, stored
+        at the rung below the top, where it last finished a rung (False)."""
+        if not self.capped(running):
+            running.step += 1
+            self.submit(running)
+            return True
+        below = self.ladder.top - 1
+        values = self.reached[below][running.trial.number]
+        self.prune(running, result, values, rung=below, why=self.capped_after(running))
+        return False
+
+    def capped_after(self, running: RunningTrial) -> str:
+        return f"capped after {self.items_scored(running)} of {self.ladder.items(self.ladder.top)} items"
+
+    def prune(
+        self, running: RunningTrial, result, values: list[float], *, rung: int | None = None, why: str = "stopped"
+    ) -> None:
         """Store a trial stopped below the top rung, then tell optuna PRUNED without values.
 
         Why PRUNED: optuna's samplers never read a low-rung score as if it were a full one.
@@ -335,7 +368,8 @@ class SearchLoop:
             **stored_fields(result),
         )
         seconds = {"merge": result.merge_seconds, "eval": result.eval_seconds}
-        self.label(running, result, values, seconds=seconds, rung=f"{self.ladder.describe(running.rung)}, stopped")
+        at = self.ladder.describe(running.rung if rung is None else rung)
+        self.label(running, result, values, seconds=seconds, rung=f"{at}, {why}")
         tell(self.study, trial, state=TrialState.PRUNED)
 
     def trial_report(self, running: RunningTrial, result, values: list[float]) -> dict[str, Any]:
@@ -349,9 +383,15 @@ class SearchLoop:
             "hash_seconds": result.extra.get("hash_seconds", 0.0),
             "worker": result.worker,
             "rung": None if self.ladder is None else running.rung,
-            "items": None if self.ladder is None else self.ladder.items(running.rung),
+            "items": None if self.ladder is None else self.items_scored(running),
             "pruned": False,
         }
+
+    def items_scored(self, running: RunningTrial) -> int:
+        """Items the trial has scored, every task together (within the top rung: up to its step)."""
+        if running.rung < self.ladder.top:
+            return self.ladder.items(running.rung)
+        return self.ladder.step_total(running.step)
 
     # -- the search phase -------------------------------------------------------------------
 
@@ -429,8 +469,11 @@ class SearchLoop:
             self.fail(running, error, retry=outcome.worker_died)
             self.reporting = None
             self.bar.update(failed=self.failed_count())
-        elif self.ladder is not None and running.rung < self.ladder.top:
-            went_up = self.promote_or_prune(running, result, values)
+        elif self.ladder is not None and (running.rung < self.ladder.top or running.step < len(self.ladder.steps)):
+            if running.rung < self.ladder.top:
+                went_up = self.promote_or_prune(running, result, values)
+            else:
+                went_up = self.next_step_or_cap(running, result)
             self.reporting = None
             self.bar.update(in_flight=len(self.in_flight))
             if went_up:

@@ -94,10 +94,14 @@ class CandidateWorker:
         return self.selection_evaluator
 
     def _item_evaluator(self, split: str, field: str) -> ItemEvaluator:
+        return self._capable_evaluator(split, ItemEvaluator, field, "needs an evaluator that scores single items")
+
+    def _capable_evaluator(self, split: str, protocol: type, field: str, needs: str, fix: str = "") -> Any:
+        """The split's evaluator if it implements `protocol`, else a one-line ConfigError at `field`."""
         evaluator = self._evaluator(split)
-        if not isinstance(evaluator, ItemEvaluator):
+        if not isinstance(evaluator, protocol):
             raise ConfigError(
-                f"needs an evaluator that scores single items; eval.kind '{self.space.eval.kind}' does not",
+                f"{needs}; eval.kind '{self.space.eval.kind}' does not{fix}",
                 file=self.space.source_path,
                 field=field,
             )
@@ -157,12 +161,11 @@ class CandidateWorker:
     def score_reference_margins(self, model: str, split: str, metrics: dict[str, str]) -> tuple[Scores, Margins]:
         """`score_reference` with each item's answer margin on the tasks in `metrics` (successive
         halving's `order: margin`)."""
-        evaluator = self._evaluator(split)
-        if not isinstance(evaluator, MarginEvaluator):
-            raise ConfigError(
-                f"order 'margin' needs an evaluator that reports answer margins; eval.kind '{self.space.eval.kind}' "
-                "does not: use order: random",
-                file=self.space.source_path,
-                field="eval.fidelity.order",
-            )
+        evaluator = self._capable_evaluator(
+            split,
+            MarginEvaluator,
+            "eval.fidelity.order",
+            "order 'margin' needs an evaluator that reports answer margins",
+            ": use order: random",
+        )
         return evaluator.evaluate_margins(self.builder.reference(model), metrics)
