@@ -622,7 +622,7 @@ def test_the_demo_fidelity_space_runs_as_written(tmp_path, demo_family, capsys):
     capsys.readouterr()
     assert run_cli(["front", str(path), "--top", "0"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
-    assert "Successive halving (eta 3, items by margin, racing the best): rung 0, 40 items: 6 trials" in out
+    assert "Successive halving (eta 3, items by margin, racing the best, capping): rung 0, 40 items: 6 trials" in out
     pruned = sorted(r.number for r in records if r.status == "pruned")
     if pruned:
         assert "Stopped at rung" in out and all(f"{n}" in out for n in pruned)
