@@ -253,12 +253,12 @@ class SearchSpace(StrictModel):
             raise ValueError(f"base_model is required by {', '.join(needs_base)}")
         self._check_vocabulary(names)
         self._check_data()
-        self._check_pruner()
+        self._check_fidelity()
         if self.search.sampler == "cmaes" and len(self.objectives) > 1 and not any(o.weight for o in self.objectives):
             raise ValueError("cmaes optimises the weighted sum of objectives: give at least one a non-zero weight")
         return self
 
-    def _check_pruner(self) -> None:
+    def _check_fidelity(self) -> None:
         spec = self.eval.fidelity
         if spec is None:
             return

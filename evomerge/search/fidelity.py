@@ -184,13 +184,16 @@ class RungLadder:
     def step_items(self, step: int) -> ItemIds:
         """The doc ids the top rung's step `step` adds (0: from the rung below; the last step, number
         len(steps), ends at the full budget; without `cap` its one step is the whole top rung)."""
-        bounds = [self.sizes[self.top - 1], *self.steps, self.sizes[self.top]]
-        low, high = bounds[step], bounds[step + 1]
+        low, high = self._step_sizes()[step : step + 2]
         return {task: ids[low[task] : high[task]] for task, ids in self.order.items()}
 
     def step_total(self, step: int) -> int:
         """Items scored once the top rung's step `step` is done, every task together."""
-        return sum((self.steps[step] if step < len(self.steps) else self.sizes[self.top]).values())
+        return sum(self._step_sizes()[step + 1].values())
+
+    def _step_sizes(self) -> list[dict[str, int]]:
+        """Items per task where the top rung starts, pauses (`steps`) and ends."""
+        return [self.sizes[self.top - 1], *self.steps, self.sizes[self.top]]
 
     def items(self, rung: int) -> int:
         """Items scored up to and including `rung`, every task together."""
@@ -274,8 +277,7 @@ def rung_values(space: SearchSpace, item_scores: ItemScores) -> tuple[Scores, li
 def sort_keys(space: SearchSpace, points: Sequence[Sequence[float]]) -> list[tuple[int, float]]:
     """Each point's (non-domination rank, -weighted sum): smaller sorts first (see the module doc)."""
     weighted = [-scalarize(space, p) for p in points]
-    spec = space.eval.fidelity
-    if not space.multi_objective or (spec is not None and spec.promote_by == "weighted"):
+    if _by_weighted(space):
         return [(0, w) for w in weighted]
     directions = [o.direction for o in space.objectives]
     ranks = [0] * len(points)

@@ -326,9 +326,9 @@ class SearchLoop:
         """`cap`: whether the best trials scored in full are out of this trial's reach."""
         if not self.space.eval.fidelity.cap:
             return False
-        totals = {task: len(ids) for task, ids in self.ladder.order.items()}
-        full = {n: v for n, v in self.reached.get(self.ladder.top, {}).items() if n != running.trial.number}
-        return fidelity.out_of_reach(self.space, running.item_scores, totals, full)
+        top = self.ladder.top
+        full = {n: v for n, v in self.reached.get(top, {}).items() if n != running.trial.number}
+        return fidelity.out_of_reach(self.space, running.item_scores, self.ladder.sizes[top], full)
 
     def next_step_or_cap(self, running: RunningTrial, result) -> bool:
         """At a step of the top rung (`cap`): score its next step (True), or stop the trial here, stored
