@@ -49,6 +49,7 @@ from evomerge.config.space import SearchSpace, load_space  # noqa: E402
 from evomerge.demo import DemoFamily, build_demo_family  # noqa: E402
 from evomerge.evaluate.protocol import ItemEvaluator  # noqa: E402
 from evomerge.search.runner import run_search  # noqa: E402
+from evomerge.search.tpe import FullBudgetTPESampler  # noqa: E402
 from evomerge.workers.candidate import CandidateWorker  # noqa: E402
 
 TEMPLATE = REPO / "search_spaces" / "demo.yml"
@@ -65,6 +66,9 @@ class Arm:
     estimated: bool = False
     # The control for evomerge's TPE (search/tpe.py): optuna's own TPESampler, same settings.
     optuna_tpe: bool = False
+    # A diagnostic: TPE is told every trial's full-set values, scored on the side and not counted,
+    # so it walks the full search's path and the arm's items are what its promotion rule costs.
+    told_full: bool = False
 
 
 HALVING = {"rungs": [10, 30, "all"], "eta": 3}
@@ -102,6 +106,11 @@ ARMS = [
     Arm(
         "5/20/100 by mean, items by margin, racing the best, capping",
         {"fidelity": SMALL_FIRST | {"order": "margin", "race": True, "cap": True}},
+    ),
+    Arm(
+        "the same, TPE told every trial's full-set values for free (a diagnostic, not a setting)",
+        {"fidelity": SMALL_FIRST | {"order": "margin", "race": True, "cap": True}},
+        told_full=True,
     ),
     Arm(
         "IRT estimator, 20 anchors per task, 10 calibration merges (gp-IRT)",
@@ -230,11 +239,52 @@ def noise(target: float, items: int) -> float:
     return math.sqrt(max(target * (1 - target), 0.0) / items)
 
 
+TPE_DEFAULTS = {"multivariate": True, "n_startup_trials": 8}  # evomerge's (search/samplers.py)
+
+
 def optunas_tpe(seed: int):
-    """optuna's TPESampler with evomerge's TPE defaults (search/samplers.py)."""
+    """optuna's TPESampler with evomerge's TPE defaults."""
     from optuna.samplers import TPESampler
 
-    return TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
+    return TPESampler(seed=seed, **TPE_DEFAULTS)
+
+
+class ToldFullTPE(FullBudgetTPESampler):
+    """evomerge's TPE, told each finished trial's full-set values (`full_values(params)`, scored
+    outside the item count) in place of its rung values: the sampler of a full-fidelity search on
+    a halving search's promotions, which separates what the promotion rule costs from what the
+    sampler loses by seeing partial scores."""
+
+    def __init__(self, full_values, **options):
+        super().__init__(**options)
+        self.full_values = full_values
+        self.told: dict[int, list[float]] = {}
+
+    def _sample(self, study, trial, search_space):
+        from optuna.samplers._tpe.sampler import _split_trials
+        from optuna.trial import TrialState, create_trial
+
+        finished = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED), use_cache=True)
+        stand_ins = []
+        for t in finished:
+            if t.number not in self.told:
+                self.told[t.number] = self.full_values(t.params)
+            stand_in = create_trial(values=self.told[t.number], params=t.params, distributions=t.distributions)
+            stand_in.number = t.number
+            stand_ins.append(stand_in)
+        below, above = _split_trials(study, stand_ins, self.good_group_size(study, len(stand_ins)))
+        return self.sample_between(study, trial, search_space, below, above)
+
+
+def told_full_tpe(space: SearchSpace) -> ToldFullTPE:
+    """`ToldFullTPE` scoring on a worker of its own (its items are not counted)."""
+    side = CandidateWorker(space)
+
+    def full_values(params) -> list[float]:
+        scores = side.evaluate(params).scores
+        return [scores[objective.task][objective.metric] for objective in space.objectives]
+
+    return ToldFullTPE(full_values, seed=space.search.seed, **TPE_DEFAULTS)
 
 
 class Stop(Exception):
@@ -298,7 +348,11 @@ def run_arm(
             progress=False,
             worker=worker,
             on_trial=on_trial,
-            sampler=optunas_tpe(space.search.seed) if arm.optuna_tpe else None,
+            sampler=optunas_tpe(space.search.seed)
+            if arm.optuna_tpe
+            else told_full_tpe(space)
+            if arm.told_full
+            else None,
         )
     except Stop:
         pass
@@ -397,6 +451,11 @@ def main() -> None:
         help="comma-separated indexes into the arm list to run (the full arm, index 0, always runs); default: all",
     )
     parser.add_argument("--out", type=Path, default=REPO / "results" / "fitness.md")
+    parser.add_argument(
+        "--section",
+        default=None,
+        help="the name of the section of --out to write (default: 'fidelity', or 'fidelity_N' with --items-per-task N)",
+    )
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
     arms = BIG_ARMS if args.items_per_task else ARMS
@@ -435,6 +494,7 @@ def main() -> None:
         f"--max-trials {args.max_trials} --arm-timeout {args.arm_timeout:g} --seeds {args.seeds}"
         + (f" --items-per-task {args.items_per_task}" if args.items_per_task else "")
         + (f" --arms {args.arms}" if args.arms else "")
+        + (f" --section {args.section}" if args.section else "")
     )
     body = "\n".join(
         [
@@ -462,7 +522,10 @@ def main() -> None:
             "'Within 1 SE': the same count to come within one standard error of the target (a mean of "
             f"{4 * per_task} right/wrong scores at the target's level), for the arm and for the full arm alike; "
             "the issue asks for the same best within noise. "
-            "An arm named for optuna's TPESampler runs optuna's own in place of evomerge's (search/tpe.py). Promotion by Pareto rank is the default for a "
+            "An arm named for optuna's TPESampler runs optuna's own in place of evomerge's (search/tpe.py). "
+            "The arm whose TPE is told the full-set values is a diagnostic: a second worker scores every trial on "
+            "every item for the sampler alone (not counted, and in its wall time), so it proposes what a "
+            "full-fidelity search would, and its items are what the promotion rule alone costs. Promotion by Pareto rank is the default for a "
             "multi-objective study; `promote_by: weighted` promotes by the mean. 'Items by margin': `order: "
             "margin` (each task's items ordered by the best reference's answer margin, smallest first); 'racing the "
             "best': `race: true` (a trial goes up to the full budget only if the best full-budget trial is not ahead "
@@ -491,7 +554,8 @@ def main() -> None:
             f"Total benchmark time {time.perf_counter() - started:.0f}s.",
         ]
     )
-    write_section(args.out, f"{SECTION}_{args.items_per_task}" if args.items_per_task else SECTION, body, title=TITLE)
+    section = args.section or (f"{SECTION}_{args.items_per_task}" if args.items_per_task else SECTION)
+    write_section(args.out, section, body, title=TITLE)
     print(body)
     print(f"wrote {args.out}")
 

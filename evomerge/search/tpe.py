@@ -110,11 +110,20 @@ class FullBudgetTPESampler(TPESampler):
         if stand_ins is None:
             return super()._sample(study, trial, search_space)
         at_rung = sum(t.state == TrialState.COMPLETE for t in stand_ins)
-        wanted = self._good_group.gamma or (lambda n: optuna_default_gamma(n, len(study.directions)))
-        below, above = _split_trials(study, stand_ins, min(wanted(at_rung), at_rung))
+        below, above = _split_trials(study, stand_ins, min(self.good_group_size(study, at_rung), at_rung))
+        return self.sample_between(study, trial, search_space, below, above)
+
+    def good_group_size(self, study, n: int) -> int:
+        """gamma(n) as the user or optuna sets it, not capped by the complete trials."""
+        wanted = self._good_group.gamma or (lambda count: optuna_default_gamma(count, len(study.directions)))
+        return wanted(n)
+
+    def sample_between(self, study, trial, search_space, below: list[FrozenTrial], above: list[FrozenTrial]):
+        """optuna's TPE step for a good group `below` and the rest `above` (running trials join the
+        rest under constant_liar)."""
         if self._constant_liar:
             running = study._get_trials(deepcopy=False, states=(TrialState.RUNNING,), use_cache=False)
-            above += [t for t in running if t.number != trial.number]
+            above = above + [t for t in running if t.number != trial.number]
         good = self._build_parzen_estimator(study, search_space, below, handle_below=True)
         other = self._build_parzen_estimator(study, search_space, above, handle_below=False)
         candidates = good.sample(self._rng.rng, self._n_ei_candidates)
