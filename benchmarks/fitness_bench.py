@@ -501,6 +501,8 @@ def main() -> None:
             (
                 f"## Larger tasks ({per_task} fresh items per task): items to reach the full search's best"
                 if args.items_per_task
+                else f"## Chosen arms over {len(seeds)} seeds: items to reach the full search's best"
+                if args.arms
                 else "## Full fidelity vs successive halving vs the IRT estimator: items to reach the full search's best"
             ),
             "",
