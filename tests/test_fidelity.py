@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import optuna
 import pytest
@@ -532,7 +533,18 @@ def test_a_capping_search_stops_only_trials_that_could_not_have_caught_the_best(
             assert len(sizes) == 4
     assert any(len(scored[json.dumps(t.params, sort_keys=True)]) == 3 for t in capped)  # stopped inside the top rung
     assert summary.n_complete + summary.n_pruned == 24
-    assert "capping" in " ".join(fidelity.rung_summary(TrialStore(space.storage_url), space))
+    store = TrialStore(space.storage_url)
+    labelled = {
+        t.number: tuple(int(n) for n in re.search(r"capped after (\d+) of (\d+) items", t.user_attrs["rung"]).groups())
+        for t in capped
+    }
+    assert store.capped(space.study_name) == labelled  # the store keeps what the dashboard label says
+    lines = fidelity.rung_summary(store, space)
+    assert "capping" in lines[0]
+    capped_line = next(line for line in lines if line.startswith("Capped, the best out of reach:"))
+    assert all(f"{n} after {scored} of {full} items" in capped_line for n, (scored, full) in labelled.items())
+    stopped = [int(n) for line in lines if line.startswith("Stopped at rung") for n in re.findall(r"(\d+)[,.]", line)]
+    assert stopped and not set(stopped) & set(labelled)  # a capped trial is listed once, as capped
 
 
 def test_a_task_without_margins_keeps_the_random_order_and_the_study_says_so(tmp_path, demo_family):

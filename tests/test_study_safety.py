@@ -316,6 +316,7 @@ def test_studies_lists_deletes_and_renames_both_sides(tmp_path, capsys):
             )
             for number in range(2):
                 store.start_trial(name, number, {"x": 0.5})
+            store.record_capped(name, 1, items=40, of=400)
     optuna.create_study(study_name="plain", storage=url)
     listing = evomerge("studies", url)
     assert listing.returncode == 0, listing.stderr
@@ -329,6 +330,7 @@ def test_studies_lists_deletes_and_renames_both_sides(tmp_path, capsys):
     assert deleted.returncode == 0 and "deleted study 'drop' (2 optuna trials, 2 evomerge trial rows)" in deleted.stdout
     with TrialStore(url) as store:
         assert set(store.optuna_studies()) == {"keep", "plain"} and store.studies() == ["keep"]
+        assert store.capped("drop") == {} and store.capped("keep") == {1: (40, 400)}
     assert "no study named 'drop'" in in_process_error(capsys, "studies", url, "--delete", "drop", "--yes")
 
     assert "already exists" in in_process_error(capsys, "studies", url, "--rename", "keep", "plain")
@@ -343,6 +345,7 @@ def test_studies_lists_deletes_and_renames_both_sides(tmp_path, capsys):
     assert copied.returncode == 0, copied.stderr
     with TrialStore(url) as store:
         assert store.studies() == ["copy", "kept"]
+        assert store.capped("copy") == store.capped("kept") == {1: (40, 400)}
         assert [(t.number, t.genome) for t in store.trials("copy")] == [
             (t.number, t.genome) for t in store.trials("kept")
         ]

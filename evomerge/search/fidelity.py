@@ -372,7 +372,8 @@ def _ahead(space: SearchSpace, rival: Sequence[float], values: Sequence[float]) 
 
 def rung_summary(store, space: SearchSpace) -> list[str]:
     """What `evomerge front` and the study note say of the rungs: how many trials reached each and
-    went up, and the rung every stopped trial ended at (none for a full-fidelity study)."""
+    went up, the rung every stopped trial ended at, and which of them capping stopped, after how
+    many items (none for a full-fidelity study)."""
     rungs = store.rungs(space.study_name)
     if not rungs:
         return []
@@ -397,9 +398,10 @@ def rung_summary(store, space: SearchSpace) -> list[str]:
         settings += ["capping"] if spec.cap else []
         how = f" ({', '.join(settings)})"
     lines = [f"Successive halving{how}: " + " · ".join(parts) + "."]
+    capped = {n: c for n, c in store.capped(space.study_name).items() if status.get(n) == "pruned"}
     stopped: dict[int, list[int]] = {}
     for number, reached in rungs.items():
-        if status.get(number) == "pruned":
+        if status.get(number) == "pruned" and number not in capped:
             stopped.setdefault(max(reached), []).append(number)
     if stopped:
         lines.append(
@@ -408,4 +410,7 @@ def rung_summary(store, space: SearchSpace) -> list[str]:
                 for k, ns in sorted(stopped.items())
             )
         )
+    if capped:
+        each = ", ".join(f"{n} after {scored} of {full} items" for n, (scored, full) in sorted(capped.items()))
+        lines.append(f"Capped, the best out of reach: trial{'s' if len(capped) > 1 else ''} {each}.")
     return lines

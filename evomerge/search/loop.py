@@ -313,7 +313,7 @@ class SearchLoop:
                 and fidelity.behind_the_best(self.space, values, self.reached, running.rung, top)
             )
             if goes_up and self.capped(running):
-                self.prune(running, result, values, why=self.capped_after(running))
+                self.stop_capped(running, result, values)
                 return False
         if goes_up:
             running.rung += 1
@@ -338,12 +338,15 @@ class SearchLoop:
             self.submit(running)
             return True
         below = self.ladder.top - 1
-        values = self.reached[below][running.trial.number]
-        self.prune(running, result, values, rung=below, why=self.capped_after(running))
+        self.stop_capped(running, result, self.reached[below][running.trial.number], rung=below)
         return False
 
-    def capped_after(self, running: RunningTrial) -> str:
-        return f"capped after {self.items_scored(running)} of {self.ladder.items(self.ladder.top)} items"
+    def stop_capped(self, running: RunningTrial, result, values: list[float], *, rung: int | None = None) -> None:
+        """Stop a trial that capping put out of reach: pruned at `rung` (default: its own), with how
+        many of the full budget's items it had scored kept in the store and on its label."""
+        scored, full = self.items_scored(running), self.ladder.items(self.ladder.top)
+        self.prune(running, result, values, rung=rung, why=f"capped after {scored} of {full} items")
+        self.store.record_capped(self.space.study_name, running.trial.number, items=scored, of=full)
 
     def prune(
         self, running: RunningTrial, result, values: list[float], *, rung: int | None = None, why: str = "stopped"

@@ -138,6 +138,18 @@ rungs_table = Table(
     Column("recorded_at", DateTime(timezone=True), nullable=False),
 )
 
+# Capping (eval.fidelity.cap): trials stopped because the best full-budget trials were out of their
+# reach, and how far they had got. Such a trial's rung is still its highest row in rungs_table.
+capped_table = Table(
+    "evomerge_capped",
+    metadata,
+    Column("study", _study_name, primary_key=True),
+    Column("number", Integer, primary_key=True, autoincrement=False),
+    Column("items_scored", Integer, nullable=False),  # items scored for the trial when it stopped, all tasks
+    Column("items_full", Integer, nullable=False),  # the full budget's items, all tasks
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+)
+
 # The study's fixed, nested item order per task: rung k scores the first n_k doc ids.
 item_orders_table = Table(
     "evomerge_item_orders",

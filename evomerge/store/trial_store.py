@@ -41,6 +41,7 @@ from evomerge.store.database import (  # display_url and tune_sqlite are importe
 from evomerge.store.states import Split, TrialStatus
 from evomerge.store.tables import (
     STUDY_UID_ATTR,
+    capped_table,
     item_orders_table,
     leases_table,
     metadata,
@@ -65,6 +66,7 @@ _T = TypeVar("_T")
 STUDY_TABLES = (
     scores_table,
     rungs_table,
+    capped_table,
     item_orders_table,
     reference_scores_table,
     references_table,
@@ -444,6 +446,26 @@ class TrialStore:
             "recorded_at": _utcnow(),
         }
         self._write(lambda conn: _upsert(conn, rungs_table, [row]))
+
+    @_database_call
+    def record_capped(self, study: str, number: int, *, items: int, of: int) -> None:
+        """A trial stopped by capping after scoring `items` of the full budget's `of` (all tasks)."""
+        row = {
+            "study": study,
+            "number": int(number),
+            "items_scored": int(items),
+            "items_full": int(of),
+            "recorded_at": _utcnow(),
+        }
+        self._write(lambda conn: _upsert(conn, capped_table, [row]))
+
+    @_database_call
+    def capped(self, study: str) -> dict[int, tuple[int, int]]:
+        """number -> (items scored when capping stopped it, the full budget's items), numbers ascending."""
+        t = capped_table
+        stmt = select(t.c.number, t.c.items_scored, t.c.items_full).where(t.c.study == study).order_by(t.c.number)
+        rows = self._read((t,), lambda conn: conn.execute(stmt).all(), [])
+        return {int(number): (int(items), int(full)) for number, items, full in rows}
 
     @_database_call
     def rungs(self, study: str) -> dict[int, dict[int, tuple[int, list[float]]]]:
