@@ -224,6 +224,8 @@ class ArmResult:
     reached_trial: int | None = None  # how many finished trials it took to first reach the target
     reached_items: int | None = None
     reached_seconds: float | None = None
+    reached_number: int | None = None  # the optuna number of the trial that first reached the target
+    lost: int | None = None  # with --check-stopped: trials stopped before that which would have reached it
     first_best: tuple[int, int, float] | None = None  # (trials, items, seconds) when its own best first appeared
     # (trials, items, seconds, full-set mean) at each full-budget result, in order
     path: list[tuple[int, int, float, float]] = field(default_factory=list)
@@ -276,15 +278,35 @@ class ToldFullTPE(FullBudgetTPESampler):
         return self.sample_between(study, trial, search_space, below, above)
 
 
-def told_full_tpe(space: SearchSpace) -> ToldFullTPE:
-    """`ToldFullTPE` scoring on a worker of its own (its items are not counted)."""
+def side_scorer(space: SearchSpace):
+    """params -> full-set objective values, on a worker of its own (its items are not counted)."""
     side = CandidateWorker(space)
 
     def full_values(params) -> list[float]:
         scores = side.evaluate(params).scores
         return [scores[objective.task][objective.metric] for objective in space.objectives]
 
-    return ToldFullTPE(full_values, seed=space.search.seed, **TPE_DEFAULTS)
+    return full_values
+
+
+def told_full_tpe(space: SearchSpace) -> ToldFullTPE:
+    return ToldFullTPE(side_scorer(space), seed=space.search.seed, **TPE_DEFAULTS)
+
+
+def stopped_at_target(space: SearchSpace, target: float, before: int | None) -> int:
+    """How many trials stopped below the full budget before trial `before` (the one that first
+    reached `target`; None: it was never reached) would have reached `target` on every item, each
+    scored on a side worker: trials the promotion rules lost. Later ones do not count: once a trial
+    beyond the target is the best, stopping a trial between the two is right."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=space.search.study_name, storage=space.search.storage)
+    full_values = side_scorer(space)
+    stopped = [
+        t for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if before is None or t.number < before
+    ]
+    return sum(statistics.fmean(full_values(t.params)) >= target - 1e-9 for t in stopped)
 
 
 class Stop(Exception):
@@ -312,7 +334,14 @@ def space_for(
 
 
 def run_arm(
-    arm: Arm, space: SearchSpace, *, trials: int, max_trials: int, timeout: float, target: float | None
+    arm: Arm,
+    space: SearchSpace,
+    *,
+    trials: int,
+    max_trials: int,
+    timeout: float,
+    target: float | None,
+    check_stopped: bool = False,
 ) -> ArmResult:
     """One fresh study. Without a target (the first arm): exactly `trials` trials. With one: until a
     trial reaches it and `trials` have finished, or `max_trials` / `timeout`."""
@@ -335,6 +364,7 @@ def run_arm(
                 result.best_mean, result.first_best = mean, now
             if target is not None and result.reached_trial is None and mean >= target - 1e-9:
                 result.reached_trial, result.reached_items, result.reached_seconds = now
+                result.reached_number = event["number"]
         if target is not None and result.reached_trial is not None and result.trials >= trials:
             raise Stop
         if time.perf_counter() - started > timeout:
@@ -357,6 +387,8 @@ def run_arm(
     except Stop:
         pass
     result.items, result.seconds = counter.items, time.perf_counter() - started
+    if check_stopped and target is not None and not arm.estimated:
+        result.lost = stopped_at_target(space, target, result.reached_number)
     if arm.estimated and summary is not None and summary.front:  # the front holds full-set values by now
         result.best_mean = max(row.mean() for row in summary.front)
         result.first_best = (result.trials, result.items, result.seconds)
@@ -415,6 +447,7 @@ def summary_row(label: str, runs: list[tuple[ArmResult, ArmResult]], items_per_m
         f"{sum(not math.isinf(x) for x in near)}/{len(runs)}: {' '.join(shown(x) for x in near)} | "
         f"**{shown(statistics.median(near))}** | "
         f"{statistics.median(arm.trials for arm, _ in runs):.0f} ({statistics.median(arm.pruned for arm, _ in runs):.0f}) |"
+        + (f" {sum(arm.lost for arm, _ in runs)} |" if all(arm.lost is not None for arm, _ in runs) else "")
     )
 
 
@@ -452,6 +485,12 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=REPO / "results" / "fitness.md")
     parser.add_argument(
+        "--check-stopped",
+        action="store_true",
+        help="after each arm, score its stopped trials on every item (on a side worker, not counted) and "
+        "count those that would have reached the target: what the promotion rules lost",
+    )
+    parser.add_argument(
         "--section",
         default=None,
         help="the name of the section of --out to write (default: 'fidelity', or 'fidelity_N' with --items-per-task N)",
@@ -486,6 +525,7 @@ def main() -> None:
                         max_trials=args.max_trials,
                         timeout=args.arm_timeout,
                         target=full.best_mean,
+                        check_stopped=args.check_stopped,
                     )
                 )
         by_seed[seed] = results
@@ -495,6 +535,7 @@ def main() -> None:
         + (f" --items-per-task {args.items_per_task}" if args.items_per_task else "")
         + (f" --arms {args.arms}" if args.arms else "")
         + (f" --section {args.section}" if args.section else "")
+        + (" --check-stopped" if args.check_stopped else "")
     )
     body = "\n".join(
         [
@@ -527,7 +568,15 @@ def main() -> None:
             "An arm named for optuna's TPESampler runs optuna's own in place of evomerge's (search/tpe.py). "
             "The arm whose TPE is told the full-set values is a diagnostic: a second worker scores every trial on "
             "every item for the sampler alone (not counted, and in its wall time), so it proposes what a "
-            "full-fidelity search would, and its items are what the promotion rule alone costs. Promotion by Pareto rank is the default for a "
+            "full-fidelity search would, and its items are what the promotion rule alone costs. "
+            + (
+                "The last column (--check-stopped): every trial an arm stopped below the full budget before it "
+                "first reached the target, scored on every item after the arm (not counted), and how many of them "
+                "reach the seed's target. "
+                if args.check_stopped
+                else ""
+            )
+            + "Promotion by Pareto rank is the default for a "
             "multi-objective study; `promote_by: weighted` promotes by the mean. 'Items by margin': `order: "
             "margin` (each task's items ordered by the best reference's answer margin, smallest first); 'racing the "
             "best': `race: true` (a trial goes up to the full budget only if the best full-budget trial is not ahead "
@@ -537,8 +586,9 @@ def main() -> None:
             "",
             "| arm | reached | trials' items vs full, per seed | median | all items vs full, median | "
             "wall vs full, median | best vs target, median | within 1 SE: reached, trials' items vs full | "
-            "median | trials (stopped low), median |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "median | trials (stopped low), median |"
+            + (" stopped low that would have reached the target, all seeds |" if args.check_stopped else ""),
+            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.check_stopped else ""),
             *[
                 summary_row(arm.label, [(by_seed[seed][index], by_seed[seed][0]) for seed in seeds], 4 * per_task)
                 for index, arm in enumerate(arms)
