@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ from evomerge.config.space import SearchSpace, load_space  # noqa: E402
 from evomerge.demo import DemoFamily, build_demo_family  # noqa: E402
 from evomerge.evaluate.protocol import ItemEvaluator  # noqa: E402
 from evomerge.search.runner import run_search  # noqa: E402
-from evomerge.search.tpe import FullBudgetTPESampler  # noqa: E402
+from evomerge.search.tpe import FullBudgetTPESampler, stand_in  # noqa: E402
 from evomerge.workers.candidate import CandidateWorker  # noqa: E402
 
 TEMPLATE = REPO / "search_spaces" / "demo.yml"
@@ -116,6 +117,13 @@ ARMS = [
         "IRT estimator, 20 anchors per task, 10 calibration merges (gp-IRT)",
         {"estimator": {"kind": "irt", "anchors": 20, "calibration": 10, "method": "gp_irt"}},
         estimated=True,
+    ),
+    Arm(
+        "3/20/100 by mean, items by margin, racing the best, capping (a first rung near the floor's low end)",
+        {
+            "fidelity": {"rungs": [3, 20, "all"], "eta": 3, "promote_by": "weighted"}
+            | {"order": "margin", "race": True, "cap": True}
+        },
     ),
 ]
 
@@ -264,16 +272,14 @@ class ToldFullTPE(FullBudgetTPESampler):
 
     def _sample(self, study, trial, search_space):
         from optuna.samplers._tpe.sampler import _split_trials
-        from optuna.trial import TrialState, create_trial
+        from optuna.trial import TrialState
 
         finished = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED), use_cache=True)
         stand_ins = []
         for t in finished:
             if t.number not in self.told:
                 self.told[t.number] = self.full_values(t.params)
-            stand_in = create_trial(values=self.told[t.number], params=t.params, distributions=t.distributions)
-            stand_in.number = t.number
-            stand_ins.append(stand_in)
+            stand_ins.append(stand_in(t, self.told[t.number]))
         below, above = _split_trials(study, stand_ins, self.good_group_size(study, len(stand_ins)))
         return self.sample_between(study, trial, search_space, below, above)
 
@@ -432,7 +438,39 @@ def near_items(arm: ArmResult, full: ArmResult, items_per_model: int) -> float:
     return ratio(spent[0], spent[1])
 
 
-def summary_row(label: str, runs: list[tuple[ArmResult, ArmResult]], items_per_model: int) -> str:
+def new_bests(full: ArmResult) -> int:
+    """How many times the full arm's best full-set mean rose, up to and including where it first
+    reached its final best (its first trial counts: it is the first best)."""
+    best, count = -math.inf, 0
+    for trials, _, _, mean in full.path:
+        if full.reached_trial is not None and trials > full.reached_trial:
+            break
+        if mean > best + 1e-9:
+            best, count = mean, count + 1
+    return count
+
+
+def first_rung_items(arm: Arm, per_task: int, tasks: int = 4) -> int | None:
+    """Items an arm's first rung scores, every task together; None for an arm without rungs."""
+    rungs = arm.eval_settings.get("fidelity", {}).get("rungs")
+    if not rungs:
+        return None
+    first = rungs[0]
+    return tasks * (min(per_task, first) if isinstance(first, int) else math.ceil(first * per_task))
+
+
+def floor_ratio(first_rung: int, full: ArmResult, items_per_model: int) -> float:
+    """The fewest items, over the full arm's, that a halving search with this first rung (in items)
+    could reach the target with if it proposed the full search's very trials: every trial scores its
+    first rung, and only each new best (`new_bests`) goes on to every item, since a trial counts as
+    reached only once it is scored in full. Nothing else goes up, nothing is scored twice."""
+    trials = full.reached_trial
+    return (trials * first_rung + new_bests(full) * (items_per_model - first_rung)) / (trials * items_per_model)
+
+
+def summary_row(
+    label: str, runs: list[tuple[ArmResult, ArmResult]], items_per_model: int, first_rung: int | None = None
+) -> str:
     """One arm over the seeds: `runs` pairs the arm's result with the full arm's, per seed."""
     near = [near_items(arm, full, items_per_model) for arm, full in runs]
     items = [ratio(trials_items(arm), trials_items(full)) for arm, full in runs]
@@ -447,16 +485,23 @@ def summary_row(label: str, runs: list[tuple[ArmResult, ArmResult]], items_per_m
         f"{sum(not math.isinf(x) for x in near)}/{len(runs)}: {' '.join(shown(x) for x in near)} | "
         f"**{shown(statistics.median(near))}** | "
         f"{statistics.median(arm.trials for arm, _ in runs):.0f} ({statistics.median(arm.pruned for arm, _ in runs):.0f}) |"
+        + (
+            " - |"
+            if first_rung is None
+            else f" {shown(statistics.median(floor_ratio(first_rung, full, items_per_model) for _, full in runs))} |"
+        )
         + (f" {sum(arm.lost for arm, _ in runs)} |" if all(arm.lost is not None for arm, _ in runs) else "")
     )
 
 
-def seed_row(seed: int, full: ArmResult, items_per_model: int) -> str:
+def seed_row(seed: int, full: ArmResult, items_per_model: int, first_rungs: Sequence[int]) -> str:
     se = noise(full.best_mean, items_per_model)
     near = first_reach(full, full.best_mean - se)
     return (
         f"| {seed} | {full.best_mean:.4f} | {full.reached_trial} | {trials_items(full)} | {full.reached_seconds:.0f} | "
-        f"{se:.4f} | {near[0]} | {near[1] - full.reference_items} |"
+        f"{se:.4f} | {near[0]} | {near[1] - full.reference_items} | {new_bests(full)} | "
+        + " | ".join(shown(floor_ratio(first, full, items_per_model)) for first in first_rungs)
+        + " |"
     )
 
 
@@ -537,6 +582,7 @@ def main() -> None:
         + (f" --section {args.section}" if args.section else "")
         + (" --check-stopped" if args.check_stopped else "")
     )
+    first_rungs = sorted({n for n in (first_rung_items(arm, per_task) for arm in arms) if n is not None})
     body = "\n".join(
         [
             (
@@ -576,7 +622,13 @@ def main() -> None:
                 if args.check_stopped
                 else ""
             )
-            + "Promotion by Pareto rank is the default for a "
+            + "'Floor for its first rung': per seed, the fewest items (over the full arm's) that a halving search "
+            "with the arm's first rung could reach the target with if it proposed the full search's very trials: "
+            "every trial scores the first rung and only each new best (the full arm's best rose that many times "
+            "before it reached the target; second table) goes on to every item, since no trial counts as reached "
+            "before it is scored in full; nothing else goes up. A better promotion rule cannot go below it; only a "
+            "search that needs fewer new bests than the full one can. "
+            "Promotion by Pareto rank is the default for a "
             "multi-objective study; `promote_by: weighted` promotes by the mean. 'Items by margin': `order: "
             "margin` (each task's items ordered by the best reference's answer margin, smallest first); 'racing the "
             "best': `race: true` (a trial goes up to the full budget only if the best full-budget trial is not ahead "
@@ -586,11 +638,16 @@ def main() -> None:
             "",
             "| arm | reached | trials' items vs full, per seed | median | all items vs full, median | "
             "wall vs full, median | best vs target, median | within 1 SE: reached, trials' items vs full | "
-            "median | trials (stopped low), median |"
+            "median | trials (stopped low), median | floor for its first rung, median |"
             + (" stopped low that would have reached the target, all seeds |" if args.check_stopped else ""),
-            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.check_stopped else ""),
+            "|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.check_stopped else ""),
             *[
-                summary_row(arm.label, [(by_seed[seed][index], by_seed[seed][0]) for seed in seeds], 4 * per_task)
+                summary_row(
+                    arm.label,
+                    [(by_seed[seed][index], by_seed[seed][0]) for seed in seeds],
+                    4 * per_task,
+                    first_rung_items(arm, per_task),
+                )
                 for index, arm in enumerate(arms)
                 if index
             ],
@@ -599,9 +656,10 @@ def main() -> None:
             "",
             "| seed | target (best mean in "
             f"{args.trials} trials) | trials to reach | trials' items to reach | wall to reach (s) | 1 SE | "
-            "within 1 SE: trials | within 1 SE: trials' items |",
-            "|---|---|---|---|---|---|---|---|",
-            *[seed_row(seed, by_seed[seed][0], 4 * per_task) for seed in seeds],
+            "within 1 SE: trials | within 1 SE: trials' items | new bests to reach |"
+            + "".join(f" floor, first rung of {first // 4} per task |" for first in first_rungs),
+            "|---|---|---|---|---|---|---|---|---|" + "---|" * len(first_rungs),
+            *[seed_row(seed, by_seed[seed][0], 4 * per_task, first_rungs) for seed in seeds],
             "",
             f"Total benchmark time {time.perf_counter() - started:.0f}s.",
         ]

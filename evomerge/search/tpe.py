@@ -147,17 +147,14 @@ def rung_stand_ins(finished: list[FrozenTrial], enough: int) -> list[FrozenTrial
     stand_ins = []
     for t in finished:
         values = rungs[t.number].get(top)
-        if values is None:
-            stand_ins.append(t if t.state == TrialState.PRUNED else _as_pruned(t))
-            continue
-        stand_in = create_trial(values=values, params=t.params, distributions=t.distributions)
-        stand_in.number = t.number
-        stand_ins.append(stand_in)
+        # A complete trial without values at the modelled rung (a resumed study) joins the other group.
+        stand_ins.append(t if values is None and t.state == TrialState.PRUNED else stand_in(t, values))
     return stand_ins
 
 
-def _as_pruned(trial: FrozenTrial) -> FrozenTrial:
-    """A complete trial without values at the modelled rung (a resumed study): in the other group."""
-    stand_in = create_trial(state=TrialState.PRUNED, params=trial.params, distributions=trial.distributions)
-    stand_in.number = trial.number
-    return stand_in
+def stand_in(trial: FrozenTrial, values: list[float] | None) -> FrozenTrial:
+    """`trial` as TPE is to see it: COMPLETE with `values`, or PRUNED (None); same number and genome."""
+    state = TrialState.PRUNED if values is None else TrialState.COMPLETE
+    made = create_trial(state=state, values=values, params=trial.params, distributions=trial.distributions)
+    made.number = trial.number
+    return made
