@@ -545,6 +545,11 @@ def test_a_capping_search_stops_only_trials_that_could_not_have_caught_the_best(
     assert all(f"{n} after {scored} of {full} items" in capped_line for n, (scored, full) in labelled.items())
     stopped = [int(n) for line in lines if line.startswith("Stopped at rung") for n in re.findall(r"(\d+)[,.]", line)]
     assert stopped and not set(stopped) & set(labelled)  # a capped trial is listed once, as capped
+    for rung, went_up in re.findall(r"rung (\d), \d+ items: \d+ trials, (\d+) went up", lines[0]):
+        # up from rung k: scored past it (a trial capped inside the top rung went up to it)
+        assert int(went_up) == sum(
+            len(scored[json.dumps(t.params, sort_keys=True)]) > int(rung) + 1 for t in study.trials
+        )
 
 
 def test_a_task_without_margins_keeps_the_random_order_and_the_study_says_so(tmp_path, demo_family):

@@ -372,8 +372,8 @@ def _ahead(space: SearchSpace, rival: Sequence[float], values: Sequence[float]) 
 
 def rung_summary(store, space: SearchSpace) -> list[str]:
     """What `evomerge front` and the study note say of the rungs: how many trials reached each and
-    went up, the rung every stopped trial ended at, and which of them capping stopped, after how
-    many items (none for a full-fidelity study)."""
+    went up (a trial capped inside the top rung went up to it), the rung every stopped trial ended
+    at, and which of them capping stopped, after how many items (none for a full-fidelity study)."""
     rungs = store.rungs(space.study_name)
     if not rungs:
         return []
@@ -381,13 +381,15 @@ def rung_summary(store, space: SearchSpace) -> list[str]:
     rungs = {n: r for n, r in rungs.items() if status.get(n) != "failed"}
     spec = space.eval.fidelity
     top = len(spec.rungs) - 1 if spec is not None else max(max(r) for r in rungs.values())
+    capped = {n: c for n, c in store.capped(space.study_name).items() if status.get(n) == "pruned"}
     parts = []
     for k in range(top + 1):
         there = [n for n, r in rungs.items() if k in r]
         if not there:
             continue
         items = rungs[there[0]][k][0]
-        went_up = sum(1 for n in there if k + 1 in rungs[n])
+        # Up: it finished the next rung, or capping stopped it past this rung's items (inside the top rung).
+        went_up = sum(1 for n in there if k + 1 in rungs[n] or capped.get(n, (0, 0))[0] > rungs[n][k][0])
         label = f"rung {k}{' (full)' if k == top else ''}, {items} items"
         parts.append(f"{label}: {len(there)} trials" + (f", {went_up} went up" if k < top else ""))
     how = ""
@@ -398,7 +400,6 @@ def rung_summary(store, space: SearchSpace) -> list[str]:
         settings += ["capping"] if spec.cap else []
         how = f" ({', '.join(settings)})"
     lines = [f"Successive halving{how}: " + " · ".join(parts) + "."]
-    capped = {n: c for n, c in store.capped(space.study_name).items() if status.get(n) == "pruned"}
     stopped: dict[int, list[int]] = {}
     for number, reached in rungs.items():
         if status.get(number) == "pruned" and number not in capped:
