@@ -49,6 +49,7 @@ from report import machine_line, write_section  # noqa: E402
 from evomerge.config.space import SearchSpace, load_space  # noqa: E402
 from evomerge.demo import DemoFamily, build_demo_family  # noqa: E402
 from evomerge.evaluate.protocol import ItemEvaluator  # noqa: E402
+from evomerge.search.fidelity import _rung_size  # noqa: E402
 from evomerge.search.runner import run_search  # noqa: E402
 from evomerge.search.tpe import FullBudgetTPESampler, stand_in  # noqa: E402
 from evomerge.workers.candidate import CandidateWorker  # noqa: E402
@@ -455,8 +456,7 @@ def first_rung_items(arm: Arm, per_task: int, tasks: int = 4) -> int | None:
     rungs = arm.eval_settings.get("fidelity", {}).get("rungs")
     if not rungs:
         return None
-    first = rungs[0]
-    return tasks * (min(per_task, first) if isinstance(first, int) else math.ceil(first * per_task))
+    return tasks * _rung_size(rungs[0], per_task)
 
 
 def floor_ratio(first_rung: int, full: ArmResult, items_per_model: int) -> float:

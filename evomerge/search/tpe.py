@@ -78,9 +78,12 @@ class CompleteTrialsGamma:
         self.complete = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         self.objectives = len(study.directions)
 
+    def wanted(self, n: int, objectives: int) -> int:
+        """gamma(n) as the user or optuna sets it, before the cap."""
+        return self.gamma(n) if self.gamma is not None else optuna_default_gamma(n, objectives)
+
     def __call__(self, n: int) -> int:
-        wanted = self.gamma(n) if self.gamma is not None else optuna_default_gamma(n, self.objectives)
-        return min(wanted, self.complete)
+        return min(self.wanted(n, self.objectives), self.complete)
 
 
 class FullBudgetTPESampler(TPESampler):
@@ -115,8 +118,7 @@ class FullBudgetTPESampler(TPESampler):
 
     def good_group_size(self, study, n: int) -> int:
         """gamma(n) as the user or optuna sets it, not capped by the complete trials."""
-        wanted = self._good_group.gamma or (lambda count: optuna_default_gamma(count, len(study.directions)))
-        return wanted(n)
+        return self._good_group.wanted(n, len(study.directions))
 
     def sample_between(self, study, trial, search_space, below: list[FrozenTrial], above: list[FrozenTrial]):
         """optuna's TPE step for a good group `below` and the rest `above` (running trials join the
